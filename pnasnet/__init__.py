@@ -1,0 +1,34 @@
+"""PNASNet-5 in TensorFlow 2, as TF-Slim defines it; no Beam here."""
+
+from typing import Optional
+
+import numpy as np
+
+from pnasnet.checkpoint import load_slim_checkpoint
+from pnasnet.network import CONFIGS, PNASNet, PNASNetConfig, count_parameters, seeded_initializer
+
+__all__ = ['CONFIGS', 'PNASNet', 'PNASNetConfig', 'build_model', 'count_parameters']
+
+CALIBRATION_BATCH = 4
+
+
+def build_model(config_name: str, checkpoint: Optional[str] = None, seed: int = 0,
+                num_classes: Optional[int] = None, compute_dtype='float32') -> PNASNet:
+  """The network with a TF-Slim checkpoint's weights, or seeded untrained ones without one.
+
+  Seeded weights get batch-norm statistics calibrated on seeded noise images, so that their
+  features keep a unit scale (see `PNASNet.calibrate_batch_norm`).
+  """
+  if config_name not in CONFIGS:
+    raise ValueError(f'unknown PNASNet configuration {config_name!r}; '
+                     f'choose one of {", ".join(sorted(CONFIGS))}')
+  config = CONFIGS[config_name]
+  model = PNASNet(config, num_classes=num_classes, initializer=seeded_initializer(seed),
+                  compute_dtype=compute_dtype)
+  if checkpoint:
+    load_slim_checkpoint(model, checkpoint)
+  else:
+    noise = np.random.default_rng(seed).random(
+        (CALIBRATION_BATCH, config.image_size, config.image_size, 3), dtype=np.float32)
+    model.calibrate_batch_norm(noise)
+  return model

@@ -1,0 +1,30 @@
+"""Installs the pipeline locally and on Dataflow workers (`--setup_file ./setup.py`)."""
+
+import setuptools
+
+# Verified to install and pass the tests together on Python 3.11.
+REQUIRED = [
+    'apache-beam[gcp]==2.77.0',
+    'tensorflow==2.21.0',
+    'tensorflow-hub==0.16.1',
+    'tfx-bsl==1.21.0',
+    'pillow==12.3.0',
+    'google-cloud-storage==3.17.1',
+    # tensorflow_hub 0.16 imports pkg_resources, which setuptools 81 removed.
+    'setuptools==80.9.0',
+]
+
+TEST = [
+    'pytest==9.2.0',
+    'gcp-storage-emulator==2026.7.19',
+]
+
+setuptools.setup(
+    name='pnasnet-embeddings',
+    version='0.1.0',
+    description='PNASNet-5 Large image embeddings at scale with Apache Beam',
+    python_requires='>=3.10,<3.13',
+    packages=setuptools.find_packages(include=['pipeline', 'transforms', 'pnasnet']),
+    install_requires=REQUIRED,
+    extras_require={'test': TEST},
+)

@@ -1,0 +1,81 @@
+"""Model handles: exports load through the pipeline's loader; bad handles fail clearly."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_hub as hub
+
+from pnasnet.checkpoint import model_values, save_slim_checkpoint
+from transforms.models import DEFAULT_MODEL, ModelLoadError, describe_model, load_model
+
+
+def test_tf1_hub_module_has_the_published_interface(tf1_hub_module):
+  assert os.path.exists(os.path.join(tf1_hub_module, 'tfhub_module.pb'))
+  loaded = hub.load(tf1_hub_module)
+  assert {'default', 'image_feature_vector'} <= set(loaded.signatures)
+  signature = loaded.signatures['image_feature_vector']
+  spec = signature.structured_input_signature[1]['images']
+  assert spec.shape.as_list() == [None, 64, 64, 3] and spec.dtype == tf.float32
+  assert set(signature.structured_outputs) == {'default'}
+
+
+@pytest.mark.parametrize('fixture', ['tf1_hub_module', 'tf2_saved_model'])
+def test_exports_give_the_networks_features(fixture, request, tiny_network, random_images):
+  path = request.getfixturevalue(fixture)
+  description = describe_model(path)
+  assert (description.height, description.width, description.feature_size) == (64, 64, 160)
+  model = load_model(path)
+  features = model(random_images)
+  assert features.shape == (3, 160) and features.dtype == np.float32
+  np.testing.assert_allclose(features, tiny_network(random_images).numpy(), rtol=0, atol=1e-5)
+
+
+def test_builtin_without_checkpoint_is_labelled_untrained(random_images):
+  description = describe_model('builtin:pnasnet_tiny', seed=4)
+  assert description.model_id == 'builtin:pnasnet_tiny@untrained-seed4'
+  model = load_model('builtin:pnasnet_tiny', seed=4)
+  assert model.description == description
+  assert model(random_images).shape == (3, 160)
+
+
+def test_builtin_with_checkpoint_uses_its_weights(tmp_path, tiny_network, random_images):
+  prefix = str(tmp_path / 'model.ckpt')
+  save_slim_checkpoint(prefix, model_values(tiny_network))
+  model = load_model('builtin:pnasnet_tiny', checkpoint=prefix)
+  assert model.description.model_id == 'builtin:pnasnet_tiny'
+  np.testing.assert_allclose(model(random_images), tiny_network(random_images).numpy(),
+                             rtol=0, atol=1e-5)
+
+
+def test_unreachable_default_handle_names_the_offline_choices():
+  with pytest.raises(ModelLoadError) as error:
+    describe_model(DEFAULT_MODEL)
+  assert 'builtin:pnasnet_large' in str(error.value) and '--checkpoint' in str(error.value)
+
+
+def test_a_classifier_is_not_a_feature_vector_model(tmp_path):
+  module = tf.Module()
+  module.weights = tf.Variable(tf.ones([3, 10]))
+  module.classify = tf.function(
+      lambda text: {'logits': tf.matmul(tf.strings.to_number(text), module.weights)},
+      input_signature=[tf.TensorSpec([None, 3], tf.string)])
+  tf.saved_model.save(module, str(tmp_path), signatures={'serving_default': module.classify})
+  with pytest.raises(ModelLoadError, match='not an image feature-vector model'):
+    describe_model(str(tmp_path))
+
+
+@pytest.mark.parametrize('handle, checkpoint, message', [
+    ('builtin:resnet50', None, 'unknown built-in model'),
+    ('/no/such/dir', None, 'neither a TF-Hub URL'),
+    ('builtin:pnasnet_tiny', '/no/such/model.ckpt', 'no /no/such/model.ckpt.index'),
+])
+def test_bad_handles_fail_clearly(handle, checkpoint, message):
+  with pytest.raises(ModelLoadError, match=message):
+    describe_model(handle, checkpoint)
+
+
+def test_empty_directory_is_not_a_model(tmp_path):
+  with pytest.raises(ModelLoadError, match='no saved_model.pb'):
+    describe_model(str(tmp_path))

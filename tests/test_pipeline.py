@@ -1,0 +1,184 @@
+"""End to end on real Beam runners: local folders and gs:// on a real GCS server on loopback."""
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image, ImageOps
+
+from pipeline.launcher import OutputExistsError, run
+from pipeline.options import OptionsError
+from tests.gcs_emulator import gcs_server  # noqa: F401  (the fixture)
+from transforms.decode import decode_and_resize
+from transforms.models import ModelLoadError, load_model
+from transforms.read import NoInputError
+
+BROKEN = {'empty.jpg', 'truncated.jpg', 'notes.jpg'}
+FEATURES = {'image/uri', 'image/sha256', 'image/height', 'image/width', 'model', 'embedding'}
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read_examples(output: str, tmp_path) -> list:
+  examples = []
+  for match in FileSystems.match([FileSystems.join(output, 'embeddings-*')])[0].metadata_list:
+    local = tmp_path / os.path.basename(match.path)
+    with FileSystems.open(match.path, compression_type='uncompressed') as f:
+      local.write_bytes(f.read())
+    compression = 'GZIP' if match.path.endswith('.gz') else ''
+    for record in tf.data.TFRecordDataset(str(local), compression_type=compression):
+      examples.append(tf.train.Example.FromString(record.numpy()))
+  return examples
+
+
+def _read_failures(output: str) -> list:
+  lines = []
+  for match in FileSystems.match([FileSystems.join(output, 'failures-*')])[0].metadata_list:
+    with FileSystems.open(match.path) as f:
+      lines += [json.loads(line) for line in f.read().decode().splitlines() if line]
+  return lines
+
+
+def _check_run(summary, output, sources, model_dir, tmp_path):
+  """Every input is embedded or dead-lettered; each embedding is the model's own output."""
+  examples = _read_examples(output, tmp_path)
+  failures = _read_failures(output)
+  embedded = {e.features.feature['image/uri'].bytes_list.value[0].decode(): e for e in examples}
+  assert {os.path.basename(uri) for uri in embedded} == set(sources) - BROKEN
+  assert {os.path.basename(f['uri']) for f in failures} == BROKEN
+  assert all(f['stage'] == 'decode' and f['error'] and f['message'] for f in failures)
+  assert summary['matched'] == len(sources) == summary['embedded'] + summary['failed']
+  assert summary['embedded'] == len(examples) and summary['failed_by_stage']['decode'] == 3
+  with FileSystems.open(FileSystems.join(output, 'run_summary.json')) as f:
+    assert json.loads(f.read()) == summary
+
+  model = load_model(model_dir)
+  for uri, example in embedded.items():
+    feature = example.features.feature
+    assert set(feature) == FEATURES
+    data = sources[os.path.basename(uri)]
+    assert feature['image/sha256'].bytes_list.value[0].decode() == hashlib.sha256(
+        data).hexdigest()
+    with Image.open(sources.path(os.path.basename(uri))) as image:
+      width, height = ImageOps.exif_transpose(image).size
+    assert (feature['image/height'].int64_list.value[0],
+            feature['image/width'].int64_list.value[0]) == (height, width)
+    assert feature['model'].bytes_list.value[0].decode() == model_dir
+    _, _, pixels = decode_and_resize(data, 64, 64)
+    direct = model(pixels[np.newaxis])[0]
+    np.testing.assert_allclose(feature['embedding'].float_list.value, direct, rtol=0, atol=1e-5)
+
+
+class _Sources(dict):
+  """File name -> bytes, remembering the local folder they came from."""
+
+  def __init__(self, folder):
+    super().__init__({p.name: p.read_bytes() for p in folder.iterdir()})
+    self._folder = folder
+
+  def path(self, name):
+    return self._folder / name
+
+
+@pytest.mark.parametrize('runner_args', [
+    [],
+    ['--direct_running_mode=multi_processing', '--direct_num_workers=2'],
+], ids=['in_memory', 'multi_processing'])
+def test_local_folder_end_to_end(runner_args, image_folder, tf1_hub_module, tmp_path):
+  output = str(tmp_path / 'out')
+  summary = run([f'--input={image_folder}/*', f'--output={output}',
+                 f'--model={tf1_hub_module}', '--max_batch_size=4'] + runner_args)
+  _check_run(summary, output, _Sources(image_folder), tf1_hub_module, tmp_path)
+  assert glob.glob(os.path.join(output, 'embeddings-00000-of-*.tfrecord'))
+
+
+def test_gcs_end_to_end(gcs_server, image_folder, tf1_hub_module, tmp_path):
+  gcs_server.create_bucket('e2e')
+  for path in image_folder.iterdir():
+    gcs_server.upload(f'gs://e2e/photos/{path.name}', path.read_bytes())
+  output = 'gs://e2e/runs/first'
+  summary = run(['--input=gs://e2e/photos/*', f'--output={output}', f'--model={tf1_hub_module}',
+                 '--compression=gzip', '--num_shards=2'])
+  _check_run(summary, output, _Sources(image_folder), tf1_hub_module, tmp_path)
+  names = [os.path.basename(p) for p in gcs_server.list(output + '/')]
+  assert 'embeddings-00000-of-00002.tfrecord.gz' in names and 'run_summary.json' in names
+
+
+def test_model_is_loaded_once_per_process_for_many_batches(image_folder, tmp_path):
+  from apache_beam.metrics.metric import MetricsFilter
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from pipeline.build import build_pipeline
+  from pipeline.options import EmbeddingOptions
+  from transforms.models import describe_model
+
+  options = PipelineOptions([f'--input={image_folder}/*.png', f'--output={tmp_path}/out',
+                             '--model=builtin:pnasnet_tiny', '--max_batch_size=1'])
+  pipeline = beam.Pipeline(options=options)
+  build_pipeline(pipeline, options.view_as(EmbeddingOptions),
+                 describe_model('builtin:pnasnet_tiny'))
+  result = pipeline.run()
+  result.wait_until_finish()
+  metrics = result.metrics().query(MetricsFilter().with_namespace('embed'))
+  counters = {c.key.metric.name: c.committed for c in metrics['counters']}
+  loads = [d.committed.count for d in metrics['distributions']
+           if d.key.metric.name == 'load_model_latency_milli_secs']
+  assert counters['embedded'] == 4  # four PNGs, one batch each
+  assert sum(loads) == 1
+
+
+def test_untrained_builtin_is_labelled(image_folder, tmp_path):
+  output = str(tmp_path / 'out')
+  summary = run([f'--input={image_folder}/chelsea.png', f'--output={output}',
+                 '--model=builtin:pnasnet_tiny', '--seed=7'])
+  assert summary['model'] == 'builtin:pnasnet_tiny@untrained-seed7'
+  [example] = _read_examples(output, tmp_path)
+  assert example.features.feature['model'].bytes_list.value == [
+      b'builtin:pnasnet_tiny@untrained-seed7']
+
+
+@pytest.mark.parametrize('args, error, message', [
+    (['--input=/no/such/dir/*.jpg'], NoInputError, 'no file matches'),
+    (['--model=/no/such/model'], ModelLoadError, 'neither a TF-Hub URL'),
+    (['--min_batch_size=8', '--max_batch_size=4'], OptionsError, 'exceeds'),
+    (['--center_crop_fraction=0'], OptionsError, 'center_crop_fraction'),
+    (['--model=/some/module', '--checkpoint=/x/model.ckpt'], OptionsError, 'builtin'),
+])
+def test_bad_options_fail_before_any_work(args, error, message, image_folder, tmp_path):
+  base = {'input': f'{image_folder}/*.png', 'output': str(tmp_path / 'out'),
+          'model': 'builtin:pnasnet_tiny'}
+  for arg in args:
+    base.pop(arg.split('=')[0][2:], None)
+  argv = [f'--{k}={v}' for k, v in base.items()] + args
+  with pytest.raises(error, match=message):
+    run(argv)
+  assert not (tmp_path / 'out').exists()
+
+
+def test_refuses_to_overwrite_an_earlier_run(image_folder, tmp_path):
+  argv = [f'--input={image_folder}/camera.png', f'--output={tmp_path}/out',
+          '--model=builtin:pnasnet_tiny']
+  run(argv)
+  with pytest.raises(OutputExistsError, match='choose a new --output'):
+    run(argv)
+
+
+def test_command_line_help_and_errors(tmp_path):
+  env = dict(os.environ, PYTHONPATH=PROJECT)
+  help_text = subprocess.run([sys.executable, 'run_pipeline.py', '--help'], cwd=PROJECT,
+                             env=env, capture_output=True, text=True, check=True).stdout
+  for flag in ('--input', '--output', '--model', '--checkpoint', '--max_batch_size',
+               '--center_crop_fraction', '--num_shards', '--compression', '--large_model',
+               '--model_copies', '--runner'):
+    assert flag in help_text
+  failed = subprocess.run([sys.executable, 'run_pipeline.py', '--input=/nothing/*.jpg',
+                           f'--output={tmp_path}/o', '--model=builtin:pnasnet_tiny'],
+                          cwd=PROJECT, env=env, capture_output=True, text=True)
+  assert failed.returncode == 2
+  assert 'error: no file matches' in failed.stderr

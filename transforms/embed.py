@@ -1,0 +1,130 @@
+"""Stage 3: RunInference with the project's ModelHandler, one model per process (or per VM)."""
+
+import logging
+from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
+                                           RunInference)
+
+from transforms.decode import DecodedImage
+from transforms.failures import FAILURES_TAG, INFERENCE, Failure
+from transforms.models import EmbeddingModel, load_model
+from transforms.progress import ProgressReporter
+
+METRICS_NAMESPACE = 'embed'
+
+
+class ImageKey(NamedTuple):
+  """What travels beside the pixels through RunInference, to be written with the embedding."""
+  uri: str
+  sha256: str
+  height: int
+  width: int
+
+
+class Embedding(NamedTuple):
+  uri: str
+  sha256: str
+  height: int
+  width: int
+  model: str
+  embedding: np.ndarray  # float32 [feature_size]
+
+
+def configure_gpus() -> list:
+  """Memory growth on every GPU, before TensorFlow initialises them.
+
+  Without it TensorFlow reserves nearly all GPU memory in the first process, and the other
+  processes of a multi-process worker (or a second model copy) fail to allocate.
+  """
+  import tensorflow as tf
+  gpus = tf.config.list_physical_devices('GPU')
+  for gpu in gpus:
+    try:
+      tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError as exc:  # already initialised in this process: nothing left to set
+      logging.info('GPU memory growth left as is: %s', exc)
+  return gpus
+
+
+class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, EmbeddingModel]):
+  """Loads a TF-Hub module, SavedModel or built-in PNASNet (Beam's TFModelHandler* cannot load
+  TF1 Hub format) and embeds batches of preprocessed images."""
+
+  def __init__(self, model: str, checkpoint: Optional[str] = None, seed: int = 0,
+               compute_dtype: str = 'float32', min_batch_size: int = 1,
+               max_batch_size: int = 16, large_model: bool = False,
+               model_copies: Optional[int] = None):
+    super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+                     large_model=large_model, model_copies=model_copies)
+    self._model = model
+    self._checkpoint = checkpoint
+    self._seed = seed
+    self._compute_dtype = compute_dtype
+
+  def load_model(self) -> EmbeddingModel:
+    gpus = configure_gpus()
+    logging.info('loading %s on %s', self._model, f'{len(gpus)} GPU(s)' if gpus else 'the CPU')
+    return load_model(self._model, self._checkpoint, self._seed, self._compute_dtype)
+
+  def run_inference(self, batch: Sequence[np.ndarray], model: EmbeddingModel,
+                    inference_args: Optional[Dict[str, Any]] = None
+                    ) -> Iterable[PredictionResult]:
+    features = model(np.stack(batch))
+    model_id = model.description.model_id
+    return [PredictionResult(None, vector, model_id) for vector in features]
+
+  def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+    return sum(image.nbytes for image in batch)
+
+  def get_metrics_namespace(self) -> str:
+    return METRICS_NAMESPACE
+
+
+class _ToEmbedding(beam.DoFn):
+
+  def __init__(self):
+    self._embedded = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'embedded')
+
+  def setup(self):
+    self._progress = ProgressReporter.for_process()
+
+  def process(self, keyed_result):
+    key, result = keyed_result
+    self._embedded.inc()
+    self._progress.add()
+    yield Embedding(*key, model=result.model_id,
+                    embedding=np.asarray(result.inference, np.float32))
+
+
+class _FailedBatch(beam.DoFn):
+  """A batch that failed inference: one dead-letter record per image in it."""
+
+  def __init__(self):
+    self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'failed')
+
+  def process(self, failed):
+    batch, (error, message, _) = failed[0], failed[1]
+    for key, _pixels in batch:
+      self._failed.inc()
+      yield Failure(key.uri, INFERENCE, getattr(error, '__name__', str(error)), str(message))
+
+
+class EmbedImages(beam.PTransform):
+  """DecodedImage -> Embedding, plus Failure records under FAILURES_TAG."""
+
+  def __init__(self, handler: ImageEmbeddingModelHandler):
+    super().__init__()
+    self._handler = handler
+
+  def expand(self, images):
+    keyed = images | 'Key' >> beam.Map(
+        lambda image: (ImageKey(image.uri, image.sha256, image.height, image.width),
+                       image.pixels))
+    results, dead_letters = (keyed | 'RunInference' >> RunInference(
+        KeyedModelHandler(self._handler)).with_exception_handling())
+    embeddings = results | 'ToEmbedding' >> beam.ParDo(_ToEmbedding())
+    failures = dead_letters.failed_inferences | 'FailedBatch' >> beam.ParDo(_FailedBatch())
+    return {'embeddings': embeddings, FAILURES_TAG: failures}

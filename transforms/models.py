@@ -1,0 +1,245 @@
+"""Model handles: resolve, describe (cheaply, for the launcher) and load (on workers).
+
+A handle is a TF-Hub URL, a local or remote (gs://, any Beam FileSystem) directory holding a
+TF1-Hub-format module or a TF2 SavedModel, or `builtin:pnasnet_large` / `builtin:pnasnet_mobile`
+(this project's own network, with a TF-Slim checkpoint or seeded untrained weights).
+"""
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+import tensorflow as tf
+from apache_beam.io.filesystems import FileSystems
+from tensorflow.core.protobuf import saved_model_pb2
+
+DEFAULT_MODEL = 'https://tfhub.dev/google/imagenet/pnasnet_large/feature_vector/1'
+BUILTIN_PREFIX = 'builtin:'
+# `pnasnet_tiny` has the same cells at a toy size: for smoke tests, not for embeddings.
+BUILTIN_CONFIGS = {'pnasnet_large': 'large', 'pnasnet_mobile': 'mobile', 'pnasnet_tiny': 'tiny'}
+SIGNATURE_PREFERENCE = ('image_feature_vector', 'default', 'serving_default')
+COMPUTE_DTYPES = ('float32', 'float16', 'bfloat16')
+STAGING_DIR = os.path.join(tempfile.gettempdir(), 'pnasnet-embeddings-staging')
+
+OFFLINE_CHOICES = (
+    'Offline choices: --model builtin:pnasnet_large --checkpoint PATH/model.ckpt (the TF-Slim '
+    'checkpoint the module was exported from); --model DIR with the module downloaded and '
+    'uncompressed (a local or gs:// directory); or TFHUB_CACHE_DIR pointing at a cache that '
+    'already holds it. To try the pipeline without any weights: --model builtin:pnasnet_large '
+    '(seeded, untrained; the output is labelled so).')
+
+
+class ModelLoadError(ValueError):
+  """The handle cannot be resolved or is not an image feature-vector model."""
+
+
+class ModelDescription(NamedTuple):
+  model_id: str  # what the output's `model` feature records
+  height: int
+  width: int
+  feature_size: int
+
+
+class FeatureSignature(NamedTuple):
+  name: str
+  input_key: str
+  output_key: str
+  description: ModelDescription
+
+
+def is_builtin(handle: str) -> bool:
+  return handle.startswith(BUILTIN_PREFIX)
+
+
+def builtin_model_id(handle: str, checkpoint: Optional[str], seed: int) -> str:
+  return handle if checkpoint else f'{handle}@untrained-seed{seed}'
+
+
+def _builtin_config(handle: str):
+  from pnasnet import CONFIGS  # the network package is only needed for builtin handles
+  name = handle[len(BUILTIN_PREFIX):]
+  if name not in BUILTIN_CONFIGS:
+    raise ModelLoadError(f'unknown built-in model {handle!r}; choose one of ' +
+                         ', '.join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_CONFIGS)))
+  return CONFIGS[BUILTIN_CONFIGS[name]]
+
+
+def _copy_tree(source: str, target: str) -> None:
+  """Copies every file under a FileSystems prefix into a local directory."""
+  prefix = source.rstrip('/') + '/'
+  matches = FileSystems.match([prefix + '**'])[0].metadata_list
+  if not matches:
+    raise ModelLoadError(f'model directory {source} is empty or does not exist')
+  for metadata in matches:
+    relative = metadata.path[len(prefix):]
+    if not relative or relative.endswith('/'):
+      continue
+    local = os.path.join(target, relative)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with FileSystems.open(metadata.path) as src, open(local, 'wb') as dst:
+      shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def _stage(uri: str, copy: Callable[[str, str], None]) -> str:
+  """A local copy of a remote model or checkpoint, made once per machine.
+
+  Copies into a fresh directory and renames it into place, so concurrent workers on one VM never
+  see a half-written copy.
+  """
+  target = os.path.join(STAGING_DIR, hashlib.sha256(uri.encode()).hexdigest()[:16])
+  if not os.path.isdir(target):
+    partial = f'{target}.{uuid.uuid4().hex}.partial'
+    os.makedirs(partial)
+    copy(uri, partial)
+    try:
+      os.rename(partial, target)
+    except OSError:  # another process staged it first
+      shutil.rmtree(partial, ignore_errors=True)
+  return target
+
+
+def _is_remote(path: str) -> bool:
+  return '://' in path and not path.startswith('file://')
+
+
+def resolve_model_dir(handle: str) -> str:
+  """A local directory holding the SavedModel the handle names."""
+  if handle.startswith(('http://', 'https://')):
+    import tensorflow_hub as hub
+    try:
+      return hub.resolve(handle)
+    except Exception as exc:  # DNS, proxy, HTTP: all mean "not reachable from here"
+      raise ModelLoadError(f'cannot fetch {handle} ({type(exc).__name__}: {exc}). '
+                           + OFFLINE_CHOICES) from exc
+  if _is_remote(handle):
+    try:
+      return _stage(handle, _copy_tree)
+    except ModelLoadError:
+      raise
+    except Exception as exc:
+      raise ModelLoadError(f'cannot copy the model from {handle}: {exc}') from exc
+  if not os.path.isdir(handle):
+    raise ModelLoadError(f'--model {handle!r} is neither a TF-Hub URL, a directory, nor '
+                         f'builtin:NAME. ' + OFFLINE_CHOICES)
+  return handle
+
+
+def _copy_checkpoint(prefix: str, target: str) -> None:
+  files = FileSystems.match([prefix + '.*'])[0].metadata_list
+  if not files:
+    raise ModelLoadError(f'no checkpoint files match {prefix}.* (expected {prefix}.index and '
+                         f'{prefix}.data-*)')
+  for metadata in files:
+    with FileSystems.open(metadata.path) as src, \
+        open(os.path.join(target, os.path.basename(metadata.path)), 'wb') as dst:
+      shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def check_checkpoint(prefix: str) -> None:
+  if not FileSystems.exists(prefix + '.index'):
+    raise ModelLoadError(f'--checkpoint {prefix}: there is no {prefix}.index; give the '
+                         'checkpoint prefix, e.g. pnasnet-5_large_2017_12_13/model.ckpt')
+
+
+def resolve_checkpoint(prefix: str) -> str:
+  """A local path for a TF-Slim checkpoint prefix (staged when remote)."""
+  check_checkpoint(prefix)
+  if _is_remote(prefix):
+    return os.path.join(_stage(prefix, _copy_checkpoint), os.path.basename(prefix))
+  return prefix
+
+
+def _read_feature_signature(model_dir: str, handle: str) -> FeatureSignature:
+  """The image feature-vector signature, read from saved_model.pb without loading variables."""
+  path = os.path.join(model_dir, 'saved_model.pb')
+  if not tf.io.gfile.exists(path):
+    raise ModelLoadError(f'{handle} holds no saved_model.pb: not a SavedModel or TF-Hub module')
+  saved_model = saved_model_pb2.SavedModel.FromString(tf.io.gfile.GFile(path, 'rb').read())
+  signatures = {}
+  for meta_graph in saved_model.meta_graphs:
+    for name, sig in meta_graph.signature_def.items():
+      signatures.setdefault(name, sig)
+  name = next((n for n in SIGNATURE_PREFERENCE if n in signatures), None)
+  if name is None:
+    raise ModelLoadError(f'{handle} has no image feature-vector signature (looked for '
+                         f'{", ".join(SIGNATURE_PREFERENCE)}; it has {sorted(signatures)})')
+  sig = signatures[name]
+  inputs = {k: [d.size for d in v.tensor_shape.dim] for k, v in sig.inputs.items()}
+  outputs = {k: [d.size for d in v.tensor_shape.dim] for k, v in sig.outputs.items()}
+  output_key = 'default' if 'default' in outputs else next(iter(outputs), None)
+  input_key = next(iter(inputs), None)
+  image_shape = inputs.get(input_key)
+  output_shape = outputs.get(output_key)
+  if (len(inputs) != 1 or not image_shape or len(image_shape) != 4 or image_shape[3] != 3 or
+      min(image_shape[1:3]) <= 0 or
+      sig.inputs[input_key].dtype != tf.float32.as_datatype_enum or
+      not output_shape or len(output_shape) != 2 or output_shape[1] <= 0):
+    raise ModelLoadError(
+        f'{handle} is not an image feature-vector model: signature {name!r} takes {inputs} and '
+        f'returns {outputs}; expected one float32 input [batch, height, width, 3] and an output '
+        f'"default" [batch, size]')
+  return FeatureSignature(name, input_key, output_key, ModelDescription(
+      handle, image_shape[1], image_shape[2], output_shape[1]))
+
+
+def describe_model(handle: str, checkpoint: Optional[str] = None,
+                   seed: int = 0) -> ModelDescription:
+  """What the launcher needs before building the pipeline; raises ModelLoadError early."""
+  if is_builtin(handle):
+    config = _builtin_config(handle)
+    if checkpoint:
+      check_checkpoint(checkpoint)
+    return ModelDescription(builtin_model_id(handle, checkpoint, seed), config.image_size,
+                            config.image_size, config.feature_size)
+  if checkpoint:
+    raise ModelLoadError('--checkpoint goes with --model builtin:NAME only; a module or '
+                         'SavedModel carries its own weights')
+  return _read_feature_signature(resolve_model_dir(handle), handle).description
+
+
+class EmbeddingModel:
+  """A loaded model: float32 images [B, H, W, 3] in [0, 1] -> float32 features [B, D]."""
+
+  def __init__(self, function, description: ModelDescription):
+    self._function = function
+    self.description = description
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    return self._function(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+
+def load_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
+               compute_dtype: str = 'float32') -> EmbeddingModel:
+  if is_builtin(handle):
+    from pnasnet import build_model
+    config = _builtin_config(handle)
+    if not checkpoint:
+      logging.warning('%s has NO checkpoint: UNTRAINED weights (seed %d); its features are '
+                      'not PNASNet embeddings and are labelled %s', handle, seed,
+                      builtin_model_id(handle, None, seed))
+    network = build_model(config.name, resolve_checkpoint(checkpoint) if checkpoint else None,
+                          seed=seed, compute_dtype=compute_dtype)
+    size = config.image_size
+    function = tf.function(network.__call__, input_signature=[
+        tf.TensorSpec([None, size, size, 3], tf.float32)])
+    return EmbeddingModel(function, describe_model(handle, checkpoint, seed))
+  if compute_dtype != 'float32':
+    raise ModelLoadError('--compute_dtype applies to builtin: models only; a module or '
+                         'SavedModel computes in the dtype it was exported with')
+  import tensorflow_hub as hub
+  model_dir = resolve_model_dir(handle)
+  signature = _read_feature_signature(model_dir, handle)
+  loaded = hub.load(model_dir)
+  concrete = loaded.signatures[signature.name]
+
+  def function(images):
+    return concrete(**{signature.input_key: images})[signature.output_key]
+
+  model = EmbeddingModel(function, signature.description)
+  model.loaded = loaded  # keeps the variables alive as long as the signature is used
+  return model
