@@ -34,6 +34,7 @@ copied and both graphs run as built):
 """
 
 import argparse
+import copy
 import re
 import sys
 from typing import Dict, Mapping, Optional, Sequence
@@ -46,6 +47,7 @@ import torch
 import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 from pnasnet import build_model
+from pnasnet.network import BATCH_NORM_EPSILON
 
 NUM_CLASSES = 1001  # TF-Slim's: background + the 1000 ImageNet classes.
 
@@ -167,7 +169,7 @@ def load_images(paths: Sequence[str], size: int) -> np.ndarray:
 
 
 def compare(label: str, ours: np.ndarray, theirs: np.ndarray) -> float:
-  """Prints the errors of `ours` against timm's and returns max|ours - timm| / max|timm|."""
+  """Prints the errors of `ours` against `theirs`; returns max|ours - theirs| / max|theirs|."""
   diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
   magnitude = np.abs(theirs.astype(np.float64))
   scale = magnitude.max()
@@ -175,12 +177,45 @@ def compare(label: str, ours: np.ndarray, theirs: np.ndarray) -> float:
   # Per element |a-b|/|b| only where |b| is not negligible; near-zero elements would dominate.
   significant = magnitude >= 1e-3 * scale
   relative = diff[significant] / magnitude[significant]
-  print(f'{label} {list(ours.shape)}: max|timm| {scale:.4g}, max abs err {diff.max():.3g}, '
+  print(f'{label} {list(ours.shape)}: max|b| {scale:.4g}, max abs err {diff.max():.3g}, '
         f'max rel err (max|a-b|/max|b|) {max_relative:.3g}')
   print(f'  per element |a-b|/|b| over the {significant.sum()} of {diff.size} elements with '
         f'|b| >= 1e-3 max|b|: median {np.median(relative):.3g}, '
         f'99th percentile {np.percentile(relative, 99):.3g}, max {relative.max():.3g}')
   return max_relative
+
+
+def timm_outputs(reference: torch.nn.Module, images: np.ndarray):
+  """timm's pre-logits features and logits, in the reference's dtype."""
+  dtype = next(reference.parameters()).dtype
+  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dtype) * 2.0 - 1.0
+  with torch.inference_mode():
+    feature_map = reference.forward_features(x)
+    return (reference.forward_head(feature_map, pre_logits=True).numpy(),
+            reference.forward_head(feature_map).numpy())
+
+
+def fold_batch_norm(tf_variables: Mapping[str, tf.Variable],
+                    state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+  """`state` with each batch norm reduced to the float32 scale and offset that ours applies.
+
+  Ours computes gamma * rsqrt(variance + eps) and beta - mean * scale in float32 whatever its
+  compute dtype; giving timm those very numbers (mean 0, variance 1 - eps) leaves summation order
+  as the only difference between the two in float64.
+  """
+  folded = dict(state)
+  for name, gamma in tf_variables.items():
+    if name.endswith('/gamma'):
+      scope = name[:-len('/gamma')]
+      scale = gamma * tf.math.rsqrt(tf_variables[f'{scope}/moving_variance'] + BATCH_NORM_EPSILON)
+      offset = tf_variables[f'{scope}/beta'] - tf_variables[f'{scope}/moving_mean'] * scale
+      module = timm_key(name, 1)[0].rsplit('.', 1)[0]
+      like = state[f'{module}.running_var']
+      folded[f'{module}.weight'] = torch.from_numpy(scale.numpy()).to(like.dtype)
+      folded[f'{module}.bias'] = torch.from_numpy(offset.numpy()).to(like.dtype)
+      folded[f'{module}.running_mean'] = torch.zeros_like(like)
+      folded[f'{module}.running_var'] = torch.full_like(like, 1.0 - BATCH_NORM_EPSILON)
+  return folded
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -192,6 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--images', nargs='+', help='photos to use instead of noise images')
   parser.add_argument('--tolerance', type=float, default=1e-4,
                       help='largest acceptable max relative error of the features')
+  parser.add_argument('--float64', action='store_true',
+                      help='also compare both in float64, where only summation order differs')
   args = parser.parse_args(argv)
 
   model = build_model(args.config, seed=args.seed, num_classes=NUM_CLASSES)
@@ -210,18 +247,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print(f'timm {timm.__version__} pnasnet5large, torch {torch.__version__}, '
         f'tensorflow {tf.__version__}: {len(model.variables_by_name)} TF-Slim variables mapped '
         f'one-to-one onto timm tensors; {images.shape[0]} {"photo" if args.images else "noise"} '
-        f'image(s) of {size}x{size}')
+        f'image(s) of {size}x{size}; a: ours, b: timm')
 
   features = model(images)
-  logits = model.logits(features).numpy()
-  with torch.inference_mode():
-    feature_map = reference.forward_features(
-        torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))) * 2.0 - 1.0)
-    timm_features = reference.forward_head(feature_map, pre_logits=True).numpy()
-    timm_logits = reference.forward_head(feature_map).numpy()
-
+  timm_features, timm_logits = timm_outputs(reference, images)
   feature_error = compare('features', features.numpy(), timm_features)
-  compare('logits', logits, timm_logits)
+  compare('logits', model.logits(features).numpy(), timm_logits)
+  # What float32 rounding alone moves these features by: timm in float32 against itself in float64.
+  reference64 = copy.deepcopy(reference).double()
+  compare('float32 rounding floor, a: timm float32, b: timm float64', timm_features,
+          timm_outputs(reference64, images)[0])
+
+  if args.float64:
+    exact = build_model(args.config, seed=args.seed, num_classes=NUM_CLASSES,
+                        compute_dtype='float64')
+    for name, var in model.variables_by_name.items():
+      exact.variables_by_name[name].assign(var)
+    reference64.load_state_dict(fold_batch_norm(model.variables_by_name,
+                                                reference64.state_dict()), strict=True)
+    # Multiples of 1/256 make both input scalings exact; ours returns float32 features.
+    quantized = np.round(images * 256.0) / 256.0
+    compare('float64 (batch norm folded as ours folds it, ours cast to float32 at the end)',
+            exact(quantized).numpy(), timm_outputs(reference64, quantized)[0])
+
   passed = feature_error <= args.tolerance
   print(f'features max relative error {feature_error:.3g} '
         f'{"<=" if passed else ">"} tolerance {args.tolerance:g}')
