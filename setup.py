@@ -4,7 +4,8 @@ import setuptools
 
 # Verified to install and pass the tests together on Python 3.11.
 REQUIRED = [
-    'apache-beam[gcp]==2.77.0',
+    'apache-beam[gcp,aws]==2.77.0',  # gs:// and s3:// FileSystems
+    'boto3==1.44.8',
     'tensorflow==2.21.0',
     'tensorflow-hub==0.16.1',
     'tfx-bsl==1.21.0',
@@ -17,6 +18,7 @@ REQUIRED = [
 TEST = [
     'pytest==9.2.0',
     'gcp-storage-emulator==2026.7.19',
+    'moto[server]==5.2.5',  # a local S3-protocol server for the s3:// tests
 ]
 
 setuptools.setup(

@@ -79,6 +79,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   options = PipelineOptions(argv)
   embedding = options.view_as(EmbeddingOptions)
   validate(embedding)
+  FileSystems.set_options(options)  # the checks below read storage with the run's credentials
   check_output_is_new(embedding.output)
   model = describe_model(embedding.model, embedding.checkpoint, embedding.seed)
   check_patterns_match(embedding.input)

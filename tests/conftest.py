@@ -8,6 +8,8 @@ import pytest
 
 from pnasnet import build_model
 from pnasnet.export import export_saved_model, export_tf1_hub_module
+from tests.gcs_emulator import gcs_server  # noqa: F401  (fixtures for every test module)
+from tests.s3_server import s3_server  # noqa: F401
 
 SAMPLE_IMAGES = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'sample_images')
 

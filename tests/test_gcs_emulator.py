@@ -21,11 +21,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from tests.gcs_emulator import GcsEmulator
-from tests.gcs_emulator import gcs_server  # noqa: F401  (pytest fixture)
 
 
 @pytest.fixture
-def bucket(gcs_server):  # noqa: F811
+def bucket(gcs_server):
   """A fresh bucket per test, so the session-wide server needs no wiping."""
   name = 'test-%s' % uuid.uuid4().hex[:12]
   gcs_server.create_bucket(name)
@@ -35,6 +34,17 @@ def bucket(gcs_server):  # noqa: F811
 def _image_bytes(i):
   # Distinct sizes so that a size mix-up is caught.
   return bytes([i % 251]) * (1000 + 137 * i)
+
+
+def _upload_images(gcs_server, bucket, count, extension):
+  """Uploads img0..img{count-1} under images/; returns {uri: size}."""
+  expected = {}
+  for i in range(count):
+    uri = 'gs://%s/images/img%d.%s' % (bucket, i, extension)
+    content_type = 'image/jpeg' if extension == 'jpg' else 'image/' + extension
+    gcs_server.upload(uri, _image_bytes(i), content_type=content_type)
+    expected[uri] = len(_image_bytes(i))
+  return expected
 
 
 def _read_tfrecords(path):
@@ -48,7 +58,7 @@ def _read_tfrecords(path):
       records.append(record)
 
 
-def test_fixture_env_and_helpers(gcs_server, bucket):  # noqa: F811
+def test_fixture_env_and_helpers(gcs_server, bucket):
   import google.auth
 
   assert gcs_server.host == 'http://127.0.0.1:%d' % gcs_server.port
@@ -74,12 +84,8 @@ def test_fixture_env_and_helpers(gcs_server, bucket):  # noqa: F811
   assert gcs_server.sizes('gs://%s/c' % bucket) == {'gs://%s/c.txt' % bucket: 1}
 
 
-def test_match_finds_uploaded_files_with_sizes(gcs_server, bucket):  # noqa: F811
-  expected = {}
-  for i in range(3):
-    uri = 'gs://%s/images/img%d.png' % (bucket, i)
-    gcs_server.upload(uri, _image_bytes(i), content_type='image/png')
-    expected[uri] = len(_image_bytes(i))
+def test_match_finds_uploaded_files_with_sizes(gcs_server, bucket):
+  expected = _upload_images(gcs_server, bucket, 3, 'png')
   gcs_server.upload('gs://%s/images/other.jpg' % bucket, b'jpg')
   gcs_server.upload('gs://%s/images/sub/deep.png' % bucket, b'deep')
   gcs_server.upload('gs://%s/images.png' % bucket, b'not under images/')
@@ -99,13 +105,13 @@ def test_match_finds_uploaded_files_with_sizes(gcs_server, bucket):  # noqa: F81
   assert not FileSystems.exists('gs://%s/images/missing.png' % bucket)
 
 
-def test_missing_bucket_is_an_error_not_an_empty_match(gcs_server):  # noqa: F811
+def test_missing_bucket_is_an_error_not_an_empty_match(gcs_server):
   # As on real GCS: listing a bucket that does not exist is a 404.
   with pytest.raises(BeamIOError, match='NotFound'):
     FileSystems.match(['gs://no-such-bucket-%s/images/*.jpg' % uuid.uuid4().hex])
 
 
-def test_open_reads_bytes_back(gcs_server, bucket):  # noqa: F811
+def test_open_reads_bytes_back(gcs_server, bucket):
   data = os.urandom(300 * 1024)
   uri = 'gs://%s/images/photo.jpg' % bucket
   gcs_server.upload(uri, data, content_type='image/jpeg')
@@ -119,7 +125,7 @@ def test_open_reads_bytes_back(gcs_server, bucket):  # noqa: F811
     assert f.read() == data
 
 
-def test_create_rename_delete(gcs_server, bucket):  # noqa: F811
+def test_create_rename_delete(gcs_server, bucket):
   summary = 'gs://%s/out/summary.json' % bucket
   with FileSystems.create(summary, mime_type='application/json') as f:
     f.write(json.dumps({'images': 3}).encode())
@@ -191,12 +197,8 @@ def _run_pipeline(bucket, extra_args):
         ['--direct_running_mode=multi_processing', '--direct_num_workers=2'],
     ],
     ids=['in_memory', 'multi_processing'])
-def test_pipeline_reads_and_writes_gcs(gcs_server, bucket, extra_args):  # noqa: F811
-  expected = {}
-  for i in range(5):
-    uri = 'gs://%s/images/img%d.jpg' % (bucket, i)
-    gcs_server.upload(uri, _image_bytes(i), content_type='image/jpeg')
-    expected[uri] = len(_image_bytes(i))
+def test_pipeline_reads_and_writes_gcs(gcs_server, bucket, extra_args):
+  expected = _upload_images(gcs_server, bucket, 5, 'jpg')
   gcs_server.upload('gs://%s/images/skip.png' % bucket, b'not a jpg')
 
   out = _run_pipeline(bucket, extra_args)
@@ -231,7 +233,7 @@ def test_pipeline_reads_and_writes_gcs(gcs_server, bucket, extra_args):  # noqa:
   assert summary == {'images': 5, 'bytes': sum(expected.values())}
 
 
-def test_emulator_stops_cleanly_and_restores_env(gcs_server):  # noqa: F811
+def test_emulator_stops_cleanly_and_restores_env(gcs_server):
   before_env = {k: os.environ.get(k) for k in gcs_server.env}
   threads_before = set(threading.enumerate())
   with GcsEmulator() as other:

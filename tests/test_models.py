@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_hub as hub
 
+from pnasnet import build_model
 from pnasnet.checkpoint import model_values, save_slim_checkpoint
 from transforms.models import DEFAULT_MODEL, ModelLoadError, describe_model, load_model
 
@@ -49,6 +50,20 @@ def test_builtin_with_checkpoint_uses_its_weights(tmp_path, tiny_network, random
                              rtol=0, atol=1e-5)
 
 
+def test_checkpoint_on_gcs_is_staged_and_restaged_when_replaced(gcs_server, random_images,
+                                                               tmp_path):
+  gcs_server.create_bucket('checkpoints')
+  uri = 'gs://checkpoints/tiny/model.ckpt'
+  for seed in (1, 2):  # the second checkpoint replaces the first at the same URI
+    network = build_model('tiny', seed=seed)
+    local = tmp_path / f'seed{seed}'
+    save_slim_checkpoint(str(local / 'model.ckpt'), model_values(network))
+    for path in local.iterdir():
+      gcs_server.upload(f'gs://checkpoints/tiny/{path.name}', path.read_bytes())
+    features = load_model('builtin:pnasnet_tiny', checkpoint=uri)(random_images)
+    np.testing.assert_allclose(features, network(random_images).numpy(), rtol=0, atol=1e-5)
+
+
 def test_unreachable_default_handle_names_the_offline_choices():
   with pytest.raises(ModelLoadError) as error:
     describe_model(DEFAULT_MODEL)
@@ -79,3 +94,13 @@ def test_bad_handles_fail_clearly(handle, checkpoint, message):
 def test_empty_directory_is_not_a_model(tmp_path):
   with pytest.raises(ModelLoadError, match='no saved_model.pb'):
     describe_model(str(tmp_path))
+
+
+def test_remote_model_is_described_without_copying(gcs_server, tf1_hub_module):
+  gcs_server.create_bucket('described')
+  with open(os.path.join(tf1_hub_module, 'saved_model.pb'), 'rb') as f:
+    gcs_server.upload('gs://described/module/saved_model.pb', f.read())  # no variables at all
+  description = describe_model('gs://described/module')
+  assert (description.height, description.feature_size) == (64, 160)
+  with pytest.raises(ModelLoadError, match='no saved_model.pb'):
+    describe_model('gs://described/elsewhere')

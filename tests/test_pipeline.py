@@ -15,7 +15,6 @@ from PIL import Image, ImageOps
 
 from pipeline.launcher import OutputExistsError, run
 from pipeline.options import OptionsError
-from tests.gcs_emulator import gcs_server  # noqa: F401  (the fixture)
 from transforms.decode import decode_and_resize
 from transforms.models import ModelLoadError, load_model
 from transforms.read import NoInputError
@@ -99,15 +98,46 @@ def test_local_folder_end_to_end(runner_args, image_folder, tf1_hub_module, tmp_
 
 
 def test_gcs_end_to_end(gcs_server, image_folder, tf1_hub_module, tmp_path):
+  """Images, the module and the output all on gs://."""
   gcs_server.create_bucket('e2e')
   for path in image_folder.iterdir():
     gcs_server.upload(f'gs://e2e/photos/{path.name}', path.read_bytes())
+  for root, _, files in os.walk(tf1_hub_module):
+    for name in files:
+      relative = os.path.relpath(os.path.join(root, name), tf1_hub_module)
+      with open(os.path.join(root, name), 'rb') as f:
+        gcs_server.upload(f'gs://e2e/modules/tiny/{relative}', f.read())
+  model = 'gs://e2e/modules/tiny'
   output = 'gs://e2e/runs/first'
-  summary = run(['--input=gs://e2e/photos/*', f'--output={output}', f'--model={tf1_hub_module}',
+  summary = run(['--input=gs://e2e/photos/*', f'--output={output}', f'--model={model}',
                  '--compression=gzip', '--num_shards=2'])
-  _check_run(summary, output, _Sources(image_folder), tf1_hub_module, tmp_path)
+  _check_run(summary, output, _Sources(image_folder), model, tmp_path)
   names = [os.path.basename(p) for p in gcs_server.list(output + '/')]
   assert 'embeddings-00000-of-00002.tfrecord.gz' in names and 'run_summary.json' in names
+
+
+def test_s3_end_to_end(s3_server, image_folder, tf1_hub_module, tmp_path):
+  """Images and output on s3://, through Beam's S3 FileSystem and its --s3_* options."""
+  s3_server.create_bucket('photos')
+  for path in image_folder.iterdir():
+    s3_server.upload(f's3://photos/in/{path.name}', path.read_bytes())
+  output = 's3://photos/embeddings/run1'
+  summary = run(['--input=s3://photos/in/*', f'--output={output}', f'--model={tf1_hub_module}']
+                + s3_server.options)
+  _check_run(summary, output, _Sources(image_folder), tf1_hub_module, tmp_path)
+  assert f'{output}/run_summary.json' in s3_server.list('s3://photos/embeddings/')
+
+
+def test_full_large_network_through_the_pipeline(image_folder, tmp_path):
+  """The README's main command, on one photo: the real 331x331 -> 4320 network, offline."""
+  output = str(tmp_path / 'out')
+  summary = run([f'--input={image_folder}/chelsea.png', f'--output={output}',
+                 '--model=builtin:pnasnet_large'])
+  assert (summary['embedded'], summary['embedding_size'], summary['image_size']) == (
+      1, 4320, [331, 331])
+  [example] = _read_examples(output, tmp_path)
+  embedding = np.array(example.features.feature['embedding'].float_list.value)
+  assert embedding.shape == (4320,) and np.isfinite(embedding).all() and embedding.std() > 0
 
 
 def test_model_is_loaded_once_per_process_for_many_batches(image_folder, tmp_path):

@@ -3,10 +3,13 @@
 Both networks get identical weights (ours, randomised so that every tensor matters, copied into
 timm by name) and the same images; the script prints how far apart their features and logits are.
 The aim is a maximum relative error of the features, max|ours - timm| / max|timm|, <= 1e-4; the
-exit status is 1 above `--tolerance`. It needs torch and timm, which the project does not depend on:
-run it from the separate environment that tools/README.md sets up, from the repository root:
+exit status is 1 above `--tolerance`. Beside it stands the float32 rounding floor, timm in float32
+against timm in float64: random weights amplify rounding, so agreement cannot be much closer.
+`--float64` also runs both in float64 where, batch norm folded alike, only summation order differs.
+It needs torch and timm, which the project does not depend on: run it from the separate
+environment that tools/README.md sets up, from the repository root:
 
-  python -m tools.timm_parity [--seed 0] [--batch 2] [--images sample_images/*.png]
+  python -m tools.timm_parity [--seed 0] [--batch 2] [--images sample_images/*.png] [--float64]
 
 How TF-Slim's graph and timm's correspond (nothing is patched in either network; weights are
 copied and both graphs run as built):
@@ -20,17 +23,20 @@ copied and both graphs run as built):
   running_mean, running_var; `final_layer/FC` is `last_linear`.
 - Layouts. Conv kernels HWIO -> OIHW; depthwise kernels [k, k, C, 1] -> [C, 1, k, k] (a grouped
   conv with groups=C); FC weights [in, out] -> [out, in].
-- Classes. timm's released weights have 1000 classes (its port dropped TF-Slim's background class
-  0); built with num_classes=1001 its classifier has TF-Slim's shape, row for row.
+- Classes. timm's default and released config have 1000 classes, without TF-Slim's background
+  class 0; built with num_classes=1001 its classifier has TF-Slim's shape, row for row.
 - Input. Ours takes NHWC in [0, 1] and computes (x - 0.5) * 2; timm gets NCHW x * 2 - 1, its
   released config's mean = std = 0.5.
 - Padding. timm's pnasnet5large uses pad_type='same': TF's SAME padding (asymmetric, more at the
   bottom/right, when the stride is 2), max pools padded with -inf as TF's SAME pooling ignores the
-  border; conv_0 has padding 0, TF-Slim's VALID. timm builds one branch per cell,
-  `comb_iter_3_left`, without pad_type: PyTorch's symmetric padding 1, which for its 3x3 stride-1
-  kernel is SAME exactly. Its factorized reduction's ZeroPad2d((-1, 1, -1, 1)) + AvgPool2d(1, 2)
-  is TF-Slim's pad-bottom-right, crop-top-left and 1x1 stride-2 subsampling. Batch norm's epsilon
-  is 0.001 in both.
+  border; conv_0 has padding 0, TF-Slim's VALID. timm's `Cell` builds `comb_iter_3_left` without
+  pad_type: PyTorch's symmetric padding 1, which for its 3x3 stride-1 kernels is SAME exactly.
+  Its factorized reduction's ZeroPad2d((-1, 1, -1, 1)) + AvgPool2d(1, 2) is TF-Slim's
+  pad-bottom-right, crop-top-left and 1x1 stride-2 subsampling. Batch norm's epsilon is 0.001 in
+  both.
+- Imports. torch 2.13.0's CPU build cannot serve: timm imports torchvision unconditionally, and
+  PyPI's torchvision wheels need a CUDA torch; tools/README.md installs torch 2.14.1 with its
+  matching torchvision (run on the CPU).
 """
 
 import argparse
@@ -44,9 +50,9 @@ import numpy as np
 # build loads triton's native library after tensorflow's.
 import timm
 import torch
-import tensorflow as tf  # pylint: disable=g-bad-import-order
+import tensorflow as tf
 
-from pnasnet import build_model
+from pnasnet import PNASNet, build_model
 from pnasnet.network import BATCH_NORM_EPSILON
 
 NUM_CLASSES = 1001  # TF-Slim's: background + the 1000 ImageNet classes.
@@ -64,7 +70,8 @@ _SCOPES = (
     (r'(cell_\w+)/final_path_bn', r'\1.conv_prev_1x1.final_path_bn'),
     (r'(cell_\w+)/comb_iter_(\d)/(left|right)/separable_(\d)x\4_(\d)',
      r'\1.comb_iter_\2_\3.separable_\5'),
-    (r'(cell_\w+)/comb_iter_(\d)/(left|right)/bn_sep_(\d)x\4_(\d)', r'\1.comb_iter_\2_\3.bn_sep_\5'),
+    (r'(cell_\w+)/comb_iter_(\d)/(left|right)/bn_sep_(\d)x\4_(\d)',
+     r'\1.comb_iter_\2_\3.bn_sep_\5'),
     (r'(cell_\w+)/comb_iter_(\d)/(left|right)/1x1', r'\1.comb_iter_\2_\3.conv'),
     (r'(cell_\w+)/comb_iter_(\d)/(left|right)/bn_1', r'\1.comb_iter_\2_\3.bn'),
 )
@@ -130,7 +137,7 @@ def timm_state_dict(tf_variables: Mapping[str, tf.Variable],
   return {k: converted.get(k, v) for k, v in reference.items()}
 
 
-def randomize(model, seed: int, calibration_images: np.ndarray) -> None:
+def randomize(model: PNASNet, seed: int, calibration_images: np.ndarray) -> None:
   """Random batch-norm parameters and statistics and classifier biases, activations kept O(1).
 
   The build's batch norm is an identity up to calibration and its biases are zero, so a copying
@@ -163,7 +170,7 @@ def load_images(paths: Sequence[str], size: int) -> np.ndarray:
   images = []
   for path in paths:
     with Image.open(path) as image:
-      image = image.convert('RGB').resize((size, size), Image.BILINEAR)
+      image = image.convert('RGB').resize((size, size), Image.Resampling.BILINEAR)
       images.append(np.asarray(image, np.float32) / 255.0)
   return np.stack(images)
 
@@ -219,7 +226,8 @@ def fold_batch_norm(tf_variables: Mapping[str, tf.Variable],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  """Exit status 0 when the features agree within --tolerance."""
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--config', choices=['large'], default='large',
                       help="timm has only PNASNet-5 large; there is no mobile port")
   parser.add_argument('--seed', type=int, default=0, help='weights, noise images, calibration')

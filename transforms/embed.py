@@ -112,6 +112,10 @@ class _FailedBatch(beam.DoFn):
       yield Failure(key.uri, INFERENCE, getattr(error, '__name__', str(error)), str(message))
 
 
+def _key_pixels(image: DecodedImage):
+  return ImageKey(image.uri, image.sha256, image.height, image.width), image.pixels
+
+
 class EmbedImages(beam.PTransform):
   """DecodedImage -> Embedding, plus Failure records under FAILURES_TAG."""
 
@@ -120,9 +124,7 @@ class EmbedImages(beam.PTransform):
     self._handler = handler
 
   def expand(self, images):
-    keyed = images | 'Key' >> beam.Map(
-        lambda image: (ImageKey(image.uri, image.sha256, image.height, image.width),
-                       image.pixels))
+    keyed = images | 'Key' >> beam.Map(_key_pixels)
     results, dead_letters = (keyed | 'RunInference' >> RunInference(
         KeyedModelHandler(self._handler)).with_exception_handling())
     embeddings = results | 'ToEmbedding' >> beam.ParDo(_ToEmbedding())

@@ -6,15 +6,17 @@ TF1-Hub-format module or a TF2 SavedModel, or `builtin:pnasnet_large` / `builtin
 """
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from tensorflow.core.protobuf import saved_model_pb2
 
@@ -69,33 +71,23 @@ def _builtin_config(handle: str):
   return CONFIGS[BUILTIN_CONFIGS[name]]
 
 
-def _copy_tree(source: str, target: str) -> None:
-  """Copies every file under a FileSystems prefix into a local directory."""
-  prefix = source.rstrip('/') + '/'
-  matches = FileSystems.match([prefix + '**'])[0].metadata_list
-  if not matches:
-    raise ModelLoadError(f'model directory {source} is empty or does not exist')
-  for metadata in matches:
-    relative = metadata.path[len(prefix):]
-    if not relative or relative.endswith('/'):
-      continue
-    local = os.path.join(target, relative)
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    with FileSystems.open(metadata.path) as src, open(local, 'wb') as dst:
-      shutil.copyfileobj(src, dst, 16 << 20)
+def _stage(uri: str, files: Sequence[FileMetadata], relative_path: Callable[[str], str]) -> str:
+  """A local copy of remote files, made once per machine and version.
 
-
-def _stage(uri: str, copy: Callable[[str, str], None]) -> str:
-  """A local copy of a remote model or checkpoint, made once per machine.
-
-  Copies into a fresh directory and renames it into place, so concurrent workers on one VM never
-  see a half-written copy.
+  The directory's name hashes the URI with every file's path and checksum, so a model replaced
+  at the same URI is copied anew. The copy goes to a fresh directory that is then
+  renamed into place, so concurrent workers on one VM never see a half-written copy.
   """
-  target = os.path.join(STAGING_DIR, hashlib.sha256(uri.encode()).hexdigest()[:16])
+  version = json.dumps([uri] + sorted((m.path, FileSystems.checksum(m.path)) for m in files))
+  target = os.path.join(STAGING_DIR, hashlib.sha256(version.encode()).hexdigest()[:16])
   if not os.path.isdir(target):
     partial = f'{target}.{uuid.uuid4().hex}.partial'
-    os.makedirs(partial)
-    copy(uri, partial)
+    for metadata in files:
+      local = os.path.join(partial, relative_path(metadata.path))
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+      with FileSystems.open(metadata.path, compression_type=CompressionTypes.UNCOMPRESSED) as src, \
+          open(local, 'wb') as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
     try:
       os.rename(partial, target)
     except OSError:  # another process staged it first
@@ -103,8 +95,18 @@ def _stage(uri: str, copy: Callable[[str, str], None]) -> str:
   return target
 
 
+def _stage_directory(uri: str) -> str:
+  prefix = uri.rstrip('/') + '/'
+  files = [m for m in FileSystems.match([prefix + '**'])[0].metadata_list
+           if not m.path.endswith('/')]
+  if not files:
+    raise ModelLoadError(f'model directory {uri} is empty or does not exist')
+  return _stage(uri, files, lambda path: path[len(prefix):])
+
+
 def _is_remote(path: str) -> bool:
-  return '://' in path and not path.startswith('file://')
+  """On a Beam FileSystem other than the local disk (TF-Hub URLs are handles, not files)."""
+  return '://' in path and not path.startswith(('file://', 'http://', 'https://'))
 
 
 def resolve_model_dir(handle: str) -> str:
@@ -118,7 +120,7 @@ def resolve_model_dir(handle: str) -> str:
                            + OFFLINE_CHOICES) from exc
   if _is_remote(handle):
     try:
-      return _stage(handle, _copy_tree)
+      return _stage_directory(handle)
     except ModelLoadError:
       raise
     except Exception as exc:
@@ -127,17 +129,6 @@ def resolve_model_dir(handle: str) -> str:
     raise ModelLoadError(f'--model {handle!r} is neither a TF-Hub URL, a directory, nor '
                          f'builtin:NAME. ' + OFFLINE_CHOICES)
   return handle
-
-
-def _copy_checkpoint(prefix: str, target: str) -> None:
-  files = FileSystems.match([prefix + '.*'])[0].metadata_list
-  if not files:
-    raise ModelLoadError(f'no checkpoint files match {prefix}.* (expected {prefix}.index and '
-                         f'{prefix}.data-*)')
-  for metadata in files:
-    with FileSystems.open(metadata.path) as src, \
-        open(os.path.join(target, os.path.basename(metadata.path)), 'wb') as dst:
-      shutil.copyfileobj(src, dst, 16 << 20)
 
 
 def check_checkpoint(prefix: str) -> None:
@@ -150,16 +141,25 @@ def resolve_checkpoint(prefix: str) -> str:
   """A local path for a TF-Slim checkpoint prefix (staged when remote)."""
   check_checkpoint(prefix)
   if _is_remote(prefix):
-    return os.path.join(_stage(prefix, _copy_checkpoint), os.path.basename(prefix))
+    files = FileSystems.match([prefix + '.*'])[0].metadata_list
+    return os.path.join(_stage(prefix, files, os.path.basename), os.path.basename(prefix))
   return prefix
 
 
 def _read_feature_signature(model_dir: str, handle: str) -> FeatureSignature:
-  """The image feature-vector signature, read from saved_model.pb without loading variables."""
-  path = os.path.join(model_dir, 'saved_model.pb')
-  if not tf.io.gfile.exists(path):
+  """The image feature-vector signature, read from saved_model.pb without loading variables.
+
+  `model_dir` may be remote: only saved_model.pb is read, so the launcher stays light.
+  """
+  path = FileSystems.join(model_dir, 'saved_model.pb')
+  try:
+    exists = FileSystems.exists(path)
+  except Exception as exc:  # a missing bucket, no permission: say which handle
+    raise ModelLoadError(f'cannot read {handle}: {exc}') from exc
+  if not exists:
     raise ModelLoadError(f'{handle} holds no saved_model.pb: not a SavedModel or TF-Hub module')
-  saved_model = saved_model_pb2.SavedModel.FromString(tf.io.gfile.GFile(path, 'rb').read())
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    saved_model = saved_model_pb2.SavedModel.FromString(f.read())
   signatures = {}
   for meta_graph in saved_model.meta_graphs:
     for name, sig in meta_graph.signature_def.items():
@@ -199,15 +199,17 @@ def describe_model(handle: str, checkpoint: Optional[str] = None,
   if checkpoint:
     raise ModelLoadError('--checkpoint goes with --model builtin:NAME only; a module or '
                          'SavedModel carries its own weights')
-  return _read_feature_signature(resolve_model_dir(handle), handle).description
+  model_dir = handle if _is_remote(handle) else resolve_model_dir(handle)
+  return _read_feature_signature(model_dir, handle).description
 
 
 class EmbeddingModel:
   """A loaded model: float32 images [B, H, W, 3] in [0, 1] -> float32 features [B, D]."""
 
-  def __init__(self, function, description: ModelDescription):
+  def __init__(self, function, description: ModelDescription, owner=None):
     self._function = function
     self.description = description
+    self._owner = owner  # what holds the variables the function reads
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     return self._function(tf.convert_to_tensor(images, tf.float32)).numpy()
@@ -227,7 +229,7 @@ def load_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
     size = config.image_size
     function = tf.function(network.__call__, input_signature=[
         tf.TensorSpec([None, size, size, 3], tf.float32)])
-    return EmbeddingModel(function, describe_model(handle, checkpoint, seed))
+    return EmbeddingModel(function, describe_model(handle, checkpoint, seed), owner=network)
   if compute_dtype != 'float32':
     raise ModelLoadError('--compute_dtype applies to builtin: models only; a module or '
                          'SavedModel computes in the dtype it was exported with')
@@ -240,6 +242,4 @@ def load_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
   def function(images):
     return concrete(**{signature.input_key: images})[signature.output_key]
 
-  model = EmbeddingModel(function, signature.description)
-  model.loaded = loaded  # keeps the variables alive as long as the signature is used
-  return model
+  return EmbeddingModel(function, signature.description, owner=loaded)
