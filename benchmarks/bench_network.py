@@ -4,7 +4,8 @@ Three ways of running the same weights, each in its own process so that its peak
 own: the in-memory network as a tf.function, the same with XLA (jit_compile), and its TF1-Hub
 export loaded with hub.load (what the pipeline runs for a downloaded module).
 
-    python -m benchmarks.bench_network [--config large] [--batches 1 8 16] [--repeats 2]
+    python -m benchmarks.bench_network [--config large] [--batches 1 8 16] [--repeats 2] \
+        [--variants tf_function tf_function_xla tf1_hub_export]
 """
 
 import argparse
@@ -50,6 +51,7 @@ def main() -> None:
   parser.add_argument('--config', default='large')
   parser.add_argument('--batches', type=int, nargs='+', default=[1, 8, 16])
   parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
   parser.add_argument('--variant', choices=VARIANTS, help=argparse.SUPPRESS)  # child process
   parser.add_argument('--export_dir', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -66,7 +68,7 @@ def main() -> None:
     print(f'PNASNet {args.config}, CPU: {os.cpu_count()} cores, repeats {args.repeats}')
     print(f'{"variant":<18}' + ''.join(f'{"batch " + str(b):>12}' for b in args.batches) +
           f'{"peak RSS":>12}')
-    for variant in VARIANTS:
+    for variant in args.variants:
       child = subprocess.run(
           [sys.executable, '-m', 'benchmarks.bench_network', '--variant', variant,
            '--config', args.config, '--repeats', str(args.repeats), '--export_dir', export_dir,

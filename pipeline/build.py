@@ -13,7 +13,7 @@ from transforms.write import WriteEmbeddings, WriteFailures
 
 def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
                    model: ModelDescription) -> None:
-  read = pipeline | 'ReadImages' >> ReadImages(options.input)
+  read = pipeline | 'ReadImages' >> ReadImages(options.input, options.max_file_bytes)
   decoded = read.images | 'DecodeImages' >> DecodeImages(
       model.height, model.width, center_crop_fraction=options.center_crop_fraction,
       max_image_pixels=options.max_image_pixels, jpeg_draft=options.jpeg_draft)

@@ -5,6 +5,7 @@ import argparse
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.models import COMPUTE_DTYPES, DEFAULT_MODEL
+from transforms.read import DEFAULT_MAX_FILE_BYTES
 from transforms.write import COMPRESSIONS
 
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
@@ -68,6 +69,8 @@ class EmbeddingOptions(PipelineOptions):
     group.add_argument('--max_image_pixels', type=_positive_int,
                        default=PILLOW_MAX_IMAGE_PIXELS,
                        help='Decompression-bomb limit: larger images go to the dead letter.')
+    group.add_argument('--max_file_bytes', type=_positive_int, default=DEFAULT_MAX_FILE_BYTES,
+                       help='Files larger than this are not read; they go to the dead letter.')
     group.add_argument('--jpeg_draft', action='store_true', default=False,
                        help='Let Pillow decode large JPEGs at reduced size (faster, '
                        'slightly different pixels; see README).')

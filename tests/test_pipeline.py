@@ -191,6 +191,19 @@ def test_bad_options_fail_before_any_work(args, error, message, image_folder, tm
   assert not (tmp_path / 'out').exists()
 
 
+def test_oversized_file_is_dead_lettered_unread(image_folder, tmp_path):
+  output = str(tmp_path / 'out')
+  limit = (image_folder / 'camera.png').stat().st_size + 1
+  summary = run([f'--input={image_folder}/*.png', f'--output={output}',
+                 '--model=builtin:pnasnet_tiny', f'--max_file_bytes={limit}'])
+  failures = _read_failures(output)
+  too_large = sorted(p.name for p in image_folder.glob('*.png') if p.stat().st_size > limit)
+  assert too_large and sorted(os.path.basename(f['uri']) for f in failures) == too_large
+  assert {(f['stage'], f['error']) for f in failures} == {('read', 'FileTooLargeError')}
+  assert summary['failed_by_stage']['read'] == len(too_large)
+  assert summary['matched'] == 4 == summary['embedded'] + summary['failed']
+
+
 def test_refuses_to_overwrite_an_earlier_run(image_folder, tmp_path):
   argv = [f'--input={image_folder}/camera.png', f'--output={tmp_path}/out',
           '--model=builtin:pnasnet_tiny']

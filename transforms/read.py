@@ -11,6 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.failures import FAILURES_TAG, READ, Failure
 
 METRICS_NAMESPACE = 'read'
+DEFAULT_MAX_FILE_BYTES = 256 << 20
 
 
 class ImageFile(NamedTuple):
@@ -39,16 +40,24 @@ def check_patterns_match(patterns: Sequence[str]) -> None:
         '"photos/**" (quoted, so that the shell does not expand it)')
 
 
+class FileTooLargeError(ValueError):
+  """Bigger than --max_file_bytes: not read, so one stray video cannot exhaust a worker."""
+
+
 class _ReadFile(beam.DoFn):
   """Reads one matched file; a file that cannot be read becomes a dead-letter record."""
 
-  def __init__(self):
+  def __init__(self, max_file_bytes: int):
+    self._max_file_bytes = max_file_bytes
     self._matched = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'matched')
     self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'failed')
 
-  def process(self, uri: str):
+  def process(self, uri_and_size):
+    uri, size = uri_and_size
     self._matched.inc()
     try:
+      if size > self._max_file_bytes:
+        raise FileTooLargeError(f'{size} bytes, over --max_file_bytes {self._max_file_bytes}')
       # UNCOMPRESSED: Beam would otherwise gunzip a file named *.gz behind our back.
       with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         data = f.read()
@@ -67,15 +76,17 @@ class ReadImages(beam.PTransform):
   runners spread the reads over workers instead of reading on the one that listed them.
   """
 
-  def __init__(self, patterns: Sequence[str]):
+  def __init__(self, patterns: Sequence[str], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
     super().__init__()
     self._patterns = list(patterns)
+    self._max_file_bytes = max_file_bytes
 
   def expand(self, pbegin):
     uris = (pbegin
             | 'Patterns' >> beam.Create(self._patterns)
             | 'Match' >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
-            | 'Uri' >> beam.Map(lambda metadata: metadata.path)
-            | 'SkipDirectories' >> beam.Filter(lambda uri: not uri.endswith('/'))
+            | 'SkipDirectories' >> beam.Filter(lambda metadata: not metadata.path.endswith('/'))
+            | 'UriAndSize' >> beam.Map(lambda metadata: (metadata.path, metadata.size_in_bytes))
             | 'Distinct' >> beam.Distinct())
-    return uris | 'Read' >> beam.ParDo(_ReadFile()).with_outputs(FAILURES_TAG, main='images')
+    return uris | 'Read' >> beam.ParDo(_ReadFile(self._max_file_bytes)).with_outputs(
+        FAILURES_TAG, main='images')
