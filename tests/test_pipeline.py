@@ -225,3 +225,19 @@ def test_command_line_help_and_errors(tmp_path):
                           cwd=PROJECT, env=env, capture_output=True, text=True)
   assert failed.returncode == 2
   assert 'error: no file matches' in failed.stderr
+
+
+def test_dataflow_workers_get_the_project_setup_file():
+  from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+  from pipeline.launcher import PROJECT_SETUP_FILE, _prepare_remote_workers
+
+  dataflow = PipelineOptions(['--runner=DataflowRunner'])
+  _prepare_remote_workers(dataflow)
+  assert dataflow.view_as(SetupOptions).setup_file == PROJECT_SETUP_FILE
+  assert os.path.exists(PROJECT_SETUP_FILE)
+  own = PipelineOptions(['--runner=DataflowRunner', '--requirements_file=reqs.txt'])
+  _prepare_remote_workers(own)
+  assert own.view_as(SetupOptions).setup_file is None
+  local = PipelineOptions([])
+  _prepare_remote_workers(local)
+  assert local.view_as(SetupOptions).setup_file is None
