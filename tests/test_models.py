@@ -104,3 +104,16 @@ def test_remote_model_is_described_without_copying(gcs_server, tf1_hub_module):
   assert (description.height, description.feature_size) == (64, 160)
   with pytest.raises(ModelLoadError, match='no saved_model.pb'):
     describe_model('gs://described/elsewhere')
+
+
+def test_export_command_writes_a_loadable_module(tmp_path, capsys):
+  from pnasnet.export import main
+  output = str(tmp_path / 'module')
+  main(['--config', 'tiny', '--format', 'tf1_hub', '--output', output, '--seed', '2'])
+  assert 'wrote tf1_hub of pnasnet_tiny' in capsys.readouterr().out
+  assert describe_model(output).feature_size == 160
+  gray = np.full((1, 64, 64, 3), 0.5, np.float32)
+  np.testing.assert_allclose(load_model(output)(gray), build_model('tiny', seed=2)(gray),
+                             rtol=0, atol=1e-5)
+  with pytest.raises(SystemExit):
+    main(['--config', 'tiny', '--output', output])  # not empty: refused
