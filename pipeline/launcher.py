@@ -80,6 +80,8 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   embedding = options.view_as(EmbeddingOptions)
   validate(embedding)
   FileSystems.set_options(options)  # the checks below read storage with the run's credentials
+  # Local patterns made absolute, so that every record's image/uri names its file unambiguously.
+  embedding.input = [p if '://' in p else os.path.abspath(p) for p in embedding.input]
   check_output_is_new(embedding.output)
   model = describe_model(embedding.model, embedding.checkpoint, embedding.seed)
   check_patterns_match(embedding.input)

@@ -163,14 +163,18 @@ def test_model_is_loaded_once_per_process_for_many_batches(image_folder, tmp_pat
   assert sum(loads) == 1
 
 
-def test_untrained_builtin_is_labelled(image_folder, tmp_path):
+def test_untrained_builtin_is_labelled_and_local_uris_are_absolute(image_folder, tmp_path,
+                                                                  monkeypatch):
+  monkeypatch.chdir(image_folder)
   output = str(tmp_path / 'out')
-  summary = run([f'--input={image_folder}/chelsea.png', f'--output={output}',
-                 '--model=builtin:pnasnet_tiny', '--seed=7'])
+  summary = run(['--input=chelsea.png', f'--output={output}', '--model=builtin:pnasnet_tiny',
+                 '--seed=7'])
   assert summary['model'] == 'builtin:pnasnet_tiny@untrained-seed7'
   [example] = _read_examples(output, tmp_path)
   assert example.features.feature['model'].bytes_list.value == [
       b'builtin:pnasnet_tiny@untrained-seed7']
+  assert example.features.feature['image/uri'].bytes_list.value == [
+      str(image_folder / 'chelsea.png').encode()]
 
 
 @pytest.mark.parametrize('args, error, message', [
