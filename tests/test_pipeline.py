@@ -70,7 +70,7 @@ def _check_run(summary, output, sources, model_dir, tmp_path):
             feature['image/width'].int64_list.value[0]) == (height, width)
     assert feature['model'].bytes_list.value[0].decode() == model_dir
     _, _, pixels = decode_and_resize(data, 64, 64)
-    direct = model(pixels[np.newaxis])[0]
+    direct = model.embed(pixels[np.newaxis])[0]
     np.testing.assert_allclose(feature['embedding'].float_list.value, direct, rtol=0, atol=1e-5)
 
 
@@ -88,7 +88,9 @@ class _Sources(dict):
 @pytest.mark.parametrize('runner_args', [
     [],
     ['--direct_running_mode=multi_processing', '--direct_num_workers=2'],
-], ids=['in_memory', 'multi_processing'])
+    ['--large_model'],
+    ['--model_copies=1', '--direct_running_mode=multi_processing', '--direct_num_workers=2'],
+], ids=['in_memory', 'multi_processing', 'large_model', 'model_copies_multi_processing'])
 def test_local_folder_end_to_end(runner_args, image_folder, tf1_hub_module, tmp_path):
   output = str(tmp_path / 'out')
   summary = run([f'--input={image_folder}/*', f'--output={output}',

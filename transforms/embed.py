@@ -72,8 +72,8 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
   def run_inference(self, batch: Sequence[np.ndarray], model: EmbeddingModel,
                     inference_args: Optional[Dict[str, Any]] = None
                     ) -> Iterable[PredictionResult]:
-    features = model(np.stack(batch))
-    model_id = model.description.model_id
+    features = model.embed(np.stack(batch))
+    model_id = model.describe().model_id
     return [PredictionResult(None, vector, model_id) for vector in features]
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:

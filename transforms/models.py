@@ -204,15 +204,22 @@ def describe_model(handle: str, checkpoint: Optional[str] = None,
 
 
 class EmbeddingModel:
-  """A loaded model: float32 images [B, H, W, 3] in [0, 1] -> float32 features [B, D]."""
+  """A loaded model: float32 images [B, H, W, 3] in [0, 1] -> float32 features [B, D].
+
+  Public methods only: with --large_model Beam serves the model from another process and hands
+  workers a proxy, which forwards method calls but neither attributes nor `__call__`.
+  """
 
   def __init__(self, function, description: ModelDescription, owner=None):
     self._function = function
-    self.description = description
+    self._description = description
     self._owner = owner  # what holds the variables the function reads
 
-  def __call__(self, images: np.ndarray) -> np.ndarray:
+  def embed(self, images: np.ndarray) -> np.ndarray:
     return self._function(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+  def describe(self) -> ModelDescription:
+    return self._description
 
 
 def load_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
