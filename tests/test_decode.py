@@ -12,7 +12,7 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transforms.decode import (DecodedImage, DecodeImages, decode_and_resize, decode_image,
                                resize_for_model)
@@ -195,6 +195,21 @@ def test_exif_orientation_is_applied():
   height, width, _ = decode_and_resize(_oriented_jpeg(6), 8, 8)
   assert (height, width) == (40, 20)
   assert decode_image(_oriented_jpeg(1)).size == (40, 20)
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+def test_every_exif_orientation_matches_pillows(orientation):
+  """JPEGs are decoded by TensorFlow and oriented by our table: it must agree with Pillow's."""
+  image = Image.new('RGB', (40, 20), RED)
+  image.paste(BLUE, (20, 0, 40, 10))
+  image.paste(GREEN, (0, 10, 20, 20))
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  data = _encode(image, 'JPEG', quality=95, exif=exif)
+  expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert('RGB'))
+  ours = np.asarray(decode_image(data))
+  assert ours.shape == expected.shape
+  assert np.abs(ours.astype(int) - expected.astype(int)).mean() < 2
 
 
 @pytest.mark.parametrize('data, error, message', [
