@@ -4,7 +4,8 @@ import argparse
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms.models import COMPUTE_DTYPES, DEFAULT_MODEL
+from transforms.models import (COMPUTE_DTYPES, DEFAULT_MODEL, ModelLoadError,
+                               check_model_options)
 from transforms.read import DEFAULT_MAX_FILE_BYTES
 from transforms.write import COMPRESSIONS
 
@@ -91,9 +92,9 @@ def validate(options: EmbeddingOptions) -> None:
     problems.append(f'--center_crop_fraction {options.center_crop_fraction} must be in (0, 1]')
   if options.num_shards < 0:
     problems.append('--num_shards must be 0 (runner decides) or more')
-  if options.checkpoint and not options.model.startswith('builtin:'):
-    problems.append('--checkpoint goes with --model builtin:pnasnet_large (or _mobile) only')
-  if options.compute_dtype != 'float32' and not options.model.startswith('builtin:'):
-    problems.append('--compute_dtype applies to builtin: models only')
+  try:
+    check_model_options(options.model, options.checkpoint, options.compute_dtype)
+  except ModelLoadError as exc:
+    problems.append(str(exc))
   if problems:
     raise OptionsError('\n'.join(problems))

@@ -185,6 +185,7 @@ def test_untrained_builtin_is_labelled_and_local_uris_are_absolute(image_folder,
     (['--min_batch_size=8', '--max_batch_size=4'], OptionsError, 'exceeds'),
     (['--center_crop_fraction=0'], OptionsError, 'center_crop_fraction'),
     (['--model=/some/module', '--checkpoint=/x/model.ckpt'], OptionsError, 'builtin'),
+    (['--model=/some/module', '--compute_dtype=float16'], OptionsError, 'compute_dtype'),
 ])
 def test_bad_options_fail_before_any_work(args, error, message, image_folder, tmp_path):
   base = {'input': f'{image_folder}/*.png', 'output': str(tmp_path / 'out'),

@@ -187,18 +187,29 @@ def _read_feature_signature(model_dir: str, handle: str) -> FeatureSignature:
       handle, image_shape[1], image_shape[2], output_shape[1]))
 
 
+def check_model_options(handle: str, checkpoint: Optional[str],
+                        compute_dtype: str = 'float32') -> None:
+  """Options that only the built-in network takes: a module or SavedModel brings its own."""
+  if is_builtin(handle):
+    return
+  if checkpoint:
+    raise ModelLoadError('--checkpoint goes with --model builtin:pnasnet_large (or _mobile) '
+                         'only; a module or SavedModel carries its own weights')
+  if compute_dtype != 'float32':
+    raise ModelLoadError('--compute_dtype applies to builtin: models only; a module or '
+                         'SavedModel computes in the dtype it was exported with')
+
+
 def describe_model(handle: str, checkpoint: Optional[str] = None,
                    seed: int = 0) -> ModelDescription:
   """What the launcher needs before building the pipeline; raises ModelLoadError early."""
+  check_model_options(handle, checkpoint)
   if is_builtin(handle):
     config = _builtin_config(handle)
     if checkpoint:
       check_checkpoint(checkpoint)
     return ModelDescription(builtin_model_id(handle, checkpoint, seed), config.image_size,
                             config.image_size, config.feature_size)
-  if checkpoint:
-    raise ModelLoadError('--checkpoint goes with --model builtin:NAME only; a module or '
-                         'SavedModel carries its own weights')
   model_dir = handle if _is_remote(handle) else resolve_model_dir(handle)
   return _read_feature_signature(model_dir, handle).description
 
@@ -237,9 +248,7 @@ def load_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
     function = tf.function(network.__call__, input_signature=[
         tf.TensorSpec([None, size, size, 3], tf.float32)])
     return EmbeddingModel(function, describe_model(handle, checkpoint, seed), owner=network)
-  if compute_dtype != 'float32':
-    raise ModelLoadError('--compute_dtype applies to builtin: models only; a module or '
-                         'SavedModel computes in the dtype it was exported with')
+  check_model_options(handle, checkpoint, compute_dtype)
   import tensorflow_hub as hub
   model_dir = resolve_model_dir(handle)
   signature = _read_feature_signature(model_dir, handle)
