@@ -10,7 +10,7 @@ from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, Pred
 
 from transforms.decode import DecodedImage
 from transforms.failures import FAILURES_TAG, INFERENCE, Failure
-from transforms.models import EmbeddingModel, load_model
+from transforms.models import EmbeddingModel, load_model, model_id
 from transforms.progress import ProgressReporter
 
 METRICS_NAMESPACE = 'embed'
@@ -63,6 +63,8 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
     self._checkpoint = checkpoint
     self._seed = seed
     self._compute_dtype = compute_dtype
+    # Known without the model: asking a shared model's proxy would cost a round trip per batch.
+    self._model_id = model_id(model, checkpoint, seed)
 
   def load_model(self) -> EmbeddingModel:
     gpus = configure_gpus()
@@ -73,8 +75,7 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
                     inference_args: Optional[Dict[str, Any]] = None
                     ) -> Iterable[PredictionResult]:
     features = model.embed(np.stack(batch))
-    model_id = model.describe().model_id
-    return [PredictionResult(None, vector, model_id) for vector in features]
+    return [PredictionResult(None, vector, self._model_id) for vector in features]
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
     return sum(image.nbytes for image in batch)

@@ -58,8 +58,11 @@ def is_builtin(handle: str) -> bool:
   return handle.startswith(BUILTIN_PREFIX)
 
 
-def builtin_model_id(handle: str, checkpoint: Optional[str], seed: int) -> str:
-  return handle if checkpoint else f'{handle}@untrained-seed{seed}'
+def model_id(handle: str, checkpoint: Optional[str] = None, seed: int = 0) -> str:
+  """What the output's `model` feature records: the handle, marked when weights are untrained."""
+  if is_builtin(handle) and not checkpoint:
+    return f'{handle}@untrained-seed{seed}'
+  return handle
 
 
 def _builtin_config(handle: str):
@@ -184,7 +187,7 @@ def _read_feature_signature(model_dir: str, handle: str) -> FeatureSignature:
         f'returns {outputs}; expected one float32 input [batch, height, width, 3] and an output '
         f'"default" [batch, size]')
   return FeatureSignature(name, input_key, output_key, ModelDescription(
-      handle, image_shape[1], image_shape[2], output_shape[1]))
+      model_id(handle), image_shape[1], image_shape[2], output_shape[1]))
 
 
 def check_model_options(handle: str, checkpoint: Optional[str],
@@ -200,16 +203,20 @@ def check_model_options(handle: str, checkpoint: Optional[str],
                          'SavedModel computes in the dtype it was exported with')
 
 
+def _builtin_description(handle: str, checkpoint: Optional[str], seed: int) -> ModelDescription:
+  config = _builtin_config(handle)
+  return ModelDescription(model_id(handle, checkpoint, seed), config.image_size,
+                          config.image_size, config.feature_size)
+
+
 def describe_model(handle: str, checkpoint: Optional[str] = None,
                    seed: int = 0) -> ModelDescription:
   """What the launcher needs before building the pipeline; raises ModelLoadError early."""
   check_model_options(handle, checkpoint)
   if is_builtin(handle):
-    config = _builtin_config(handle)
     if checkpoint:
       check_checkpoint(checkpoint)
-    return ModelDescription(builtin_model_id(handle, checkpoint, seed), config.image_size,
-                            config.image_size, config.feature_size)
+    return _builtin_description(handle, checkpoint, seed)
   model_dir = handle if _is_remote(handle) else resolve_model_dir(handle)
   return _read_feature_signature(model_dir, handle).description
 
@@ -241,13 +248,14 @@ def load_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
     if not checkpoint:
       logging.warning('%s has NO checkpoint: UNTRAINED weights (seed %d); its features are '
                       'not PNASNet embeddings and are labelled %s', handle, seed,
-                      builtin_model_id(handle, None, seed))
+                      model_id(handle, None, seed))
     network = build_model(config.name, resolve_checkpoint(checkpoint) if checkpoint else None,
                           seed=seed, compute_dtype=compute_dtype)
     size = config.image_size
     function = tf.function(network.__call__, input_signature=[
         tf.TensorSpec([None, size, size, 3], tf.float32)])
-    return EmbeddingModel(function, describe_model(handle, checkpoint, seed), owner=network)
+    return EmbeddingModel(function, _builtin_description(handle, checkpoint, seed),
+                          owner=network)
   check_model_options(handle, checkpoint, compute_dtype)
   import tensorflow_hub as hub
   model_dir = resolve_model_dir(handle)
