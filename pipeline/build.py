@@ -1,4 +1,7 @@
-"""The pipeline graph: read -> decode/resize -> embed -> write, dead letters beside."""
+"""The pipeline graph: match -> [skip unchanged] -> read -> decode/resize -> embed -> write,
+dead letters, the index and the run summary beside."""
+
+from typing import Dict, Sequence
 
 import apache_beam as beam
 
@@ -6,26 +9,82 @@ from pipeline.options import EmbeddingOptions
 from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages, ImageEmbeddingModelHandler
 from transforms.failures import FAILURES_TAG
+from transforms.incremental import SkipUnchanged
 from transforms.models import ModelDescription
-from transforms.read import ReadImages
-from transforms.write import WriteEmbeddings, WriteFailures
+from transforms.provenance import Provenance
+from transforms.read import MatchFiles, ReadImages
+from transforms.summary import WriteRunSummary
+from transforms.write import (WriteEmbeddings, WriteFailures, WriteIndex, embedded_index_row,
+                              failed_index_row, skipped_index_row)
+
+# The step that --inference_accelerator and --inference_min_ram put on GPU workers.
+GPU_STEP = 'DecodeAndEmbed'
 
 
-def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
-                   model: ModelDescription) -> None:
-  read = pipeline | 'ReadImages' >> ReadImages(options.input, options.max_file_bytes)
-  decoded = read.images | 'DecodeImages' >> DecodeImages(
-      model.height, model.width, center_crop_fraction=options.center_crop_fraction,
-      max_image_pixels=options.max_image_pixels, jpeg_draft=options.jpeg_draft)
-  handler = ImageEmbeddingModelHandler(
-      options.model, checkpoint=options.checkpoint, seed=options.seed,
-      compute_dtype=options.compute_dtype, min_batch_size=options.min_batch_size,
-      max_batch_size=options.max_batch_size, large_model=options.large_model,
-      model_copies=options.model_copies)
-  embedded = decoded.decoded | 'EmbedImages' >> EmbedImages(handler)
-  _ = embedded['embeddings'] | 'WriteEmbeddings' >> WriteEmbeddings(
-      options.output, num_shards=options.num_shards, compression=options.compression)
-  failures = (read[FAILURES_TAG], decoded[FAILURES_TAG], embedded[FAILURES_TAG])
-  _ = (failures
-       | 'AllFailures' >> beam.Flatten()
-       | 'WriteFailures' >> WriteFailures(options.output, num_shards=options.num_shards))
+class DecodeAndEmbed(beam.PTransform):
+  """ImageFile -> Embedding, as one step, so that on Dataflow right fitting the encoded files
+  (tens to hundreds of KB each) cross to the GPU workers, not the decoded float32 pixels
+  (1.3 MB each at 331x331): the GPU workers' own CPUs decode."""
+
+  def __init__(self, options: EmbeddingOptions, model: ModelDescription):
+    super().__init__()
+    self._options = options
+    self._model = model
+
+  def expand(self, images):
+    options = self._options
+    decoded = images | 'DecodeImages' >> DecodeImages(
+        self._model.height, self._model.width, center_crop_fraction=options.center_crop_fraction,
+        max_image_pixels=options.max_image_pixels, jpeg_draft=options.jpeg_draft)
+    handler = ImageEmbeddingModelHandler(
+        options.model, checkpoint=options.checkpoint, seed=options.seed,
+        compute_dtype=options.compute_dtype, min_batch_size=options.min_batch_size,
+        max_batch_size=options.max_batch_size, large_model=options.large_model,
+        model_copies=options.model_copies, model_id=self._model.model_id)
+    embedded = decoded.decoded | 'EmbedImages' >> EmbedImages(handler)
+    failures = ((decoded[FAILURES_TAG], embedded[FAILURES_TAG])
+                | 'Failures' >> beam.Flatten())
+    return {'embeddings': embedded['embeddings'], FAILURES_TAG: failures}
+
+
+def _resource_hints(options: EmbeddingOptions) -> Dict[str, str]:
+  hints = {'accelerator': options.inference_accelerator, 'min_ram': options.inference_min_ram}
+  return {name: value for name, value in hints.items() if value}
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions, model: ModelDescription,
+                   provenance: Provenance, summary_fields: Dict,
+                   incremental_indexes: Sequence[str] = ()) -> None:
+  """`summary_fields`: what run_summary.json says beside the counts (launch time, options)."""
+  matched = pipeline | 'MatchFiles' >> MatchFiles(options.input or (),
+                                                  options.input_manifest or ())
+  refs = matched['refs']
+  if incremental_indexes:
+    split = refs | 'SkipUnchanged' >> SkipUnchanged(incremental_indexes, provenance,
+                                                    options.retry_failed)
+    to_read, skipped = split.new, split.skipped
+  else:
+    to_read, skipped = refs, pipeline | 'NothingSkipped' >> beam.Create([])
+  read = to_read | 'ReadImages' >> ReadImages(options.max_file_bytes)
+  embedded = read.images | GPU_STEP >> DecodeAndEmbed(options, model).with_resource_hints(
+      **_resource_hints(options))
+  embeddings = embedded['embeddings']
+  failures = ((matched[FAILURES_TAG], read[FAILURES_TAG], embedded[FAILURES_TAG])
+              | 'AllFailures' >> beam.Flatten())
+
+  embedding_files = embeddings | 'WriteEmbeddings' >> WriteEmbeddings(
+      options.output, provenance, model.feature_size, num_shards=options.num_shards,
+      compression=options.compression, output_format=options.output_format)
+  failure_files = failures | 'WriteFailures' >> WriteFailures(options.output,
+                                                              num_shards=options.num_shards)
+  index_files = ((embeddings | 'EmbeddedRows' >> beam.Map(embedded_index_row, provenance),
+                  failures | 'FailedRows' >> beam.Map(failed_index_row, provenance),
+                  skipped | 'SkippedRows' >> beam.Map(skipped_index_row, provenance))
+                 | 'IndexRows' >> beam.Flatten()
+                 | 'WriteIndex' >> WriteIndex(options.output, provenance))
+  all_matched = ((refs | 'MatchedUris' >> beam.Map(lambda ref: ref.uri),
+                  matched[FAILURES_TAG] | 'UnstatedUris' >> beam.Map(lambda failure: failure.uri))
+                 | 'Matched' >> beam.Flatten())
+  _ = ({'matched': all_matched, 'skipped': skipped, 'embeddings': embeddings, 'failures': failures,
+        'files': (embedding_files, failure_files, index_files) | 'Written' >> beam.Flatten()}
+       | 'WriteRunSummary' >> WriteRunSummary(options.output, summary_fields))

@@ -1,125 +1,262 @@
-"""Checks the options, model and inputs, runs the pipeline, and writes run_summary.json."""
+"""Checks everything it can before any work, claims the output, submits the pipeline, and (unless
+told not to wait) reads back the run_summary.json that the job itself writes."""
 
+import datetime
 import json
 import logging
 import os
+import signal
 import sys
-import time
 from typing import Dict, List, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import (PipelineOptions, SetupOptions,
-                                                  StandardOptions, _BeamArgumentParser)
+from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptions, PipelineOptions,
+                                                  SetupOptions, StandardOptions, TestOptions,
+                                                  WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
 from pipeline.build import build_pipeline
-from pipeline.options import EmbeddingOptions, OptionsError, validate
-from transforms import read, write
-from transforms.failures import DECODE, INFERENCE, READ
-from transforms.models import ModelLoadError, describe_model
-from transforms.read import NoInputError, check_patterns_match
+from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
+                              check_known_flags, expand_output, validate)
+from pipeline.output_dir import (CLAIM_FILE, OutputExistsError, OutputNotWritableError,
+                                 check_output_is_new, claim_output, stale_temp_files)
+from transforms.models import ModelLoadError, describe_model, weights_identity
+from transforms.provenance import Provenance, project_version, recipe
+from transforms.read import (NoInputError, check_inputs_match, check_manifests_exist,
+                             normalize_input)
+from transforms.summary import SUMMARY_FILE, utc_now
 
-SUMMARY_FILE = 'run_summary.json'
-OUTPUT_PATTERNS = ('embeddings-*', 'failures-*', SUMMARY_FILE)
 PROJECT_SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   'setup.py')
+RESOURCE_HINT_NAMES = {'beam:resources:accelerator:v1': 'accelerator',
+                       'beam:resources:min_ram_bytes:v1': 'min_ram_bytes'}
+# Beam's chatter that reads like a problem on every run (see README, "Log messages").
+QUIET_LOGGERS = ('apache_beam.io.iobase', 'apache_beam.ml.inference.base')
 
 
-class OutputExistsError(ValueError):
-  """Writing over an earlier run would mix its shards with this run's."""
+class PipelineFailedError(RuntimeError):
+  """The job ended without finishing; its output holds no run_summary.json."""
 
 
-def check_output_is_new(output: str) -> None:
-  patterns = [FileSystems.join(output, name) for name in OUTPUT_PATTERNS]
-  found = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
-  if found:
-    raise OutputExistsError(f'--output {output} already holds a run ({found[0]} and '
-                            f'{len(found) - 1} more); choose a new --output directory')
+class InterruptedRun(RuntimeError):
+  """Ctrl-C or SIGTERM: says in one line what was left where."""
+
+
+class NothingEmbeddedError(RuntimeError):
+  """Files were matched but none was embedded: almost always a wrong model or input."""
 
 
 def _prepare_remote_workers(options: PipelineOptions) -> None:
   """Remote workers need this project's packages: ship setup.py unless told otherwise."""
   runner = (options.view_as(StandardOptions).runner or '').lower()
   setup = options.view_as(SetupOptions)
-  if 'dataflow' in runner and not (setup.setup_file or setup.requirements_file):
+  if 'dataflow' in runner and not (setup.setup_file or setup.requirements_file or
+                                   options.view_as(WorkerOptions).sdk_container_image):
     setup.setup_file = PROJECT_SETUP_FILE
     logging.info('--setup_file %s: workers install the project from it', PROJECT_SETUP_FILE)
 
 
-def _counter(result, namespace: str, name: str) -> int:
-  counters = result.metrics().query(
-      MetricsFilter().with_namespace(namespace).with_name(name))['counters']
-  return sum((c.committed if c.committed is not None else c.attempted) or 0 for c in counters)
+def finished_run_indexes(run_globs: List[str], output: str) -> List[str]:
+  """Index patterns of the finished runs among `run_globs` (those with run_summary.json)."""
+  summaries = FileSystems.match([g.rstrip('/') + '/' + SUMMARY_FILE for g in run_globs])
+  runs = sorted({m.path[:-len(SUMMARY_FILE) - 1] for r in summaries for m in r.metadata_list})
+  runs = [run for run in runs if run.rstrip('/') != output.rstrip('/')]
+  indexed = []
+  for run in runs:
+    pattern = FileSystems.join(run, 'index-*.parquet')
+    if FileSystems.match([pattern])[0].metadata_list:
+      indexed.append(pattern)
+    else:
+      logging.warning('--incremental_from: %s has no index (written by an older version); its '
+                      'images are embedded again', run)
+  logging.info('--incremental_from: %d finished runs with an index', len(indexed))
+  return indexed
 
 
-def summarize(result, options: EmbeddingOptions, model, runner: str,
-              wall_time: float) -> Dict:
-  failed = {stage: _counter(result, write.METRICS_NAMESPACE, f'failed_{stage}')
-            for stage in (READ, DECODE, INFERENCE)}
-  embedded = _counter(result, write.METRICS_NAMESPACE, 'embeddings')
+def _summary_fields(embedding: EmbeddingOptions, options: PipelineOptions, model,
+                    provenance: Provenance, started_at: str, runs: List[str]) -> Dict:
   return {
-      'matched': _counter(result, read.METRICS_NAMESPACE, 'matched'),
-      'embedded': embedded,
-      'failed': sum(failed.values()),
-      'failed_by_stage': failed,
-      'model': model.model_id,
-      'embedding_size': model.feature_size,
-      'image_size': [model.height, model.width],
-      'input': list(options.input),
-      'output': options.output,
-      'runner': runner,
-      'wall_time_seconds': round(wall_time, 3),
-      'images_per_second': round(embedded / wall_time, 3) if wall_time > 0 else None,
+      'model': provenance.model, 'model_handle': embedding.model,
+      'checkpoint': embedding.checkpoint,
+      'seed': embedding.seed if not embedding.checkpoint else None,
+      'weights': provenance.weights, 'compute_dtype': embedding.compute_dtype,
+      'center_crop_fraction': embedding.center_crop_fraction,
+      'jpeg_draft': embedding.jpeg_draft, 'recipe': provenance.recipe,
+      'pipeline_version': provenance.version,
+      'embedding_size': model.feature_size, 'image_size': [model.height, model.width],
+      'input': list(embedding.input or []), 'input_manifest': list(embedding.input_manifest or []),
+      'incremental_from': runs, 'output': embedding.output,
+      'output_format': embedding.output_format,
+      'runner': options.view_as(StandardOptions).runner or 'DirectRunner',
+      'started_at': started_at,
   }
 
 
+def describe_job(result, options: PipelineOptions) -> Dict:
+  """What a Dataflow dry run would have submitted: the options that matter and every step with
+  the resource hints of its environment (where right fitting reads them)."""
+  proto = result.job.proto_pipeline
+  environments = proto.components.environments
+  steps = []
+  for transform in proto.components.transforms.values():
+    if transform.subtransforms or not transform.environment_id:
+      continue
+    hints = environments[transform.environment_id].resource_hints
+    steps.append({'name': transform.unique_name, 'resource_hints': {
+        RESOURCE_HINT_NAMES.get(urn, urn): value.decode() for urn, value in hints.items()}})
+  cloud = options.view_as(GoogleCloudOptions)
+  worker = options.view_as(WorkerOptions)
+  setup = options.view_as(SetupOptions)
+  return {
+      'runner': options.view_as(StandardOptions).runner,
+      'options': {
+          'project': cloud.project, 'region': cloud.region, 'job_name': cloud.job_name,
+          'temp_location': cloud.temp_location, 'num_workers': worker.num_workers,
+          'max_num_workers': worker.max_num_workers, 'machine_type': worker.machine_type,
+          'sdk_container_image': worker.sdk_container_image, 'setup_file': setup.setup_file,
+          'requirements_file': setup.requirements_file,
+          'dataflow_service_options': cloud.dataflow_service_options,
+      },
+      'steps': sorted(steps, key=lambda step: step['name']),
+  }
+
+
+def _print_dry_run(description: Dict, job_file: Optional[str]) -> None:
+  print(f'dry run: nothing submitted. Options:\n{json.dumps(description["options"], indent=2)}')
+  hinted = [s for s in description['steps'] if s['resource_hints']]
+  print(f'{len(description["steps"])} steps; with resource hints:')
+  for step in hinted:
+    print(f'  {step["name"]}: {step["resource_hints"]}')
+  if job_file:
+    with FileSystems.create(job_file, mime_type='application/json') as f:
+      f.write(json.dumps(description, indent=2).encode())
+    print(f'job description written to {job_file}')
+
+
+def read_summary(output: str) -> Dict:
+  with FileSystems.open(FileSystems.join(output, SUMMARY_FILE)) as f:
+    return json.loads(f.read())
+
+
+def _check_something_embedded(summary: Dict) -> None:
+  attempted = summary['matched'] - summary['skipped']
+  if attempted > 0 and summary['embedded'] == 0:
+    examples = '; '.join(f'{f["uri"]}: {f["stage"]} {f["error"]}: {f["message"][:200]}'
+                         for f in summary['example_failures'][:3])
+    raise NothingEmbeddedError(f'{attempted} files were tried and none was embedded (failed by '
+                               f'stage: {summary["failed_by_stage"]}). For example: {examples}. '
+                               f'All reasons are in {summary["output"]}/failures-*.jsonl')
+
+
 def run(argv: Optional[List[str]] = None) -> Dict:
+  """Returns the run summary, the job's id when not waiting, or the dry run's description."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  check_known_flags(argv)
   options = PipelineOptions(argv)
   embedding = options.view_as(EmbeddingOptions)
-  validate(embedding)
+  validate(embedding, options)
+  started_at = utc_now()
+  embedding.output = expand_output(embedding.output,
+                                   datetime.datetime.fromisoformat(started_at)).rstrip('/')
+  if '://' not in embedding.output:
+    embedding.output = normalize_input(embedding.output)
   FileSystems.set_options(options)  # the checks below read storage with the run's credentials
-  # Local patterns made absolute, so that every record's image/uri names its file unambiguously.
-  embedding.input = [p if '://' in p else os.path.abspath(p) for p in embedding.input]
-  check_output_is_new(embedding.output)
-  model = describe_model(embedding.model, embedding.checkpoint, embedding.seed)
-  check_patterns_match(embedding.input)
+  embedding.input = [normalize_input(p) for p in embedding.input or []]
+  embedding.input_manifest = [normalize_input(p) for p in embedding.input_manifest or []]
+  model = describe_model(embedding.model, embedding.checkpoint, embedding.seed,
+                         embedding.compute_dtype)
+  provenance = Provenance(
+      model.model_id, weights_identity(embedding.model, embedding.checkpoint, embedding.seed),
+      recipe(embedding.compute_dtype, embedding.center_crop_fraction, embedding.jpeg_draft),
+      project_version())
+  check_inputs_match(embedding.input)
+  check_manifests_exist(embedding.input_manifest)
+  indexes = finished_run_indexes(embedding.incremental_from or [], embedding.output)
+  fields = _summary_fields(embedding, options, model, provenance, started_at, indexes)
+  dry_run = options.view_as(TestOptions).dry_run
+  if dry_run:
+    check_output_is_new(embedding.output)
+  else:
+    claim_output(embedding.output, fields, options, embedding.clean_unfinished)
   _prepare_remote_workers(options)
-  runner = options.view_as(StandardOptions).runner or 'DirectRunner'
-  logging.info('embedding %s with %s (%dx%d -> %d) on %s', embedding.input, model.model_id,
-               model.height, model.width, model.feature_size, runner)
+  logging.info('embedding %s with %s (%dx%d -> %d) into %s', embedding.input or
+               embedding.input_manifest, model.model_id, model.height, model.width,
+               model.feature_size, embedding.output)
 
-  started = time.monotonic()
+  try:
+    return _run_pipeline(options, embedding, model, provenance, fields, indexes)
+  except KeyboardInterrupt as exc:
+    raise InterruptedRun(_interrupted(embedding.output)) from exc
+
+
+def _run_pipeline(options, embedding, model, provenance, fields, indexes) -> Dict:
+  dry_run = options.view_as(TestOptions).dry_run
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, embedding, model)
+  build_pipeline(pipeline, embedding, model, provenance, fields, indexes)
   result = pipeline.run()
+  if dry_run and hasattr(result, 'job'):
+    description = describe_job(result, options)
+    _print_dry_run(description, options.view_as(DebugOptions).dataflow_job_file)
+    return description
+  if embedding.no_wait:
+    job_id = result.job_id() if hasattr(result, 'job_id') else None
+    return {'submitted': True, 'job_id': job_id, 'output': embedding.output,
+            'summary': FileSystems.join(embedding.output, SUMMARY_FILE)}
   state = result.wait_until_finish()
   if state != PipelineState.DONE:
-    raise RuntimeError(f'the pipeline ended in state {state}')
-  summary = summarize(result, embedding, model, runner, time.monotonic() - started)
-  with FileSystems.create(FileSystems.join(embedding.output, SUMMARY_FILE)) as f:
-    f.write(json.dumps(summary, indent=2).encode())
+    raise PipelineFailedError(f'the job ended in state {state}; {embedding.output} holds no '
+                              f'{SUMMARY_FILE} and counts as unfinished')
+  summary = read_summary(embedding.output)
+  _check_something_embedded(summary)
   return summary
 
 
-def print_help() -> None:
-  """This project's flags and every Beam option, as `PipelineOptions.get_all_options` sees them."""
-  parser = _BeamArgumentParser(prog='run_pipeline.py', description=__doc__, allow_abbrev=False)
-  for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+def print_help(show_beam_options: bool) -> None:
+  """This project's flags; Beam's many options only with --help_beam."""
+  parser = all_flags_parser() if show_beam_options else None
+  if parser is None:
+    import argparse
+    parser = argparse.ArgumentParser(prog='run_pipeline.py', add_help=False, description=(
+        'Embeds images with PNASNet-5. Beam\'s own options (--runner, --project, --region, '
+        '--temp_location, ...) pass through: python run_pipeline.py --help_beam lists them.'))
+    EmbeddingOptions._add_argparse_args(parser)  # pylint: disable=protected-access
   parser.print_help()
+
+
+def _interrupted(output: str) -> str:
+  temp = stale_temp_files(output)
+  left = f'{CLAIM_FILE}' + (f' and {len(temp)} partial files in beam-temp-*' if temp else '')
+  return (f'interrupted: {output} holds an unfinished run ({left}, no {SUMMARY_FILE}); rerun '
+          'with a new --output, or the same one with --clean_unfinished')
+
+
+def _terminate(signum, frame):
+  raise KeyboardInterrupt()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  if '-h' in argv or '--help' in argv:
-    print_help()
+  if '-h' in argv or '--help' in argv or '--help_beam' in argv:
+    print_help('--help_beam' in argv)
     return
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  for name in QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.WARNING)
+  signal.signal(signal.SIGTERM, _terminate)
   try:
     summary = run(argv)
-  except (OptionsError, NoInputError, ModelLoadError, OutputExistsError) as exc:
+  except (OptionsError, NoInputError, ModelLoadError, OutputExistsError,
+          OutputNotWritableError) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
+  except (PipelineFailedError, NothingEmbeddedError) as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    sys.exit(1)
+  except InterruptedRun as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    sys.exit(130)
+  except KeyboardInterrupt:
+    print('error: interrupted before any work started', file=sys.stderr)
+    sys.exit(130)
   print(json.dumps(summary, indent=2))

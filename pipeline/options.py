@@ -1,15 +1,25 @@
-"""The project's flags, beside Beam's own in `--help` (`--runner` and the rest pass through)."""
+"""The project's flags, beside Beam's own (`--runner` and the rest pass through)."""
 
 import argparse
+import datetime
+import difflib
+import re
+from typing import List, Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                  _BeamArgumentParser)
 
 from transforms.models import (COMPUTE_DTYPES, DEFAULT_MODEL, ModelLoadError,
                                check_model_options)
 from transforms.read import DEFAULT_MAX_FILE_BYTES
-from transforms.write import COMPRESSIONS
+from transforms.write import COMPRESSIONS, OUTPUT_FORMATS
 
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
+MAX_SEED = 2**32 - 1
+OUTPUT_PLACEHOLDERS = {'date': '%Y-%m-%d', 'datetime': '%Y-%m-%dT%H%M%SZ'}
+ACCELERATOR = re.compile(r'^type:[a-z0-9-]+;count:[1-9][0-9]*(;install-nvidia-driver'
+                         r'(:[a-z0-9.-]+)?)?$')
 
 
 class OptionsError(ValueError):
@@ -29,16 +39,24 @@ class EmbeddingOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     group = parser.add_argument_group('PNASNet embeddings')
     group.add_argument(
-        '--input', nargs='+', default=None,
-        help='One or more glob patterns or URIs of images on any Beam FileSystem, e.g. '
-        '"gs://bucket/photos/**.jpg" sample_images/*.png.')
+        '--input', nargs='+', action='extend', default=None,
+        help='Images: files, folders (every file under them, recursively) or glob patterns on '
+        'any Beam FileSystem, e.g. "gs://bucket/photos/**.jpg" sample_images/. Repeatable.')
+    group.add_argument(
+        '--input_manifest', nargs='+', action='extend', default=None,
+        help='Text files (or globs; .gz allowed) listing one image URI a line; blank lines and '
+        '# comments are ignored. Read in parallel, never listed. Repeatable; with or without '
+        '--input.')
     group.add_argument(
         '--output', default=None,
-        help='Output directory or prefix (local or gs://) for embeddings-*.tfrecord, '
-        'failures-*.jsonl and run_summary.json. Must not hold an earlier run.')
+        help='Output directory (local, gs:// or s3://). Must not hold an earlier run. {date} and '
+        '{datetime} are replaced by the launch time in UTC, e.g. gs://bucket/emb/{date}.')
+    group.add_argument(
+        '--output_format', choices=OUTPUT_FORMATS, default='tfrecord',
+        help='Embeddings as TFRecord (tf.train.Example), Parquet, or both.')
     group.add_argument(
         '--model', default=DEFAULT_MODEL,
-        help='TF-Hub handle, a local or gs:// directory with a TF1-Hub-format module or TF2 '
+        help='TF-Hub handle, a local or remote directory with a TF1-Hub-format module or TF2 '
         'SavedModel, or builtin:pnasnet_large / builtin:pnasnet_mobile. Default: %(default)s')
     group.add_argument(
         '--checkpoint', default=None,
@@ -46,10 +64,10 @@ class EmbeddingOptions(PipelineOptions):
         'gs://bucket/pnasnet-5_large_2017_12_13/model.ckpt. Without it the builtin weights are '
         'seeded and UNTRAINED, and the output says so.')
     group.add_argument('--seed', type=int, default=0,
-                       help='Seed of the untrained builtin weights (no --checkpoint).')
+                       help=f'Seed (0..{MAX_SEED}) of the untrained builtin weights.')
     group.add_argument('--compute_dtype', choices=COMPUTE_DTYPES, default='float32',
                        help='Compute dtype of a builtin: model (float16/bfloat16 for GPU '
-                       'workers); features are float32 either way.')
+                       'workers); features are float32 either way, and the model id says so.')
     group.add_argument('--min_batch_size', type=_positive_int, default=1,
                        help='Smallest inference batch Beam may form.')
     group.add_argument('--max_batch_size', type=_positive_int, default=16,
@@ -58,7 +76,8 @@ class EmbeddingOptions(PipelineOptions):
                        help='Central fraction of height and width kept before resizing, in '
                        '(0, 1]; 1.0 keeps the whole image.')
     group.add_argument('--num_shards', type=int, default=0,
-                       help='Embedding and failure files to write; 0 lets the runner decide.')
+                       help='Embedding and failure files to write (at most); 0 lets the runner '
+                       'decide.')
     group.add_argument('--compression', choices=sorted(COMPRESSIONS), default='none',
                        help='gzip writes embeddings-*.tfrecord.gz.')
     group.add_argument('--large_model', action='store_true', default=False,
@@ -75,14 +94,76 @@ class EmbeddingOptions(PipelineOptions):
     group.add_argument('--jpeg_draft', action='store_true', default=False,
                        help='Let Pillow decode large JPEGs at reduced size (faster, '
                        'slightly different pixels; see README).')
+    group.add_argument(
+        '--incremental_from', nargs='+', action='extend', default=None,
+        help='Earlier run directories (globs allowed), e.g. "gs://bucket/emb/*": files that a '
+        'finished one of them embedded, unchanged (same size, modification time, model and '
+        'recipe), are skipped. Repeatable.')
+    group.add_argument('--retry_failed', action='store_true', default=False,
+                       help='With --incremental_from: try again the unchanged files that an '
+                       'earlier run could not decode.')
+    group.add_argument(
+        '--inference_accelerator', default=None,
+        help='Beam accelerator resource hint for the decode+inference step only (Dataflow '
+        'right fitting), e.g. "type:nvidia-l4;count:1;install-nvidia-driver".')
+    group.add_argument('--inference_min_ram', default=None,
+                       help='Beam min_ram resource hint for the decode+inference step, e.g. 16GB.')
+    group.add_argument('--no_wait', action='store_true', default=False,
+                       help='Submit and return at once (Flex Templates, schedulers): the job '
+                       'writes run_summary.json itself when it finishes.')
+    group.add_argument('--clean_unfinished', action='store_true', default=False,
+                       help='If --output holds an unfinished run (claimed, no run_summary.json: '
+                       'interrupted), delete its files and claim it anew.')
 
 
-def validate(options: EmbeddingOptions) -> None:
+def project_flags() -> List[str]:
+  """The flags this project adds, as `--name`."""
+  parser = argparse.ArgumentParser(add_help=False)
+  EmbeddingOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  return [action.option_strings[0] for action in parser._actions]  # pylint: disable=protected-access
+
+
+def all_flags_parser() -> argparse.ArgumentParser:
+  """Every option Beam and this project know, as `PipelineOptions.get_all_options` sees them."""
+  parser = _BeamArgumentParser(prog='run_pipeline.py', allow_abbrev=False, add_help=False)
+  for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  return parser
+
+
+def check_known_flags(argv: Sequence[str]) -> None:
+  """Beam only logs and drops flags it does not know, so a typo silently becomes a default."""
+  parser = all_flags_parser()
+  _, unknown = parser.parse_known_args(list(argv))
+  flags = [arg.split('=', 1)[0] for arg in unknown if arg.startswith('-')]
+  if not flags and not unknown:
+    return
+  known = [s for action in parser._actions for s in action.option_strings]  # pylint: disable=protected-access
+  problems = []
+  for flag in flags or unknown:
+    close = difflib.get_close_matches(flag, known, n=1)
+    problems.append(f'unknown flag {flag}' + (f'; did you mean {close[0]}?' if close else ''))
+  raise OptionsError('\n'.join(problems) + '\n(python run_pipeline.py --help lists the flags)')
+
+
+def expand_output(output: str, now: datetime.datetime) -> str:
+  """{date} and {datetime} in UTC, once at launch, so one scheduled command writes a new run."""
+  names = re.findall(r'{([^{}]*)}', output)
+  unknown = [n for n in names if n not in OUTPUT_PLACEHOLDERS]
+  if unknown:
+    raise OptionsError(f'--output {output}: unknown placeholder {{{unknown[0]}}}; use '
+                       + ' or '.join(f'{{{n}}}' for n in OUTPUT_PLACEHOLDERS))
+  for name, pattern in OUTPUT_PLACEHOLDERS.items():
+    output = output.replace(f'{{{name}}}', now.strftime(pattern))
+  return output
+
+
+def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> None:
   """Everything that can be checked without touching storage or the model."""
   problems = []
-  if not options.input:
-    problems.append('--input is required: one or more glob patterns, e.g. '
-                    '--input "gs://bucket/photos/*.jpg"')
+  if not options.input and not options.input_manifest:
+    problems.append('--input (or --input_manifest) is required: files, folders or glob '
+                    'patterns, e.g. --input "gs://bucket/photos/**.jpg"')
   if not options.output:
     problems.append('--output is required: a directory such as gs://bucket/embeddings/run1')
   if options.min_batch_size > options.max_batch_size:
@@ -92,9 +173,34 @@ def validate(options: EmbeddingOptions) -> None:
     problems.append(f'--center_crop_fraction {options.center_crop_fraction} must be in (0, 1]')
   if options.num_shards < 0:
     problems.append('--num_shards must be 0 (runner decides) or more')
+  if not 0 <= options.seed <= MAX_SEED:
+    problems.append(f'--seed {options.seed} must be between 0 and {MAX_SEED}')
+  if options.retry_failed and not options.incremental_from:
+    problems.append('--retry_failed goes with --incremental_from (it retries the failures of '
+                    'earlier runs)')
+  if options.inference_accelerator is not None:
+    if not ACCELERATOR.match(options.inference_accelerator):
+      problems.append(f'--inference_accelerator {options.inference_accelerator!r}: expected '
+                      '"type:GPU_TYPE;count:N[;install-nvidia-driver]", e.g. '
+                      '"type:nvidia-l4;count:1;install-nvidia-driver"')
+    service_options = pipeline_options.view_as(GoogleCloudOptions).dataflow_service_options
+    if any(o.startswith('worker_accelerator') for o in service_options or ()):
+      problems.append('--inference_accelerator (GPU for the inference step only) and '
+                      '--dataflow_service_options worker_accelerator=... (GPU on every worker) '
+                      'cannot be combined; keep one')
+  if options.inference_min_ram is not None:
+    try:
+      beam.PTransform().with_resource_hints(min_ram=options.inference_min_ram)
+    except ValueError as exc:
+      problems.append(f'--inference_min_ram {options.inference_min_ram!r}: {exc}')
   try:
     check_model_options(options.model, options.checkpoint, options.compute_dtype)
   except ModelLoadError as exc:
     problems.append(str(exc))
+  if options.output:
+    try:
+      expand_output(options.output, datetime.datetime.now(datetime.timezone.utc))
+    except OptionsError as exc:
+      problems.append(str(exc))
   if problems:
     raise OptionsError('\n'.join(problems))

@@ -9,6 +9,7 @@ Both carry the TF-Hub image feature-vector interface: signature `image_feature_v
 """
 
 import argparse
+import json
 import logging
 import os
 
@@ -21,6 +22,15 @@ from pnasnet.network import PNASNet, zeros_initializer
 FEATURE_SIGNATURES = ('image_feature_vector', 'default')
 # tensorflow_hub's ModuleDef proto {format: FORMAT_V3}; tensorflow_hub 0.16 no longer ships it.
 TFHUB_MODULE_PB = b'\x08\x03'
+# Beside saved_model.pb: where the weights came from, so that a pipeline loading the export by path
+# labels untrained weights as such (their vectors equal `builtin:...@untrained-seedN`).
+EXPORT_MARK = 'pnasnet_export.json'
+
+
+def write_export_mark(export_dir: str, config: str, checkpoint, seed: int) -> None:
+  mark = {'config': config, 'checkpoint': checkpoint, 'untrained': not checkpoint, 'seed': seed}
+  with tf.io.gfile.GFile(os.path.join(export_dir, EXPORT_MARK), 'w') as f:
+    f.write(json.dumps(mark))
 
 
 def _images_spec(model: PNASNet) -> tf.TensorSpec:
@@ -84,6 +94,7 @@ def main(argv=None) -> None:
     logging.warning('no --checkpoint: exporting UNTRAINED seeded weights (seed %d); their '
                     'features are not PNASNet embeddings', args.seed)
   EXPORTERS[args.format](build_model(args.config, args.checkpoint, args.seed), args.output)
+  write_export_mark(args.output, args.config, args.checkpoint, args.seed)
   print(f'wrote {args.format} of pnasnet_{args.config} to {args.output}')
 
 

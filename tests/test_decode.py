@@ -349,30 +349,35 @@ def test_jpeg_draft_with_rotation_reports_upright_full_size():
   assert pixels[5, 50, 0] > 0.9 and pixels[45, 50, 2] > 0.9  # Red on top, blue below.
 
 
+def _file(uri, data):
+  return ImageFile(uri, len(data), 1_700_000_000_000_000, data)
+
+
 def test_decode_images_transform():
   png = _encode(_quadrants(), 'PNG')
   jpeg = (SAMPLES / 'rocket.jpg').read_bytes()
   bomb = _encode(Image.new('RGB', (1000, 1000)), 'PNG')
   inputs = [
-      ImageFile('gs://b/quadrants.png', png),
-      ImageFile('gs://b/really_a_png.jpg', png),  # Names do not decide the format; bytes do.
-      ImageFile('gs://b/rocket.jpg', jpeg),
-      ImageFile('gs://b/really_a_jpeg.png', jpeg),
-      ImageFile('gs://b/empty.jpg', b''),
-      ImageFile('gs://b/notes.txt', b'not an image'),
+      _file('gs://b/quadrants.png', png),
+      _file('gs://b/really_a_png.jpg', png),  # Names do not decide the format; bytes do.
+      _file('gs://b/rocket.jpg', jpeg),
+      _file('gs://b/really_a_jpeg.png', jpeg),
+      _file('gs://b/empty.jpg', b''),
+      _file('gs://b/notes.txt', b'not an image'),
       ImageFile('gs://b/truncated.jpg', jpeg[:len(jpeg) // 2]),
-      ImageFile('gs://b/bomb.png', bomb),
+      _file('gs://b/bomb.png', bomb),
   ]
 
   def summary(decoded: DecodedImage):
     assert isinstance(decoded, DecodedImage)
     pixels = decoded.pixels
     in_range = bool(0 <= pixels.min() and pixels.max() <= 1)
-    return decoded.uri, decoded.sha256, decoded.height, decoded.width, pixels.shape, str(
-        pixels.dtype), in_range
+    return (decoded.uri, decoded.sha256, decoded.height, decoded.width, decoded.size_bytes,
+            decoded.last_modified, pixels.shape, str(pixels.dtype), in_range)
 
   def expected(uri, data, height, width):
-    return uri, hashlib.sha256(data).hexdigest(), height, width, (20, 30, 3), 'float32', True
+    return (uri, hashlib.sha256(data).hexdigest(), height, width, len(data),
+            1_700_000_000_000_000, (20, 30, 3), 'float32', True)
 
   pipeline = test_pipeline.TestPipeline(runner='DirectRunner')
   result = (pipeline
@@ -384,11 +389,15 @@ def test_decode_images_transform():
                         expected('gs://b/rocket.jpg', jpeg, 427, 640),
                         expected('gs://b/really_a_jpeg.png', jpeg, 427, 640)]),
               label='decoded')
-  assert_that(result[FAILURES_TAG] | beam.Map(lambda f: (type(f), f.uri, f.stage, f.error)),
-              equal_to([(Failure, 'gs://b/empty.jpg', DECODE, 'UnidentifiedImageError'),
-                        (Failure, 'gs://b/notes.txt', DECODE, 'UnidentifiedImageError'),
-                        (Failure, 'gs://b/truncated.jpg', DECODE, 'OSError'),
-                        (Failure, 'gs://b/bomb.png', DECODE, 'DecompressionBombError')]),
+  # A decode failure keeps what an incremental run needs to know the file unchanged.
+  assert_that(result[FAILURES_TAG] | beam.Map(lambda f: (type(f), f.uri, f.stage, f.error,
+                                                         f.sha256 is not None, f.size_bytes)),
+              equal_to([(Failure, 'gs://b/empty.jpg', DECODE, 'UnidentifiedImageError', True, 0),
+                        (Failure, 'gs://b/notes.txt', DECODE, 'UnidentifiedImageError', True, 12),
+                        (Failure, 'gs://b/truncated.jpg', DECODE, 'OSError', True,
+                         len(jpeg) // 2),
+                        (Failure, 'gs://b/bomb.png', DECODE, 'DecompressionBombError', True,
+                         len(bomb))]),
               label='failures')
   run = pipeline.run()
   run.wait_until_finish()

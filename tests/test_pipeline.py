@@ -20,7 +20,9 @@ from transforms.models import ModelLoadError, load_model
 from transforms.read import NoInputError
 
 BROKEN = {'empty.jpg', 'truncated.jpg', 'notes.jpg'}
-FEATURES = {'image/uri', 'image/sha256', 'image/height', 'image/width', 'model', 'embedding'}
+FEATURES = {'image/uri', 'image/sha256', 'image/height', 'image/width', 'image/size_bytes',
+            'image/last_modified', 'model', 'model/weights', 'embedding/recipe',
+            'pipeline/version', 'embedding'}
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,6 +55,7 @@ def _check_run(summary, output, sources, model_dir, tmp_path):
   assert {os.path.basename(f['uri']) for f in failures} == BROKEN
   assert all(f['stage'] == 'decode' and f['error'] and f['message'] for f in failures)
   assert summary['matched'] == len(sources) == summary['embedded'] + summary['failed']
+  assert summary['skipped'] == 0
   assert summary['embedded'] == len(examples) and summary['failed_by_stage']['decode'] == 3
   with FileSystems.open(FileSystems.join(output, 'run_summary.json')) as f:
     assert json.loads(f.read()) == summary
@@ -69,6 +72,8 @@ def _check_run(summary, output, sources, model_dir, tmp_path):
     assert (feature['image/height'].int64_list.value[0],
             feature['image/width'].int64_list.value[0]) == (height, width)
     assert feature['model'].bytes_list.value[0].decode() == model_dir
+    assert feature['image/size_bytes'].int64_list.value == [len(data)]
+    assert feature['embedding/recipe'].bytes_list.value == [summary['recipe'].encode()]
     _, _, pixels = decode_and_resize(data, 64, 64)
     direct = model.embed(pixels[np.newaxis])[0]
     np.testing.assert_allclose(feature['embedding'].float_list.value, direct, rtol=0, atol=1e-5)
@@ -142,19 +147,32 @@ def test_full_large_network_through_the_pipeline(image_folder, tmp_path):
   assert embedding.shape == (4320,) and np.isfinite(embedding).all() and embedding.std() > 0
 
 
-def test_model_is_loaded_once_per_process_for_many_batches(image_folder, tmp_path):
-  from apache_beam.metrics.metric import MetricsFilter
+def _build_without_launcher(argv):
+  """The graph as the launcher builds it, run with Beam directly."""
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
   from pipeline.build import build_pipeline
   from pipeline.options import EmbeddingOptions
   from transforms.models import describe_model
+  from transforms.provenance import Provenance, recipe
+  from transforms.summary import utc_now
 
-  options = PipelineOptions([f'--input={image_folder}/*.png', f'--output={tmp_path}/out',
-                             '--model=builtin:pnasnet_tiny', '--max_batch_size=1'])
+  options = PipelineOptions(argv)
+  embedding = options.view_as(EmbeddingOptions)
+  model = describe_model(embedding.model)
+  provenance = Provenance(model.model_id, 'untrained seed 0', recipe('float32', 1.0, False),
+                          'test')
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, options.view_as(EmbeddingOptions),
-                 describe_model('builtin:pnasnet_tiny'))
+  build_pipeline(pipeline, embedding, model, provenance, {'started_at': utc_now()})
+  return pipeline
+
+
+def test_model_is_loaded_once_per_process_for_many_batches(image_folder, tmp_path):
+  from apache_beam.metrics.metric import MetricsFilter
+
+  pipeline = _build_without_launcher([f'--input={image_folder}/*.png',
+                                      f'--output={tmp_path}/out', '--model=builtin:pnasnet_tiny',
+                                      '--max_batch_size=1'])
   result = pipeline.run()
   result.wait_until_finish()
   metrics = result.metrics().query(MetricsFilter().with_namespace('embed'))
@@ -163,6 +181,33 @@ def test_model_is_loaded_once_per_process_for_many_batches(image_folder, tmp_pat
            if d.key.metric.name == 'load_model_latency_milli_secs']
   assert counters['embedded'] == 4  # four PNGs, one batch each
   assert sum(loads) == 1
+
+
+def test_the_job_writes_its_own_summary_with_exact_counts(image_folder, tmp_path):
+  """No launcher: the summary is the pipeline's last step, counted from the data."""
+  output = tmp_path / 'out'
+  pipeline = _build_without_launcher([f'--input={image_folder}', f'--output={output}',
+                                      '--model=builtin:pnasnet_tiny', '--num_shards=2'])
+  pipeline.run().wait_until_finish()
+  summary = json.loads((output / 'run_summary.json').read_text())
+  assert (summary['matched'], summary['embedded'], summary['failed'], summary['skipped']) == (
+      len(list(image_folder.iterdir())), len(list(image_folder.iterdir())) - 3, 3, 0)
+  assert summary['failed_by_stage'] == {'read': 0, 'decode': 3, 'inference': 0}
+  assert sorted(os.path.basename(f) for f in summary['files']) == sorted(
+      p.name for p in output.iterdir() if p.name != 'run_summary.json')
+  assert len(_read_examples(str(output), tmp_path)) == summary['embedded']
+
+
+def test_no_summary_when_a_sink_fails(image_folder, tmp_path):
+  """The summary waits for every sink: an output that cannot be written leaves none."""
+  blocker = tmp_path / 'out'
+  blocker.mkdir()
+  (blocker / 'embeddings-00000-of-00001.tfrecord').mkdir()  # a folder where a shard must go
+  pipeline = _build_without_launcher([f'--input={image_folder}/*.png', f'--output={blocker}',
+                                      '--model=builtin:pnasnet_tiny'])
+  with pytest.raises(Exception):
+    pipeline.run().wait_until_finish()
+  assert not (blocker / 'run_summary.json').exists()
 
 
 def test_untrained_builtin_is_labelled_and_local_uris_are_absolute(image_folder, tmp_path,

@@ -44,6 +44,8 @@ class DecodedImage(NamedTuple):
   sha256: str  # of the file's bytes, so duplicates and provenance can be traced.
   height: int  # of the full image, upright (after EXIF orientation), before resizing.
   width: int
+  size_bytes: int
+  last_modified: int | None  # microseconds since the Unix epoch, from the file listing.
   pixels: np.ndarray  # float32 [H, W, 3] in [0, 1] at the model's input size.
 
 
@@ -242,17 +244,19 @@ class _DecodeFn(beam.DoFn):
 
   def process(self, image_file: ImageFile):
     start = time.perf_counter()
+    sha256 = hashlib.sha256(image_file.data).hexdigest()
     try:
       height, width, pixels = decode_and_resize(image_file.data, **self._options)
     except Exception as e:  # pylint: disable=broad-except; any bad file is dead-lettered.
       self._failed.inc()
-      yield beam.pvalue.TaggedOutput(FAILURES_TAG,
-                                     Failure.from_exception(image_file.uri, DECODE, e))
+      yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure.from_exception(
+          image_file.uri, DECODE, e, size_bytes=image_file.size_bytes,
+          last_modified=image_file.last_modified, sha256=sha256))
       return
     self._milliseconds.update(round((time.perf_counter() - start) * 1000))  # Decoded images only.
     self._decoded.inc()
-    sha256 = hashlib.sha256(image_file.data).hexdigest()
-    yield DecodedImage(image_file.uri, sha256, height, width, pixels)
+    yield DecodedImage(image_file.uri, sha256, height, width, image_file.size_bytes,
+                       image_file.last_modified, pixels)
 
 
 class DecodeImages(beam.PTransform):

@@ -10,7 +10,8 @@ from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, Pred
 
 from transforms.decode import DecodedImage
 from transforms.failures import FAILURES_TAG, INFERENCE, Failure
-from transforms.models import EmbeddingModel, load_model, model_id
+from transforms.models import EmbeddingModel, load_model
+from transforms.models import model_id as default_model_id
 from transforms.progress import ProgressReporter
 
 METRICS_NAMESPACE = 'embed'
@@ -22,6 +23,8 @@ class ImageKey(NamedTuple):
   sha256: str
   height: int
   width: int
+  size_bytes: int
+  last_modified: Optional[int]
 
 
 class Embedding(NamedTuple):
@@ -29,6 +32,8 @@ class Embedding(NamedTuple):
   sha256: str
   height: int
   width: int
+  size_bytes: int
+  last_modified: Optional[int]  # microseconds since the Unix epoch, from the file listing
   model: str
   embedding: np.ndarray  # float32 [feature_size]
 
@@ -56,15 +61,16 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
   def __init__(self, model: str, checkpoint: Optional[str] = None, seed: int = 0,
                compute_dtype: str = 'float32', min_batch_size: int = 1,
                max_batch_size: int = 16, large_model: bool = False,
-               model_copies: Optional[int] = None):
+               model_copies: Optional[int] = None, model_id: Optional[str] = None):
     super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
                      large_model=large_model, model_copies=model_copies)
     self._model = model
     self._checkpoint = checkpoint
     self._seed = seed
     self._compute_dtype = compute_dtype
-    # Known without the model: asking a shared model's proxy would cost a round trip per batch.
-    self._model_id = model_id(model, checkpoint, seed)
+    # Known without the model (the launcher describes it): asking a shared model's proxy would
+    # cost a round trip per batch.
+    self._model_id = model_id or default_model_id(model, checkpoint, seed, compute_dtype)
 
   def load_model(self) -> EmbeddingModel:
     gpus = configure_gpus()
@@ -110,11 +116,13 @@ class _FailedBatch(beam.DoFn):
     batch, (error, message, _) = failed[0], failed[1]
     for key, _pixels in batch:
       self._failed.inc()
-      yield Failure(key.uri, INFERENCE, getattr(error, '__name__', str(error)), str(message))
+      yield Failure(key.uri, INFERENCE, getattr(error, '__name__', str(error)), str(message),
+                    key.size_bytes, key.last_modified, key.sha256)
 
 
 def _key_pixels(image: DecodedImage):
-  return ImageKey(image.uri, image.sha256, image.height, image.width), image.pixels
+  return ImageKey(image.uri, image.sha256, image.height, image.width, image.size_bytes,
+                  image.last_modified), image.pixels
 
 
 class EmbedImages(beam.PTransform):

@@ -20,6 +20,8 @@ from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from tensorflow.core.protobuf import saved_model_pb2
 
+from pnasnet.export import EXPORT_MARK
+
 DEFAULT_MODEL = 'https://tfhub.dev/google/imagenet/pnasnet_large/feature_vector/1'
 BUILTIN_PREFIX = 'builtin:'
 # `pnasnet_tiny` has the same cells at a toy size: for smoke tests, not for embeddings.
@@ -58,11 +60,45 @@ def is_builtin(handle: str) -> bool:
   return handle.startswith(BUILTIN_PREFIX)
 
 
-def model_id(handle: str, checkpoint: Optional[str] = None, seed: int = 0) -> str:
-  """What the output's `model` feature records: the handle, marked when weights are untrained."""
+def model_id(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
+             compute_dtype: str = 'float32', untrained_seed: Optional[int] = None) -> str:
+  """What the output's `model` feature records: the handle, marked when weights are untrained
+  (built-in without a checkpoint, or a module exported from such weights) and when the network
+  computes in reduced precision, so that vectors made differently never look interchangeable."""
   if is_builtin(handle) and not checkpoint:
-    return f'{handle}@untrained-seed{seed}'
-  return handle
+    untrained_seed = seed
+  marked = handle if untrained_seed is None else f'{handle}@untrained-seed{untrained_seed}'
+  return marked if compute_dtype == 'float32' else f'{marked}+{compute_dtype}'
+
+
+def read_export_mark(model_dir: str) -> Optional[dict]:
+  """What `pnasnet.export` recorded about the weights of a module it wrote, if it wrote it."""
+  path = FileSystems.join(model_dir, EXPORT_MARK)
+  if not FileSystems.exists(path):
+    return None
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    return json.loads(f.read())
+
+
+def _file_digest(path: str) -> str:
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def weights_identity(handle: str, checkpoint: Optional[str], seed: int,
+                     model_dir: Optional[str] = None) -> str:
+  """Which weights made the vectors. A TF variables index holds every tensor's CRC32C, so the
+  digest of that small file identifies the weights without reading them."""
+  if is_builtin(handle):
+    if not checkpoint:
+      return f'untrained seed {seed}'
+    return f'checkpoint {checkpoint} index-sha256:{_file_digest(checkpoint + ".index")}'
+  index = FileSystems.join(model_dir or handle, 'variables', 'variables.index')
+  digest = f'index-sha256:{_file_digest(index)}' if FileSystems.exists(index) else 'no variables'
+  mark = read_export_mark(model_dir or handle)
+  if mark and mark.get('untrained'):
+    return f'untrained seed {mark["seed"]} (exported by pnasnet.export), {digest}'
+  return f'module {digest}'
 
 
 def _builtin_config(handle: str):
@@ -140,6 +176,30 @@ def check_checkpoint(prefix: str) -> None:
                          'checkpoint prefix, e.g. pnasnet-5_large_2017_12_13/model.ckpt')
 
 
+def check_checkpoint_fits(handle: str, prefix: str) -> None:
+  """The checkpoint's variables against the network's, from the .index file alone.
+
+  The network is built in a TF1 graph, where variables take no memory, so the launcher can refuse
+  a wrong checkpoint in a second instead of every worker failing after loading it.
+  """
+  from pnasnet import PNASNet
+  from pnasnet.checkpoint import CheckpointMismatchError, check_variables
+  from pnasnet.network import zeros_initializer
+  config = _builtin_config(handle)
+  with tempfile.TemporaryDirectory() as local:
+    index = os.path.join(local, 'model.ckpt.index')
+    with FileSystems.open(prefix + '.index', compression_type=CompressionTypes.UNCOMPRESSED) as src, \
+        open(index, 'wb') as dst:
+      shutil.copyfileobj(src, dst)
+    shapes = tf.train.load_checkpoint(index[:-len('.index')]).get_variable_to_shape_map()
+  with tf.Graph().as_default():
+    network = PNASNet(config, initializer=zeros_initializer)
+  try:
+    check_variables(network, shapes, prefix)
+  except CheckpointMismatchError as exc:
+    raise ModelLoadError(str(exc)) from exc
+
+
 def resolve_checkpoint(prefix: str) -> str:
   """A local path for a TF-Slim checkpoint prefix (staged when remote)."""
   check_checkpoint(prefix)
@@ -203,22 +263,30 @@ def check_model_options(handle: str, checkpoint: Optional[str],
                          'SavedModel computes in the dtype it was exported with')
 
 
-def _builtin_description(handle: str, checkpoint: Optional[str], seed: int) -> ModelDescription:
+def _builtin_description(handle: str, checkpoint: Optional[str], seed: int,
+                         compute_dtype: str = 'float32') -> ModelDescription:
   config = _builtin_config(handle)
-  return ModelDescription(model_id(handle, checkpoint, seed), config.image_size,
+  return ModelDescription(model_id(handle, checkpoint, seed, compute_dtype), config.image_size,
                           config.image_size, config.feature_size)
 
 
-def describe_model(handle: str, checkpoint: Optional[str] = None,
-                   seed: int = 0) -> ModelDescription:
+def describe_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
+                   compute_dtype: str = 'float32') -> ModelDescription:
   """What the launcher needs before building the pipeline; raises ModelLoadError early."""
-  check_model_options(handle, checkpoint)
+  check_model_options(handle, checkpoint, compute_dtype)
   if is_builtin(handle):
     if checkpoint:
       check_checkpoint(checkpoint)
-    return _builtin_description(handle, checkpoint, seed)
+      check_checkpoint_fits(handle, checkpoint)
+    return _builtin_description(handle, checkpoint, seed, compute_dtype)
   model_dir = handle if _is_remote(handle) else resolve_model_dir(handle)
-  return _read_feature_signature(model_dir, handle).description
+  description = _read_feature_signature(model_dir, handle).description
+  mark = read_export_mark(model_dir)
+  if mark and mark.get('untrained'):
+    logging.warning('%s holds UNTRAINED weights (exported by pnasnet.export from seed %d); its '
+                    'features are not PNASNet embeddings', handle, mark['seed'])
+    return description._replace(model_id=model_id(handle, untrained_seed=mark['seed']))
+  return description
 
 
 class EmbeddingModel:
@@ -254,7 +322,7 @@ def load_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
     size = config.image_size
     function = tf.function(network.__call__, input_signature=[
         tf.TensorSpec([None, size, size, 3], tf.float32)])
-    return EmbeddingModel(function, _builtin_description(handle, checkpoint, seed),
+    return EmbeddingModel(function, _builtin_description(handle, checkpoint, seed, compute_dtype),
                           owner=network)
   check_model_options(handle, checkpoint, compute_dtype)
   import tensorflow_hub as hub

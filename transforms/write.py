@@ -1,82 +1,215 @@
-"""Stage 4: embeddings as TFRecord of tf.train.Example, dead letters as JSON lines."""
+"""Stage 4: embeddings (TFRecord and/or Parquet), dead letters (JSON lines) and the run's index.
 
-from typing import Sequence
+Every sink returns the files it wrote, so that the run summary can wait for all of them. No sink
+writes an empty shard: an empty file becomes a multipart upload with no parts on S3, which S3
+refuses, so a run with no failures simply has no failures file (the summary lists what exists).
+"""
+
+from typing import Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io import filebasedsink, iobase
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.parquetio import _ParquetSink
+from apache_beam.io.textio import _TextSink
+from apache_beam.io.tfrecordio import _TFRecordSink
+from apache_beam.coders import coders
 
 from transforms.embed import Embedding
 from transforms.failures import Failure
+from transforms.provenance import Provenance
 
-METRICS_NAMESPACE = 'write'
 COMPRESSIONS = {'none': CompressionTypes.UNCOMPRESSED, 'gzip': CompressionTypes.GZIP}
+OUTPUT_FORMATS = ('tfrecord', 'parquet', 'both')
 ENCODE_BATCH_SIZE = 256
+INDEX_BATCH_SIZE = 10_000
+EMBEDDED = 'embedded'
+SKIPPED = 'skipped'
+
+# One name per column; TFRecord features use the TF-Hub style names, Parquet SQL-friendly ones.
+_COLUMNS = (('uri', 'image/uri'), ('sha256', 'image/sha256'), ('height', 'image/height'),
+            ('width', 'image/width'), ('size_bytes', 'image/size_bytes'),
+            ('last_modified', 'image/last_modified'), ('model', 'model'),
+            ('weights', 'model/weights'), ('recipe', 'embedding/recipe'),
+            ('pipeline_version', 'pipeline/version'), ('embedding', 'embedding'))
+
+INDEX_SCHEMA = pa.schema([
+    ('uri', pa.string()), ('size_bytes', pa.int64()),
+    ('last_modified', pa.timestamp('us', tz='UTC')), ('sha256', pa.string()),
+    ('model', pa.string()), ('recipe', pa.string()),
+    ('outcome', pa.string()),  # EMBEDDED, SKIPPED or the failed stage
+    ('message', pa.string()),
+])
 
 
-def embeddings_to_record_batch(embeddings: Sequence[Embedding]) -> pa.RecordBatch:
-  """One row per image; every column a list column, as tf.train.Example features are lists."""
+def parquet_schema(feature_size: int) -> pa.Schema:
+  return pa.schema([
+      ('uri', pa.string()), ('sha256', pa.string()), ('height', pa.int64()),
+      ('width', pa.int64()), ('size_bytes', pa.int64()),
+      ('last_modified', pa.timestamp('us', tz='UTC')), ('model', pa.string()),
+      ('weights', pa.string()), ('recipe', pa.string()), ('pipeline_version', pa.string()),
+      ('embedding', pa.list_(pa.float32(), feature_size)),
+  ])
 
-  def singletons(values, value_type):
-    return pa.array([[v] for v in values], pa.list_(value_type))
 
+def _embedding_columns(embeddings: Sequence[Embedding], provenance: Provenance) -> dict:
   vectors = np.stack([e.embedding for e in embeddings]).astype(np.float32)
-  embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
-  return pa.RecordBatch.from_arrays([
-      singletons([e.uri.encode() for e in embeddings], pa.binary()),
-      singletons([e.sha256.encode() for e in embeddings], pa.binary()),
-      singletons([e.height for e in embeddings], pa.int64()),
-      singletons([e.width for e in embeddings], pa.int64()),
-      singletons([e.model.encode() for e in embeddings], pa.binary()),
-      embedding.cast(pa.list_(pa.float32())),
-  ], ['image/uri', 'image/sha256', 'image/height', 'image/width', 'model', 'embedding'])
+  count = len(embeddings)
+  return {
+      'uri': [e.uri for e in embeddings], 'sha256': [e.sha256 for e in embeddings],
+      'height': [e.height for e in embeddings], 'width': [e.width for e in embeddings],
+      'size_bytes': [e.size_bytes for e in embeddings],
+      'last_modified': [e.last_modified for e in embeddings],
+      'model': [e.model for e in embeddings], 'weights': [provenance.weights] * count,
+      'recipe': [provenance.recipe] * count, 'pipeline_version': [provenance.version] * count,
+      'embedding': pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()),
+                                                     vectors.shape[1]),
+  }
+
+
+def embeddings_to_record_batch(embeddings: Sequence[Embedding],
+                               provenance: Provenance) -> pa.RecordBatch:
+  """For tfx-bsl's Example encoder: every column a list column, as Example features are lists;
+  a missing value is an empty list (the feature is then absent from that Example)."""
+  columns = _embedding_columns(embeddings, provenance)
+  arrays = []
+  for name, feature in _COLUMNS:
+    values = columns[name]
+    if name == 'embedding':
+      arrays.append(values.cast(pa.list_(pa.float32())))
+      continue
+    value_type = pa.int64() if isinstance(next(iter(values), 0), int) or name in (
+        'size_bytes', 'last_modified') else pa.binary()
+    arrays.append(pa.array([[] if v is None else [v.encode() if isinstance(v, str) else v]
+                            for v in values], pa.list_(value_type)))
+  return pa.RecordBatch.from_arrays(arrays, [feature for _, feature in _COLUMNS])
+
+
+def embeddings_to_table(embeddings: Sequence[Embedding], provenance: Provenance,
+                        schema: pa.Schema) -> pa.Table:
+  columns = _embedding_columns(embeddings, provenance)
+  return pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
+
+
+class _OpenOnFirstWrite(iobase.Writer):
+  """A shard file is created only when its first record arrives."""
+
+  def __init__(self, open_writer):
+    self._open_writer = open_writer
+    self._writer = None
+
+  def write(self, value):
+    if self._writer is None:
+      self._writer = self._open_writer()
+    self._writer.write(value)
+
+  def close(self):
+    return self._writer.close() if self._writer is not None else None
+
+
+class _NoEmptyShards:
+  """Mixed into a FileBasedSink: shards that would be empty are never created, and the rest are
+  numbered among themselves (`-of-N` counts the files that exist)."""
+
+  skip_if_empty = True
+
+  def open_writer(self, init_result, uid):
+    return _OpenOnFirstWrite(
+        lambda: filebasedsink.FileBasedSink.open_writer(self, init_result, uid))
+
+  def pre_finalize(self, init_result, writer_results):
+    return super().pre_finalize(init_result, [r for r in writer_results if r is not None])
+
+  def finalize_write(self, init_result, writer_results, pre_finalize_results):
+    return super().finalize_write(init_result, [r for r in writer_results if r is not None],
+                                  pre_finalize_results)
+
+
+class _TFRecordFiles(_NoEmptyShards, _TFRecordSink):
+  pass
+
+
+class _TextFiles(_NoEmptyShards, _TextSink):
+  pass
+
+
+class _ParquetFiles(_NoEmptyShards, _ParquetSink):
+  pass
 
 
 class _EncodeExamples(beam.DoFn):
   """Whole batches through tfx-bsl's C++ encoder: ~25x faster than protobufs built in Python."""
 
-  def __init__(self):
-    self._written = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'embeddings')
+  def __init__(self, provenance: Provenance):
+    self._provenance = provenance
 
   def setup(self):
     from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
     self._encoder = RecordBatchToExamplesEncoder()
 
   def process(self, batch: Sequence[Embedding]):
-    examples = self._encoder.encode(embeddings_to_record_batch(batch))
-    self._written.inc(len(examples))
-    yield from examples
+    yield from self._encoder.encode(embeddings_to_record_batch(batch, self._provenance))
+
+
+class _ToParquetTable(beam.DoFn):
+
+  def __init__(self, provenance: Provenance, schema: pa.Schema):
+    self._provenance = provenance
+    self._schema = schema
+
+  def process(self, batch: Sequence[Embedding]):
+    yield embeddings_to_table(batch, self._provenance, self._schema)
+
+
+def parquet_files(prefix: str, schema: pa.Schema, num_shards: int) -> _ParquetFiles:
+  """A sink of pyarrow Tables, snappy-compressed."""
+  return _ParquetFiles(prefix, schema, 'snappy', False, False, '.parquet', num_shards, None,
+                       'application/x-parquet', None)
 
 
 class WriteEmbeddings(beam.PTransform):
-  """Writes `embeddings-SSSSS-of-NNNNN.tfrecord[.gz]` under the output directory."""
+  """Writes `embeddings-SSSSS-of-NNNNN.tfrecord[.gz]` and/or `.parquet`; returns their paths."""
 
-  def __init__(self, output_dir: str, num_shards: int = 0, compression: str = 'none'):
+  def __init__(self, output_dir: str, provenance: Provenance, feature_size: int,
+               num_shards: int = 0, compression: str = 'none', output_format: str = 'tfrecord'):
     super().__init__()
     self._prefix = output_dir.rstrip('/') + '/embeddings'
+    self._provenance = provenance
+    self._feature_size = feature_size
     self._num_shards = num_shards
     self._compression = compression
+    self._output_format = output_format
 
   def expand(self, embeddings):
-    suffix = '.tfrecord' + ('.gz' if self._compression == 'gzip' else '')
-    return (embeddings
-            | 'Batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=ENCODE_BATCH_SIZE)
-            | 'Encode' >> beam.ParDo(_EncodeExamples())
-            | 'Write' >> beam.io.WriteToTFRecord(
-                self._prefix, file_name_suffix=suffix, num_shards=self._num_shards,
-                compression_type=COMPRESSIONS[self._compression]))
+    batches = embeddings | 'Batch' >> beam.BatchElements(min_batch_size=1,
+                                                         max_batch_size=ENCODE_BATCH_SIZE)
+    written = []
+    if self._output_format in ('tfrecord', 'both'):
+      suffix = '.tfrecord' + ('.gz' if self._compression == 'gzip' else '')
+      sink = _TFRecordFiles(self._prefix, coders.BytesCoder(), suffix, self._num_shards,
+                            None, COMPRESSIONS[self._compression], None)
+      written.append(batches
+                     | 'Encode' >> beam.ParDo(_EncodeExamples(self._provenance))
+                     | 'WriteTFRecord' >> iobase.Write(sink))
+    if self._output_format in ('parquet', 'both'):
+      schema = parquet_schema(self._feature_size)
+      written.append(batches
+                     | 'ToTable' >> beam.ParDo(_ToParquetTable(self._provenance, schema))
+                     | 'WriteParquet' >> iobase.Write(parquet_files(
+                         self._prefix, schema, self._num_shards)))
+    return tuple(written) | 'Written' >> beam.Flatten()
 
 
-class _CountFailure(beam.DoFn):
-
-  def process(self, failure: Failure):
-    beam.metrics.Metrics.counter(METRICS_NAMESPACE, f'failed_{failure.stage}').inc()
-    yield failure.to_json()
+def write_text_files(prefix: str, suffix: str, num_shards: int):
+  """A text sink (one element a line) that never writes an empty shard."""
+  return iobase.Write(_TextFiles(prefix, suffix, True, num_shards, None, coders.ToBytesCoder(),
+                                 CompressionTypes.AUTO))
 
 
 class WriteFailures(beam.PTransform):
-  """Writes `failures-SSSSS-of-NNNNN.jsonl`: one {"uri", "stage", "error", "message"} a line."""
+  """Writes `failures-SSSSS-of-NNNNN.jsonl` (one Failure as JSON a line); returns their paths."""
 
   def __init__(self, output_dir: str, num_shards: int = 0):
     super().__init__()
@@ -85,6 +218,48 @@ class WriteFailures(beam.PTransform):
 
   def expand(self, failures):
     return (failures
-            | 'ToJson' >> beam.ParDo(_CountFailure())
-            | 'Write' >> beam.io.WriteToText(self._prefix, file_name_suffix='.jsonl',
-                                             num_shards=self._num_shards))
+            | 'ToJson' >> beam.Map(Failure.to_json)
+            | 'Write' >> write_text_files(self._prefix, '.jsonl', self._num_shards))
+
+
+def _index_row(uri: str, size_bytes: Optional[int], last_modified: Optional[int],
+               sha256: Optional[str], provenance: Provenance, outcome: str,
+               message: Optional[str] = None) -> dict:
+  return {'uri': uri, 'size_bytes': size_bytes, 'last_modified': last_modified,
+          'sha256': sha256, 'model': provenance.model, 'recipe': provenance.recipe,
+          'outcome': outcome, 'message': message}
+
+
+def embedded_index_row(embedding: Embedding, provenance: Provenance) -> dict:
+  return _index_row(embedding.uri, embedding.size_bytes, embedding.last_modified,
+                    embedding.sha256, provenance, EMBEDDED)
+
+
+def failed_index_row(failure: Failure, provenance: Provenance) -> dict:
+  return _index_row(failure.uri, failure.size_bytes, failure.last_modified, failure.sha256,
+                    provenance, failure.stage, f'{failure.error}: {failure.message}')
+
+
+def skipped_index_row(ref, provenance: Provenance) -> dict:
+  return _index_row(ref.uri, ref.size_bytes, ref.last_modified, None, provenance, SKIPPED)
+
+
+class WriteIndex(beam.PTransform):
+  """Writes `index-SSSSS-of-NNNNN.parquet`: one row per matched file and what became of it.
+
+  Small (no vectors), so that an incremental run or a reader can learn what a run holds without
+  reading 17 KB per image.
+  """
+
+  def __init__(self, output_dir: str, provenance: Provenance, num_shards: int = 0):
+    super().__init__()
+    self._prefix = output_dir.rstrip('/') + '/index'
+    self._provenance = provenance
+    self._num_shards = num_shards
+
+  def expand(self, rows):
+    return (rows
+            | 'Batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=INDEX_BATCH_SIZE)
+            | 'ToTable' >> beam.Map(lambda batch: pa.Table.from_pylist(batch, INDEX_SCHEMA))
+            | 'Write' >> iobase.Write(parquet_files(self._prefix, INDEX_SCHEMA,
+                                                   self._num_shards)))
