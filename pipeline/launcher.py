@@ -21,6 +21,7 @@ from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
                               check_known_flags, expand_output, validate)
 from pipeline.output_dir import (CLAIM_FILE, OutputExistsError, OutputNotWritableError,
                                  check_output_is_new, claim_output, stale_temp_files)
+from transforms import quiet_logs
 from transforms.models import ModelLoadError, describe_model, weights_identity
 from transforms.provenance import Provenance, project_version, recipe
 from transforms.read import (NoInputError, check_inputs_match, check_manifests_exist,
@@ -32,7 +33,7 @@ PROJECT_SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 RESOURCE_HINT_NAMES = {'beam:resources:accelerator:v1': 'accelerator',
                        'beam:resources:min_ram_bytes:v1': 'min_ram_bytes'}
 # Beam's chatter that reads like a problem on every run (see README, "Log messages").
-QUIET_LOGGERS = ('apache_beam.io.iobase', 'apache_beam.ml.inference.base')
+QUIET_LOGGERS = ('apache_beam.io.iobase',)
 
 
 class PipelineFailedError(RuntimeError):
@@ -188,6 +189,10 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     return _run_pipeline(options, embedding, model, provenance, fields, indexes)
   except KeyboardInterrupt as exc:
     raise InterruptedRun(_interrupted(embedding.output)) from exc
+  except RuntimeError as exc:
+    if str(exc).startswith('KeyboardInterrupt'):  # how Beam's runners pass Ctrl-C on
+      raise InterruptedRun(_interrupted(embedding.output)) from exc
+    raise
 
 
 def _run_pipeline(options, embedding, model, provenance, fields, indexes) -> Dict:
@@ -243,6 +248,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   for name in QUIET_LOGGERS:
     logging.getLogger(name).setLevel(logging.WARNING)
+  quiet_logs.install()
   signal.signal(signal.SIGTERM, _terminate)
   try:
     summary = run(argv)

@@ -134,37 +134,67 @@ def _delete_unfinished(output: str) -> None:
     FileSystems.delete(leftovers)
 
 
+def _claim_holder(output: str) -> str:
+  try:
+    with FileSystems.open(_join(output, CLAIM_FILE)) as f:
+      claim = json.loads(f.read())
+    return f' (started {claim.get("started_at")} on {claim.get("host")}, pid {claim.get("pid")})'
+  except Exception:  # pylint: disable=broad-except; the holder is only a hint
+    return ''
+
+
+def _refuse_existing(output: str, found: List[str]) -> None:
+  if any(path.endswith(SUMMARY_FILE) for path in found):
+    raise OutputExistsError(f'--output {output} already holds a finished run; choose a new '
+                            '--output directory (e.g. with {date} in it)')
+  if any(path.endswith(CLAIM_FILE) for path in found):
+    temp = stale_temp_files(output)
+    raise OutputExistsError(
+        f'--output {output} is claimed by a run that has not finished{_claim_holder(output)}: '
+        'it is still running, or was interrupted' +
+        (f' and left {len(temp)} partial files in beam-temp-*' if temp else '') +
+        '. Choose a new --output, or, if that run is dead, rerun with --clean_unfinished to '
+        'delete what it left (an unfinished run)')
+  if found:
+    raise OutputExistsError(f'--output {output} already holds run files ({found[0]} and '
+                            f'{len(found) - 1} more); choose a new --output directory')
+
+
 def check_output_is_new(output: str) -> None:
   """Refuses an output that holds a run; reads only (a dry run claims nothing)."""
   try:
     found = _existing(output, RUN_FILES)
   except Exception as exc:  # pylint: disable=broad-except; a missing bucket, no permission
-    raise OutputNotWritableError(f'--output {output} cannot be read: {exc}') from exc
-  if any(path.endswith(SUMMARY_FILE) for path in found):
-    raise OutputExistsError(f'--output {output} already holds a finished run; choose a new '
-                            '--output directory (e.g. with {date} in it)')
-  if found:
-    temp = stale_temp_files(output)
-    raise OutputExistsError(
-        f'--output {output} holds an unfinished run ({len(found)} files such as '
-        f'{found[0]}' + (f', and {len(temp)} partial files in beam-temp-*' if temp else '') +
-        '); choose a new --output, or rerun with --clean_unfinished to delete them')
+    reason = 'its bucket does not exist' if 'NotFound' in str(exc) or 'NoSuchBucket' in str(
+        exc) else str(exc)[:300]
+    raise OutputNotWritableError(f'--output {output} cannot be read: {reason}') from exc
+  _refuse_existing(output, found)
 
 
 def claim_output(output: str, run_description: dict, options: PipelineOptions,
                  clean_unfinished: bool = False) -> None:
-  """Claims `output` for this run, or raises OutputExistsError / OutputNotWritableError."""
+  """Claims `output` for this run, or raises OutputExistsError / OutputNotWritableError.
+
+  The claim comes first, so of two runs only one gets past it, and a missing bucket or a file in
+  the way is reported by the store itself.
+  """
   if '://' not in output and os.path.isfile(output):
     raise OutputNotWritableError(f'--output {output} is a file, not a directory')
-  try:
-    check_output_is_new(output)
-  except OutputExistsError as exc:
-    if not clean_unfinished or 'unfinished' not in str(exc):
-      raise
-    _delete_unfinished(output)
   body = json.dumps(dict(run_description, host=socket.gethostname(), pid=os.getpid())).encode()
+  claim = _join(output, CLAIM_FILE)
   try:
-    _create_claim(_join(output, CLAIM_FILE), body, options)
-  except _AlreadyClaimed as exc:
-    raise OutputExistsError(f'--output {output} was claimed by another run just now; choose a '
-                            'new --output') from exc
+    _create_claim(claim, body, options)
+  except _AlreadyClaimed:
+    found = _existing(output, RUN_FILES)
+    if not clean_unfinished or any(path.endswith(SUMMARY_FILE) for path in found):
+      _refuse_existing(output, found)
+    _delete_unfinished(output)
+    try:
+      _create_claim(claim, body, options)
+    except _AlreadyClaimed as exc:
+      raise OutputExistsError(f'--output {output} was claimed by another run just now; choose '
+                              'a new --output') from exc
+  found = [path for path in _existing(output, RUN_FILES) if not path.endswith(CLAIM_FILE)]
+  if found:  # files of a run from before claims existed, or put there by hand
+    FileSystems.delete([claim])
+    _refuse_existing(output, found)

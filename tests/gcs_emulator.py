@@ -84,6 +84,42 @@ _ADC = {
 }
 
 
+def _honour_generation_preconditions():
+  """Uploads with `ifGenerationMatch=0` fail with 412 when the object exists, as on GCS.
+
+  gcp-storage-emulator ignores preconditions; the pipeline claims its output with one, so the
+  server the tests run must refuse the second claim exactly as GCS does.
+  """
+  from http import HTTPStatus
+  from gcp_storage_emulator import server
+  from gcp_storage_emulator.exceptions import NotFound
+  from gcp_storage_emulator.handlers import objects
+  insert = objects.insert
+  if getattr(insert, 'honours_preconditions', False):
+    return
+
+  def insert_unless_exists(request, response, storage, *args, **kwargs):
+    if request.query.get('ifGenerationMatch') == ['0']:
+      data = request.data if isinstance(request.data, dict) else {}
+      name = (request.query.get('name') or [None])[0] or (data.get('meta') or data).get('name')
+      try:
+        storage.get_file_obj(request.params['bucket_name'], name)
+      except NotFound:
+        pass
+      else:
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        response.json({'error': {'code': 412, 'message': 'Precondition Failed'}})
+        return None
+    return insert(request, response, storage, *args, **kwargs)
+
+  insert_unless_exists.honours_preconditions = True
+  objects.insert = insert_unless_exists
+  server.HANDLERS = tuple(
+      (pattern, {method: insert_unless_exists if handler is insert else handler
+                 for method, handler in methods.items()})
+      for pattern, methods in server.HANDLERS)
+
+
 def _split_gs_uri(uri):
   if not uri.startswith('gs://'):
     raise ValueError('not a gs:// URI: %r' % (uri,))
@@ -122,6 +158,7 @@ class GcsEmulator(object):
     if self._server is not None:
       raise RuntimeError('GCS emulator already started')
     from gcp_storage_emulator.server import create_server
+    _honour_generation_preconditions()
     # The emulator logs a WARNING for every string response ("Content handled
     # as string, should be handled as stream"); keep its ERRORs only.
     emu_logger = logging.getLogger('gcp_storage_emulator')

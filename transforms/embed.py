@@ -12,6 +12,7 @@ from transforms.decode import DecodedImage
 from transforms.failures import FAILURES_TAG, INFERENCE, Failure
 from transforms.models import EmbeddingModel, load_model
 from transforms.models import model_id as default_model_id
+from transforms import quiet_logs
 from transforms.progress import ProgressReporter
 
 METRICS_NAMESPACE = 'embed'
@@ -96,6 +97,7 @@ class _ToEmbedding(beam.DoFn):
     self._embedded = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'embedded')
 
   def setup(self):
+    quiet_logs.install()
     self._progress = ProgressReporter.for_process()
 
   def process(self, keyed_result):

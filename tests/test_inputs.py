@@ -1,0 +1,102 @@
+"""Every file the user names is embedded or reported: repeated flags, folders, links, odd names,
+extensions in any case, `~`; the same on local disks, gs:// and s3://."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from pipeline.launcher import run
+from tests.test_pipeline import _read_examples, _read_failures
+from transforms.read import match_input
+
+TINY = '--model=builtin:pnasnet_tiny'
+
+
+def _uris(output, tmp_path):
+  return sorted(e.features.feature['image/uri'].bytes_list.value[0].decode()
+                for e in _read_examples(output, tmp_path))
+
+
+def test_repeated_input_flags_accumulate(image_folder, tmp_path):
+  output = str(tmp_path / 'out')
+  summary = run([f'--input={image_folder}/*.png', f'--input={image_folder}/rocket.jpg', TINY,
+                 f'--output={output}'])
+  assert summary['input'] == [f'{image_folder}/*.png', f'{image_folder}/rocket.jpg']
+  assert [os.path.basename(u) for u in _uris(output, tmp_path)] == [
+      'astronaut.png', 'camera.png', 'chelsea.png', 'coffee.png', 'rocket.jpg']
+
+
+@pytest.mark.parametrize('suffix', ['', '/'])
+def test_a_local_folder_means_every_file_under_it(suffix, image_folder, tmp_path):
+  nested = image_folder / 'deeper' / 'still'
+  nested.mkdir(parents=True)
+  shutil.copy(image_folder / 'camera.png', nested / 'camera_copy.png')
+  output = str(tmp_path / 'out')
+  summary = run([f'--input={image_folder}{suffix}', TINY, f'--output={output}'])
+  files = sorted(str(p) for p in image_folder.rglob('*') if p.is_file())
+  assert summary['matched'] == len(files) == summary['embedded'] + summary['failed']
+  assert str(nested / 'camera_copy.png') in _uris(output, tmp_path)
+
+
+@pytest.mark.parametrize('suffix', ['', '/'])
+def test_a_gcs_folder_means_every_object_under_it(suffix, gcs_server, image_folder, tmp_path):
+  bucket = f'folder-{len(suffix)}'
+  gcs_server.create_bucket(bucket)
+  gcs_server.upload(f'gs://{bucket}/photos/top.png', (image_folder / 'camera.png').read_bytes())
+  gcs_server.upload(f'gs://{bucket}/photos/sub/deep.jpg',
+                    (image_folder / 'rocket.jpg').read_bytes())
+  gcs_server.upload(f'gs://{bucket}/photos_elsewhere.png',
+                    (image_folder / 'camera.png').read_bytes())
+  output = str(tmp_path / 'out')
+  summary = run([f'--input=gs://{bucket}/photos{suffix}', TINY, f'--output={output}'])
+  assert (summary['matched'], summary['embedded']) == (2, 2)
+  assert _uris(output, tmp_path) == [f'gs://{bucket}/photos/sub/deep.jpg',
+                                     f'gs://{bucket}/photos/top.png']
+
+
+def test_links_odd_names_extensions_and_home(image_folder, tmp_path, monkeypatch):
+  photos = tmp_path / 'home' / 'photos'
+  (photos / 'trip').mkdir(parents=True)
+  jpeg = (image_folder / 'rocket.jpg').read_bytes()
+  (photos / 'IMG_0001.JPG').write_bytes(jpeg)
+  (photos / 'trip' / 'beach.jpeg').write_bytes(jpeg)
+  (photos / 'star[1].jpg').write_bytes(jpeg)
+  (photos / 'notes.txt').write_text('not matched by **.jpg')
+  (photos / 'gone.jpg').symlink_to(tmp_path / 'nowhere.jpg')  # a dangling link
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  (elsewhere / 'linked.jpg').write_bytes(jpeg)
+  (photos / 'linked_folder').symlink_to(elsewhere)
+  (elsewhere / 'loop').symlink_to(photos)  # a cycle: each real folder is walked once
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+
+  found = sorted(ref.uri for ref in match_input(os.path.expanduser('~/photos/**.jpg')))
+  assert found == sorted(str(photos / name) for name in (
+      'IMG_0001.JPG', 'gone.jpg', 'linked_folder/linked.jpg', 'star[1].jpg', 'trip/beach.jpeg'))
+  assert [r.uri for r in match_input(str(photos / 'star\\[1\\].jpg'))] == [
+      str(photos / 'star[1].jpg')]
+  assert [r.uri for r in match_input(str(photos / 'star[1].jpg'))] == [
+      str(photos / 'star[1].jpg')]
+
+  output = str(tmp_path / 'out')
+  summary = run(['--input=~/photos/**.jpg', TINY, f'--output={output}'])
+  assert summary['input'] == [str(photos / '**.jpg')]
+  assert (summary['matched'], summary['embedded'], summary['failed_by_stage']['read']) == (
+      5, 4, 1)
+  [failure] = _read_failures(output)
+  assert (failure['uri'], failure['stage'], failure['error']) == (
+      str(photos / 'gone.jpg'), 'read', 'FileNotFoundError')
+
+
+def test_a_run_that_embeds_nothing_fails_with_the_reason(tmp_path):
+  folder = tmp_path / 'texts'
+  folder.mkdir()
+  for name in ('a.jpg', 'b.jpg'):
+    (folder / name).write_text('not an image')
+  with pytest.raises(Exception, match='none was embedded.*UnidentifiedImageError'):
+    run([f'--input={folder}', TINY, f'--output={tmp_path}/out'])
+  summary = json.loads((tmp_path / 'out' / 'run_summary.json').read_text())
+  assert summary['failed'] == 2  # the run finished and says why
+
