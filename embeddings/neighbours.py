@@ -23,7 +23,7 @@ from embeddings.runs import (MixedModelsError, NoRunsError, Run, find_runs, iter
 from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour, nearest
 
-SHEET_COLUMNS = 5
+SHEET_COLUMNS = 6
 
 
 class QueryError(ValueError):
@@ -84,15 +84,21 @@ def format_table(query: Query, neighbours: Sequence[Neighbour]) -> str:
 
 def draw(query: Query, neighbours: Sequence[Neighbour]):
   """The query (framed) then its neighbours, with rank, cosine and file name."""
+  if query.embedded_uri is None:
+    origin = 'embedded now'
+  elif query.embedded_uri == query.uri:
+    origin = 'embedded in the run'
+  else:
+    origin = f'same bytes as {storage.basename(query.embedded_uri)}'
   query_tile = sheet.Tile(sheet.thumbnail(query.data) if query.data is not None
                           else sheet.thumbnail_of(query.uri),
-                          ['query', storage.basename(query.uri), query.source], highlight=True)
+                          ['query', storage.basename(query.uri), origin], highlight=True)
   tiles = [query_tile] + [
       sheet.Tile(sheet.thumbnail_of(n.uri),
                  [f'#{n.rank}   cosine {n.score:.4f}', storage.basename(n.uri),
                   f'{n.metadata["width"]}x{n.metadata["height"]}'])
       for n in neighbours]
-  return sheet.draw_sheet([tiles], min(SHEET_COLUMNS, len(tiles)))
+  return sheet.draw_sheet([tiles], sheet.balanced_columns(len(tiles), SHEET_COLUMNS))
 
 
 def parse_args(argv):

@@ -1,6 +1,7 @@
 """Contact sheets: thumbnails with short labels on a grid, as a PNG to look at."""
 
 import io
+import math
 from typing import List, NamedTuple, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -85,6 +86,12 @@ def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, tile: Tile, left: 
   for number, line in enumerate(tile.lines[:LABEL_LINES]):
     draw.text((box_left, box_top + THUMBNAIL + 4 + number * LINE_HEIGHT),
               _fit(line, font, THUMBNAIL), fill=TEXT, font=font)
+
+
+def balanced_columns(tiles: int, most: int) -> int:
+  """Columns for `tiles` in as few rows as `most` columns allow, the rows about equally full."""
+  rows = max(1, math.ceil(tiles / most))
+  return max(1, math.ceil(tiles / rows))
 
 
 def draw_sheet(groups: Sequence[Sequence[Tile]], columns: int) -> Image.Image:

@@ -11,6 +11,8 @@ import io
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 import tracemalloc
 
@@ -29,6 +31,7 @@ from pipeline.launcher import run as run_pipeline
 from tests.conftest import SAMPLE_IMAGES
 from tests.run_writer import rows, write_run
 
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = sorted(n for n in os.listdir(SAMPLE_IMAGES) if not n.endswith('.md'))
 
 
@@ -251,7 +254,7 @@ def test_neighbours_command_embeds_a_new_query_and_draws_the_sheet(photo_run, tm
   data = png.read_bytes()
   assert data.startswith(b'\x89PNG\r\n\x1a\n')
   Image.open(io.BytesIO(data)).verify()
-  assert _tiles(data, columns=5, rows=2) == 7  # the query and six neighbours
+  assert _tiles(data, columns=4, rows=2) == 7  # the query and six neighbours, 4 + 3
 
 
 def test_neighbours_command_refuses_an_unknown_query(photo_run, tmp_path, capsys):
@@ -291,3 +294,11 @@ def test_exact_duplicates_alone_form_an_exact_group(tmp_path):
   groups = duplicates.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.999)
   assert [(g.kind, len(g.members)) for g in groups] == [('exact', 2)]
   assert all(m.same_bytes for m in groups[0].members)
+
+
+def test_the_package_imports_without_beam_or_tensorflow():
+  code = ('import sys, embeddings, embeddings.neighbours, embeddings.duplicates; '
+          'print(sorted({"apache_beam", "tensorflow"} & set(sys.modules)))')
+  imported = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            check=True, cwd=PROJECT).stdout
+  assert imported.strip() == '[]'
