@@ -1,11 +1,13 @@
 """How close are a photo's resized and re-encoded copies to it, against other photos?
 
 Embeds the sample photos and two copies of each (half size, Lanczos, same format; full size
-re-encoded as JPEG quality 75) with a built-in network, then prints per photo the cosine to each
-copy, the best cosine to any other photo, and the copies' ranks among the original's neighbours.
+re-encoded as JPEG quality 75) with a model (any handle `--model` takes), then prints per photo
+the cosine to each copy, the best cosine to any other photo, and the copies' ranks among the
+original's neighbours.
 The near-duplicate default threshold of `embeddings.duplicates` was chosen from these figures.
 
-    python -m benchmarks.near_duplicates [--model builtin:pnasnet_large] [--seed 0]
+    python -m benchmarks.near_duplicates [--model builtin:pnasnet_large] [--seed 0] \
+        [--checkpoint PATH/model.ckpt]
 """
 
 import argparse
@@ -43,10 +45,11 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--model', default='builtin:pnasnet_large')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--checkpoint', help='TF-Slim checkpoint of a builtin: model')
   args = parser.parse_args()
   from transforms.decode import decode_and_resize
   from transforms.models import load_model
-  model = load_model(args.model, seed=args.seed)
+  model = load_model(args.model, args.checkpoint, seed=args.seed)
   description = model.describe()
   names, photo_of, pixels = [], [], []
   for name, data in sample_photos().items():

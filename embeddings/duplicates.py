@@ -157,12 +157,16 @@ def parse_args(argv):
                       'measured per built-in network, see the module docstring)')
   parser.add_argument('--sheet', help='write a contact sheet PNG of the largest groups here')
   parser.add_argument('--model', help='the model id to use when the runs hold several')
-  return parser.parse_args(argv)
+  parser.epilog = ('Other --flags go to Beam\'s FileSystems, e.g. --s3_endpoint_url=URL '
+                   '--s3_region_name=REGION for s3:// paths.')
+  args, args.filesystem_flags = parser.parse_known_args(argv)  # Beam warns of any it discards
+  return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
+  storage.set_filesystem_options(args.filesystem_flags)
   try:
     runs = select_model(find_runs(args.runs), args.model)
   except (NoRunsError, MixedModelsError) as exc:

@@ -111,7 +111,9 @@ def parse_args(argv):
   parser.add_argument('--k', type=int, default=8, help='how many neighbours (default 8)')
   parser.add_argument('--sheet', help='write a contact sheet PNG here')
   parser.add_argument('--model', help='the model id to use when the runs hold several')
-  args = parser.parse_args(argv)
+  parser.epilog = ('Other --flags go to Beam\'s FileSystems, e.g. --s3_endpoint_url=URL '
+                   '--s3_region_name=REGION for s3:// paths.')
+  args, args.filesystem_flags = parser.parse_known_args(argv)  # Beam warns of any it discards
   if args.k < 1:
     parser.error('--k must be at least 1')
   return args
@@ -120,6 +122,7 @@ def parse_args(argv):
 def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
+  storage.set_filesystem_options(args.filesystem_flags)
   try:
     runs = select_model(find_runs(args.runs), args.model)
     query = find_query(runs, args.query)

@@ -3,7 +3,7 @@
 import datetime
 import glob
 import os
-from typing import BinaryIO, List, NamedTuple
+from typing import BinaryIO, List, NamedTuple, Sequence
 
 
 class FileInfo(NamedTuple):
@@ -30,6 +30,14 @@ def dirname(path: str) -> str:
 
 def basename(path: str) -> str:
   return path.rstrip('/').rsplit('/', 1)[-1]
+
+
+def set_filesystem_options(flags: Sequence[str]) -> None:
+  """Beam's FileSystem flags (--s3_endpoint_url, --s3_region_name, ...) for remote paths."""
+  if flags:
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    FileSystems.set_options(PipelineOptions(list(flags)))
 
 
 def match(pattern: str) -> List[FileInfo]:

@@ -20,11 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
 import embeddings
 from benchmarks.near_duplicates import copies_of
-from embeddings import duplicates, neighbours, sheet
+from embeddings import duplicates, neighbours, sheet, storage
 from embeddings.shards import CorruptShardError
 from embeddings.similarity import nearest
 from pipeline.launcher import run as run_pipeline
@@ -302,3 +304,15 @@ def test_the_package_imports_without_beam_or_tensorflow():
   imported = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                             check=True, cwd=PROJECT).stdout
   assert imported.strip() == '[]'
+
+
+def test_runs_on_s3_with_the_filesystem_flags(s3_server, tmp_path, capsys):
+  s3_server.create_bucket('s3-runs')
+  storage.set_filesystem_options(s3_server.options)
+  run_rows = rows(['s3://s3-runs/photos/a.jpg', 's3://s3-runs/photos/b.jpg'], 8, seed=6)
+  write_run('s3://s3-runs/runs/one', run_rows, compression='gzip', index=True)
+  FileSystems.set_options(PipelineOptions([]))  # the command's own flags must reach the server
+  found = neighbours.main(['--runs', 's3://s3-runs/runs/*', '--query', run_rows[0].uri, '--k', '1']
+                          + s3_server.options)
+  assert [n.uri for n in found] == [run_rows[1].uri]
+  assert f'query: {run_rows[0].uri} (embedded)' in capsys.readouterr().out
