@@ -26,7 +26,7 @@ setuptools.setup(
     version='0.1.0',
     description='PNASNet-5 Large image embeddings at scale with Apache Beam',
     python_requires='>=3.10,<3.13',
-    packages=setuptools.find_packages(include=['pipeline', 'transforms', 'pnasnet']),
+    packages=setuptools.find_packages(include=['pipeline', 'transforms', 'pnasnet', 'embeddings']),
     install_requires=REQUIRED,
     extras_require={'test': TEST},
 )

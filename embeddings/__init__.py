@@ -1,0 +1,15 @@
+"""Reading the pipeline's runs back: vectors with their URIs and metadata, neighbours, duplicates.
+
+    import embeddings
+    collection = embeddings.load(['gs://bucket/embeddings/run1', 'gs://bucket/embeddings/run2'])
+    collection.uris, collection.vectors, collection.metadata.to_pandas()
+
+No Beam needed to import this package; gs:// and s3:// paths go through Beam's FileSystems.
+"""
+
+from embeddings.runs import (Embeddings, MixedModelsError, NoRunsError, Run, find_runs,
+                             iter_shards, load, select_model)
+from embeddings.shards import METADATA_SCHEMA, CorruptShardError, Shard
+
+__all__ = ['CorruptShardError', 'Embeddings', 'METADATA_SCHEMA', 'MixedModelsError',
+           'NoRunsError', 'Run', 'Shard', 'find_runs', 'iter_shards', 'load', 'select_model']

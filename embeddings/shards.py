@@ -1,0 +1,163 @@
+"""One shard file (TFRecord plain or gzip, or Parquet) -> URIs, float32 matrix, metadata table.
+
+Both formats come out alike: the metadata is an Arrow table with the columns of METADATA_SCHEMA,
+null where a shard lacks a column (the features added after the first release are optional).
+"""
+
+import gzip
+import struct
+from typing import Iterator, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from embeddings import storage
+
+METADATA_SCHEMA = pa.schema([
+    ('uri', pa.string()),
+    ('sha256', pa.string()),
+    ('height', pa.int64()),
+    ('width', pa.int64()),
+    ('size_bytes', pa.int64()),
+    ('last_modified', pa.timestamp('us', tz='UTC')),
+    ('model', pa.string()),
+    ('weights', pa.string()),
+    ('recipe', pa.string()),
+    ('pipeline_version', pa.string()),
+    ('run', pa.string()),  # the run directory the row was read from
+])
+# tf.train.Example feature -> metadata column.
+TFRECORD_FEATURES = {
+    'image/uri': 'uri', 'image/sha256': 'sha256', 'image/height': 'height',
+    'image/width': 'width', 'image/size_bytes': 'size_bytes',
+    'image/last_modified': 'last_modified', 'model': 'model', 'model/weights': 'weights',
+    'embedding/recipe': 'recipe', 'pipeline/version': 'pipeline_version',
+}
+PARQUET_COLUMNS = [field.name for field in METADATA_SCHEMA if field.name != 'run']
+_MASK_DELTA = 0xa282ead8
+
+
+class CorruptShardError(ValueError):
+  """A shard's bytes are not what the pipeline writes (truncated, or not a TFRecord file)."""
+
+
+class Shard(NamedTuple):
+  path: str
+  uris: List[str]
+  vectors: np.ndarray  # float32 [rows, dimension]
+  metadata: pa.Table  # METADATA_SCHEMA, one row per URI
+
+  def select(self, keep: np.ndarray) -> 'Shard':
+    """The rows where the boolean mask `keep` is set."""
+    return Shard(self.path, [u for u, k in zip(self.uris, keep) if k], self.vectors[keep],
+                 self.metadata.filter(pa.array(keep)))
+
+
+def _masked_crc(data: bytes) -> int:
+  import google_crc32c
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xffffffff
+
+
+def _read_exactly(f, size: int, path: str) -> bytes:
+  data = f.read(size)
+  if len(data) != size:
+    raise CorruptShardError(f'{path}: truncated record ({len(data)} of {size} bytes)')
+  return data
+
+
+def tfrecords(f, path: str) -> Iterator[bytes]:
+  """The records of a TFRecord stream, checking both CRCs as TensorFlow's reader does."""
+  while True:
+    header = f.read(12)
+    if not header:
+      return
+    if len(header) != 12:
+      raise CorruptShardError(f'{path}: truncated record header')
+    length, length_crc = struct.unpack('<QI', header)
+    if _masked_crc(header[:8]) != length_crc:
+      raise CorruptShardError(f'{path}: bad length checksum: not a TFRecord file?')
+    data = _read_exactly(f, length, path)
+    data_crc, = struct.unpack('<I', _read_exactly(f, 4, path))
+    if _masked_crc(data) != data_crc:
+      raise CorruptShardError(f'{path}: bad record checksum')
+    yield data
+
+
+def _metadata(columns: dict, rows: int, run: str) -> pa.Table:
+  arrays = []
+  for field in METADATA_SCHEMA:
+    if field.name == 'run':
+      arrays.append(pa.array([run] * rows, pa.string()))
+    elif field.name in columns and columns[field.name] is not None:
+      arrays.append(columns[field.name].cast(field.type))
+    else:
+      arrays.append(pa.nulls(rows, field.type))
+  return pa.Table.from_arrays(arrays, schema=METADATA_SCHEMA)
+
+
+def _matrix(values: pa.Array, sizes: np.ndarray, path: str) -> np.ndarray:
+  if len(sizes) and (sizes.min() != sizes.max() or sizes[0] == 0):
+    raise CorruptShardError(f'{path}: embeddings of different sizes {sorted(set(sizes))}')
+  dimension = int(sizes[0]) if len(sizes) else 0
+  return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(
+      len(sizes), dimension)
+
+
+def _read_tfrecord(path: str, run: str) -> Shard:
+  import pyarrow.compute as pc
+  from tfx_bsl.coders.example_coder import ExamplesToRecordBatchDecoder
+  with storage.open_file(path) as raw:
+    f = gzip.GzipFile(fileobj=raw) if path.endswith('.gz') else raw
+    records = list(tfrecords(f, path))
+  if not records:
+    return Shard(path, [], np.zeros((0, 0), np.float32), _metadata({}, 0, run))
+  batch = ExamplesToRecordBatchDecoder().DecodeBatch(records)
+  del records
+  columns = {}
+  for feature, column in TFRECORD_FEATURES.items():
+    if feature in batch.schema.names:
+      values = pc.list_element(batch.column(feature), 0)
+      if column == 'last_modified':
+        values = values.cast(pa.int64()).cast(pa.timestamp('us', tz='UTC'))
+      elif pa.types.is_large_binary(values.type) or pa.types.is_binary(values.type):
+        values = values.cast(pa.large_string())
+      columns[column] = values
+  embedding = batch.column('embedding')
+  sizes = pc.list_value_length(embedding).to_numpy(zero_copy_only=False)
+  metadata = _metadata(columns, batch.num_rows, run)
+  return Shard(path, metadata.column('uri').to_pylist(),
+               _matrix(embedding.flatten(), sizes, path), metadata)
+
+
+def _read_parquet(path: str, run: str, columns: Optional[Sequence[str]]) -> Shard:
+  import pyarrow.parquet as pq
+  with storage.open_file(path) as f:
+    parquet = pq.ParquetFile(f)
+    available = set(parquet.schema_arrow.names)
+    wanted = [c for c in (columns or PARQUET_COLUMNS + ['embedding']) if c in available]
+    table = parquet.read(columns=wanted)
+  metadata = _metadata({c: table.column(c) for c in PARQUET_COLUMNS if c in table.column_names},
+                       table.num_rows, run)
+  if 'embedding' in table.column_names:
+    embedding = table.column('embedding').combine_chunks()
+    if pa.types.is_fixed_size_list(embedding.type):
+      sizes = np.full(len(embedding), embedding.type.list_size)
+    else:
+      import pyarrow.compute as pc
+      sizes = pc.list_value_length(embedding).to_numpy(zero_copy_only=False)
+    vectors = _matrix(embedding.flatten(), sizes, path)
+  else:
+    vectors = np.zeros((table.num_rows, 0), np.float32)
+  return Shard(path, metadata.column('uri').to_pylist(), vectors, metadata)
+
+
+def is_parquet(path: str) -> bool:
+  return path.endswith('.parquet')
+
+
+def read_shard(path: str, run: str, columns: Optional[Sequence[str]] = None) -> Shard:
+  """Reads a whole shard; `columns` (Parquet only) leaves the others out, e.g. ['uri']."""
+  if is_parquet(path):
+    return _read_parquet(path, run, columns)
+  return _read_tfrecord(path, run)

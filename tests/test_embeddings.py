@@ -1,0 +1,318 @@
+"""Reading runs back (embeddings.load / iter_shards), neighbours, duplicates, contact sheets.
+
+Runs come from two sources: `tests.run_writer` writes the planned output layout directly (Parquet,
+index, the optional features, `finished_at`), and `pipeline.launcher.run` with the tiny built-in
+network writes what the pipeline writes today.
+"""
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+from PIL import Image
+
+import embeddings
+from benchmarks.near_duplicates import copies_of
+from embeddings import duplicates, neighbours, sheet, storage
+from embeddings.shards import CorruptShardError
+from embeddings.similarity import nearest
+from pipeline.launcher import run as run_pipeline
+from tests.conftest import SAMPLE_IMAGES
+from tests.run_writer import rows, write_run
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHOTOS = sorted(n for n in os.listdir(SAMPLE_IMAGES) if not n.endswith('.md'))
+
+
+def _by_uri(collection):
+  return {uri: collection.vectors[i] for i, uri in enumerate(collection.uris)}
+
+
+def test_latest_finished_run_wins_per_uri_across_gzip_local_and_plain_gcs(gcs_server, tmp_path,
+                                                                        caplog):
+  gcs_server.create_bucket('load-runs')
+  old = rows(['a', 'b', 'c'], 16, seed=1)
+  new = rows(['b', 'c', 'd'], 16, seed=2)
+  write_run(str(tmp_path / 'old'), old, compression='gzip', full_schema=False,
+            finished_at='2026-03-01T10:00:00Z')
+  write_run('gs://load-runs/runs/new', new, shard_rows=2, finished_at='2026-03-02T10:00:00+00:00')
+  write_run('gs://load-runs/runs/unfinished', rows(['a', 'e'], 16, seed=3), summary=False)
+
+  with caplog.at_level(logging.WARNING):
+    collection = embeddings.load([str(tmp_path / 'old'), 'gs://load-runs/runs/*'])
+  assert 'ignoring gs://load-runs/runs/unfinished' in caplog.text
+  assert sorted(collection.uris) == ['a', 'b', 'c', 'd']
+  vectors = _by_uri(collection)
+  for row in new:
+    np.testing.assert_array_equal(vectors[row.uri], row.embedding)
+  np.testing.assert_array_equal(vectors['a'], old[0].embedding)
+  assert collection.vectors.dtype == np.float32 and collection.vectors.shape == (4, 16)
+  table = {r['uri']: r for r in collection.metadata.to_pylist()}
+  assert table['b']['run'] == 'gs://load-runs/runs/new' and table['a']['run'] == str(
+      tmp_path / 'old')
+  assert table['b']['sha256'] == new[0].sha256 and table['b']['size_bytes'] == 1234
+  assert table['b']['last_modified'] == new[0].last_modified
+  assert table['a']['size_bytes'] is None and table['a']['recipe'] is None  # not in old runs
+
+  shards = list(embeddings.iter_shards([str(tmp_path / 'old'), 'gs://load-runs/runs/*']))
+  assert [len(s.uris) for s in shards] == [2, 1, 1]  # new's two shards, then what old adds
+  assert [u for s in shards for u in s.uris] == collection.uris
+
+
+def test_pipeline_runs_local_gzip_then_gcs_plain_give_each_uri_once_newest(gcs_server, tmp_path):
+  """Today's pipeline output (no finished_at: ordered by the summaries' modification times)."""
+  gcs_server.create_bucket('pipeline-runs')
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  shutil.copy(os.path.join(SAMPLE_IMAGES, 'chelsea.png'), folder / 'a.png')
+  shutil.copy(os.path.join(SAMPLE_IMAGES, 'camera.png'), folder / 'b.png')
+  first, second = str(tmp_path / 'first'), 'gs://pipeline-runs/second'
+  run_pipeline([f'--input={folder}/*', f'--output={first}', '--compression=gzip',
+                '--model=builtin:pnasnet_tiny'])
+  shutil.copy(os.path.join(SAMPLE_IMAGES, 'coffee.png'), folder / 'b.png')  # b.png changed
+  shutil.copy(os.path.join(SAMPLE_IMAGES, 'rocket.jpg'), folder / 'c.jpg')
+  run_pipeline([f'--input={folder}/*', f'--output={second}', '--model=builtin:pnasnet_tiny'])
+
+  collection = embeddings.load([first, second])
+  assert sorted(collection.uris) == [str(folder / n) for n in ('a.png', 'b.png', 'c.jpg')]
+  newest = _by_uri(embeddings.load(second))
+  for uri, vector in _by_uri(collection).items():
+    np.testing.assert_array_equal(vector, newest[uri])
+  table = {r['uri']: r for r in collection.metadata.to_pylist()}
+  assert table[str(folder / 'b.png')]['sha256'] == hashlib.sha256(
+      (folder / 'b.png').read_bytes()).hexdigest()
+  assert {r['run'] for r in table.values()} == {second}
+  assert not np.array_equal(_by_uri(embeddings.load(first))[str(folder / 'b.png')],
+                            newest[str(folder / 'b.png')])
+
+
+def test_run_order_falls_back_to_the_summary_modification_time(tmp_path):
+  first, second = rows(['a'], 4, seed=1), rows(['a'], 4, seed=2)
+  write_run(str(tmp_path / 'x'), first, finished_at=None)
+  write_run(str(tmp_path / 'y'), second, finished_at=None)
+  now = time.time()
+  for newer, older, expected in (('x', 'y', first), ('y', 'x', second)):
+    os.utime(tmp_path / newer / 'run_summary.json', (now, now))
+    os.utime(tmp_path / older / 'run_summary.json', (now - 60, now - 60))
+    np.testing.assert_array_equal(embeddings.load(str(tmp_path / '*')).vectors[0],
+                                  expected[0].embedding)
+
+
+def test_a_run_without_summary_is_ignored_and_no_run_at_all_is_an_error(tmp_path, caplog):
+  write_run(str(tmp_path / 'done'), rows(['a'], 4, seed=1))
+  write_run(str(tmp_path / 'running'), rows(['a', 'b'], 4, seed=2), summary=False)
+  with caplog.at_level(logging.WARNING):
+    assert embeddings.load(str(tmp_path / '*')).uris == ['a']
+  assert f'ignoring {tmp_path / "running"}' in caplog.text
+  with pytest.raises(embeddings.NoRunsError, match='no finished run'):
+    embeddings.load(str(tmp_path / 'running'))
+  with pytest.raises(embeddings.NoRunsError, match='no run there'):
+    embeddings.load(str(tmp_path / 'nothing'))
+
+
+def test_mixed_models_or_sizes_are_refused_unless_one_is_chosen(tmp_path):
+  write_run(str(tmp_path / 'large'), rows(['a', 'b'], 8, seed=1), model='builtin:m@untrained-seed0')
+  write_run(str(tmp_path / 'other'), rows(['b', 'c'], 8, seed=2), model='builtin:m@untrained-seed1')
+  with pytest.raises(embeddings.MixedModelsError, match='seed0.*seed1'):
+    embeddings.load(str(tmp_path / '*'))
+  with pytest.raises(embeddings.MixedModelsError):
+    embeddings.iter_shards(str(tmp_path / '*'))  # refused before any shard is read
+  chosen = embeddings.load(str(tmp_path / '*'), model='builtin:m@untrained-seed1')
+  assert sorted(chosen.uris) == ['b', 'c'] and chosen.model == 'builtin:m@untrained-seed1'
+  write_run(str(tmp_path / 'wider'), rows(['d'], 16, seed=3), model='builtin:m@untrained-seed1')
+  with pytest.raises(embeddings.MixedModelsError, match='8-d.*16-d|16-d.*8-d'):
+    embeddings.load(str(tmp_path / '*'), model='builtin:m@untrained-seed1')
+
+
+def test_parquet_shards_and_an_index_that_spares_reading_superseded_runs(tmp_path):
+  new = rows(['a', 'b', 'c'], 8, seed=2)
+  write_run(str(tmp_path / 'new'), new, output_format='both', index=True, shard_rows=2,
+            finished_at='2026-02-01T00:00:00Z')
+  [old_shard] = write_run(str(tmp_path / 'old'), rows(['a', 'b'], 8, seed=1), index=True,
+                          finished_at='2026-01-01T00:00:00Z')
+  with open(old_shard, 'wb') as f:
+    f.write(b'not a TFRecord file: the index must keep the reader away from it')
+  collection = embeddings.load(str(tmp_path / '*'))
+  assert collection.uris == ['a', 'b', 'c']
+  np.testing.assert_array_equal(collection.vectors, np.stack([r.embedding for r in new]))
+  assert set(collection.metadata.column('recipe').to_pylist()) == {
+      'compute_dtype=float32;center_crop_fraction=1.0;jpeg_draft=0'}
+  # An index saying the old run also embedded 'z', which no newer run has: its shard is read.
+  pq.write_table(pa.table({'uri': ['a', 'b', 'z'], 'outcome': ['embedded'] * 3}),
+                 tmp_path / 'old' / 'index-00000-of-00001.parquet')
+  with pytest.raises(CorruptShardError, match='not a TFRecord file'):
+    embeddings.load(str(tmp_path / '*'))
+
+
+def test_a_truncated_tfrecord_shard_is_reported(tmp_path):
+  [path] = write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
+  with open(path, 'rb') as f:
+    data = f.read()
+  with open(path, 'wb') as f:
+    f.write(data[:-10])
+  with pytest.raises(CorruptShardError, match='truncated'):
+    embeddings.load(str(tmp_path / 'run'))
+
+
+def test_streaming_holds_one_shard_not_the_collection(tmp_path):
+  shard_rows, shards, dimension = 25, 40, 1080
+  write_run(str(tmp_path / 'run'), rows([f'img{i:04d}' for i in range(shard_rows * shards)],
+                                        dimension, seed=5), shard_rows=shard_rows)
+  collection_bytes = shard_rows * shards * dimension * 4
+  query = np.random.default_rng(0).standard_normal(dimension).astype(np.float32)
+
+  everything = embeddings.load(str(tmp_path / 'run'))  # imports everything it needs first
+  tracemalloc.start()
+  found = nearest(embeddings.iter_shards(str(tmp_path / 'run')), query, k=5)
+  _, streaming_peak = tracemalloc.get_traced_memory()
+  tracemalloc.reset_peak()
+  embeddings.load(str(tmp_path / 'run'))
+  _, loading_peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+
+  assert loading_peak > collection_bytes  # tracemalloc sees the vectors
+  shard_bytes = collection_bytes // shards
+  # A shard's records, its matrix and one normalized copy: about three shards at most.
+  assert streaming_peak < 3 * shard_bytes, (streaming_peak, shard_bytes)
+  scores = embeddings_cosines(everything.vectors, query)
+  assert [n.uri for n in found] == [everything.uris[i] for i in np.argsort(-scores)[:5]]
+  np.testing.assert_allclose([n.score for n in found], np.sort(scores)[::-1][:5], rtol=1e-5)
+
+
+def embeddings_cosines(vectors, query):
+  return vectors @ query / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(query))
+
+
+@pytest.fixture(scope='module')
+def photo_run(tmp_path_factory):
+  """The sample photos, a half-size and a re-encoded copy of each, and a byte-identical copy of
+  camera.png, embedded by the pipeline with the tiny seeded network."""
+  folder = tmp_path_factory.mktemp('photos')
+  for name in PHOTOS:
+    data = open(os.path.join(SAMPLE_IMAGES, name), 'rb').read()
+    stem, extension = os.path.splitext(name)
+    copies = copies_of(data)
+    (folder / name).write_bytes(data)
+    (folder / f'{stem}_half{extension}').write_bytes(copies['resized'])
+    (folder / f'{stem}_q75.jpg').write_bytes(copies['reencoded'])
+  shutil.copy(folder / 'camera.png', folder / 'camera_copy.png')
+  output = str(tmp_path_factory.mktemp('runs') / 'tiny')
+  summary = run_pipeline([f'--input={folder}/*', f'--output={output}', '--num_shards=3',
+                          '--model=builtin:pnasnet_tiny'])
+  assert summary['embedded'] == 3 * len(PHOTOS) + 1
+  return folder, output
+
+
+def _copies(folder, name):
+  stem, extension = os.path.splitext(name)
+  return {str(folder / f'{stem}_half{extension}'), str(folder / f'{stem}_q75.jpg')}
+
+
+def test_resized_and_reencoded_copies_are_each_photos_two_nearest(photo_run):
+  folder, output = photo_run
+  runs = embeddings.select_model(embeddings.find_runs(output))
+  for name in PHOTOS:
+    if name == 'camera.png':  # its byte-identical copy comes first, with cosine 1
+      continue
+    query = neighbours.find_query(runs, str(folder / name))
+    assert query.source == 'embedded'
+    found = neighbours.search(runs, query, k=2)
+    assert {n.uri for n in found} == _copies(folder, name), name
+
+
+def _tiles(png: bytes, columns: int, rows: int) -> int:
+  """Grid cells of a contact sheet holding something other than background."""
+  image = np.asarray(Image.open(io.BytesIO(png)).convert('RGB'))
+  assert image.shape[:2] == (rows * sheet.CELL_HEIGHT, columns * sheet.CELL_WIDTH)
+  return sum((image[r * sheet.CELL_HEIGHT:(r + 1) * sheet.CELL_HEIGHT,
+                    c * sheet.CELL_WIDTH:(c + 1) * sheet.CELL_WIDTH] != 255).any()
+             for r in range(rows) for c in range(columns))
+
+
+def test_neighbours_command_embeds_a_new_query_and_draws_the_sheet(photo_run, tmp_path, capsys):
+  folder, output = photo_run
+  with Image.open(folder / 'rocket.jpg') as image:
+    image.save(tmp_path / 'rocket_q50.jpg', quality=50)  # not in the run
+  png = tmp_path / 'neighbours.png'
+  found = neighbours.main(['--runs', os.path.dirname(output) + '/*', '--query',
+                           str(tmp_path / 'rocket_q50.jpg'), '--k', '6', '--sheet', str(png)])
+  printed = capsys.readouterr().out
+  assert 'embedded now with builtin:pnasnet_tiny@untrained-seed0' in printed
+  assert {n.uri for n in found[:3]} == {str(folder / 'rocket.jpg')} | _copies(folder, 'rocket.jpg')
+  assert all(n.uri in printed for n in found) and len(found) == 6
+  data = png.read_bytes()
+  assert data.startswith(b'\x89PNG\r\n\x1a\n')
+  Image.open(io.BytesIO(data)).verify()
+  assert _tiles(data, columns=4, rows=2) == 7  # the query and six neighbours, 4 + 3
+
+
+def test_neighbours_command_refuses_an_unknown_query(photo_run, tmp_path, capsys):
+  _, output = photo_run
+  with pytest.raises(SystemExit) as exit_info:
+    neighbours.main(['--runs', output, '--query', str(tmp_path / 'missing.jpg')])
+  assert exit_info.value.code == 2
+  assert 'not embedded in the runs, and cannot be read' in capsys.readouterr().err
+
+
+def test_duplicates_command_groups_copies_and_identical_bytes(photo_run, tmp_path):
+  folder, output = photo_run
+  groups = duplicates.main(['--runs', output, '--csv', str(tmp_path / 'dups.csv'),
+                            '--sheet', str(tmp_path / 'dups.png')])  # tiny's measured default
+  with open(tmp_path / 'dups.csv', newline='') as f:
+    table = list(csv.DictReader(f))
+  members = {}
+  for row in table:
+    members.setdefault(row['group'], set()).add(row['uri'])
+  expected = [{str(folder / name)} | _copies(folder, name) for name in PHOTOS]
+  expected[PHOTOS.index('camera.png')].add(str(folder / 'camera_copy.png'))
+  assert sorted(members.values(), key=sorted) == sorted(expected, key=sorted)
+  copy = next(r for r in table if r['uri'].endswith('camera_copy.png'))
+  camera = next(r for r in table if r['uri'].endswith('/camera.png'))
+  assert copy['sha256'] == camera['sha256'] == hashlib.sha256(
+      (folder / 'camera.png').read_bytes()).hexdigest()
+  assert float(copy['cosine_to_kept']) == pytest.approx(float(camera['cosine_to_kept']), abs=1e-6)
+  assert all(g.kind == 'near' for g in groups) and len(groups) == len(PHOTOS)
+  # Groups, largest first, one row each: camera's four images, then three for each other photo.
+  assert _tiles((tmp_path / 'dups.png').read_bytes(), columns=4, rows=6) == 4 + 3 * 5
+
+
+def test_exact_duplicates_alone_form_an_exact_group(tmp_path):
+  same = rows(['a', 'b'], 8, seed=1)
+  same[1] = same[1]._replace(sha256=same[0].sha256)
+  write_run(str(tmp_path / 'run'), same + rows(['c'], 8, seed=2))
+  groups = duplicates.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.999)
+  assert [(g.kind, len(g.members)) for g in groups] == [('exact', 2)]
+  assert all(m.same_bytes for m in groups[0].members)
+
+
+def test_the_package_imports_without_beam_or_tensorflow():
+  code = ('import sys, embeddings, embeddings.neighbours, embeddings.duplicates; '
+          'print(sorted({"apache_beam", "tensorflow"} & set(sys.modules)))')
+  imported = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            check=True, cwd=PROJECT).stdout
+  assert imported.strip() == '[]'
+
+
+def test_runs_on_s3_with_the_filesystem_flags(s3_server, tmp_path, capsys):
+  s3_server.create_bucket('s3-runs')
+  storage.set_filesystem_options(s3_server.options)
+  run_rows = rows(['s3://s3-runs/photos/a.jpg', 's3://s3-runs/photos/b.jpg'], 8, seed=6)
+  write_run('s3://s3-runs/runs/one', run_rows, compression='gzip', index=True)
+  FileSystems.set_options(PipelineOptions([]))  # the command's own flags must reach the server
+  found = neighbours.main(['--runs', 's3://s3-runs/runs/*', '--query', run_rows[0].uri, '--k', '1']
+                          + s3_server.options)
+  assert [n.uri for n in found] == [run_rows[1].uri]
+  assert f'query: {run_rows[0].uri} (embedded)' in capsys.readouterr().out
