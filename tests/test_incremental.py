@@ -1,0 +1,132 @@
+"""Scheduled runs that embed only what is new: the per-run index, --incremental_from,
+--retry_failed and --input_manifest, on local files and the local GCS server."""
+
+import collections
+import gzip
+import os
+import shutil
+
+import duckdb
+import pytest
+
+from pipeline.launcher import NothingEmbeddedError, read_summary, run
+from tests.test_pipeline import _read_examples, _read_failures
+
+TINY = '--model=builtin:pnasnet_tiny'
+PHOTOS = ('astronaut.png', 'camera.png', 'chelsea.png', 'coffee.png', 'rocket.jpg',
+          'hubble_deep_field.jpg')
+
+
+def _embedded(output, tmp_path):
+  return sorted(os.path.basename(e.features.feature['image/uri'].bytes_list.value[0].decode())
+                for e in _read_examples(output, tmp_path))
+
+
+@pytest.fixture
+def photos(image_folder, tmp_path):
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  for name in PHOTOS[:3]:
+    shutil.copy(image_folder / name, folder / name)
+  return folder
+
+
+def test_a_second_run_embeds_only_the_new_half(photos, image_folder, tmp_path):
+  first = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1'])
+  for name in PHOTOS[3:]:
+    shutil.copy(image_folder / name, photos / name)
+  second = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/2',
+                f'--incremental_from={tmp_path}/runs/*'])
+  assert (first['embedded'], second['embedded'], second['skipped']) == (3, 3, 3)
+  assert second['matched'] == second['embedded'] + second['failed'] + second['skipped']
+  assert _embedded(f'{tmp_path}/runs/2', tmp_path) == sorted(PHOTOS[3:])
+  union = _embedded(first['output'], tmp_path) + _embedded(second['output'], tmp_path)
+  assert sorted(union) == sorted(PHOTOS)  # each image once among the finished runs
+  index = duckdb.sql(f"select uri, outcome, size_bytes from '{tmp_path}/runs/2/index-*.parquet'"
+                     ).fetchall()
+  outcomes = collections.Counter(outcome for _, outcome, _ in index)
+  assert outcomes == {'embedded': 3, 'skipped': 3}
+  assert all(size == os.path.getsize(uri) for uri, _, size in index)
+
+
+def test_changed_files_broken_files_and_retry_failed(photos, image_folder, tmp_path):
+  (photos / 'broken.jpg').write_text('not an image')
+  run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1'])
+  rewritten = photos / 'camera.png'
+  shutil.copy(image_folder / 'coffee.png', rewritten)  # new content, new size and mtime
+  second = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/2',
+                f'--incremental_from={tmp_path}/runs/*'])
+  assert _embedded(second['output'], tmp_path) == ['camera.png']
+  assert second['skipped'] == 3  # two unchanged photos and the unchanged broken file
+  with pytest.raises(NothingEmbeddedError, match='1 files were tried'):  # the broken file alone
+    run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/3',
+         f'--incremental_from={tmp_path}/runs/*', '--retry_failed'])
+  third = read_summary(f'{tmp_path}/runs/3')
+  assert (third['embedded'], third['failed'], third['skipped']) == (0, 1, 3)
+  assert [os.path.basename(f['uri']) for f in _read_failures(third['output'])] == ['broken.jpg']
+
+
+def test_an_unfinished_run_and_another_model_do_not_count(photos, tmp_path):
+  run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1'])
+  os.remove(tmp_path / 'runs' / '1' / 'run_summary.json')  # as if it died before finishing
+  again = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/2',
+               f'--incremental_from={tmp_path}/runs/*'])
+  assert (again['embedded'], again['skipped']) == (3, 0)
+  other_model = run([f'--input={photos}', TINY, '--seed=1', f'--output={tmp_path}/runs/3',
+                     f'--incremental_from={tmp_path}/runs/*'])
+  assert (other_model['embedded'], other_model['skipped']) == (3, 0)
+  other_recipe = run([f'--input={photos}', TINY, '--center_crop_fraction=0.5',
+                      f'--output={tmp_path}/runs/4', f'--incremental_from={tmp_path}/runs/*'])
+  assert (other_recipe['embedded'], other_recipe['skipped']) == (3, 0)
+
+
+def test_incremental_on_gcs_with_two_processes(gcs_server, image_folder, tmp_path):
+  gcs_server.create_bucket('nightly')
+  for name in PHOTOS[:4]:
+    gcs_server.upload(f'gs://nightly/photos/{name}', (image_folder / name).read_bytes())
+  processes = ['--direct_running_mode=multi_processing', '--direct_num_workers=2']
+  run(['--input=gs://nightly/photos', TINY, '--output=gs://nightly/emb/1'] + processes)
+  for name in PHOTOS[4:]:
+    gcs_server.upload(f'gs://nightly/photos/{name}', (image_folder / name).read_bytes())
+  second = run(['--input=gs://nightly/photos', TINY, '--output=gs://nightly/emb/2',
+                '--incremental_from=gs://nightly/emb/*'] + processes)
+  assert (second['embedded'], second['skipped']) == (2, 4)
+  assert _embedded('gs://nightly/emb/2', tmp_path) == sorted(PHOTOS[4:])
+
+
+def test_manifests_plain_gzip_comments_and_missing_uris(gcs_server, image_folder, tmp_path):
+  gcs_server.create_bucket('listed')
+  for name in PHOTOS:
+    gcs_server.upload(f'gs://listed/photos/{name}', (image_folder / name).read_bytes())
+  plain = tmp_path / 'part-1.txt'
+  plain.write_text('# first chunk\n\n' + ''.join(f'gs://listed/photos/{n}\n' for n in PHOTOS[:3])
+                   + 'gs://listed/photos/missing.jpg\n')
+  with gzip.open(tmp_path / 'part-2.txt.gz', 'wt') as f:
+    f.write(''.join(f'  gs://listed/photos/{n}  \n' for n in PHOTOS[3:]))
+  gcs_server.upload('gs://listed/manifests/part-1.txt', plain.read_bytes())
+  gcs_server.upload('gs://listed/manifests/part-2.txt.gz',
+                    (tmp_path / 'part-2.txt.gz').read_bytes())
+  summary = run(['--input_manifest=gs://listed/manifests/*', TINY,
+                 '--input=gs://listed/photos/rocket.jpg',  # named twice: read once
+                 '--output=gs://listed/emb/1'])
+  assert (summary['matched'], summary['embedded'], summary['failed_by_stage']['read']) == (
+      7, 6, 1)
+  [missing] = _read_failures('gs://listed/emb/1')
+  assert (missing['uri'], missing['stage']) == ('gs://listed/photos/missing.jpg', 'read')
+  assert _embedded('gs://listed/emb/1', tmp_path) == sorted(PHOTOS)
+
+
+def test_a_backfill_in_chunks_is_finished_run_by_run(image_folder, tmp_path):
+  """Each chunk is its own finished run, so a failure costs one chunk; a rerun over all chunks
+  with --incremental_from embeds nothing that a finished chunk holds."""
+  chunks = [PHOTOS[:2], PHOTOS[2:4], PHOTOS[4:]]
+  for number, chunk in enumerate(chunks):
+    manifest = tmp_path / f'chunk-{number}.txt'
+    manifest.write_text(''.join(f'{image_folder / n}\n' for n in chunk))
+    run([f'--input_manifest={manifest}', TINY, f'--output={tmp_path}/backfill/chunk-{number}',
+         f'--incremental_from={tmp_path}/backfill/*'])
+  os.remove(tmp_path / 'backfill' / 'chunk-1' / 'run_summary.json')  # chunk 1 "died"
+  rerun = run([f'--input_manifest={tmp_path}/chunk-*.txt', TINY,
+               f'--output={tmp_path}/backfill/rerun', f'--incremental_from={tmp_path}/backfill/*'])
+  assert (rerun['embedded'], rerun['skipped']) == (2, 4)
+  assert _embedded(rerun['output'], tmp_path) == sorted(chunks[1])
