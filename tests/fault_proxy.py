@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import NamedTuple, Optional, Pattern, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 STATUS_FAULTS = (429, 500, 503)
 RESET = 'reset'
@@ -46,7 +46,7 @@ _GCS_OBJECT = re.compile(
 
 
 class FaultRule(NamedTuple):
-  path: Pattern  # searched in the URL-decoded object path ('bucket/name' for both services)
+  path: str  # a regex searched in the URL-decoded object path ('bucket/name' for both services)
   fault: object  # an HTTP status code, RESET or STALL
   methods: Sequence[str] = ('GET', 'HEAD', 'PUT', 'POST', 'DELETE')
   kinds: Sequence[str] = ('list', 'read', 'write')
