@@ -115,22 +115,32 @@ def _stage(uri: str, files: Sequence[FileMetadata], relative_path: Callable[[str
 
   The directory's name hashes the URI with every file's path and checksum, so a model replaced
   at the same URI is copied anew. The copy goes to a fresh directory that is then
-  renamed into place, so concurrent workers on one VM never see a half-written copy.
+  renamed into place, so concurrent workers on one VM never see a half-written copy, and a
+  failed copy is removed. Object names are untrusted: one that is absolute or holds a `..`
+  component would be written outside the copy, and is refused.
   """
   version = json.dumps([uri] + sorted((m.path, FileSystems.checksum(m.path)) for m in files))
   target = os.path.join(STAGING_DIR, hashlib.sha256(version.encode()).hexdigest()[:16])
-  if not os.path.isdir(target):
-    partial = f'{target}.{uuid.uuid4().hex}.partial'
+  if os.path.isdir(target):
+    return target
+  partial = f'{target}.{uuid.uuid4().hex}.partial'
+  try:
     for metadata in files:
-      local = os.path.join(partial, relative_path(metadata.path))
+      relative = relative_path(metadata.path)
+      if os.path.isabs(relative) or '..' in relative.split('/'):
+        raise ModelLoadError(f'{uri} holds an object named {metadata.path!r}, which would be '
+                             f'staged outside {STAGING_DIR}; refusing to copy the model')
+      local = os.path.join(partial, relative)
       os.makedirs(os.path.dirname(local), exist_ok=True)
       with FileSystems.open(metadata.path, compression_type=CompressionTypes.UNCOMPRESSED) as src, \
           open(local, 'wb') as dst:
         shutil.copyfileobj(src, dst, 16 << 20)
-    try:
-      os.rename(partial, target)
-    except OSError:  # another process staged it first
-      shutil.rmtree(partial, ignore_errors=True)
+    os.rename(partial, target)
+  except OSError:
+    if not os.path.isdir(target):  # not "another process staged it first": a real failure
+      raise
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)  # gone after the rename; else the failed copy
   return target
 
 

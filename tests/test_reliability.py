@@ -1,0 +1,84 @@
+"""Determinism of the embeddings across runs and runners; a launcher killed mid-run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline.launcher import SUMMARY_FILE, run
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MULTI_PROCESSING = ['--direct_running_mode=multi_processing', '--direct_num_workers=2']
+
+
+def _embeddings_by_uri(output: str) -> dict:
+  """uri -> the embedding's float32 bytes, exactly as written."""
+  found = {}
+  for path in tf.io.gfile.glob(os.path.join(output, 'embeddings-*.tfrecord')):
+    for record in tf.data.TFRecordDataset(path):
+      feature = tf.train.Example.FromString(record.numpy()).features.feature
+      uri = feature['image/uri'].bytes_list.value[0].decode()
+      assert uri not in found
+      found[uri] = np.asarray(feature['embedding'].float_list.value, np.float32).tobytes()
+  return found
+
+
+def test_embeddings_are_byte_identical_across_runs_runners_and_batch_sizes(image_folder,
+                                                                         tmp_path):
+  """Same inputs and model: the same bytes per URI, however Beam batches and distributes them.
+
+  Batches differ between runners (BatchElements adapts, workers split the input), so this also
+  shows that an image's features do not depend on the other images in its batch.
+  """
+  runs = {
+      'in_memory': [],
+      'in_memory_again': [],
+      'multi_processing': MULTI_PROCESSING,
+      'one_image_batches': ['--max_batch_size=1'],
+  }
+  results = {}
+  for name, extra in runs.items():
+    output = str(tmp_path / name)
+    run([f'--input={image_folder}/*', f'--output={output}', '--model=builtin:pnasnet_tiny',
+         '--max_batch_size=4'] + extra)
+    results[name] = _embeddings_by_uri(output)
+  reference = results.pop('in_memory')
+  assert len(reference) == 6  # the sample photos; the three broken files are dead-lettered
+  for name, embeddings in results.items():
+    assert embeddings.keys() == reference.keys(), name
+    differing = [uri for uri in reference if embeddings[uri] != reference[uri]]
+    assert not differing, f'{name}: {differing}'
+
+
+def _wait_for_temp_files(output: str, process: subprocess.Popen, timeout: float) -> bool:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and process.poll() is None:
+    if os.path.isdir(output) and any('temp' in name for name in os.listdir(output)):
+      return True
+    time.sleep(0.01)
+  return False
+
+
+def test_launcher_killed_mid_run_leaves_no_summary(image_folder, tmp_path):
+  """SIGKILL once the sinks' temporary files exist: no run_summary.json, so no finished run."""
+  output = str(tmp_path / 'killed')
+  process = subprocess.Popen(
+      [sys.executable, 'run_pipeline.py', f'--input={image_folder}/*', f'--output={output}',
+       '--model=builtin:pnasnet_tiny', '--max_batch_size=1'],
+      cwd=PROJECT, env=dict(os.environ, PYTHONPATH=PROJECT), stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    started = _wait_for_temp_files(output, process, timeout=120)
+    process.send_signal(signal.SIGKILL)
+  finally:
+    process.kill()  # a no-op once it is dead
+    process.wait(timeout=30)
+  if not started:
+    pytest.fail(f'no temporary output appeared before the run ended ({process.returncode})')
+  assert process.returncode == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(output, SUMMARY_FILE))
