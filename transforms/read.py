@@ -168,7 +168,7 @@ def _is_file(path: str) -> bool:
 def _file_ref(path: str) -> FileRef:
   if _is_local(path):
     return _local_ref(path)
-  metadata = FileSystems.metadata(path)
+  metadata = FileSystems.get_filesystem(path).metadata(path)
   return FileRef(path, metadata.size_in_bytes, _microseconds(metadata.last_updated_in_seconds))
 
 
