@@ -65,8 +65,11 @@ def _wait_for_temp_files(output: str, process: subprocess.Popen, timeout: float)
 
 
 def test_launcher_killed_mid_run_leaves_no_summary(image_folder, tmp_path):
-  """SIGKILL once the sinks' temporary files exist: no run_summary.json, so no finished run."""
-  output = str(tmp_path / 'killed')
+  """SIGKILL once the sinks' temporary files exist: no run_summary.json, so no finished run; a
+  rerun with --incremental_from completes the set, no image embedded twice among finished runs."""
+  done = run([f'--input={image_folder}/*.png', f'--output={tmp_path}/runs/first',
+              '--model=builtin:pnasnet_tiny'])
+  output = str(tmp_path / 'runs' / 'killed')
   process = subprocess.Popen(
       [sys.executable, 'run_pipeline.py', f'--input={image_folder}/*', f'--output={output}',
        '--model=builtin:pnasnet_tiny', '--max_batch_size=1'],
@@ -82,3 +85,10 @@ def test_launcher_killed_mid_run_leaves_no_summary(image_folder, tmp_path):
     pytest.fail(f'no temporary output appeared before the run ended ({process.returncode})')
   assert process.returncode == -signal.SIGKILL
   assert not os.path.exists(os.path.join(output, SUMMARY_FILE))
+
+  rerun = run([f'--input={image_folder}/*', f'--output={tmp_path}/runs/rerun',
+               '--model=builtin:pnasnet_tiny', f'--incremental_from={tmp_path}/runs/*'])
+  assert rerun['skipped'] == done['embedded'] == 4  # the killed run counts for nothing
+  finished = [_embeddings_by_uri(str(tmp_path / 'runs' / name)) for name in ('first', 'rerun')]
+  assert not set(finished[0]) & set(finished[1])
+  assert len(finished[0]) + len(finished[1]) == done['embedded'] + rerun['embedded']
