@@ -1,8 +1,9 @@
 """Imports deploy/airflow's DAG with real Airflow (run inside Airflow's own venv: check_dag.sh).
 
-Fails when the DagBag has import errors, when the DAG or its tasks are missing, or when the launch
-sends a template parameter that deploy/flex/metadata.json does not declare (Dataflow validates
-launch parameters against the template's metadata).
+Fails when the DagBag has import errors, when the DAG or its tasks are missing, when a task holds a
+Jinja template in a field Airflow does not render, or when the launch sends a template parameter
+that deploy/flex/metadata.json does not declare (Dataflow validates launch parameters against the
+template's metadata).
 """
 
 import json
@@ -25,6 +26,11 @@ def main() -> int:
   else:
     if set(dag.task_ids) != TASKS:
       problems.append(f'tasks {sorted(dag.task_ids)}, expected {sorted(TASKS)}')
+    for task in dag.tasks:  # Airflow renders templates in template_fields only
+      for name, value in vars(task).items():
+        if isinstance(value, str) and '{{' in value and name not in task.template_fields:
+          problems.append(f'{task.task_id}.{name} = {value!r} is never rendered: it is not one '
+                          f'of the template fields {list(task.template_fields)}')
     with open(os.path.join(here, '..', 'flex', 'metadata.json')) as f:
       declared = {p['name'] for p in json.load(f)['parameters']}
     sent = set(dag.get_task('launch').body['launchParameter']['parameters'])

@@ -1,7 +1,7 @@
 """Nightly PNASNet-5 embeddings on Dataflow from the Flex Template (Cloud Composer, Airflow 3).
 
-Copy this file into the environment's dags/ folder and set the `params` below (or override them
-when triggering). Each night's run writes to OUTPUT_ROOT/<logical date>, so a re-run of the same
+Copy this file into the environment's dags/ folder after setting PROJECT, REGION and PARAMS below
+(the params can also be overridden when triggering). Each night's run writes to OUTPUT_ROOT/<logical date>, so a re-run of the same
 night is refused by the pipeline rather than mixed into it, and a backfill writes each night to its
 own directory. The launch task only submits (the template never waits); the next task waits for
 the job without holding a worker slot, and the last one checks that the job wrote its
@@ -15,9 +15,9 @@ from airflow.providers.google.cloud.sensors.dataflow import DataflowJobStatusSen
 from airflow.providers.google.cloud.sensors.gcs import GCSObjectExistenceSensor
 from airflow.sdk import DAG
 
+PROJECT = 'my-project'
+REGION = 'us-central1'
 PARAMS = {
-    'project': 'my-project',
-    'region': 'us-central1',
     'template': 'gs://my-bucket/templates/pnasnet-embeddings.json',
     'input': 'gs://my-bucket/photos/**.jpg',
     'output_bucket': 'my-bucket',
@@ -41,8 +41,8 @@ with DAG(
 ) as dag:
   launch = DataflowStartFlexTemplateOperator(
       task_id='launch',
-      project_id='{{ params.project }}',
-      location='{{ params.region }}',
+      project_id=PROJECT,
+      location=REGION,
       body={'launchParameter': {
           'jobName': 'pnasnet-embeddings-{{ ds_nodash }}',
           'containerSpecGcsPath': '{{ params.template }}',
@@ -65,8 +65,8 @@ with DAG(
   )
   wait = DataflowJobStatusSensor(
       task_id='wait_for_job',
-      project_id='{{ params.project }}',
-      location='{{ params.region }}',
+      project_id=PROJECT,
+      location=REGION,
       job_id="{{ task_instance.xcom_pull(task_ids='launch', key='job_id') }}",
       expected_statuses={'JOB_STATE_DONE'},
       mode='reschedule',
