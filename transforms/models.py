@@ -250,8 +250,13 @@ class EmbeddingModel:
     return self._description
 
   def devices(self) -> list:
-    """Where the variables live: the GPU self-check and the workers' log show it."""
-    return sorted({variable.device for variable in getattr(self._owner, 'variables', ())})
+    """Where the weights live (the GPU self-check and the workers' log show it).
+
+    Floating-point variables only: TensorFlow may keep integer ones, such as a step counter, on the
+    host even when the model runs on a GPU.
+    """
+    return sorted({variable.device for variable in getattr(self._owner, 'variables', ())
+                   if variable.dtype.is_floating})
 
 
 def load_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
