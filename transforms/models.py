@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import urllib.error
 import uuid
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -164,9 +166,17 @@ def resolve_model_dir(handle: str) -> str:
     import tensorflow_hub as hub
     try:
       return hub.resolve(handle)
-    except Exception as exc:  # DNS, proxy, HTTP: all mean "not reachable from here"
+    except urllib.error.HTTPError as exc:  # the server answered: the handle is wrong or gone
+      raise ModelLoadError(f'cannot fetch {handle}: the server answered HTTP {exc.code} '
+                           f'{exc.reason}. ' + OFFLINE_CHOICES) from exc
+    except (urllib.error.URLError, ConnectionError, socket.timeout) as exc:  # DNS, proxy, refused
       raise ModelLoadError(f'cannot fetch {handle} ({type(exc).__name__}: {exc}). '
                            + OFFLINE_CHOICES) from exc
+    except Exception as exc:  # the download broke off or is not a module archive
+      raise ModelLoadError(
+          f'the download of {handle} is not a complete module archive ({type(exc).__name__}: '
+          f'{exc}); nothing was cached, so the next run downloads it again. Bake the model into '
+          f'the worker image (deploy/README.md) to stop depending on the download.') from exc
   if _is_remote(handle):
     try:
       return _stage_directory(handle)
@@ -317,9 +327,27 @@ class EmbeddingModel:
   def describe(self) -> ModelDescription:
     return self._description
 
+  def devices(self) -> list:
+    """Where the weights live (the GPU self-check and the workers' log show it).
+
+    Floating-point variables only: TensorFlow may keep integer ones, such as a step counter, on the
+    host even when the model runs on a GPU.
+    """
+    return sorted({variable.device for variable in getattr(self._owner, 'variables', ())
+                   if variable.dtype.is_floating})
+
 
 def load_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
                compute_dtype: str = 'float32') -> EmbeddingModel:
+  model = _load_model(handle, checkpoint, seed, compute_dtype)
+  # Once per load: a worker whose model landed on the CPU says so in the job's log.
+  logging.info('model %s loaded on %s', model.describe().model_id,
+               ', '.join(model.devices()) or 'no variables')
+  return model
+
+
+def _load_model(handle: str, checkpoint: Optional[str], seed: int,
+                compute_dtype: str) -> EmbeddingModel:
   if is_builtin(handle):
     from pnasnet import build_model
     config = _builtin_config(handle)

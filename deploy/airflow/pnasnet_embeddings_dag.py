@@ -1,0 +1,84 @@
+"""Nightly PNASNet-5 embeddings on Dataflow from the Flex Template (Cloud Composer, Airflow 3).
+
+Copy this file into the environment's dags/ folder after setting PROJECT, REGION and PARAMS below
+(the params can also be overridden when triggering). Each night's run writes to OUTPUT_ROOT/<logical date>, so a re-run of the same
+night is refused by the pipeline rather than mixed into it, and a backfill writes each night to its
+own directory. The launch task only submits (the template never waits); the next task waits for
+the job without holding a worker slot, and the last one checks that the job wrote its
+run_summary.json, which the pipeline writes last, after every output file.
+"""
+
+import datetime
+
+from airflow.providers.google.cloud.operators.dataflow import DataflowStartFlexTemplateOperator
+from airflow.providers.google.cloud.sensors.dataflow import DataflowJobStatusSensor
+from airflow.providers.google.cloud.sensors.gcs import GCSObjectExistenceSensor
+from airflow.sdk import DAG
+
+PROJECT = 'my-project'
+REGION = 'us-central1'
+PARAMS = {
+    'template': 'gs://my-bucket/templates/pnasnet-embeddings.json',
+    'input': 'gs://my-bucket/photos/**.jpg',
+    'output_bucket': 'my-bucket',
+    'output_prefix': 'embeddings',
+    'model': 'builtin:pnasnet_large',
+    'checkpoint': 'gs://my-bucket/pnasnet-5_large_2017_12_13/model.ckpt',
+    'temp_location': 'gs://my-bucket/tmp',
+    'machine_type': 'n1-standard-8',
+}
+OUTPUT = 'gs://{{ params.output_bucket }}/{{ params.output_prefix }}/{{ ds }}'
+
+with DAG(
+    dag_id='pnasnet_embeddings_nightly',
+    description='PNASNet-5 embeddings of the photo bucket, one Dataflow job a night',
+    schedule='0 2 * * *',
+    start_date=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    tags=['dataflow', 'embeddings'],
+) as dag:
+  launch = DataflowStartFlexTemplateOperator(
+      task_id='launch',
+      project_id=PROJECT,
+      location=REGION,
+      body={'launchParameter': {
+          'jobName': 'pnasnet-embeddings-{{ ds_nodash }}',
+          'containerSpecGcsPath': '{{ params.template }}',
+          'parameters': {
+              'input': '{{ params.input }}',
+              'output': OUTPUT,
+              'model': '{{ params.model }}',
+              'checkpoint': '{{ params.checkpoint }}',
+              'large_model': 'true',
+              'max_batch_size': '64',
+          },
+          'environment': {
+              'tempLocation': '{{ params.temp_location }}',
+              'machineType': '{{ params.machine_type }}',
+              'maxWorkers': 8,
+          },
+      }},
+      wait_until_finished=False,
+      append_job_name=False,  # the job name already carries the date
+  )
+  wait = DataflowJobStatusSensor(
+      task_id='wait_for_job',
+      project_id=PROJECT,
+      location=REGION,
+      job_id="{{ task_instance.xcom_pull(task_ids='launch', key='job_id') }}",
+      expected_statuses={'JOB_STATE_DONE'},
+      mode='reschedule',
+      poke_interval=300,
+      timeout=24 * 3600,
+  )
+  summary = GCSObjectExistenceSensor(
+      task_id='run_summary_written',
+      bucket='{{ params.output_bucket }}',
+      object='{{ params.output_prefix }}/{{ ds }}/run_summary.json',
+      mode='reschedule',
+      poke_interval=60,
+      timeout=3600,
+  )
+  launch >> wait >> summary
