@@ -2,7 +2,6 @@
 
 import argparse
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -83,9 +82,7 @@ def test_required_parameters_are_what_validation_requires():
 
   def check(names):
     options = PipelineOptions([f'--{name}={REQUIRED_SAMPLES[name]}' for name in sorted(names)])
-    # main's validate is gaining the PipelineOptions as a second argument.
-    takes_pipeline_options = len(inspect.signature(validate).parameters) > 1
-    validate(options.view_as(EmbeddingOptions), *([options] if takes_pipeline_options else []))
+    validate(options.view_as(EmbeddingOptions), options)
 
   check(required)  # the required parameters alone make a valid run
   for name in required:  # and each of them is needed

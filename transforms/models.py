@@ -95,9 +95,11 @@ def weights_identity(handle: str, checkpoint: Optional[str], seed: int,
     if not checkpoint:
       return f'untrained seed {seed}'
     return f'checkpoint {checkpoint} index-sha256:{_file_digest(checkpoint + ".index")}'
-  index = FileSystems.join(model_dir or handle, 'variables', 'variables.index')
+  if model_dir is None:
+    model_dir = resolve_model_dir(handle) if handle.startswith(('http://', 'https://')) else handle
+  index = FileSystems.join(model_dir, 'variables', 'variables.index')
   digest = f'index-sha256:{_file_digest(index)}' if FileSystems.exists(index) else 'no variables'
-  mark = read_export_mark(model_dir or handle)
+  mark = read_export_mark(model_dir)
   if mark and mark.get('untrained'):
     return f'untrained seed {mark["seed"]} (exported by pnasnet.export), {digest}'
   return f'module {digest}'

@@ -3,7 +3,8 @@
 Copy this file into the environment's dags/ folder after setting PROJECT, REGION and PARAMS below
 (the params can also be overridden when triggering). Each night's run writes to OUTPUT_ROOT/<logical date>, so a re-run of the same
 night is refused by the pipeline rather than mixed into it, and a backfill writes each night to its
-own directory. The launch task only submits (the template never waits); the next task waits for
+own directory, and --incremental_from over the earlier nights makes each night embed only new
+and changed images. The launch task only submits (the template never waits); the next task waits for
 the job without holding a worker slot, and the last one checks that the job wrote its
 run_summary.json, which the pipeline writes last, after every output file.
 """
@@ -51,6 +52,10 @@ with DAG(
               'output': OUTPUT,
               'model': '{{ params.model }}',
               'checkpoint': '{{ params.checkpoint }}',
+              # Only what earlier finished nights did not embed (new or changed files).
+              'incremental_from': 'gs://{{ params.output_bucket }}/{{ params.output_prefix }}/*',
+              # GPU workers for decode + inference only; reading and writing stay on CPUs.
+              'inference_accelerator': 'type:nvidia-tesla-t4;count:1;install-nvidia-driver',
               'large_model': 'true',
               'max_batch_size': '64',
           },
