@@ -1,6 +1,7 @@
 """Checks everything it can before any work, claims the output, submits the pipeline, and (unless
 told not to wait) reads back the run_summary.json that the job itself writes."""
 
+import argparse
 import datetime
 import json
 import logging
@@ -11,9 +12,9 @@ from typing import Dict, List, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptions, PipelineOptions,
-                                                  SetupOptions, StandardOptions, TestOptions,
-                                                  WorkerOptions)
+from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptions,
+                                                  PipelineOptions, SetupOptions, StandardOptions,
+                                                  TestOptions, WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
 from pipeline.build import build_pipeline
@@ -219,9 +220,9 @@ def _run_pipeline(options, embedding, model, provenance, fields, indexes) -> Dic
 
 def print_help(show_beam_options: bool) -> None:
   """This project's flags; Beam's many options only with --help_beam."""
-  parser = all_flags_parser() if show_beam_options else None
-  if parser is None:
-    import argparse
+  if show_beam_options:
+    parser = all_flags_parser()
+  else:
     parser = argparse.ArgumentParser(prog='run_pipeline.py', add_help=False, description=(
         'Embeds images with PNASNet-5. Beam\'s own options (--runner, --project, --region, '
         '--temp_location, ...) pass through: python run_pipeline.py --help_beam lists them.'))

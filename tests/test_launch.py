@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from pipeline.launcher import run
 from pipeline.options import OptionsError, expand_output
@@ -21,7 +20,6 @@ from pipeline.output_dir import (CLAIM_FILE, OutputExistsError, OutputNotWritabl
 from pnasnet import build_model
 from pnasnet.checkpoint import model_values, save_slim_checkpoint
 from tests.test_pipeline import PROJECT, _read_examples
-from transforms.models import ModelLoadError
 
 TINY = '--model=builtin:pnasnet_tiny'
 README = os.path.join(PROJECT, 'README.md')
@@ -123,8 +121,8 @@ def test_two_runs_started_at_once_do_not_mix(image_folder, tmp_path):
 def test_ctrl_c_says_in_one_line_what_was_left(image_folder, tmp_path):
   output = tmp_path / 'out'
   process = subprocess.Popen(
-      [sys.executable, 'run_pipeline.py', f'--input={image_folder}', '--model=builtin:pnasnet_large',
-       f'--output={output}'], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      [sys.executable, 'run_pipeline.py', f'--input={image_folder}',
+       '--model=builtin:pnasnet_large', f'--output={output}'], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
   deadline = time.monotonic() + 120
   while not (output / CLAIM_FILE).exists() and time.monotonic() < deadline:

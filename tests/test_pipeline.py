@@ -28,7 +28,8 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _read_examples(output: str, tmp_path) -> list:
   examples = []
-  for match in FileSystems.match([FileSystems.join(output, 'embeddings-*.tfrecord*')])[0].metadata_list:
+  shards = FileSystems.join(output, 'embeddings-*.tfrecord*')
+  for match in FileSystems.match([shards])[0].metadata_list:
     local = tmp_path / os.path.basename(match.path)
     with FileSystems.open(match.path, compression_type='uncompressed') as f:
       local.write_bytes(f.read())

@@ -210,9 +210,10 @@ def check_checkpoint_fits(handle: str, prefix: str) -> None:
   config = _builtin_config(handle)
   with tempfile.TemporaryDirectory() as local:
     index = os.path.join(local, 'model.ckpt.index')
-    with FileSystems.open(prefix + '.index', compression_type=CompressionTypes.UNCOMPRESSED) as src, \
-        open(index, 'wb') as dst:
-      shutil.copyfileobj(src, dst)
+    with FileSystems.open(prefix + '.index',
+                          compression_type=CompressionTypes.UNCOMPRESSED) as src:
+      with open(index, 'wb') as dst:
+        shutil.copyfileobj(src, dst)
     shapes = tf.train.load_checkpoint(index[:-len('.index')]).get_variable_to_shape_map()
   with tf.Graph().as_default():
     network = PNASNet(config, initializer=zeros_initializer)

@@ -130,7 +130,7 @@ def _walk_local(folder: str, regex: 're.Pattern', max_depth: Optional[int]) -> I
       folders[:] = []
       continue
     seen.add(real)
-    if max_depth is not None and root.rstrip('/').count('/') - base_depth >= max_depth:
+    if max_depth is not None and root.rstrip('/').count('/') - base_depth >= max_depth - 1:
       folders[:] = []
     for name in sorted(files):
       path = os.path.join(root, name)

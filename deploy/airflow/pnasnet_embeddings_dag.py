@@ -1,12 +1,13 @@
 """Nightly PNASNet-5 embeddings on Dataflow from the Flex Template (Cloud Composer, Airflow 3).
 
 Copy this file into the environment's dags/ folder after setting PROJECT, REGION and PARAMS below
-(the params can also be overridden when triggering). Each night's run writes to OUTPUT_ROOT/<logical date>, so a re-run of the same
-night is refused by the pipeline rather than mixed into it, and a backfill writes each night to its
-own directory, and --incremental_from over the earlier nights makes each night embed only new
-and changed images. The launch task only submits (the template never waits); the next task waits for
-the job without holding a worker slot, and the last one checks that the job wrote its
-run_summary.json, which the pipeline writes last, after every output file.
+(the params can also be overridden when triggering). Each night's run writes to
+OUTPUT_ROOT/<logical date>, so a re-run of the same night is refused by the pipeline rather than
+mixed into it, and a backfill writes each night to its own directory; --incremental_from over the
+earlier nights makes each night embed only new and changed images. The launch task only submits
+(the template never waits); the next task waits for the job without holding a worker slot, and the
+last one checks that the job wrote its run_summary.json, which the pipeline writes last, after
+every output file.
 """
 
 import datetime
