@@ -81,7 +81,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions, model: Mo
                   failures | 'FailedRows' >> beam.Map(failed_index_row, provenance),
                   skipped | 'SkippedRows' >> beam.Map(skipped_index_row, provenance))
                  | 'IndexRows' >> beam.Flatten()
-                 | 'WriteIndex' >> WriteIndex(options.output, provenance))
+                 | 'WriteIndex' >> WriteIndex(options.output, provenance,
+                                              num_shards=options.num_shards))
   all_matched = ((refs | 'MatchedUris' >> beam.Map(lambda ref: ref.uri),
                   matched[FAILURES_TAG] | 'UnstatedUris' >> beam.Map(lambda failure: failure.uri))
                  | 'Matched' >> beam.Flatten())
