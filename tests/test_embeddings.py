@@ -316,3 +316,29 @@ def test_runs_on_s3_with_the_filesystem_flags(s3_server, tmp_path, capsys):
                           + s3_server.options)
   assert [n.uri for n in found] == [run_rows[1].uri]
   assert f'query: {run_rows[0].uri} (embedded)' in capsys.readouterr().out
+
+
+def test_parquet_output_equals_the_tfrecords_exactly_in_duckdb(image_folder, tmp_path):
+  """--output_format both: DuckDB reads the pipeline's Parquet shards as they are, and every
+  vector equals its TFRecord twin bit for bit; `load` reads the same from either."""
+  import duckdb
+  import tensorflow as tf
+  output = str(tmp_path / 'both')
+  summary = run_pipeline([f'--input={image_folder}', '--model=builtin:pnasnet_tiny',
+                          f'--output={output}', '--output_format=both', '--num_shards=2'])
+  from_tfrecord = {}
+  for path in tf.io.gfile.glob(f'{output}/embeddings-*.tfrecord'):
+    for record in tf.data.TFRecordDataset(path):
+      feature = tf.train.Example.FromString(record.numpy()).features.feature
+      from_tfrecord[feature['image/uri'].bytes_list.value[0].decode()] = np.asarray(
+          feature['embedding'].float_list.value, np.float32)
+  table = duckdb.sql(f"SELECT uri, embedding, size_bytes, last_modified, model, recipe "
+                     f"FROM '{output}/embeddings-*.parquet'").fetchall()
+  assert len(table) == len(from_tfrecord) == summary['embedded']
+  for uri, vector, size_bytes, last_modified, model, recipe in table:
+    np.testing.assert_array_equal(np.asarray(vector, np.float32), from_tfrecord[uri])
+    assert size_bytes == os.path.getsize(uri) and last_modified.tzinfo is not None
+    assert (model, recipe) == (summary['model'], summary['recipe'])
+  collection = embeddings.load(output)
+  for uri, vector in _by_uri(collection).items():
+    np.testing.assert_array_equal(vector, from_tfrecord[uri])
