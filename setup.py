@@ -19,11 +19,12 @@ TEST = [
     'pytest==9.2.0',
     'gcp-storage-emulator==2026.7.19',
     'moto[server]==5.2.5',  # a local S3-protocol server for the s3:// tests
+    'duckdb==2.0.1',  # reads the Parquet outputs as a warehouse would
 ]
 
 setuptools.setup(
     name='pnasnet-embeddings',
-    version='0.1.0',
+    version='0.2.0',
     description='PNASNet-5 Large image embeddings at scale with Apache Beam',
     python_requires='>=3.10,<3.13',
     packages=setuptools.find_packages(include=['pipeline', 'transforms', 'pnasnet', 'embeddings']),
