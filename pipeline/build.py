@@ -21,7 +21,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
       options.model, checkpoint=options.checkpoint, seed=options.seed,
       compute_dtype=options.compute_dtype, min_batch_size=options.min_batch_size,
       max_batch_size=options.max_batch_size, large_model=options.large_model,
-      model_copies=options.model_copies)
+      model_copies=options.model_copies, jit_compile=options.jit_compile)
   embedded = decoded.decoded | 'EmbedImages' >> EmbedImages(handler)
   _ = embedded['embeddings'] | 'WriteEmbeddings' >> WriteEmbeddings(
       options.output, num_shards=options.num_shards, compression=options.compression)

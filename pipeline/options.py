@@ -75,6 +75,10 @@ class EmbeddingOptions(PipelineOptions):
     group.add_argument('--jpeg_draft', action='store_true', default=False,
                        help='Let Pillow decode large JPEGs at reduced size (faster, '
                        'slightly different pixels; see README).')
+    group.add_argument('--jit_compile', action='store_true', default=False,
+                       help='Compile a builtin: model with XLA (for GPU workers; slow on CPUs), '
+                       'once per batch size, batches padded to powers of two up to '
+                       '--max_batch_size.')
 
 
 def validate(options: EmbeddingOptions) -> None:
