@@ -5,9 +5,12 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 
-from transforms.placement import claim_load_index
+import pytest
+
+from transforms.placement import COUNTER_PREFIX, claim_load_index
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,13 +44,20 @@ print(json.dumps(report))
 '''
 
 
+@pytest.fixture
+def run_token():
+  token = uuid.uuid4().hex
+  yield token
+  os.remove(os.path.join(tempfile.gettempdir(), COUNTER_PREFIX + token))
+
+
 def _claim(token, count, queue):
   queue.put([claim_load_index(token) for _ in range(count)])
 
 
-def test_load_indices_are_distinct_across_processes():
+def test_load_indices_are_distinct_across_processes(run_token):
   """Copies may be loaded by different processes of a machine: each still gets its own index."""
-  token = uuid.uuid4().hex
+  token = run_token
   spawn = multiprocessing.get_context('spawn')
   queue = spawn.Queue()
   claimers = [spawn.Process(target=_claim, args=(token, 5, queue)) for _ in range(3)]
@@ -57,7 +67,6 @@ def test_load_indices_are_distinct_across_processes():
   for claimer in claimers:
     claimer.join()
   assert sorted(claimed) == list(range(15))
-  assert claim_load_index(uuid.uuid4().hex) == 0  # another run counts from zero
 
 
 def _placed_ops(stderr: str, copy: int) -> list:
@@ -67,8 +76,8 @@ def _placed_ops(stderr: str, copy: int) -> list:
           if '): /job:' in line or ' in device /job:' in line]
 
 
-def _check_placement(handle: str, expected_variables: bool):
-  child = subprocess.run([sys.executable, '-c', PLACEMENT_SCRIPT, handle, uuid.uuid4().hex],
+def _check_placement(handle: str, token: str, expected_variables: bool):
+  child = subprocess.run([sys.executable, '-c', PLACEMENT_SCRIPT, handle, token],
                          capture_output=True, text=True, cwd=PROJECT, timeout=300,
                          env=dict(os.environ, PYTHONPATH=PROJECT))
   assert child.returncode == 0, child.stderr[-3000:]
@@ -84,9 +93,9 @@ def _check_placement(handle: str, expected_variables: bool):
     assert placed['identical']
 
 
-def test_builtin_copies_run_round_robin_on_the_devices():
-  _check_placement('builtin:pnasnet_tiny', expected_variables=True)
+def test_builtin_copies_run_round_robin_on_the_devices(run_token):
+  _check_placement('builtin:pnasnet_tiny', run_token, expected_variables=True)
 
 
-def test_saved_model_copies_run_round_robin_on_the_devices(tf2_saved_model):
-  _check_placement(tf2_saved_model, expected_variables=False)
+def test_saved_model_copies_run_round_robin_on_the_devices(tf2_saved_model, run_token):
+  _check_placement(tf2_saved_model, run_token, expected_variables=False)
