@@ -40,7 +40,8 @@ class DecodeAndEmbed(beam.PTransform):
         options.model, checkpoint=options.checkpoint, seed=options.seed,
         compute_dtype=options.compute_dtype, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, large_model=options.large_model,
-        model_copies=options.model_copies, model_id=self._model.model_id)
+        model_copies=options.model_copies, jit_compile=options.jit_compile,
+        model_id=self._model.model_id)
     embedded = decoded.decoded | 'EmbedImages' >> EmbedImages(handler)
     failures = ((decoded[FAILURES_TAG], embedded[FAILURES_TAG])
                 | 'Failures' >> beam.Flatten())

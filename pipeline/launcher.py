@@ -84,7 +84,8 @@ def _summary_fields(embedding: EmbeddingOptions, options: PipelineOptions, model
       'seed': embedding.seed if not embedding.checkpoint else None,
       'weights': provenance.weights, 'compute_dtype': embedding.compute_dtype,
       'center_crop_fraction': embedding.center_crop_fraction,
-      'jpeg_draft': embedding.jpeg_draft, 'recipe': provenance.recipe,
+      'jpeg_draft': embedding.jpeg_draft, 'jit_compile': embedding.jit_compile,
+      'recipe': provenance.recipe,
       'pipeline_version': provenance.version,
       'embedding_size': model.feature_size, 'image_size': [model.height, model.width],
       'input': list(embedding.input or []), 'input_manifest': list(embedding.input_manifest or []),
@@ -170,7 +171,8 @@ def run(argv: Optional[List[str]] = None) -> Dict:
                          embedding.compute_dtype)
   provenance = Provenance(
       model.model_id, weights_identity(embedding.model, embedding.checkpoint, embedding.seed),
-      recipe(embedding.compute_dtype, embedding.center_crop_fraction, embedding.jpeg_draft),
+      recipe(embedding.compute_dtype, embedding.center_crop_fraction, embedding.jpeg_draft,
+             embedding.jit_compile),
       project_version())
   check_inputs_match(embedding.input)
   check_manifests_exist(embedding.input_manifest)

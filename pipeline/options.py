@@ -4,7 +4,7 @@ import argparse
 import datetime
 import difflib
 import re
-from typing import List, Sequence
+from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
@@ -94,6 +94,10 @@ class EmbeddingOptions(PipelineOptions):
     group.add_argument('--jpeg_draft', action='store_true', default=False,
                        help='Let Pillow decode large JPEGs at reduced size (faster, '
                        'slightly different pixels; see README).')
+    group.add_argument('--jit_compile', action='store_true', default=False,
+                       help='Compile a builtin: model with XLA (for GPU workers; slow on CPUs), '
+                       'once per batch size, batches padded to powers of two up to '
+                       '--max_batch_size.')
     group.add_argument(
         '--incremental_from', nargs='+', action='extend', default=None,
         help='Earlier run directories (globs allowed), e.g. "gs://bucket/emb/*": files that a '
@@ -114,13 +118,6 @@ class EmbeddingOptions(PipelineOptions):
     group.add_argument('--clean_unfinished', action='store_true', default=False,
                        help='If --output holds an unfinished run (claimed, no run_summary.json: '
                        'interrupted), delete its files and claim it anew.')
-
-
-def project_flags() -> List[str]:
-  """The flags this project adds, as `--name`."""
-  parser = argparse.ArgumentParser(add_help=False)
-  EmbeddingOptions._add_argparse_args(parser)  # pylint: disable=protected-access
-  return [action.option_strings[0] for action in parser._actions]  # pylint: disable=protected-access
 
 
 def all_flags_parser() -> argparse.ArgumentParser:
@@ -194,7 +191,8 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
     except ValueError as exc:
       problems.append(f'--inference_min_ram {options.inference_min_ram!r}: {exc}')
   try:
-    check_model_options(options.model, options.checkpoint, options.compute_dtype)
+    check_model_options(options.model, options.checkpoint, options.compute_dtype,
+                        options.jit_compile)
   except ModelLoadError as exc:
     problems.append(str(exc))
   if options.output:

@@ -1,7 +1,8 @@
 """Stage 3: RunInference with the project's ModelHandler, one model per process (or per VM)."""
 
 import logging
-from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence
+import uuid
+from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
 import numpy as np
@@ -10,10 +11,12 @@ from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, Pred
 
 from transforms.decode import DecodedImage
 from transforms.failures import FAILURES_TAG, INFERENCE, Failure
-from transforms.models import EmbeddingModel, load_model
-from transforms.models import model_id as default_model_id
 from transforms import quiet_logs
+from transforms.models import EmbeddingModel, check_model_options, load_model
+from transforms.models import model_id as default_model_id
+from transforms.placement import device_for_load
 from transforms.progress import ProgressReporter
+from transforms.shared_batches import SharedBatchModel, embed_batch
 
 METRICS_NAMESPACE = 'embed'
 
@@ -57,31 +60,51 @@ def configure_gpus() -> list:
 
 class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, EmbeddingModel]):
   """Loads a TF-Hub module, SavedModel or built-in PNASNet (Beam's TFModelHandler* cannot load
-  TF1 Hub format) and embeds batches of preprocessed images."""
+  TF1 Hub format) and embeds batches of preprocessed images.
+
+  A model shared across processes (--large_model, --model_copies) receives its batches through
+  shared memory (transforms/shared_batches.py); the i-th model a run loads on a machine runs on
+  its GPU i mod G (transforms/placement.py).
+  """
 
   def __init__(self, model: str, checkpoint: Optional[str] = None, seed: int = 0,
                compute_dtype: str = 'float32', min_batch_size: int = 1,
                max_batch_size: int = 16, large_model: bool = False,
-               model_copies: Optional[int] = None, model_id: Optional[str] = None):
+               model_copies: Optional[int] = None, jit_compile: bool = False,
+               model_id: Optional[str] = None):
     super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
                      large_model=large_model, model_copies=model_copies)
+    check_model_options(model, checkpoint, compute_dtype, jit_compile)
     self._model = model
     self._checkpoint = checkpoint
     self._seed = seed
     self._compute_dtype = compute_dtype
+    self._max_batch_size = max_batch_size
+    self._jit_compile = jit_compile
     # Known without the model (the launcher describes it): asking a shared model's proxy would
     # cost a round trip per batch.
     self._model_id = model_id or default_model_id(model, checkpoint, seed, compute_dtype)
+    self._run_token = uuid.uuid4().hex  # the same in every worker: numbers this run's loads
 
-  def load_model(self) -> EmbeddingModel:
+  def load_model(self) -> Union[EmbeddingModel, SharedBatchModel]:
     gpus = configure_gpus()
-    logging.info('loading %s on %s', self._model, f'{len(gpus)} GPU(s)' if gpus else 'the CPU')
-    return load_model(self._model, self._checkpoint, self._seed, self._compute_dtype)
+    device = device_for_load(self._run_token)
+    model = load_model(self._model, self._checkpoint, self._seed, self._compute_dtype,
+                       device=device, jit_compile=self._jit_compile,
+                       max_batch_size=self._max_batch_size)
+    logging.info('%s runs on %s (%d GPU(s) here%s%s)', self._model, device or 'the CPU',
+                 len(gpus), ', shared across processes' if self.share_model_across_processes()
+                 else '', ', XLA' if self._jit_compile else '')
+    return SharedBatchModel(model) if self.share_model_across_processes() else model
 
-  def run_inference(self, batch: Sequence[np.ndarray], model: EmbeddingModel,
+  def run_inference(self, batch: Sequence[np.ndarray],
+                    model: Union[EmbeddingModel, SharedBatchModel],
                     inference_args: Optional[Dict[str, Any]] = None
                     ) -> Iterable[PredictionResult]:
-    features = model.embed(np.stack(batch))
+    if self.share_model_across_processes():
+      features = embed_batch(model, batch)  # `model` is Beam's proxy of a SharedBatchModel
+    else:
+      features = model.embed(np.stack(batch))
     return [PredictionResult(None, vector, self._model_id) for vector in features]
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:

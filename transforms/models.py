@@ -23,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from tensorflow.core.protobuf import saved_model_pb2
 
 from pnasnet.export import EXPORT_MARK
+from transforms.xla import PaddedXlaFunction
 
 DEFAULT_MODEL = 'https://tfhub.dev/google/imagenet/pnasnet_large/feature_vector/1'
 BUILTIN_PREFIX = 'builtin:'
@@ -274,7 +275,7 @@ def _read_feature_signature(model_dir: str, handle: str) -> FeatureSignature:
 
 
 def check_model_options(handle: str, checkpoint: Optional[str],
-                        compute_dtype: str = 'float32') -> None:
+                        compute_dtype: str = 'float32', jit_compile: bool = False) -> None:
   """Options that only the built-in network takes: a module or SavedModel brings its own."""
   if is_builtin(handle):
     return
@@ -284,6 +285,9 @@ def check_model_options(handle: str, checkpoint: Optional[str],
   if compute_dtype != 'float32':
     raise ModelLoadError('--compute_dtype applies to builtin: models only; a module or '
                          'SavedModel computes in the dtype it was exported with')
+  if jit_compile:
+    raise ModelLoadError('--jit_compile applies to builtin: models only; a module or '
+                         'SavedModel runs the graph it was exported with')
 
 
 def _builtin_description(handle: str, checkpoint: Optional[str], seed: int,
@@ -319,13 +323,16 @@ class EmbeddingModel:
   workers a proxy, which forwards method calls but neither attributes nor `__call__`.
   """
 
-  def __init__(self, function, description: ModelDescription, owner=None):
+  def __init__(self, function, description: ModelDescription, owner=None,
+               device: Optional[str] = None):
     self._function = function
     self._description = description
     self._owner = owner  # what holds the variables the function reads
+    self._device = device  # where the variables are; None: TensorFlow's default device
 
   def embed(self, images: np.ndarray) -> np.ndarray:
-    return self._function(tf.convert_to_tensor(images, tf.float32)).numpy()
+    with tf.device(self._device):
+      return self._function(tf.convert_to_tensor(images, tf.float32)).numpy()
 
   def describe(self) -> ModelDescription:
     return self._description
@@ -341,16 +348,22 @@ class EmbeddingModel:
 
 
 def load_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
-               compute_dtype: str = 'float32') -> EmbeddingModel:
-  model = _load_model(handle, checkpoint, seed, compute_dtype)
+               compute_dtype: str = 'float32', device: Optional[str] = None,
+               jit_compile: bool = False, max_batch_size: int = 16) -> EmbeddingModel:
+  """The model on `device` (a TensorFlow device name; None: TensorFlow's default).
+
+  `jit_compile` (built-in models) compiles with XLA for batch sizes up to `max_batch_size`.
+  """
+  with tf.device(device):
+    model = _load_model(handle, checkpoint, seed, compute_dtype, device, jit_compile,
+                        max_batch_size)
   # Once per load: a worker whose model landed on the CPU says so in the job's log.
   logging.info('model %s loaded on %s', model.describe().model_id,
                ', '.join(model.devices()) or 'no variables')
   return model
 
 
-def _load_model(handle: str, checkpoint: Optional[str], seed: int,
-                compute_dtype: str) -> EmbeddingModel:
+def _load_model(handle, checkpoint, seed, compute_dtype, device, jit_compile, max_batch_size):
   if is_builtin(handle):
     from pnasnet import build_model
     config = _builtin_config(handle)
@@ -361,11 +374,14 @@ def _load_model(handle: str, checkpoint: Optional[str], seed: int,
     network = build_model(config.name, resolve_checkpoint(checkpoint) if checkpoint else None,
                           seed=seed, compute_dtype=compute_dtype)
     size = config.image_size
-    function = tf.function(network.__call__, input_signature=[
-        tf.TensorSpec([None, size, size, 3], tf.float32)])
+    if jit_compile:
+      function = PaddedXlaFunction(network.__call__, max_batch_size)
+    else:
+      function = tf.function(network.__call__, input_signature=[
+          tf.TensorSpec([None, size, size, 3], tf.float32)])
     return EmbeddingModel(function, _builtin_description(handle, checkpoint, seed, compute_dtype),
-                          owner=network)
-  check_model_options(handle, checkpoint, compute_dtype)
+                          owner=network, device=device)
+  check_model_options(handle, checkpoint, compute_dtype, jit_compile)
   import tensorflow_hub as hub
   model_dir = resolve_model_dir(handle)
   signature = _read_feature_signature(model_dir, handle)
@@ -375,4 +391,4 @@ def _load_model(handle: str, checkpoint: Optional[str], seed: int,
   def function(images):
     return concrete(**{signature.input_key: images})[signature.output_key]
 
-  return EmbeddingModel(function, signature.description, owner=loaded)
+  return EmbeddingModel(function, signature.description, owner=loaded, device=device)

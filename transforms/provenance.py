@@ -15,9 +15,12 @@ class Provenance(NamedTuple):
   version: str  # this project's version
 
 
-def recipe(compute_dtype: str, center_crop_fraction: float, jpeg_draft: bool) -> str:
-  return (f'compute_dtype={compute_dtype};center_crop_fraction={center_crop_fraction};'
+def recipe(compute_dtype: str, center_crop_fraction: float, jpeg_draft: bool,
+           jit_compile: bool = False) -> str:
+  """XLA (`jit_compile`) changes features by up to 1e-5: recorded only when on."""
+  text = (f'compute_dtype={compute_dtype};center_crop_fraction={center_crop_fraction};'
           f'jpeg_draft={int(jpeg_draft)}')
+  return text + ';jit_compile=1' if jit_compile else text
 
 
 def project_version() -> str:

@@ -1,0 +1,70 @@
+"""Callers of a shared model, run in processes of their own by tests/test_shared_batches.py.
+
+No TensorFlow here: the processes start in a moment.
+"""
+
+import threading
+import time
+
+import numpy as np
+from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+from transforms.shared_batches import MEMORY_FILE_NAME, SharedBatchModel, embed_batch
+
+
+class FingerprintModel:
+  """Features that tell every image apart (first and last pixel, mean, sum), after a pause that
+  keeps several calls in flight at once."""
+
+  def embed(self, images: np.ndarray) -> np.ndarray:
+    time.sleep(0.01)
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    return np.stack([flat[:, 0], flat[:, -1], flat.mean(1), flat.sum(1)], axis=1)
+
+
+def fingerprint_server():
+  return SharedBatchModel(FingerprintModel(), sweep_interval=0)  # sweeps at every call
+
+
+def shared(tag, constructor=fingerprint_server, spawn_process=False):
+  return MultiProcessShared(constructor, tag=tag, always_proxy=True,
+                            spawn_process=spawn_process).acquire()
+
+
+def images(seed: int, count: int, size: int = 331) -> list:
+  rng = np.random.default_rng(seed)
+  return [rng.random((size, size, 3), dtype=np.float32) for _ in range(count)]
+
+
+def segment_inodes(pid='self') -> set:
+  """Inodes of the batch segments a process maps, as its /proc maps lists them."""
+  with open(f'/proc/{pid}/maps') as maps:
+    return {int(line.split()[4]) for line in maps if MEMORY_FILE_NAME in line}
+
+
+def call_from_threads(tag, caller, threads, batches, errors):
+  """One process, several threads, each sending ragged batches of its own images."""
+  model = shared(tag)
+
+  def send(thread):
+    for batch in range(batches):
+      batch_images = images(1000 * caller + 100 * thread + batch, 1 + (thread + batch) % 5)
+      features = embed_batch(model, batch_images)
+      if not np.array_equal(features, FingerprintModel().embed(np.stack(batch_images))):
+        errors.put(f'caller {caller} thread {thread} batch {batch}: wrong features')
+
+  workers = [threading.Thread(target=send, args=(t,)) for t in range(threads)]
+  for worker in workers:
+    worker.start()
+  for worker in workers:
+    worker.join()
+
+
+def grow_then_wait(tag, reports, leave):
+  """A batch of one, then a batch that outgrows its segment; reports the segments it holds after
+  each, then waits until told to leave (or is killed)."""
+  model = shared(tag)
+  for count in (1, 8):
+    embed_batch(model, images(count, count))
+    reports.put(segment_inodes())
+  leave.wait(600)

@@ -1,0 +1,83 @@
+"""Shared-memory batches to a model in another process: exact, concurrent, and leaving nothing."""
+
+import multiprocessing
+import os
+import signal
+import uuid
+
+import numpy as np
+import pytest
+
+from tests.shared_callers import (call_from_threads, grow_then_wait, images, segment_inodes,
+                                  shared)
+from transforms.embed import ImageEmbeddingModelHandler
+from transforms.models import load_model
+from transforms.shared_batches import embed_batch
+
+SPAWN = multiprocessing.get_context('spawn')
+
+
+def _shm_files() -> set:
+  """What /dev/shm holds besides the semaphores of this test's own queues and events."""
+  return {name for name in os.listdir('/dev/shm') if not name.startswith('sem.mp-')}
+
+
+def test_shared_path_is_bit_identical_to_in_process_path():
+  """The tiny network in a process of its own, fed ragged batches through shared memory."""
+  handler = ImageEmbeddingModelHandler('builtin:pnasnet_tiny', large_model=True)
+  model = shared(f'identical_{uuid.uuid4().hex}', handler.load_model, spawn_process=True)
+  in_process = load_model('builtin:pnasnet_tiny')
+  for seed, size in enumerate([1, 3, 16, 2]):
+    batch = images(seed, size, 64)
+    features = [result.inference for result in handler.run_inference(batch, model)]
+    np.testing.assert_array_equal(np.stack(features), in_process.embed(np.stack(batch)))
+
+
+def test_several_processes_and_threads_at_once():
+  tag = f'concurrent_{uuid.uuid4().hex}'
+  shared(tag)  # the model's process is this one; the callers are three others and this one
+  errors = SPAWN.Queue()
+  callers = [SPAWN.Process(target=call_from_threads, args=(tag, caller, 3, 6, errors))
+             for caller in range(3)]
+  for caller in callers:
+    caller.start()
+  call_from_threads(tag, 3, 2, 6, errors)
+  for caller in callers:
+    caller.join(timeout=120)
+  assert [caller.exitcode for caller in callers] == [0, 0, 0]
+  assert errors.empty(), errors.get()
+
+
+def test_mismatched_images_fail_the_batch_like_the_in_process_path():
+  model = shared(f'mismatch_{uuid.uuid4().hex}')
+  with pytest.raises(ValueError, match='same shape'):
+    embed_batch(model, images(1, 2, 64) + images(2, 1, 32))
+  assert embed_batch(model, images(3, 2, 64)).shape == (2, 4)  # the next batch goes through
+
+
+def test_replaced_exited_and_killed_callers_leave_no_segment_behind():
+  """Nothing ever in /dev/shm; the model's process unmaps a segment at its first call after the
+  caller replaced it, exited or was killed, and the kernel then frees the memory file."""
+  shm_before = _shm_files()
+  tag = f'cleanup_{uuid.uuid4().hex}'
+  model = shared(tag)  # the model's process is this one: its maps are /proc/self/maps
+  reports, leave, never = SPAWN.Queue(), SPAWN.Event(), SPAWN.Event()
+  exiting = SPAWN.Process(target=grow_then_wait, args=(tag, reports, leave))
+  killed = SPAWN.Process(target=grow_then_wait, args=(tag, reports, never))
+  exiting.start()
+  [small] = reports.get(timeout=120)
+  [large] = reports.get(timeout=120)
+  killed.start()
+  reports.get(timeout=120)
+  [killed_segment] = reports.get(timeout=120)
+  assert small != large and {small, large, killed_segment} - segment_inodes() == {small}
+
+  embed_batch(model, images(9, 1))
+  assert small not in segment_inodes() and {large, killed_segment} <= segment_inodes()
+  leave.set()
+  exiting.join(timeout=60)
+  os.kill(killed.pid, signal.SIGKILL)
+  killed.join(timeout=60)
+  embed_batch(model, images(10, 1))
+  assert not {small, large, killed_segment} & segment_inodes()
+  assert _shm_files() == shm_before
