@@ -17,7 +17,7 @@ from transforms.progress import ProgressReporter
 
 def _images(sizes):
   rng = np.random.default_rng(2)
-  return [DecodedImage(f'mem://{i}.png', f'{i:064x}', 10, 20,
+  return [DecodedImage(f'mem://{i}.png', f'{i:064x}', 10, 20, 1000 + i, None,
                        rng.random((size, size, 3), dtype=np.float32))
           for i, size in enumerate(sizes)]
 

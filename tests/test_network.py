@@ -84,3 +84,13 @@ def test_seeded_weights_are_deterministic_and_calibrated(random_images):
   np.testing.assert_array_equal(first, build_model('tiny', seed=5)(random_images).numpy())
   assert not np.allclose(first, build_model('tiny', seed=6)(random_images).numpy())
   assert 0.1 < first.mean() < 10  # unit scale, not the 2x-per-cell growth of identity BN
+
+
+def test_an_image_alone_gets_the_same_vector_as_in_any_batch():
+  """PNASNet-5 Large on CPU: a batch of one would take another kernel path (up to 1e-4 off)."""
+  from transforms.models import load_model
+  model = load_model('builtin:pnasnet_large')
+  images = np.random.default_rng(5).random((3, 331, 331, 3), dtype=np.float32)
+  together = model.embed(images)
+  for i in range(3):
+    np.testing.assert_array_equal(model.embed(images[i:i + 1])[0], together[i])
