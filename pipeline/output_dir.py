@@ -6,6 +6,7 @@ A claim is a small object created only if it does not exist yet (`ifGenerationMa
 (interrupted or failed) run: reported, and cleaned only with `--clean_unfinished`.
 """
 
+import glob
 import json
 import os
 import socket
@@ -43,9 +44,12 @@ def _existing(output: str, names) -> List[str]:
 
 
 def stale_temp_files(output: str) -> List[str]:
-  """What an interrupted run's sinks left: Beam writes shards under beam-temp-* first."""
+  """What an interrupted run's sinks left: Beam writes shards under beam-temp-* first (local
+  folders as such, which FileSystems.delete removes whole; objects under the prefix elsewhere)."""
+  if '://' not in output:
+    return sorted(glob.glob(os.path.join(glob.escape(output), TEMP_FOLDERS)))
   try:
-    return _existing(output, [TEMP_FOLDERS + '/**'] if '://' in output else [TEMP_FOLDERS])
+    return _existing(output, [TEMP_FOLDERS + '/**'])
   except Exception:  # pylint: disable=broad-except; an unreadable output has nothing to report
     return []
 
@@ -128,8 +132,6 @@ def _create_claim(path: str, body: bytes, options: PipelineOptions) -> None:
 def _delete_unfinished(output: str) -> None:
   leftovers = _existing(output, [name for name in RUN_FILES if name != SUMMARY_FILE])
   leftovers += stale_temp_files(output)
-  if '://' not in output:
-    leftovers = sorted(set(leftovers))
   if leftovers:
     FileSystems.delete(leftovers)
 

@@ -364,7 +364,7 @@ def test_decode_images_transform():
       _file('gs://b/really_a_jpeg.png', jpeg),
       _file('gs://b/empty.jpg', b''),
       _file('gs://b/notes.txt', b'not an image'),
-      ImageFile('gs://b/truncated.jpg', jpeg[:len(jpeg) // 2]),
+      _file('gs://b/truncated.jpg', jpeg[:len(jpeg) // 2]),
       _file('gs://b/bomb.png', bomb),
   ]
 

@@ -97,11 +97,17 @@ def test_an_output_is_claimed_by_exactly_one_run(store, tmp_path, gcs_server, s3
     s3_server.create_bucket('claims')
     output = 's3://claims/run1'
   claim_output(output, {'run': 1}, options)
-  with pytest.raises(OutputExistsError, match='has not finished'):
+  leftover = FileSystems.join(output, 'beam-temp-embeddings-0123/part-0')  # an interrupted sink's
+  with FileSystems.create(leftover) as f:
+    f.write(b'partial')
+  with pytest.raises(OutputExistsError, match='has not finished.*1 partial files in beam-temp'):
     claim_output(output, {'run': 2}, options)
   claim_output(output, {'run': 3}, options, clean_unfinished=True)  # asked for: cleaned, claimed
   with FileSystems.open(FileSystems.join(output, CLAIM_FILE)) as f:
     assert json.loads(f.read())['run'] == 3
+  assert not FileSystems.exists(leftover)
+  if store == 'local':
+    assert os.listdir(output) == [CLAIM_FILE]
 
 
 def test_two_runs_started_at_once_do_not_mix(image_folder, tmp_path):
