@@ -307,7 +307,11 @@ def describe_model(handle: str, checkpoint: Optional[str] = None, seed: int = 0,
       check_checkpoint_fits(handle, checkpoint)
     return _builtin_description(handle, checkpoint, seed, compute_dtype)
   model_dir = handle if _is_remote(handle) else resolve_model_dir(handle)
-  description = _read_feature_signature(model_dir, handle).description
+  return _marked(_read_feature_signature(model_dir, handle).description, model_dir, handle)
+
+
+def _marked(description: ModelDescription, model_dir: str, handle: str) -> ModelDescription:
+  """A module exported from untrained weights says so in its model id, as the builtin would."""
   mark = read_export_mark(model_dir)
   if mark and mark.get('untrained'):
     logging.warning('%s holds UNTRAINED weights (exported by pnasnet.export from seed %d); its '
@@ -398,4 +402,5 @@ def _load_model(handle, checkpoint, seed, compute_dtype, device, jit_compile, ma
   def function(images):
     return concrete(**{signature.input_key: images})[signature.output_key]
 
-  return EmbeddingModel(function, signature.description, owner=loaded, device=device)
+  return EmbeddingModel(function, _marked(signature.description, model_dir, handle),
+                        owner=loaded, device=device)

@@ -21,12 +21,8 @@ def switch_flags() -> set:
   """Every on/off flag the launcher accepts: this project's and Beam's (`--name`)."""
   import argparse
 
-  from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
-
-  import pipeline.options  # noqa: F401  (registers EmbeddingOptions)
-  parser = _BeamArgumentParser(allow_abbrev=False)
-  for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  from pipeline.options import all_flags_parser
+  parser = all_flags_parser()
   return {option for action in parser._actions  # pylint: disable=protected-access
           if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
           for option in action.option_strings if option.startswith('--')}
