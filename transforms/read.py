@@ -148,12 +148,16 @@ def _match_local(pattern: str) -> Iterator[FileRef]:
   yield from _walk_local(prefix, regex, depth)
 
 
+def _remote_ref(metadata) -> FileRef:
+  return FileRef(metadata.path, metadata.size_in_bytes,
+                 _microseconds(metadata.last_updated_in_seconds))
+
+
 def _match_remote(pattern: str, limit: Optional[int]) -> Iterator[FileRef]:
   result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
   for metadata in result.metadata_list:
     if not metadata.path.endswith('/'):  # a "folder" placeholder object
-      yield FileRef(metadata.path, metadata.size_in_bytes,
-                    _microseconds(metadata.last_updated_in_seconds))
+      yield _remote_ref(metadata)
 
 
 def _is_file(path: str) -> bool:
@@ -166,10 +170,10 @@ def _is_file(path: str) -> bool:
 
 
 def _file_ref(path: str) -> FileRef:
+  """One request for a remote file; raises when it is missing or unreadable."""
   if _is_local(path):
     return _local_ref(path)
-  metadata = FileSystems.get_filesystem(path).metadata(path)
-  return FileRef(path, metadata.size_in_bytes, _microseconds(metadata.last_updated_in_seconds))
+  return _remote_ref(FileSystems.get_filesystem(path).metadata(path))
 
 
 def match_input(pattern: str, limit: Optional[int] = None) -> Iterator[FileRef]:
@@ -230,13 +234,13 @@ def manifest_uris(text: str) -> Iterator[str]:
 
 
 class _StatUri(beam.DoFn):
-  """A manifest URI's size and time, without listing anything; a missing file is a failure."""
+  """A manifest URI's size and time, one request each, without listing anything; a missing file
+  is a failure."""
 
   def process(self, uri: str):
     try:
-      yield _file_ref(uri) if _is_local(uri) or FileSystems.exists(uri) else FileRef(
-          uri, None, None)
-    except Exception as exc:  # a storage error is this image's failure, not the run's
+      yield _file_ref(uri)
+    except Exception as exc:  # missing, or a storage error: this image's failure, not the run's
       yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure.from_exception(uri, READ, exc))
 
 

@@ -35,6 +35,8 @@ _COLUMNS = (('uri', 'image/uri'), ('sha256', 'image/sha256'), ('height', 'image/
             ('weights', 'model/weights'), ('recipe', 'embedding/recipe'),
             ('pipeline_version', 'pipeline/version'), ('embedding', 'embedding'))
 
+_INT_COLUMNS = frozenset({'height', 'width', 'size_bytes', 'last_modified'})
+
 INDEX_SCHEMA = pa.schema([
     ('uri', pa.string()), ('size_bytes', pa.int64()),
     ('last_modified', pa.timestamp('us', tz='UTC')), ('sha256', pa.string()),
@@ -80,8 +82,7 @@ def embeddings_to_record_batch(embeddings: Sequence[Embedding],
     if name == 'embedding':
       arrays.append(values.cast(pa.list_(pa.float32())))
       continue
-    value_type = pa.int64() if isinstance(next(iter(values), 0), int) or name in (
-        'size_bytes', 'last_modified') else pa.binary()
+    value_type = pa.int64() if name in _INT_COLUMNS else pa.binary()
     arrays.append(pa.array([[] if v is None else [v.encode() if isinstance(v, str) else v]
                             for v in values], pa.list_(value_type)))
   return pa.RecordBatch.from_arrays(arrays, [feature for _, feature in _COLUMNS])
