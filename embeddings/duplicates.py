@@ -15,7 +15,6 @@ and their resized and re-encoded copies, per built-in untrained network: copies 
 weights above all) measure with that command and pass --threshold.
 """
 
-import argparse
 import csv
 import logging
 import re
@@ -25,8 +24,9 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from embeddings import sheet, storage
-from embeddings.runs import (Embeddings, MixedModelsError, NoRunsError, concatenate,
-                             find_runs, iter_run_shards, select_model)
+from embeddings.runs import (Embeddings, MixedModelsError, NoRunsError, command_parser,
+                             concatenate, find_runs, iter_run_shards, parse_command,
+                             select_model)
 from embeddings.similarity import unit_rows
 
 # Between the copies' lowest and the other photos' highest cosine, seeds 0 and 1 (mobile: 0).
@@ -146,27 +146,14 @@ def draw(groups: Sequence[Group], collection: Embeddings):
   return sheet.draw_sheet(rows, max([len(r) for r in rows] + [1]))
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m embeddings.duplicates',
-                                   description=__doc__.split('\n\n')[0])
-  parser.add_argument('--runs', nargs='+', required=True,
-                      help='run directories or globs of them (local, gs://, s3://)')
+def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
+  parser = command_parser('python -m embeddings.duplicates', __doc__.split('\n\n')[0])
   parser.add_argument('--csv', required=True, help='write the groups here')
   parser.add_argument('--threshold', type=float,
                       help='cosine at or above which two images are near duplicates (default: '
                       'measured per built-in network, see the module docstring)')
   parser.add_argument('--sheet', help='write a contact sheet PNG of the largest groups here')
-  parser.add_argument('--model', help='the model id to use when the runs hold several')
-  parser.epilog = ('Other --flags go to Beam\'s FileSystems, e.g. --s3_endpoint_url=URL '
-                   '--s3_region_name=REGION for s3:// paths.')
-  args, args.filesystem_flags = parser.parse_known_args(argv)  # Beam warns of any it discards
-  return args
-
-
-def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
-  args = parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
-  storage.set_filesystem_options(args.filesystem_flags)
+  args = parse_command(parser, argv)
   try:
     runs = select_model(find_runs(args.runs), args.model)
   except (NoRunsError, MixedModelsError) as exc:

@@ -8,9 +8,7 @@ same bytes (or, for a URI that cannot be read any more, the one stored for that 
 the image is embedded first with the runs' model. Memory: one shard plus k rows.
 """
 
-import argparse
 import hashlib
-import logging
 import os
 import sys
 from typing import List, NamedTuple, Optional, Sequence
@@ -18,8 +16,8 @@ from typing import List, NamedTuple, Optional, Sequence
 import numpy as np
 
 from embeddings import sheet, storage
-from embeddings.runs import (MixedModelsError, NoRunsError, Run, find_runs, iter_run_shards,
-                             select_model)
+from embeddings.runs import (MixedModelsError, NoRunsError, Run, command_parser, find_runs,
+                             iter_run_shards, parse_command, select_model)
 from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour, nearest
 
@@ -101,28 +99,15 @@ def draw(query: Query, neighbours: Sequence[Neighbour]):
   return sheet.draw_sheet([tiles], sheet.balanced_columns(len(tiles), SHEET_COLUMNS))
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m embeddings.neighbours',
-                                   description=__doc__.split('\n\n')[0])
-  parser.add_argument('--runs', nargs='+', required=True,
-                      help='run directories or globs of them (local, gs://, s3://)')
+def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
+  parser = command_parser('python -m embeddings.neighbours', __doc__.split('\n\n')[0])
   parser.add_argument('--query', required=True,
                       help='an image file or URI, embedded or not')
   parser.add_argument('--k', type=int, default=8, help='how many neighbours (default 8)')
   parser.add_argument('--sheet', help='write a contact sheet PNG here')
-  parser.add_argument('--model', help='the model id to use when the runs hold several')
-  parser.epilog = ('Other --flags go to Beam\'s FileSystems, e.g. --s3_endpoint_url=URL '
-                   '--s3_region_name=REGION for s3:// paths.')
-  args, args.filesystem_flags = parser.parse_known_args(argv)  # Beam warns of any it discards
+  args = parse_command(parser, argv)
   if args.k < 1:
     parser.error('--k must be at least 1')
-  return args
-
-
-def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
-  args = parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
-  storage.set_filesystem_options(args.filesystem_flags)
   try:
     runs = select_model(find_runs(args.runs), args.model)
     query = find_query(runs, args.query)

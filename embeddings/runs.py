@@ -1,5 +1,6 @@
 """Finished runs, newest first, and the rows each owns: the latest finished run wins per URI."""
 
+import argparse
 import datetime
 import json
 import logging
@@ -193,3 +194,24 @@ def load(paths_or_globs: Union[str, Sequence[str]], model: Optional[str] = None)
   """Every URI's latest embedding from one or many runs, in memory."""
   runs = select_model(find_runs(_as_list(paths_or_globs)), model)
   return concatenate(iter_run_shards(runs), runs[0].model)
+
+
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+  """The options the commands over runs share: --runs and --model; other --flags are Beam's."""
+  parser = argparse.ArgumentParser(
+      prog=prog, description=description,
+      epilog='Other --flags go to Beam\'s FileSystems, e.g. --s3_endpoint_url=URL '
+      '--s3_region_name=REGION for s3:// paths.')
+  parser.add_argument('--runs', nargs='+', required=True,
+                      help='run directories or globs of them (local, gs://, s3://)')
+  parser.add_argument('--model', help='the model id to use when the runs hold several')
+  return parser
+
+
+def parse_command(parser: argparse.ArgumentParser,
+                  argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  """Parsed options; the flags the parser does not know configure Beam's FileSystems."""
+  args, filesystem_flags = parser.parse_known_args(argv)  # Beam warns of any it discards
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
+  storage.set_filesystem_options(filesystem_flags)
+  return args
