@@ -57,8 +57,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions, model: Mo
                    provenance: Provenance, summary_fields: Dict,
                    incremental_indexes: Sequence[str] = ()) -> None:
   """`summary_fields`: what run_summary.json says beside the counts (launch time, options)."""
-  matched = pipeline | 'MatchFiles' >> MatchFiles(options.input or (),
-                                                  options.input_manifest or ())
+  matched = pipeline | 'MatchFiles' >> MatchFiles(
+      options.input or (), options.input_manifest or (), options.exclude or (), options.output)
   refs = matched['refs']
   if incremental_indexes:
     split = refs | 'SkipUnchanged' >> SkipUnchanged(incremental_indexes, provenance,

@@ -41,12 +41,18 @@ class EmbeddingOptions(PipelineOptions):
     group.add_argument(
         '--input', nargs='+', action='extend', default=None,
         help='Images: files, folders (every file under them, recursively) or glob patterns on '
-        'any Beam FileSystem, e.g. "gs://bucket/photos/**.jpg" sample_images/. Repeatable.')
+        'any Beam FileSystem, e.g. "gs://bucket/photos/**.jpg" "sample_images/*.png". '
+        'Repeatable.')
+    group.add_argument(
+        '--exclude', nargs='+', action='extend', default=None,
+        help='Leave these out of --input: a pattern with a / matches whole paths or URIs '
+        '("gs://bucket/photos/thumbs/**"); one without matches any file or folder name ("*.md", '
+        'thumbnails). Repeatable.')
     group.add_argument(
         '--input_manifest', nargs='+', action='extend', default=None,
-        help='Text files (or globs; .gz allowed) listing one image URI a line; blank lines and '
-        '# comments are ignored. Read in parallel, never listed. Repeatable; with or without '
-        '--input.')
+        help='Text files (or globs; .gz allowed) listing one image URI a line; blank lines, '
+        '# comment lines and " # notes" after a URI are ignored. Read in parallel, never listed. '
+        'Repeatable; with or without --input.')
     group.add_argument(
         '--output', default=None,
         help='Output directory (local, gs:// or s3://). Must not hold an earlier run. {date} and '

@@ -8,34 +8,38 @@ FileSystem:
   a backslash makes the next character literal (`star\\[1\\].jpg`), and a pattern that names an
   existing file exactly is that file;
 - a pattern's file extension matches in any case, with `.jpg`/`.jpeg` and `.tif`/`.tiff` as one;
+- `--exclude` patterns leave files out: one with a `/` matches whole URIs, one without matches
+  any file or folder name (`*.md`, `thumbnails`);
 - local folders are walked following symbolic links (each real folder once), and a link that
-  leads nowhere is reported as a `read` failure instead of vanishing.
+  leads nowhere is reported as a `read` failure instead of vanishing;
+- a folder that cannot be listed (permissions) is a `read` failure, not a silent gap;
+- files a run of this tool wrote (claims, summaries, shards, beam-temp-*) are never read as
+  images, so an output inside an input folder is left out, and said once.
+
+Listing streams, one page at a time, and spreads over workers (transforms/listing.py).
 """
 
 import logging
 import os
 import re
-from typing import Iterator, List, NamedTuple, Optional, Sequence
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes, FileSystem
+from apache_beam.coders import BytesCoder
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.failures import FAILURES_TAG, READ, Failure
+from transforms.listing import (FileRef, Listed, UnlistableError, exclude_regexes, is_local,
+                                list_level, list_piece, list_sequentially, plan_listing,
+                                say_once, stat, unescape, unlistable)
 
 METRICS_NAMESPACE = 'read'
 DEFAULT_MAX_FILE_BYTES = 256 << 20
-
-_GLOB_CHARACTERS = '*?['
-_EXTENSION_ALIASES = ({'jpg', 'jpeg'}, {'tif', 'tiff'})
-_EXTENSION = re.compile(r'\.([A-Za-z0-9]+)$')
-
-
-class FileRef(NamedTuple):
-  """A matched file as its listing describes it; size and time are None when it has none."""
-  uri: str
-  size_bytes: Optional[int]
-  last_modified: Optional[int]  # microseconds since the Unix epoch, UTC
+# The launch's look at each input: at most this many list pages (plus one request for a pattern
+# that might name a file), whatever the bucket holds.
+CHECK_PAGES = 3
+_PIECES_TAG = 'pieces'
 
 
 class ImageFile(NamedTuple):
@@ -43,6 +47,7 @@ class ImageFile(NamedTuple):
   size_bytes: int
   last_modified: Optional[int]
   data: bytes
+  content_id: Optional[str] = None
 
 
 class NoInputError(ValueError):
@@ -53,193 +58,204 @@ class FileTooLargeError(ValueError):
   """Bigger than --max_file_bytes: not read, so one stray video cannot exhaust a worker."""
 
 
-def _is_local(path: str) -> bool:
-  return '://' not in path or path.startswith('file://')
+class ManifestError(NoInputError):
+  """A manifest the launch cannot use: missing, not text, or naming no URI."""
 
 
 def normalize_input(pattern: str) -> str:
   """Local patterns made absolute (so image/uri names one file) with `~` expanded."""
-  if not _is_local(pattern):
+  if not is_local(pattern):
     return pattern
   return os.path.abspath(os.path.expanduser(pattern[len('file://'):]
                                             if pattern.startswith('file://') else pattern))
 
 
-def _has_glob(pattern: str) -> bool:
-  escaped = False
-  for character in pattern:
-    if escaped:
-      escaped = False
-    elif character == '\\':
-      escaped = True
-    elif character in _GLOB_CHARACTERS:
+def _literal_file(pattern: str) -> Optional[FileRef]:
+  """The file a pattern names exactly, if any: one request."""
+  try:
+    return stat(unescape(pattern))
+  except Exception:  # an unlistable bucket is reported by the listing that follows
+    return None
+
+
+def _excludes(excludes: Sequence[str], output: Optional[str]) -> Tuple[str, ...]:
+  own = (re.escape(output.rstrip('/')) + '(?:/.*)?',) if output else ()
+  return exclude_regexes(excludes) + own
+
+
+def match_input(pattern: str, excludes: Sequence[str] = ()) -> Iterator[FileRef]:
+  """Every file one `--input` names (see the module docstring), listed in this process."""
+  literal = _literal_file(pattern)
+  if literal is not None:
+    yield literal
+    return
+  for listed in list_sequentially(plan_listing(pattern, exclude_regexes(excludes))):
+    yield from listed.refs
+
+
+def _first_match(pattern: str, excludes: Tuple[str, ...]) -> Optional[bool]:
+  """True: the input names a file; False: it names none; None: no match within CHECK_PAGES
+  pages, which are not all (the job lists the rest)."""
+  if _literal_file(pattern) is not None:
+    return True
+  pages, seen, denied = 0, 0, []
+  for listed in list_sequentially(plan_listing(pattern, excludes), max_pages=CHECK_PAGES):
+    if listed.refs:
       return True
-  return False
+    pages, seen = pages + 1, seen + listed.seen
+    denied.extend(unlistable(folder, exc) for folder, exc in listed.unlistable)
+  if denied:
+    raise denied[0]
+  return None if pages >= CHECK_PAGES and seen else False
 
 
-def _unescape(pattern: str) -> str:
-  return re.sub(r'\\(.)', r'\1', pattern)
-
-
-def _escapes_as_classes(pattern: str) -> str:
-  """`\\[` -> `[[]`: Beam's pattern syntax has no escape, but a one-character class works."""
-  return re.sub(r'\\(.)', lambda m: m.group(1) if m.group(1) == ']' else f'[{m.group(1)}]',
-                pattern)
-
-
-def _any_case(text: str) -> str:
-  return ''.join(f'[{c.lower()}{c.upper()}]' if c.isalpha() else c for c in text)
-
-
-def _extension_variants(pattern: str) -> List[str]:
-  """The pattern once per spelling of its extension, each matching in any case."""
-  found = _EXTENSION.search(pattern)
-  if not found:
-    return [pattern]
-  extension = found.group(1).lower()
-  spellings = next((sorted(a) for a in _EXTENSION_ALIASES if extension in a), [extension])
-  stem = pattern[:found.start()]
-  return [f'{stem}.{_any_case(spelling)}' for spelling in spellings]
-
-
-def _static_prefix(pattern: str) -> str:
-  """The folder part before the first glob character."""
-  first = min((pattern.find(c) for c in _GLOB_CHARACTERS if c in pattern), default=len(pattern))
-  return pattern[:pattern.rfind('/', 0, first) + 1]
-
-
-def _microseconds(seconds: Optional[float]) -> Optional[int]:
-  return None if seconds is None else int(round(seconds * 1_000_000))
-
-
-def _local_ref(path: str) -> FileRef:
-  try:
-    stat = os.stat(path)
-  except OSError:  # a dangling link: the read reports it
-    return FileRef(path, None, None)
-  return FileRef(path, stat.st_size, stat.st_mtime_ns // 1000)
-
-
-def _walk_local(folder: str, regex: 're.Pattern', max_depth: Optional[int]) -> Iterator[FileRef]:
-  """os.walk following links, each real folder once (a link back up cannot loop)."""
-  seen = set()
-  base_depth = folder.rstrip('/').count('/')
-  for root, folders, files in os.walk(folder, followlinks=True):
-    real = os.path.realpath(root)
-    if real in seen:
-      folders[:] = []
-      continue
-    seen.add(real)
-    if max_depth is not None and root.rstrip('/').count('/') - base_depth >= max_depth - 1:
-      folders[:] = []
-    for name in sorted(files):
-      path = os.path.join(root, name)
-      if regex.fullmatch(path):
-        yield _local_ref(path)
-
-
-def _match_local(pattern: str) -> Iterator[FileRef]:
-  prefix = _static_prefix(pattern)
-  regex = re.compile(FileSystem.translate_pattern(pattern))
-  if not os.path.isdir(prefix or '.'):
-    return
-  rest = pattern[len(prefix):]
-  depth = None if '**' in rest else rest.count('/') + 1
-  yield from _walk_local(prefix, regex, depth)
-
-
-def _remote_ref(metadata) -> FileRef:
-  return FileRef(metadata.path, metadata.size_in_bytes,
-                 _microseconds(metadata.last_updated_in_seconds))
-
-
-def _match_remote(pattern: str, limit: Optional[int]) -> Iterator[FileRef]:
-  result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
-  for metadata in result.metadata_list:
-    if not metadata.path.endswith('/'):  # a "folder" placeholder object
-      yield _remote_ref(metadata)
-
-
-def _is_file(path: str) -> bool:
-  if _is_local(path):
-    return os.path.isfile(path) or (os.path.islink(path) and not os.path.isdir(path))
-  try:
-    return FileSystems.exists(path) and not path.endswith('/')
-  except Exception:  # an unlistable bucket is reported by the match that follows
-    return False
-
-
-def _file_ref(path: str) -> FileRef:
-  """One request for a remote file; raises when it is missing or unreadable."""
-  if _is_local(path):
-    return _local_ref(path)
-  return _remote_ref(FileSystems.get_filesystem(path).metadata(path))
-
-
-def match_input(pattern: str, limit: Optional[int] = None) -> Iterator[FileRef]:
-  """Every file one `--input` names (see the module docstring), possibly with repeats."""
-  literal = _unescape(pattern)
-  if _is_file(literal):
-    yield _file_ref(literal)
-    return
-  if _has_glob(pattern):
-    patterns = _extension_variants(_escapes_as_classes(pattern))
-  else:
-    patterns = [literal.rstrip('/') + '/**']
-  found = 0
-  for variant in patterns:
-    matches = _match_local(variant) if _is_local(variant) else _match_remote(variant, limit)
-    for ref in matches:
-      yield ref
-      found += 1
-      if limit and found >= limit:
-        return
-
-
-def check_inputs_match(patterns: Sequence[str]) -> None:
-  """Fails before the pipeline starts when any input names nothing; asks for one file only."""
+def check_inputs_match(patterns: Sequence[str], excludes: Sequence[str] = (),
+                       output: Optional[str] = None) -> None:
+  """Fails before the pipeline starts when an input names nothing, in a bounded number of
+  requests per input (the launch must not list a bucket)."""
   empty: List[str] = []
   for pattern in patterns:
     try:
-      if next(match_input(pattern, limit=1), None) is None:
-        empty.append(pattern)
+      found = _first_match(pattern, _excludes(excludes, output))
     except Exception as exc:  # a bad bucket, scheme or permission: say which pattern
       raise NoInputError(f'--input {pattern!r} cannot be listed: {exc}') from exc
+    if found is False:
+      empty.append(pattern)
+    elif found is None:
+      logging.warning('--input %r: no match among its first %d pages of listing; the job lists '
+                      'the rest', pattern, CHECK_PAGES)
   if empty:
     raise NoInputError(
         'no file matches --input ' + ', '.join(repr(p) for p in empty) +
-        '; check the path. A folder means every file under it; patterns use * (one folder '
-        'level), ** (any depth) and ?, e.g. "gs://bucket/images/**.jpg" (quoted, so that the '
-        'shell does not expand it)')
+        '; check the path (and --exclude). A folder means every file under it; patterns use * '
+        '(one folder level), ** (any depth) and ?, e.g. "gs://bucket/images/**.jpg" (quoted, so '
+        'that the shell does not expand it)')
+
+
+def manifest_uri(line: str) -> Optional[str]:
+  """A manifest line's URI: blank lines and `#` comments ignored, also after a URI (`uri  # note`,
+  a `#` after white space); a `#` inside a name (`photo#1.jpg`) is part of it. Local paths are
+  made absolute."""
+  uri = re.split(r'(?:^|\s)#', line, maxsplit=1)[0].strip()
+  return normalize_input(uri) if uri else None
+
+
+def _first_uri(manifest: str) -> Optional[str]:
+  """Reads a manifest up to its first URI; a line before it that is not UTF-8 is an error."""
+  with FileSystems.open(manifest) as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as exc:
+        raise ManifestError(f'--input_manifest {manifest} line {number} is not UTF-8 text '
+                            f'({exc.reason} at byte {exc.start}): {raw[:80]!r}; save the '
+                            'manifest as UTF-8') from exc
+      uri = manifest_uri(line)
+      if uri:
+        return uri
+  return None
 
 
 def check_manifests_exist(manifests: Sequence[str]) -> None:
-  missing = [m for m in manifests if not FileSystems.match([m])[0].metadata_list]
-  if missing:
-    raise NoInputError('no manifest file matches --input_manifest ' +
-                       ', '.join(repr(m) for m in missing))
+  """Each manifest exists and names a URI before its first line that is not UTF-8; reads only up
+  to its first URI (a manifest may hold 100M lines: later lines that are not UTF-8 become
+  dead-letter records of the run)."""
+  for pattern in manifests:
+    files = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    if not files:
+      raise ManifestError(f'no manifest file matches --input_manifest {pattern!r}')
+    if not any(_first_uri(manifest) for manifest in files):
+      raise ManifestError(f'--input_manifest {pattern!r} names no image: only blank lines and '
+                          '# comments')
 
 
-class _MatchInput(beam.DoFn):
+def _say_run_files(run_files: Sequence[str], counter) -> None:
+  for uri in run_files:
+    counter.inc()
+    say_once('left out %s: a run directory of this tool (what a run writes is never read as '
+             'an image)', uri.rsplit('/', 1)[0])
+
+
+def _unlistable_failures(listed: Listed):
+  for folder, exc in listed.unlistable:
+    error = unlistable(folder, exc)
+    logging.warning('%s', error)
+    yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure(folder, READ, type(exc).__name__,
+                                                         str(error)))
+
+
+class _ListingDoFn(beam.DoFn):
+
+  def __init__(self):
+    self._run_files = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'run_files_left_out')
+    self._pages = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'list_pages')
+
+  def _emit(self, listings: Iterator[Listed], where: str):
+    try:
+      for listed in listings:
+        self._pages.inc()
+        yield from listed.refs
+        for piece in listed.pieces:
+          yield beam.pvalue.TaggedOutput(_PIECES_TAG, piece)
+        yield from _unlistable_failures(listed)
+        _say_run_files(listed.run_files, self._run_files)
+    except UnlistableError as exc:
+      if not exc.denied:
+        raise  # the runner retries this listing alone
+      logging.warning('%s', exc)
+      yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure(where, READ, 'PermissionError',
+                                                           str(exc)))
+
+
+class _PlanListing(_ListingDoFn):
+  """An input -> the file it names, or its first folder level: files, and one piece per
+  sub-folder, for the runner to spread."""
+
+  def __init__(self, excludes: Tuple[str, ...]):
+    super().__init__()
+    self._excludes = excludes
 
   def process(self, pattern: str):
-    yield from match_input(pattern)
+    literal = _literal_file(pattern)
+    if literal is not None:
+      yield literal
+      return
+    listing = plan_listing(pattern, self._excludes)
+    yield from self._emit(list_level(listing), listing.prefix)
 
 
-def manifest_uris(text: str) -> Iterator[str]:
-  """One URI a line; blank lines and `#` comments ignored; local paths made absolute."""
-  line = text.strip()
-  if line and not line.startswith('#'):
-    yield normalize_input(line)
+class _ListPiece(_ListingDoFn):
+  """One sub-folder, everything under it, one page at a time."""
+
+  def process(self, listing):
+    yield from self._emit(list_piece(listing), listing.prefix)
+
+
+def _manifest_line(line: Tuple[str, bytes]):
+  manifest, raw = line
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as exc:
+    yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure(
+        manifest, READ, 'UnicodeDecodeError',
+        f'a line of manifest {manifest} is not UTF-8 ({exc.reason} at byte {exc.start}): '
+        f'{raw[:200]!r}'))
+    return
+  uri = manifest_uri(text)
+  if uri:
+    yield uri
 
 
 class _StatUri(beam.DoFn):
-  """A manifest URI's size and time, one request each, without listing anything; a missing file
-  is a failure."""
+  """A manifest URI's size, time and content identity, one request each, without listing
+  anything; a missing file is a failure."""
 
   def process(self, uri: str):
     try:
-      yield _file_ref(uri)
+      ref = stat(uri)
+      if ref is None:
+        raise FileNotFoundError(f'{uri} does not exist')
+      yield ref
     except Exception as exc:  # missing, or a storage error: this image's failure, not the run's
       yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure.from_exception(uri, READ, exc))
 
@@ -251,39 +267,46 @@ def _first(refs):
 class MatchFiles(beam.PTransform):
   """Patterns and manifests -> FileRef, each file once however often it is named.
 
-  The grouping by URI also breaks fusion, so that runners spread the reads over workers instead of
-  reading on the one that listed them; manifest URIs are reshuffled before their metadata is
-  looked up, so that a long manifest is not stat-ed by one worker.
+  Each input's first folder level is listed where the input is; its sub-folders are reshuffled
+  and listed in parallel, page by page. The grouping by URI also breaks fusion, so that runners
+  spread the reads over workers; manifest lines are read in parallel ranges and reshuffled
+  before their metadata is looked up. `output`: this run's own directory, never listed.
   """
 
-  def __init__(self, patterns: Sequence[str], manifests: Sequence[str] = ()):
+  def __init__(self, patterns: Sequence[str], manifests: Sequence[str] = (),
+               excludes: Sequence[str] = (), output: Optional[str] = None):
     super().__init__()
     self._patterns = list(patterns)
     self._manifests = list(manifests)
+    self._excludes = _excludes(excludes, output)
 
   def expand(self, pbegin):
-    listed = (pbegin
-              | 'Patterns' >> beam.Create(self._patterns)
-              | 'Match' >> beam.ParDo(_MatchInput()))
-    stat_failures = []
-    sources = [listed]
+    planned = (pbegin
+               | 'Patterns' >> beam.Create(self._patterns)
+               | 'Plan' >> beam.ParDo(_PlanListing(self._excludes)).with_outputs(
+                   _PIECES_TAG, FAILURES_TAG, main='refs'))
+    listed = (planned[_PIECES_TAG]
+              | 'SpreadPieces' >> beam.Reshuffle()
+              | 'ListPieces' >> beam.ParDo(_ListPiece()).with_outputs(FAILURES_TAG, main='refs'))
+    sources = [planned.refs, listed.refs]
+    failures = [planned[FAILURES_TAG], listed[FAILURES_TAG]]
     if self._manifests:
-      stated = (pbegin
-                | 'Manifests' >> beam.Create(self._manifests)
-                | 'ReadManifests' >> beam.io.ReadAllFromText()
-                | 'Uris' >> beam.FlatMap(manifest_uris)
+      lines = (pbegin
+               | 'Manifests' >> beam.Create(self._manifests)
+               | 'ReadManifests' >> beam.io.ReadAllFromText(coder=BytesCoder(),
+                                                            with_filename=True)
+               | 'Uris' >> beam.FlatMap(_manifest_line).with_outputs(FAILURES_TAG, main='uris'))
+      stated = (lines.uris
                 | 'Reshuffle' >> beam.Reshuffle()
                 | 'Stat' >> beam.ParDo(_StatUri()).with_outputs(FAILURES_TAG, main='refs'))
       sources.append(stated.refs)
-      stat_failures.append(stated[FAILURES_TAG])
+      failures.extend([lines[FAILURES_TAG], stated[FAILURES_TAG]])
     refs = (tuple(sources)
             | 'AllRefs' >> beam.Flatten()
             | 'KeyByUri' >> beam.Map(lambda ref: (ref.uri, ref))
             | 'OnePerUri' >> beam.CombinePerKey(_first)
             | 'Values' >> beam.Values())
-    failures = (tuple(stat_failures) | 'StatFailures' >> beam.Flatten()) if stat_failures \
-        else pbegin | 'NoStatFailures' >> beam.Create([])
-    return {'refs': refs, FAILURES_TAG: failures}
+    return {'refs': refs, FAILURES_TAG: tuple(failures) | 'ListFailures' >> beam.Flatten()}
 
 
 class _ReadFile(beam.DoFn):
@@ -311,7 +334,7 @@ class _ReadFile(beam.DoFn):
           ref.uri, READ, exc, size_bytes=ref.size_bytes, last_modified=ref.last_modified))
       return
     self._bytes.inc(len(data))
-    yield ImageFile(ref.uri, len(data), ref.last_modified, data)
+    yield ImageFile(ref.uri, len(data), ref.last_modified, data, ref.content_id)
 
 
 class ReadImages(beam.PTransform):

@@ -1,0 +1,466 @@
+"""Listing storage one page at a time, the same way on local disk, gs:// and s3://.
+
+Beam's `FileSystems.match` builds the whole list of a pattern in memory, in one call; at 100M
+objects that is tens of GB in one process and hours of single-threaded paging. Here a pattern
+becomes a `Listing` (where to start, what to keep), the first folder level under it is listed with
+a delimiter, and each sub-folder becomes a `Listing` of its own that a runner lists on any worker.
+Every page is filtered and dropped before the next is asked for: memory is one page (1,000
+objects), whatever the bucket holds. All spellings of an extension (`.jpg`/`.jpeg`, any case) are
+one regular expression applied to one listing.
+
+The clients are the ones Beam's own FileSystems build from the pipeline options
+(google-cloud-storage through `GcsIO`, boto3 through Beam's S3 client), so credentials, endpoints
+and retries are the same as for every other read and write of the run. Each page request is
+retried by the client's retry policy; a page that still fails raises, and the runner retries
+that one listing, not the whole input.
+"""
+
+import datetime
+import logging
+import os
+import re
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+from apache_beam.io.filesystem import FileSystem
+from apache_beam.io.filesystems import FileSystems
+
+PAGE_SIZE = 1000
+# Names this tool writes into a run directory (run_format's shard names: prefix, Beam's
+# -SSSSS-of-NNNNN, suffix) and its sinks' temporary folders: never images.
+_RUN_FILE = re.compile(r'(run_claim|run_summary)\.json|'
+                       r'(embeddings|failures|index)-\d{5}-of-\d{5}\.(tfrecord(\.gz)?|parquet|jsonl)')
+_RUN_TEMP_FOLDER = 'beam-temp-'
+_GLOB_CHARACTERS = '*?['
+_EXTENSION_ALIASES = ({'jpg', 'jpeg'}, {'tif', 'tiff'})
+_EXTENSION = re.compile(r'\.([A-Za-z0-9]+)$')
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+class FileRef(NamedTuple):
+  """A file as its listing describes it; size and time are None when it has none.
+
+  `content_id` names the bytes, not the metadata, where the store says so: `crc32c:` on GCS,
+  `etag:` on S3; None on local disk, where size and modification time are all there is.
+  """
+  uri: str
+  size_bytes: Optional[int]
+  last_modified: Optional[int]  # microseconds since the Unix epoch, UTC
+  content_id: Optional[str] = None
+
+
+class Listing(NamedTuple):
+  """One piece of one input's listing: everything under `prefix` that `regex` keeps.
+
+  `levels`: folder levels below `prefix` that can still match (None: any depth), so that
+  `photos/*.jpg` lists one level, not the whole tree. `root` is where the input starts (local
+  links that lead back inside it are not followed: that folder is listed where it really is).
+  """
+  root: str
+  prefix: str
+  regex: str
+  levels: Optional[int]
+  excludes: Tuple[str, ...] = ()  # regexes: a URI, or one of its folder names, to leave out
+
+
+class Page(NamedTuple):
+  refs: List[FileRef]
+  prefixes: List[str]  # sub-folders (level listings only), each ending with '/'
+  unlistable: List[Tuple[str, BaseException]] = []  # local folders the walk could not open
+
+
+class UnlistableError(OSError):
+  """A folder or prefix that cannot be listed; says so plainly when permissions are the cause."""
+
+  def __init__(self, message: str, denied: bool):
+    super().__init__(message)
+    self.denied = denied
+
+
+def is_local(path: str) -> bool:
+  return '://' not in path or path.startswith('file://')
+
+
+def has_glob(pattern: str) -> bool:
+  return _first_glob(pattern) < len(pattern)
+
+
+def _first_glob(pattern: str) -> int:
+  escaped = False
+  for position, character in enumerate(pattern):
+    if escaped:
+      escaped = False
+    elif character == '\\':
+      escaped = True
+    elif character in _GLOB_CHARACTERS:
+      return position
+  return len(pattern)
+
+
+def unescape(pattern: str) -> str:
+  return re.sub(r'\\(.)', r'\1', pattern)
+
+
+def _escapes_as_classes(pattern: str) -> str:
+  """`\\[` -> `[[]`: Beam's pattern syntax has no escape, but a one-character class works."""
+  return re.sub(r'\\(.)', lambda m: m.group(1) if m.group(1) == ']' else f'[{m.group(1)}]',
+                pattern)
+
+
+def _any_case(text: str) -> str:
+  return ''.join(f'[{c.lower()}{c.upper()}]' if c.isalpha() else c for c in text)
+
+
+def _extension_variants(pattern: str) -> List[str]:
+  """The pattern once per spelling of its extension, each matching in any case."""
+  found = _EXTENSION.search(pattern)
+  if not found:
+    return [pattern]
+  extension = found.group(1).lower()
+  spellings = next((sorted(a) for a in _EXTENSION_ALIASES if extension in a), [extension])
+  stem = pattern[:found.start()]
+  return [f'{stem}.{_any_case(spelling)}' for spelling in spellings]
+
+
+def pattern_regex(pattern: str) -> str:
+  """One regular expression for every spelling of the pattern's extension."""
+  return '|'.join(f'(?:{_translate(v)})' for v in _extension_variants(_escapes_as_classes(pattern)))
+
+
+def _translate(pattern: str) -> str:
+  """Beam's glob translation, without its global flags (so that several can be joined)."""
+  regex = FileSystem.translate_pattern(pattern)
+  flags = re.match(r'\(\?[a-z]+\)', regex)
+  return (f'(?{flags.group(0)[2:-1]}:' + regex[flags.end():] + ')') if flags else regex
+
+
+def exclude_regexes(excludes: Sequence[str]) -> Tuple[str, ...]:
+  """`--exclude`: a pattern with a `/` matches whole URIs; one without, any file or folder name
+  (`*.md`, `thumbnails`), its extension in any case like the inputs'."""
+  regexes = []
+  for pattern in excludes:
+    regex = pattern_regex(pattern)
+    regexes.append(regex if '/' in pattern else f'(?:.*/)?(?:{regex})(?:/.*)?')
+  return tuple(regexes)
+
+
+def plan_listing(pattern: str, excludes: Tuple[str, ...] = ()) -> Listing:
+  """Where a glob or folder input starts listing, and what it keeps (see transforms/read.py)."""
+  if not has_glob(pattern):
+    folder = unescape(pattern).rstrip('/') + '/'
+    return Listing(folder, folder, re.escape(folder) + '.*', None, excludes)
+  fixed = unescape(pattern[:_first_glob(pattern)])
+  folder = fixed[:fixed.rfind('/') + 1]
+  rest = pattern[len(pattern[:_first_glob(pattern)]):]
+  levels = None if '**' in rest else rest.count('/')
+  # Remote stores list by name prefix, so `gs://b/img_*` lists only names starting `img_`.
+  prefix = folder if is_local(pattern) else fixed
+  return Listing(folder, prefix, pattern_regex(pattern), levels, excludes)
+
+
+def is_run_file(uri: str) -> bool:
+  """A file some run of this tool wrote (its claim, summary, shards or temporary files)."""
+  name = uri.rsplit('/', 1)[-1]
+  return bool(_RUN_FILE.fullmatch(name)) or f'/{_RUN_TEMP_FOLDER}' in uri
+
+
+def microseconds(moment: Optional[datetime.datetime]) -> Optional[int]:
+  if moment is None:
+    return None
+  if moment.tzinfo is None:
+    moment = moment.replace(tzinfo=datetime.timezone.utc)
+  return (moment - _EPOCH) // datetime.timedelta(microseconds=1)
+
+
+def _permission_message(where: str, exc: BaseException) -> str:
+  return (f'permission denied: cannot list {where} ({exc}); check that the account running the '
+          'job may list it (local: the folder\'s read and execute permissions; GCS: '
+          'storage.objects.list; S3: s3:ListBucket)')
+
+
+def unlistable(where: str, exc: BaseException) -> UnlistableError:
+  denied = isinstance(exc, PermissionError) or getattr(exc, 'code', None) == 403 or \
+      _s3_error_code(exc) in ('AccessDenied', '403')
+  return UnlistableError(_permission_message(where, exc) if denied else
+                         f'cannot list {where}: {exc}', denied)
+
+
+def _s3_error_code(exc: BaseException) -> Optional[str]:
+  response = getattr(exc, 'response', None)
+  return response.get('Error', {}).get('Code') if isinstance(response, dict) else None
+
+
+# -- the three stores ----------------------------------------------------------------------------
+
+class _Local:
+
+  @staticmethod
+  def stat(path: str) -> Optional[FileRef]:
+    if not (os.path.isfile(path) or (os.path.islink(path) and not os.path.isdir(path))):
+      return None
+    try:
+      stat = os.stat(path)
+    except OSError:  # a dangling link: the read reports it
+      return FileRef(path, None, None)
+    return FileRef(path, stat.st_size, stat.st_mtime_ns // 1000)
+
+  @staticmethod
+  def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip('/') + '/')
+
+  def level(self, listing: Listing, prefix: str) -> Iterator[Page]:
+    """One folder: its files, and its sub-folders except links back inside the input."""
+    real_root = os.path.realpath(listing.root)
+    try:
+      entries = sorted(os.scandir(prefix), key=lambda entry: entry.name)
+    except FileNotFoundError:  # nothing there: the input matches nothing
+      return
+    except OSError as exc:
+      yield Page([], [], [(prefix, exc)])
+      return
+    refs, folders = [], []
+    for entry in entries:
+      path = os.path.join(prefix, entry.name)
+      if entry.is_dir():
+        if not (entry.is_symlink() and self._inside(os.path.realpath(path), real_root)):
+          folders.append(path + '/')
+      else:
+        refs.append(self.stat(path) or FileRef(path, None, None))
+    yield Page(refs, folders)
+
+  def tree(self, listing: Listing, prefix: str) -> Iterator[Page]:
+    """os.walk following links, each real folder once, one folder a page."""
+    real_root = os.path.realpath(listing.root)
+    seen = {real_root} if os.path.realpath(prefix) != real_root else set()
+    errors = []
+    for folder, folders, files in os.walk(prefix.rstrip('/') or '/', followlinks=True,
+                                          onerror=errors.append):
+      while errors:
+        yield self._unlistable(errors.pop(0))
+      real = os.path.realpath(folder)
+      if real in seen:
+        folders[:] = []
+        continue
+      seen.add(real)
+      folders[:] = sorted(
+          name for name in folders
+          if not (os.path.islink(os.path.join(folder, name)) and
+                  self._inside(os.path.realpath(os.path.join(folder, name)), real_root)))
+      yield Page([self.stat(os.path.join(folder, name)) or
+                  FileRef(os.path.join(folder, name), None, None) for name in sorted(files)], [])
+    while errors:  # the last folders' errors come after the walk
+      yield self._unlistable(errors.pop(0))
+
+  @staticmethod
+  def _unlistable(error: OSError) -> Page:
+    if isinstance(error, FileNotFoundError):  # removed while being listed
+      return Page([], [])
+    return Page([], [], [(error.filename.rstrip('/') + '/', error)])
+
+
+def _split(uri: str, scheme: str) -> Tuple[str, str]:
+  bucket, _, name = uri[len(scheme):].partition('/')
+  return bucket, name
+
+
+class _Gcs:
+  """google-cloud-storage's paged listing, through the client Beam's GcsIO builds."""
+  _FIELDS = 'items(name,size,updated,crc32c),prefixes,nextPageToken'
+
+  def __init__(self):
+    from apache_beam.io.gcp import gcsio
+    options = FileSystems.get_filesystem('gs://')._pipeline_options  # pylint: disable=protected-access
+    self._io = gcsio.GcsIO(pipeline_options=options)
+
+  @staticmethod
+  def _ref(bucket: str, blob) -> FileRef:
+    return FileRef(f'gs://{bucket}/{blob.name}', blob.size, microseconds(blob.updated),
+                   f'crc32c:{blob.crc32c}' if blob.crc32c else None)
+
+  def stat(self, uri: str) -> Optional[FileRef]:
+    bucket, name = _split(uri, 'gs://')
+    if not name or name.endswith('/'):
+      return None
+    blob = self._io.client.bucket(bucket).get_blob(
+        name, retry=self._io._storage_client_retry)  # pylint: disable=protected-access
+    return None if blob is None else self._ref(bucket, blob)
+
+  def _pages(self, prefix: str, delimiter: Optional[str]) -> Iterator[Page]:
+    bucket, name = _split(prefix, 'gs://')
+    blobs = self._io.client.list_blobs(
+        self._io.client.bucket(bucket), prefix=name, delimiter=delimiter, page_size=PAGE_SIZE,
+        fields=self._FIELDS, retry=self._io._storage_client_retry)  # pylint: disable=protected-access
+    for page in blobs.pages:
+      refs = [self._ref(bucket, blob) for blob in page]
+      yield Page(refs, [f'gs://{bucket}/{p}' for p in page.prefixes])
+
+  def level(self, listing: Listing, prefix: str) -> Iterator[Page]:
+    return self._pages(prefix, '/')
+
+  def tree(self, listing: Listing, prefix: str) -> Iterator[Page]:
+    return self._pages(prefix, None)
+
+
+class _S3:
+  """boto3's list_objects_v2 paginator, through the client Beam's S3 FileSystem builds."""
+
+  def __init__(self):
+    from apache_beam.io.aws import s3io
+    options = FileSystems.get_filesystem('s3://')._options  # pylint: disable=protected-access
+    self._client = s3io.S3IO(options=options).client.client
+
+  @staticmethod
+  def _ref(bucket: str, key: str, item) -> FileRef:
+    etag = (item.get('ETag') or '').strip('"')
+    return FileRef(f's3://{bucket}/{key}', item.get('Size', item.get('ContentLength')),
+                   microseconds(item.get('LastModified')), f'etag:{etag}' if etag else None)
+
+  def stat(self, uri: str) -> Optional[FileRef]:
+    bucket, key = _split(uri, 's3://')
+    if not key or key.endswith('/'):
+      return None
+    try:
+      return self._ref(bucket, key, self._client.head_object(Bucket=bucket, Key=key))
+    except Exception as exc:  # botocore's ClientError: 404 is "no such object", others raise
+      if _s3_error_code(exc) in ('404', 'NoSuchKey', 'NotFound'):
+        return None
+      raise
+
+  def _pages(self, prefix: str, delimiter: Optional[str]) -> Iterator[Page]:
+    bucket, key = _split(prefix, 's3://')
+    arguments = {'Bucket': bucket, 'Prefix': key,
+                 'PaginationConfig': {'PageSize': PAGE_SIZE}}
+    if delimiter:
+      arguments['Delimiter'] = delimiter
+    for page in self._client.get_paginator('list_objects_v2').paginate(**arguments):
+      yield Page([self._ref(bucket, item['Key'], item) for item in page.get('Contents', ())],
+                 [f's3://{bucket}/{p["Prefix"]}' for p in page.get('CommonPrefixes', ())])
+
+  def level(self, listing: Listing, prefix: str) -> Iterator[Page]:
+    return self._pages(prefix, '/')
+
+  def tree(self, listing: Listing, prefix: str) -> Iterator[Page]:
+    return self._pages(prefix, None)
+
+
+def store_for(uri: str):
+  """The store a URI lives in; other schemes go through Beam's FileSystems (whole lists)."""
+  if is_local(uri):
+    return _Local()
+  if uri.startswith('gs://'):
+    return _Gcs()
+  if uri.startswith('s3://'):
+    return _S3()
+  return _BeamFileSystem()
+
+
+class _BeamFileSystem:
+  """Any other Beam FileSystem (hdfs://, azfs://...): its own match, in one call."""
+
+  @staticmethod
+  def stat(uri: str) -> Optional[FileRef]:
+    if not FileSystems.exists(uri) or uri.endswith('/'):
+      return None
+    metadata = FileSystems.get_filesystem(uri).metadata(uri)
+    return FileRef(uri, metadata.size_in_bytes,
+                   round(metadata.last_updated_in_seconds * 1_000_000)
+                   if metadata.last_updated_in_seconds is not None else None)
+
+  def level(self, listing: Listing, prefix: str) -> Iterator[Page]:
+    return self.tree(listing, prefix)
+
+  def tree(self, listing: Listing, prefix: str) -> Iterator[Page]:
+    result = FileSystems.match([prefix + '**'])[0]
+    yield Page([FileRef(m.path, m.size_in_bytes, round(m.last_updated_in_seconds * 1_000_000))
+                for m in result.metadata_list if not m.path.endswith('/')], [])
+
+
+# -- listing -------------------------------------------------------------------------------------
+
+class Listed(NamedTuple):
+  """What one page of a listing gives: files kept, sub-listings to spread, folders that failed,
+  and run files left out."""
+  refs: List[FileRef]
+  pieces: List[Listing]
+  unlistable: List[Tuple[str, BaseException]]
+  run_files: List[str]
+  seen: int  # objects and sub-folders the page held before filtering
+
+
+def _keep(listing: Listing, page: Page, regex: 're.Pattern', excludes) -> Listed:
+  refs, run_files = [], []
+  for ref in page.refs:
+    if ref.uri.endswith('/') or not regex.fullmatch(ref.uri):  # '/': a "folder" placeholder
+      continue
+    if is_run_file(ref.uri):
+      run_files.append(ref.uri)
+    elif not any(e.fullmatch(ref.uri) for e in excludes):
+      refs.append(ref)
+  pieces = []
+  if listing.levels is None or listing.levels > 0:
+    for prefix in page.prefixes:
+      if not any(e.fullmatch(prefix.rstrip('/')) for e in excludes) and \
+          not prefix.rstrip('/').rsplit('/', 1)[-1].startswith(_RUN_TEMP_FOLDER):
+        pieces.append(listing._replace(
+            prefix=prefix, levels=None if listing.levels is None else listing.levels - 1))
+  return Listed(refs, pieces, page.unlistable, run_files, len(page.refs) + len(page.prefixes))
+
+
+def list_level(listing: Listing) -> Iterator[Listed]:
+  """The first folder level of a listing: its files, and one sub-listing per sub-folder."""
+  regex, excludes = re.compile(listing.regex), [re.compile(e) for e in listing.excludes]
+  store = store_for(listing.prefix)
+  try:
+    for page in store.level(listing, listing.prefix):
+      yield _keep(listing, page, regex, excludes)
+  except Exception as exc:  # the store's error after its own retries
+    raise unlistable(listing.prefix, exc) from exc
+
+
+def list_piece(listing: Listing) -> Iterator[Listed]:
+  """Everything a sub-listing holds, one page at a time (bounded depths level by level)."""
+  if listing.levels is not None:
+    for listed in list_level(listing):
+      yield listed._replace(pieces=[])
+      for piece in listed.pieces:
+        yield from list_piece(piece)
+    return
+  regex, excludes = re.compile(listing.regex), [re.compile(e) for e in listing.excludes]
+  try:
+    for page in store_for(listing.prefix).tree(listing, listing.prefix):
+      yield _keep(listing, page, regex, excludes)
+  except Exception as exc:  # the store's error after its own retries
+    raise unlistable(listing.prefix, exc) from exc
+
+
+def stat(uri: str) -> Optional[FileRef]:
+  """One request: the file's FileRef, or None when nothing (or a folder) is there."""
+  return store_for(uri).stat(uri)
+
+
+def list_sequentially(listing: Listing, max_pages: Optional[int] = None) -> Iterator[Listed]:
+  """A whole listing in this process (what a runner does spread over workers); at most
+  `max_pages` pages when given."""
+  pages = 0
+  queue = []
+  for listed in list_level(listing):
+    pages += 1
+    yield listed._replace(pieces=[])
+    queue.extend(listed.pieces)
+    if max_pages and pages >= max_pages:
+      return
+  for piece in queue:
+    for listed in list_piece(piece):
+      pages += 1
+      yield listed
+      if max_pages and pages >= max_pages:
+        return
+
+
+_said = set()
+
+
+def say_once(message: str, *args) -> None:
+  """Logs a warning once per process (a listing of many pages says a thing once)."""
+  if message % args not in _said:
+    _said.add(message % args)
+    logging.warning(message, *args)
