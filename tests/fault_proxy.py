@@ -68,13 +68,15 @@ def request_kind(method: str, path: str) -> str:
 
 
 def object_path(path: str) -> str:
-  """'bucket/name' of an object request on either service (query string left out)."""
+  """'bucket/name' of an object request on either service, 'bucket/prefix' of a listing."""
   url = urllib.parse.urlsplit(path)
+  query = urllib.parse.parse_qs(url.query)
   gcs = _GCS_OBJECT.match(url.path)
   if gcs:
-    name = gcs.group('name') or urllib.parse.parse_qs(url.query).get('name', [''])[0]
+    name = gcs.group('name') or query.get('name', query.get('prefix', ['']))[0]
     return urllib.parse.unquote(gcs.group('bucket') + '/' + name)
-  return urllib.parse.unquote(url.path.lstrip('/'))
+  target = urllib.parse.unquote(url.path.lstrip('/'))
+  return target + '/' + query['prefix'][0] if '/' not in target and 'prefix' in query else target
 
 
 class FaultProxy:

@@ -127,8 +127,10 @@ def pattern_regex(pattern: str) -> str:
 
 
 def _translate(pattern: str) -> str:
-  """Beam's glob translation, without its global flags (so that several can be joined)."""
+  """Beam's glob translation, without its global flags and end anchor (so that several can be
+  joined, and a name matched within a path)."""
   regex = FileSystem.translate_pattern(pattern)
+  regex = regex[:-2] if regex.endswith('\\Z') else regex
   flags = re.match(r'\(\?[a-z]+\)', regex)
   return (f'(?{flags.group(0)[2:-1]}:' + regex[flags.end():] + ')') if flags else regex
 
@@ -342,15 +344,26 @@ class _S3:
     return self._pages(prefix, None)
 
 
+_clients = {}
+
+
 def store_for(uri: str):
-  """The store a URI lives in; other schemes go through Beam's FileSystems (whole lists)."""
+  """The store a URI lives in; other schemes go through Beam's FileSystems (whole lists).
+
+  One client per process and set of options (a client fetches bucket metadata when it starts).
+  """
   if is_local(uri):
     return _Local()
-  if uri.startswith('gs://'):
-    return _Gcs()
-  if uri.startswith('s3://'):
-    return _S3()
-  return _BeamFileSystem()
+  kind = {'gs://': _Gcs, 's3://': _S3}.get(uri[:5])
+  if kind is None:
+    return _BeamFileSystem()
+  key = (kind, id(FileSystems._pipeline_options),  # pylint: disable=protected-access
+         os.environ.get('STORAGE_EMULATOR_HOST'))
+  if key not in _clients:
+    if len(_clients) > 8:  # options of earlier runs in this process
+      _clients.clear()
+    _clients[key] = kind()
+  return _clients[key]
 
 
 class _BeamFileSystem:

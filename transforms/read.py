@@ -143,7 +143,7 @@ def manifest_uri(line: str) -> Optional[str]:
 def _first_uri(manifest: str) -> Optional[str]:
   """Reads a manifest up to its first URI; a line before it that is not UTF-8 is an error."""
   with FileSystems.open(manifest) as f:
-    for number, raw in enumerate(f, start=1):
+    for number, raw in enumerate(iter(f.readline, b''), start=1):
       try:
         line = raw.decode('utf-8')
       except UnicodeDecodeError as exc:
