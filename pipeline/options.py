@@ -167,6 +167,10 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
   if not options.input and not options.input_manifest:
     problems.append('--input (or --input_manifest) is required: files, folders or glob '
                     'patterns, e.g. --input "gs://bucket/photos/**.jpg"')
+  for flag in ('input', 'input_manifest', 'exclude'):
+    if any(not value.strip() for value in getattr(options, flag) or ()):
+      problems.append(f'--{flag} is given an empty value (a template or scheduler parameter left '
+                      'blank?): leave the flag out instead')
   if not options.output:
     problems.append('--output is required: a directory such as gs://bucket/embeddings/run1')
   if options.min_batch_size > options.max_batch_size:

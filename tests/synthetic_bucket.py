@@ -92,6 +92,7 @@ class SyntheticBuckets(FaultProxy):
 
 class _SyntheticHandler(_ProxyHandler):
   owner: SyntheticBuckets = None
+  disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK wait
 
   def _handle(self):
     url = urllib.parse.urlsplit(self.path)

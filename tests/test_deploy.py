@@ -26,8 +26,11 @@ NOT_PARAMETERS = {
     'no_wait': 'the template entry point always adds it: a template launch must never wait',
     'dataflow_job_file': 'it writes a file inside the launcher container, which nobody can read',
 }
-# Values for the required parameters (they must also satisfy metadata.json's regexes).
-REQUIRED_SAMPLES = {'input': 'gs://bucket/photos/**.jpg', 'output': 'gs://bucket/embeddings/{date}'}
+# Values for the required parameters and the image ones, of which a launch gives one or both (they
+# must also satisfy metadata.json's regexes).
+REQUIRED_SAMPLES = {'input': 'gs://bucket/photos/**.jpg', 'output': 'gs://bucket/embeddings/{date}',
+                    'input_manifest': 'gs://bucket/manifests/*.txt'}
+IMAGE_PARAMETERS = ('input', 'input_manifest')
 # Probes for the regexes: a value a regex accepts must be one the flag's type accepts.
 PROBES = ('abc', '0', '-1', '1.5', '', 'true', 'float64', 'gzip', '64', '0.875')
 
@@ -78,16 +81,23 @@ def test_template_parameters_are_exactly_the_launchers_flags():
 
 
 def test_required_parameters_are_what_validation_requires():
-  required = {p['name'] for p in _metadata()['parameters'] if not p['isOptional']}
+  """Required: what every run needs; the images are one of input and input_manifest, both
+  optional in the template (a scheduled run from a manifest alone lists nothing)."""
+  parameters = {p['name']: p for p in _metadata()['parameters']}
+  required = {name for name, p in parameters.items() if not p['isOptional']}
+  assert all(parameters[name]['isOptional'] for name in IMAGE_PARAMETERS)
 
   def check(names):
     options = PipelineOptions([f'--{name}={REQUIRED_SAMPLES[name]}' for name in sorted(names)])
     validate(options.view_as(EmbeddingOptions), options)
 
-  check(required)  # the required parameters alone make a valid run
-  for name in required:  # and each of them is needed
+  for images in ({'input'}, {'input_manifest'}, set(IMAGE_PARAMETERS)):
+    check(required | images)  # the required parameters and either image parameter: valid
+  with pytest.raises(OptionsError, match='--input.*--input_manifest'):
+    check(required)
+  for name in required:  # and each required one is needed
     with pytest.raises(OptionsError, match=f'--{name}'):
-      check(required - {name})
+      check(required - {name} | {'input'})
 
 
 def _accepted_by_type(action, text: str) -> bool:
@@ -144,6 +154,36 @@ def test_entry_point_never_waits_and_passes_switches_and_the_worker_image():
   assert own_image == ['--sdk_container_image=mine', '--no_wait']
   with pytest.raises(SystemExit, match='true or false'):
     flex.template_argv(['--large_model=maybe'], {}, switches)
+
+
+def test_a_template_launch_from_a_manifest_alone(gcs_server, tmp_path):
+  """What Dataflow does with a launch's parameters (checked against metadata.json), then the
+  entry point, as the template launcher runs it, on the Dataflow runner's dry run."""
+  gcs_server.create_bucket('template-manifest')
+  gcs_server.upload('gs://template-manifest/photos/a.png',
+                    _read_bytes('sample_images', 'camera.png'))
+  gcs_server.upload('gs://template-manifest/manifests/night.txt',
+                    b'# tonight\ngs://template-manifest/photos/a.png\n')
+  launch = {'input_manifest': 'gs://template-manifest/manifests/*.txt',
+            'output': 'gs://template-manifest/embeddings/{date}', 'model': 'builtin:pnasnet_mobile'}
+  parameters = {p['name']: p for p in _metadata()['parameters']}
+  assert {name for name, p in parameters.items() if not p['isOptional']} <= set(launch)
+  assert all(_matches(parameters[name], value) for name, value in launch.items())
+  result = subprocess.run(
+      [sys.executable, os.path.join(DEPLOY, 'flex', 'main.py')] +
+      [f'--{name}={value}' for name, value in launch.items()] +
+      ['--runner=DataflowRunner', '--dry_run=True', '--project=test', '--region=us-central1',
+       '--temp_location=gs://template-manifest/tmp'],
+      cwd=PROJECT, env=dict(os.environ, PYTHONPATH=PROJECT), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'dry run: nothing submitted' in result.stdout
+  assert gcs_server.list('gs://template-manifest/embeddings/') == []
+
+
+def _read_bytes(*path) -> bytes:
+  with open(os.path.join(PROJECT, *path), 'rb') as f:
+    return f.read()
 
 
 def _setup_pins() -> dict:

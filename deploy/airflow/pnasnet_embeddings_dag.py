@@ -19,9 +19,12 @@ from airflow.sdk import DAG
 
 PROJECT = 'my-project'
 REGION = 'us-central1'
+# The images: `input` (a pattern, listed by the job) or `input_manifest` (files naming one URI a
+# line, never listed: at 100M objects, a list the storage service writes, see docs), or both.
 PARAMS = {
     'template': 'gs://my-bucket/templates/pnasnet-embeddings.json',
     'input': 'gs://my-bucket/photos/**.jpg',
+    # 'input_manifest': 'gs://my-bucket/manifests/{{ ds }}/*.txt.gz',
     'output_bucket': 'my-bucket',
     'output_prefix': 'embeddings',
     'model': 'builtin:pnasnet_large',
@@ -30,6 +33,9 @@ PARAMS = {
     'machine_type': 'n1-standard-8',
 }
 OUTPUT = 'gs://{{ params.output_bucket }}/{{ params.output_prefix }}/{{ ds }}'
+# Only the image parameters PARAMS gives: the template refuses an empty one.
+IMAGES = {name: f'{{{{ params.{name} }}}}' for name in ('input', 'input_manifest')
+          if PARAMS.get(name)}
 
 with DAG(
     dag_id='pnasnet_embeddings_nightly',
@@ -49,7 +55,7 @@ with DAG(
           'jobName': 'pnasnet-embeddings-{{ ds_nodash }}',
           'containerSpecGcsPath': '{{ params.template }}',
           'parameters': {
-              'input': '{{ params.input }}',
+              **IMAGES,
               'output': OUTPUT,
               'model': '{{ params.model }}',
               'checkpoint': '{{ params.checkpoint }}',
