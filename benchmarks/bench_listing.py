@@ -15,6 +15,7 @@ Prints one line of figures per run.
 """
 
 import argparse
+import glob
 import json
 import os
 import resource
@@ -70,7 +71,7 @@ def child_pipeline(scheme: str, workers: int, options: list, out: str) -> None:
     matched = pipeline | MatchFiles([f'{scheme}://synthetic/**.jpg'])
     _ = (matched['refs']
          | beam.combiners.Count.Globally()
-         | beam.io.WriteToText(out, shard_name_template=''))
+         | beam.io.WriteToText(out))
 
 
 def _run_child(server, scheme: str, args: list) -> str:
@@ -116,9 +117,11 @@ def main() -> None:
           started = time.time()
           _run_child(server, args.scheme, ['pipeline', str(workers), out])
           seconds = time.time() - started
-          with open(out) as f:
-            files = int(f.read())
-          os.remove(out)
+          files = 0
+          for shard in glob.glob(out + '*'):  # the count, in one of the shards
+            with open(shard) as f:
+              files += sum(int(line) for line in f if line.strip())
+            os.remove(shard)
           print(json.dumps({'scheme': args.scheme, 'objects': objects, 'workers': workers,
                             'files': files, 'seconds': round(seconds, 1),
                             'list_requests': len(server.listings)}), flush=True)
