@@ -47,6 +47,7 @@ class DecodedImage(NamedTuple):
   size_bytes: int
   last_modified: int | None  # microseconds since the Unix epoch, from the file listing.
   pixels: np.ndarray  # float32 [H, W, 3] in [0, 1] at the model's input size.
+  content_id: str | None = None  # the store's identity of the bytes, from the file listing.
 
 
 def _raise_pillow_limit(max_image_pixels: int | None) -> None:
@@ -251,12 +252,13 @@ class _DecodeFn(beam.DoFn):
       self._failed.inc()
       yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure.from_exception(
           image_file.uri, DECODE, e, size_bytes=image_file.size_bytes,
-          last_modified=image_file.last_modified, sha256=sha256))
+          last_modified=image_file.last_modified, sha256=sha256,
+          content_id=image_file.content_id))
       return
     self._milliseconds.update(round((time.perf_counter() - start) * 1000))  # Decoded images only.
     self._decoded.inc()
     yield DecodedImage(image_file.uri, sha256, height, width, image_file.size_bytes,
-                       image_file.last_modified, pixels)
+                       image_file.last_modified, pixels, image_file.content_id)
 
 
 class DecodeImages(beam.PTransform):

@@ -29,6 +29,7 @@ class ImageKey(NamedTuple):
   width: int
   size_bytes: int
   last_modified: Optional[int]
+  content_id: Optional[str] = None
 
 
 class Embedding(NamedTuple):
@@ -40,6 +41,7 @@ class Embedding(NamedTuple):
   last_modified: Optional[int]  # microseconds since the Unix epoch, from the file listing
   model: str
   embedding: np.ndarray  # float32 [feature_size]
+  content_id: Optional[str] = None  # the store's identity of the bytes (transforms/listing.py)
 
 
 def configure_gpus() -> list:
@@ -127,7 +129,7 @@ class _ToEmbedding(beam.DoFn):
     key, result = keyed_result
     self._embedded.inc()
     self._progress.add()
-    yield Embedding(*key, model=result.model_id,
+    yield Embedding(**key._asdict(), model=result.model_id,
                     embedding=np.asarray(result.inference, np.float32))
 
 
@@ -142,12 +144,12 @@ class _FailedBatch(beam.DoFn):
     for key, _pixels in batch:
       self._failed.inc()
       yield Failure(key.uri, INFERENCE, getattr(error, '__name__', str(error)), str(message),
-                    key.size_bytes, key.last_modified, key.sha256)
+                    key.size_bytes, key.last_modified, key.sha256, key.content_id)
 
 
 def _key_pixels(image: DecodedImage):
   return ImageKey(image.uri, image.sha256, image.height, image.width, image.size_bytes,
-                  image.last_modified), image.pixels
+                  image.last_modified, image.content_id), image.pixels
 
 
 class EmbedImages(beam.PTransform):

@@ -20,6 +20,7 @@ class Failure(NamedTuple):
   size_bytes: Optional[int] = None
   last_modified: Optional[int] = None
   sha256: Optional[str] = None
+  content_id: Optional[str] = None  # GCS crc32c, S3 ETag: see transforms/listing.py
 
   @classmethod
   def from_exception(cls, uri: str, stage: str, exc: BaseException, **known) -> 'Failure':

@@ -331,7 +331,8 @@ class _ReadFile(beam.DoFn):
       logging.warning('cannot read %s: %s', ref.uri, exc)
       self._failed.inc()
       yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure.from_exception(
-          ref.uri, READ, exc, size_bytes=ref.size_bytes, last_modified=ref.last_modified))
+          ref.uri, READ, exc, size_bytes=ref.size_bytes, last_modified=ref.last_modified,
+          content_id=ref.content_id))
       return
     self._bytes.inc(len(data))
     yield ImageFile(ref.uri, len(data), ref.last_modified, data, ref.content_id)
