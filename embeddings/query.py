@@ -38,10 +38,11 @@ def run_model(summary: dict) -> RunModel:
 
 def embed_image(data: bytes, run: Run) -> np.ndarray:
   """The image's vector under the run's model; checks it is the model the run recorded."""
+  from models.loading import load_embedding_model
   from transforms.decode import decode_and_resize
-  from transforms.models import load_model
   options = run_model(run.summary)
-  model = load_model(options.handle, options.checkpoint, options.seed, options.compute_dtype)
+  model = load_embedding_model(options.handle, options.checkpoint, options.seed,
+                               options.compute_dtype)
   description = model.describe()
   if description.model_id != run.model:
     raise ValueError(f'{run.path} was embedded with {run.model}, but its summary\'s options '

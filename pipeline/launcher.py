@@ -17,13 +17,14 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
                                                   TestOptions, WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
+from models.description import describe_model
+from models.handles import ModelLoadError
 from pipeline.build import build_pipeline
 from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
                               check_known_flags, expand_output, validate)
 from pipeline.output_dir import (CLAIM_FILE, OutputExistsError, OutputNotWritableError,
                                  check_output_is_new, claim_output, stale_temp_files)
 from transforms import quiet_logs
-from transforms.models import ModelLoadError, describe_model, weights_identity
 from transforms.provenance import Provenance, project_version, recipe
 from transforms.read import (NoInputError, check_inputs_match, check_manifests_exist,
                              normalize_input)
@@ -170,7 +171,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   model = describe_model(embedding.model, embedding.checkpoint, embedding.seed,
                          embedding.compute_dtype)
   provenance = Provenance(
-      model.model_id, weights_identity(embedding.model, embedding.checkpoint, embedding.seed),
+      model.model_id, model.weights,
       recipe(embedding.compute_dtype, embedding.center_crop_fraction, embedding.jpeg_draft,
              embedding.jit_compile),
       project_version())

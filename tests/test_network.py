@@ -88,8 +88,8 @@ def test_seeded_weights_are_deterministic_and_calibrated(random_images):
 
 def test_an_image_alone_gets_the_same_vector_as_in_any_batch():
   """PNASNet-5 Large on CPU: a batch of one would take another kernel path (up to 1e-4 off)."""
-  from transforms.models import load_model
-  model = load_model('builtin:pnasnet_large')
+  from models.loading import load_embedding_model
+  model = load_embedding_model('builtin:pnasnet_large')
   images = np.random.default_rng(5).random((3, 331, 331, 3), dtype=np.float32)
   together = model.embed(images)
   for i in range(3):

@@ -16,7 +16,8 @@ from PIL import Image, ImageOps
 from pipeline.launcher import OutputExistsError, run
 from pipeline.options import OptionsError
 from transforms.decode import decode_and_resize
-from transforms.models import ModelLoadError, load_model
+from models.handles import ModelLoadError
+from models.loading import load_embedding_model
 from transforms.read import NoInputError
 
 BROKEN = {'empty.jpg', 'truncated.jpg', 'notes.jpg'}
@@ -61,7 +62,7 @@ def _check_run(summary, output, sources, model_dir, tmp_path):
   with FileSystems.open(FileSystems.join(output, 'run_summary.json')) as f:
     assert json.loads(f.read()) == summary
 
-  model = load_model(model_dir)
+  model = load_embedding_model(model_dir)
   for uri, example in embedded.items():
     feature = example.features.feature
     assert set(feature) == FEATURES
@@ -154,7 +155,7 @@ def _build_without_launcher(argv):
   from apache_beam.options.pipeline_options import PipelineOptions
   from pipeline.build import build_pipeline
   from pipeline.options import EmbeddingOptions
-  from transforms.models import describe_model
+  from models.description import describe_model
   from transforms.provenance import Provenance, recipe
   from transforms.summary import utc_now
 
