@@ -1,6 +1,7 @@
 """Model handles: exports load through the pipeline's loader; bad handles fail clearly."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -66,6 +67,18 @@ def test_checkpoint_on_gcs_is_staged_and_restaged_when_replaced(gcs_server, rand
     np.testing.assert_allclose(features, network(random_images).numpy(), rtol=0, atol=1e-5)
 
 
+def test_one_description_names_the_weights_and_the_loaded_model_agrees(tmp_path, tiny_network):
+  """The launcher's description carries the weights' identity; a worker's load describes the
+  model the same way."""
+  prefix = str(tmp_path / 'model.ckpt')
+  save_slim_checkpoint(prefix, model_values(tiny_network))
+  described = describe_model('builtin:pnasnet_tiny', checkpoint=prefix)
+  assert re.fullmatch(rf'checkpoint {re.escape(prefix)} index-sha256:[0-9a-f]{{16}}',
+                      described.weights)
+  assert load_embedding_model('builtin:pnasnet_tiny', checkpoint=prefix).describe() == described
+  assert describe_model('builtin:pnasnet_tiny', seed=3).weights == 'untrained seed 3'
+
+
 def test_unreachable_default_handle_names_the_offline_choices():
   with pytest.raises(ModelLoadError) as error:
     describe_model(DEFAULT_MODEL_HANDLE)
@@ -113,9 +126,15 @@ def test_export_command_writes_a_loadable_module(tmp_path, capsys):
   output = str(tmp_path / 'module')
   main(['--config', 'tiny', '--format', 'tf1_hub', '--output', output, '--seed', '2'])
   assert 'wrote tf1_hub of pnasnet_tiny' in capsys.readouterr().out
-  assert describe_model(output).feature_size == 160
+  described = describe_model(output)
+  assert described.feature_size == 160
+  assert described.model_id == f'{output}@untrained-seed2'
+  assert re.fullmatch(r'untrained seed 2 \(exported by pnasnet.export\), '
+                      r'index-sha256:[0-9a-f]{16}', described.weights)
+  embedding_model = load_embedding_model(output)
+  assert embedding_model.describe() == described  # the launcher and the workers agree
   gray = np.full((1, 64, 64, 3), 0.5, np.float32)
-  np.testing.assert_allclose(load_embedding_model(output).embed(gray),
-                             build_model('tiny', seed=2)(gray), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(embedding_model.embed(gray), build_model('tiny', seed=2)(gray),
+                             rtol=0, atol=1e-5)
   with pytest.raises(SystemExit):
     main(['--config', 'tiny', '--output', output])  # not empty: refused
