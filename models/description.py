@@ -96,6 +96,7 @@ def check_checkpoint_fits(model_handle: str, prefix: str) -> None:
 
 def describe_builtin(model_handle: str, checkpoint: Optional[str], seed: int,
                      compute_dtype: str = 'float32') -> ModelDescription:
+  """The built-in network's description, from its config and the checkpoint's index."""
   config = builtin_config(model_handle)
   if checkpoint:
     weights = f'checkpoint {checkpoint} index-sha256:{_file_digest(checkpoint + ".index")}'
