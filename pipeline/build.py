@@ -6,6 +6,7 @@ from typing import Dict, Sequence
 import apache_beam as beam
 
 from pipeline.options import EmbeddingOptions
+from run_format import RunLaunch
 from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages, ImageEmbeddingModelHandler
 from transforms.failures import FAILURES_TAG
@@ -54,7 +55,7 @@ def _resource_hints(options: EmbeddingOptions) -> Dict[str, str]:
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions, model: ModelDescription,
-                   provenance: Provenance, summary_fields: Dict,
+                   provenance: Provenance, summary_fields: RunLaunch,
                    incremental_indexes: Sequence[str] = ()) -> None:
   """`summary_fields`: what run_summary.json says beside the counts (launch time, options)."""
   matched = pipeline | 'MatchFiles' >> MatchFiles(options.input or (),

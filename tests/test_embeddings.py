@@ -1,19 +1,19 @@
 """Reading runs back (embeddings.load / iter_shards), neighbours, duplicates, contact sheets.
 
-Runs come from two sources: `tests.run_writer` writes the planned output layout directly (Parquet,
-index, the optional features, `finished_at`), and `pipeline.launcher.run` with the tiny built-in
-network writes what the pipeline writes today.
+Runs come from two sources: `tests.run_writer` writes the output layout directly (Parquet, index,
+features left out, `finished_at`), and `pipeline.launcher.run` with the tiny built-in network
+writes what the pipeline writes.
 """
 
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import time
 import tracemalloc
 
 import numpy as np
@@ -73,7 +73,7 @@ def test_latest_finished_run_wins_per_uri_across_gzip_local_and_plain_gcs(gcs_se
 
 
 def test_pipeline_runs_local_gzip_then_gcs_plain_give_each_uri_once_newest(gcs_server, tmp_path):
-  """Today's pipeline output (no finished_at: ordered by the summaries' modification times)."""
+  """The pipeline's own output, ordered by the summaries' `finished_at`."""
   gcs_server.create_bucket('pipeline-runs')
   folder = tmp_path / 'photos'
   folder.mkdir()
@@ -99,16 +99,31 @@ def test_pipeline_runs_local_gzip_then_gcs_plain_give_each_uri_once_newest(gcs_s
                             newest[str(folder / 'b.png')])
 
 
-def test_run_order_falls_back_to_the_summary_modification_time(tmp_path):
-  first, second = rows(['a'], 4, seed=1), rows(['a'], 4, seed=2)
-  write_run(str(tmp_path / 'x'), first, finished_at=None)
-  write_run(str(tmp_path / 'y'), second, finished_at=None)
-  now = time.time()
-  for newer, older, expected in (('x', 'y', first), ('y', 'x', second)):
-    os.utime(tmp_path / newer / 'run_summary.json', (now, now))
-    os.utime(tmp_path / older / 'run_summary.json', (now - 60, now - 60))
-    np.testing.assert_array_equal(embeddings.load(str(tmp_path / '*')).vectors[0],
-                                  expected[0].embedding)
+def _write_summary_of_0_1(directory, run_rows):
+  """What 0.1.0 wrote: no finished_at, no model options, and no index."""
+  (directory / 'run_summary.json').write_text(json.dumps({
+      'matched': len(run_rows), 'embedded': len(run_rows), 'failed': 0,
+      'failed_by_stage': {'read': 0, 'decode': 0, 'inference': 0},
+      'model': 'builtin:test@untrained-seed0', 'embedding_size': 4, 'image_size': [64, 64],
+      'input': [], 'output': str(directory), 'runner': 'DirectRunner',
+      'wall_time_seconds': 1.0, 'images_per_second': 1.0}))
+  for index in directory.glob('index-*'):
+    index.unlink()
+
+
+def test_a_run_older_than_0_2_is_refused_by_name(tmp_path, capsys):
+  old = rows(['a'], 4, seed=1)
+  write_run(str(tmp_path / 'old'), old)
+  write_run(str(tmp_path / 'new'), rows(['b'], 4, seed=2))
+  _write_summary_of_0_1(tmp_path / 'old', old)
+  with pytest.raises(embeddings.IncompatibleRunError,
+                     match=r'old/run_summary.json: not a run summary of pnasnet-embeddings 0.2.0 '
+                     r'or later \(no .*finished_at'):
+    embeddings.load(str(tmp_path / '*'))
+  assert embeddings.load(str(tmp_path / 'new')).uris == ['b']
+  with pytest.raises(SystemExit) as exit_info:
+    neighbours.main(['--runs', str(tmp_path / '*'), '--query', 'b'])
+  assert exit_info.value.code == 2 and '0.2.0 or later' in capsys.readouterr().err
 
 
 def test_a_run_without_summary_is_ignored_and_no_run_at_all_is_an_error(tmp_path, caplog):
@@ -139,9 +154,9 @@ def test_mixed_models_or_sizes_are_refused_unless_one_is_chosen(tmp_path):
 
 def test_parquet_shards_and_an_index_that_spares_reading_superseded_runs(tmp_path):
   new = rows(['a', 'b', 'c'], 8, seed=2)
-  write_run(str(tmp_path / 'new'), new, output_format='both', index=True, shard_rows=2,
+  write_run(str(tmp_path / 'new'), new, output_format='both', shard_rows=2,
             finished_at='2026-02-01T00:00:00Z')
-  [old_shard] = write_run(str(tmp_path / 'old'), rows(['a', 'b'], 8, seed=1), index=True,
+  [old_shard] = write_run(str(tmp_path / 'old'), rows(['a', 'b'], 8, seed=1),
                           finished_at='2026-01-01T00:00:00Z')
   with open(old_shard, 'wb') as f:
     f.write(b'not a TFRecord file: the index must keep the reader away from it')
@@ -310,7 +325,7 @@ def test_runs_on_s3_with_the_filesystem_flags(s3_server, tmp_path, capsys):
   s3_server.create_bucket('s3-runs')
   storage.set_filesystem_options(s3_server.options)
   run_rows = rows(['s3://s3-runs/photos/a.jpg', 's3://s3-runs/photos/b.jpg'], 8, seed=6)
-  write_run('s3://s3-runs/runs/one', run_rows, compression='gzip', index=True)
+  write_run('s3://s3-runs/runs/one', run_rows, compression='gzip')
   FileSystems.set_options(PipelineOptions([]))  # the command's own flags must reach the server
   found = neighbours.main(['--runs', 's3://s3-runs/runs/*', '--query', run_rows[0].uri, '--k', '1']
                           + s3_server.options)
