@@ -54,7 +54,7 @@ def _is_integer(column: Column) -> bool:
 def to_example_batch(columns: Dict[str, Sequence]) -> pa.RecordBatch:
   """Column name -> values (the embedding a FixedSizeListArray) as tfx-bsl's Example encoder
   takes them: every column a list column named by its feature, as Example features are lists; a
-  missing value is an empty list (the feature is then absent from that Example)."""
+  missing value (None) is an empty list: the Example has the feature, with no value."""
   arrays = []
   for column in COLUMNS:
     value_type = pa.int64() if _is_integer(column) else pa.binary()
@@ -64,14 +64,22 @@ def to_example_batch(columns: Dict[str, Sequence]) -> pa.RecordBatch:
   return pa.RecordBatch.from_arrays(arrays, [c.feature for c in COLUMNS] + [EMBEDDING])
 
 
+def _first_values(lists: pa.Array) -> pa.Array:
+  """Each list's first value; null for an empty or missing list."""
+  import pyarrow.compute as pc
+  has_value = pc.fill_null(pc.greater(pc.list_value_length(lists), 0), False)
+  starts = pc.if_else(has_value, lists.offsets[:-1], pa.scalar(None, lists.offsets.type))
+  return pc.take(lists.values, starts)
+
+
 def from_example_batch(batch: pa.RecordBatch) -> Dict[str, pa.Array]:
   """tfx-bsl's decoded Examples -> metadata column name -> values (cast to the column's type by
-  the reader); a feature that no Example in the batch has is left out."""
-  import pyarrow.compute as pc
+  the reader), null where an Example has no value; a feature that no Example in the batch has is
+  left out."""
   columns = {}
   for column in COLUMNS:
     if column.feature in batch.schema.names:
-      values = pc.list_element(batch.column(column.feature), 0)
+      values = _first_values(batch.column(column.feature))
       if pa.types.is_timestamp(column.type):
         values = values.cast(pa.int64()).cast(column.type)
       elif pa.types.is_large_binary(values.type) or pa.types.is_binary(values.type):

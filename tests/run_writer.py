@@ -83,17 +83,17 @@ def _parquet_bytes(table: pa.Table) -> bytes:
   return sink.getvalue().to_pybytes()
 
 
-def run_summary(directory: str, run_rows: List[Row], model: str, finished_at: str,
-            failed: int = 0) -> RunSummary:
+def run_summary(directory: str, model: str, embedded: int, embedding_size: int, finished_at: str,
+                failed: int = 0) -> RunSummary:
   """A summary as the pipeline writes it, for a run of an untrained builtin."""
   return RunSummary(
       model=model, model_handle=model.split('@')[0], checkpoint=None, seed=0,
       weights='untrained', compute_dtype='float32', center_crop_fraction=1.0, jpeg_draft=False,
       recipe=RECIPE, pipeline_version='0.2.0',
-      embedding_size=len(run_rows[0].embedding) if run_rows else 0, image_size=[64, 64],
+      embedding_size=embedding_size, image_size=[64, 64],
       input=[], input_manifest=[], incremental_from=[], output=directory,
       output_format='tfrecord', runner='DirectRunner', started_at=finished_at,
-      matched=len(run_rows) + failed, skipped=0, embedded=len(run_rows), failed=failed,
+      matched=embedded + failed, skipped=0, embedded=embedded, failed=failed,
       failed_by_stage=dict(dict.fromkeys(STAGES, 0), **{DECODE: failed}), example_failures=[],
       files=[], finished_at=finished_at, wall_time_seconds=1.0, images_per_second=None)
 
@@ -127,6 +127,7 @@ def write_run(directory: str, run_rows: List[Row], model: str = 'builtin:test@un
       pa.Table.from_pylist([{'uri': u, 'model': model, 'recipe': RECIPE, 'outcome': o}
                             for u, o in outcomes], INDEX_SCHEMA)))
   if summary:
-    _put(f'{directory}/{SUMMARY_FILE}', run_summary(directory, run_rows, model, finished_at,
-                                                    len(failed_uris)).to_json().encode())
+    size = len(run_rows[0].embedding) if run_rows else 0
+    _put(f'{directory}/{SUMMARY_FILE}', run_summary(
+        directory, model, len(run_rows), size, finished_at, len(failed_uris)).to_json().encode())
   return paths

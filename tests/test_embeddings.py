@@ -31,7 +31,7 @@ from embeddings.shards import CorruptShardError
 from embeddings.similarity import nearest
 from pipeline.launcher import run as run_pipeline
 from tests.conftest import SAMPLE_IMAGES
-from tests.run_writer import rows, write_run
+from tests.run_writer import RECIPE, rows, write_run
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = sorted(n for n in os.listdir(SAMPLE_IMAGES) if not n.endswith('.md'))
@@ -170,6 +170,29 @@ def test_parquet_shards_and_an_index_that_spares_reading_superseded_runs(tmp_pat
                  tmp_path / 'old' / 'index-00000-of-00001.parquet')
   with pytest.raises(CorruptShardError, match='not a TFRecord file'):
     embeddings.load(str(tmp_path / '*'))
+
+
+def test_values_the_listing_lacked_read_back_as_null(tmp_path):
+  """The writer gives an unknown size or modification time a feature with no value."""
+  import tensorflow as tf
+  from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
+  from transforms.embed import Embedding
+  from transforms.provenance import Provenance
+  from transforms.write import embeddings_to_record_batch
+  run_rows = rows(['a', 'b'], 4, seed=1)
+  [path] = write_run(str(tmp_path / 'run'), run_rows)
+  provenance = Provenance('builtin:test@untrained-seed0', 'untrained', RECIPE, '0.2.0')
+  batch = embeddings_to_record_batch(
+      [Embedding(r.uri, r.sha256, r.height, r.width, size, None, provenance.model, r.embedding)
+       for r, size in zip(run_rows, (None, 99))], provenance)
+  with tf.io.TFRecordWriter(path) as writer:
+    for example in RecordBatchToExamplesEncoder().encode(batch):
+      writer.write(example)
+  collection = embeddings.load(str(tmp_path / 'run'))
+  assert [(r['uri'], r['size_bytes'], r['last_modified'], r['recipe'])
+          for r in collection.metadata.to_pylist()] == [('a', None, None, RECIPE),
+                                                        ('b', 99, None, RECIPE)]
+  np.testing.assert_array_equal(collection.vectors, np.stack([r.embedding for r in run_rows]))
 
 
 def test_a_truncated_tfrecord_shard_is_reported(tmp_path):
