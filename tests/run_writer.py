@@ -3,6 +3,7 @@ run_summary.json) on any Beam FileSystem, so reader tests need no pipeline."""
 
 import datetime
 import hashlib
+import json
 import os
 import tempfile
 from typing import List, NamedTuple, Optional
@@ -14,9 +15,9 @@ import tensorflow as tf
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from run_format import (COLUMNS, DECODE, EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX, INDEX_PREFIX,
-                        INDEX_SCHEMA, PARQUET_SUFFIX, STAGES, SUMMARY_FILE, RunSummary,
-                        embeddings_schema, tfrecord_suffix)
+from run_format import (COLUMNS, DECODE, EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX, INDEX_GLOB,
+                        INDEX_PREFIX, INDEX_SCHEMA, PARQUET_SUFFIX, STAGES, SUMMARY_FILE,
+                        RunSummary, embeddings_schema, tfrecord_suffix)
 
 RECIPE = 'compute_dtype=float32;center_crop_fraction=1.0;jpeg_draft=0'
 # What every Example has; the others are left out with full_schema=False, as for unknown values.
@@ -131,3 +132,15 @@ def write_run(directory: str, run_rows: List[Row], model: str = 'builtin:test@un
     _put(f'{directory}/{SUMMARY_FILE}', run_summary(
         directory, model, len(run_rows), size, finished_at, len(failed_uris)).to_json().encode())
   return paths
+
+
+def write_summary_of_0_1(directory: str) -> None:
+  """Makes the run look as 0.1.0 wrote it: a summary without finished_at or the model's options,
+  and no index."""
+  _put(f'{directory}/{SUMMARY_FILE}', json.dumps({
+      'matched': 1, 'embedded': 1, 'failed': 0,
+      'failed_by_stage': dict.fromkeys(STAGES, 0), 'model': 'builtin:test@untrained-seed0',
+      'embedding_size': 4, 'image_size': [64, 64], 'input': [], 'output': directory,
+      'runner': 'DirectRunner', 'wall_time_seconds': 1.0, 'images_per_second': 1.0}).encode())
+  indexes = [m.path for m in FileSystems.match([f'{directory}/{INDEX_GLOB}'])[0].metadata_list]
+  FileSystems.delete(indexes)

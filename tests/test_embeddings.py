@@ -8,7 +8,6 @@ writes what the pipeline writes.
 import csv
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ from embeddings.shards import CorruptShardError
 from embeddings.similarity import nearest
 from pipeline.launcher import run as run_pipeline
 from tests.conftest import SAMPLE_IMAGES
-from tests.run_writer import RECIPE, rows, write_run
+from tests.run_writer import RECIPE, rows, write_run, write_summary_of_0_1
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = sorted(n for n in os.listdir(SAMPLE_IMAGES) if not n.endswith('.md'))
@@ -99,23 +98,11 @@ def test_pipeline_runs_local_gzip_then_gcs_plain_give_each_uri_once_newest(gcs_s
                             newest[str(folder / 'b.png')])
 
 
-def _write_summary_of_0_1(directory, run_rows):
-  """What 0.1.0 wrote: no finished_at, no model options, and no index."""
-  (directory / 'run_summary.json').write_text(json.dumps({
-      'matched': len(run_rows), 'embedded': len(run_rows), 'failed': 0,
-      'failed_by_stage': {'read': 0, 'decode': 0, 'inference': 0},
-      'model': 'builtin:test@untrained-seed0', 'embedding_size': 4, 'image_size': [64, 64],
-      'input': [], 'output': str(directory), 'runner': 'DirectRunner',
-      'wall_time_seconds': 1.0, 'images_per_second': 1.0}))
-  for index in directory.glob('index-*'):
-    index.unlink()
-
-
 def test_a_run_older_than_0_2_is_refused_by_name(tmp_path, capsys):
   old = rows(['a'], 4, seed=1)
   write_run(str(tmp_path / 'old'), old)
   write_run(str(tmp_path / 'new'), rows(['b'], 4, seed=2))
-  _write_summary_of_0_1(tmp_path / 'old', old)
+  write_summary_of_0_1(str(tmp_path / 'old'))
   with pytest.raises(embeddings.IncompatibleRunError,
                      match=r'old/run_summary.json: not a run summary of pnasnet-embeddings 0.2.0 '
                      r'or later \(no .*finished_at'):
