@@ -23,8 +23,8 @@ from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
                               check_known_flags, expand_output, validate)
 from pipeline.output_dir import (OutputExistsError, OutputNotWritableError, check_output_is_new,
                                  claim_output, stale_temp_files)
-from run_format import (CLAIM_FILE, FAILURES_GLOB, SUMMARY_FILE, TEMP_FOLDERS,
-                        IncompatibleRunError, RunLaunch, RunSummary, utc_now)
+from run_format import (CLAIM_FILE, FAILURES_PREFIX, FAILURES_SUFFIX, SUMMARY_FILE, TEMP_FOLDERS,
+                        IncompatibleRunError, RunLaunch, RunSummary, shard_glob, utc_now)
 from transforms import quiet_logs
 from transforms.models import ModelLoadError, describe_model, weights_identity
 from transforms.provenance import Provenance, project_version, recipe
@@ -140,7 +140,8 @@ def _check_something_embedded(summary: RunSummary) -> None:
                          for f in summary.example_failures[:3])
     raise NothingEmbeddedError(f'{attempted} files were tried and none was embedded (failed by '
                                f'stage: {summary.failed_by_stage}). For example: {examples}. '
-                               f'All reasons are in {summary.output}/{FAILURES_GLOB}')
+                               f'All reasons are in {summary.output}/'
+                               f'{shard_glob(FAILURES_PREFIX, FAILURES_SUFFIX)}')
 
 
 def run(argv: Optional[List[str]] = None) -> Dict:
