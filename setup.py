@@ -28,7 +28,7 @@ setuptools.setup(
     description='PNASNet-5 Large image embeddings at scale with Apache Beam',
     python_requires='>=3.10,<3.13',
     packages=setuptools.find_packages(include=['pipeline', 'transforms', 'models', 'pnasnet',
-                                               'embeddings']),
+                                               'embeddings', 'run_format']),
     install_requires=REQUIRED,
     extras_require={'test': TEST},
 )

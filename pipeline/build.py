@@ -7,6 +7,7 @@ import apache_beam as beam
 
 from models.description import ModelDescription
 from pipeline.options import EmbeddingOptions
+from run_format import RunLaunch
 from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages, ImageEmbeddingModelHandler
 from transforms.failures import FAILURES_TAG
@@ -56,7 +57,7 @@ def _resource_hints(options: EmbeddingOptions) -> Dict[str, str]:
 
 def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
                    model_description: ModelDescription, provenance: Provenance,
-                   summary_fields: Dict, incremental_indexes: Sequence[str] = ()) -> None:
+                   summary_fields: RunLaunch, incremental_indexes: Sequence[str] = ()) -> None:
   """`summary_fields`: what run_summary.json says beside the counts (launch time, options)."""
   matched = pipeline | 'MatchFiles' >> MatchFiles(options.input or (),
                                                   options.input_manifest or ())

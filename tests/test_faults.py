@@ -18,7 +18,8 @@ import tensorflow as tf
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from PIL import Image
 
-from pipeline.launcher import SUMMARY_FILE, run
+from pipeline.launcher import run
+from run_format import SUMMARY_FILE
 from tests.fault_proxy import FaultProxy, FaultRule
 
 IMAGES = 8

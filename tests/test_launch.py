@@ -15,11 +15,12 @@ import pytest
 
 from pipeline.launcher import run
 from pipeline.options import OptionsError, expand_output
-from pipeline.output_dir import (CLAIM_FILE, OutputExistsError, OutputNotWritableError,
-                                 claim_output)
+from pipeline.output_dir import OutputExistsError, OutputNotWritableError, claim_output
 from pnasnet import build_model
 from pnasnet.checkpoint import model_values, save_slim_checkpoint
-from tests.test_pipeline import PROJECT, _read_examples
+from run_format import CLAIM_FILE
+from tests.outputs import read_examples
+from tests.test_pipeline import PROJECT
 
 TINY = '--model=builtin:pnasnet_tiny'
 README = os.path.join(PROJECT, 'README.md')
@@ -174,7 +175,7 @@ def test_every_provenance_option_is_recorded(image_folder, tmp_path):
   assert summary['recipe'] == 'compute_dtype=float16;center_crop_fraction=0.875;jpeg_draft=1'
   assert summary['weights'] == 'untrained seed 9'
   assert summary['pipeline_version'].startswith('pnasnet-embeddings ')
-  examples = _read_examples(output, tmp_path)
+  examples = read_examples(output, tmp_path)
   assert len(examples) == summary['embedded'] == 3  # rocket, hubble, camera
   for example in examples:
     feature = example.features.feature
@@ -194,7 +195,7 @@ def test_an_exported_untrained_module_is_labelled(tmp_path, image_folder, capsys
   assert summary['weights'].startswith('untrained seed 4 (exported by pnasnet.export)')
   builtin = run([f'--input={image_folder}/camera.png', TINY, '--seed=4',
                  f'--output={tmp_path}/builtin'])
-  vectors = [_read_examples(out, tmp_path)[0].features.feature['embedding'].float_list.value
+  vectors = [read_examples(out, tmp_path)[0].features.feature['embedding'].float_list.value
              for out in (f'{tmp_path}/out', builtin['output'])]
   np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)
 
