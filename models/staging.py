@@ -85,7 +85,7 @@ def resolve_model_dir(model_handle: str) -> str:
       raise ModelLoadError(
           f'the download of {model_handle} is not a complete module archive '
           f'({type(exc).__name__}: {exc}); nothing was cached, so the next run downloads it '
-          f'again. Bake the model into the worker image (deploy/README.md) to stop depending on '
+          f'again. Bake the model into the worker image (docs/dataflow.md) to stop depending on '
           f'the download.') from exc
   if is_remote(model_handle):
     try:

@@ -36,7 +36,7 @@ PROJECT_SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
                                   'setup.py')
 RESOURCE_HINT_NAMES = {'beam:resources:accelerator:v1': 'accelerator',
                        'beam:resources:min_ram_bytes:v1': 'min_ram_bytes'}
-# Beam's chatter that reads like a problem on every run (see README, "Log messages").
+# Beam's chatter that reads like a problem on every run (see docs/running.md, "Log messages").
 QUIET_LOGGERS = ('apache_beam.io.iobase',)
 
 

@@ -93,7 +93,7 @@ class EmbeddingOptions(PipelineOptions):
                        help='Files larger than this are not read; they go to the dead letter.')
     group.add_argument('--jpeg_draft', action='store_true', default=False,
                        help='Let Pillow decode large JPEGs at reduced size (faster, '
-                       'slightly different pixels; see README).')
+                       'slightly different pixels; see docs/models.md).')
     group.add_argument('--jit_compile', action='store_true', default=False,
                        help='Compile a builtin: model with XLA (for GPU workers; slow on CPUs), '
                        'once per batch size, batches padded to powers of two up to '
