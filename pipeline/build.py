@@ -59,13 +59,17 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
                    model_description: ModelDescription, provenance: Provenance,
                    summary_fields: RunLaunch, incremental_indexes: Sequence[str] = ()) -> None:
   """`summary_fields`: what run_summary.json says beside the counts (launch time, options)."""
+  # With earlier runs, the join on URI also keeps one of each URI: one shuffle, not two.
   matched = pipeline | 'MatchFiles' >> MatchFiles(
-      options.input or (), options.input_manifest or (), options.exclude or (), options.output)
+      options.input or (), options.input_manifest or (), options.exclude or (), options.output,
+      deduplicate=not incremental_indexes)
   refs = matched['refs']
   if incremental_indexes:
     split = refs | 'SkipUnchanged' >> SkipUnchanged(incremental_indexes, provenance,
                                                     options.retry_failed)
     to_read, skipped = split.new, split.skipped
+    refs = (to_read, skipped | 'SkippedRefs' >> beam.Map(lambda skipped: skipped.ref)) \
+        | 'UniqueRefs' >> beam.Flatten()
   else:
     to_read, skipped = refs, pipeline | 'NothingSkipped' >> beam.Create([])
   read = to_read | 'ReadImages' >> ReadImages(options.max_file_bytes)

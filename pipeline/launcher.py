@@ -28,6 +28,7 @@ from pipeline.output_dir import (OutputExistsError, OutputNotWritableError, chec
 from run_format import (CLAIM_FILE, FAILURES_PREFIX, FAILURES_SUFFIX, SUMMARY_FILE, TEMP_FOLDERS,
                         IncompatibleRunError, RunLaunch, RunSummary, shard_glob, utc_now)
 from transforms import quiet_logs
+from transforms.incremental import state_runs
 from transforms.provenance import Provenance, project_version, recipe
 from transforms.read import (NoInputError, check_inputs_match, check_manifests_exist,
                              normalize_input)
@@ -62,13 +63,16 @@ def _prepare_remote_workers(options: PipelineOptions) -> None:
     logging.info('--setup_file %s: workers install the project from it', PROJECT_SETUP_FILE)
 
 
-def finished_run_indexes(run_globs: List[str], output: str) -> List[str]:
-  """Index globs of the finished runs among `run_globs` but `output` itself; none is fine (the
-  first of nightly runs)."""
+def finished_run_indexes(run_globs: List[str], output: str,
+                         provenance: Provenance) -> List[str]:
+  """Index globs of the finished runs among `run_globs` but `output` itself that hold the state
+  (transforms/incremental.py state_runs); none is fine (the first of nightly runs)."""
   runs = find_runs(run_globs, missing_ok=True) if run_globs else []
-  indexes = sorted(run.index_glob for run in runs if run.path != output.rstrip('/'))
-  logging.info('--incremental_from: %d finished runs', len(indexes))
-  return indexes
+  runs = [run for run in runs if run.path != output.rstrip('/')]
+  chosen = state_runs(runs, provenance.model, provenance.recipe)
+  logging.info('--incremental_from: %d finished runs; reading the %d that hold the state',
+               len(runs), len(chosen))
+  return sorted(run.index_glob for run in chosen)
 
 
 def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
@@ -84,7 +88,8 @@ def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
       embedding_size=model_description.feature_size,
       image_size=[model_description.height, model_description.width],
       input=list(embedding.input or []), input_manifest=list(embedding.input_manifest or []),
-      incremental_from=runs, output=embedding.output, output_format=embedding.output_format,
+      incremental_from=runs, incremental_runs=[glob.rsplit('/', 1)[0] for glob in runs],
+      index_carries_forward=True, output=embedding.output, output_format=embedding.output_format,
       runner=options.view_as(StandardOptions).runner or 'DirectRunner', started_at=started_at)
 
 
@@ -168,9 +173,9 @@ def run(argv: Optional[List[str]] = None) -> Dict:
       recipe(embedding.compute_dtype, embedding.center_crop_fraction, embedding.jpeg_draft,
              embedding.jit_compile),
       project_version())
-  check_inputs_match(embedding.input)
+  check_inputs_match(embedding.input, embedding.exclude or (), embedding.output)
   check_manifests_exist(embedding.input_manifest)
-  indexes = finished_run_indexes(embedding.incremental_from or [], embedding.output)
+  indexes = finished_run_indexes(embedding.incremental_from or [], embedding.output, provenance)
   launch = launch_record(embedding, options, model_description, provenance, started_at, indexes)
   dry_run = options.view_as(TestOptions).dry_run
   if dry_run:

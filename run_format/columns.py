@@ -33,12 +33,18 @@ METADATA_SCHEMA = pa.schema([(c.name, c.type) for c in COLUMNS] + [(RUN_COLUMN, 
 _TYPES = {column.name: column.type for column in COLUMNS}
 
 INDEX_SCHEMA = pa.schema(
-    [(name, _TYPES[name]) for name in ('uri', 'size_bytes', 'last_modified', 'sha256', 'model',
-                                       'recipe')] +
+    [(name, _TYPES[name]) for name in ('uri', 'size_bytes', 'last_modified')] +
+    # The store's identity of the bytes: GCS `crc32c:...`, S3 `etag:...`; null on local disks.
+    [('content_id', pa.string())] +
+    [(name, _TYPES[name]) for name in ('sha256', 'model', 'recipe')] +
     [('outcome', pa.string()),  # layout.EMBEDDED, SKIPPED or the failed stage
+     # For a skipped file, what the earlier run did with that version (EMBEDDED or DECODE):
+     # carried forward, so that this index alone is the state of every file the run matched.
+     ('done_outcome', pa.string()),
      ('message', pa.string())])
 # What an incremental run reads of earlier indexes: which file version, embedded how, and its fate.
-INCREMENTAL_COLUMNS = ['uri', 'size_bytes', 'last_modified', 'model', 'recipe', 'outcome']
+INCREMENTAL_COLUMNS = ['uri', 'size_bytes', 'last_modified', 'content_id', 'model', 'recipe',
+                       'outcome', 'done_outcome']
 
 
 def embeddings_schema(feature_size: int) -> pa.Schema:

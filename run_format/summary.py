@@ -37,6 +37,10 @@ class RunLaunch:
   input: List[str]
   input_manifest: List[str]
   incremental_from: List[str]  # the earlier runs' index globs
+  # The earlier runs whose indexes this run read (transforms/incremental.py state_runs), and
+  # whether its own index carries their done files forward (so that it supersedes them).
+  incremental_runs: List[str] = dataclasses.field(default_factory=list)
+  index_carries_forward: bool = False
   output: str
   output_format: str
   runner: str

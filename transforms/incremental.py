@@ -1,89 +1,160 @@
 """Between matching and reading: skip the files that earlier finished runs already handled.
 
-An anti-join on URI (CoGroupByKey) of this run's listing with earlier runs' indexes, so it scales
-with the runner; nothing about the files is held by the launcher.
+The nightly state is the index itself. Every run's index has one row for each file it matched, and
+the row of a file it skipped carries the version an earlier run finished with (`done_outcome`:
+embedded, or decode when the file could not be decoded), so the newest finished run's index is the
+state of everything that run matched. A run therefore reads only the earlier runs that no newer
+one superseded (`state_runs`): on a nightly schedule over the same inputs, last night's index,
+about one collection's rows however many nights there were. Rows are filtered as Arrow batches
+(this model and recipe, a done outcome) before any Python object is made, and the listing joins
+them in one shuffle on the URI, which also keeps one of each URI the inputs named more than once.
+
+A file is unchanged when its size and content identity match the done version (GCS crc32c, S3
+ETag: a metadata edit or a storage-class rewrite changes neither); where the store gives no content
+identity (local disks), size and modification time must match.
 """
 
-import datetime
-from typing import NamedTuple, Optional, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.io.parquetio import ReadAllFromParquet
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
-from run_format import DECODE, EMBEDDED, INCREMENTAL_COLUMNS
+from run_format import DECODE, EMBEDDED, INCREMENTAL_COLUMNS, SKIPPED
 from transforms.provenance import Provenance
 
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+METRICS_NAMESPACE = 'incremental'
+_BATCH_ROWS = 65_536
 
 
-class Done(NamedTuple):
-  """A file version an earlier run finished with: embedded it, or found it undecodable."""
+class DoneVersion(NamedTuple):
+  """A file version an earlier run finished with."""
   size_bytes: Optional[int]
-  last_modified: Optional[int]
-  model: str
-  recipe: str
+  last_modified: Optional[int]  # microseconds since the Unix epoch, UTC
+  content_id: Optional[str]
+  outcome: str  # EMBEDDED or DECODE
 
 
-def _microseconds(value) -> Optional[int]:
-  if value is None:
-    return None
-  if value.tzinfo is None:
-    value = value.replace(tzinfo=datetime.timezone.utc)
-  return (value - _EPOCH) // datetime.timedelta(microseconds=1)
+class SkippedFile(NamedTuple):
+  ref: object  # the FileRef of this run's listing
+  done_outcome: str  # what the earlier run did with it
 
 
-class _KeepDone(beam.DoFn):
+def state_runs(runs: Iterable, model: str, recipe: str) -> List:
+  """The earlier finished runs (embeddings.runs.Run) a run must read: of those with this model and
+  recipe (no other can make a file skippable), newest first, each that no newer one superseded.
 
-  def __init__(self, retry_failed: bool):
-    self._outcomes = {EMBEDDED} if retry_failed else {EMBEDDED, DECODE}
+  A run supersedes the runs it read itself (and, through them, what those superseded): its index
+  carried forward every done file it matched."""
+  same = sorted((run for run in runs if run.summary.model == model and
+                 run.summary.recipe == recipe), key=lambda run: run.summary.started_at,
+                reverse=True)
+  superseded, chosen = set(), []
+  for run in same:
+    if run.path not in superseded:
+      chosen.append(run)
+    if run.summary.index_carries_forward:
+      superseded.update(read.rstrip('/') for read in run.summary.incremental_runs)
+  return sorted(chosen, key=lambda run: run.path)
 
-  def process(self, row: dict):
-    if row['outcome'] in self._outcomes:
-      yield row['uri'], Done(row['size_bytes'], _microseconds(row['last_modified']),
-                             row['model'], row['recipe'])
+
+def _done_mask(batch: pa.RecordBatch, provenance: Provenance, outcomes: Sequence[str]):
+  done = pc.is_in(batch.column('outcome'), pa.array(outcomes))
+  carried = pc.and_(pc.equal(batch.column('outcome'), SKIPPED),
+                    pc.is_in(batch.column('done_outcome'), pa.array(outcomes)))
+  return pc.and_(pc.and_(pc.equal(batch.column('model'), provenance.model),
+                         pc.equal(batch.column('recipe'), provenance.recipe)),
+                 pc.fill_null(pc.or_(done, carried), False))
+
+
+def _with_every_column(batch: pa.RecordBatch) -> pa.RecordBatch:
+  """Indexes of 0.2 have no content_id or done_outcome: nulls."""
+  for name in ('content_id', 'done_outcome'):
+    if name not in batch.schema.names:
+      batch = batch.append_column(name, pa.nulls(batch.num_rows, pa.string()))
+  return batch
+
+
+class _ReadDone(beam.DoFn):
+  """One index file -> (uri, DoneVersion) of the files done with this model and recipe."""
+
+  def __init__(self, provenance: Provenance, retry_failed: bool):
+    self._provenance = provenance
+    self._outcomes = [EMBEDDED] if retry_failed else [EMBEDDED, DECODE]
+    self._rows = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'index_rows_read')
+    self._bytes = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'index_bytes_read')
+    self._kept = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'index_rows_done')
+
+  def process(self, path: str):
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      parquet = pq.ParquetFile(f)
+      present = [c for c in INCREMENTAL_COLUMNS if c in parquet.schema_arrow.names]
+      self._bytes.inc(sum(parquet.metadata.row_group(i).total_byte_size
+                          for i in range(parquet.num_row_groups)))
+      for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=present):
+        self._rows.inc(batch.num_rows)
+        batch = _with_every_column(batch)
+        kept = batch.filter(_done_mask(batch, self._provenance, self._outcomes))
+        self._kept.inc(kept.num_rows)
+        outcome = pc.if_else(pc.equal(kept.column('outcome'), SKIPPED),
+                             kept.column('done_outcome'), kept.column('outcome'))
+        columns = [kept.column('uri'), kept.column('size_bytes'),
+                   kept.column('last_modified').cast(pa.int64()), kept.column('content_id'),
+                   outcome]
+        for uri, size, modified, content, done in zip(*(c.to_pylist() for c in columns)):
+          yield uri, DoneVersion(size, modified, content, done)
+
+
+def _same_version(ref, done: DoneVersion) -> bool:
+  if ref.size_bytes is None or ref.size_bytes != done.size_bytes:
+    return False
+  if ref.content_id and done.content_id:
+    return ref.content_id == done.content_id
+  return ref.last_modified == done.last_modified
 
 
 class _NewOrChanged(beam.DoFn):
-  """Read and inference failures are always retried: they say nothing about the file."""
+  """One URI: this run's listing of it (once, however often it was named) against what earlier
+  runs did. Read and inference failures are always retried: they say nothing about the file."""
 
-  def __init__(self, provenance: Provenance):
-    self._provenance = provenance
-    self._skipped = beam.metrics.Metrics.counter('incremental', 'skipped')
+  def __init__(self):
+    self._skipped = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'skipped')
 
   def process(self, joined):
     _, grouped = joined
-    done = set(grouped['done'])
-    for ref in grouped['current']:
-      version = Done(ref.size_bytes, ref.last_modified, self._provenance.model,
-                     self._provenance.recipe)
-      if ref.size_bytes is not None and version in done:
-        self._skipped.inc()
-        yield beam.pvalue.TaggedOutput('skipped', ref)
-      else:
-        yield ref
+    ref = next(iter(grouped['current']), None)
+    if ref is None:  # done earlier, not matched now
+      return
+    done = next((d for d in grouped['done'] if _same_version(ref, d)), None)
+    if done is None:
+      yield ref
+    else:
+      self._skipped.inc()
+      yield beam.pvalue.TaggedOutput('skipped', SkippedFile(ref, done.outcome))
 
 
 class SkipUnchanged(beam.PTransform):
-  """FileRef -> FileRef to embed (main) and FileRef skipped (tag 'skipped').
+  """FileRef (repeats allowed) -> FileRef to embed (main) and SkippedFile (tag 'skipped'), each
+  URI once."""
 
-  A file is skipped when an earlier run embedded (or could not decode, unless `retry_failed`)
-  the same URI with the same size, modification time, model id and recipe.
-  """
-
-  def __init__(self, index_patterns: Sequence[str], provenance: Provenance,
+  def __init__(self, index_globs: Sequence[str], provenance: Provenance,
                retry_failed: bool = False):
     super().__init__()
-    self._index_patterns = list(index_patterns)
+    self._index_globs = list(index_globs)
     self._provenance = provenance
     self._retry_failed = retry_failed
 
   def expand(self, refs):
     done = (refs.pipeline
-            | 'Indexes' >> beam.Create(self._index_patterns)
-            | 'ReadIndexes' >> ReadAllFromParquet(columns=INCREMENTAL_COLUMNS)
-            | 'KeepDone' >> beam.ParDo(_KeepDone(self._retry_failed)))
+            | 'Indexes' >> beam.Create(self._index_globs)
+            | 'IndexFiles' >> beam.FlatMap(
+                lambda glob: [m.path for m in FileSystems.match([glob])[0].metadata_list])
+            | 'SpreadIndexFiles' >> beam.Reshuffle()
+            | 'ReadDone' >> beam.ParDo(_ReadDone(self._provenance, self._retry_failed)))
     current = refs | 'KeyByUri' >> beam.Map(lambda ref: (ref.uri, ref))
     return ({'current': current, 'done': done}
             | 'JoinOnUri' >> beam.CoGroupByKey()
-            | 'NewOrChanged' >> beam.ParDo(_NewOrChanged(self._provenance)).with_outputs(
-                'skipped', main='new'))
+            | 'NewOrChanged' >> beam.ParDo(_NewOrChanged()).with_outputs('skipped', main='new'))

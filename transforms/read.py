@@ -265,7 +265,8 @@ def _first(refs):
 
 
 class MatchFiles(beam.PTransform):
-  """Patterns and manifests -> FileRef, each file once however often it is named.
+  """Patterns and manifests -> FileRef, each file once however often it is named (unless
+  `deduplicate` is off: then the caller's join on the URI does it).
 
   Each input's first folder level is listed where the input is; its sub-folders are reshuffled
   and listed in parallel, page by page. The grouping by URI also breaks fusion, so that runners
@@ -274,11 +275,13 @@ class MatchFiles(beam.PTransform):
   """
 
   def __init__(self, patterns: Sequence[str], manifests: Sequence[str] = (),
-               excludes: Sequence[str] = (), output: Optional[str] = None):
+               excludes: Sequence[str] = (), output: Optional[str] = None,
+               deduplicate: bool = True):
     super().__init__()
     self._patterns = list(patterns)
     self._manifests = list(manifests)
     self._excludes = _excludes(excludes, output)
+    self._deduplicate = deduplicate
 
   def expand(self, pbegin):
     planned = (pbegin
@@ -301,8 +304,10 @@ class MatchFiles(beam.PTransform):
                 | 'Stat' >> beam.ParDo(_StatUri()).with_outputs(FAILURES_TAG, main='refs'))
       sources.append(stated.refs)
       failures.extend([lines[FAILURES_TAG], stated[FAILURES_TAG]])
-    refs = (tuple(sources)
-            | 'AllRefs' >> beam.Flatten()
+    refs = tuple(sources) | 'AllRefs' >> beam.Flatten()
+    if not self._deduplicate:  # the caller's own shuffle on the URI keeps one of each
+      return {'refs': refs, FAILURES_TAG: tuple(failures) | 'ListFailures' >> beam.Flatten()}
+    refs = (refs
             | 'KeyByUri' >> beam.Map(lambda ref: (ref.uri, ref))
             | 'OnePerUri' >> beam.CombinePerKey(_first)
             | 'Values' >> beam.Values())

@@ -186,25 +186,31 @@ class WriteFailures(beam.PTransform):
 
 
 def _index_row(uri: str, size_bytes: Optional[int], last_modified: Optional[int],
-               sha256: Optional[str], provenance: Provenance, outcome: str,
-               message: Optional[str] = None) -> dict:
+               content_id: Optional[str], sha256: Optional[str], provenance: Provenance,
+               outcome: str, message: Optional[str] = None,
+               done_outcome: Optional[str] = None) -> dict:
   return {'uri': uri, 'size_bytes': size_bytes, 'last_modified': last_modified,
-          'sha256': sha256, 'model': provenance.model, 'recipe': provenance.recipe,
-          'outcome': outcome, 'message': message}
+          'content_id': content_id, 'sha256': sha256, 'model': provenance.model,
+          'recipe': provenance.recipe, 'outcome': outcome, 'done_outcome': done_outcome,
+          'message': message}
 
 
 def embedded_index_row(embedding: Embedding, provenance: Provenance) -> dict:
   return _index_row(embedding.uri, embedding.size_bytes, embedding.last_modified,
-                    embedding.sha256, provenance, EMBEDDED)
+                    embedding.content_id, embedding.sha256, provenance, EMBEDDED)
 
 
 def failed_index_row(failure: Failure, provenance: Provenance) -> dict:
-  return _index_row(failure.uri, failure.size_bytes, failure.last_modified, failure.sha256,
-                    provenance, failure.stage, f'{failure.error}: {failure.message}')
+  return _index_row(failure.uri, failure.size_bytes, failure.last_modified, failure.content_id,
+                    failure.sha256, provenance, failure.stage,
+                    f'{failure.error}: {failure.message}')
 
 
-def skipped_index_row(ref, provenance: Provenance) -> dict:
-  return _index_row(ref.uri, ref.size_bytes, ref.last_modified, None, provenance, SKIPPED)
+def skipped_index_row(skipped, provenance: Provenance) -> dict:
+  """transforms/incremental.py's SkippedFile: this listing's version, and what was done."""
+  ref = skipped.ref
+  return _index_row(ref.uri, ref.size_bytes, ref.last_modified, ref.content_id, None, provenance,
+                    SKIPPED, done_outcome=skipped.done_outcome)
 
 
 class WriteIndex(beam.PTransform):
