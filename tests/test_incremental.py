@@ -146,3 +146,57 @@ def test_a_backfill_in_chunks_is_finished_run_by_run(image_folder, tmp_path):
                f'--output={tmp_path}/backfill/rerun', f'--incremental_from={tmp_path}/backfill/*'])
   assert (rerun['embedded'], rerun['skipped']) == (2, 4)
   assert _embedded(rerun['output'], tmp_path) == sorted(chunks[1])
+
+
+def test_night_3_skips_what_night_1_embedded_reading_only_night_2(photos, image_folder,
+                                                                 tmp_path):
+  runs = tmp_path / 'runs'
+  run([f'--input={photos}', TINY, f'--output={runs}/1'])
+  shutil.copy(image_folder / 'coffee.png', photos / 'coffee.png')
+  second = run([f'--input={photos}', TINY, f'--output={runs}/2', f'--incremental_from={runs}/*'])
+  assert (second['embedded'], second['skipped']) == (1, 3)
+  (photos / 'rocket.jpg').write_bytes((image_folder / 'rocket.jpg').read_bytes())
+  third = run([f'--input={photos}', TINY, f'--output={runs}/3', f'--incremental_from={runs}/*'])
+  assert third['incremental_runs'] == [f'{runs}/2']  # night 2 superseded night 1
+  assert (third['embedded'], third['skipped']) == (1, 4)
+  assert _embedded(f'{runs}/3', tmp_path) == ['rocket.jpg']
+
+
+def _content_stores(request):
+  scheme = request.param
+  return scheme, request.getfixturevalue('gcs_server' if scheme == 'gs' else 's3_server')
+
+
+@pytest.fixture(params=['gs', 's3'])
+def store(request):
+  return _content_stores(request)
+
+
+def test_a_metadata_change_is_skipped_a_content_change_is_not(store, image_folder, tmp_path):
+  scheme, server = store
+  bucket = f'content-{scheme}-{os.getpid()}'
+  server.create_bucket(bucket)
+  names = ('camera.png', 'chelsea.png')
+  for name in names:
+    server.upload(f'{scheme}://{bucket}/photos/{name}', (image_folder / name).read_bytes())
+  options = [] if scheme == 'gs' else server.options
+  args = [f'--input={scheme}://{bucket}/photos', TINY] + options
+  run(args + [f'--output={tmp_path}/runs/1'])
+  # camera.png: copied onto itself with new metadata (a new modification time, the same bytes);
+  # chelsea.png: new bytes.
+  if scheme == 'gs':
+    blob = server.client.bucket(bucket).blob('photos/camera.png')
+    blob.reload()
+    before = blob.updated
+    blob.rewrite(blob)
+    blob.reload()
+    assert blob.updated != before
+  else:
+    server.client.copy_object(Bucket=bucket, Key='photos/camera.png',
+                              CopySource={'Bucket': bucket, 'Key': 'photos/camera.png'},
+                              Metadata={'note': 'edited'}, MetadataDirective='REPLACE')
+  server.upload(f'{scheme}://{bucket}/photos/chelsea.png',
+                (image_folder / 'coffee.png').read_bytes())
+  second = run(args + [f'--output={tmp_path}/runs/2', f'--incremental_from={tmp_path}/runs/*'])
+  assert (second['embedded'], second['skipped']) == (1, 1)
+  assert _embedded(f'{tmp_path}/runs/2', tmp_path) == ['chelsea.png']
