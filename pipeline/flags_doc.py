@@ -18,6 +18,7 @@ NOTES: Dict[str, FlagNotes] = {
     'input': FlagNotes('--input "gs://bucket/photos/**.jpg" gs://bucket/more/',
                        'What matches: [inputs](running.md#inputs). This or `--input_manifest` '
                        'is required.'),
+    'exclude': FlagNotes('--exclude "*.md" thumbnails', 'See [inputs](running.md#inputs).'),
     'input_manifest': FlagNotes('--input_manifest gs://bucket/lists/part-*.txt.gz',
                                 'See [inputs](running.md#inputs).'),
     'output': FlagNotes('--output "gs://bucket/embeddings/{date}"',
