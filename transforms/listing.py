@@ -24,12 +24,19 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
+from run_format import (CLAIM_FILE, EMBEDDINGS_PREFIX, FAILURES_PREFIX, FAILURES_SUFFIX,
+                        INDEX_PREFIX, PARQUET_SUFFIX, SUMMARY_FILE, TEMP_FOLDERS,
+                        TFRECORD_SUFFIXES)
+
 PAGE_SIZE = 1000
 # Names this tool writes into a run directory (run_format's shard names: prefix, Beam's
 # -SSSSS-of-NNNNN, suffix) and its sinks' temporary folders: never images.
-_RUN_FILE = re.compile(r'(run_claim|run_summary)\.json|'
-                       r'(embeddings|failures|index)-\d{5}-of-\d{5}\.(tfrecord(\.gz)?|parquet|jsonl)')
-_RUN_TEMP_FOLDER = 'beam-temp-'
+_RUN_FILE = re.compile(
+    '|'.join(re.escape(name) for name in (CLAIM_FILE, SUMMARY_FILE)) + '|(?:' +
+    '|'.join(re.escape(prefix) for prefix in (EMBEDDINGS_PREFIX, FAILURES_PREFIX, INDEX_PREFIX)) +
+    r')-\d{5}-of-\d{5}(?:' + '|'.join(re.escape(suffix) for suffix in (
+        TFRECORD_SUFFIXES + (PARQUET_SUFFIX, FAILURES_SUFFIX))) + ')')
+_RUN_TEMP_FOLDER = TEMP_FOLDERS.rstrip('*')
 _GLOB_CHARACTERS = '*?['
 _EXTENSION_ALIASES = ({'jpg', 'jpeg'}, {'tif', 'tiff'})
 _EXTENSION = re.compile(r'\.([A-Za-z0-9]+)$')
