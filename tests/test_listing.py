@@ -20,7 +20,7 @@ from pipeline.launcher import run
 from pipeline.options import EmbeddingOptions
 from tests.fault_proxy import FaultProxy, FaultRule
 from tests.synthetic_bucket import SyntheticBuckets, SyntheticNames
-from tests.test_pipeline import _read_failures
+from tests.outputs import read_failures as _read_failures
 from transforms.read import CHECK_PAGES, MatchFiles, match_input
 
 TINY = '--model=builtin:pnasnet_tiny'
