@@ -16,12 +16,14 @@ tightness per cluster; cluster sizes follow a Zipf-like law. Every block of BLOC
 from its own seeded generator, so a collection is the same whatever the shard size, and is written
 shard by shard (memory: the cluster centres plus one shard).
 
-Planted pairs: a near duplicate is an earlier row of the same block plus small noise (cosine about
-0.994, above the default threshold 0.986, like a resized copy); an exact duplicate is the same vector with the same sha256 (a byte copy).
+Planted pairs: a near duplicate is another row of the same block plus small noise (cosine about
+0.994, above the default threshold 0.986, like a resized copy); an exact duplicate is the same
+vector with the same sha256 (a byte copy).
 
 The run directory is what the pipeline writes: `embeddings-SSSSS-of-NNNNN.parquet` through the
-writer's own table code (row groups of the writer's batch size), `index-*.parquet` rows through the
-writer's index rows, and `run_summary.json` with the launcher's fields.
+writer's own table code (row groups of the writer's batch size), `index-SSSSS-of-NNNNN.parquet`
+through the writer's index rows, and `run_summary.json` with the launcher's fields; beside them
+`planted_pairs.json` lists the planted pairs.
 
     python -m benchmarks.synthetic_collection --output DIR --count 100000 [--seed 0] \
         [--shard_rows 10000] [--embedding_dtype float32] [--near_duplicates 0] \
@@ -148,6 +150,17 @@ def _sha256_of(row: int) -> str:
   return hashlib.sha256(uri_of(row).encode()).hexdigest()
 
 
+def _write_index(directory: str, number: int, shards: int, rows: List[dict]) -> str:
+  """One index shard per embeddings shard; empties `rows`."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from transforms.write import INDEX_SCHEMA
+  path = os.path.join(directory, f'index-{number:05d}-of-{shards:05d}.parquet')
+  pq.write_table(pa.Table.from_pylist(rows, INDEX_SCHEMA), path)
+  rows.clear()
+  return path
+
+
 def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: int = DIMENSION,
                         clusters: int = CLUSTERS, shard_rows: int = 10_000,
                         embedding_dtype: str = 'float32', near_duplicates: int = 0,
@@ -160,7 +173,7 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
   import pyarrow.parquet as pq
   from transforms.embed import Embedding
   from transforms.provenance import Provenance, project_version
-  from transforms.write import (ENCODE_BATCH_SIZE, INDEX_SCHEMA, embedded_index_row,
+  from transforms.write import (ENCODE_BATCH_SIZE, embedded_index_row,
                                 embeddings_to_table, parquet_schema)
   os.makedirs(directory, exist_ok=True)
   provenance = Provenance(model_id, f'synthetic-seed{seed}',
@@ -187,6 +200,7 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
       if row % shard_rows == 0:
         if writer is not None:
           writer.close()
+          files.append(_write_index(directory, row // shard_rows - 1, shards, index_rows))
         files.append(os.path.join(
             directory, f'embeddings-{row // shard_rows:05d}-of-{shards:05d}.parquet'))
         writer = pq.ParquetWriter(files[-1], schema, compression='snappy')
@@ -199,9 +213,7 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
       index_rows += [embedded_index_row(e, provenance) for e in batch]
       offset += size
   writer.close()
-  index_path = os.path.join(directory, 'index-00000-of-00001.parquet')
-  pq.write_table(pa.Table.from_pylist(index_rows, INDEX_SCHEMA), index_path)
-  files.append(index_path)
+  files.append(_write_index(directory, shards - 1, shards, index_rows))
   summary = {
       'model': model_id, 'model_handle': 'builtin:pnasnet_large', 'checkpoint': None,
       'seed': seed, 'weights': provenance.weights, 'compute_dtype': 'float32',
