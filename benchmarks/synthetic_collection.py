@@ -154,7 +154,7 @@ def _write_index(directory: str, number: int, shards: int, rows: List[dict]) -> 
   """One index shard per embeddings shard; empties `rows`."""
   import pyarrow as pa
   import pyarrow.parquet as pq
-  from transforms.write import INDEX_SCHEMA
+  from run_format import INDEX_SCHEMA
   path = os.path.join(directory, f'index-{number:05d}-of-{shards:05d}.parquet')
   pq.write_table(pa.Table.from_pylist(rows, INDEX_SCHEMA), path)
   rows.clear()
@@ -171,15 +171,15 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
   under `directory` (local); `first_row` makes a later night's run of the same collection."""
   import pyarrow as pa
   import pyarrow.parquet as pq
+  from run_format import RunSummary, embeddings_schema
   from transforms.embed import Embedding
   from transforms.provenance import Provenance, project_version
-  from transforms.write import (ENCODE_BATCH_SIZE, embedded_index_row,
-                                embeddings_to_table, parquet_schema)
+  from transforms.write import ENCODE_BATCH_SIZE, embedded_index_row, embeddings_to_table
   os.makedirs(directory, exist_ok=True)
   provenance = Provenance(model_id, f'synthetic-seed{seed}',
                           'compute_dtype=float32;center_crop_fraction=1.0;jpeg_draft=0',
                           project_version())
-  schema = float32_schema = parquet_schema(dimension)
+  schema = float32_schema = embeddings_schema(dimension)
   if embedding_dtype == 'float16':
     schema = schema.set(schema.get_field_index('embedding'),
                         pa.field('embedding', pa.list_(pa.float16(), dimension)))
@@ -214,23 +214,21 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
       offset += size
   writer.close()
   files.append(_write_index(directory, shards - 1, shards, index_rows))
-  summary = {
-      'model': model_id, 'model_handle': 'builtin:pnasnet_large', 'checkpoint': None,
-      'seed': seed, 'weights': provenance.weights, 'compute_dtype': 'float32',
-      'embedding_dtype': embedding_dtype, 'center_crop_fraction': 1.0, 'jpeg_draft': False,
-      'jit_compile': False, 'recipe': provenance.recipe, 'pipeline_version': provenance.version,
-      'embedding_size': dimension, 'image_size': [331, 331],
-      'input': ['gs://synthetic-photos/**'], 'input_manifest': [], 'incremental_from': [],
-      'output': directory, 'output_format': 'parquet', 'runner': 'synthetic',
-      'started_at': started_at, 'matched': count, 'skipped': 0, 'embedded': count, 'failed': 0,
-      'failed_by_stage': {'read': 0, 'decode': 0, 'inference': 0}, 'example_failures': [],
-      'files': sorted(files),
-      'finished_at': finished_at or datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='milliseconds'),
-      'synthetic': {'seed': seed, 'first_row': first_row,
-                    'clusters': clusters,
-                    'near_duplicates': near_duplicates, 'exact_duplicates': exact_duplicates},
-  }
+  finished_at = finished_at or datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec='milliseconds')
+  summary = RunSummary(
+      model=model_id, model_handle='builtin:pnasnet_large', checkpoint=None, seed=seed,
+      weights=provenance.weights, compute_dtype='float32', center_crop_fraction=1.0,
+      jpeg_draft=False, recipe=provenance.recipe, pipeline_version=provenance.version,
+      embedding_size=dimension, image_size=[331, 331], input=['gs://synthetic-photos/**'],
+      input_manifest=[], incremental_from=[], output=directory, output_format='parquet',
+      runner='synthetic', started_at=started_at, matched=count, skipped=0, embedded=count,
+      failed=0, failed_by_stage={'read': 0, 'decode': 0, 'inference': 0}, example_failures=[],
+      files=sorted(files), finished_at=finished_at, wall_time_seconds=0.0,
+      images_per_second=None).to_dict()
+  summary.update({'embedding_dtype': embedding_dtype, 'synthetic': {
+      'seed': seed, 'first_row': first_row, 'clusters': clusters,
+      'near_duplicates': near_duplicates, 'exact_duplicates': exact_duplicates}})
   with open(os.path.join(directory, 'run_summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   with open(os.path.join(directory, 'planted_pairs.json'), 'w') as f:

@@ -330,7 +330,7 @@ def _write_directory(directory: str, index, trained: bytes, ids: pa.Table, probe
 
 
 def _count_vectors(runs: Sequence[Run]) -> int:
-  return sum(int(run.summary.get('embedded') or 0) for run in runs)
+  return sum(run.summary.embedded for run in runs)
 
 
 def _pieces_location(directory: str, beam_flags: Sequence[str]) -> str:
