@@ -36,7 +36,7 @@ import numpy as np
 
 from embeddings import faiss_util, storage
 from embeddings.runs import MixedModelsError, NoRunsError, Run, find_runs, select_model
-from embeddings.similarity import Neighbour, unit_rows
+from embeddings.similarity import Neighbour, cosine_value, unit_rows
 
 INDEX_FILE = 'index.json'
 FAISS_FILE = 'index.faiss'
@@ -233,7 +233,7 @@ class NeighbourIndex:
     results = []
     for row_scores, row_ids in kept:
       rows = self.ids.take(self.rows(row_ids[:k])).to_pylist()
-      results.append([Neighbour(rank, float(min(score, 1.0)), row['uri'], row)
+      results.append([Neighbour(rank, cosine_value(score), row['uri'], row)
                       for rank, (score, row) in enumerate(zip(row_scores[:k], rows), 1)])
     return results
 
