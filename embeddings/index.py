@@ -310,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   import logging
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
   storage.set_filesystem_options(beam_flags)
-  from embeddings import index_pipeline
+  from pipeline import index_build
   try:
     if args.command == 'build':
       budget = _memory_budget(args.memory_budget, build)
@@ -320,13 +320,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise IndexError_(f'--output {args.output} already holds an index: use `add`, or '
                           f'another directory')
       runs = select_model(find_runs(args.runs), args.model)
-      description = index_pipeline.build_index(runs, args.output, budget, args.seed, beam_flags)
+      description = index_build.build_index(runs, args.output, budget, args.seed, beam_flags)
     else:
       if not 0 <= args.min_recall <= 1:
         add.error('--min_recall must be between 0 and 1')
       description = read_description(args.index)
       runs = find_runs(args.runs)
-      description = index_pipeline.add_runs(args.index, description, runs, args.min_recall,
+      description = index_build.add_runs(args.index, description, runs, args.min_recall,
                                             beam_flags)
   except (NoRunsError, MixedModelsError, IndexError_, ValueError) as exc:
     print(f'error: {exc}', file=sys.stderr)
