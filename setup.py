@@ -11,6 +11,7 @@ REQUIRED = [
     'tfx-bsl==1.21.0',
     'pillow==12.3.0',
     'google-cloud-storage==3.17.1',
+    'faiss-cpu==1.15.1',  # the neighbour index (embeddings.index), built on the workers too
     # tensorflow_hub 0.16 imports pkg_resources, which setuptools 81 removed.
     'setuptools==80.9.0',
 ]

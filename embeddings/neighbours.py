@@ -1,7 +1,9 @@
-"""The k images nearest a query by cosine similarity, exactly, streaming the runs' shards.
+"""The k images nearest a query by cosine similarity: exactly, streaming the runs' shards, or
+through an index (`python -m embeddings.index build`), its candidates re-ranked exactly.
 
     python -m embeddings.neighbours --runs RUN_DIR_OR_GLOB... --query IMAGE_OR_URI [--k 8] \
         [--sheet neighbours.png] [--model MODEL_ID]
+    python -m embeddings.neighbours --index INDEX_DIR --query IMAGE_OR_URI [--k 8] [--rerank 100]
 
 The query is an image file or URI. Its vector is the stored one of any embedded image with the
 same bytes (or, for a URI that cannot be read any more, the one stored for that URI); otherwise
@@ -22,6 +24,7 @@ from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour, nearest
 
 SHEET_COLUMNS = 6
+RERANK = 100
 
 
 class QueryError(ValueError):
@@ -43,10 +46,25 @@ def _readable(uri: str) -> Optional[bytes]:
     return None
 
 
+def check_image(query: str, data: Optional[bytes]) -> None:
+  """Readable bytes that are not an image are refused before any run is read or model built."""
+  if data is None:
+    return
+  import io
+  from PIL import Image
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.verify()
+  except Exception as exc:  # pylint: disable=broad-except; Pillow raises many kinds
+    raise QueryError(f'--query {query}: not an image that can be read '
+                     f'({type(exc).__name__}: {exc})') from exc
+
+
 def find_query(runs: Sequence[Run], query: str) -> Query:
   """The query's vector: stored (same bytes, else same URI), or embedded now."""
   uri = query if storage.is_remote(query) else os.path.abspath(query)
   data = _readable(uri)
+  check_image(query, data)
   sha256 = hashlib.sha256(data).hexdigest() if data is not None else None
   for shard in iter_run_shards(runs, columns=['uri', 'sha256', 'model']):
     if sha256 is not None:
@@ -67,6 +85,26 @@ def find_query(runs: Sequence[Run], query: str) -> Query:
 
 def search(runs: Sequence[Run], query: Query, k: int) -> List[Neighbour]:
   return nearest(iter_run_shards(runs), query.vector, k, exclude_uris={query.uri})
+
+
+def find_query_in_index(index, query: str) -> Query:
+  """As find_query, looking the bytes (else the URI) up in the index's ids table."""
+  uri = query if storage.is_remote(query) else os.path.abspath(query)
+  data = _readable(uri)
+  check_image(query, data)
+  column, value = ('sha256', hashlib.sha256(data).hexdigest()) if data is not None else (
+      'uri', uri)
+  hits = np.flatnonzero(np.array(index.ids.column(column).to_pylist(), dtype=object) == value)
+  if len(hits):
+    row = index.ids.slice(int(hits[0]), 1).to_pylist()[0]
+    vector = index.stored_vectors(np.array([row['id']]))[0]
+    source = 'embedded' if row['uri'] == uri else f'same bytes as {row["uri"]}'
+    return Query(uri, vector, data, source, row['uri'])
+  if data is None:
+    raise QueryError(f'--query {query}: not in the index, and cannot be read to embed it')
+  from embeddings.query import embed_image
+  run = index.runs()[0]
+  return Query(uri, embed_image(data, run), data, f'embedded now with {run.model}', None)
 
 
 def format_table(query: Query, neighbours: Sequence[Neighbour]) -> str:
@@ -100,7 +138,13 @@ def draw(query: Query, neighbours: Sequence[Neighbour]):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
-  parser = command_parser('python -m embeddings.neighbours', __doc__.split('\n\n')[0])
+  parser = command_parser('python -m embeddings.neighbours', __doc__.split('\n\n')[0],
+                          runs_required=False)
+  parser.add_argument('--index', help='an index directory (python -m embeddings.index build) '
+                      'to search instead of --runs')
+  parser.add_argument('--rerank', type=int, default=RERANK,
+                      help=f'with --index: candidates re-ranked exactly from the stored vectors '
+                      f'(default {RERANK}; 0: the index\'s own scores)')
   parser.add_argument('--query', required=True,
                       help='an image file or URI, embedded or not')
   parser.add_argument('--k', type=int, default=8, help='how many neighbours (default 8)')
@@ -108,13 +152,26 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
   args = parse_command(parser, argv)
   if args.k < 1:
     parser.error('--k must be at least 1')
+  if (args.index is None) == (args.runs is None):
+    parser.error('give --runs or --index')
   try:
-    runs = select_model(find_runs(args.runs), args.model)
-    query = find_query(runs, args.query)
+    if args.index:
+      from embeddings.index import IndexError_, NeighbourIndex
+      try:
+        index = NeighbourIndex(args.index)
+        index.check_model(args.model)
+        query = find_query_in_index(index, args.query)
+      except IndexError_ as exc:
+        raise QueryError(str(exc)) from exc
+      neighbours = index.search(query.vector, args.k, rerank=max(args.rerank, 0),
+                                exclude_uris=[[query.uri]])[0]
+    else:
+      runs = select_model(find_runs(args.runs), args.model)
+      query = find_query(runs, args.query)
+      neighbours = search(runs, query, args.k)
   except RUN_ERRORS + (QueryError,) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
-  neighbours = search(runs, query, args.k)
   print(format_table(query, neighbours))
   if args.sheet:
     sheet.save_png(draw(query, neighbours), args.sheet)

@@ -182,30 +182,33 @@ def iter_shards(paths_or_globs: Union[str, Sequence[str]], model: Optional[str] 
   return iter_run_shards(select_model(find_runs(_as_list(paths_or_globs)), model))
 
 
-def concatenate(shards: Iterable[Shard], model: str) -> Embeddings:
+def concatenate(shards: Iterable[Shard], model: str, embedding_size: int = 0) -> Embeddings:
+  """`embedding_size`: the vectors' width when there is no shard (an empty collection)."""
   uris, vectors, tables = [], [], []
   for shard in shards:
     uris += shard.uris
     vectors.append(shard.vectors)
     tables.append(shard.metadata)
   if not vectors:
-    return Embeddings([], np.zeros((0, 0), np.float32), METADATA_SCHEMA.empty_table(), model)
+    return Embeddings([], np.zeros((0, embedding_size), np.float32),
+                      METADATA_SCHEMA.empty_table(), model)
   return Embeddings(uris, np.concatenate(vectors), pa.concat_tables(tables), model)
 
 
 def load(paths_or_globs: Union[str, Sequence[str]], model: Optional[str] = None) -> Embeddings:
   """Every URI's latest embedding from one or many runs, in memory."""
   runs = select_model(find_runs(_as_list(paths_or_globs)), model)
-  return concatenate(iter_run_shards(runs), runs[0].model)
+  return concatenate(iter_run_shards(runs), runs[0].model, runs[0].embedding_size)
 
 
-def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def command_parser(prog: str, description: str,
+                   runs_required: bool = True) -> argparse.ArgumentParser:
   """The options the commands over runs share: --runs and --model; other --flags are Beam's."""
   parser = argparse.ArgumentParser(
       prog=prog, description=description,
       epilog='Other --flags go to Beam\'s FileSystems, e.g. --s3_endpoint_url=URL '
       '--s3_region_name=REGION for s3:// paths.')
-  parser.add_argument('--runs', nargs='+', required=True,
+  parser.add_argument('--runs', nargs='+', required=runs_required,
                       help='run directories or globs of them (local, gs://, s3://)')
   parser.add_argument('--model', help='the model id to use when the runs hold several')
   return parser

@@ -38,5 +38,10 @@ def nearest(shards: Iterable[Shard], query: np.ndarray, k: int,
     order = np.argsort(-best_scores, kind='stable')[:k]
     best_scores = best_scores[order]
     best_rows = [best_rows[i] for i in order]
-  return [Neighbour(rank, float(score), uri, row)
+  return [Neighbour(rank, cosine_value(score), uri, row)
           for rank, (score, (uri, row)) in enumerate(zip(best_scores, best_rows), 1)]
+
+
+def cosine_value(score: float) -> float:
+  """A cosine as reported: float32 rounding can reach 1.000001 for identical vectors."""
+  return float(min(max(score, -1.0), 1.0))

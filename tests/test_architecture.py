@@ -17,7 +17,7 @@ MAY_IMPORT = {
     'embeddings': {'run_format'},
 }
 # Imported inside functions only, where a command needs them (embedding a query image).
-MAY_IMPORT_LAZILY = {'embeddings': {'models', 'transforms'}}
+MAY_IMPORT_LAZILY = {'embeddings': {'models', 'transforms', 'pipeline'}}
 NO_BEAM = ('pnasnet', 'run_format', 'embeddings')
 
 

@@ -1,0 +1,117 @@
+"""FAISS helpers shared by the neighbour index and clustering dedup: samples of shards, k-means,
+nearest centroids, and indexes as bytes (to travel as Beam side inputs).
+
+Vectors are compared by cosine: every helper works on rows scaled to length 1, where the squared
+L2 distance is 2 - 2 cosine, so FAISS's L2 indexes (PCA centring included) rank by cosine.
+"""
+
+from typing import List, Sequence
+
+import numpy as np
+
+from embeddings import storage
+from embeddings.shards import is_parquet, read_shard
+from embeddings.similarity import unit_rows
+
+
+def faiss():
+  """The faiss module, imported on first use (it is large)."""
+  import faiss as module  # pylint: disable=import-outside-toplevel
+  return module
+
+
+def cosine_from_l2(distances: np.ndarray) -> np.ndarray:
+  """Squared L2 distances between unit rows -> cosine similarities."""
+  return 1.0 - np.asarray(distances, np.float32) / 2.0
+
+
+def parquet_row_groups(path: str) -> List[int]:
+  """Rows per row group of a Parquet shard, from its footer."""
+  import pyarrow.parquet as pq
+  with storage.open_file(path) as f:
+    metadata = pq.ParquetFile(f).metadata
+    return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+
+
+def read_rows(path: str, rows: Sequence[int]) -> np.ndarray:
+  """The float32 vectors at `rows` (positions in the shard, in the order given): for Parquet
+  only the row groups holding them are read."""
+  rows = np.asarray(rows, np.int64)
+  if not is_parquet(path):
+    return read_shard(path, '').vectors[rows]
+  import pyarrow.parquet as pq
+  with storage.open_file(path) as f:
+    parquet = pq.ParquetFile(f)
+    sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    groups = np.searchsorted(starts, rows, side='right') - 1
+    wanted = sorted(set(groups.tolist()))
+    table = parquet.read_row_groups(wanted, columns=['embedding'])
+  offsets = np.concatenate([[0], np.cumsum([sizes[g] for g in wanted])])
+  position = {g: offsets[i] for i, g in enumerate(wanted)}
+  local = np.array([position[g] for g in groups], np.int64) + rows - starts[groups]
+  return embedding_matrix(table.column('embedding'))[local]
+
+
+def embedding_matrix(column) -> np.ndarray:
+  """A fixed-size-list embedding column (float32 or float16, any chunks) -> float32 matrix,
+  through Arrow buffers: no Python object per row."""
+  import pyarrow as pa
+  chunks = column.chunks if hasattr(column, 'chunks') else [column]
+  if not chunks:
+    return np.zeros((0, 0), np.float32)
+  size = chunks[0].type.list_size
+  parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), size)
+           for chunk in chunks if isinstance(chunk.type, pa.FixedSizeListType)]
+  if len(parts) != len(chunks):
+    raise ValueError('the embedding column is not a fixed-size list')
+  matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
+  return matrix.astype(np.float32, copy=False)
+
+
+def sample_rows(path: str, fraction: float, seed: int) -> tuple:
+  """(row positions, float32 vectors) of about `fraction` of a shard's rows: whole Parquet row
+  groups chosen at random (only those are read), or rows of a TFRecord shard."""
+  rng = np.random.default_rng(seed)
+  if is_parquet(path):
+    sizes = parquet_row_groups(path)
+    chosen = [g for g in range(len(sizes)) if rng.random() < fraction]
+    if not chosen:
+      return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    rows = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in chosen])
+    return rows, read_rows(path, rows)
+  vectors = read_shard(path, '').vectors
+  rows = np.flatnonzero(rng.random(len(vectors)) < fraction)
+  return rows, vectors[rows]
+
+
+def kmeans(sample: np.ndarray, clusters: int, seed: int = 0, iterations: int = 20,
+           spherical: bool = True) -> np.ndarray:
+  """Centroids [clusters, dimension] of unit rows of `sample` (spherical: unit centroids)."""
+  module = faiss()
+  data = np.ascontiguousarray(unit_rows(np.asarray(sample, np.float32)))
+  clustering = module.Kmeans(data.shape[1], clusters, niter=iterations, seed=seed,
+                             spherical=spherical, verbose=False,
+                             max_points_per_centroid=max(256, -(-len(data) // clusters)))
+  clustering.train(data)
+  return clustering.centroids
+
+
+def nearest_centroids(vectors: np.ndarray, centroids: np.ndarray, count: int = 1,
+                      unit: bool = False) -> tuple:
+  """(cosine [rows, count], centroid numbers [rows, count]) of each row's `count` nearest
+  centroids; `unit` says the rows are already of length 1."""
+  module = faiss()
+  flat = module.IndexFlatIP(centroids.shape[1])
+  flat.add(np.ascontiguousarray(unit_rows(np.asarray(centroids, np.float32))))
+  rows = vectors if unit else unit_rows(np.asarray(vectors, np.float32))
+  return flat.search(np.ascontiguousarray(rows, np.float32), count)
+
+
+def to_bytes(index) -> bytes:
+  return faiss().serialize_index(index).tobytes()
+
+
+def from_bytes(data: bytes):
+  return faiss().deserialize_index(np.frombuffer(data, np.uint8))

@@ -1,0 +1,171 @@
+"""The FAISS neighbour index: build, query, add (replacing URIs embedded again), model refusal,
+and float16 runs read back as float32."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import embeddings
+from benchmarks.synthetic_collection import uri_of, write_synthetic_run
+from embeddings import index as neighbour_index
+from embeddings.runs import MixedModelsError
+from embeddings.similarity import unit_rows
+
+DIMENSION = 48
+OTHER_MODEL = 'builtin:pnasnet_mobile@synthetic-seed0'
+
+
+def _exact_top(collection, queries: np.ndarray, k: int) -> list:
+  scores = unit_rows(queries) @ unit_rows(collection.vectors).T
+  return [[collection.uris[i] for i in np.argsort(-row, kind='stable')[:k]] for row in scores]
+
+
+def _build(tmp_path, runs, **flags):
+  output = str(tmp_path / 'index')
+  argv = ['build', '--runs', *runs, '--output', output]
+  for name, value in flags.items():
+    argv += [f'--{name}', str(value)]
+  neighbour_index.main(argv)
+  return output
+
+
+def test_small_collection_gets_an_exhaustive_index_whose_results_equal_exact_search(tmp_path):
+  run = write_synthetic_run(str(tmp_path / 'run1'), 600, seed=1, dimension=DIMENSION,
+                            clusters=6, shard_rows=250)
+  directory = _build(tmp_path, [run.directory])
+  index = neighbour_index.NeighbourIndex(directory)
+  collection = embeddings.load(run.directory)
+  assert index.description['plan']['kind'] == 'exhaustive'
+  assert index.count == 600 and index.model == run.model_id
+  queries = collection.vectors[:20]
+  found = index.search(queries, 10, model=run.model_id)
+  assert [[n.uri for n in row] for row in found] == _exact_top(collection, queries, 10)
+  exact_first = float(unit_rows(queries[:1])[0] @ unit_rows(collection.vectors[:1])[0])
+  assert found[0][0].score == pytest.approx(exact_first, abs=1e-5) and found[0][0].score <= 1.0
+  assert index.description['probe_recall_at_10'] == pytest.approx(1.0)
+
+
+def test_index_directory_records_model_runs_plan_and_maps_ids_to_uris(tmp_path):
+  run = write_synthetic_run(str(tmp_path / 'run1'), 300, seed=2, dimension=DIMENSION,
+                            clusters=3, shard_rows=100)
+  directory = _build(tmp_path, [run.directory])
+  with open(os.path.join(directory, neighbour_index.INDEX_FILE)) as f:
+    description = json.load(f)
+  assert description['model'] == run.model_id
+  assert [r['path'] for r in description['runs']] == [run.directory]
+  assert description['embedding_size'] == DIMENSION and description['count'] == 300
+  ids = pq.read_table(os.path.join(directory, neighbour_index.IDS_FILE))
+  assert sorted(ids.column('uri').to_pylist()) == sorted(uri_of(n) for n in range(300))
+  index = neighbour_index.NeighbourIndex(directory)
+  positions = index.rows(ids.column('id').to_numpy()[[5, 250]])
+  stored = index.stored_vectors(ids.column('id').to_numpy()[[5, 250]])
+  collection = embeddings.load(run.directory)
+  for position, vector in zip(positions, stored):
+    uri = ids.column('uri')[int(position)].as_py()
+    np.testing.assert_array_equal(vector, collection.vectors[collection.uris.index(uri)])
+
+
+def test_add_appends_new_vectors_and_replaces_uris_embedded_again(tmp_path):
+  first = write_synthetic_run(str(tmp_path / 'night1'), 400, seed=3, dimension=DIMENSION,
+                              clusters=4, shard_rows=200, finished_at='2026-01-01T00:00:00Z')
+  directory = _build(tmp_path, [first.directory])
+  # The second night re-embeds rows 300..399 (new vectors: another seed) and adds 400..499.
+  second = write_synthetic_run(str(tmp_path / 'night2'), 200, seed=4, dimension=DIMENSION,
+                               clusters=4, shard_rows=200, first_row=300,
+                               finished_at='2026-01-02T00:00:00Z')
+  description = neighbour_index.main(['add', '--index', directory, '--runs', second.directory])
+  assert description['last_add']['replaced'] == 100 and description['last_add']['added'] == 200
+  index = neighbour_index.NeighbourIndex(directory)
+  assert index.count == 500
+  uris = index.ids.column('uri').to_pylist()
+  assert len(uris) == len(set(uris)) == 500
+  latest = embeddings.load([first.directory, second.directory])
+  assert len(latest.uris) == 500
+  queries = latest.vectors[[latest.uris.index(uri_of(n)) for n in (310, 450, 10)]]
+  found = index.search(queries, 10)
+  assert [row[0].uri for row in found] == [uri_of(310), uri_of(450), uri_of(10)]
+  assert all(row[0].score == pytest.approx(1.0, abs=1e-5) for row in found)
+  assert [[n.uri for n in row] for row in found] == _exact_top(latest, queries, 10)
+  with pytest.raises(SystemExit) as again:
+    neighbour_index.main(['add', '--index', directory, '--runs', second.directory])
+  assert again.value.code == 2
+
+
+def test_runs_and_queries_of_another_model_are_refused(tmp_path, capsys):
+  run = write_synthetic_run(str(tmp_path / 'run1'), 200, seed=5, dimension=DIMENSION,
+                            clusters=2, shard_rows=100)
+  directory = _build(tmp_path, [run.directory])
+  other = write_synthetic_run(str(tmp_path / 'other'), 100, seed=6, dimension=DIMENSION,
+                              clusters=2, model_id=OTHER_MODEL)
+  with pytest.raises(SystemExit) as refused:
+    neighbour_index.main(['add', '--index', directory, '--runs', other.directory])
+  assert refused.value.code == 2
+  assert OTHER_MODEL in capsys.readouterr().err
+  index = neighbour_index.NeighbourIndex(directory)
+  assert index.count == 200
+  with pytest.raises(MixedModelsError, match=OTHER_MODEL):
+    index.search(np.ones((1, DIMENSION), np.float32), 5, model=OTHER_MODEL)
+
+
+def test_rerank_rescores_candidates_with_the_stored_vectors(tmp_path):
+  run = write_synthetic_run(str(tmp_path / 'run1'), 300, seed=7, dimension=DIMENSION,
+                            clusters=3, shard_rows=100)
+  index = neighbour_index.NeighbourIndex(_build(tmp_path, [run.directory]))
+  collection = embeddings.load(run.directory)
+  query = collection.vectors[[42]]
+  found = index.search(query, 5, rerank=50, exclude_uris=[[collection.uris[42]]])[0]
+  assert collection.uris[42] not in [n.uri for n in found]
+  expected = _exact_top(collection, query, 6)[0][1:]
+  assert [n.uri for n in found] == expected
+  exact = unit_rows(collection.vectors[[collection.uris.index(expected[0])]])[0] @ unit_rows(
+      query)[0]
+  assert found[0].score == pytest.approx(float(exact), abs=1e-6)
+
+
+@pytest.mark.parametrize('count, budget, kind', [
+    (5_000, 4e9, 'exhaustive'), (100_000, 4e9, 'ivf_flat'), (1_000_000, 4e9, 'ivf_pq'),
+    (100_000_000, 15e9, 'ivf_pq')])
+def test_plan_follows_size_and_memory_budget(count, budget, kind):
+  plan = neighbour_index.choose_plan(count, 4320, int(budget))
+  assert plan.kind == kind
+  assert count * plan.bytes_per_vector <= budget or kind == 'exhaustive'
+  if count == 1_000_000:
+    assert plan.bytes_per_vector <= 100
+
+
+def test_a_budget_too_small_for_any_index_is_refused(tmp_path, capsys):
+  run = write_synthetic_run(str(tmp_path / 'run1'), 100, seed=8, dimension=DIMENSION,
+                            clusters=2)
+  with pytest.raises(SystemExit) as refused:
+    _build(tmp_path, [run.directory], memory_budget='nonsense')
+  assert refused.value.code == 2
+  assert '--memory_budget' in capsys.readouterr().err
+  with pytest.raises(ValueError, match='raise --memory_budget'):
+    neighbour_index.choose_plan(1_000_000, 4320, 1_000_000)
+
+
+def test_float16_runs_are_read_back_as_float32_everywhere(tmp_path):
+  import duckdb
+  half = write_synthetic_run(str(tmp_path / 'half'), 120, seed=9, dimension=DIMENSION,
+                             clusters=2, shard_rows=50, embedding_dtype='float16')
+  full = write_synthetic_run(str(tmp_path / 'full'), 120, seed=9, dimension=DIMENSION,
+                             clusters=2, shard_rows=50)
+  stored = pq.read_schema(os.path.join(half.directory, 'embeddings-00000-of-00003.parquet'))
+  assert str(stored.field('embedding').type.value_type) == 'halffloat'
+  loaded, reference = embeddings.load(half.directory), embeddings.load(full.directory)
+  assert loaded.vectors.dtype == np.float32 and loaded.vectors.shape == (120, DIMENSION)
+  np.testing.assert_array_equal(loaded.vectors,
+                                reference.vectors.astype(np.float16).astype(np.float32))
+  shards = list(embeddings.iter_shards(half.directory))
+  assert all(s.vectors.dtype == np.float32 for s in shards)
+  from embeddings.neighbours import search, Query
+  runs = embeddings.find_runs(half.directory)
+  query = Query(loaded.uris[0], loaded.vectors[0], None, 'embedded', loaded.uris[0])
+  found = search(runs, query, 3)
+  assert len(found) == 3 and isinstance(found[0].score, float)
+  row = duckdb.sql(f"SELECT embedding FROM '{half.directory}/embeddings-*.parquet' "
+                   f"WHERE uri = '{loaded.uris[0]}'").fetchall()[0]
+  np.testing.assert_array_equal(np.array(row[0], np.float32), loaded.vectors[0])
