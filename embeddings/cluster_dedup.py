@@ -1,0 +1,420 @@
+"""Near duplicates of collections too large for all pairs: k-means clusters, exact cosine inside.
+
+A Beam pipeline (the DirectRunner on one machine, Dataflow for 100M vectors):
+
+  1. every shard is read; a seeded sample of its unit vectors and its (sha256, uri) pairs go on;
+  2. k-means centroids are trained on the sample (FAISS), on one worker;
+  3. each vector gets a home, its nearest centroid, and visits every other centroid within
+     reach of it (below); the rows are spilled, one Parquet file per shard, a row group per
+     range of clusters (the shuffle, kept on disk so that memory holds one range at a time);
+  4. per range of clusters, every vector that visits a cluster is compared exactly (cosine) with
+     the vectors at home there;
+  5. those pairs and the byte copies (same SHA-256) are joined into groups (connected
+     components); the members' rows are read again to build the groups as all pairs does.
+
+Reach. SemDeDup and NeMo Curator compare a vector only inside its nearest cluster, so a pair
+that a cluster boundary splits is never seen. Here nothing is lost by that: for unit vectors a, b
+with cosine >= t, |a - b| <= r = sqrt(2 - 2t); with c(x) the nearest centroid of x,
+|a - c(b)| <= |b - c(b)| + r <= |b - c(a)| + r <= |a - c(a)| + 2r. So when a visits every
+centroid no farther than its own plus 2r, the pair is compared in b's home cluster, whatever the
+clustering. Only a vector with more than MAX_VISITS centroids within reach visits just the
+nearest of them; those vectors are counted (`capped`) and reported, since pairs across the
+clusters they leave out can be missed.
+
+Cost: with k clusters of about n/k homes and v visits per vector, compares v n^2 / k pairs
+(all pairs: n^2 / 2) plus n k distances to centroids; k = sqrt(n) balances the two.
+"""
+
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import uuid
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from embeddings import duplicates, storage
+from embeddings.runs import Run
+from embeddings.shards import read_shard
+from embeddings.similarity import unit_rows
+
+MAX_CLUSTERS = 4096  # k-means is trained on one worker: 40 x 4096 sample rows
+SAMPLE_PER_CLUSTER = 40  # FAISS wants at least 39 training rows per centroid
+KMEANS_ITERATIONS = 20
+MAX_VISITS = 16  # clusters a vector is compared in, at most (its home included)
+CANDIDATES = 64  # nearest centroids looked at for the visits
+RANGE_BYTES = 256 << 20  # spilled vectors scored at once, about
+REACH_SLACK = 1e-4  # float32 distances to centroids are not exact
+_LOG = logging.getLogger(__name__)
+
+
+class ShardRef(NamedTuple):
+  path: str
+  run: str  # the run directory
+  newer_runs: Tuple[str, ...]  # run directories whose rows win over this shard's
+
+
+class ShardRows(NamedTuple):
+  """One shard's rows that no newer run has, vectors scaled to length 1."""
+  path: str
+  uris: List[str]
+  units: np.ndarray  # float32 [rows, dimension]
+  sha256: List[Optional[str]]
+  width: List[Optional[int]]
+  height: List[Optional[int]]
+  size_bytes: List[Optional[int]]
+
+  def candidate(self, row: int) -> duplicates.Candidate:
+    return duplicates.Candidate(self.uris[row], self.units[row], self.sha256[row],
+                                self.width[row], self.height[row], self.size_bytes[row])
+
+
+class Plan(NamedTuple):
+  """The sizes the pipeline works with, decided from the row count before it starts."""
+  rows: int
+  clusters: int
+  sample_rows: int
+  ranges: int  # clusters are scored in this many ranges (cluster % ranges)
+  threshold: float
+  radius: float  # distance between unit vectors at the threshold: sqrt(2 - 2 threshold)
+  seed: int
+
+
+class Stats(NamedTuple):
+  rows: int
+  visits: int  # cluster visits, homes included
+  capped: int  # vectors with more clusters within reach than MAX_VISITS
+
+
+def plan(rows: int, dimension: int, threshold: float, seed: int = 0) -> Plan:
+  clusters = max(1, min(MAX_CLUSTERS, round(math.sqrt(rows))))
+  ranges = max(1, math.ceil(rows * 2 * dimension * 4 / RANGE_BYTES))  # about two visits a row
+  return Plan(rows, clusters, min(rows, SAMPLE_PER_CLUSTER * clusters), min(ranges, clusters),
+              threshold, math.sqrt(max(0.0, 2 - 2 * threshold)), seed)
+
+
+def train_centroids(sample: np.ndarray, clusters: int, seed: int) -> 'Centroids':
+  import faiss
+  clusters = min(clusters, len(sample))
+  kmeans = faiss.Kmeans(sample.shape[1], clusters, niter=KMEANS_ITERATIONS, seed=seed,
+                        verbose=False, max_points_per_centroid=len(sample))
+  kmeans.train(np.ascontiguousarray(sample, np.float32))
+  return centroids_of(kmeans.centroids)
+
+
+class Centroids(NamedTuple):
+  vectors: np.ndarray  # float32 [clusters, dimension]
+  between: np.ndarray  # float32 [clusters, clusters]: their distances to each other
+
+
+def centroids_of(vectors: np.ndarray) -> Centroids:
+  squared = np.einsum('ij,ij->i', vectors, vectors)
+  between = squared[:, None] + squared[None, :] - 2 * (vectors @ vectors.T)
+  return Centroids(vectors, np.sqrt(np.maximum(between, 0)).astype(np.float32))
+
+
+def visits(units: np.ndarray, centroids: Centroids, radius: float
+           ) -> Tuple[np.ndarray, np.ndarray, int]:
+  """(clusters [rows, MAX_VISITS], home first; the mask of the clusters visited; how many rows
+  had more clusters within reach than MAX_VISITS, or may have had beyond CANDIDATES)."""
+  import faiss
+  index = faiss.IndexFlatL2(centroids.vectors.shape[1])
+  index.add(centroids.vectors)
+  count = len(centroids.vectors)
+  nearest = min(CANDIDATES, count)
+  squared, clusters = index.search(np.ascontiguousarray(units), nearest)
+  squared = np.maximum(squared, 0)
+  home = clusters[:, :1]
+  between = centroids.between[home, clusters]  # [rows, nearest]
+  # Some point within `radius` of the row lies in cluster j's cell only if the row is within
+  # `radius` of the plane halfway between its home centroid and centroid j.
+  to_plane = (squared - squared[:, :1]) / np.maximum(2 * between, 1e-12)
+  within = to_plane <= radius + REACH_SLACK
+  within[:, 0] = True
+  unsure = np.sqrt(squared[:, -1]) - np.sqrt(squared[:, 0]) <= 2 * radius + REACH_SLACK
+  capped = int(((within.sum(axis=1) > MAX_VISITS) | (unsure & (nearest < count))).sum())
+  order = np.argsort(~within, axis=1, kind='stable')[:, :MAX_VISITS]
+  clusters = np.take_along_axis(clusters, order, axis=1)
+  within = np.take_along_axis(within, order, axis=1)
+  return clusters, within, capped
+
+
+def _sampled(uris: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+  """A seeded choice of rows that does not depend on the shard layout."""
+  import hashlib
+  keep = [int.from_bytes(hashlib.blake2b(f'{seed}:{u}'.encode(), digest_size=8).digest(), 'big')
+          < fraction * 2**64 for u in uris]
+  return np.array(keep, dtype=bool)
+
+
+def read_rows(ref: ShardRef, newer_uris: Optional[Dict[str, set]] = None) -> ShardRows:
+  """The shard's rows that no newer run embedded, vectors scaled to length 1."""
+  shard = read_shard(ref.path, ref.run)
+  if ref.newer_runs:
+    superseded = set().union(*(newer_uris.get(run, ()) for run in ref.newer_runs))
+    shard = shard.select(np.array([u not in superseded for u in shard.uris], dtype=bool))
+  metadata = shard.metadata
+  return ShardRows(ref.path, shard.uris, unit_rows(shard.vectors),
+                   metadata.column('sha256').to_pylist(), metadata.column('width').to_pylist(),
+                   metadata.column('height').to_pylist(),
+                   metadata.column('size_bytes').to_pylist())
+
+
+def _uris_of_run(ref: ShardRef) -> Tuple[str, List[str]]:
+  return ref.run, read_shard(ref.path, ref.run, columns=['uri']).uris
+
+
+class TrainCentroids(beam.PTransform):
+  """ShardRows -> one float32 [clusters, dimension] array, trained on a seeded sample."""
+
+  def __init__(self, run_plan: Plan):
+    super().__init__()
+    self._plan = run_plan
+
+  def expand(self, rows):
+    run_plan = self._plan
+    fraction = min(1.0, 1.1 * run_plan.sample_rows / max(run_plan.rows, 1))
+    return (rows
+            | 'Sample' >> beam.Map(lambda s: s.units[_sampled(s.uris, fraction, run_plan.seed)])
+            | 'AllSamples' >> beam.combiners.ToList()
+            | 'KMeans' >> beam.Map(lambda parts: train_centroids(
+                np.concatenate(parts)[:run_plan.sample_rows], run_plan.clusters, run_plan.seed)))
+
+
+SPILL_SCHEMA = pa.schema([('cluster', pa.int32()), ('home', pa.bool_()), ('row', pa.int32()),
+                          ('uri', pa.string())])
+
+
+class Spill(beam.DoFn):
+  """ShardRows -> the spill file's path: each row once per cluster it visits, ordered by
+  range of clusters, one row group per range (listed in the file's metadata)."""
+
+  def __init__(self, run_plan: Plan, directory: str):
+    self._plan = run_plan
+    self._directory = directory
+
+  def process(self, rows: ShardRows, centroids: 'Centroids') -> Iterator[str]:
+    clusters, within, capped = visits(rows.units, centroids, self._plan.radius)
+    row_numbers = np.nonzero(within)[0].astype(np.int32)
+    cluster = clusters[within].astype(np.int32)
+    home = np.zeros(within.shape, bool)
+    home[:, 0] = True
+    home = home[within]
+    order = np.lexsort((cluster, cluster % self._plan.ranges))
+    row_numbers, cluster, home = row_numbers[order], cluster[order], home[order]
+    counter = beam.metrics.Metrics.counter
+    counter('duplicates', 'rows').inc(len(rows.uris))
+    counter('duplicates', 'visits').inc(len(cluster))
+    counter('duplicates', 'capped').inc(capped)
+    dimension = rows.units.shape[1]
+    units = rows.units[row_numbers]
+    table = pa.table({
+        'cluster': cluster, 'home': home, 'row': row_numbers,
+        'uri': [rows.uris[i] for i in row_numbers.tolist()],
+        'unit': pa.FixedSizeListArray.from_arrays(pa.array(units.ravel()), dimension)})
+    ranges = cluster % self._plan.ranges
+    bounds = np.searchsorted(ranges, np.arange(self._plan.ranges + 1))
+    groups = {}
+    sink = io.BytesIO()
+    with pq.ParquetWriter(sink, table.schema, compression='none') as writer:
+      for number in range(self._plan.ranges):
+        if bounds[number + 1] > bounds[number]:
+          groups[str(number)] = len(groups)
+          writer.write_table(table.slice(bounds[number], bounds[number + 1] - bounds[number]),
+                             row_group_size=1 << 30)
+      writer.add_key_value_metadata({'ranges': json.dumps(groups),
+                                     'stats': json.dumps([len(rows.uris), len(cluster), capped])})
+    path = storage.join(self._directory, f'spill-{uuid.uuid4().hex}.parquet')
+    storage.write_bytes(path, sink.getvalue())
+    yield path
+
+
+def _spill_range(path: str, number: int) -> Optional[pa.Table]:
+  with storage.open_file(path) as f:
+    parquet = pq.ParquetFile(f)
+    groups = json.loads(parquet.metadata.metadata[b'ranges'])
+    if str(number) not in groups:
+      return None
+    return parquet.read_row_group(groups[str(number)])
+
+
+class ScoreRange(beam.DoFn):
+  """A range number -> (uri, uri) pairs at or above the threshold, exactly, in its clusters."""
+
+  def __init__(self, threshold: float):
+    self._threshold = threshold
+
+  def process(self, number: int, spills: Sequence[str]) -> Iterator[Tuple[str, str]]:
+    tables = [t for t in (_spill_range(p, number) for p in spills) if t is not None]
+    if not tables:
+      return
+    table = pa.concat_tables(tables)
+    cluster = table.column('cluster').to_numpy()
+    home = table.column('home').to_numpy(zero_copy_only=False)
+    uris = table.column('uri').to_pylist()
+    embedding = table.column('unit').combine_chunks()
+    units = embedding.flatten().to_numpy().reshape(len(table), embedding.type.list_size)
+    del table, tables, embedding
+    order = np.argsort(cluster, kind='stable')
+    starts = np.flatnonzero(np.r_[True, np.diff(cluster[order]) != 0])
+    pairs = 0
+    for begin, end in zip(starts, np.r_[starts[1:], len(order)]):
+      members = order[begin:end]
+      homes = members[home[members]]
+      if len(members) < 2 or not len(homes):
+        continue
+      home_ids = [uris[i] for i in homes]
+      at_home = frozenset(home_ids)
+      scores = units[members] @ units[homes].T
+      rows, columns = np.nonzero(scores >= self._threshold)
+      for row, column in zip(rows.tolist(), columns.tolist()):
+        visitor, resident = uris[members[row]], home_ids[column]
+        # A pair of two homes is found twice: keep one; a visitor meets each home once here.
+        if visitor != resident and (visitor not in at_home or visitor < resident):
+          pairs += 1
+          yield visitor, resident
+    beam.metrics.Metrics.counter('duplicates', 'pairs').inc(pairs)
+
+
+def _byte_copy_pairs(keyed: Tuple[str, Iterable[str]]) -> Iterator[Tuple[str, str]]:
+  _, uris = keyed
+  uris = sorted(set(uris))
+  for other in uris[1:]:
+    yield uris[0], other
+
+
+def _membership(pairs: List[Tuple[str, str]]) -> Dict[str, int]:
+  """URI -> component number, for every URI in a pair (one worker: pairs are few)."""
+  names = sorted({u for pair in pairs for u in pair})
+  number = {u: i for i, u in enumerate(names)}
+  found = duplicates.components(len(names), ((number[a], number[b]) for a, b in pairs))
+  return {names[i]: component for component, members in enumerate(found) for i in members}
+
+
+def _members(rows: ShardRows, membership: Dict[str, int]
+             ) -> Iterator[Tuple[int, duplicates.Candidate]]:
+  for row, uri in enumerate(rows.uris):
+    if uri in membership:
+      yield membership[uri], rows.candidate(row)
+
+
+def _group_json(keyed) -> str:
+  _, members = keyed
+  group = duplicates.make_group(sorted(members, key=lambda c: c.uri))
+  return json.dumps({'kind': group.kind, 'members': [m._asdict() for m in group.members]})
+
+
+class ClusterDuplicates(beam.PTransform):
+  """PBegin -> groups (duplicates.Group) as JSON lines. Reads the shards three times (sample,
+  spill, members), so that no stage holds more than a shard or a range of clusters."""
+
+  def __init__(self, refs: Sequence[ShardRef], run_plan: Plan, spill_directory: str):
+    super().__init__()
+    self._refs = list(refs)
+    self._plan = run_plan
+    self._spill_directory = spill_directory
+
+  def expand(self, root):
+    run_plan = self._plan
+    refs = root | 'Shards' >> beam.Create(self._refs)
+    newer = {}
+    if any(r.newer_runs for r in self._refs):
+      newer = beam.pvalue.AsDict(
+          refs | 'UrisOfShards' >> beam.Map(_uris_of_run)
+          | 'ByRun' >> beam.GroupByKey()
+          | 'AsSets' >> beam.MapTuple(lambda run, parts: (run, set().union(*map(set, parts)))))
+    rows = refs | 'Read' >> beam.Map(read_rows, newer)
+    centroids = rows | 'Centroids' >> TrainCentroids(run_plan)
+    spills = (refs
+              | 'ReadToSpill' >> beam.Map(read_rows, newer)
+              | 'Spill' >> beam.ParDo(Spill(run_plan, self._spill_directory),
+                                      centroids=beam.pvalue.AsSingleton(centroids)))
+    near = (root
+            | 'Ranges' >> beam.Create(list(range(run_plan.ranges)))
+            | 'Score' >> beam.ParDo(ScoreRange(run_plan.threshold),
+                                    spills=beam.pvalue.AsList(spills)))
+    same_bytes = (rows
+                  | 'Digests' >> beam.FlatMap(
+                      lambda s: [(d, u) for d, u in zip(s.sha256, s.uris) if d])
+                  | 'ByDigest' >> beam.GroupByKey()
+                  | 'BytePairs' >> beam.FlatMap(_byte_copy_pairs))
+    membership = ((near, same_bytes) | 'Pairs' >> beam.Flatten()
+                  | 'AllPairs' >> beam.combiners.ToList()
+                  | 'Components' >> beam.Map(_membership))
+    return (refs
+            | 'ReadMembers' >> beam.Map(read_rows, newer)
+            | 'Members' >> beam.FlatMap(_members, beam.pvalue.AsSingleton(membership))
+            | 'ByGroup' >> beam.GroupByKey()
+            | 'Group' >> beam.Map(_group_json))
+
+
+def shard_refs(runs: Sequence[Run]) -> List[ShardRef]:
+  """Every shard of the runs (newest first, as find_runs gives), with the runs that win over it."""
+  return [ShardRef(path, run.path, tuple(r.path for r in runs[:rank]))
+          for rank, run in enumerate(runs) for path in run.shard_paths()]
+
+
+def _work_directory(options: PipelineOptions) -> Tuple[str, bool]:
+  """(where the spill files go, whether it is a local folder this made)."""
+  from apache_beam.options.pipeline_options import GoogleCloudOptions
+  temp_location = options.view_as(GoogleCloudOptions).temp_location
+  if temp_location:
+    return storage.join(temp_location, f'duplicates-{uuid.uuid4().hex}'), False
+  return tempfile.mkdtemp(prefix='duplicates-'), True
+
+
+def _remove(directory: str, local: bool) -> None:
+  """Removes the spill and group files this wrote, and nothing else."""
+  if local:
+    import shutil
+    shutil.rmtree(directory, ignore_errors=True)
+    return
+  written = [f.path for f in storage.match(storage.join(directory, '*'))]
+  if written:
+    from apache_beam.io.filesystems import FileSystems
+    FileSystems.delete(written)
+
+
+def _counter(result, name: str) -> int:
+  found = result.metrics().query(beam.metrics.MetricsFilter().with_name(name))['counters']
+  return int(sum(c.committed or c.attempted or 0 for c in found))
+
+
+def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str] = (),
+                seed: int = 0) -> Tuple[List[duplicates.Group], Stats]:
+  """Groups of two or more, largest first, as duplicates.find_groups gives, by clustering."""
+  refs = shard_refs(runs)
+  rows = sum(r.summary.get('embedded') or 0 for r in runs)
+  run_plan = plan(max(rows, 1), runs[0].embedding_size or 1, threshold, seed)
+  options = PipelineOptions(list(beam_flags))
+  directory, local = _work_directory(options)
+  try:
+    pipeline = beam.Pipeline(options=options)
+    _ = (pipeline
+         | 'Duplicates' >> ClusterDuplicates(refs, run_plan, directory)
+         | 'WriteGroups' >> beam.io.WriteToText(storage.join(directory, 'groups'),
+                                                file_name_suffix='.jsonl'))
+    result = pipeline.run()
+    result.wait_until_finish()
+    groups = []
+    for info in storage.match(storage.join(directory, 'groups*.jsonl')):
+      for line in storage.read_bytes(info.path).decode().splitlines():
+        record = json.loads(line)
+        groups.append(duplicates.Group(record['kind'], [duplicates.Member(**m)
+                                                        for m in record['members']]))
+    stats = Stats(_counter(result, 'rows'), _counter(result, 'visits'),
+                  _counter(result, 'capped'))
+  finally:
+    _remove(directory, local)
+  if stats.capped:
+    _LOG.warning('%d of %d vectors had more than %d clusters within reach of threshold %g: '
+                 'pairs of theirs across the clusters left out may be missed (all pairs, '
+                 '--method all_pairs, is exact)', stats.capped, stats.rows, MAX_VISITS, threshold)
+  return duplicates.sort_groups(groups), stats
