@@ -48,7 +48,7 @@ from embeddings.similarity import unit_rows
 MAX_CLUSTERS = 4096  # k-means is trained on one worker: 40 x 4096 sample rows
 SAMPLE_PER_CLUSTER = 40  # FAISS wants at least 39 training rows per centroid
 KMEANS_ITERATIONS = 20
-MAX_VISITS = 16  # clusters a vector is compared in, at most (its home included)
+MAX_VISITS = 3  # clusters a vector is compared in, at most (its home included)
 CANDIDATES = 64  # nearest centroids looked at for the visits
 RANGE_BYTES = 256 << 20  # spilled vectors scored at once, about
 REACH_SLACK = 1e-4  # float32 distances to centroids are not exact
@@ -122,8 +122,8 @@ def centroids_of(vectors: np.ndarray) -> Centroids:
 
 def visits(units: np.ndarray, centroids: Centroids, radius: float
            ) -> Tuple[np.ndarray, np.ndarray, int]:
-  """(clusters [rows, MAX_VISITS], home first; the mask of the clusters visited; how many rows
-  had more clusters within reach than MAX_VISITS, or may have had beyond CANDIDATES)."""
+  """(clusters [rows, MAX_VISITS], home first, then by distance to their cell; the mask of
+  those visited; how many rows had more cells within `radius` than they visit)."""
   import faiss
   index = faiss.IndexFlatL2(centroids.vectors.shape[1])
   index.add(centroids.vectors)
@@ -131,19 +131,19 @@ def visits(units: np.ndarray, centroids: Centroids, radius: float
   nearest = min(CANDIDATES, count)
   squared, clusters = index.search(np.ascontiguousarray(units), nearest)
   squared = np.maximum(squared, 0)
-  home = clusters[:, :1]
-  between = centroids.between[home, clusters]  # [rows, nearest]
+  between = centroids.between[clusters[:, :1], clusters]  # [rows, nearest]
   # Some point within `radius` of the row lies in cluster j's cell only if the row is within
   # `radius` of the plane halfway between its home centroid and centroid j.
-  to_plane = (squared - squared[:, :1]) / np.maximum(2 * between, 1e-12)
-  within = to_plane <= radius + REACH_SLACK
-  within[:, 0] = True
+  to_cell = (squared - squared[:, :1]) / np.maximum(2 * between, 1e-12)
+  to_cell[:, 0] = -1  # home
+  order = np.argsort(to_cell, axis=1, kind='stable')[:, :MAX_VISITS]
+  within = to_cell <= radius + REACH_SLACK
+  # The candidates' list is cut too: a centroid beyond it is within reach only if the last
+  # candidate is no farther than the home one plus twice the radius (triangle inequality).
   unsure = np.sqrt(squared[:, -1]) - np.sqrt(squared[:, 0]) <= 2 * radius + REACH_SLACK
   capped = int(((within.sum(axis=1) > MAX_VISITS) | (unsure & (nearest < count))).sum())
-  order = np.argsort(~within, axis=1, kind='stable')[:, :MAX_VISITS]
-  clusters = np.take_along_axis(clusters, order, axis=1)
-  within = np.take_along_axis(within, order, axis=1)
-  return clusters, within, capped
+  return (np.take_along_axis(clusters, order, axis=1),
+          np.take_along_axis(within, order, axis=1), capped)
 
 
 def _sampled(uris: Sequence[str], fraction: float, seed: int) -> np.ndarray:
@@ -218,12 +218,14 @@ class Spill(beam.DoFn):
     table = pa.table({
         'cluster': cluster, 'home': home, 'row': row_numbers,
         'uri': [rows.uris[i] for i in row_numbers.tolist()],
-        'unit': pa.FixedSizeListArray.from_arrays(pa.array(units.ravel()), dimension)})
+        'unit': pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(dimension * 4), len(units), [None, pa.py_buffer(units.tobytes())])})
     ranges = cluster % self._plan.ranges
     bounds = np.searchsorted(ranges, np.arange(self._plan.ranges + 1))
     groups = {}
     sink = io.BytesIO()
-    with pq.ParquetWriter(sink, table.schema, compression='none') as writer:
+    with pq.ParquetWriter(sink, table.schema, compression='none', use_dictionary=['uri'],
+                          write_statistics=False) as writer:
       for number in range(self._plan.ranges):
         if bounds[number + 1] > bounds[number]:
           groups[str(number)] = len(groups)
@@ -259,9 +261,10 @@ class ScoreRange(beam.DoFn):
     cluster = table.column('cluster').to_numpy()
     home = table.column('home').to_numpy(zero_copy_only=False)
     uris = table.column('uri').to_pylist()
-    embedding = table.column('unit').combine_chunks()
-    units = embedding.flatten().to_numpy().reshape(len(table), embedding.type.list_size)
-    del table, tables, embedding
+    unit = table.column('unit').combine_chunks()
+    units = np.frombuffer(unit.buffers()[1], np.float32, offset=unit.offset * unit.type.byte_width,
+                          count=len(unit) * unit.type.byte_width // 4).reshape(len(unit), -1)
+    del table, tables
     order = np.argsort(cluster, kind='stable')
     starts = np.flatnonzero(np.r_[True, np.diff(cluster[order]) != 0])
     pairs = 0

@@ -196,9 +196,9 @@ def _role(position: int, member: Member) -> str:
   return f'cosine {min(member.cosine, 1.0):.4f}'
 
 
-def draw(groups: Sequence[Group]):
+def sheet_tiles(groups: Sequence[Group]) -> List[List[sheet.Tile]]:
   """One row per group (the first SHEET_GROUPS), the kept image framed; a group with more
-  members than a row shows how many more."""
+  members than a row says how many more."""
   rows = []
   for number, group in enumerate(groups[:SHEET_GROUPS], 1):
     shown = group.members[:SHEET_MEMBERS]
@@ -211,6 +211,11 @@ def draw(groups: Sequence[Group]):
         lines.append(f'+{hidden} more in the CSV')
       tiles.append(sheet.Tile(sheet.thumbnail_of(member.uri), lines, highlight=position == 0))
     rows.append(tiles)
+  return rows
+
+
+def draw(groups: Sequence[Group]):
+  rows = sheet_tiles(groups)
   return sheet.draw_sheet(rows, max([len(r) for r in rows] + [1]))
 
 
@@ -297,10 +302,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
   write_csv(groups, args.csv)
   members = [m for g in groups for m in g.members[1:]]
   copies = sum(bool(m.same_bytes_as) for m in members)
-  print(f'{rows} images, {model}, threshold {threshold}, {method.replace("_", " ")}: '
-        f'{len(groups)} groups ({sum(g.kind == "exact" for g in groups)} of byte-identical '
-        f'copies only); {len(members)} images to drop: {copies} byte-identical copies, '
-        f'{len(members) - copies} near duplicates; CSV: {args.csv}')
+  print(f'{rows} images, {model}, threshold {threshold}, {method.replace("_", " ")}: groups: '
+        f'{len(groups)} (exact copies only: {sum(g.kind == "exact" for g in groups)}); images '
+        f'to drop: {len(members)} (byte-identical copies: {copies}, near duplicates: '
+        f'{len(members) - copies}); CSV: {args.csv}')
   if args.sheet:
     sheet.save_png(draw(groups), args.sheet)
     print(f'contact sheet: {args.sheet}')
