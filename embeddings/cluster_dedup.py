@@ -7,19 +7,24 @@ A Beam pipeline (the DirectRunner on one machine, Dataflow for 100M vectors):
   3. each vector gets a home, its nearest centroid, and visits every other centroid within
      reach of it (below); the rows are spilled, one Parquet file per shard, a row group per
      range of clusters (the shuffle, kept on disk so that memory holds one range at a time);
-  4. per range of clusters, every vector that visits a cluster is compared exactly (cosine) with
-     the vectors at home there;
-  5. those pairs and the byte copies (same SHA-256) are joined into groups (connected
-     components); the members' rows are read again to build the groups as all pairs does.
+  4. per range of clusters, every vector that visits a cluster is compared (cosine) with the
+     vectors at home there: pairs near or above the threshold are candidates;
+  5. candidates and byte copies (same SHA-256) are joined (connected components); the members'
+     rows are read again, and inside each component all pairs are compared on the float32
+     vectors, as --method all_pairs does: the groups are the ones all pairs would find among
+     the pairs the clusters compared.
 
 Reach. SemDeDup and NeMo Curator compare a vector only inside its nearest cluster, so a pair
-that a cluster boundary splits is never seen. Here nothing is lost by that: for unit vectors a, b
-with cosine >= t, |a - b| <= r = sqrt(2 - 2t); with c(x) the nearest centroid of x,
-|a - c(b)| <= |b - c(b)| + r <= |b - c(a)| + r <= |a - c(a)| + 2r. So when a visits every
-centroid no farther than its own plus 2r, the pair is compared in b's home cluster, whatever the
-clustering. Only a vector with more than MAX_VISITS centroids within reach visits just the
-nearest of them; those vectors are counted (`capped`) and reported, since pairs across the
-clusters they leave out can be missed.
+that a cluster boundary splits is never seen. Here a vector a also visits other clusters: for
+unit vectors with cosine >= t, |a - b| <= r = sqrt(2 - 2t), and b lies in the cell of its nearest
+centroid c_j (it is nearer c_j than a's own centroid c_i), so a pair can straddle cells i and j
+only if a is within r of the plane halfway between c_i and c_j:
+(|a - c_j|^2 - |a - c_i|^2) / (2 |c_i - c_j|) <= r. A vector visits the cells within that reach,
+nearest plane first, at most MAX_VISITS (home included). When all its cells within reach are
+visited, no pair of it is missed whatever the clustering; the others (`capped`, reported) visit
+the nearest planes' cells, where a near pair that straddles a boundary almost always is. In 4320-d
+features most vectors have more cells within reach than 3, and the benchmark
+(benchmarks/bench_duplicates.py) measures what that loses.
 
 Cost: with k clusters of about n/k homes and v visits per vector, compares v n^2 / k pairs
 (all pairs: n^2 / 2) plus n k distances to centroids; k = sqrt(n) balances the two.
@@ -52,6 +57,10 @@ MAX_VISITS = 3  # clusters a vector is compared in, at most (its home included)
 CANDIDATES = 64  # nearest centroids looked at for the visits
 RANGE_BYTES = 256 << 20  # spilled vectors scored at once, about
 REACH_SLACK = 1e-4  # float32 distances to centroids are not exact
+# Spilled unit vectors are float16 (half the disk): a cosine from them is within 2^-10 of the
+# float32 one (relative rounding 2^-11 per factor, Cauchy-Schwarz), so pairs this much below
+# the threshold are candidates, decided on float32 vectors once the candidates are grouped.
+FLOAT16_MARGIN = 2e-3
 _LOG = logging.getLogger(__name__)
 
 
@@ -85,19 +94,27 @@ class Plan(NamedTuple):
   threshold: float
   radius: float  # distance between unit vectors at the threshold: sqrt(2 - 2 threshold)
   seed: int
+  max_visits: int  # clusters a vector is compared in, at most (its home included)
 
 
 class Stats(NamedTuple):
+  clusters: int
   rows: int
   visits: int  # cluster visits, homes included
-  capped: int  # vectors with more clusters within reach than MAX_VISITS
+  capped: int  # vectors with more cells within reach than they visit
+
+  def __str__(self) -> str:
+    return (f'{self.clusters} clusters, {self.visits / max(self.rows, 1):.2f} visits a vector; '
+            f'{self.rows - self.capped} of {self.rows} vectors visited every cell within reach '
+            f'of the threshold (for them, every pair is found)')
 
 
-def plan(rows: int, dimension: int, threshold: float, seed: int = 0) -> Plan:
+def plan(rows: int, dimension: int, threshold: float, seed: int = 0,
+         max_visits: int = MAX_VISITS) -> Plan:
   clusters = max(1, min(MAX_CLUSTERS, round(math.sqrt(rows))))
-  ranges = max(1, math.ceil(rows * 2 * dimension * 4 / RANGE_BYTES))  # about two visits a row
+  ranges = max(1, math.ceil(rows * max_visits * dimension * 2 / RANGE_BYTES))
   return Plan(rows, clusters, min(rows, SAMPLE_PER_CLUSTER * clusters), min(ranges, clusters),
-              threshold, math.sqrt(max(0.0, 2 - 2 * threshold)), seed)
+              threshold, math.sqrt(max(0.0, 2 - 2 * threshold)), seed, max_visits)
 
 
 def train_centroids(sample: np.ndarray, clusters: int, seed: int) -> 'Centroids':
@@ -120,9 +137,9 @@ def centroids_of(vectors: np.ndarray) -> Centroids:
   return Centroids(vectors, np.sqrt(np.maximum(between, 0)).astype(np.float32))
 
 
-def visits(units: np.ndarray, centroids: Centroids, radius: float
-           ) -> Tuple[np.ndarray, np.ndarray, int]:
-  """(clusters [rows, MAX_VISITS], home first, then by distance to their cell; the mask of
+def visits(units: np.ndarray, centroids: Centroids, radius: float,
+           max_visits: int = MAX_VISITS) -> Tuple[np.ndarray, np.ndarray, int]:
+  """(clusters [rows, max_visits], home first, then by distance to their cell; the mask of
   those visited; how many rows had more cells within `radius` than they visit)."""
   import faiss
   index = faiss.IndexFlatL2(centroids.vectors.shape[1])
@@ -136,12 +153,12 @@ def visits(units: np.ndarray, centroids: Centroids, radius: float
   # `radius` of the plane halfway between its home centroid and centroid j.
   to_cell = (squared - squared[:, :1]) / np.maximum(2 * between, 1e-12)
   to_cell[:, 0] = -1  # home
-  order = np.argsort(to_cell, axis=1, kind='stable')[:, :MAX_VISITS]
+  order = np.argsort(to_cell, axis=1, kind='stable')[:, :max_visits]
   within = to_cell <= radius + REACH_SLACK
   # The candidates' list is cut too: a centroid beyond it is within reach only if the last
   # candidate is no farther than the home one plus twice the radius (triangle inequality).
   unsure = np.sqrt(squared[:, -1]) - np.sqrt(squared[:, 0]) <= 2 * radius + REACH_SLACK
-  capped = int(((within.sum(axis=1) > MAX_VISITS) | (unsure & (nearest < count))).sum())
+  capped = int(((within.sum(axis=1) > max_visits) | (unsure & (nearest < count))).sum())
   return (np.take_along_axis(clusters, order, axis=1),
           np.take_along_axis(within, order, axis=1), capped)
 
@@ -201,7 +218,8 @@ class Spill(beam.DoFn):
     self._directory = directory
 
   def process(self, rows: ShardRows, centroids: 'Centroids') -> Iterator[str]:
-    clusters, within, capped = visits(rows.units, centroids, self._plan.radius)
+    clusters, within, capped = visits(rows.units, centroids, self._plan.radius,
+                                       self._plan.max_visits)
     row_numbers = np.nonzero(within)[0].astype(np.int32)
     cluster = clusters[within].astype(np.int32)
     home = np.zeros(within.shape, bool)
@@ -214,12 +232,12 @@ class Spill(beam.DoFn):
     counter('duplicates', 'visits').inc(len(cluster))
     counter('duplicates', 'capped').inc(capped)
     dimension = rows.units.shape[1]
-    units = rows.units[row_numbers]
+    units = rows.units[row_numbers].astype(np.float16)
     table = pa.table({
         'cluster': cluster, 'home': home, 'row': row_numbers,
         'uri': [rows.uris[i] for i in row_numbers.tolist()],
         'unit': pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(dimension * 4), len(units), [None, pa.py_buffer(units.tobytes())])})
+            pa.binary(dimension * 2), len(units), [None, pa.py_buffer(units.tobytes())])})
     ranges = cluster % self._plan.ranges
     bounds = np.searchsorted(ranges, np.arange(self._plan.ranges + 1))
     groups = {}
@@ -248,7 +266,8 @@ def _spill_range(path: str, number: int) -> Optional[pa.Table]:
 
 
 class ScoreRange(beam.DoFn):
-  """A range number -> (uri, uri) pairs at or above the threshold, exactly, in its clusters."""
+  """A range number -> candidate (uri, uri) pairs in its clusters (FLOAT16_MARGIN below the
+  threshold, from the float16 spill)."""
 
   def __init__(self, threshold: float):
     self._threshold = threshold
@@ -262,8 +281,8 @@ class ScoreRange(beam.DoFn):
     home = table.column('home').to_numpy(zero_copy_only=False)
     uris = table.column('uri').to_pylist()
     unit = table.column('unit').combine_chunks()
-    units = np.frombuffer(unit.buffers()[1], np.float32, offset=unit.offset * unit.type.byte_width,
-                          count=len(unit) * unit.type.byte_width // 4).reshape(len(unit), -1)
+    units = np.frombuffer(unit.buffers()[1], np.float16, offset=unit.offset * unit.type.byte_width,
+                          count=len(unit) * unit.type.byte_width // 2).reshape(len(unit), -1)
     del table, tables
     order = np.argsort(cluster, kind='stable')
     starts = np.flatnonzero(np.r_[True, np.diff(cluster[order]) != 0])
@@ -275,8 +294,8 @@ class ScoreRange(beam.DoFn):
         continue
       home_ids = [uris[i] for i in homes]
       at_home = frozenset(home_ids)
-      scores = units[members] @ units[homes].T
-      rows, columns = np.nonzero(scores >= self._threshold)
+      scores = units[members].astype(np.float32) @ units[homes].astype(np.float32).T
+      rows, columns = np.nonzero(scores >= self._threshold - FLOAT16_MARGIN)
       for row, column in zip(rows.tolist(), columns.tolist()):
         visitor, resident = uris[members[row]], home_ids[column]
         # A pair of two homes is found twice: keep one; a visitor meets each home once here.
@@ -308,10 +327,14 @@ def _members(rows: ShardRows, membership: Dict[str, int]
       yield membership[uri], rows.candidate(row)
 
 
-def _group_json(keyed) -> str:
+def _groups_json(keyed, threshold: float) -> Iterator[str]:
+  """A component of candidate pairs -> its groups by exact float32 cosines, as JSON lines."""
   _, members = keyed
-  group = duplicates.make_group(sorted(members, key=lambda c: c.uri))
-  return json.dumps({'kind': group.kind, 'members': [m._asdict() for m in group.members]})
+  members = sorted(members, key=lambda c: c.uri)
+  units = np.stack([m.unit for m in members])
+  for group in duplicates.grouped(units, [m.sha256 for m in members], threshold,
+                                  members.__getitem__):
+    yield json.dumps({'kind': group.kind, 'members': [m._asdict() for m in group.members]})
 
 
 class ClusterDuplicates(beam.PTransform):
@@ -354,8 +377,8 @@ class ClusterDuplicates(beam.PTransform):
     return (refs
             | 'ReadMembers' >> beam.Map(read_rows, newer)
             | 'Members' >> beam.FlatMap(_members, beam.pvalue.AsSingleton(membership))
-            | 'ByGroup' >> beam.GroupByKey()
-            | 'Group' >> beam.Map(_group_json))
+            | 'ByComponent' >> beam.GroupByKey()
+            | 'Groups' >> beam.FlatMap(_groups_json, run_plan.threshold))
 
 
 def shard_refs(runs: Sequence[Run]) -> List[ShardRef]:
@@ -391,11 +414,12 @@ def _counter(result, name: str) -> int:
 
 
 def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str] = (),
-                seed: int = 0) -> Tuple[List[duplicates.Group], Stats]:
+                seed: int = 0, max_visits: int = MAX_VISITS
+                ) -> Tuple[List[duplicates.Group], Stats]:
   """Groups of two or more, largest first, as duplicates.find_groups gives, by clustering."""
   refs = shard_refs(runs)
   rows = sum(r.summary.get('embedded') or 0 for r in runs)
-  run_plan = plan(max(rows, 1), runs[0].embedding_size or 1, threshold, seed)
+  run_plan = plan(max(rows, 1), runs[0].embedding_size or 1, threshold, seed, max_visits)
   options = PipelineOptions(list(beam_flags))
   directory, local = _work_directory(options)
   try:
@@ -412,12 +436,8 @@ def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str]
         record = json.loads(line)
         groups.append(duplicates.Group(record['kind'], [duplicates.Member(**m)
                                                         for m in record['members']]))
-    stats = Stats(_counter(result, 'rows'), _counter(result, 'visits'),
+    stats = Stats(run_plan.clusters, _counter(result, 'rows'), _counter(result, 'visits'),
                   _counter(result, 'capped'))
   finally:
     _remove(directory, local)
-  if stats.capped:
-    _LOG.warning('%d of %d vectors had more than %d clusters within reach of threshold %g: '
-                 'pairs of theirs across the clusters left out may be missed (all pairs, '
-                 '--method all_pairs, is exact)', stats.capped, stats.rows, MAX_VISITS, threshold)
   return duplicates.sort_groups(groups), stats

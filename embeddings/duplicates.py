@@ -22,7 +22,7 @@ import os
 import re
 import sys
 from collections import Counter
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -157,21 +157,22 @@ def sort_groups(groups: Iterable[Group]) -> List[Group]:
                                        g.members[0].uri))
 
 
-def candidates(collection: Embeddings, units: np.ndarray, rows: Sequence[int]
-               ) -> List[Candidate]:
-  columns = {name: collection.metadata.column(name).to_pylist()
-             for name in ('sha256', 'width', 'height', 'size_bytes')}
-  return [Candidate(collection.uris[i], units[i], columns['sha256'][i], columns['width'][i],
-                    columns['height'][i], columns['size_bytes'][i]) for i in rows]
+def grouped(units: np.ndarray, sha256: Sequence[Optional[str]], threshold: float,
+            candidate: Callable[[int], Candidate]) -> List[Group]:
+  """The groups among these rows: joined by the same bytes or a cosine >= threshold."""
+  pairs = list(byte_copy_pairs(sha256)) + list(similar_pairs(units, threshold))
+  return [make_group([candidate(i) for i in component])
+          for component in components(len(units), pairs)]
 
 
 def find_groups(collection: Embeddings, threshold: float) -> List[Group]:
   """Groups of two or more, largest first, comparing all pairs in memory."""
   units = unit_rows(collection.vectors)
-  sha256 = collection.metadata.column('sha256').to_pylist()
-  pairs = list(byte_copy_pairs(sha256)) + list(similar_pairs(units, threshold))
-  return sort_groups(make_group(candidates(collection, units, component))
-                     for component in components(len(units), pairs))
+  columns = {name: collection.metadata.column(name).to_pylist()
+             for name in ('sha256', 'width', 'height', 'size_bytes')}
+  return sort_groups(grouped(units, columns['sha256'], threshold, lambda i: Candidate(
+      collection.uris[i], units[i], columns['sha256'][i], columns['width'][i],
+      columns['height'][i], columns['size_bytes'][i])))
 
 
 def write_csv(groups: Sequence[Group], path: str) -> None:
@@ -299,6 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
     from embeddings import cluster_dedup  # Beam and FAISS: only when clustering
     groups, stats = cluster_dedup.find_groups(runs, threshold, beam_flags)
     rows = stats.rows
+    print(f'clustering: {stats}')
   write_csv(groups, args.csv)
   members = [m for g in groups for m in g.members[1:]]
   copies = sum(bool(m.same_bytes_as) for m in members)
