@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import math
-import os
 import tempfile
 import uuid
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -385,6 +384,20 @@ def shard_refs(runs: Sequence[Run]) -> List[ShardRef]:
   """Every shard of the runs (newest first, as find_runs gives), with the runs that win over it."""
   return [ShardRef(path, run.path, tuple(r.path for r in runs[:rank]))
           for rank, run in enumerate(runs) for path in run.shard_paths()]
+
+
+class WorkDirectoryError(ValueError):
+  """A runner other than the local one needs a --temp_location its workers share."""
+
+
+def check_options(beam_flags: Sequence[str]) -> None:
+  options = PipelineOptions(list(beam_flags))
+  from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
+  runner = options.view_as(StandardOptions).runner or 'DirectRunner'
+  if runner not in ('DirectRunner', 'direct') and not options.view_as(
+      GoogleCloudOptions).temp_location:
+    raise WorkDirectoryError(f'--runner {runner} needs --temp_location (e.g. gs://bucket/tmp): '
+                             f'the workers write and read the spill files there')
 
 
 def _work_directory(options: PipelineOptions) -> Tuple[str, bool]:

@@ -292,12 +292,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
                    model, threshold)
   rows = sum(r.summary.get('embedded') or 0 for r in runs)  # at most: runs may share URIs
   method = choose_method(args.method, rows, runs[0].embedding_size or 0, args.memory_budget)
+  if method == 'clusters':
+    from embeddings import cluster_dedup  # Beam and FAISS: only when clustering
+    try:
+      cluster_dedup.check_options(beam_flags)
+    except cluster_dedup.WorkDirectoryError as exc:
+      print(f'error: {exc}', file=sys.stderr)
+      sys.exit(2)
   if method == 'all_pairs':
     collection = concatenate(iter_run_shards(runs), model)
     rows = len(collection.uris)
     groups = find_groups(collection, threshold)
   else:
-    from embeddings import cluster_dedup  # Beam and FAISS: only when clustering
     groups, stats = cluster_dedup.find_groups(runs, threshold, beam_flags)
     rows = stats.rows
     print(f'clustering: {stats}')

@@ -173,3 +173,12 @@ def test_sheet_rows_say_how_many_more_and_keep_the_folder(tmp_path):
   png = io.BytesIO()
   duplicates.draw(groups).save(png, format='PNG')
   assert Image.open(png).size == (duplicates.SHEET_MEMBERS * sheet.CELL_WIDTH, sheet.CELL_HEIGHT)
+
+
+def test_clustering_on_a_remote_runner_needs_a_temp_location(tmp_path, capsys):
+  write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
+  with pytest.raises(SystemExit) as exit_info:
+    duplicates.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
+                     '--method', 'clusters', '--runner', 'DataflowRunner'])
+  assert exit_info.value.code == 2
+  assert 'needs --temp_location' in capsys.readouterr().err
