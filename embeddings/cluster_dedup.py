@@ -209,14 +209,16 @@ SPILL_SCHEMA = pa.schema([('cluster', pa.int32()), ('home', pa.bool_()), ('row',
 
 
 class Spill(beam.DoFn):
-  """ShardRows -> the spill file's path: each row once per cluster it visits, ordered by
-  range of clusters, one row group per range (listed in the file's metadata)."""
+  """ShardRef -> the spill file's path: each row once per cluster it visits, ordered by
+  range of clusters, one row group per range (listed in the file's metadata). Reads the shard
+  itself: a stage waiting for a side input holds its whole main input, so that must be refs."""
 
   def __init__(self, run_plan: Plan, directory: str):
     self._plan = run_plan
     self._directory = directory
 
-  def process(self, rows: ShardRows, centroids: 'Centroids') -> Iterator[str]:
+  def process(self, ref: ShardRef, centroids: 'Centroids', newer) -> Iterator[str]:
+    rows = read_rows(ref, newer)
     clusters, within, capped = visits(rows.units, centroids, self._plan.radius,
                                        self._plan.max_visits)
     row_numbers = np.nonzero(within)[0].astype(np.int32)
@@ -319,8 +321,9 @@ def _membership(pairs: List[Tuple[str, str]]) -> Dict[str, int]:
   return {names[i]: component for component, members in enumerate(found) for i in members}
 
 
-def _members(rows: ShardRows, membership: Dict[str, int]
+def _members(ref: ShardRef, membership: Dict[str, int], newer
              ) -> Iterator[Tuple[int, duplicates.Candidate]]:
+  rows = read_rows(ref, newer)
   for row, uri in enumerate(rows.uris):
     if uri in membership:
       yield membership[uri], rows.candidate(row)
@@ -357,10 +360,9 @@ class ClusterDuplicates(beam.PTransform):
           | 'AsSets' >> beam.MapTuple(lambda run, parts: (run, set().union(*map(set, parts)))))
     rows = refs | 'Read' >> beam.Map(read_rows, newer)
     centroids = rows | 'Centroids' >> TrainCentroids(run_plan)
-    spills = (refs
-              | 'ReadToSpill' >> beam.Map(read_rows, newer)
-              | 'Spill' >> beam.ParDo(Spill(run_plan, self._spill_directory),
-                                      centroids=beam.pvalue.AsSingleton(centroids)))
+    spills = refs | 'Spill' >> beam.ParDo(Spill(run_plan, self._spill_directory),
+                                          centroids=beam.pvalue.AsSingleton(centroids),
+                                          newer=newer)
     near = (root
             | 'Ranges' >> beam.Create(list(range(run_plan.ranges)))
             | 'Score' >> beam.ParDo(ScoreRange(run_plan.threshold),
@@ -374,8 +376,7 @@ class ClusterDuplicates(beam.PTransform):
                   | 'AllPairs' >> beam.combiners.ToList()
                   | 'Components' >> beam.Map(_membership))
     return (refs
-            | 'ReadMembers' >> beam.Map(read_rows, newer)
-            | 'Members' >> beam.FlatMap(_members, beam.pvalue.AsSingleton(membership))
+            | 'Members' >> beam.FlatMap(_members, beam.pvalue.AsSingleton(membership), newer)
             | 'ByComponent' >> beam.GroupByKey()
             | 'Groups' >> beam.FlatMap(_groups_json, run_plan.threshold))
 
