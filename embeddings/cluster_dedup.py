@@ -30,7 +30,6 @@ Cost: with k clusters of about n/k homes and v visits per vector, compares v n^2
 (all pairs: n^2 / 2) plus n k distances to centroids; k = sqrt(n) balances the two.
 """
 
-import io
 import json
 import logging
 import math
@@ -204,10 +203,6 @@ class TrainCentroids(beam.PTransform):
                 np.concatenate(parts)[:run_plan.sample_rows], run_plan.clusters, run_plan.seed)))
 
 
-SPILL_SCHEMA = pa.schema([('cluster', pa.int32()), ('home', pa.bool_()), ('row', pa.int32()),
-                          ('uri', pa.string())])
-
-
 class Spill(beam.DoFn):
   """ShardRef -> the spill file's path: each row once per cluster it visits, ordered by
   range of clusters, one row group per range (listed in the file's metadata). Reads the shard
@@ -233,27 +228,25 @@ class Spill(beam.DoFn):
     counter('duplicates', 'visits').inc(len(cluster))
     counter('duplicates', 'capped').inc(capped)
     dimension = rows.units.shape[1]
-    units = rows.units[row_numbers].astype(np.float16)
+    units = rows.units.astype(np.float16)[row_numbers]
     table = pa.table({
-        'cluster': cluster, 'home': home, 'row': row_numbers,
+        'cluster': cluster, 'home': home,
         'uri': [rows.uris[i] for i in row_numbers.tolist()],
         'unit': pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(dimension * 2), len(units), [None, pa.py_buffer(units.tobytes())])})
+            pa.binary(dimension * 2), len(units), [None, pa.py_buffer(units)])})
     ranges = cluster % self._plan.ranges
     bounds = np.searchsorted(ranges, np.arange(self._plan.ranges + 1))
     groups = {}
-    sink = io.BytesIO()
-    with pq.ParquetWriter(sink, table.schema, compression='none', use_dictionary=['uri'],
-                          write_statistics=False) as writer:
+    path = storage.join(self._directory, f'spill-{uuid.uuid4().hex}.parquet')
+    with storage.create(path) as f, pq.ParquetWriter(
+        f, table.schema, compression='none', use_dictionary=['uri'],
+        write_statistics=False) as writer:
       for number in range(self._plan.ranges):
         if bounds[number + 1] > bounds[number]:
           groups[str(number)] = len(groups)
           writer.write_table(table.slice(bounds[number], bounds[number + 1] - bounds[number]),
                              row_group_size=1 << 30)
-      writer.add_key_value_metadata({'ranges': json.dumps(groups),
-                                     'stats': json.dumps([len(rows.uris), len(cluster), capped])})
-    path = storage.join(self._directory, f'spill-{uuid.uuid4().hex}.parquet')
-    storage.write_bytes(path, sink.getvalue())
+      writer.add_key_value_metadata({'ranges': json.dumps(groups)})
     yield path
 
 

@@ -67,16 +67,18 @@ def open_file(path: str) -> BinaryIO:
   return open(_local(path), 'rb')
 
 
-def write_bytes(path: str, data: bytes) -> None:
-  """Creates or replaces the file."""
+def create(path: str) -> BinaryIO:
+  """A binary writer that creates or replaces the file."""
   if is_remote(path):
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-      f.write(data)
-  else:
-    with open(_local(path), 'wb') as f:
-      f.write(data)
+    return FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
+  return open(_local(path), 'wb')
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  with create(path) as f:
+    f.write(data)
 
 
 def read_bytes(path: str) -> bytes:
