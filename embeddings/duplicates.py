@@ -1,12 +1,19 @@
 """Exact duplicates (same SHA-256) and near duplicates (cosine >= a threshold) in runs.
 
     python -m embeddings.duplicates --runs RUN_DIR_OR_GLOB... --csv dups.csv \
-        [--threshold T] [--sheet dups.png] [--model MODEL_ID]
+        [--threshold T] [--sheet dups.png] [--model MODEL_ID] \
+        [--method auto|all_pairs|clusters] [--memory_budget 4GB] [Beam options]
 
 Images joined by same bytes or by a cosine at or above the threshold form a group (transitively).
 Each group keeps its largest image (most pixels, then most bytes); the CSV lists every member with
-its cosine to the kept one. The vectors are held in memory (images x dimension x 4 bytes) and all
-pairs are compared exactly, block by block.
+its cosine to the kept one, and as `exact` the members whose bytes another member has.
+
+Two methods. `all_pairs` holds the vectors in memory (images x dimension x 8 bytes: the vectors
+and their unit copy) and compares every pair exactly, block by block. `clusters`
+(embeddings/cluster_dedup.py) is a Beam pipeline for collections beyond that: k-means on a
+sample, exact pairs inside clusters, each vector also visiting the clusters a near pair of it can
+fall in. `auto` takes all_pairs when its memory fits --memory_budget, counted from the runs'
+summaries before reading: up to 111,857 4320-d images for the default 4GB.
 
 Default thresholds were measured with `python -m benchmarks.near_duplicates` on the sample photos
 and their resized and re-encoded copies, per built-in untrained network: copies scored at least
