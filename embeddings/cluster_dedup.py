@@ -31,7 +31,6 @@ Cost: with k clusters of about n/k homes and v visits per vector, compares v n^2
 """
 
 import json
-import logging
 import math
 import tempfile
 import uuid
@@ -59,7 +58,6 @@ REACH_SLACK = 1e-4  # float32 distances to centroids are not exact
 # float32 one (relative rounding 2^-11 per factor, Cauchy-Schwarz), so pairs this much below
 # the threshold are candidates, decided on float32 vectors once the candidates are grouped.
 FLOAT16_MARGIN = 2e-3
-_LOG = logging.getLogger(__name__)
 
 
 class ShardRef(NamedTuple):
@@ -115,15 +113,6 @@ def plan(rows: int, dimension: int, threshold: float, seed: int = 0,
               threshold, math.sqrt(max(0.0, 2 - 2 * threshold)), seed, max_visits)
 
 
-def train_centroids(sample: np.ndarray, clusters: int, seed: int) -> 'Centroids':
-  import faiss
-  clusters = min(clusters, len(sample))
-  kmeans = faiss.Kmeans(sample.shape[1], clusters, niter=KMEANS_ITERATIONS, seed=seed,
-                        verbose=False, max_points_per_centroid=len(sample))
-  kmeans.train(np.ascontiguousarray(sample, np.float32))
-  return centroids_of(kmeans.centroids)
-
-
 class Centroids(NamedTuple):
   vectors: np.ndarray  # float32 [clusters, dimension]
   between: np.ndarray  # float32 [clusters, clusters]: their distances to each other
@@ -133,6 +122,15 @@ def centroids_of(vectors: np.ndarray) -> Centroids:
   squared = np.einsum('ij,ij->i', vectors, vectors)
   between = squared[:, None] + squared[None, :] - 2 * (vectors @ vectors.T)
   return Centroids(vectors, np.sqrt(np.maximum(between, 0)).astype(np.float32))
+
+
+def train_centroids(sample: np.ndarray, clusters: int, seed: int) -> Centroids:
+  import faiss
+  clusters = min(clusters, len(sample))
+  kmeans = faiss.Kmeans(sample.shape[1], clusters, niter=KMEANS_ITERATIONS, seed=seed,
+                        verbose=False, max_points_per_centroid=len(sample))
+  kmeans.train(np.ascontiguousarray(sample, np.float32))
+  return centroids_of(kmeans.centroids)
 
 
 def visits(units: np.ndarray, centroids: Centroids, radius: float,
@@ -212,7 +210,7 @@ class Spill(beam.DoFn):
     self._plan = run_plan
     self._directory = directory
 
-  def process(self, ref: ShardRef, centroids: 'Centroids', newer) -> Iterator[str]:
+  def process(self, ref: ShardRef, centroids: Centroids, newer) -> Iterator[str]:
     rows = read_rows(ref, newer)
     clusters, within, capped = visits(rows.units, centroids, self._plan.radius,
                                        self._plan.max_visits)
