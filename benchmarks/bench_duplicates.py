@@ -33,7 +33,7 @@ def main(argv=None) -> None:
   parser.add_argument('--max_visits', type=int, default=cluster_dedup.MAX_VISITS)
   args = parser.parse_args(argv)
   runs = embeddings.select_model(embeddings.find_runs(args.runs))
-  rows = sum(r.summary.get('embedded') or 0 for r in runs)
+  rows = sum(r.summary.embedded for r in runs)
   run_plan = cluster_dedup.plan(rows, runs[0].embedding_size, args.threshold,
                                 max_visits=args.max_visits)
   print(f'{rows} vectors, {runs[0].embedding_size}-d, threshold {args.threshold}: '

@@ -154,7 +154,7 @@ def _write_index(directory: str, number: int, shards: int, rows: List[dict]) -> 
   """One index shard per embeddings shard; empties `rows`."""
   import pyarrow as pa
   import pyarrow.parquet as pq
-  from transforms.write import INDEX_SCHEMA
+  from run_format import INDEX_SCHEMA
   path = os.path.join(directory, f'index-{number:05d}-of-{shards:05d}.parquet')
   pq.write_table(pa.Table.from_pylist(rows, INDEX_SCHEMA), path)
   rows.clear()
@@ -173,13 +173,13 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
   import pyarrow.parquet as pq
   from transforms.embed import Embedding
   from transforms.provenance import Provenance, project_version
-  from transforms.write import (ENCODE_BATCH_SIZE, embedded_index_row,
-                                embeddings_to_table, parquet_schema)
+  from run_format import embeddings_schema
+  from transforms.write import ENCODE_BATCH_SIZE, embedded_index_row, embeddings_to_table
   os.makedirs(directory, exist_ok=True)
   provenance = Provenance(model_id, f'synthetic-seed{seed}',
                           'compute_dtype=float32;center_crop_fraction=1.0;jpeg_draft=0',
                           project_version())
-  schema = float32_schema = parquet_schema(dimension)
+  schema = float32_schema = embeddings_schema(dimension)
   if embedding_dtype == 'float16':
     schema = schema.set(schema.get_field_index('embedding'),
                         pa.field('embedding', pa.list_(pa.float16(), dimension)))
@@ -227,6 +227,7 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
       'files': sorted(files),
       'finished_at': finished_at or datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec='milliseconds'),
+      'wall_time_seconds': 0.0, 'images_per_second': None,
       'synthetic': {'seed': seed, 'first_row': first_row,
                     'clusters': clusters,
                     'near_duplicates': near_duplicates, 'exact_duplicates': exact_duplicates},

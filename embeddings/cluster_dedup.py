@@ -36,11 +36,9 @@ import tempfile
 import uuid
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from embeddings import duplicates, storage
 from embeddings.runs import Run
@@ -184,68 +182,60 @@ def _uris_of_run(ref: ShardRef) -> Tuple[str, List[str]]:
   return ref.run, read_shard(ref.path, ref.run, columns=['uri']).uris
 
 
-class TrainCentroids(beam.PTransform):
-  """ShardRows -> one float32 [clusters, dimension] array, trained on a seeded sample."""
-
-  def __init__(self, run_plan: Plan):
-    super().__init__()
-    self._plan = run_plan
-
-  def expand(self, rows):
-    run_plan = self._plan
-    fraction = min(1.0, 1.1 * run_plan.sample_rows / max(run_plan.rows, 1))
-    return (rows
-            | 'Sample' >> beam.Map(lambda s: s.units[_sampled(s.uris, fraction, run_plan.seed)])
-            | 'AllSamples' >> beam.combiners.ToList()
-            | 'KMeans' >> beam.Map(lambda parts: train_centroids(
-                np.concatenate(parts)[:run_plan.sample_rows], run_plan.clusters, run_plan.seed)))
+def _sample(rows: ShardRows, run_plan: Plan) -> np.ndarray:
+  fraction = min(1.0, 1.1 * run_plan.sample_rows / max(run_plan.rows, 1))
+  return rows.units[_sampled(rows.uris, fraction, run_plan.seed)]
 
 
-class Spill(beam.DoFn):
+def _kmeans(parts: List[np.ndarray], run_plan: Plan) -> Centroids:
+  return train_centroids(np.concatenate(parts)[:run_plan.sample_rows], run_plan.clusters,
+                         run_plan.seed)
+
+
+def _count(name: str, value: int) -> None:
+  from apache_beam.metrics import Metrics
+  Metrics.counter('duplicates', name).inc(value)
+
+
+def spill(ref: ShardRef, centroids: Centroids, newer, run_plan: Plan, directory: str
+          ) -> Iterator[str]:
   """ShardRef -> the spill file's path: each row once per cluster it visits, ordered by
   range of clusters, one row group per range (listed in the file's metadata). Reads the shard
   itself: a stage waiting for a side input holds its whole main input, so that must be refs."""
-
-  def __init__(self, run_plan: Plan, directory: str):
-    self._plan = run_plan
-    self._directory = directory
-
-  def process(self, ref: ShardRef, centroids: Centroids, newer) -> Iterator[str]:
-    rows = read_rows(ref, newer)
-    clusters, within, capped = visits(rows.units, centroids, self._plan.radius,
-                                       self._plan.max_visits)
-    row_numbers = np.nonzero(within)[0].astype(np.int32)
-    cluster = clusters[within].astype(np.int32)
-    home = np.zeros(within.shape, bool)
-    home[:, 0] = True
-    home = home[within]
-    order = np.lexsort((cluster, cluster % self._plan.ranges))
-    row_numbers, cluster, home = row_numbers[order], cluster[order], home[order]
-    counter = beam.metrics.Metrics.counter
-    counter('duplicates', 'rows').inc(len(rows.uris))
-    counter('duplicates', 'visits').inc(len(cluster))
-    counter('duplicates', 'capped').inc(capped)
-    dimension = rows.units.shape[1]
-    units = rows.units.astype(np.float16)[row_numbers]
-    table = pa.table({
-        'cluster': cluster, 'home': home,
-        'uri': [rows.uris[i] for i in row_numbers.tolist()],
-        'unit': pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(dimension * 2), len(units), [None, pa.py_buffer(units)])})
-    ranges = cluster % self._plan.ranges
-    bounds = np.searchsorted(ranges, np.arange(self._plan.ranges + 1))
-    groups = {}
-    path = storage.join(self._directory, f'spill-{uuid.uuid4().hex}.parquet')
-    with storage.create(path) as f, pq.ParquetWriter(
-        f, table.schema, compression='none', use_dictionary=['uri'],
-        write_statistics=False) as writer:
-      for number in range(self._plan.ranges):
-        if bounds[number + 1] > bounds[number]:
-          groups[str(number)] = len(groups)
-          writer.write_table(table.slice(bounds[number], bounds[number + 1] - bounds[number]),
-                             row_group_size=1 << 30)
-      writer.add_key_value_metadata({'ranges': json.dumps(groups)})
-    yield path
+  rows = read_rows(ref, newer)
+  clusters, within, capped = visits(rows.units, centroids, run_plan.radius,
+                                    run_plan.max_visits)
+  row_numbers = np.nonzero(within)[0].astype(np.int32)
+  cluster = clusters[within].astype(np.int32)
+  home = np.zeros(within.shape, bool)
+  home[:, 0] = True
+  home = home[within]
+  order = np.lexsort((cluster, cluster % run_plan.ranges))
+  row_numbers, cluster, home = row_numbers[order], cluster[order], home[order]
+  _count('rows', len(rows.uris))
+  _count('visits', len(cluster))
+  _count('capped', capped)
+  dimension = rows.units.shape[1]
+  units = rows.units.astype(np.float16)[row_numbers]
+  table = pa.table({
+      'cluster': cluster, 'home': home,
+      'uri': [rows.uris[i] for i in row_numbers.tolist()],
+      'unit': pa.FixedSizeBinaryArray.from_buffers(
+          pa.binary(dimension * 2), len(units), [None, pa.py_buffer(units)])})
+  ranges = cluster % run_plan.ranges
+  bounds = np.searchsorted(ranges, np.arange(run_plan.ranges + 1))
+  groups = {}
+  path = storage.join(directory, f'spill-{uuid.uuid4().hex}.parquet')
+  with storage.create(path) as f, pq.ParquetWriter(
+      f, table.schema, compression='none', use_dictionary=['uri'],
+      write_statistics=False) as writer:
+    for number in range(run_plan.ranges):
+      if bounds[number + 1] > bounds[number]:
+        groups[str(number)] = len(groups)
+        writer.write_table(table.slice(bounds[number], bounds[number + 1] - bounds[number]),
+                           row_group_size=1 << 30)
+    writer.add_key_value_metadata({'ranges': json.dumps(groups)})
+  yield path
 
 
 def _spill_range(path: str, number: int) -> Optional[pa.Table]:
@@ -257,44 +247,40 @@ def _spill_range(path: str, number: int) -> Optional[pa.Table]:
     return parquet.read_row_group(groups[str(number)])
 
 
-class ScoreRange(beam.DoFn):
+def score_range(number: int, spills: Sequence[str], threshold: float
+                ) -> Iterator[Tuple[str, str]]:
   """A range number -> candidate (uri, uri) pairs in its clusters (FLOAT16_MARGIN below the
   threshold, from the float16 spill)."""
-
-  def __init__(self, threshold: float):
-    self._threshold = threshold
-
-  def process(self, number: int, spills: Sequence[str]) -> Iterator[Tuple[str, str]]:
-    tables = [t for t in (_spill_range(p, number) for p in spills) if t is not None]
-    if not tables:
-      return
-    table = pa.concat_tables(tables)
-    cluster = table.column('cluster').to_numpy()
-    home = table.column('home').to_numpy(zero_copy_only=False)
-    uris = table.column('uri').to_pylist()
-    unit = table.column('unit').combine_chunks()
-    units = np.frombuffer(unit.buffers()[1], np.float16, offset=unit.offset * unit.type.byte_width,
-                          count=len(unit) * unit.type.byte_width // 2).reshape(len(unit), -1)
-    del table, tables
-    order = np.argsort(cluster, kind='stable')
-    starts = np.flatnonzero(np.r_[True, np.diff(cluster[order]) != 0])
-    pairs = 0
-    for begin, end in zip(starts, np.r_[starts[1:], len(order)]):
-      members = order[begin:end]
-      homes = members[home[members]]
-      if len(members) < 2 or not len(homes):
-        continue
-      home_ids = [uris[i] for i in homes]
-      at_home = frozenset(home_ids)
-      scores = units[members].astype(np.float32) @ units[homes].astype(np.float32).T
-      rows, columns = np.nonzero(scores >= self._threshold - FLOAT16_MARGIN)
-      for row, column in zip(rows.tolist(), columns.tolist()):
-        visitor, resident = uris[members[row]], home_ids[column]
-        # A pair of two homes is found twice: keep one; a visitor meets each home once here.
-        if visitor != resident and (visitor not in at_home or visitor < resident):
-          pairs += 1
-          yield visitor, resident
-    beam.metrics.Metrics.counter('duplicates', 'pairs').inc(pairs)
+  tables = [t for t in (_spill_range(p, number) for p in spills) if t is not None]
+  if not tables:
+    return
+  table = pa.concat_tables(tables)
+  cluster = table.column('cluster').to_numpy()
+  home = table.column('home').to_numpy(zero_copy_only=False)
+  uris = table.column('uri').to_pylist()
+  unit = table.column('unit').combine_chunks()
+  units = np.frombuffer(unit.buffers()[1], np.float16, offset=unit.offset * unit.type.byte_width,
+                        count=len(unit) * unit.type.byte_width // 2).reshape(len(unit), -1)
+  del table, tables
+  order = np.argsort(cluster, kind='stable')
+  starts = np.flatnonzero(np.r_[True, np.diff(cluster[order]) != 0])
+  pairs = 0
+  for begin, end in zip(starts, np.r_[starts[1:], len(order)]):
+    members = order[begin:end]
+    homes = members[home[members]]
+    if len(members) < 2 or not len(homes):
+      continue
+    home_ids = [uris[i] for i in homes]
+    at_home = frozenset(home_ids)
+    scores = units[members].astype(np.float32) @ units[homes].astype(np.float32).T
+    rows, columns = np.nonzero(scores >= threshold - FLOAT16_MARGIN)
+    for row, column in zip(rows.tolist(), columns.tolist()):
+      visitor, resident = uris[members[row]], home_ids[column]
+      # A pair of two homes is found twice: keep one; a visitor meets each home once here.
+      if visitor != resident and (visitor not in at_home or visitor < resident):
+        pairs += 1
+        yield visitor, resident
+  _count('pairs', pairs)
 
 
 def _byte_copy_pairs(keyed: Tuple[str, Iterable[str]]) -> Iterator[Tuple[str, str]]:
@@ -330,46 +316,46 @@ def _groups_json(keyed, threshold: float) -> Iterator[str]:
     yield json.dumps({'kind': group.kind, 'members': [m._asdict() for m in group.members]})
 
 
-class ClusterDuplicates(beam.PTransform):
-  """PBegin -> groups (duplicates.Group) as JSON lines. Reads the shards three times (sample,
-  spill, members), so that no stage holds more than a shard or a range of clusters."""
+def _uris_by_run(run: str, parts: Iterable[List[str]]) -> Tuple[str, set]:
+  return run, set().union(*map(set, parts))
 
-  def __init__(self, refs: Sequence[ShardRef], run_plan: Plan, spill_directory: str):
-    super().__init__()
-    self._refs = list(refs)
-    self._plan = run_plan
-    self._spill_directory = spill_directory
 
-  def expand(self, root):
-    run_plan = self._plan
-    refs = root | 'Shards' >> beam.Create(self._refs)
-    newer = {}
-    if any(r.newer_runs for r in self._refs):
-      newer = beam.pvalue.AsDict(
-          refs | 'UrisOfShards' >> beam.Map(_uris_of_run)
-          | 'ByRun' >> beam.GroupByKey()
-          | 'AsSets' >> beam.MapTuple(lambda run, parts: (run, set().union(*map(set, parts)))))
-    rows = refs | 'Read' >> beam.Map(read_rows, newer)
-    centroids = rows | 'Centroids' >> TrainCentroids(run_plan)
-    spills = refs | 'Spill' >> beam.ParDo(Spill(run_plan, self._spill_directory),
-                                          centroids=beam.pvalue.AsSingleton(centroids),
-                                          newer=newer)
-    near = (root
-            | 'Ranges' >> beam.Create(list(range(run_plan.ranges)))
-            | 'Score' >> beam.ParDo(ScoreRange(run_plan.threshold),
-                                    spills=beam.pvalue.AsList(spills)))
-    same_bytes = (rows
-                  | 'Digests' >> beam.FlatMap(
-                      lambda s: [(d, u) for d, u in zip(s.sha256, s.uris) if d])
-                  | 'ByDigest' >> beam.GroupByKey()
-                  | 'BytePairs' >> beam.FlatMap(_byte_copy_pairs))
-    membership = ((near, same_bytes) | 'Pairs' >> beam.Flatten()
-                  | 'AllPairs' >> beam.combiners.ToList()
-                  | 'Components' >> beam.Map(_membership))
-    return (refs
-            | 'Members' >> beam.FlatMap(_members, beam.pvalue.AsSingleton(membership), newer)
-            | 'ByComponent' >> beam.GroupByKey()
-            | 'Groups' >> beam.FlatMap(_groups_json, run_plan.threshold))
+def _digests(rows: ShardRows) -> List[Tuple[str, str]]:
+  return [(digest, uri) for digest, uri in zip(rows.sha256, rows.uris) if digest]
+
+
+def build(root, refs: Sequence[ShardRef], run_plan: Plan, spill_directory: str):
+  """The pipeline on `root` (a Pipeline) -> the groups (duplicates.Group) as JSON lines. Reads
+  the shards three times (sample, spill, members), so that no stage holds more than a shard or
+  a range of clusters. Beam is imported here only: the package imports without it."""
+  import apache_beam as beam
+  from apache_beam.pvalue import AsDict, AsList, AsSingleton
+  shards = root | 'Shards' >> beam.Create(list(refs))
+  newer = {}
+  if any(r.newer_runs for r in refs):
+    newer = AsDict(shards | 'UrisOfShards' >> beam.Map(_uris_of_run)
+                   | 'ByRun' >> beam.GroupByKey() | 'AsSets' >> beam.MapTuple(_uris_by_run))
+  rows = shards | 'Read' >> beam.Map(read_rows, newer)
+  centroids = (rows
+               | 'Sample' >> beam.Map(_sample, run_plan)
+               | 'AllSamples' >> beam.combiners.ToList()
+               | 'KMeans' >> beam.Map(_kmeans, run_plan))
+  spills = shards | 'Spill' >> beam.FlatMap(spill, AsSingleton(centroids), newer, run_plan,
+                                            spill_directory)
+  near = (root
+          | 'Ranges' >> beam.Create(list(range(run_plan.ranges)))
+          | 'Score' >> beam.FlatMap(score_range, AsList(spills), run_plan.threshold))
+  same_bytes = (rows
+                | 'Digests' >> beam.FlatMap(_digests)
+                | 'ByDigest' >> beam.GroupByKey()
+                | 'BytePairs' >> beam.FlatMap(_byte_copy_pairs))
+  membership = ((near, same_bytes) | 'Pairs' >> beam.Flatten()
+                | 'AllPairs' >> beam.combiners.ToList()
+                | 'Components' >> beam.Map(_membership))
+  return (shards
+          | 'Members' >> beam.FlatMap(_members, AsSingleton(membership), newer)
+          | 'ByComponent' >> beam.GroupByKey()
+          | 'Groups' >> beam.FlatMap(_groups_json, run_plan.threshold))
 
 
 def shard_refs(runs: Sequence[Run]) -> List[ShardRef]:
@@ -383,8 +369,9 @@ class WorkDirectoryError(ValueError):
 
 
 def check_options(beam_flags: Sequence[str]) -> None:
+  from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                    StandardOptions)
   options = PipelineOptions(list(beam_flags))
-  from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
   runner = options.view_as(StandardOptions).runner or 'DirectRunner'
   if runner not in ('DirectRunner', 'direct') and not options.view_as(
       GoogleCloudOptions).temp_location:
@@ -392,7 +379,7 @@ def check_options(beam_flags: Sequence[str]) -> None:
                              f'the workers write and read the spill files there')
 
 
-def _work_directory(options: PipelineOptions) -> Tuple[str, bool]:
+def _work_directory(options) -> Tuple[str, bool]:
   """(where the spill files go, whether it is a local folder this made)."""
   from apache_beam.options.pipeline_options import GoogleCloudOptions
   temp_location = options.view_as(GoogleCloudOptions).temp_location
@@ -414,7 +401,8 @@ def _remove(directory: str, local: bool) -> None:
 
 
 def _counter(result, name: str) -> int:
-  found = result.metrics().query(beam.metrics.MetricsFilter().with_name(name))['counters']
+  from apache_beam.metrics import MetricsFilter
+  found = result.metrics().query(MetricsFilter().with_name(name))['counters']
   return int(sum(c.committed or c.attempted or 0 for c in found))
 
 
@@ -423,14 +411,15 @@ def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str]
                 ) -> Tuple[List[duplicates.Group], Stats]:
   """Groups of two or more, largest first, as duplicates.find_groups gives, by clustering."""
   refs = shard_refs(runs)
-  rows = sum(r.summary.get('embedded') or 0 for r in runs)
+  rows = sum(r.summary.embedded for r in runs)
   run_plan = plan(max(rows, 1), runs[0].embedding_size or 1, threshold, seed, max_visits)
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
   options = PipelineOptions(list(beam_flags))
   directory, local = _work_directory(options)
   try:
     pipeline = beam.Pipeline(options=options)
-    _ = (pipeline
-         | 'Duplicates' >> ClusterDuplicates(refs, run_plan, directory)
+    _ = (build(pipeline, refs, run_plan, directory)
          | 'WriteGroups' >> beam.io.WriteToText(storage.join(directory, 'groups'),
                                                 file_name_suffix='.jsonl'))
     result = pipeline.run()

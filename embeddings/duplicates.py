@@ -296,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
       _LOG.warning('no measured threshold for %s: using %.3f, measured for untrained weights; '
                    'measure yours with python -m benchmarks.near_duplicates and pass --threshold',
                    model, threshold)
-  rows = sum(r.summary.get('embedded') or 0 for r in runs)  # at most: runs may share URIs
+  rows = sum(r.summary.embedded for r in runs)  # at most: runs may share URIs
   method = choose_method(args.method, rows, runs[0].embedding_size or 0, args.memory_budget)
   if method == 'clusters':
     from embeddings import cluster_dedup  # Beam and FAISS: only when clustering
