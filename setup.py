@@ -11,7 +11,10 @@ REQUIRED = [
     'tfx-bsl==1.21.0',
     'pillow==12.3.0',
     'google-cloud-storage==3.17.1',
-    'faiss-cpu==1.15.1',  # the neighbour index (embeddings.index), built on the workers too
+    'faiss-cpu==1.15.1',  # the neighbour index (embeddings.index) and k-means for duplicates
+    # Noto Sans for contact sheet labels (Latin, Greek, Cyrillic, Vietnamese, Devanagari).
+    'fontpkg==0.2.2',
+    'fontpkg-noto-sans==2.15',
     # tensorflow_hub 0.16 imports pkg_resources, which setuptools 81 removed.
     'setuptools==80.9.0',
 ]

@@ -1,12 +1,19 @@
 """Exact duplicates (same SHA-256) and near duplicates (cosine >= a threshold) in runs.
 
     python -m embeddings.duplicates --runs RUN_DIR_OR_GLOB... --csv dups.csv \
-        [--threshold T] [--sheet dups.png] [--model MODEL_ID]
+        [--threshold T] [--sheet dups.png] [--model MODEL_ID] \
+        [--method auto|all_pairs|clusters] [--memory_budget 4GB] [Beam options]
 
 Images joined by same bytes or by a cosine at or above the threshold form a group (transitively).
 Each group keeps its largest image (most pixels, then most bytes); the CSV lists every member with
-its cosine to the kept one. The vectors are held in memory (images x dimension x 4 bytes) and all
-pairs are compared exactly, block by block.
+its cosine to the kept one, and as `exact` the members whose bytes another member has.
+
+Two methods. `all_pairs` holds the vectors in memory (images x dimension x 8 bytes: the vectors
+and their unit copy) and compares every pair exactly, block by block. `clusters`
+(embeddings/cluster_dedup.py) is a Beam pipeline for collections beyond that: k-means on a
+sample, exact pairs inside clusters, each vector also visiting the clusters a near pair of it can
+fall in. `auto` takes all_pairs when its memory fits --memory_budget, counted from the runs'
+summaries before reading: up to 111,857 4320-d images for the default 4GB.
 
 Default thresholds were measured with `python -m benchmarks.near_duplicates` on the sample photos
 and their resized and re-encoded copies, per built-in untrained network: copies scored at least
@@ -15,11 +22,14 @@ and their resized and re-encoded copies, per built-in untrained network: copies 
 weights above all) measure with that command and pass --threshold.
 """
 
+import argparse
 import csv
 import logging
+import os
 import re
 import sys
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from collections import Counter
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,21 +45,36 @@ FALLBACK_THRESHOLD = MEASURED_THRESHOLDS['builtin:pnasnet_large']
 BLOCK_SCORES = 1 << 25  # similarity entries computed at once (128 MiB of float32)
 SHEET_GROUPS = 8
 SHEET_MEMBERS = 6
-CSV_COLUMNS = ['group', 'kind', 'role', 'uri', 'cosine_to_kept', 'same_bytes_as_kept', 'sha256',
-               'width', 'height', 'size_bytes']
+CSV_COLUMNS = ['group', 'kind', 'role', 'uri', 'cosine_to_kept', 'same_bytes_as_kept',
+               'same_bytes_as', 'sha256', 'width', 'height', 'size_bytes']
 _UNTRAINED = re.compile(r'^(builtin:[A-Za-z0-9_]+)@untrained-seed\d+$')
 _LOG = logging.getLogger(__name__)
 
 
 class Member(NamedTuple):
-  index: int  # row in the collection
+  uri: str
   cosine: float  # to the group's kept image
-  same_bytes: bool  # as the kept image
+  kind: str  # 'exact': another member has the same bytes; 'near' otherwise
+  same_bytes_as: str  # the first member (kept first) with the same bytes, or ''
+  sha256: Optional[str]
+  width: Optional[int]
+  height: Optional[int]
+  size_bytes: Optional[int]
 
 
 class Group(NamedTuple):
-  kind: str  # 'exact': all members have the same bytes; 'near' otherwise
+  kind: str  # 'exact': all members have the same bytes; 'near': none do; 'mixed'
   members: List[Member]  # the kept image first
+
+
+class Candidate(NamedTuple):
+  """What a group is made from: a member's row and unit vector."""
+  uri: str
+  unit: np.ndarray  # the vector scaled to length 1
+  sha256: Optional[str]
+  width: Optional[int]
+  height: Optional[int]
+  size_bytes: Optional[int]
 
 
 def default_threshold(model: str) -> Tuple[float, bool]:
@@ -58,6 +83,14 @@ def default_threshold(model: str) -> Tuple[float, bool]:
   if untrained and untrained[1] in MEASURED_THRESHOLDS:
     return MEASURED_THRESHOLDS[untrained[1]], True
   return FALLBACK_THRESHOLD, False
+
+
+def check_threshold(threshold: float) -> Optional[str]:
+  """Why a threshold cannot be a cosine separating duplicates, or None."""
+  if not 0 < threshold <= 1:
+    return (f'--threshold {threshold:g}: a cosine above 0 and at most 1 (the default is '
+            f'measured per built-in network; 1 means the same vector)')
+  return None
 
 
 def similar_pairs(units: np.ndarray, threshold: float) -> Iterator[Tuple[int, int]]:
@@ -71,7 +104,8 @@ def similar_pairs(units: np.ndarray, threshold: float) -> Iterator[Tuple[int, in
     yield from zip((rows[later] + start).tolist(), (columns[later] + start).tolist())
 
 
-def _components(count: int, pairs) -> List[List[int]]:
+def components(count: int, pairs: Iterable[Tuple[int, int]]) -> List[List[int]]:
+  """The connected components of two or more of the graph on 0..count-1 with these edges."""
   parent = list(range(count))
 
   def root(i):
@@ -88,92 +122,206 @@ def _components(count: int, pairs) -> List[List[int]]:
   return [m for m in members.values() if len(m) > 1]
 
 
-def find_groups(collection: Embeddings, threshold: float) -> List[Group]:
-  """Groups of two or more, largest first."""
-  units = unit_rows(collection.vectors)
-  sha256 = collection.metadata.column('sha256').to_pylist()
-  pixels = [(h or 0) * (w or 0) for h, w in zip(collection.metadata.column('height').to_pylist(),
-                                                collection.metadata.column('width').to_pylist())]
-  sizes = [s or 0 for s in collection.metadata.column('size_bytes').to_pylist()]
+def byte_copy_pairs(sha256: Sequence[Optional[str]]) -> Iterator[Tuple[int, int]]:
+  """(first index with these bytes, a later one) for every repeated SHA-256."""
   first_with_bytes: Dict[str, int] = {}
-  same_bytes = []
   for i, digest in enumerate(sha256):
-    if digest:
-      same_bytes.append((first_with_bytes.setdefault(digest, i), i))
-  pairs = [p for p in same_bytes if p[0] != p[1]] + list(similar_pairs(units, threshold))
-  groups = []
-  for component in _components(len(units), pairs):
-    kept = min(component, key=lambda i: (-pixels[i], -sizes[i], collection.uris[i]))
-    cosines = units[component] @ units[kept]
-    members = sorted((Member(i, float(c), bool(sha256[i]) and sha256[i] == sha256[kept])
-                      for i, c in zip(component, cosines)),
-                     key=lambda m: (m.index != kept, -m.cosine, collection.uris[m.index]))
-    kind = 'exact' if all(m.same_bytes for m in members) else 'near'
-    groups.append(Group(kind, members))
-  groups.sort(key=lambda g: (-len(g.members), -min(m.cosine for m in g.members),
-                             collection.uris[g.members[0].index]))
-  return groups
+    if digest and first_with_bytes.setdefault(digest, i) != i:
+      yield first_with_bytes[digest], i
 
 
-def write_csv(groups: Sequence[Group], collection: Embeddings, path: str) -> None:
-  metadata = collection.metadata
+def make_group(candidates: Sequence[Candidate]) -> Group:
+  """Keeps the largest image (most pixels, then most bytes, then the first URI); the others
+  follow by cosine to it. Byte-identical members are `exact` whichever member they copy."""
+  kept = min(candidates, key=lambda c: (-(c.width or 0) * (c.height or 0), -(c.size_bytes or 0),
+                                        c.uri))
+  cosines = np.stack([c.unit for c in candidates]) @ kept.unit
+  ordered = sorted(zip(candidates, cosines.tolist()),
+                   key=lambda pair: (pair[0] is not kept, -pair[1], pair[0].uri))
+  first_with_bytes: Dict[str, str] = {}
+  for candidate, _ in ordered:
+    if candidate.sha256:
+      first_with_bytes.setdefault(candidate.sha256, candidate.uri)
+  copies = Counter(c.sha256 for c in candidates if c.sha256)
+  members = []
+  for candidate, cosine in ordered:
+    twin = first_with_bytes.get(candidate.sha256, '') if candidate.sha256 else ''
+    members.append(Member(candidate.uri, cosine,
+                          'exact' if copies[candidate.sha256] > 1 else 'near',
+                          twin if twin != candidate.uri else '', candidate.sha256,
+                          candidate.width, candidate.height, candidate.size_bytes))
+  if len(copies) == 1 and all(m.kind == 'exact' for m in members):
+    kind = 'exact'
+  else:
+    kind = 'mixed' if copies and max(copies.values()) > 1 else 'near'
+  return Group(kind, members)
+
+
+def sort_groups(groups: Iterable[Group]) -> List[Group]:
+  """Largest first, then the tightest, then by the kept URI."""
+  return sorted(groups, key=lambda g: (-len(g.members), -min(m.cosine for m in g.members),
+                                       g.members[0].uri))
+
+
+def grouped(units: np.ndarray, sha256: Sequence[Optional[str]], threshold: float,
+            candidate: Callable[[int], Candidate]) -> List[Group]:
+  """The groups among these rows: joined by the same bytes or a cosine >= threshold."""
+  pairs = list(byte_copy_pairs(sha256)) + list(similar_pairs(units, threshold))
+  return [make_group([candidate(i) for i in component])
+          for component in components(len(units), pairs)]
+
+
+def find_groups(collection: Embeddings, threshold: float) -> List[Group]:
+  """Groups of two or more, largest first, comparing all pairs in memory."""
+  units = unit_rows(collection.vectors)
+  columns = {name: collection.metadata.column(name).to_pylist()
+             for name in ('sha256', 'width', 'height', 'size_bytes')}
+  return sort_groups(grouped(units, columns['sha256'], threshold, lambda i: Candidate(
+      collection.uris[i], units[i], columns['sha256'][i], columns['width'][i],
+      columns['height'][i], columns['size_bytes'][i])))
+
+
+def write_csv(groups: Sequence[Group], path: str) -> None:
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(CSV_COLUMNS)
     for number, group in enumerate(groups, 1):
+      kept = group.members[0]
       for position, member in enumerate(group.members):
-        row = metadata.slice(member.index, 1).to_pylist()[0]
-        writer.writerow([number, group.kind, 'keep' if position == 0 else 'duplicate',
-                         collection.uris[member.index], f'{member.cosine:.6f}',
-                         int(member.same_bytes), row['sha256'], row['width'], row['height'],
-                         row['size_bytes']])
+        writer.writerow([number, member.kind, 'keep' if position == 0 else 'duplicate',
+                         member.uri, f'{min(member.cosine, 1.0):.6f}',
+                         int(bool(member.sha256) and member.sha256 == kept.sha256),
+                         member.same_bytes_as, member.sha256, member.width, member.height,
+                         member.size_bytes])
 
 
-def draw(groups: Sequence[Group], collection: Embeddings):
-  """One row per group (the first SHEET_GROUPS), the kept image framed."""
+def _role(position: int, member: Member) -> str:
+  if position == 0:
+    return 'keep'
+  if member.same_bytes_as:
+    return 'same bytes as ' + storage.basename(member.same_bytes_as)
+  return f'cosine {min(member.cosine, 1.0):.4f}'
+
+
+def sheet_tiles(groups: Sequence[Group]) -> List[List[sheet.Tile]]:
+  """One row per group (the first SHEET_GROUPS), the kept image framed; a group with more
+  members than a row says how many more."""
   rows = []
   for number, group in enumerate(groups[:SHEET_GROUPS], 1):
+    shown = group.members[:SHEET_MEMBERS]
+    hidden = len(group.members) - len(shown)
     tiles = []
-    for position, member in enumerate(group.members[:SHEET_MEMBERS]):
-      uri = collection.uris[member.index]
-      role = 'keep' if position == 0 else ('same bytes' if member.same_bytes
-                                           else f'cosine {member.cosine:.4f}')
-      tiles.append(sheet.Tile(sheet.thumbnail_of(uri),
-                              [f'group {number} ({group.kind}): {role}', storage.basename(uri)],
-                              highlight=position == 0))
+    for position, member in enumerate(shown):
+      lines = [f'group {number} ({member.kind}): {_role(position, member)}',
+               sheet.short_name(member.uri)]
+      if hidden and position == len(shown) - 1:
+        lines.append(f'+{hidden} more in the CSV')
+      tiles.append(sheet.Tile(sheet.thumbnail_of(member.uri), lines, highlight=position == 0))
     rows.append(tiles)
+  return rows
+
+
+def draw(groups: Sequence[Group]):
+  rows = sheet_tiles(groups)
   return sheet.draw_sheet(rows, max([len(r) for r in rows] + [1]))
+
+
+def parse_bytes(text: str) -> int:
+  """'4GB', '512MB', '1.5GiB' or a plain count of bytes."""
+  match = re.fullmatch(r'\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*', text, re.IGNORECASE)
+  if not match:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a size such as 4GB or 512MB')
+  power = ' KMGT'.index(match[2].upper() or ' ')
+  return int(float(match[1]) * (1024 if match[3] and match[3].lower() == 'ib' else 1000) ** power)
+
+
+def all_pairs_bytes(rows: int, dimension: int) -> int:
+  """Memory all pairs needs: the vectors and their unit copy (float32), one block of scores."""
+  return 2 * rows * dimension * 4 + BLOCK_SCORES * 4
+
+
+def choose_method(method: str, rows: int, dimension: int, memory_budget: int) -> str:
+  if method != 'auto':
+    return method
+  return 'all_pairs' if all_pairs_bytes(rows, dimension) <= memory_budget else 'clusters'
+
+
+def _output_problem(option: str, path: Optional[str]) -> Optional[str]:
+  """Why a local output file cannot be written, checked before any work."""
+  if path is None or storage.is_remote(path):
+    return None
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    return f'{option} {path} is a folder: give a file name'
+  if not os.path.isdir(folder):
+    return f'{option} {path}: the folder {folder} does not exist; create it first'
+  if not os.access(folder, os.W_OK):
+    return f'{option} {path}: the folder {folder} is not writable'
+  return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
   parser = command_parser('python -m embeddings.duplicates', __doc__.split('\n\n')[0])
-  parser.add_argument('--csv', required=True, help='write the groups here')
+  parser.add_argument('--csv', required=True, help='write the groups here (a local file)')
   parser.add_argument('--threshold', type=float,
-                      help='cosine at or above which two images are near duplicates (default: '
-                      'measured per built-in network, see the module docstring)')
+                      help='cosine at or above which two images are near duplicates, above 0 and '
+                      'at most 1 (default: measured per built-in network, see the module '
+                      'docstring)')
   parser.add_argument('--sheet', help='write a contact sheet PNG of the largest groups here')
+  parser.add_argument('--method', choices=['auto', 'all_pairs', 'clusters'], default='auto',
+                      help='all_pairs: every vector in memory, every pair compared; clusters: '
+                      'a Beam pipeline, k-means then exact pairs inside clusters (Beam options '
+                      'such as --runner go with the other flags); auto (default): all_pairs when '
+                      'it fits in --memory_budget')
+  parser.add_argument('--memory_budget', type=parse_bytes, default='4GB',
+                      help='memory all pairs may use (vectors and their unit copy, 8 bytes per '
+                      'dimension per image), for --method auto (default 4GB)')
   args = parse_command(parser, argv)
+  _, beam_flags = parser.parse_known_args(argv)
+  problems = [p for p in (_output_problem('--csv', args.csv), _output_problem('--sheet', args.sheet),
+                          check_threshold(args.threshold) if args.threshold is not None else None)
+              if p]
+  if problems:
+    parser.error('; '.join(problems))
   try:
     runs = select_model(find_runs(args.runs), args.model)
   except RUN_ERRORS as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
-  collection = concatenate(iter_run_shards(runs), runs[0].model)
+  model = runs[0].model
   threshold = args.threshold
   if threshold is None:
-    threshold, measured = default_threshold(collection.model)
+    threshold, measured = default_threshold(model)
     if not measured:
       _LOG.warning('no measured threshold for %s: using %.3f, measured for untrained weights; '
                    'measure yours with python -m benchmarks.near_duplicates and pass --threshold',
-                   collection.model, threshold)
-  groups = find_groups(collection, threshold)
-  write_csv(groups, collection, args.csv)
-  exact = sum(g.kind == 'exact' for g in groups)
-  print(f'{len(collection.uris)} images, {collection.model}, threshold {threshold}: '
-        f'{exact} groups of exact duplicates, {len(groups) - exact} groups with near duplicates, '
-        f'{sum(len(g.members) - 1 for g in groups)} images to drop; CSV: {args.csv}')
+                   model, threshold)
+  rows = sum(r.summary.embedded for r in runs)  # at most: runs may share URIs
+  method = choose_method(args.method, rows, runs[0].embedding_size or 0, args.memory_budget)
+  if method == 'clusters':
+    from embeddings import cluster_dedup  # Beam and FAISS: only when clustering
+    try:
+      cluster_dedup.check_options(beam_flags)
+    except cluster_dedup.WorkDirectoryError as exc:
+      print(f'error: {exc}', file=sys.stderr)
+      sys.exit(2)
+  if method == 'all_pairs':
+    collection = concatenate(iter_run_shards(runs), model)
+    rows = len(collection.uris)
+    groups = find_groups(collection, threshold)
+  else:
+    groups, stats = cluster_dedup.find_groups(runs, threshold, beam_flags)
+    rows = stats.rows
+    print(f'clustering: {stats}')
+  write_csv(groups, args.csv)
+  members = [m for g in groups for m in g.members[1:]]
+  copies = sum(bool(m.same_bytes_as) for m in members)
+  print(f'{rows} images, {model}, threshold {threshold}, {method.replace("_", " ")}: groups: '
+        f'{len(groups)} (exact copies only: {sum(g.kind == "exact" for g in groups)}); images '
+        f'to drop: {len(members)} (byte-identical copies: {copies}, near duplicates: '
+        f'{len(members) - copies}); CSV: {args.csv}')
   if args.sheet:
-    sheet.save_png(draw(groups, collection), args.sheet)
+    sheet.save_png(draw(groups), args.sheet)
     print(f'contact sheet: {args.sheet}')
   return groups
 

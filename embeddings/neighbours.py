@@ -128,10 +128,10 @@ def draw(query: Query, neighbours: Sequence[Neighbour]):
     origin = f'same bytes as {storage.basename(query.embedded_uri)}'
   query_tile = sheet.Tile(sheet.thumbnail(query.data) if query.data is not None
                           else sheet.thumbnail_of(query.uri),
-                          ['query', storage.basename(query.uri), origin], highlight=True)
+                          ['query', sheet.short_name(query.uri), origin], highlight=True)
   tiles = [query_tile] + [
       sheet.Tile(sheet.thumbnail_of(n.uri),
-                 [f'#{n.rank}   cosine {n.score:.4f}', storage.basename(n.uri),
+                 [f'#{n.rank}   cosine {n.score:.4f}', sheet.short_name(n.uri),
                   f'{n.metadata["width"]}x{n.metadata["height"]}'])
       for n in neighbours]
   return sheet.draw_sheet([tiles], sheet.balanced_columns(len(tiles), SHEET_COLUMNS))

@@ -35,6 +35,8 @@ def thumbnail(data: Optional[bytes]) -> Optional[Image.Image]:
     with Image.open(io.BytesIO(data)) as image:
       image.draft('RGB', (THUMBNAIL, THUMBNAIL))  # JPEGs decode at reduced size: fast
       image = ImageOps.exif_transpose(image)
+      if image.mode.startswith('I'):  # 16-bit grey (or 32-bit, taken as 16) to 8 bits
+        image = image.convert('I').point(lambda value: value / 257).convert('L')
       if image.mode in ('RGBA', 'LA', 'PA', 'P'):
         image = Image.alpha_composite(Image.new('RGBA', image.size, BACKGROUND + (255,)),
                                       image.convert('RGBA'))
@@ -52,8 +54,17 @@ def thumbnail_of(uri: str) -> Optional[Image.Image]:
     return None
 
 
-def _font() -> ImageFont.ImageFont:
-  return ImageFont.load_default(size=FONT_SIZE)
+def _font() -> ImageFont.FreeTypeFont:
+  """Noto Sans (Latin, Greek, Cyrillic, Vietnamese, Devanagari), shipped by fontpkg-noto-sans:
+  file names in those scripts are drawn as they are, not as boxes."""
+  import fontpkg
+  return ImageFont.truetype(str(fontpkg.path('Noto Sans')), FONT_SIZE)
+
+
+def short_name(uri: str) -> str:
+  """The file name and its folder: what tells two `inside.png` apart on a sheet."""
+  folder = storage.basename(storage.dirname(uri)) if '/' in uri.rstrip('/') else ''
+  return f'{folder}/{storage.basename(uri)}' if folder else storage.basename(uri)
 
 
 def _fit(text: str, font, width: int) -> str:
@@ -110,11 +121,4 @@ def draw_sheet(groups: Sequence[Sequence[Tile]], columns: int) -> Image.Image:
 def save_png(sheet: Image.Image, path: str) -> None:
   buffer = io.BytesIO()
   sheet.save(buffer, format='PNG', optimize=True)
-  if storage.is_remote(path):
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-      f.write(buffer.getvalue())
-  else:
-    with open(path, 'wb') as f:
-      f.write(buffer.getvalue())
+  storage.write_bytes(path, buffer.getvalue())

@@ -67,6 +67,20 @@ def open_file(path: str) -> BinaryIO:
   return open(_local(path), 'rb')
 
 
+def create(path: str) -> BinaryIO:
+  """A binary writer that creates or replaces the file."""
+  if is_remote(path):
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+    return FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
+  return open(_local(path), 'wb')
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  with create(path) as f:
+    f.write(data)
+
+
 def read_bytes(path: str) -> bytes:
   with open_file(path) as f:
     return f.read()

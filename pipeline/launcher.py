@@ -145,7 +145,8 @@ def _check_something_embedded(summary: RunSummary) -> None:
   if attempted > 0 and summary.embedded == 0:
     examples = '; '.join(f'{f["uri"]}: {f["stage"]} {f["error"]}: {f["message"][:200]}'
                          for f in summary.example_failures[:3])
-    raise NothingEmbeddedError(f'{attempted} files were tried and none was embedded (failed by '
+    tried = '1 file was' if attempted == 1 else f'{attempted} files were'
+    raise NothingEmbeddedError(f'{tried} tried and none was embedded (failed by '
                                f'stage: {summary.failed_by_stage}). For example: {examples}. '
                                f'All reasons are in {summary.output}/'
                                f'{shard_glob(FAILURES_PREFIX, FAILURES_SUFFIX)}')

@@ -309,7 +309,9 @@ def test_duplicates_command_groups_copies_and_identical_bytes(photo_run, tmp_pat
   assert copy['sha256'] == camera['sha256'] == hashlib.sha256(
       (folder / 'camera.png').read_bytes()).hexdigest()
   assert float(copy['cosine_to_kept']) == pytest.approx(float(camera['cosine_to_kept']), abs=1e-6)
-  assert all(g.kind == 'near' for g in groups) and len(groups) == len(PHOTOS)
+  assert len(groups) == len(PHOTOS)
+  assert [g.kind for g in groups] == ['mixed'] + ['near'] * (len(PHOTOS) - 1)  # camera first
+  assert copy['kind'] == camera['kind'] == 'exact' and copy['same_bytes_as'] == camera['uri']
   # Groups, largest first, one row each: camera's four images, then three for each other photo.
   assert _tiles((tmp_path / 'dups.png').read_bytes(), columns=4, rows=6) == 4 + 3 * 5
 
@@ -320,7 +322,8 @@ def test_exact_duplicates_alone_form_an_exact_group(tmp_path):
   write_run(str(tmp_path / 'run'), same + rows(['c'], 8, seed=2))
   groups = duplicates.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.999)
   assert [(g.kind, len(g.members)) for g in groups] == [('exact', 2)]
-  assert all(m.same_bytes for m in groups[0].members)
+  assert [m.kind for m in groups[0].members] == ['exact', 'exact']
+  assert groups[0].members[1].same_bytes_as == groups[0].members[0].uri
 
 
 def test_the_package_imports_without_beam_or_tensorflow():
