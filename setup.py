@@ -10,6 +10,8 @@ REQUIRED = [
     'tensorflow-hub==0.16.1',
     'tfx-bsl==1.21.0',
     'pillow==12.3.0',
+    # libjpeg-turbo with tf.io.decode_jpeg's settings: decoding without TensorFlow (no GPU).
+    'simplejpeg==1.9.0',
     'google-cloud-storage==3.17.1',
     # tensorflow_hub 0.16 imports pkg_resources, which setuptools 81 removed.
     'setuptools==80.9.0',
