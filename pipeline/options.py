@@ -8,8 +8,10 @@ from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                  _BeamArgumentParser)
+                                                  WorkerOptions, _BeamArgumentParser)
 
+from pipeline.accelerator import EXAMPLE as ACCELERATOR_EXAMPLE
+from pipeline.accelerator import accelerator_problems
 from transforms.models import (COMPUTE_DTYPES, DEFAULT_MODEL, ModelLoadError,
                                check_model_options)
 from transforms.read import DEFAULT_MAX_FILE_BYTES
@@ -18,8 +20,6 @@ from transforms.write import COMPRESSIONS, OUTPUT_FORMATS
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
 MAX_SEED = 2**32 - 1
 OUTPUT_PLACEHOLDERS = {'date': '%Y-%m-%d', 'datetime': '%Y-%m-%dT%H%M%SZ'}
-ACCELERATOR = re.compile(r'^type:[a-z0-9-]+;count:[1-9][0-9]*(;install-nvidia-driver'
-                         r'(:[a-z0-9.-]+)?)?$')
 
 
 class OptionsError(ValueError):
@@ -108,8 +108,10 @@ class EmbeddingOptions(PipelineOptions):
                        'earlier run could not decode.')
     group.add_argument(
         '--inference_accelerator', default=None,
-        help='Beam accelerator resource hint for the decode+inference step only (Dataflow '
-        'right fitting), e.g. "type:nvidia-l4;count:1;install-nvidia-driver".')
+        help='Beam accelerator resource hint for the GPU step only (reading, decoding and '
+        'inference; Dataflow right fitting): type:GPU;count:N[;machine_type:TYPE]'
+        '[;install-nvidia-driver[:VERSION]][;use_nvidia_mps], e.g. '
+        f'"{ACCELERATOR_EXAMPLE}" (L4 needs a G2 machine type, T4 an N1).')
     group.add_argument('--inference_min_ram', default=None,
                        help='Beam min_ram resource hint for the decode+inference step, e.g. 16GB.')
     group.add_argument('--no_wait', action='store_true', default=False,
@@ -176,10 +178,8 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
     problems.append('--retry_failed goes with --incremental_from (it retries the failures of '
                     'earlier runs)')
   if options.inference_accelerator is not None:
-    if not ACCELERATOR.match(options.inference_accelerator):
-      problems.append(f'--inference_accelerator {options.inference_accelerator!r}: expected '
-                      '"type:GPU_TYPE;count:N[;install-nvidia-driver]", e.g. '
-                      '"type:nvidia-l4;count:1;install-nvidia-driver"')
+    problems.extend(accelerator_problems(
+        options.inference_accelerator, pipeline_options.view_as(WorkerOptions).machine_type))
     service_options = pipeline_options.view_as(GoogleCloudOptions).dataflow_service_options
     if any(o.startswith('worker_accelerator') for o in service_options or ()):
       problems.append('--inference_accelerator (GPU for the inference step only) and '
