@@ -72,3 +72,15 @@ def test_devices_initialised_tells_a_process_that_ran_an_op():
                  'import tensorflow as tf\nbefore = devices_initialised()\n'
                  'tf.constant(1.0) + 1\nprint(json.dumps([before, devices_initialised()]))'
                  ) == [False, True]
+
+
+def test_gpu_self_check_starts_the_vms_processes_and_reports_each():
+  """`python -m models.check_gpu`'s process check, on the CPU here: this process holds the
+  model, two fresh ones decode photos and embed them through shared memory."""
+  from models.check_gpu import check_processes  # pylint: disable=import-outside-toplevel
+  lines = check_processes(3, 'builtin:pnasnet_tiny', batch_size=3, device_type='CPU')
+  assert lines[0] == f'model process {os.getpid()}: the model runs on the CPU'
+  assert len(lines) == 3
+  for line in lines[1:]:
+    assert line.startswith('decoding process ') and '6 photos decoded and embedded' in line
+    assert 'features [3, 160]' in line and 'never initialised' in line
