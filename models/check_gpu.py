@@ -112,9 +112,10 @@ def gpu_memory_by_process() -> Optional[Dict[int, int]]:
 
 def _decoding_process(tag: str, height: int, width: int, batch_size: int, seed: int):
   """A fresh interpreter, as Dataflow starts an SDK process: it imports only what a decoding
-  process of the GPU step imports (models.check_gpu_caller)."""
+  process of the GPU step imports (pipeline/check_gpu_caller.py: it runs the decode stage, which the
+  model runtime may not import)."""
   return subprocess.Popen(
-      [sys.executable, '-m', 'models.check_gpu_caller', tag, str(height), str(width),
+      [sys.executable, '-m', 'pipeline.check_gpu_caller', tag, str(height), str(width),
        str(batch_size), str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -113,7 +113,7 @@ class EmbeddingOptions(PipelineOptions):
         '[;install-nvidia-driver[:VERSION]][;use_nvidia_mps], e.g. '
         f'"{ACCELERATOR_EXAMPLE}" (L4 needs a G2 machine type, T4 an N1).')
     group.add_argument('--inference_min_ram', default=None,
-                       help='Beam min_ram resource hint for the decode+inference step, e.g. 16GB.')
+                       help='Beam min_ram resource hint for the GPU step, e.g. 16GB.')
     group.add_argument('--no_wait', action='store_true', default=False,
                        help='Submit and return at once (Flex Templates, schedulers): the job '
                        'writes run_summary.json itself when it finishes.')
@@ -182,7 +182,7 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
         options.inference_accelerator, pipeline_options.view_as(WorkerOptions).machine_type))
     service_options = pipeline_options.view_as(GoogleCloudOptions).dataflow_service_options
     if any(o.startswith('worker_accelerator') for o in service_options or ()):
-      problems.append('--inference_accelerator (GPU for the inference step only) and '
+      problems.append('--inference_accelerator (GPU for the GPU step only) and '
                       '--dataflow_service_options worker_accelerator=... (GPU on every worker) '
                       'cannot be combined; keep one')
   if options.inference_min_ram is not None:

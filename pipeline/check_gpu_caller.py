@@ -4,7 +4,7 @@ It does what an SDK process of the GPU step does on a Dataflow VM while another 
 shared model: decode JPEGs, resize them, hand the batches over through shared memory; no
 TensorFlow op. It prints what it did, and whether TensorFlow initialised its devices here.
 
-    python -m models.check_gpu_caller TAG HEIGHT WIDTH BATCH_SIZE SEED
+    python -m pipeline.check_gpu_caller TAG HEIGHT WIDTH BATCH_SIZE SEED
 """
 
 import io
