@@ -11,9 +11,10 @@ libjpeg's accurate DCT, and the two differ by up to 14/255 on the sample photos 
 equals TF's 'INTEGER_ACCURATE' exactly), while simplejpeg's pixels equal TF's bit for bit
 (tests/test_decode.py compares them on every JPEG variant Pillow writes).
 
-This module never imports TensorFlow: on a GPU worker the SDK processes that only decode must not
-initialise the GPU (each one would hold a CUDA context and, without memory growth, map nearly all
-of the GPU's memory, leaving the model's process to run out).
+Decoding runs no TensorFlow op (TensorFlow is imported with the input contract, which initialises
+no device): on a GPU worker the SDK processes that only decode must not initialise the GPU (each
+would hold a CUDA context and, without memory growth, map nearly all of the GPU's memory, leaving
+the model's process to run out). tests/test_gpu_processes.py checks it in a fresh process.
 """
 
 import functools
