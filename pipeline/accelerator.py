@@ -4,8 +4,9 @@ Dataflow's grammar (its "right fitting" and "GPUs" pages) is
 `type:GPU_TYPE;count:N;machine_type:MACHINE_TYPE;CONFIGURATION_OPTIONS`, the machine type optional
 and the options among `install-nvidia-driver` (optionally `:VERSION`, e.g. `:latest`) and
 `use_nvidia_mps`. Without `machine_type` the GPU workers take the job's worker machine type, so a
-GPU that attaches only to one machine family (L4 to G2) fails there at start-up, hours into a
-queue; that is refused here instead.
+GPU that attaches only to one machine family (L4 to G2) fails there at start-up; a machine type
+known here that cannot hold the GPU is refused instead, and a hint that names none is warned
+about (a template's environment may set the job's machine type where the launcher cannot see it).
 """
 
 import re
@@ -59,13 +60,24 @@ def accelerator_problems(hint: str, job_machine_type: Optional[str]) -> List[str
   gpu = _field(hint, 'type')
   family = MACHINE_FAMILIES.get(gpu)
   machine_type = _field(hint, 'machine_type')
-  chosen = machine_type or job_machine_type or DATAFLOW_DEFAULT_MACHINE_TYPE
-  if family and chosen.split('-', 1)[0] != family:
-    where = ('its machine_type' if machine_type else
-             'the job\'s --worker_machine_type' if job_machine_type else
-             'Dataflow\'s default machine type')
+  chosen = machine_type or job_machine_type
+  if family and chosen and chosen.split('-', 1)[0] != family:
+    where = 'its machine_type' if machine_type else 'the job\'s --worker_machine_type'
     problems.append(
         f'{flag}: {gpu} attaches only to {family.upper()} machine types, and the GPU workers '
         f'would get {chosen} ({where}); put a {family.upper()} type in the hint, e.g. '
         f'machine_type:{EXAMPLE_MACHINES[family]}, so only the GPU step runs on it')
   return problems
+
+
+def machine_type_unknown(hint: str, job_machine_type: Optional[str]) -> Optional[str]:
+  """A warning when nothing here names the GPU workers' machine type: they get the job's (set
+  outside the launcher, e.g. a template's environment) or Dataflow's default,
+  n1-standard-1, which holds no GPU but an N1 one."""
+  gpu = _field(hint, 'type')
+  if _field(hint, 'machine_type') or job_machine_type or gpu not in MACHINE_FAMILIES:
+    return None
+  family = MACHINE_FAMILIES[gpu]
+  return (f'--inference_accelerator names no machine_type: the GPU workers get the job\'s '
+          f'machine type, or {DATAFLOW_DEFAULT_MACHINE_TYPE} if none is set; {gpu} needs '
+          f'{family.upper()} (e.g. machine_type:{EXAMPLE_MACHINES[family]})')

@@ -3,6 +3,7 @@
 import argparse
 import datetime
 import difflib
+import logging
 import re
 from typing import Sequence
 
@@ -13,7 +14,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
 from models.description import check_model_options
 from models.handles import COMPUTE_DTYPES, DEFAULT_MODEL_HANDLE, IMAGE_INPUT, ModelLoadError
 from pipeline.accelerator import EXAMPLE as ACCELERATOR_EXAMPLE
-from pipeline.accelerator import accelerator_problems
+from pipeline.accelerator import accelerator_problems, machine_type_unknown
 from transforms.decode import DEFAULT_MAX_IMAGE_PIXELS
 from transforms.read import DEFAULT_MAX_FILE_BYTES
 from transforms.write import COMPRESSIONS, OUTPUT_FORMATS
@@ -178,8 +179,11 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
     problems.append('--retry_failed goes with --incremental_from (it retries the failures of '
                     'earlier runs)')
   if options.inference_accelerator is not None:
-    problems.extend(accelerator_problems(
-        options.inference_accelerator, pipeline_options.view_as(WorkerOptions).machine_type))
+    job_machine_type = pipeline_options.view_as(WorkerOptions).machine_type
+    problems.extend(accelerator_problems(options.inference_accelerator, job_machine_type))
+    warning = machine_type_unknown(options.inference_accelerator, job_machine_type)
+    if warning:
+      logging.warning(warning)
     service_options = pipeline_options.view_as(GoogleCloudOptions).dataflow_service_options
     if any(o.startswith('worker_accelerator') for o in service_options or ()):
       problems.append('--inference_accelerator (GPU for the GPU step only) and '

@@ -32,6 +32,7 @@ def _validate(*args):
     'type:nvidia-tesla-t4;count:2;machine_type:n1-highmem-16;install-nvidia-driver:550.90.07',
     'type:nvidia-tesla-a100;count:1;machine_type:a2-highgpu-1g;install-nvidia-driver',
     'type:nvidia-some-future-gpu;count:1;install-nvidia-driver',  # no known family: not judged
+    'type:nvidia-l4;count:1;install-nvidia-driver',  # the job's machine type is not known here
 ])
 def test_documented_hints_are_accepted_by_the_launcher_and_the_template(hint):
   assert accelerator_problems(hint, job_machine_type=None) == []
@@ -45,7 +46,6 @@ def test_documented_hints_are_accepted_by_the_launcher_and_the_template(hint):
     ('type:nvidia-l4;machine_type:g2-standard-8;count:1;install-nvidia-driver', 'expected'),
     ('type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver;mps', 'expected'),
     ('type:nvidia-l4;count:1;machine_type:g2-standard-8', 'add install-nvidia-driver'),
-    ('type:nvidia-l4;count:1;install-nvidia-driver', "n1-standard-1 (Dataflow's default"),
     ('type:nvidia-l4;count:1;machine_type:n1-standard-8;install-nvidia-driver',
      'nvidia-l4 attaches only to G2 machine types'),
     ('type:nvidia-tesla-t4;count:1;machine_type:g2-standard-8;install-nvidia-driver',
@@ -65,6 +65,16 @@ def test_without_machine_type_the_jobs_worker_machine_type_is_judged():
   with pytest.raises(OptionsError, match=re.escape("n1-standard-8 (the job's --worker_machine")):
     _validate(f'--inference_accelerator={hint}', '--worker_machine_type=n1-standard-8')
   _validate(f'--inference_accelerator={hint}', '--worker_machine_type=g2-standard-8')
+
+
+def test_a_hint_without_any_machine_type_is_warned_about(caplog):
+  hint = 'type:nvidia-l4;count:1;install-nvidia-driver'
+  _validate(f'--inference_accelerator={hint}')  # the template's environment may set it
+  assert 'names no machine_type' in caplog.text and 'machine_type:g2-standard-8' in caplog.text
+  caplog.clear()
+  _validate('--inference_accelerator=type:nvidia-l4;count:1;machine_type:g2-standard-8;'
+            'install-nvidia-driver')
+  assert 'names no machine_type' not in caplog.text
 
 
 def test_template_regex_is_the_launchers():
