@@ -10,6 +10,8 @@ REQUIRED = [
     'tensorflow-hub==0.16.1',
     'tfx-bsl==1.21.0',
     'pillow==12.3.0',
+    # libjpeg-turbo with tf.io.decode_jpeg's settings: decoding without TensorFlow (no GPU).
+    'simplejpeg==1.9.0',
     'google-cloud-storage==3.17.1',
     'faiss-cpu==1.15.1',  # the neighbour index (embeddings.index) and k-means for duplicates
     # Noto Sans for contact sheet labels (Latin, Greek, Cyrillic, Vietnamese, Devanagari).

@@ -5,15 +5,34 @@ With --model_copies N Beam loads N models per VM, each in its own load, but Tens
 them all on the first GPU. Beam does not tell a load which copy it is, and the copies may be
 loaded by different processes, so the index comes from a counter file per run, shared by all the
 processes of the machine under a file lock.
+
+On a GPU VM every SDK process sees the GPU, and the first TensorFlow op of a process initialises
+it: without memory growth that process maps nearly all of the GPU's memory. Decoding runs no
+TensorFlow op (transforms/decode.py), the model's load sets growth first (`configure_gpus`), and
+importing this module (every process of the GPU step does) asks TensorFlow for growth through its
+environment variable too, for any other path to a first op.
 """
 
 import fcntl
 import logging
 import os
+import sys
 import tempfile
 from typing import Optional
 
 COUNTER_PREFIX = 'pnasnet-embeddings-loads-'
+GROWTH_VARIABLE = 'TF_FORCE_GPU_ALLOW_GROWTH'  # read when TensorFlow initialises a GPU
+
+os.environ.setdefault(GROWTH_VARIABLE, 'true')  # an explicit choice is left alone
+
+
+def devices_initialised() -> bool:
+  """Whether TensorFlow initialised its devices in this process (any op does; importing
+  TensorFlow does not). A process where it never did holds no CUDA context."""
+  if 'tensorflow' not in sys.modules:
+    return False
+  from tensorflow.python.eager import context  # pylint: disable=import-outside-toplevel
+  return context.context()._context_handle is not None  # pylint: disable=protected-access
 
 
 def configure_gpus() -> list:

@@ -7,9 +7,15 @@ own (Linux `memfd_create`) and only a `BatchHandle` (pid, descriptor, token, sha
 proxy; the model's process maps the same pages through /proc/PID/fd/FD and returns the features
 (17 KB per image).
 
-A memory file has no name in /dev/shm: the kernel frees it once no process holds it open or
-mapped. So nothing outlives its caller, even one that is killed: the model's process notices at
-its next sweep that the caller's descriptor is gone and drops its mapping.
+Bounded: a process holds at most `MAX_SEGMENTS` segments (callers beyond that wait for one), each
+the next power of two above its batch, and closes a segment once it has been idle for
+`IDLE_SECONDS`. A memory file has no name in /dev/shm: the kernel frees it once no process holds
+it open or mapped, so nothing outlives its caller, even one that is killed: the model's process
+notices at its next sweep that the caller's descriptor is gone and drops its mapping.
+
+Checked: before mapping, the model's process checks that the handle names a memory file of this
+project (the descriptor's link target) and that the segment starts with this project's mark and
+the handle's token, which only the caller that wrote it knows; anything else is refused.
 """
 
 import contextlib
@@ -25,7 +31,14 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 MEMORY_FILE_NAME = 'pnasnet-embeddings-batch'  # how /proc/PID/maps lists the segments
+LINK_TARGET = f'/memfd:{MEMORY_FILE_NAME} (deleted)'  # what /proc/PID/fd/FD links to
+MARK = b'pnasnet-embeddings batch\n'
+TOKEN_BYTES = 16
+HEADER_BYTES = 64  # mark and token, then the float32 images
 MIN_SEGMENT_BYTES = 1 << 20
+MAX_SEGMENTS = 2  # per calling process; the model's process runs the batches in turn anyway
+IDLE_SECONDS = 30.0
+WAIT_SECONDS = 600.0  # a caller waiting longer for a segment gives up (the bundle is retried)
 SWEEP_INTERVAL_SECONDS = 1.0
 
 
@@ -33,73 +46,134 @@ class BatchHandle(NamedTuple):
   """What crosses the proxy instead of the pixels."""
   pid: int
   fd: int
-  token: str  # new for every segment: a mapping cached for an older one is never reused
+  token: str  # hex; new for every segment, and written at its start
   shape: Tuple[int, ...]  # float32 images [batch, height, width, channels]
 
 
+class ForgedHandleError(PermissionError):
+  """A handle that does not name a batch segment its caller wrote for this project."""
+
+
 class _Segment:
-  """A memory file of the calling process, mapped for writing."""
+  """A memory file of the calling process, mapped for writing, marked with its token."""
 
   def __init__(self, capacity: int):
     self.fd = os.memfd_create(MEMORY_FILE_NAME, os.MFD_CLOEXEC)
     os.ftruncate(self.fd, capacity)  # pages are only allocated where written
     self.capacity = capacity
     self.token = uuid.uuid4().hex
+    self.idle_since = time.monotonic()
     self._map = mmap.mmap(self.fd, capacity)
+    self._map[:len(MARK) + TOKEN_BYTES] = MARK + bytes.fromhex(self.token)
 
   def array(self, shape: Tuple[int, ...]) -> np.ndarray:
-    return np.frombuffer(self._map, np.float32, count=math.prod(shape)).reshape(shape)
+    return np.frombuffer(self._map, np.float32, count=math.prod(shape),
+                         offset=HEADER_BYTES).reshape(shape)
 
   def close(self) -> None:
     self._map.close()
     os.close(self.fd)
 
 
-def _segment_bytes(nbytes: int) -> int:
-  """The next power of two: a run of growing batches replaces its segment a few times at most."""
-  return max(MIN_SEGMENT_BYTES, 1 << (nbytes - 1).bit_length())
+def segment_bytes(nbytes: int) -> int:
+  """The next power of two above the images and the header: a run of growing batches replaces
+  its segment a few times at most."""
+  return max(MIN_SEGMENT_BYTES, 1 << (nbytes + HEADER_BYTES - 1).bit_length())
 
 
-class _SegmentPool:
-  """One process's segments: one per concurrent call, reused, grown to the largest batch."""
+class SegmentPool:
+  """One process's segments: at most `max_segments`, reused, grown to the largest batch, closed
+  after `idle_seconds` unused."""
 
-  def __init__(self):
+  def __init__(self, max_segments: int = MAX_SEGMENTS, idle_seconds: float = IDLE_SECONDS):
+    self._max_segments = max_segments
+    self._idle_seconds = idle_seconds
     self._free: List[_Segment] = []
-    self._lock = threading.Lock()
+    self._in_use = 0
+    self._changed = threading.Condition()
+    self._reaper: Optional[threading.Timer] = None
 
   @contextlib.contextmanager
   def segment(self, nbytes: int) -> Iterator[_Segment]:
-    with self._lock:
-      segment = self._free.pop() if self._free else None
-    if segment is None or segment.capacity < nbytes:
-      if segment is not None:
-        segment.close()
-      segment = _Segment(_segment_bytes(nbytes))
+    segment = self._take(nbytes)
     try:
       yield segment
     finally:
-      with self._lock:
+      with self._changed:
+        segment.idle_since = time.monotonic()
         self._free.append(segment)
+        self._in_use -= 1
+        self._changed.notify()
+        self._arm_reaper()
+
+  def segments(self) -> int:
+    """Segments this process holds, in use or idle."""
+    with self._changed:
+      return self._in_use + len(self._free)
+
+  def _take(self, nbytes: int) -> _Segment:
+    deadline = time.monotonic() + WAIT_SECONDS
+    with self._changed:
+      while not self._free and self._in_use >= self._max_segments:
+        if not self._changed.wait(timeout=deadline - time.monotonic()):
+          raise TimeoutError(f'no shared batch segment free after {WAIT_SECONDS:.0f} s: the '
+                             'model\'s process is not answering')
+      fits = [s for s in self._free if s.capacity >= nbytes + HEADER_BYTES]
+      segment = min(fits, key=lambda s: s.capacity) if fits else (
+          self._free[0] if self._free else None)
+      if segment is not None:
+        self._free.remove(segment)
+      self._in_use += 1
+    if segment is not None and segment.capacity >= nbytes + HEADER_BYTES:
+      return segment
+    if segment is not None:  # too small: replaced, so the count stays bounded
+      segment.close()
+    try:
+      return _Segment(segment_bytes(nbytes))
+    except BaseException:
+      with self._changed:
+        self._in_use -= 1
+        self._changed.notify()
+      raise
+
+  def _arm_reaper(self) -> None:
+    """Called with the lock held: a timer closes what is idle long enough, then re-arms."""
+    if self._reaper is None and self._free:
+      self._reaper = threading.Timer(self._idle_seconds, self._close_idle)
+      self._reaper.daemon = True
+      self._reaper.start()
+
+  def _close_idle(self) -> None:
+    with self._changed:
+      self._reaper = None
+      cutoff = time.monotonic() - self._idle_seconds + 1e-3
+      idle = [s for s in self._free if s.idle_since <= cutoff]
+      for segment in idle:
+        self._free.remove(segment)
+        segment.close()
+      self._arm_reaper()
+    if idle:
+      logging.info('closed %d idle shared batch segment(s)', len(idle))
 
 
-_pool: Optional[_SegmentPool] = None
+_pool: Optional[SegmentPool] = None
 _pool_pid: Optional[int] = None
 _pool_lock = threading.Lock()
 
 
-def _process_pool() -> _SegmentPool:
+def process_pool() -> SegmentPool:
   """This process's pool; a forked child makes its own instead of writing into its parent's."""
   global _pool, _pool_pid
   with _pool_lock:
     if _pool_pid != os.getpid():
-      _pool, _pool_pid = _SegmentPool(), os.getpid()
+      _pool, _pool_pid = SegmentPool(), os.getpid()
     return _pool
 
 
 def embed_batch(model, images: Sequence[np.ndarray]) -> np.ndarray:
   """Features of `images` from a SharedBatchModel, or Beam's proxy of one in another process."""
   shape = (len(images),) + tuple(np.shape(images[0]))
-  with _process_pool().segment(math.prod(shape) * 4) as segment:
+  with process_pool().segment(math.prod(shape) * 4) as segment:
     np.stack(images, out=segment.array(shape))  # the copy np.stack makes in-process anyway
     return model.embed_shared(BatchHandle(os.getpid(), segment.fd, segment.token, shape))
 
@@ -113,9 +187,23 @@ class _Attached(NamedTuple):
 
   @classmethod
   def open(cls, handle: BatchHandle) -> '_Attached':
-    fd = os.open(f'/proc/{handle.pid}/fd/{handle.fd}', os.O_RDONLY)
+    """Checks what the handle names, then maps it (ForgedHandleError if it is not a segment of
+    this project written by the handle's caller, with room for the handle's shape)."""
+    fd = os.open(f'/proc/{int(handle.pid)}/fd/{int(handle.fd)}', os.O_RDONLY)
     try:
+      target = os.readlink(f'/proc/self/fd/{fd}')  # what was opened, not what is there now
+      if target != LINK_TARGET:
+        raise ForgedHandleError(f'pid {handle.pid} fd {handle.fd} is {target!r}, not a batch '
+                                f'segment of this project ({LINK_TARGET!r})')
+      header = os.pread(fd, len(MARK) + TOKEN_BYTES, 0)
+      if header != MARK + bytes.fromhex(handle.token):
+        raise ForgedHandleError(f'pid {handle.pid} fd {handle.fd}: the segment does not carry '
+                                'the handle\'s token')
       status = os.fstat(fd)
+      needed = HEADER_BYTES + 4 * math.prod(handle.shape)
+      if status.st_size < needed:
+        raise ForgedHandleError(f'pid {handle.pid} fd {handle.fd}: {status.st_size} bytes, '
+                                f'too small for images of shape {tuple(handle.shape)}')
       return cls(handle.pid, handle.fd, status.st_ino,
                  mmap.mmap(fd, status.st_size, prot=mmap.PROT_READ))
     finally:
@@ -145,10 +233,17 @@ class SharedBatchModel:
     with self._lock:
       self._sweep_if_due()
       attached = self._attached.get(handle.token)
-      if attached is None:
-        attached = self._attached[handle.token] = _Attached.open(handle)
-    images = np.frombuffer(attached.pages, np.float32, count=math.prod(handle.shape))
+      if attached is None or attached.pid != handle.pid or attached.fd != handle.fd:
+        attached = _Attached.open(handle)
+        self._attached[handle.token] = attached
+    images = np.frombuffer(attached.pages, np.float32, count=math.prod(handle.shape),
+                           offset=HEADER_BYTES)
     return self._model.embed(images.reshape(handle.shape))
+
+  def attached_segments(self) -> int:
+    """Caller segments this process maps now (for the tests and the GPU self-check)."""
+    with self._lock:
+      return len(self._attached)
 
   def _sweep_if_due(self) -> None:
     """Unmaps the segments whose callers closed them or are gone (a call in flight on one keeps

@@ -1,5 +1,5 @@
-"""The pipeline graph: match -> [skip unchanged] -> read -> decode/resize -> embed -> write,
-dead letters, the index and the run summary beside."""
+"""The pipeline graph: match -> [skip unchanged] -> (read -> decode/resize -> embed: the GPU
+step) -> write, dead letters, the index and the run summary beside."""
 
 from typing import Dict, Sequence
 
@@ -23,18 +23,20 @@ GPU_STEP = 'DecodeAndEmbed'
 
 
 class DecodeAndEmbed(beam.PTransform):
-  """ImageFile -> Embedding, as one step, so that on Dataflow right fitting the encoded files
-  (tens to hundreds of KB each) cross to the GPU workers, not the decoded float32 pixels
-  (1.3 MB each at 331x331): the GPU workers' own CPUs decode."""
+  """FileRef -> Embedding (read, decode, embed), as one step, so that on Dataflow right fitting
+  only file references (about 120 bytes each) cross to the GPU workers, not the files' bytes
+  (380 KB on average for the sample photos) nor the decoded float32 pixels (1.3 MB each at
+  331x331): the GPU workers' own CPUs read and decode (benchmarks/bench_boundary.py)."""
 
   def __init__(self, options: EmbeddingOptions, model_description: ModelDescription):
     super().__init__()
     self._options = options
     self._model_description = model_description
 
-  def expand(self, images):
+  def expand(self, refs):
     options = self._options
-    decoded = images | 'DecodeImages' >> DecodeImages(
+    read = refs | 'ReadImages' >> ReadImages(options.max_file_bytes)
+    decoded = read.images | 'DecodeImages' >> DecodeImages(
         self._model_description.height, self._model_description.width,
         center_crop_fraction=options.center_crop_fraction,
         max_image_pixels=options.max_image_pixels, jpeg_draft=options.jpeg_draft)
@@ -45,7 +47,7 @@ class DecodeAndEmbed(beam.PTransform):
         model_copies=options.model_copies, jit_compile=options.jit_compile,
         model_id=self._model_description.model_id)
     embedded = decoded.decoded | 'EmbedImages' >> EmbedImages(handler)
-    failures = ((decoded[FAILURES_TAG], embedded[FAILURES_TAG])
+    failures = ((read[FAILURES_TAG], decoded[FAILURES_TAG], embedded[FAILURES_TAG])
                 | 'Failures' >> beam.Flatten())
     return {'embeddings': embedded['embeddings'], FAILURES_TAG: failures}
 
@@ -72,11 +74,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
         | 'UniqueRefs' >> beam.Flatten()
   else:
     to_read, skipped = refs, pipeline | 'NothingSkipped' >> beam.Create([])
-  read = to_read | 'ReadImages' >> ReadImages(options.max_file_bytes)
-  embedded = read.images | GPU_STEP >> DecodeAndEmbed(
+  embedded = to_read | GPU_STEP >> DecodeAndEmbed(
       options, model_description).with_resource_hints(**_resource_hints(options))
   embeddings = embedded['embeddings']
-  failures = ((matched[FAILURES_TAG], read[FAILURES_TAG], embedded[FAILURES_TAG])
+  failures = ((matched[FAILURES_TAG], embedded[FAILURES_TAG])
               | 'AllFailures' >> beam.Flatten())
 
   embedding_files = embeddings | 'WriteEmbeddings' >> WriteEmbeddings(

@@ -36,7 +36,9 @@ NOTES: Dict[str, FlagNotes] = {
     'max_batch_size': FlagNotes('--max_batch_size 64', '32-64 on a GPU.'),
     'center_crop_fraction': FlagNotes('--center_crop_fraction 0.875',
                                       'As `tf.image.central_crop`.'),
-    'num_shards': FlagNotes('--num_shards 64', 'Index files too.'),
+    'num_shards': FlagNotes('--num_shards 64',
+                            'Index files too. Leave it at 0 for large runs: a fixed count adds a '
+                            'shuffle of every record ([costs](dataflow.md#costs)).'),
     'compression': FlagNotes('--compression gzip'),
     'large_model': FlagNotes('--large_model',
                              'The processes hand the model their batches through shared '
@@ -62,9 +64,12 @@ NOTES: Dict[str, FlagNotes] = {
                                   '[nightly runs](running.md#nightly-only-what-is-new).'),
     'retry_failed': FlagNotes('--retry_failed', 'Read and inference failures are always retried.'),
     'inference_accelerator': FlagNotes(
-        '--inference_accelerator "type:nvidia-l4;count:1;install-nvidia-driver"',
-        'Not with the `worker_accelerator` service option. See '
-        '[right fitting](dataflow.md#right-fitting-gpus-only-where-inference-runs).'),
+        '--inference_accelerator '
+        '"type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver"',
+        'The GPU step reads, decodes and embeds. L4 needs a G2 `machine_type`, T4 an N1 one: '
+        '[which GPU and machine](dataflow.md#which-gpu-and-machine), '
+        '[right fitting](dataflow.md#right-fitting-gpus-only-where-the-gpu-step-runs). Not with '
+        'the `worker_accelerator` service option.'),
     'inference_min_ram': FlagNotes('--inference_min_ram 16GB'),
     'no_wait': FlagNotes('--no_wait',
                          'Prints the job id. On the DirectRunner the pipeline runs in the '
@@ -85,6 +90,8 @@ BEAM_FLAGS: Dict[str, str] = {
     'sdk_container_image': 'the worker image (TensorFlow with CUDA: '
                            '[the worker image](dataflow.md#build-the-images)); the Flex Template '
                            'defaults it to the image it was built with',
+    'disk_size_gb': 'Dataflow: every worker\'s disk; 50 holds the ~10 GB worker image '
+                    '([costs](dataflow.md#costs))',
     'setup_file': 'without `--sdk_container_image` the launcher adds `--setup_file ./setup.py`, '
                   'which installs the project on workers at start-up',
     'dataflow_service_options': '`worker_accelerator=...` puts a GPU on every worker (not with '

@@ -3,23 +3,24 @@
 import argparse
 import datetime
 import difflib
+import logging
 import re
 from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                  _BeamArgumentParser)
+                                                  WorkerOptions, _BeamArgumentParser)
 
 from models.description import check_model_options
 from models.handles import COMPUTE_DTYPES, DEFAULT_MODEL_HANDLE, IMAGE_INPUT, ModelLoadError
+from pipeline.accelerator import EXAMPLE as ACCELERATOR_EXAMPLE
+from pipeline.accelerator import accelerator_problems, machine_type_unknown
 from transforms.decode import DEFAULT_MAX_IMAGE_PIXELS
 from transforms.read import DEFAULT_MAX_FILE_BYTES
 from transforms.write import COMPRESSIONS, OUTPUT_FORMATS
 
 MAX_SEED = 2**32 - 1
 OUTPUT_PLACEHOLDERS = {'date': '%Y-%m-%d', 'datetime': '%Y-%m-%dT%H%M%SZ'}
-ACCELERATOR = re.compile(r'^type:[a-z0-9-]+;count:[1-9][0-9]*(;install-nvidia-driver'
-                         r'(:[a-z0-9.-]+)?)?$')
 
 
 class OptionsError(ValueError):
@@ -114,10 +115,12 @@ class EmbeddingOptions(PipelineOptions):
                        'earlier run could not decode.')
     group.add_argument(
         '--inference_accelerator', default=None,
-        help='Beam accelerator resource hint for the decode+inference step only (Dataflow '
-        'right fitting), e.g. "type:nvidia-l4;count:1;install-nvidia-driver".')
+        help='Beam accelerator resource hint for the GPU step only (reading, decoding and '
+        'inference; Dataflow right fitting): type:GPU;count:N[;machine_type:TYPE]'
+        '[;install-nvidia-driver[:VERSION]][;use_nvidia_mps], e.g. '
+        f'"{ACCELERATOR_EXAMPLE}" (L4 needs a G2 machine type, T4 an N1).')
     group.add_argument('--inference_min_ram', default=None,
-                       help='Beam min_ram resource hint for the decode+inference step, e.g. 16GB.')
+                       help='Beam min_ram resource hint for the GPU step, e.g. 16GB.')
     group.add_argument('--no_wait', action='store_true', default=False,
                        help='Submit and return at once (Flex Templates, schedulers): the job '
                        'writes run_summary.json itself when it finishes.')
@@ -186,13 +189,14 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
     problems.append('--retry_failed goes with --incremental_from (it retries the failures of '
                     'earlier runs)')
   if options.inference_accelerator is not None:
-    if not ACCELERATOR.match(options.inference_accelerator):
-      problems.append(f'--inference_accelerator {options.inference_accelerator!r}: expected '
-                      '"type:GPU_TYPE;count:N[;install-nvidia-driver]", e.g. '
-                      '"type:nvidia-l4;count:1;install-nvidia-driver"')
+    job_machine_type = pipeline_options.view_as(WorkerOptions).machine_type
+    problems.extend(accelerator_problems(options.inference_accelerator, job_machine_type))
+    warning = machine_type_unknown(options.inference_accelerator, job_machine_type)
+    if warning:
+      logging.warning(warning)
     service_options = pipeline_options.view_as(GoogleCloudOptions).dataflow_service_options
     if any(o.startswith('worker_accelerator') for o in service_options or ()):
-      problems.append('--inference_accelerator (GPU for the inference step only) and '
+      problems.append('--inference_accelerator (GPU for the GPU step only) and '
                       '--dataflow_service_options worker_accelerator=... (GPU on every worker) '
                       'cannot be combined; keep one')
   if options.inference_min_ram is not None:

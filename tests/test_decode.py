@@ -14,6 +14,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from benchmarks.jpeg_parity import corrupted_jpegs, jpeg_variants, our_pixels, tf_pixels
 from models.handles import IMAGE_INPUT
 from transforms.decode import (DecodedImage, DecodeImages, decode_and_resize, decode_image,
                                resize_for_model)
@@ -200,7 +201,7 @@ def test_exif_orientation_is_applied():
 
 @pytest.mark.parametrize('orientation', range(1, 9))
 def test_every_exif_orientation_matches_pillows(orientation):
-  """JPEGs are decoded by TensorFlow and oriented by our table: it must agree with Pillow's."""
+  """JPEGs are decoded by libjpeg-turbo and oriented by our table: it must agree with Pillow's."""
   image = Image.new('RGB', (40, 20), RED)
   image.paste(BLUE, (20, 0, 40, 10))
   image.paste(GREEN, (0, 10, 20, 20))
@@ -309,8 +310,31 @@ def test_matches_tf_recipe(center_crop_fraction):
     _assert_recipe_parity(ours, _tf_recipe(data, 331, 331, center_crop_fraction))
 
 
+def test_jpeg_pixels_equal_tf_decode_jpeg_bit_for_bit():
+  """Decoding without TensorFlow changes no pixel: every JPEG variant Pillow writes (qualities,
+  chroma subsampling, progressive, greyscale, odd sizes) of the sample photos."""
+  variants = jpeg_variants(qualities=(75, 100), subsamplings=(0, 2))
+  assert len(variants) > 50
+  for name, data in variants.items():
+    np.testing.assert_array_equal(our_pixels(data), tf_pixels(data), err_msg=name)
+
+
+def test_corrupted_jpegs_are_judged_as_tf_judges_them():
+  """Cut-short files are refused as TF refuses them; files both accept decode to equal pixels.
+  (benchmarks/jpeg_parity.py counts the rare corrupted file only one of the two accepts.)"""
+  both_decoded = 0
+  for kind, data in corrupted_jpegs(30, seed=1):
+    theirs, ours = tf_pixels(data), our_pixels(data)
+    if kind.endswith(('cut short', 'both')):
+      assert theirs is None and ours is None, kind
+    elif theirs is not None and ours is not None:
+      both_decoded += 1
+      np.testing.assert_array_equal(ours, theirs, err_msg=kind)
+  assert both_decoded > 10
+
+
 def test_pillow_jpeg_decoding_would_miss_the_recipe():
-  """Why JPEGs go through tf.io.decode_jpeg: Pillow's accurate DCT is off by far more."""
+  """Why JPEGs go through libjpeg-turbo's fast DCT: Pillow's accurate DCT is off by far more."""
   data = (SAMPLES / 'hubble_deep_field.jpg').read_bytes()
   pillow = resize_for_model(Image.open(io.BytesIO(data)).convert('RGB'), 331, 331)
   assert np.abs(pillow - _tf_recipe(data, 331, 331)).max() > 2 / 255

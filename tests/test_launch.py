@@ -228,12 +228,12 @@ def test_a_clean_run_log_has_no_alarming_lines(image_folder, tmp_path):
     assert alarming not in result.stderr
 
 
-def test_dataflow_dry_run_puts_the_gpu_on_the_gpu_step_only(gcs_server, image_folder, tmp_path):
+def test_dataflow_dry_run_puts_the_full_hint_on_the_gpu_step_only(gcs_server, image_folder, tmp_path):
   gcs_server.create_bucket('dry-photos')
   gcs_server.create_bucket('dry-work')
   gcs_server.upload('gs://dry-photos/in/a.jpg', (image_folder / 'rocket.jpg').read_bytes())
   job_file = tmp_path / 'job.json'
-  accelerator = 'type:nvidia-l4;count:1;install-nvidia-driver'
+  accelerator = 'type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver'
   result = _cli(['--runner=DataflowRunner', '--dry_run=True', '--project=test',
                  '--region=us-central1', '--temp_location=gs://dry-work/tmp',
                  '--input=gs://dry-photos/in/*.jpg', '--output=gs://dry-work/emb/run1',
@@ -246,7 +246,9 @@ def test_dataflow_dry_run_puts_the_gpu_on_the_gpu_step_only(gcs_server, image_fo
   job = json.loads(job_file.read_text())
   assert job['options']['sdk_container_image'] == 'us-docker.pkg.dev/p/images/pnasnet:gpu'
   hinted = {s['name'] for s in job['steps'] if 'accelerator' in s['resource_hints']}
-  assert any('RunInference' in name for name in hinted)
+  for inside in ('DecodeAndEmbed/ReadImages/', 'DecodeAndEmbed/DecodeImages/', 'RunInference'):
+    assert any(inside in name for name in hinted), inside  # reading happens on the GPU workers
+  assert not any(name.startswith(('MatchFiles', 'Write')) for name in hinted)  # matching not
   assert hinted == {s['name'] for s in job['steps'] if s['name'].startswith('DecodeAndEmbed/')}
   assert all(s['resource_hints']['accelerator'] == accelerator and
              s['resource_hints']['min_ram_bytes'] == '16000000000'

@@ -5,9 +5,16 @@ recipe TF-Hub users apply to feed image modules, so embeddings from this pipelin
 with theirs: `tf.io.decode_image` -> `tf.image.convert_image_dtype(tf.float32)` ->
 `tf.image.resize(size, 'bilinear')`. Pillow identifies and decodes (it reads more formats and
 modes than `tf.io.decode_image`, and lets us bound memory before decoding), and numpy reproduces
-TF's resize. RGB and grayscale JPEGs alone are decoded by `tf.io.decode_jpeg`: Pillow only offers
-libjpeg's accurate DCT, while the recipe's default is the fast one, and the two differ by up to
-14/255 on the sample photos (Pillow's result equals TF's 'INTEGER_ACCURATE' exactly).
+TF's resize. RGB and grayscale JPEGs alone are decoded by libjpeg-turbo through `simplejpeg`, with
+the settings `tf.io.decode_jpeg` uses (fast integer DCT, fancy upsampling): Pillow only offers
+libjpeg's accurate DCT, and the two differ by up to 14/255 on the sample photos (Pillow's result
+equals TF's 'INTEGER_ACCURATE' exactly), while simplejpeg's pixels equal TF's bit for bit
+(tests/test_decode.py compares them on every JPEG variant Pillow writes).
+
+Decoding runs no TensorFlow op (TensorFlow is imported with the input contract, which initialises
+no device): on a GPU worker the SDK processes that only decode must not initialise the GPU (each
+would hold a CUDA context and, without memory growth, map nearly all of the GPU's memory, leaving
+the model's process to run out). tests/test_gpu_processes.py checks it in a fresh process.
 """
 
 import functools
@@ -20,6 +27,7 @@ from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
+import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from models.handles import IMAGE_INPUT
@@ -37,6 +45,9 @@ _SIXTEEN_BIT_MODES = frozenset({'I;16', 'I;16L', 'I;16B', 'I;16N', 'I'})
 _ALPHA_MODES = frozenset({'RGBA', 'RGBa', 'LA', 'PA'})
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width/height.
 _WHITE = (255, 255, 255, 255)
+# Markers: in entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so an
+# end-of-image marker after the last start-of-scan marker means the file was not cut short.
+_JPEG_SCAN_START, _JPEG_END = b'\xff\xda', b'\xff\xd9'
 
 _pillow_limit_lock = threading.Lock()
 
@@ -98,13 +109,29 @@ _EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE
                    8: Image.Transpose.ROTATE_90}
 
 
-def _decode_jpeg_as_tf(image: Image.Image, data: bytes) -> Image.Image:
-  """The recipe's own JPEG decoder (fast DCT), then the EXIF orientation Pillow read."""
-  import tensorflow as tf  # loaded in every worker for inference anyway
+def _jpeg_pixels(data: bytes) -> np.ndarray:
+  """libjpeg-turbo with `tf.io.decode_jpeg`'s settings and its tolerance: like TF, it accepts
+  data that libjpeg only warns about (corrupt entropy-coded bytes, which many cameras write) but
+  refuses a file that ends before its end-of-image marker (truncated)."""
+  def decode(strict: bool) -> np.ndarray:
+    return simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=True, fastupsample=False,
+                                  strict=strict)
   try:
-    decoded = Image.fromarray(tf.io.decode_jpeg(data, channels=3).numpy())
-  except tf.errors.InvalidArgumentError as e:  # the same class Pillow raises for bad data
-    raise OSError(f'corrupt or truncated JPEG: {e.message}') from e
+    return decode(strict=True)
+  except ValueError as e:  # libjpeg's errors, and (strict) its warnings
+    truncated = ('Premature end of JPEG file' in str(e)
+                 or data.find(_JPEG_END, data.rfind(_JPEG_SCAN_START)) < 0)
+    if truncated:
+      raise OSError(f'truncated JPEG: {e}') from e
+    try:
+      return decode(strict=False)
+    except ValueError as again:
+      raise OSError(f'corrupt JPEG: {again}') from again
+
+
+def _decode_jpeg_as_tf(image: Image.Image, data: bytes) -> Image.Image:
+  """The recipe's own JPEG decoding, then the EXIF orientation Pillow read."""
+  decoded = Image.fromarray(_jpeg_pixels(data))
   method = _EXIF_TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation))
   return decoded.transpose(method) if method is not None else decoded
 

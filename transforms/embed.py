@@ -1,4 +1,13 @@
-"""Stage 3: RunInference with the project's ModelHandler, one model per process (or per VM)."""
+"""Stage 3: RunInference with the project's ModelHandler, one model per process (or per VM).
+
+Only data errors are dead-lettered: an input the model refuses (TensorFlow's InvalidArgumentError,
+or a ValueError / TypeError for an input it cannot take) becomes an `inference` failure of that
+image alone (a refused batch is retried image by image). Anything else (the GPU out of memory,
+a device error, a lost connection to the process that serves a shared model) raises, so the
+runner retries the bundle (Dataflow: four times, then the job fails) instead of draining a
+broken machine's share of the input into the failures file. A retried bundle's set-up acquires
+the shared model anew; Beam starts a new server when the old one no longer answers.
+"""
 
 import logging
 import uuid
@@ -6,6 +15,7 @@ from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
 import numpy as np
+import tensorflow as tf
 from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
                                            RunInference)
 
@@ -42,6 +52,22 @@ class Embedding(NamedTuple):
   model: str
   embedding: np.ndarray  # float32 [feature_size]
   content_id: Optional[str] = None  # the store's identity of the bytes (transforms/listing.py)
+
+
+class RefusedImage(NamedTuple):
+  """In place of an image's features: the model refused this input (a data error)."""
+  error: str
+  message: str
+
+
+# The errors that say the input is wrong for the model; every other error is the machine's.
+DATA_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
+
+
+def _refused(exc: Exception) -> RefusedImage:
+  """TensorFlow's messages span lines (the node, then the reason): one line, bounded."""
+  message = ' '.join((getattr(exc, 'message', None) or str(exc)).split())
+  return RefusedImage(type(exc).__name__, message[:1000])
 
 
 class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, EmbeddingModel]):
@@ -88,11 +114,28 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
                     model: Union[EmbeddingModel, SharedBatchModel],
                     inference_args: Optional[Dict[str, Any]] = None
                     ) -> Iterable[PredictionResult]:
+    """Features, or a RefusedImage for each image the model refused; other errors raise."""
+    try:
+      outputs = list(self._embed(batch, model))
+    except DATA_ERRORS as exc:
+      if len(batch) == 1:
+        outputs = [_refused(exc)]
+      else:
+        logging.warning('a batch of %d was refused (%s: %s); embedding its images one by one',
+                        len(batch), type(exc).__name__, _refused(exc).message)
+        outputs = [self._embed_alone(image, model) for image in batch]
+    return [PredictionResult(None, output, self._model_id) for output in outputs]
+
+  def _embed(self, batch: Sequence[np.ndarray], model) -> np.ndarray:
     if self.share_model_across_processes():
-      features = embed_batch(model, batch)  # `model` is Beam's proxy of a SharedBatchModel
-    else:
-      features = model.embed(np.stack(batch))
-    return [PredictionResult(None, vector, self._model_id) for vector in features]
+      return embed_batch(model, batch)  # `model` is Beam's proxy of a SharedBatchModel
+    return model.embed(np.stack(batch))
+
+  def _embed_alone(self, image: np.ndarray, model):
+    try:
+      return self._embed([image], model)[0]
+    except DATA_ERRORS as exc:
+      return _refused(exc)
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
     return sum(image.nbytes for image in batch)
@@ -102,9 +145,11 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
 
 
 class _ToEmbedding(beam.DoFn):
+  """A result: the image's Embedding, or its dead-letter record if the model refused it."""
 
   def __init__(self):
     self._embedded = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'embedded')
+    self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'failed')
 
   def setup(self):
     quiet_logs.install()
@@ -112,24 +157,16 @@ class _ToEmbedding(beam.DoFn):
 
   def process(self, keyed_result):
     key, result = keyed_result
+    if isinstance(result.inference, RefusedImage):
+      self._failed.inc()
+      yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure(
+          key.uri, INFERENCE, result.inference.error, result.inference.message, key.size_bytes,
+          key.last_modified, key.sha256, key.content_id))
+      return
     self._embedded.inc()
     self._progress.add()
     yield Embedding(**key._asdict(), model=result.model_id,
                     embedding=np.asarray(result.inference, np.float32))
-
-
-class _FailedBatch(beam.DoFn):
-  """A batch that failed inference: one dead-letter record per image in it."""
-
-  def __init__(self):
-    self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'failed')
-
-  def process(self, failed):
-    batch, (error, message, _) = failed[0], failed[1]
-    for key, _pixels in batch:
-      self._failed.inc()
-      yield Failure(key.uri, INFERENCE, getattr(error, '__name__', str(error)), str(message),
-                    key.size_bytes, key.last_modified, key.sha256, key.content_id)
 
 
 def _key_pixels(image: DecodedImage):
@@ -146,8 +183,7 @@ class EmbedImages(beam.PTransform):
 
   def expand(self, images):
     keyed = images | 'Key' >> beam.Map(_key_pixels)
-    results, dead_letters = (keyed | 'RunInference' >> RunInference(
-        KeyedModelHandler(self._handler)).with_exception_handling())
-    embeddings = results | 'ToEmbedding' >> beam.ParDo(_ToEmbedding())
-    failures = dead_letters.failed_inferences | 'FailedBatch' >> beam.ParDo(_FailedBatch())
-    return {'embeddings': embeddings, FAILURES_TAG: failures}
+    results = keyed | 'RunInference' >> RunInference(KeyedModelHandler(self._handler))
+    split = results | 'ToEmbedding' >> beam.ParDo(_ToEmbedding()).with_outputs(
+        FAILURES_TAG, main='embeddings')
+    return {'embeddings': split.embeddings, FAILURES_TAG: split[FAILURES_TAG]}

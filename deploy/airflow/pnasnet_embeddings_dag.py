@@ -30,7 +30,7 @@ PARAMS = {
     'model': 'builtin:pnasnet_large',
     'checkpoint': 'gs://my-bucket/pnasnet-5_large_2017_12_13/model.ckpt',
     'temp_location': 'gs://my-bucket/tmp',
-    'machine_type': 'n1-standard-8',
+    'machine_type': 'n1-standard-4',  # the CPU workers: matching, writing, the summary
 }
 OUTPUT = 'gs://{{ params.output_bucket }}/{{ params.output_prefix }}/{{ ds }}'
 # Only the image parameters PARAMS gives: the template refuses an empty one.
@@ -61,8 +61,10 @@ with DAG(
               'checkpoint': '{{ params.checkpoint }}',
               # Only what earlier finished nights did not embed (new or changed files).
               'incremental_from': 'gs://{{ params.output_bucket }}/{{ params.output_prefix }}/*',
-              # GPU workers for decode + inference only; reading and writing stay on CPUs.
-              'inference_accelerator': 'type:nvidia-tesla-t4;count:1;install-nvidia-driver',
+              # GPU workers (an L4 on a G2 machine) read, decode and embed; matching and writing
+              # run on the job's CPU workers (machine_type below).
+              'inference_accelerator': ('type:nvidia-l4;count:1;machine_type:g2-standard-8;'
+                                        'install-nvidia-driver'),
               'large_model': 'true',
               'max_batch_size': '64',
           },
@@ -70,6 +72,7 @@ with DAG(
               'tempLocation': '{{ params.temp_location }}',
               'machineType': '{{ params.machine_type }}',
               'maxWorkers': 8,
+              'diskSizeGb': 50,  # the worker image is ~10 GB; a batch job's default disk is 25 GB
           },
       }},
       wait_until_finished=False,
