@@ -2,51 +2,19 @@
 finished run that looked at a URI decides; files gone from a later run's input drop out; unfinished
 runs are skipped with a warning; `history=True` keeps what later runs no longer have."""
 
-import json
 import logging
 import os
 import shutil
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import embeddings
 from pipeline.launcher import run as run_pipeline
 from tests.conftest import SAMPLE_IMAGES
-from tests.run_writer import RECIPE, rows, write_run
-from transforms.write import INDEX_SCHEMA
+from tests.run_writer import rows, write_run
 
-MODEL = 'builtin:test@untrained-seed0'
 TINY = '--model=builtin:pnasnet_tiny'
-
-
-def _write(directory, embedded=(), skipped=(), failed=(), inputs=(), manifests=(),
-           finished_at='2026-01-01T00:00:00Z'):
-  """A finished run whose index says what became of each file: `embedded` and `skipped` are
-  run_writer Rows (a skipped row's size_bytes names the file version an earlier run had),
-  `failed` (uri, stage) pairs; the summary records `inputs` and `manifests`."""
-  directory = str(directory)
-  shards = write_run(directory, list(embedded), shard_rows=1 if not embedded else 0,
-                     finished_at=finished_at)
-  index = ([dict(_version(r), outcome='embedded') for r in embedded] +
-           [dict(_version(r), outcome='skipped') for r in skipped] +
-           [{'uri': uri, 'model': MODEL, 'recipe': RECIPE, 'outcome': stage}
-            for uri, stage in failed])
-  pq.write_table(pa.Table.from_pylist(index, INDEX_SCHEMA),
-                 f'{directory}/index-00000-of-00001.parquet')
-  with open(f'{directory}/run_summary.json') as f:
-    summary = json.load(f)
-  summary.update(input=list(inputs), input_manifest=list(manifests), embedding_size=4)
-  with open(f'{directory}/run_summary.json', 'w') as f:
-    json.dump(summary, f)
-  return shards
-
-
-def _version(row):
-  return {'uri': row.uri, 'size_bytes': row.size_bytes, 'last_modified': row.last_modified,
-          'model': MODEL, 'recipe': RECIPE}
 
 
 def _by_uri(collection):
@@ -113,18 +81,20 @@ def test_an_unfinished_run_is_skipped_with_a_warning_named_or_in_a_glob(tmp_path
 def test_a_skipped_file_has_the_vector_of_the_run_that_embedded_that_version(tmp_path):
   version1 = rows(['a', 'b', 'c'], 4, seed=1)
   version2 = [r._replace(size_bytes=2000) for r in rows(['a'], 4, seed=2)]
-  _write(tmp_path / '1', embedded=version1[:2], failed=[('c', 'decode')],
-         finished_at='2026-01-01T00:00:00Z')
-  _write(tmp_path / '2', embedded=version2, skipped=version1[1:],
-         finished_at='2026-01-02T00:00:00Z')  # a changed; b and the undecodable c unchanged
-  _write(tmp_path / '3', skipped=version2 + version1[1:], finished_at='2026-01-03T00:00:00Z')
+  write_run(str(tmp_path / '1'), version1[:2], failed_uris=['c'],
+            finished_at='2026-01-01T00:00:00Z')
+  write_run(str(tmp_path / '2'), version2, skipped_rows=version1[1:],
+            finished_at='2026-01-02T00:00:00Z')  # a changed; b and the undecodable c unchanged
+  write_run(str(tmp_path / '3'), [], skipped_rows=version2 + version1[1:], embedding_size=4,
+            finished_at='2026-01-03T00:00:00Z')
   collection = embeddings.load(str(tmp_path / '*'))
   assert _runs_of(collection) == {'a': str(tmp_path / '2'), 'b': str(tmp_path / '1')}
   np.testing.assert_array_equal(_by_uri(collection)['a'], version2[0].embedding)
   np.testing.assert_array_equal(_by_uri(collection)['b'], version1[1].embedding)
 
   # A run that skipped `a` as the first version (its --incremental_from named run 1 alone).
-  _write(tmp_path / '3', skipped=version1[:2], finished_at='2026-01-03T00:00:00Z')
+  write_run(str(tmp_path / '3'), [], skipped_rows=version1[:2], embedding_size=4,
+            finished_at='2026-01-03T00:00:00Z')
   assert _runs_of(embeddings.load(str(tmp_path / '*')))['a'] == str(tmp_path / '1')
   # Without the run that embedded a skipped version, that file has no vector.
   assert embeddings.load(str(tmp_path / '3')).uris == []
@@ -132,10 +102,9 @@ def test_a_skipped_file_has_the_vector_of_the_run_that_embedded_that_version(tmp
 
 def test_a_later_failure_removes_the_vector_without_reading_the_superseded_shard(tmp_path):
   old = rows(['a', 'b'], 4, seed=1)
-  [old_shard] = _write(tmp_path / 'old', embedded=old, inputs=['/photos'],
-                       finished_at='2026-01-01T00:00:00Z')
-  _write(tmp_path / 'new', embedded=rows(['a'], 4, seed=2), failed=[('b', 'decode')],
-         inputs=['/other'], finished_at='2026-01-02T00:00:00Z')
+  [old_shard] = write_run(str(tmp_path / 'old'), old, finished_at='2026-01-01T00:00:00Z')
+  write_run(str(tmp_path / 'new'), rows(['a'], 4, seed=2), failed_uris=['b'],
+            finished_at='2026-01-02T00:00:00Z')
   with open(old_shard, 'wb') as f:
     f.write(b'not a TFRecord file: nothing of it is left, so it must not be read')
   collection = embeddings.load(str(tmp_path / '*'))
@@ -179,10 +148,10 @@ COVERAGE = [
 def test_files_drop_out_where_a_later_run_covered_them_and_did_not_match_them(
     tmp_path, older_inputs, older_manifests, older_uris, newer_inputs, newer_manifests,
     newer_uris, kept):
-  _write(tmp_path / 'older', embedded=rows(older_uris, 4, seed=1), inputs=older_inputs,
-         manifests=older_manifests, finished_at='2026-01-01T00:00:00Z')
-  _write(tmp_path / 'newer', embedded=rows(newer_uris, 4, seed=2), inputs=newer_inputs,
-         manifests=newer_manifests, finished_at='2026-01-02T00:00:00Z')
+  write_run(str(tmp_path / 'older'), rows(older_uris, 4, seed=1), inputs=older_inputs,
+            input_manifest=older_manifests, finished_at='2026-01-01T00:00:00Z')
+  write_run(str(tmp_path / 'newer'), rows(newer_uris, 4, seed=2), inputs=newer_inputs,
+            input_manifest=newer_manifests, finished_at='2026-01-02T00:00:00Z')
   collection = embeddings.load(str(tmp_path / '*'))
   expected = dict.fromkeys(kept, str(tmp_path / 'older'))
   expected.update(dict.fromkeys(newer_uris, str(tmp_path / 'newer')))
@@ -194,19 +163,19 @@ def test_files_drop_out_where_a_later_run_covered_them_and_did_not_match_them(
 
 
 def test_a_folder_a_later_run_could_not_list_keeps_its_files(tmp_path):
-  _write(tmp_path / 'older', embedded=rows(['/u/a', '/u/locked/b', '/u/lockedb'], 4, seed=1),
-         inputs=['/u'], finished_at='2026-01-01T00:00:00Z')
-  _write(tmp_path / 'newer', embedded=rows(['/u/a'], 4, seed=2), failed=[('/u/locked', 'read')],
-         inputs=['/u'], finished_at='2026-01-02T00:00:00Z')
+  write_run(str(tmp_path / 'older'), rows(['/u/a', '/u/locked/b', '/u/lockedb'], 4, seed=1),
+            inputs=['/u'], finished_at='2026-01-01T00:00:00Z')
+  write_run(str(tmp_path / 'newer'), rows(['/u/a'], 4, seed=2), failed_uris=['/u/locked'],
+            failed_stage='read', inputs=['/u'], finished_at='2026-01-02T00:00:00Z')
   assert _runs_of(embeddings.load(str(tmp_path / '*'))) == {
       '/u/a': str(tmp_path / 'newer'), '/u/locked/b': str(tmp_path / 'older')}
 
 
 def test_history_keeps_each_uri_with_its_latest_embedding(tmp_path):
   old, new = rows(['/p/a', '/p/b', '/p/c'], 4, seed=1), rows(['/p/a'], 4, seed=2)
-  _write(tmp_path / 'old', embedded=old, inputs=['/p'], finished_at='2026-01-01T00:00:00Z')
-  _write(tmp_path / 'new', embedded=new, failed=[('/p/b', 'decode')], inputs=['/p'],
-         finished_at='2026-01-02T00:00:00Z')  # /p/b now broken, /p/c deleted
+  write_run(str(tmp_path / 'old'), old, inputs=['/p'], finished_at='2026-01-01T00:00:00Z')
+  write_run(str(tmp_path / 'new'), new, failed_uris=['/p/b'], inputs=['/p'],
+            finished_at='2026-01-02T00:00:00Z')  # /p/b now broken, /p/c deleted
   assert _runs_of(embeddings.load(str(tmp_path / '*'))) == {'/p/a': str(tmp_path / 'new')}
   expected = {'/p/a': str(tmp_path / 'new'), '/p/b': str(tmp_path / 'old'),
               '/p/c': str(tmp_path / 'old')}
