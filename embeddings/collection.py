@@ -84,41 +84,47 @@ class Inputs(NamedTuple):
         pattern in self.patterns for pattern in could)
 
 
-class _Version(NamedTuple):
-  """A file version as an index row names it."""
-  size_bytes: Optional[int]
-  last_modified: object
-  content_id: Optional[str]
-  recipe: Optional[str]
+# A file version as an index row names it: (size_bytes, last_modified as microseconds,
+# content_id, recipe).
+_Version = Tuple[Optional[int], Optional[int], Optional[str], Optional[str]]
 
-  def same_file(self, other: '_Version') -> bool:
-    if self.recipe != other.recipe or self.size_bytes is None:
-      return False
-    if self.size_bytes != other.size_bytes:
-      return False
-    if self.content_id and other.content_id:
-      return self.content_id == other.content_id
-    return self.last_modified == other.last_modified
+
+def _same_file(skipped: _Version, done: _Version) -> bool:
+  """The test --incremental_from applies: same recipe and size, and the same content identity
+  where both rows have one, else the same modification time."""
+  if skipped[0] is None:
+    return False
+  if skipped == done:
+    return True
+  if skipped[3] != done[3] or skipped[0] != done[0]:
+    return False
+  if skipped[2] and done[2]:
+    return skipped[2] == done[2]
+  return skipped[1] == done[1]
 
 
 class _Batch:
-  """Index rows: URIs and outcomes as lists; a row's file version built only when asked for."""
+  """Index rows: URIs and outcomes as lists; the rows' file versions built only when asked for."""
 
   def __init__(self, batch):
     self.uris = batch.column('uri').to_pylist()
     self.outcomes = batch.column('outcome').to_pylist()
     self._batch = batch
-    self._versions = None
+    self._versions: Optional[List[_Version]] = None
 
   def version(self, row: int) -> _Version:
     if self._versions is None:
       import pyarrow as pa
-      names = self._batch.schema.names
-      self._versions = [
-          (self._batch.column(name).cast(pa.int64()) if name == 'last_modified' else
-           self._batch.column(name)).to_pylist() if name in names else
-          [None] * self._batch.num_rows for name in _VERSION_COLUMNS]
-    return _Version(*(column[row] for column in self._versions))
+      columns = []
+      for name in _VERSION_COLUMNS:
+        if name not in self._batch.schema.names:
+          columns.append([None] * self._batch.num_rows)
+        else:
+          column = self._batch.column(name)
+          columns.append((column.cast(pa.int64()) if name == 'last_modified' else
+                          column).to_pylist())
+      self._versions = list(zip(*columns))
+    return self._versions[row]
 
 
 def _index_batches(run) -> Iterator[_Batch]:
@@ -163,7 +169,7 @@ def vector_sources(runs: Sequence, history: bool = False) -> Dict[str, Set[str]]
             decided.add(uri)
             sources[run.path].add(uri)
         elif uri in waiting:
-          if outcome in (EMBEDDED, DECODE) and waiting[uri].same_file(batch.version(row)):
+          if outcome in (EMBEDDED, DECODE) and _same_file(waiting[uri], batch.version(row)):
             del waiting[uri]
             decided.add(uri)
             if outcome == EMBEDDED:
