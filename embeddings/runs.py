@@ -1,4 +1,5 @@
-"""Finished runs, newest first, and the rows each owns: the latest finished run wins per URI."""
+"""Finished runs, newest first, and the rows each holds that a collection of them keeps: per URI,
+the latest finished run that looked at it decides (embeddings/collection.py)."""
 
 import argparse
 import datetime
@@ -9,8 +10,9 @@ import numpy as np
 import pyarrow as pa
 
 from embeddings import storage
+from embeddings.collection import vector_sources
 from embeddings.shards import Shard, read_shard
-from run_format import (EMBEDDED, EMBEDDINGS_GLOB, INDEX_GLOB, METADATA_SCHEMA,
+from run_format import (CLAIM_FILE, EMBEDDINGS_GLOB, INDEX_GLOB, METADATA_SCHEMA,
                         PARQUET_EMBEDDINGS_GLOB, SUMMARY_FILE, TFRECORD_EMBEDDINGS_GLOB,
                         TFRECORD_SUFFIXES, IncompatibleRunError, RunSummary)
 
@@ -57,16 +59,6 @@ class Run(NamedTuple):
     return [f.path for f in storage.match(storage.join(self.path, TFRECORD_EMBEDDINGS_GLOB))
             if f.path.endswith(TFRECORD_SUFFIXES)]
 
-  def indexed_uris(self) -> Set[str]:
-    """The URIs the run embedded, from its index without reading any vector."""
-    import pyarrow.parquet as pq
-    uris = set()
-    for index in storage.match(self.index_glob):
-      with storage.open_file(index.path) as f:
-        table = pq.ParquetFile(f).read(columns=['uri', 'outcome']).to_pydict()
-      uris.update(u for u, o in zip(table['uri'], table['outcome']) if o == EMBEDDED)
-    return uris
-
 
 class Embeddings(NamedTuple):
   uris: List[str]
@@ -76,43 +68,47 @@ class Embeddings(NamedTuple):
 
 
 def _run_directories(pattern: str) -> tuple:
-  """(finished runs as summary FileInfos, directories holding shards but no summary)."""
+  """(finished runs as summary FileInfos, directories holding a claim or shards but no summary:
+  runs still going, interrupted or failed)."""
   directory = pattern.rstrip('/')
   if storage.basename(directory) == SUMMARY_FILE:
     directory = storage.dirname(directory)
   summaries = storage.match(storage.join(directory, SUMMARY_FILE))
   finished = {storage.dirname(s.path) for s in summaries}
-  unfinished = sorted({storage.dirname(f.path)
-                       for f in storage.match(storage.join(directory, EMBEDDINGS_GLOB))}
-                      - finished)
-  return summaries, unfinished
+  started = {storage.dirname(f.path) for name in (CLAIM_FILE, EMBEDDINGS_GLOB)
+             for f in storage.match(storage.join(directory, name))}
+  return summaries, sorted(started - finished)
 
 
 def find_runs(paths_or_globs: Union[str, Sequence[str]], missing_ok: bool = False) -> List[Run]:
   """The finished runs under run directories or globs of them, newest first (by `finished_at`).
 
-  A directory with shards but no run_summary.json (a run still going, or one that failed) is
-  skipped with a warning; a path that names no run at all is an error unless `missing_ok` (as for
-  --incremental_from before the first run). A summary older than 0.2.0 raises
-  run_format.IncompatibleRunError.
+  A directory with a claim or shards but no run_summary.json (a run still going, or one that was
+  interrupted or failed) is skipped with one warning each; a path that names no run at all is an
+  error unless `missing_ok` (as for --incremental_from before the first run), and so is finding
+  unfinished runs only. A summary older than 0.2.0 raises run_format.IncompatibleRunError.
   """
   if isinstance(paths_or_globs, str):
     paths_or_globs = [paths_or_globs]
   runs: Dict[str, Run] = {}
+  unfinished: Set[str] = set()
   for pattern in paths_or_globs:
-    summaries, unfinished = _run_directories(pattern)
-    for directory in unfinished:
-      _LOG.warning('ignoring %s: it has no %s, so the run is unfinished or failed',
-                   directory, SUMMARY_FILE)
-    if not summaries and not unfinished and not missing_ok:
-      raise NoRunsError(f'{pattern}: no run there (no {SUMMARY_FILE} and no {EMBEDDINGS_GLOB} '
-                        'shard)')
+    summaries, started = _run_directories(pattern)
+    for directory in set(started) - unfinished:
+      _LOG.warning('ignoring %s: an unfinished run (no %s: still running, interrupted or '
+                   'failed)', directory, SUMMARY_FILE)
+    unfinished.update(started)
+    if not summaries and not started and not missing_ok:
+      raise NoRunsError(f'{pattern}: no run there (no {SUMMARY_FILE}, {CLAIM_FILE} or '
+                        f'{EMBEDDINGS_GLOB} shard)')
     for info in summaries:
       directory = storage.dirname(info.path)
       runs[directory] = Run(directory, RunSummary.from_json(storage.read_bytes(info.path),
                                                             info.path))
   if not runs and not missing_ok:
-    raise NoRunsError(f'no finished run in {", ".join(paths_or_globs)}')
+    held = (f': {", ".join(sorted(unfinished))} holds an unfinished run (no {SUMMARY_FILE}: '
+            'still running, interrupted or failed)') if unfinished else ''
+    raise NoRunsError(f'no finished run in {", ".join(paths_or_globs)}{held}')
   return sorted(runs.values(), key=lambda r: (r.finished_at, r.path), reverse=True)
 
 
@@ -147,39 +143,46 @@ def _check_shard(shard: Shard, run: Run) -> None:
                            f'embeddings, but its run_summary.json says {run.model} {size}-d')
 
 
-def iter_run_shards(runs: Sequence[Run], columns: Optional[Sequence[str]] = None
-                    ) -> Iterator[Shard]:
-  """Each shard's rows that no newer run has: runs must be newest first (as find_runs gives).
+def iter_run_shards(runs: Sequence[Run], columns: Optional[Sequence[str]] = None,
+                    history: bool = False) -> Iterator[Shard]:
+  """The rows of each shard that the collection keeps (embeddings/collection.py; `history`:
+  each URI's newest embedding); runs must be newest first, as find_runs gives them.
 
-  Holds one shard at a time, plus the set of URIs seen so far when there are several runs. A run
-  whose index shows nothing left to contribute is not read at all.
+  Holds one shard at a time, plus, over several runs, the URIs each run supplies (decided from
+  the indexes first). A run that supplies none is not read at all.
   """
-  seen: Set[str] = set()
-  for number, run in enumerate(runs):
-    if number:
-      if not run.indexed_uris() - seen:
-        _LOG.info('skipping %s: every URI it embedded is in a newer run', run.path)
-        continue
+  sources = vector_sources(runs, history) if len(runs) > 1 else None
+  for run in runs:
+    wanted = None if sources is None else sources[run.path]
+    if wanted is not None and not wanted:
+      _LOG.info('not reading %s: none of its embeddings is the latest of its URI', run.path)
+      continue
     for path in run.shard_paths():
       shard = read_shard(path, run.path, columns)
       _check_shard(shard, run)
-      if len(runs) > 1:
-        keep = np.array([u not in seen for u in shard.uris], dtype=bool)
-        seen.update(shard.uris)
+      if wanted is not None:
+        keep = np.array([u in wanted for u in shard.uris], dtype=bool)
+        wanted.difference_update(shard.uris)
         shard = shard.select(keep) if not keep.all() else shard
       if shard.uris:
         yield shard
+    if wanted:
+      _LOG.warning('%s: %d URI(s) its index says it embedded are in no shard (e.g. %s)',
+                   run.path, len(wanted), min(wanted))
 
 
 def _as_list(paths_or_globs: Union[str, Sequence[str]]) -> List[str]:
   return [paths_or_globs] if isinstance(paths_or_globs, str) else list(paths_or_globs)
 
 
-def iter_shards(paths_or_globs: Union[str, Sequence[str]], model: Optional[str] = None
-                ) -> Iterator[Shard]:
-  """Shard by shard (for collections larger than memory): each URI once, from the latest
-  finished run that embedded it. Refuses runs of different models unless `model` picks one."""
-  return iter_run_shards(select_model(find_runs(_as_list(paths_or_globs)), model))
+def iter_shards(paths_or_globs: Union[str, Sequence[str]], model: Optional[str] = None,
+                history: bool = False) -> Iterator[Shard]:
+  """Shard by shard (for collections larger than memory): each URI once, with the vector the
+  latest finished run that looked at it decides (none if it failed there or is gone from the
+  inputs); `history`: each URI's newest embedding, whatever later runs found. Refuses runs of
+  different models unless `model` picks one."""
+  return iter_run_shards(select_model(find_runs(_as_list(paths_or_globs)), model),
+                         history=history)
 
 
 def concatenate(shards: Iterable[Shard], model: str, embedding_size: int = 0) -> Embeddings:
@@ -195,10 +198,12 @@ def concatenate(shards: Iterable[Shard], model: str, embedding_size: int = 0) ->
   return Embeddings(uris, np.concatenate(vectors), pa.concat_tables(tables), model)
 
 
-def load(paths_or_globs: Union[str, Sequence[str]], model: Optional[str] = None) -> Embeddings:
-  """Every URI's latest embedding from one or many runs, in memory."""
+def load(paths_or_globs: Union[str, Sequence[str]], model: Optional[str] = None,
+         history: bool = False) -> Embeddings:
+  """The collection of one or many runs, in memory: as iter_shards, at once."""
   runs = select_model(find_runs(_as_list(paths_or_globs)), model)
-  return concatenate(iter_run_shards(runs), runs[0].model, runs[0].embedding_size)
+  return concatenate(iter_run_shards(runs, history=history), runs[0].model,
+                     runs[0].embedding_size)
 
 
 def command_parser(prog: str, description: str,

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +16,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from run_format import (COLUMNS, DECODE, EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX, INDEX_GLOB,
-                        INDEX_PREFIX, INDEX_SCHEMA, PARQUET_SUFFIX, STAGES, SUMMARY_FILE,
+                        INDEX_PREFIX, INDEX_SCHEMA, PARQUET_SUFFIX, SKIPPED, STAGES, SUMMARY_FILE,
                         RunSummary, embeddings_schema, tfrecord_suffix)
 
 RECIPE = 'compute_dtype=float32;center_crop_fraction=1.0;jpeg_draft=0'
@@ -85,26 +85,37 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def run_summary(directory: str, model: str, embedded: int, embedding_size: int, finished_at: str,
-                failed: int = 0) -> RunSummary:
+                failed: int = 0, inputs=(), input_manifest=()) -> RunSummary:
   """A summary as the pipeline writes it, for a run of an untrained builtin."""
   return RunSummary(
       model=model, model_handle=model.split('@')[0], checkpoint=None, seed=0,
       weights='untrained', compute_dtype='float32', center_crop_fraction=1.0, jpeg_draft=False,
       recipe=RECIPE, pipeline_version='0.2.0',
       embedding_size=embedding_size, image_size=[64, 64],
-      input=[], input_manifest=[], incremental_from=[], output=directory,
+      input=list(inputs), input_manifest=list(input_manifest), incremental_from=[],
+      output=directory,
       output_format='tfrecord', runner='DirectRunner', started_at=finished_at,
       matched=embedded + failed, skipped=0, embedded=embedded, failed=failed,
       failed_by_stage=dict(dict.fromkeys(STAGES, 0), **{DECODE: failed}), example_failures=[],
       files=[], finished_at=finished_at, wall_time_seconds=1.0, images_per_second=None)
 
 
+def _index_row(row: Row, model: str, outcome: str) -> dict:
+  return {'uri': row.uri, 'size_bytes': row.size_bytes, 'last_modified': row.last_modified,
+          'sha256': row.sha256 if outcome == EMBEDDED else None, 'model': model,
+          'recipe': RECIPE, 'outcome': outcome}
+
+
 def write_run(directory: str, run_rows: List[Row], model: str = 'builtin:test@untrained-seed0',
               output_format: str = 'tfrecord', compression: str = 'none', shard_rows: int = 0,
               finished_at: str = '2026-01-01T00:00:00Z', summary: bool = True,
-              full_schema: bool = True, failed_uris=()) -> List[str]:
-  """Writes the run (`summary`: finished); returns the embedding shard paths."""
-  shard_rows = shard_rows or len(run_rows)
+              full_schema: bool = True, failed_uris=(), failed_stage: str = DECODE,
+              skipped_rows: Sequence[Row] = (), inputs=(), input_manifest=(),
+              embedding_size: Optional[int] = None) -> List[str]:
+  """Writes the run (`summary`: finished); returns the embedding shard paths. The index has a row
+  per embedded row, skipped row (the file version an earlier run finished with) and failed URI;
+  the summary records `inputs` (--input) and `input_manifest`."""
+  shard_rows = shard_rows or len(run_rows) or 1
   shards = [run_rows[i:i + shard_rows] for i in range(0, len(run_rows), shard_rows)]
   paths = []
   for number, shard in enumerate(shards):
@@ -123,14 +134,18 @@ def write_run(directory: str, run_rows: List[Row], model: str = 'builtin:test@un
     if output_format in ('parquet', 'both'):
       _put(name + PARQUET_SUFFIX, _parquet_bytes(_table(shard, model)))
       paths.append(name + PARQUET_SUFFIX)
-  outcomes = [(r.uri, EMBEDDED) for r in run_rows] + [(u, DECODE) for u in failed_uris]
+  index = ([_index_row(r, model, EMBEDDED) for r in run_rows] +
+           [_index_row(r, model, SKIPPED) for r in skipped_rows] +
+           [{'uri': u, 'model': model, 'recipe': RECIPE, 'outcome': failed_stage}
+            for u in failed_uris])
   _put(f'{directory}/{INDEX_PREFIX}-00000-of-00001{PARQUET_SUFFIX}', _parquet_bytes(
-      pa.Table.from_pylist([{'uri': u, 'model': model, 'recipe': RECIPE, 'outcome': o}
-                            for u, o in outcomes], INDEX_SCHEMA)))
+      pa.Table.from_pylist(index, INDEX_SCHEMA)))
   if summary:
-    size = len(run_rows[0].embedding) if run_rows else 0
+    if embedding_size is None:
+      embedding_size = len(run_rows[0].embedding) if run_rows else 0
     _put(f'{directory}/{SUMMARY_FILE}', run_summary(
-        directory, model, len(run_rows), size, finished_at, len(failed_uris)).to_json().encode())
+        directory, model, len(run_rows), embedding_size, finished_at, len(failed_uris), inputs,
+        input_manifest).to_json().encode())
   return paths
 
 
