@@ -64,9 +64,8 @@ class Inputs(NamedTuple):
       if glob == len(pattern):
         literals.append(fixed)
       reach.append((pattern, fixed if glob == len(pattern) else fixed[:fixed.rfind('/')]))
-    excludes = getattr(summary, 'exclude', None) or ()  # recorded once --exclude exists
     return cls(frozenset(patterns), tuple(literals), tuple(reach),
-               frozenset(summary.input_manifest), frozenset(excludes))
+               frozenset(summary.input_manifest), frozenset(summary.exclude))
 
   def covers(self, earlier: 'Inputs', uri: str) -> bool:
     """Whether a run with these inputs would have matched `uri`, which a run with `earlier`

@@ -88,6 +88,7 @@ def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
       embedding_size=model_description.feature_size,
       image_size=[model_description.height, model_description.width],
       input=list(embedding.input or []), input_manifest=list(embedding.input_manifest or []),
+      exclude=list(embedding.exclude or []),
       incremental_from=runs, incremental_runs=[glob.rsplit('/', 1)[0] for glob in runs],
       index_carries_forward=True, output=embedding.output, output_format=embedding.output_format,
       runner=options.view_as(StandardOptions).runner or 'DirectRunner', started_at=started_at)

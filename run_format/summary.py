@@ -36,6 +36,7 @@ class RunLaunch:
   image_size: List[int]  # [height, width]
   input: List[str]
   input_manifest: List[str]
+  exclude: List[str] = dataclasses.field(default_factory=list)  # --exclude patterns
   incremental_from: List[str]  # the earlier runs' index globs
   # The earlier runs whose indexes this run read (transforms/incremental.py state_runs), and
   # whether its own index carries their done files forward (so that it supersedes them).
