@@ -2,14 +2,11 @@
 
 Written by the pipeline itself, so a launch that returns at once (a Flex Template, a scheduler)
 still gets one, and counted from the PCollections rather than from metrics, so the counts are exact
-under retries on every runner. Its presence marks a finished run; its `outcome` says whether the
-run stayed within `--max_failed_fraction` ("finished") or not ("too_many_failures"), so that a
-scheduler that never sees the launcher's exit code can still tell.
+under retries on every runner. Its presence marks a finished run.
 """
 
 import datetime
 import json
-import logging
 from typing import Dict
 
 import apache_beam as beam
@@ -19,12 +16,6 @@ from transforms.failures import STAGES
 
 SUMMARY_FILE = 'run_summary.json'
 EXAMPLE_FAILURES = 5
-FINISHED = 'finished'
-TOO_MANY_FAILURES = 'too_many_failures'
-
-
-def outcome(matched: int, failed: int, max_failed_fraction: float) -> str:
-  return TOO_MANY_FAILURES if failed > max_failed_fraction * matched else FINISHED
 
 
 def utc_now() -> str:
@@ -44,7 +35,6 @@ class _WriteSummary(beam.DoFn):
     started = datetime.datetime.fromisoformat(self._static['started_at'])
     wall_time = (datetime.datetime.fromisoformat(finished_at) - started).total_seconds()
     summary = dict(self._static, **{
-        'outcome': outcome(matched, sum(failed.values()), self._static['max_failed_fraction']),
         'matched': matched, 'skipped': skipped, 'embedded': embedded,
         'failed': sum(failed.values()), 'failed_by_stage': failed,
         'example_failures': sorted(examples, key=lambda f: f['uri']),
@@ -54,10 +44,6 @@ class _WriteSummary(beam.DoFn):
     })
     with FileSystems.create(self._path, mime_type='application/json') as f:
       f.write(json.dumps(summary, indent=2).encode())
-    if summary['outcome'] != FINISHED:  # for a log-based alert where nobody reads the exit code
-      logging.error('run outcome: %s: %d of %d matched images failed, more than '
-                    '--max_failed_fraction %s; see %s', summary['outcome'], summary['failed'],
-                    matched, self._static['max_failed_fraction'], self._path)
     yield self._path
 
 
