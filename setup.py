@@ -27,7 +27,8 @@ setuptools.setup(
     version='0.2.0',
     description='PNASNet-5 Large image embeddings at scale with Apache Beam',
     python_requires='>=3.10,<3.13',
-    packages=setuptools.find_packages(include=['pipeline', 'transforms', 'pnasnet', 'embeddings']),
+    packages=setuptools.find_packages(include=['pipeline', 'transforms', 'models', 'pnasnet',
+                                               'embeddings', 'run_format']),
     install_requires=REQUIRED,
     extras_require={'test': TEST},
 )

@@ -10,7 +10,6 @@ memory, and `embeddings.duplicates.find_groups` on a smaller set (its cost grows
 """
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -31,8 +30,12 @@ def _shard_vectors(rng, rows: int) -> np.ndarray:
 def write_runs(scratch: str, vectors: int, shard_rows: int) -> dict:
   import tensorflow as tf
   from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
+  from run_format import SUMMARY_FILE
+  from tests.run_writer import run_summary
   from transforms.embed import Embedding
+  from transforms.provenance import Provenance
   from transforms.write import embeddings_to_record_batch
+  provenance = Provenance(MODEL, 'untrained seed 0', 'compute_dtype=float32', 'benchmark')
   encoder = RecordBatchToExamplesEncoder()
   rng = np.random.default_rng(0)
   shards = -(-vectors // shard_rows)
@@ -51,14 +54,14 @@ def write_runs(scratch: str, vectors: int, shard_rows: int) -> dict:
         'model': [MODEL] * rows,
         'embedding': pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), DIMENSION),
     }), os.path.join(runs['parquet'], name + '.parquet'))
-    batch = embeddings_to_record_batch([Embedding(u, '0' * 64, 480, 640, MODEL, v)
-                                        for u, v in zip(uris, matrix)])
+    batch = embeddings_to_record_batch([Embedding(u, '0' * 64, 480, 640, 100_000, None, MODEL, v)
+                                        for u, v in zip(uris, matrix)], provenance)
     with tf.io.TFRecordWriter(os.path.join(runs['tfrecord'], name + '.tfrecord')) as writer:
       for example in encoder.encode(batch):
         writer.write(example)
   for directory in runs.values():
-    with open(os.path.join(directory, 'run_summary.json'), 'w') as f:
-      json.dump({'model': MODEL, 'embedding_size': DIMENSION, 'embedded': vectors}, f)
+    with open(os.path.join(directory, SUMMARY_FILE), 'w') as f:
+      f.write(run_summary(directory, MODEL, vectors, DIMENSION, '2026-01-01T00:00:00Z').to_json())
   return runs
 
 

@@ -45,19 +45,21 @@ def write_jpegs(folder: str, count: int) -> None:
 
 
 def bare_model(folder: str, handle: str, batch_size: int) -> dict:
+  from models.description import describe_model
+  from models.loading import load_embedding_model
   from transforms.decode import decode_and_resize
-  from transforms.models import describe_model, load_model
   started = time.perf_counter()
-  description = describe_model(handle)
-  model = load_model(handle)
+  model_description = describe_model(handle)
+  embedding_model = load_embedding_model(handle)
   loaded = time.perf_counter()
   paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
   for start in range(0, len(paths), batch_size):
     batch = []
     for path in paths[start:start + batch_size]:
       with open(path, 'rb') as f:
-        batch.append(decode_and_resize(f.read(), description.height, description.width)[2])
-    model.embed(np.stack(batch))
+        batch.append(decode_and_resize(f.read(), model_description.height,
+                                       model_description.width)[2])
+    embedding_model.embed(np.stack(batch))
   finished = time.perf_counter()
   return {'images': len(paths), 'seconds': finished - started,
           'images_per_second': len(paths) / (finished - started),
@@ -84,7 +86,7 @@ class InstantModel:
 
 
 def _shared_instant_model():
-  from transforms.shared_batches import SharedBatchModel
+  from models.shared_batches import SharedBatchModel
   return SharedBatchModel(InstantModel())
 
 
@@ -92,7 +94,7 @@ def micro(batch_size: int, seconds: float) -> dict:
   """Images/s from this process to a model in another that returns at once: through shared
   memory, and pickled through Beam's proxy (the path before shared memory)."""
   from apache_beam.utils.multi_process_shared import MultiProcessShared
-  from transforms.shared_batches import embed_batch
+  from models.shared_batches import embed_batch
   images = list(np.random.default_rng(0).random((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3),
                                                 dtype=np.float32))
   paths = {

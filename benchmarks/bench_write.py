@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from transforms.embed import Embedding
+from transforms.provenance import Provenance
 from transforms.write import embeddings_to_record_batch
 
 
@@ -33,14 +34,16 @@ def main() -> None:
   args = parser.parse_args()
   from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
   rng = np.random.default_rng(0)
-  batch = [Embedding(f'gs://bucket/photos/{i:08d}.jpg', f'{i:064x}', 480, 640,
+  batch = [Embedding(f'gs://bucket/photos/{i:08d}.jpg', f'{i:064x}', 480, 640, 100_000, None,
                      'builtin:pnasnet_large', rng.random(4320, dtype=np.float32))
            for i in range(args.batch)]
+  provenance = Provenance('builtin:pnasnet_large', 'untrained seed 0', 'compute_dtype=float32',
+                          'benchmark')
   encoder = RecordBatchToExamplesEncoder()
-  fast = encoder.encode(embeddings_to_record_batch(batch))
+  fast = encoder.encode(embeddings_to_record_batch(batch, provenance))
   assert fast[0] and len(fast) == args.batch
   for name, encode in (('tfx-bsl RecordBatchToExamplesEncoder',
-                        lambda: encoder.encode(embeddings_to_record_batch(batch))),
+                        lambda: encoder.encode(embeddings_to_record_batch(batch, provenance))),
                        ('tf.train.Example in Python', lambda: [python_example(e) for e in batch])):
     started = time.perf_counter()
     for _ in range(args.repeats):

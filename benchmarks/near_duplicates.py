@@ -47,9 +47,9 @@ def main() -> None:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--checkpoint', help='TF-Slim checkpoint of a builtin: model')
   args = parser.parse_args()
+  from models.loading import load_embedding_model
   from transforms.decode import decode_and_resize
-  from transforms.models import load_model
-  model = load_model(args.model, args.checkpoint, seed=args.seed)
+  model = load_embedding_model(args.model, args.checkpoint, seed=args.seed)
   description = model.describe()
   names, photo_of, pixels = [], [], []
   for name, data in sample_photos().items():

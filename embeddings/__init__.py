@@ -9,7 +9,9 @@ No Beam needed to import this package; gs:// and s3:// paths go through Beam's F
 
 from embeddings.runs import (Embeddings, MixedModelsError, NoRunsError, Run, find_runs,
                              iter_shards, load, select_model)
-from embeddings.shards import METADATA_SCHEMA, CorruptShardError, Shard
+from embeddings.shards import CorruptShardError, Shard
+from run_format import METADATA_SCHEMA, IncompatibleRunError
 
-__all__ = ['CorruptShardError', 'Embeddings', 'METADATA_SCHEMA', 'MixedModelsError',
-           'NoRunsError', 'Run', 'Shard', 'find_runs', 'iter_shards', 'load', 'select_model']
+__all__ = ['CorruptShardError', 'Embeddings', 'IncompatibleRunError', 'METADATA_SCHEMA',
+           'MixedModelsError', 'NoRunsError', 'Run', 'Shard', 'find_runs', 'iter_shards', 'load',
+           'select_model']

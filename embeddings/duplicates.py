@@ -24,9 +24,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from embeddings import sheet, storage
-from embeddings.runs import (Embeddings, MixedModelsError, NoRunsError, command_parser,
-                             concatenate, find_runs, iter_run_shards, parse_command,
-                             select_model)
+from embeddings.runs import (RUN_ERRORS, Embeddings, command_parser, concatenate, find_runs,
+                             iter_run_shards, parse_command, select_model)
 from embeddings.similarity import unit_rows
 
 # Between the copies' lowest and the other photos' highest cosine, seeds 0 and 1 (mobile: 0).
@@ -156,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
   args = parse_command(parser, argv)
   try:
     runs = select_model(find_runs(args.runs), args.model)
-  except (NoRunsError, MixedModelsError) as exc:
+  except RUN_ERRORS as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
   collection = concatenate(iter_run_shards(runs), runs[0].model)

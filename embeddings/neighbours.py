@@ -16,8 +16,8 @@ from typing import List, NamedTuple, Optional, Sequence
 import numpy as np
 
 from embeddings import sheet, storage
-from embeddings.runs import (MixedModelsError, NoRunsError, Run, command_parser, find_runs,
-                             iter_run_shards, parse_command, select_model)
+from embeddings.runs import (RUN_ERRORS, Run, command_parser, find_runs, iter_run_shards,
+                             parse_command, select_model)
 from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour, nearest
 
@@ -111,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
   try:
     runs = select_model(find_runs(args.runs), args.model)
     query = find_query(runs, args.query)
-  except (NoRunsError, MixedModelsError, QueryError) as exc:
+  except RUN_ERRORS + (QueryError,) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
   neighbours = search(runs, query, args.k)

@@ -2,7 +2,6 @@
 
 import argparse
 import datetime
-import json
 import logging
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Union
 
@@ -10,9 +9,11 @@ import numpy as np
 import pyarrow as pa
 
 from embeddings import storage
-from embeddings.shards import METADATA_SCHEMA, Shard, read_shard
+from embeddings.shards import Shard, read_shard
+from run_format import (EMBEDDED, EMBEDDINGS_GLOB, INDEX_GLOB, METADATA_SCHEMA,
+                        PARQUET_EMBEDDINGS_GLOB, SUMMARY_FILE, TFRECORD_EMBEDDINGS_GLOB,
+                        TFRECORD_SUFFIXES, IncompatibleRunError, RunSummary)
 
-SUMMARY_FILE = 'run_summary.json'
 _LOG = logging.getLogger(__name__)
 
 
@@ -24,52 +25,54 @@ class MixedModelsError(ValueError):
   """The runs hold embeddings of different models or sizes, which must not be compared."""
 
 
+# What the commands report as bad --runs (exit 2).
+RUN_ERRORS = (NoRunsError, MixedModelsError, IncompatibleRunError)
+
+
 class Run(NamedTuple):
   path: str  # the run directory
-  summary: dict
-  finished_at: datetime.datetime  # UTC: `finished_at`, else the summary file's modification time
+  summary: RunSummary
 
   @property
   def model(self) -> str:
-    return self.summary.get('model', '')
+    return self.summary.model
 
   @property
-  def embedding_size(self) -> Optional[int]:
-    return self.summary.get('embedding_size')
+  def embedding_size(self) -> int:
+    return self.summary.embedding_size
+
+  @property
+  def finished_at(self) -> datetime.datetime:
+    return self.summary.finished
+
+  @property
+  def index_glob(self) -> str:
+    return storage.join(self.path, INDEX_GLOB)
 
   def shard_paths(self) -> List[str]:
     """Parquet shards when the run has them (columnar: fastest to read), else TFRecords."""
-    parquet = storage.match(storage.join(self.path, 'embeddings-*.parquet'))
+    parquet = storage.match(storage.join(self.path, PARQUET_EMBEDDINGS_GLOB))
     if parquet:
       return [f.path for f in parquet]
-    return [f.path for f in storage.match(storage.join(self.path, 'embeddings-*.tfrecord*'))
-            if f.path.endswith(('.tfrecord', '.tfrecord.gz'))]
+    return [f.path for f in storage.match(storage.join(self.path, TFRECORD_EMBEDDINGS_GLOB))
+            if f.path.endswith(TFRECORD_SUFFIXES)]
 
-  def indexed_uris(self) -> Optional[Set[str]]:
-    """The URIs the run embedded, from its index-*.parquet without reading any vector; None
-    when the run has no index."""
-    indexes = storage.match(storage.join(self.path, 'index-*.parquet'))
-    if not indexes:
-      return None
+  def indexed_uris(self) -> Set[str]:
+    """The URIs the run embedded, from its index without reading any vector."""
     import pyarrow.parquet as pq
     uris = set()
-    for index in indexes:
+    for index in storage.match(self.index_glob):
       with storage.open_file(index.path) as f:
         table = pq.ParquetFile(f).read(columns=['uri', 'outcome']).to_pydict()
-      uris.update(u for u, o in zip(table['uri'], table['outcome']) if o == 'embedded')
+      uris.update(u for u, o in zip(table['uri'], table['outcome']) if o == EMBEDDED)
     return uris
 
 
 class Embeddings(NamedTuple):
   uris: List[str]
   vectors: np.ndarray  # float32 [images, dimension]
-  metadata: pa.Table  # one row per URI, in the same order (see shards.METADATA_SCHEMA)
+  metadata: pa.Table  # one row per URI, in the same order (see run_format.METADATA_SCHEMA)
   model: str
-
-
-def _parse_time(text: str) -> datetime.datetime:
-  parsed = datetime.datetime.fromisoformat(text.replace('Z', '+00:00'))
-  return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc)
 
 
 def _run_directories(pattern: str) -> tuple:
@@ -80,16 +83,18 @@ def _run_directories(pattern: str) -> tuple:
   summaries = storage.match(storage.join(directory, SUMMARY_FILE))
   finished = {storage.dirname(s.path) for s in summaries}
   unfinished = sorted({storage.dirname(f.path)
-                       for f in storage.match(storage.join(directory, 'embeddings-*'))}
+                       for f in storage.match(storage.join(directory, EMBEDDINGS_GLOB))}
                       - finished)
   return summaries, unfinished
 
 
-def find_runs(paths_or_globs: Union[str, Sequence[str]]) -> List[Run]:
-  """The finished runs under run directories or globs of them, newest first.
+def find_runs(paths_or_globs: Union[str, Sequence[str]], missing_ok: bool = False) -> List[Run]:
+  """The finished runs under run directories or globs of them, newest first (by `finished_at`).
 
   A directory with shards but no run_summary.json (a run still going, or one that failed) is
-  skipped with a warning; a path that names no run at all is an error.
+  skipped with a warning; a path that names no run at all is an error unless `missing_ok` (as for
+  --incremental_from before the first run). A summary older than 0.2.0 raises
+  run_format.IncompatibleRunError.
   """
   if isinstance(paths_or_globs, str):
     paths_or_globs = [paths_or_globs]
@@ -99,15 +104,14 @@ def find_runs(paths_or_globs: Union[str, Sequence[str]]) -> List[Run]:
     for directory in unfinished:
       _LOG.warning('ignoring %s: it has no %s, so the run is unfinished or failed',
                    directory, SUMMARY_FILE)
-    if not summaries and not unfinished:
-      raise NoRunsError(f'{pattern}: no run there (no {SUMMARY_FILE} and no embeddings-* shard)')
+    if not summaries and not unfinished and not missing_ok:
+      raise NoRunsError(f'{pattern}: no run there (no {SUMMARY_FILE} and no {EMBEDDINGS_GLOB} '
+                        'shard)')
     for info in summaries:
-      summary = json.loads(storage.read_bytes(info.path))
-      finished = summary.get('finished_at')
       directory = storage.dirname(info.path)
-      runs[directory] = Run(directory, summary,
-                            _parse_time(finished) if finished else info.modified)
-  if not runs:
+      runs[directory] = Run(directory, RunSummary.from_json(storage.read_bytes(info.path),
+                                                            info.path))
+  if not runs and not missing_ok:
     raise NoRunsError(f'no finished run in {", ".join(paths_or_globs)}')
   return sorted(runs.values(), key=lambda r: (r.finished_at, r.path), reverse=True)
 
@@ -138,7 +142,7 @@ def _check_shard(shard: Shard, run: Run) -> None:
   models = set(shard.metadata.column('model').unique().to_pylist()) - {None}
   size = run.embedding_size
   dimension = shard.vectors.shape[1]  # 0 when only metadata columns were read
-  if models - {run.model} or (size is not None and dimension and dimension != size):
+  if models - {run.model} or (dimension and dimension != size):
     raise MixedModelsError(f'{shard.path} holds {sorted(models)} {dimension}-d '
                            f'embeddings, but its run_summary.json says {run.model} {size}-d')
 
@@ -153,8 +157,7 @@ def iter_run_shards(runs: Sequence[Run], columns: Optional[Sequence[str]] = None
   seen: Set[str] = set()
   for number, run in enumerate(runs):
     if number:
-      indexed = run.indexed_uris()
-      if indexed is not None and not indexed - seen:
+      if not run.indexed_uris() - seen:
         _LOG.info('skipping %s: every URI it embedded is in a newer run', run.path)
         continue
     for path in run.shard_paths():

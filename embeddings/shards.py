@@ -1,7 +1,8 @@
 """One shard file (TFRecord plain or gzip, or Parquet) -> URIs, float32 matrix, metadata table.
 
-Both formats come out alike: the metadata is an Arrow table with the columns of METADATA_SCHEMA,
-null where a shard lacks a column (the features added after the first release are optional).
+Both formats come out alike: the metadata is an Arrow table with the columns of
+run_format.METADATA_SCHEMA, null where the writer had no value (an Example then leaves the
+feature out).
 """
 
 import gzip
@@ -12,28 +13,9 @@ import numpy as np
 import pyarrow as pa
 
 from embeddings import storage
+from run_format import (EMBEDDING, GZIP_SUFFIX, METADATA_COLUMNS, METADATA_SCHEMA, PARQUET_SUFFIX,
+                        RUN_COLUMN, from_example_batch)
 
-METADATA_SCHEMA = pa.schema([
-    ('uri', pa.string()),
-    ('sha256', pa.string()),
-    ('height', pa.int64()),
-    ('width', pa.int64()),
-    ('size_bytes', pa.int64()),
-    ('last_modified', pa.timestamp('us', tz='UTC')),
-    ('model', pa.string()),
-    ('weights', pa.string()),
-    ('recipe', pa.string()),
-    ('pipeline_version', pa.string()),
-    ('run', pa.string()),  # the run directory the row was read from
-])
-# tf.train.Example feature -> metadata column.
-TFRECORD_FEATURES = {
-    'image/uri': 'uri', 'image/sha256': 'sha256', 'image/height': 'height',
-    'image/width': 'width', 'image/size_bytes': 'size_bytes',
-    'image/last_modified': 'last_modified', 'model': 'model', 'model/weights': 'weights',
-    'embedding/recipe': 'recipe', 'pipeline/version': 'pipeline_version',
-}
-PARQUET_COLUMNS = [field.name for field in METADATA_SCHEMA if field.name != 'run']
 _MASK_DELTA = 0xa282ead8
 
 
@@ -45,7 +27,7 @@ class Shard(NamedTuple):
   path: str
   uris: List[str]
   vectors: np.ndarray  # float32 [rows, dimension]
-  metadata: pa.Table  # METADATA_SCHEMA, one row per URI
+  metadata: pa.Table  # run_format.METADATA_SCHEMA, one row per URI
 
   def select(self, keep: np.ndarray) -> 'Shard':
     """The rows where the boolean mask `keep` is set."""
@@ -87,7 +69,7 @@ def tfrecords(f, path: str) -> Iterator[bytes]:
 def _metadata(columns: dict, rows: int, run: str) -> pa.Table:
   arrays = []
   for field in METADATA_SCHEMA:
-    if field.name == 'run':
+    if field.name == RUN_COLUMN:
       arrays.append(pa.array([run] * rows, pa.string()))
     elif field.name in columns and columns[field.name] is not None:
       arrays.append(columns[field.name].cast(field.type))
@@ -108,24 +90,15 @@ def _read_tfrecord(path: str, run: str) -> Shard:
   import pyarrow.compute as pc
   from tfx_bsl.coders.example_coder import ExamplesToRecordBatchDecoder
   with storage.open_file(path) as raw:
-    f = gzip.GzipFile(fileobj=raw) if path.endswith('.gz') else raw
+    f = gzip.GzipFile(fileobj=raw) if path.endswith(GZIP_SUFFIX) else raw
     records = list(tfrecords(f, path))
   if not records:
     return Shard(path, [], np.zeros((0, 0), np.float32), _metadata({}, 0, run))
   batch = ExamplesToRecordBatchDecoder().DecodeBatch(records)
   del records
-  columns = {}
-  for feature, column in TFRECORD_FEATURES.items():
-    if feature in batch.schema.names:
-      values = pc.list_element(batch.column(feature), 0)
-      if column == 'last_modified':
-        values = values.cast(pa.int64()).cast(pa.timestamp('us', tz='UTC'))
-      elif pa.types.is_large_binary(values.type) or pa.types.is_binary(values.type):
-        values = values.cast(pa.large_string())
-      columns[column] = values
-  embedding = batch.column('embedding')
+  embedding = batch.column(EMBEDDING)
   sizes = pc.list_value_length(embedding).to_numpy(zero_copy_only=False)
-  metadata = _metadata(columns, batch.num_rows, run)
+  metadata = _metadata(from_example_batch(batch), batch.num_rows, run)
   return Shard(path, metadata.column('uri').to_pylist(),
                _matrix(embedding.flatten(), sizes, path), metadata)
 
@@ -135,12 +108,12 @@ def _read_parquet(path: str, run: str, columns: Optional[Sequence[str]]) -> Shar
   with storage.open_file(path) as f:
     parquet = pq.ParquetFile(f)
     available = set(parquet.schema_arrow.names)
-    wanted = [c for c in (columns or PARQUET_COLUMNS + ['embedding']) if c in available]
+    wanted = [c for c in (columns or METADATA_COLUMNS + [EMBEDDING]) if c in available]
     table = parquet.read(columns=wanted)
-  metadata = _metadata({c: table.column(c) for c in PARQUET_COLUMNS if c in table.column_names},
+  metadata = _metadata({c: table.column(c) for c in METADATA_COLUMNS if c in table.column_names},
                        table.num_rows, run)
-  if 'embedding' in table.column_names:
-    embedding = table.column('embedding').combine_chunks()
+  if EMBEDDING in table.column_names:
+    embedding = table.column(EMBEDDING).combine_chunks()
     if pa.types.is_fixed_size_list(embedding.type):
       sizes = np.full(len(embedding), embedding.type.list_size)
     else:
@@ -153,7 +126,7 @@ def _read_parquet(path: str, run: str, columns: Optional[Sequence[str]]) -> Shar
 
 
 def is_parquet(path: str) -> bool:
-  return path.endswith('.parquet')
+  return path.endswith(PARQUET_SUFFIX)
 
 
 def read_shard(path: str, run: str, columns: Optional[Sequence[str]] = None) -> Shard:

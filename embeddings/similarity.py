@@ -11,7 +11,7 @@ class Neighbour(NamedTuple):
   rank: int  # 1 is the nearest
   score: float  # cosine similarity to the query
   uri: str
-  metadata: dict  # the row of shards.METADATA_SCHEMA
+  metadata: dict  # the row of run_format.METADATA_SCHEMA
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:

@@ -5,12 +5,13 @@ from typing import Dict, Sequence
 
 import apache_beam as beam
 
+from models.description import ModelDescription
 from pipeline.options import EmbeddingOptions
+from run_format import RunLaunch
 from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages, ImageEmbeddingModelHandler
 from transforms.failures import FAILURES_TAG
 from transforms.incremental import SkipUnchanged
-from transforms.models import ModelDescription
 from transforms.provenance import Provenance
 from transforms.read import MatchFiles, ReadImages
 from transforms.summary import WriteRunSummary
@@ -26,22 +27,23 @@ class DecodeAndEmbed(beam.PTransform):
   (tens to hundreds of KB each) cross to the GPU workers, not the decoded float32 pixels
   (1.3 MB each at 331x331): the GPU workers' own CPUs decode."""
 
-  def __init__(self, options: EmbeddingOptions, model: ModelDescription):
+  def __init__(self, options: EmbeddingOptions, model_description: ModelDescription):
     super().__init__()
     self._options = options
-    self._model = model
+    self._model_description = model_description
 
   def expand(self, images):
     options = self._options
     decoded = images | 'DecodeImages' >> DecodeImages(
-        self._model.height, self._model.width, center_crop_fraction=options.center_crop_fraction,
+        self._model_description.height, self._model_description.width,
+        center_crop_fraction=options.center_crop_fraction,
         max_image_pixels=options.max_image_pixels, jpeg_draft=options.jpeg_draft)
     handler = ImageEmbeddingModelHandler(
         options.model, checkpoint=options.checkpoint, seed=options.seed,
         compute_dtype=options.compute_dtype, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, large_model=options.large_model,
         model_copies=options.model_copies, jit_compile=options.jit_compile,
-        model_id=self._model.model_id)
+        model_id=self._model_description.model_id)
     embedded = decoded.decoded | 'EmbedImages' >> EmbedImages(handler)
     failures = ((decoded[FAILURES_TAG], embedded[FAILURES_TAG])
                 | 'Failures' >> beam.Flatten())
@@ -53,9 +55,9 @@ def _resource_hints(options: EmbeddingOptions) -> Dict[str, str]:
   return {name: value for name, value in hints.items() if value}
 
 
-def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions, model: ModelDescription,
-                   provenance: Provenance, summary_fields: Dict,
-                   incremental_indexes: Sequence[str] = ()) -> None:
+def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
+                   model_description: ModelDescription, provenance: Provenance,
+                   summary_fields: RunLaunch, incremental_indexes: Sequence[str] = ()) -> None:
   """`summary_fields`: what run_summary.json says beside the counts (launch time, options)."""
   matched = pipeline | 'MatchFiles' >> MatchFiles(options.input or (),
                                                   options.input_manifest or ())
@@ -67,14 +69,14 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions, model: Mo
   else:
     to_read, skipped = refs, pipeline | 'NothingSkipped' >> beam.Create([])
   read = to_read | 'ReadImages' >> ReadImages(options.max_file_bytes)
-  embedded = read.images | GPU_STEP >> DecodeAndEmbed(options, model).with_resource_hints(
-      **_resource_hints(options))
+  embedded = read.images | GPU_STEP >> DecodeAndEmbed(
+      options, model_description).with_resource_hints(**_resource_hints(options))
   embeddings = embedded['embeddings']
   failures = ((matched[FAILURES_TAG], read[FAILURES_TAG], embedded[FAILURES_TAG])
               | 'AllFailures' >> beam.Flatten())
 
   embedding_files = embeddings | 'WriteEmbeddings' >> WriteEmbeddings(
-      options.output, provenance, model.feature_size, num_shards=options.num_shards,
+      options.output, provenance, model_description.feature_size, num_shards=options.num_shards,
       compression=options.compression, output_format=options.output_format)
   failure_files = failures | 'WriteFailures' >> WriteFailures(options.output,
                                                               num_shards=options.num_shards)

@@ -17,23 +17,26 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
                                                   TestOptions, WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
+from models.description import ModelDescription, describe_model
+from models.handles import ModelLoadError
+from embeddings.runs import find_runs
 from pipeline.build import build_pipeline
 from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
                               check_known_flags, expand_output, validate)
-from pipeline.output_dir import (CLAIM_FILE, OutputExistsError, OutputNotWritableError,
-                                 check_output_is_new, claim_output, stale_temp_files)
+from pipeline.output_dir import (OutputExistsError, OutputNotWritableError, check_output_is_new,
+                                 claim_output, stale_temp_files)
+from run_format import (CLAIM_FILE, FAILURES_PREFIX, FAILURES_SUFFIX, SUMMARY_FILE, TEMP_FOLDERS,
+                        IncompatibleRunError, RunLaunch, RunSummary, shard_glob, utc_now)
 from transforms import quiet_logs
-from transforms.models import ModelLoadError, describe_model, weights_identity
 from transforms.provenance import Provenance, project_version, recipe
 from transforms.read import (NoInputError, check_inputs_match, check_manifests_exist,
                              normalize_input)
-from transforms.summary import SUMMARY_FILE, utc_now
 
 PROJECT_SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   'setup.py')
 RESOURCE_HINT_NAMES = {'beam:resources:accelerator:v1': 'accelerator',
                        'beam:resources:min_ram_bytes:v1': 'min_ram_bytes'}
-# Beam's chatter that reads like a problem on every run (see README, "Log messages").
+# Beam's chatter that reads like a problem on every run (see docs/running.md, "Log messages").
 QUIET_LOGGERS = ('apache_beam.io.iobase',)
 
 
@@ -60,40 +63,29 @@ def _prepare_remote_workers(options: PipelineOptions) -> None:
 
 
 def finished_run_indexes(run_globs: List[str], output: str) -> List[str]:
-  """Index patterns of the finished runs among `run_globs` (those with run_summary.json)."""
-  summaries = FileSystems.match([g.rstrip('/') + '/' + SUMMARY_FILE for g in run_globs])
-  runs = sorted({m.path[:-len(SUMMARY_FILE) - 1] for r in summaries for m in r.metadata_list})
-  runs = [run for run in runs if run.rstrip('/') != output.rstrip('/')]
-  indexed = []
-  for run in runs:
-    pattern = FileSystems.join(run, 'index-*.parquet')
-    if FileSystems.match([pattern])[0].metadata_list:
-      indexed.append(pattern)
-    else:
-      logging.warning('--incremental_from: %s has no index (written by an older version); its '
-                      'images are embedded again', run)
-  logging.info('--incremental_from: %d finished runs with an index', len(indexed))
-  return indexed
+  """Index globs of the finished runs among `run_globs` but `output` itself; none is fine (the
+  first of nightly runs)."""
+  runs = find_runs(run_globs, missing_ok=True) if run_globs else []
+  indexes = sorted(run.index_glob for run in runs if run.path != output.rstrip('/'))
+  logging.info('--incremental_from: %d finished runs', len(indexes))
+  return indexes
 
 
-def _summary_fields(embedding: EmbeddingOptions, options: PipelineOptions, model,
-                    provenance: Provenance, started_at: str, runs: List[str]) -> Dict:
-  return {
-      'model': provenance.model, 'model_handle': embedding.model,
-      'checkpoint': embedding.checkpoint,
-      'seed': embedding.seed if not embedding.checkpoint else None,
-      'weights': provenance.weights, 'compute_dtype': embedding.compute_dtype,
-      'center_crop_fraction': embedding.center_crop_fraction,
-      'jpeg_draft': embedding.jpeg_draft, 'jit_compile': embedding.jit_compile,
-      'recipe': provenance.recipe,
-      'pipeline_version': provenance.version,
-      'embedding_size': model.feature_size, 'image_size': [model.height, model.width],
-      'input': list(embedding.input or []), 'input_manifest': list(embedding.input_manifest or []),
-      'incremental_from': runs, 'output': embedding.output,
-      'output_format': embedding.output_format,
-      'runner': options.view_as(StandardOptions).runner or 'DirectRunner',
-      'started_at': started_at,
-  }
+def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
+                  model_description: ModelDescription, provenance: Provenance, started_at: str, runs: List[str]) -> RunLaunch:
+  """What the claim and run_summary.json say of the run beside the counts."""
+  return RunLaunch(
+      model=provenance.model, model_handle=embedding.model, checkpoint=embedding.checkpoint,
+      seed=embedding.seed if not embedding.checkpoint else None,
+      weights=provenance.weights, compute_dtype=embedding.compute_dtype,
+      center_crop_fraction=embedding.center_crop_fraction,
+      jpeg_draft=embedding.jpeg_draft, jit_compile=embedding.jit_compile,
+      recipe=provenance.recipe, pipeline_version=provenance.version,
+      embedding_size=model_description.feature_size,
+      image_size=[model_description.height, model_description.width],
+      input=list(embedding.input or []), input_manifest=list(embedding.input_manifest or []),
+      incremental_from=runs, output=embedding.output, output_format=embedding.output_format,
+      runner=options.view_as(StandardOptions).runner or 'DirectRunner', started_at=started_at)
 
 
 def describe_job(result, options: PipelineOptions) -> Dict:
@@ -137,19 +129,21 @@ def _print_dry_run(description: Dict, job_file: Optional[str]) -> None:
     print(f'job description written to {job_file}')
 
 
-def read_summary(output: str) -> Dict:
-  with FileSystems.open(FileSystems.join(output, SUMMARY_FILE)) as f:
-    return json.loads(f.read())
+def read_summary(output: str) -> RunSummary:
+  path = FileSystems.join(output, SUMMARY_FILE)
+  with FileSystems.open(path) as f:
+    return RunSummary.from_json(f.read(), path)
 
 
-def _check_something_embedded(summary: Dict) -> None:
-  attempted = summary['matched'] - summary['skipped']
-  if attempted > 0 and summary['embedded'] == 0:
+def _check_something_embedded(summary: RunSummary) -> None:
+  attempted = summary.matched - summary.skipped
+  if attempted > 0 and summary.embedded == 0:
     examples = '; '.join(f'{f["uri"]}: {f["stage"]} {f["error"]}: {f["message"][:200]}'
-                         for f in summary['example_failures'][:3])
+                         for f in summary.example_failures[:3])
     raise NothingEmbeddedError(f'{attempted} files were tried and none was embedded (failed by '
-                               f'stage: {summary["failed_by_stage"]}). For example: {examples}. '
-                               f'All reasons are in {summary["output"]}/failures-*.jsonl')
+                               f'stage: {summary.failed_by_stage}). For example: {examples}. '
+                               f'All reasons are in {summary.output}/'
+                               f'{shard_glob(FAILURES_PREFIX, FAILURES_SUFFIX)}')
 
 
 def run(argv: Optional[List[str]] = None) -> Dict:
@@ -167,29 +161,29 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   FileSystems.set_options(options)  # the checks below read storage with the run's credentials
   embedding.input = [normalize_input(p) for p in embedding.input or []]
   embedding.input_manifest = [normalize_input(p) for p in embedding.input_manifest or []]
-  model = describe_model(embedding.model, embedding.checkpoint, embedding.seed,
-                         embedding.compute_dtype)
+  model_description = describe_model(embedding.model, embedding.checkpoint, embedding.seed,
+                                     embedding.compute_dtype)
   provenance = Provenance(
-      model.model_id, weights_identity(embedding.model, embedding.checkpoint, embedding.seed),
+      model_description.model_id, model_description.weights,
       recipe(embedding.compute_dtype, embedding.center_crop_fraction, embedding.jpeg_draft,
              embedding.jit_compile),
       project_version())
   check_inputs_match(embedding.input)
   check_manifests_exist(embedding.input_manifest)
   indexes = finished_run_indexes(embedding.incremental_from or [], embedding.output)
-  fields = _summary_fields(embedding, options, model, provenance, started_at, indexes)
+  launch = launch_record(embedding, options, model_description, provenance, started_at, indexes)
   dry_run = options.view_as(TestOptions).dry_run
   if dry_run:
     check_output_is_new(embedding.output)
   else:
-    claim_output(embedding.output, fields, options, embedding.clean_unfinished)
+    claim_output(embedding.output, launch.to_dict(), options, embedding.clean_unfinished)
   _prepare_remote_workers(options)
   logging.info('embedding %s with %s (%dx%d -> %d) into %s', embedding.input or
-               embedding.input_manifest, model.model_id, model.height, model.width,
-               model.feature_size, embedding.output)
+               embedding.input_manifest, model_description.model_id, model_description.height,
+               model_description.width, model_description.feature_size, embedding.output)
 
   try:
-    return _run_pipeline(options, embedding, model, provenance, fields, indexes)
+    return _run_pipeline(options, embedding, model_description, provenance, launch, indexes)
   except KeyboardInterrupt as exc:
     raise InterruptedRun(_interrupted(embedding.output)) from exc
   except RuntimeError as exc:
@@ -198,10 +192,10 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     raise
 
 
-def _run_pipeline(options, embedding, model, provenance, fields, indexes) -> Dict:
+def _run_pipeline(options, embedding, model_description, provenance, launch, indexes) -> Dict:
   dry_run = options.view_as(TestOptions).dry_run
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, embedding, model, provenance, fields, indexes)
+  build_pipeline(pipeline, embedding, model_description, provenance, launch, indexes)
   result = pipeline.run()
   if dry_run and hasattr(result, 'job'):
     description = describe_job(result, options)
@@ -217,7 +211,7 @@ def _run_pipeline(options, embedding, model, provenance, fields, indexes) -> Dic
                               f'{SUMMARY_FILE} and counts as unfinished')
   summary = read_summary(embedding.output)
   _check_something_embedded(summary)
-  return summary
+  return summary.to_dict()
 
 
 def print_help(show_beam_options: bool) -> None:
@@ -234,7 +228,7 @@ def print_help(show_beam_options: bool) -> None:
 
 def _interrupted(output: str) -> str:
   temp = stale_temp_files(output)
-  left = f'{CLAIM_FILE}' + (f' and {len(temp)} partial files in beam-temp-*' if temp else '')
+  left = CLAIM_FILE + (f' and {len(temp)} partial files in {TEMP_FOLDERS}' if temp else '')
   return (f'interrupted: {output} holds an unfinished run ({left}, no {SUMMARY_FILE}); rerun '
           'with a new --output, or the same one with --clean_unfinished')
 
@@ -256,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   try:
     summary = run(argv)
   except (OptionsError, NoInputError, ModelLoadError, OutputExistsError,
-          OutputNotWritableError) as exc:
+          OutputNotWritableError, IncompatibleRunError) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
   except (PipelineFailedError, NothingEmbeddedError) as exc:

@@ -10,12 +10,12 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
                                                   _BeamArgumentParser)
 
-from transforms.models import (COMPUTE_DTYPES, DEFAULT_MODEL, ModelLoadError,
-                               check_model_options)
+from models.description import check_model_options
+from models.handles import COMPUTE_DTYPES, DEFAULT_MODEL_HANDLE, IMAGE_INPUT, ModelLoadError
+from transforms.decode import DEFAULT_MAX_IMAGE_PIXELS
 from transforms.read import DEFAULT_MAX_FILE_BYTES
 from transforms.write import COMPRESSIONS, OUTPUT_FORMATS
 
-PILLOW_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
 MAX_SEED = 2**32 - 1
 OUTPUT_PLACEHOLDERS = {'date': '%Y-%m-%d', 'datetime': '%Y-%m-%dT%H%M%SZ'}
 ACCELERATOR = re.compile(r'^type:[a-z0-9-]+;count:[1-9][0-9]*(;install-nvidia-driver'
@@ -64,7 +64,7 @@ class EmbeddingOptions(PipelineOptions):
         '--output_format', choices=OUTPUT_FORMATS, default='tfrecord',
         help='Embeddings as TFRecord (tf.train.Example), Parquet, or both.')
     group.add_argument(
-        '--model', default=DEFAULT_MODEL,
+        '--model', default=DEFAULT_MODEL_HANDLE,
         help='TF-Hub handle, a local or remote directory with a TF1-Hub-format module or TF2 '
         'SavedModel, or builtin:pnasnet_large / builtin:pnasnet_mobile. Default: %(default)s')
     group.add_argument(
@@ -81,7 +81,7 @@ class EmbeddingOptions(PipelineOptions):
                        help='Smallest inference batch Beam may form.')
     group.add_argument('--max_batch_size', type=_positive_int, default=16,
                        help='Largest inference batch (images per model call).')
-    group.add_argument('--center_crop_fraction', type=float, default=1.0,
+    group.add_argument('--center_crop_fraction', type=float, default=IMAGE_INPUT.crop_fraction,
                        help='Central fraction of height and width kept before resizing, '
                        f'{MIN_CENTER_CROP_FRACTION} to 1; 1.0 keeps the whole image.')
     group.add_argument('--num_shards', type=int, default=0,
@@ -96,13 +96,13 @@ class EmbeddingOptions(PipelineOptions):
                        help='Exactly this many models per VM (implies sharing across '
                        'processes), e.g. one per GPU.')
     group.add_argument('--max_image_pixels', type=_positive_int,
-                       default=PILLOW_MAX_IMAGE_PIXELS,
+                       default=DEFAULT_MAX_IMAGE_PIXELS,
                        help='Decompression-bomb limit: larger images go to the dead letter.')
     group.add_argument('--max_file_bytes', type=_positive_int, default=DEFAULT_MAX_FILE_BYTES,
                        help='Files larger than this are not read; they go to the dead letter.')
     group.add_argument('--jpeg_draft', action='store_true', default=False,
                        help='Let Pillow decode large JPEGs at reduced size (faster, '
-                       'slightly different pixels; see README).')
+                       'slightly different pixels; see docs/models.md).')
     group.add_argument('--jit_compile', action='store_true', default=False,
                        help='Compile a builtin: model with XLA (for GPU workers; slow on CPUs), '
                        'once per batch size, batches padded to powers of two up to '

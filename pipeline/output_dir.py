@@ -15,11 +15,7 @@ from typing import List
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
-from transforms.summary import SUMMARY_FILE
-
-CLAIM_FILE = 'run_claim.json'
-RUN_FILES = ('embeddings-*', 'failures-*', 'index-*', SUMMARY_FILE, CLAIM_FILE)
-TEMP_FOLDERS = 'beam-temp-*'
+from run_format import CLAIM_FILE, RUN_FILES, SUMMARY_FILE, TEMP_FOLDERS
 
 
 class OutputExistsError(ValueError):
@@ -154,7 +150,7 @@ def _refuse_existing(output: str, found: List[str]) -> None:
     raise OutputExistsError(
         f'--output {output} is claimed by a run that has not finished{_claim_holder(output)}: '
         'it is still running, or was interrupted' +
-        (f' and left {len(temp)} partial files in beam-temp-*' if temp else '') +
+        (f' and left {len(temp)} partial files in {TEMP_FOLDERS}' if temp else '') +
         '. Choose a new --output, or, if that run is dead, rerun with --clean_unfinished to '
         'delete what it left (an unfinished run)')
   if found:
@@ -197,6 +193,6 @@ def claim_output(output: str, run_description: dict, options: PipelineOptions,
       raise OutputExistsError(f'--output {output} was claimed by another run just now; choose '
                               'a new --output') from exc
   found = [path for path in _existing(output, RUN_FILES) if not path.endswith(CLAIM_FILE)]
-  if found:  # files of a run from before claims existed, or put there by hand
+  if found:  # files no claimed run wrote: put there by hand, or a run older than 0.2.0
     FileSystems.delete([claim])
     _refuse_existing(output, found)

@@ -5,9 +5,11 @@ from typing import Optional
 import numpy as np
 
 from pnasnet.checkpoint import load_slim_checkpoint
-from pnasnet.network import CONFIGS, PNASNet, PNASNetConfig, count_parameters, seeded_initializer
+from pnasnet.network import (CONFIGS, PUBLIC_NAMES, InputContract, PNASNet, PNASNetConfig,
+                             count_parameters, seeded_initializer)
 
-__all__ = ['CONFIGS', 'PNASNet', 'PNASNetConfig', 'build_model', 'count_parameters']
+__all__ = ['CONFIGS', 'PUBLIC_NAMES', 'InputContract', 'PNASNet', 'PNASNetConfig', 'build_model',
+           'count_parameters']
 
 CALIBRATION_BATCH = 4
 

@@ -95,7 +95,7 @@ def main(argv=None) -> None:
                     'features are not PNASNet embeddings', args.seed)
   EXPORTERS[args.format](build_model(args.config, args.checkpoint, args.seed), args.output)
   write_export_mark(args.output, args.config, args.checkpoint, args.seed)
-  print(f'wrote {args.format} of pnasnet_{args.config} to {args.output}')
+  print(f'wrote {args.format} of {CONFIGS[args.config].public_name} to {args.output}')
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@ eagerly and inside a TF1 graph, which the TF1-Hub-format export needs.
 """
 
 import threading
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -20,16 +20,36 @@ MOVING_STATISTICS = ('moving_mean', 'moving_variance')
 _calibration = threading.local()
 
 
+class InputContract(NamedTuple):
+  """What the network takes, kept with it as timm keeps `input_size`, `interpolation` and
+  `crop_pct` in a model's pretrained config: RGB float32 in `value_range`, `image_size` square,
+  resized as `tf.image.resize` does by default (bilinear, half-pixel centres, no antialiasing) after
+  keeping the central `crop_fraction`. It is the TF-Hub image recipe, which the published PNASNet-5
+  module shares; `transforms/decode.py` implements it."""
+  image_size: int
+  value_range: Tuple[float, float] = (0.0, 1.0)
+  interpolation: str = 'bilinear'
+  half_pixel_centers: bool = True
+  antialias: bool = False
+  crop_fraction: float = 1.0  # by default the whole image
+
+
 class PNASNetConfig(NamedTuple):
-  """The hyper-parameters of TF-Slim's `large_imagenet_config` / `mobile_imagenet_config`."""
+  """The hyper-parameters of TF-Slim's `large_imagenet_config` / `mobile_imagenet_config`, the
+  public name users give it (`builtin:pnasnet_large`) and its input contract."""
   name: str
+  public_name: str
   num_cells: int
   num_conv_filters: int
   stem_multiplier: float
-  image_size: int
+  input_contract: InputContract
   num_reduction_layers: int = 2
   filter_scaling_rate: float = 2.0
   num_stem_cells: int = 2
+
+  @property
+  def image_size(self) -> int:
+    return self.input_contract.image_size
 
   @property
   def reduction_indices(self) -> List[int]:
@@ -45,14 +65,16 @@ class PNASNetConfig(NamedTuple):
 
 
 CONFIGS = {
-    'large': PNASNetConfig('large', num_cells=12, num_conv_filters=216, stem_multiplier=3.0,
-                           image_size=331),
-    'mobile': PNASNetConfig('mobile', num_cells=9, num_conv_filters=54, stem_multiplier=1.0,
-                            image_size=224),
-    # Same cell, stem and reductions at a size a 2-core CI runs in milliseconds.
-    'tiny': PNASNetConfig('tiny', num_cells=3, num_conv_filters=8, stem_multiplier=0.5,
-                          image_size=64),
+    'large': PNASNetConfig('large', 'pnasnet_large', num_cells=12, num_conv_filters=216,
+                           stem_multiplier=3.0, input_contract=InputContract(331)),
+    'mobile': PNASNetConfig('mobile', 'pnasnet_mobile', num_cells=9, num_conv_filters=54,
+                            stem_multiplier=1.0, input_contract=InputContract(224)),
+    # Same cell, stem and reductions at a size a 2-core CI runs in milliseconds: for smoke tests,
+    # not for embeddings.
+    'tiny': PNASNetConfig('tiny', 'pnasnet_tiny', num_cells=3, num_conv_filters=8,
+                          stem_multiplier=0.5, input_contract=InputContract(64)),
 }
+PUBLIC_NAMES = {config.public_name: config for config in CONFIGS.values()}
 
 
 class Combination(NamedTuple):

@@ -1,5 +1,5 @@
-"""Writes runs in the planned output layout (TFRecord via TensorFlow's writer, Parquet via
-pyarrow, index, run_summary.json) on any Beam FileSystem, so reader tests need no pipeline."""
+"""Writes runs in the output layout (TFRecord via TensorFlow's writer, Parquet via pyarrow, index,
+run_summary.json) on any Beam FileSystem, so reader tests need no pipeline."""
 
 import datetime
 import hashlib
@@ -15,7 +15,13 @@ import tensorflow as tf
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from run_format import (COLUMNS, DECODE, EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX, INDEX_GLOB,
+                        INDEX_PREFIX, INDEX_SCHEMA, PARQUET_SUFFIX, STAGES, SUMMARY_FILE,
+                        RunSummary, embeddings_schema, tfrecord_suffix)
+
 RECIPE = 'compute_dtype=float32;center_crop_fraction=1.0;jpeg_draft=0'
+# What every Example has; the others are left out with full_schema=False, as for unknown values.
+BASIC_COLUMNS = {'uri', 'sha256', 'height', 'width', 'model'}
 
 
 class Row(NamedTuple):
@@ -35,45 +41,34 @@ def rows(uris, dimension: int, seed: int) -> List[Row]:
               hashlib.sha256(f'{uri}{seed}'.encode()).hexdigest()) for uri in uris]
 
 
-def _micros(moment: datetime.datetime) -> int:
-  return round(moment.timestamp() * 1e6)
+def _values(row: Row, model: str) -> dict:
+  return {'uri': row.uri, 'sha256': row.sha256, 'height': row.height, 'width': row.width,
+          'size_bytes': row.size_bytes, 'last_modified': row.last_modified, 'model': model,
+          'weights': 'untrained', 'recipe': RECIPE, 'pipeline_version': '0.2.0'}
 
 
 def _example(row: Row, model: str, full_schema: bool) -> bytes:
-  feature = tf.train.Feature
-  features = {
-      'image/uri': feature(bytes_list=tf.train.BytesList(value=[row.uri.encode()])),
-      'image/sha256': feature(bytes_list=tf.train.BytesList(value=[row.sha256.encode()])),
-      'image/height': feature(int64_list=tf.train.Int64List(value=[row.height])),
-      'image/width': feature(int64_list=tf.train.Int64List(value=[row.width])),
-      'model': feature(bytes_list=tf.train.BytesList(value=[model.encode()])),
-      'embedding': feature(float_list=tf.train.FloatList(value=row.embedding)),
-  }
-  if full_schema:  # the features the first release did not write
-    features.update({
-        'image/size_bytes': feature(int64_list=tf.train.Int64List(value=[row.size_bytes])),
-        'image/last_modified': feature(int64_list=tf.train.Int64List(
-            value=[_micros(row.last_modified)])),
-        'model/weights': feature(bytes_list=tf.train.BytesList(value=[b'untrained'])),
-        'embedding/recipe': feature(bytes_list=tf.train.BytesList(value=[RECIPE.encode()])),
-        'pipeline/version': feature(bytes_list=tf.train.BytesList(value=[b'0.2.0'])),
-    })
+  features = {EMBEDDING: tf.train.Feature(float_list=tf.train.FloatList(value=row.embedding))}
+  for column, value in zip(COLUMNS, _values(row, model).values()):
+    if not full_schema and column.name not in BASIC_COLUMNS:
+      continue
+    if pa.types.is_timestamp(column.type):
+      value = round(value.timestamp() * 1e6)
+    if isinstance(value, int):
+      features[column.feature] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+    else:
+      features[column.feature] = tf.train.Feature(
+          bytes_list=tf.train.BytesList(value=[value.encode()]))
   return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
 def _table(shard: List[Row], model: str) -> pa.Table:
-  dimension = len(shard[0].embedding)
   vectors = np.stack([r.embedding for r in shard]).astype(np.float32)
-  return pa.table({
-      'uri': [r.uri for r in shard], 'sha256': [r.sha256 for r in shard],
-      'height': pa.array([r.height for r in shard], pa.int64()),
-      'width': pa.array([r.width for r in shard], pa.int64()),
-      'size_bytes': pa.array([r.size_bytes for r in shard], pa.int64()),
-      'last_modified': pa.array([r.last_modified for r in shard], pa.timestamp('us', tz='UTC')),
-      'model': [model] * len(shard), 'weights': ['untrained'] * len(shard),
-      'recipe': [RECIPE] * len(shard), 'pipeline_version': ['0.2.0'] * len(shard),
-      'embedding': pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dimension),
-  })
+  values = [_values(row, model) for row in shard]
+  columns = {c.name: [v[c.name] for v in values] for c in COLUMNS}
+  columns[EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()),
+                                                         vectors.shape[1])
+  return pa.table(columns, schema=embeddings_schema(vectors.shape[1]))
 
 
 def _put(path: str, data: bytes) -> None:
@@ -89,18 +84,33 @@ def _parquet_bytes(table: pa.Table) -> bytes:
   return sink.getvalue().to_pybytes()
 
 
+def run_summary(directory: str, model: str, embedded: int, embedding_size: int, finished_at: str,
+                failed: int = 0) -> RunSummary:
+  """A summary as the pipeline writes it, for a run of an untrained builtin."""
+  return RunSummary(
+      model=model, model_handle=model.split('@')[0], checkpoint=None, seed=0,
+      weights='untrained', compute_dtype='float32', center_crop_fraction=1.0, jpeg_draft=False,
+      recipe=RECIPE, pipeline_version='0.2.0',
+      embedding_size=embedding_size, image_size=[64, 64],
+      input=[], input_manifest=[], incremental_from=[], output=directory,
+      output_format='tfrecord', runner='DirectRunner', started_at=finished_at,
+      matched=embedded + failed, skipped=0, embedded=embedded, failed=failed,
+      failed_by_stage=dict(dict.fromkeys(STAGES, 0), **{DECODE: failed}), example_failures=[],
+      files=[], finished_at=finished_at, wall_time_seconds=1.0, images_per_second=None)
+
+
 def write_run(directory: str, run_rows: List[Row], model: str = 'builtin:test@untrained-seed0',
               output_format: str = 'tfrecord', compression: str = 'none', shard_rows: int = 0,
-              finished_at: Optional[str] = '2026-01-01T00:00:00Z', summary: bool = True,
-              index: bool = False, full_schema: bool = True, failed_uris=()) -> List[str]:
-  """Writes the run; returns the embedding shard paths."""
+              finished_at: str = '2026-01-01T00:00:00Z', summary: bool = True,
+              full_schema: bool = True, failed_uris=()) -> List[str]:
+  """Writes the run (`summary`: finished); returns the embedding shard paths."""
   shard_rows = shard_rows or len(run_rows)
   shards = [run_rows[i:i + shard_rows] for i in range(0, len(run_rows), shard_rows)]
   paths = []
   for number, shard in enumerate(shards):
-    name = f'{directory}/embeddings-{number:05d}-of-{len(shards):05d}'
+    name = f'{directory}/{EMBEDDINGS_PREFIX}-{number:05d}-of-{len(shards):05d}'
     if output_format in ('tfrecord', 'both'):
-      suffix = '.tfrecord.gz' if compression == 'gzip' else '.tfrecord'
+      suffix = tfrecord_suffix(compression == 'gzip')
       with tempfile.TemporaryDirectory() as scratch:
         local = os.path.join(scratch, 'shard')
         options = tf.io.TFRecordOptions('GZIP' if compression == 'gzip' else '')
@@ -111,18 +121,26 @@ def write_run(directory: str, run_rows: List[Row], model: str = 'builtin:test@un
           _put(name + suffix, f.read())
       paths.append(name + suffix)
     if output_format in ('parquet', 'both'):
-      _put(name + '.parquet', _parquet_bytes(_table(shard, model)))
-      paths.append(name + '.parquet')
-  if index:
-    outcomes = [(r.uri, 'embedded') for r in run_rows] + [(u, 'decode') for u in failed_uris]
-    _put(f'{directory}/index-00000-of-00001.parquet', _parquet_bytes(pa.table({
-        'uri': [u for u, _ in outcomes], 'outcome': [o for _, o in outcomes],
-        'model': [model] * len(outcomes)})))
+      _put(name + PARQUET_SUFFIX, _parquet_bytes(_table(shard, model)))
+      paths.append(name + PARQUET_SUFFIX)
+  outcomes = [(r.uri, EMBEDDED) for r in run_rows] + [(u, DECODE) for u in failed_uris]
+  _put(f'{directory}/{INDEX_PREFIX}-00000-of-00001{PARQUET_SUFFIX}', _parquet_bytes(
+      pa.Table.from_pylist([{'uri': u, 'model': model, 'recipe': RECIPE, 'outcome': o}
+                            for u, o in outcomes], INDEX_SCHEMA)))
   if summary:
-    content = {'matched': len(run_rows), 'embedded': len(run_rows), 'failed': 0, 'model': model,
-               'embedding_size': len(run_rows[0].embedding) if run_rows else None,
-               'output': directory}
-    if finished_at:
-      content['finished_at'] = finished_at
-    _put(f'{directory}/run_summary.json', json.dumps(content).encode())
+    size = len(run_rows[0].embedding) if run_rows else 0
+    _put(f'{directory}/{SUMMARY_FILE}', run_summary(
+        directory, model, len(run_rows), size, finished_at, len(failed_uris)).to_json().encode())
   return paths
+
+
+def write_summary_of_0_1(directory: str) -> None:
+  """Makes the run look as 0.1.0 wrote it: a summary without finished_at or the model's options,
+  and no index."""
+  _put(f'{directory}/{SUMMARY_FILE}', json.dumps({
+      'matched': 1, 'embedded': 1, 'failed': 0,
+      'failed_by_stage': dict.fromkeys(STAGES, 0), 'model': 'builtin:test@untrained-seed0',
+      'embedding_size': 4, 'image_size': [64, 64], 'input': [], 'output': directory,
+      'runner': 'DirectRunner', 'wall_time_seconds': 1.0, 'images_per_second': 1.0}).encode())
+  indexes = [m.path for m in FileSystems.match([f'{directory}/{INDEX_GLOB}'])[0].metadata_list]
+  FileSystems.delete(indexes)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 from apache_beam.utils.multi_process_shared import MultiProcessShared
 
-from transforms.shared_batches import MEMORY_FILE_NAME, SharedBatchModel, embed_batch
+from models.shared_batches import MEMORY_FILE_NAME, SharedBatchModel, embed_batch
 
 
 class FingerprintModel:

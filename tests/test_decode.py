@@ -14,6 +14,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.handles import IMAGE_INPUT
 from transforms.decode import (DecodedImage, DecodeImages, decode_and_resize, decode_image,
                                resize_for_model)
 from transforms.failures import DECODE, FAILURES_TAG, Failure
@@ -260,6 +261,7 @@ def test_limit_above_pillow_global_is_honoured(monkeypatch):
 
 def _tf_recipe(data: bytes, height: int, width: int, center_crop_fraction: float = 1.0,
                dct_method: str | None = None) -> np.ndarray:
+  """The network's input contract, as TensorFlow states it (TF2 resizes with half-pixel centres)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if dct_method is None:
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -268,7 +270,9 @@ def _tf_recipe(data: bytes, height: int, width: int, center_crop_fraction: float
   image = tf.image.convert_image_dtype(image, tf.float32)
   if center_crop_fraction < 1:
     image = tf.image.central_crop(image, center_crop_fraction)
-  return tf.image.resize(image, (height, width), 'bilinear').numpy()
+  assert IMAGE_INPUT.half_pixel_centers and IMAGE_INPUT.value_range == (0.0, 1.0)
+  return tf.image.resize(image, (height, width), IMAGE_INPUT.interpolation,
+                         antialias=IMAGE_INPUT.antialias).numpy()
 
 
 def _sample_cases():

@@ -14,9 +14,9 @@ import yaml
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 from packaging.specifiers import SpecifierSet
 
-from pipeline.check_gpu import CheckFailed, check_model_on
+from models.check_gpu import CheckFailed, check_model_on
+from models.loading import load_embedding_model
 from pipeline.options import EmbeddingOptions, OptionsError, validate
-from transforms.models import load_model
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(PROJECT, 'deploy')
@@ -198,7 +198,7 @@ def test_docker_copy_sources_exist_and_cloud_build_builds_both_images():
 
 def test_gpu_self_check_without_a_gpu_exits_non_zero_and_says_so():
   env = dict(os.environ, CUDA_VISIBLE_DEVICES='-1', PYTHONPATH=PROJECT)
-  result = subprocess.run([sys.executable, '-m', 'pipeline.check_gpu', '--model',
+  result = subprocess.run([sys.executable, '-m', 'models.check_gpu', '--model',
                            'builtin:pnasnet_tiny'], cwd=PROJECT, env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 1
@@ -215,7 +215,7 @@ def test_model_check_loads_as_workers_do_and_runs_one_batch(tf1_hub_module):
 
 def test_model_load_logs_its_device(tf1_hub_module, caplog):
   with caplog.at_level(logging.INFO):
-    model = load_model(tf1_hub_module)
+    model = load_embedding_model(tf1_hub_module)
   assert model.devices() == ['/job:localhost/replica:0/task:0/device:CPU:0']
   assert f'model {tf1_hub_module} loaded on /job:localhost/replica:0/task:0/device:CPU:0' in \
       caplog.text

@@ -9,8 +9,9 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from models.gpus import configure_gpus
 from transforms.decode import DecodedImage
-from transforms.embed import EmbedImages, ImageEmbeddingModelHandler, configure_gpus
+from transforms.embed import EmbedImages, ImageEmbeddingModelHandler
 from transforms.failures import FAILURES_TAG
 from transforms.progress import ProgressReporter
 

@@ -1,8 +1,8 @@
 """Reading runs back (embeddings.load / iter_shards), neighbours, duplicates, contact sheets.
 
-Runs come from two sources: `tests.run_writer` writes the planned output layout directly (Parquet,
-index, the optional features, `finished_at`), and `pipeline.launcher.run` with the tiny built-in
-network writes what the pipeline writes today.
+Runs come from two sources: `tests.run_writer` writes the output layout directly (Parquet, index,
+features left out, `finished_at`), and `pipeline.launcher.run` with the tiny built-in network
+writes what the pipeline writes.
 """
 
 import csv
@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import tracemalloc
 
 import numpy as np
@@ -31,7 +30,7 @@ from embeddings.shards import CorruptShardError
 from embeddings.similarity import nearest
 from pipeline.launcher import run as run_pipeline
 from tests.conftest import SAMPLE_IMAGES
-from tests.run_writer import rows, write_run
+from tests.run_writer import RECIPE, rows, write_run, write_summary_of_0_1
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = sorted(n for n in os.listdir(SAMPLE_IMAGES) if not n.endswith('.md'))
@@ -73,7 +72,7 @@ def test_latest_finished_run_wins_per_uri_across_gzip_local_and_plain_gcs(gcs_se
 
 
 def test_pipeline_runs_local_gzip_then_gcs_plain_give_each_uri_once_newest(gcs_server, tmp_path):
-  """Today's pipeline output (no finished_at: ordered by the summaries' modification times)."""
+  """The pipeline's own output, ordered by the summaries' `finished_at`."""
   gcs_server.create_bucket('pipeline-runs')
   folder = tmp_path / 'photos'
   folder.mkdir()
@@ -99,16 +98,19 @@ def test_pipeline_runs_local_gzip_then_gcs_plain_give_each_uri_once_newest(gcs_s
                             newest[str(folder / 'b.png')])
 
 
-def test_run_order_falls_back_to_the_summary_modification_time(tmp_path):
-  first, second = rows(['a'], 4, seed=1), rows(['a'], 4, seed=2)
-  write_run(str(tmp_path / 'x'), first, finished_at=None)
-  write_run(str(tmp_path / 'y'), second, finished_at=None)
-  now = time.time()
-  for newer, older, expected in (('x', 'y', first), ('y', 'x', second)):
-    os.utime(tmp_path / newer / 'run_summary.json', (now, now))
-    os.utime(tmp_path / older / 'run_summary.json', (now - 60, now - 60))
-    np.testing.assert_array_equal(embeddings.load(str(tmp_path / '*')).vectors[0],
-                                  expected[0].embedding)
+def test_a_run_older_than_0_2_is_refused_by_name(tmp_path, capsys):
+  old = rows(['a'], 4, seed=1)
+  write_run(str(tmp_path / 'old'), old)
+  write_run(str(tmp_path / 'new'), rows(['b'], 4, seed=2))
+  write_summary_of_0_1(str(tmp_path / 'old'))
+  with pytest.raises(embeddings.IncompatibleRunError,
+                     match=r'old/run_summary.json: not a run summary of pnasnet-embeddings 0.2.0 '
+                     r'or later \(no .*finished_at'):
+    embeddings.load(str(tmp_path / '*'))
+  assert embeddings.load(str(tmp_path / 'new')).uris == ['b']
+  with pytest.raises(SystemExit) as exit_info:
+    neighbours.main(['--runs', str(tmp_path / '*'), '--query', 'b'])
+  assert exit_info.value.code == 2 and '0.2.0 or later' in capsys.readouterr().err
 
 
 def test_a_run_without_summary_is_ignored_and_no_run_at_all_is_an_error(tmp_path, caplog):
@@ -139,9 +141,9 @@ def test_mixed_models_or_sizes_are_refused_unless_one_is_chosen(tmp_path):
 
 def test_parquet_shards_and_an_index_that_spares_reading_superseded_runs(tmp_path):
   new = rows(['a', 'b', 'c'], 8, seed=2)
-  write_run(str(tmp_path / 'new'), new, output_format='both', index=True, shard_rows=2,
+  write_run(str(tmp_path / 'new'), new, output_format='both', shard_rows=2,
             finished_at='2026-02-01T00:00:00Z')
-  [old_shard] = write_run(str(tmp_path / 'old'), rows(['a', 'b'], 8, seed=1), index=True,
+  [old_shard] = write_run(str(tmp_path / 'old'), rows(['a', 'b'], 8, seed=1),
                           finished_at='2026-01-01T00:00:00Z')
   with open(old_shard, 'wb') as f:
     f.write(b'not a TFRecord file: the index must keep the reader away from it')
@@ -155,6 +157,29 @@ def test_parquet_shards_and_an_index_that_spares_reading_superseded_runs(tmp_pat
                  tmp_path / 'old' / 'index-00000-of-00001.parquet')
   with pytest.raises(CorruptShardError, match='not a TFRecord file'):
     embeddings.load(str(tmp_path / '*'))
+
+
+def test_values_the_listing_lacked_read_back_as_null(tmp_path):
+  """The writer gives an unknown size or modification time a feature with no value."""
+  import tensorflow as tf
+  from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
+  from transforms.embed import Embedding
+  from transforms.provenance import Provenance
+  from transforms.write import embeddings_to_record_batch
+  run_rows = rows(['a', 'b'], 4, seed=1)
+  [path] = write_run(str(tmp_path / 'run'), run_rows)
+  provenance = Provenance('builtin:test@untrained-seed0', 'untrained', RECIPE, '0.2.0')
+  batch = embeddings_to_record_batch(
+      [Embedding(r.uri, r.sha256, r.height, r.width, size, None, provenance.model, r.embedding)
+       for r, size in zip(run_rows, (None, 99))], provenance)
+  with tf.io.TFRecordWriter(path) as writer:
+    for example in RecordBatchToExamplesEncoder().encode(batch):
+      writer.write(example)
+  collection = embeddings.load(str(tmp_path / 'run'))
+  assert [(r['uri'], r['size_bytes'], r['last_modified'], r['recipe'])
+          for r in collection.metadata.to_pylist()] == [('a', None, None, RECIPE),
+                                                        ('b', 99, None, RECIPE)]
+  np.testing.assert_array_equal(collection.vectors, np.stack([r.embedding for r in run_rows]))
 
 
 def test_a_truncated_tfrecord_shard_is_reported(tmp_path):
@@ -310,7 +335,7 @@ def test_runs_on_s3_with_the_filesystem_flags(s3_server, tmp_path, capsys):
   s3_server.create_bucket('s3-runs')
   storage.set_filesystem_options(s3_server.options)
   run_rows = rows(['s3://s3-runs/photos/a.jpg', 's3://s3-runs/photos/b.jpg'], 8, seed=6)
-  write_run('s3://s3-runs/runs/one', run_rows, compression='gzip', index=True)
+  write_run('s3://s3-runs/runs/one', run_rows, compression='gzip')
   FileSystems.set_options(PipelineOptions([]))  # the command's own flags must reach the server
   found = neighbours.main(['--runs', 's3://s3-runs/runs/*', '--query', run_rows[0].uri, '--k', '1']
                           + s3_server.options)

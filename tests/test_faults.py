@@ -2,7 +2,7 @@
 
 Every test runs on gs:// (the local GCS server, reached through STORAGE_EMULATOR_HOST) and s3://
 (the local S3 server, reached through --s3_endpoint_url), with the proxy of tests/fault_proxy.py
-in between. The retries are the storage clients' own (see the README's "Reliability"): the only
+in between. The retries are the storage clients' own (see docs/reliability.md): the only
 setting tuned is boto3's attempt count, through its documented AWS_MAX_ATTEMPTS variable: with
 its default of 3 attempts, a store failing one request in five fails 1 request in 125 for good.
 """
@@ -18,7 +18,8 @@ import tensorflow as tf
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from PIL import Image
 
-from pipeline.launcher import SUMMARY_FILE, run
+from pipeline.launcher import run
+from run_format import SUMMARY_FILE
 from tests.fault_proxy import FaultProxy, FaultRule
 
 IMAGES = 8

@@ -9,8 +9,10 @@ import shutil
 import duckdb
 import pytest
 
-from pipeline.launcher import NothingEmbeddedError, read_summary, run
-from tests.test_pipeline import _read_examples, _read_failures
+from pipeline.launcher import NothingEmbeddedError, main, read_summary, run
+from run_format import IncompatibleRunError
+from tests.outputs import read_examples, read_failures
+from tests.run_writer import rows, write_run, write_summary_of_0_1
 
 TINY = '--model=builtin:pnasnet_tiny'
 PHOTOS = ('astronaut.png', 'camera.png', 'chelsea.png', 'coffee.png', 'rocket.jpg',
@@ -19,7 +21,7 @@ PHOTOS = ('astronaut.png', 'camera.png', 'chelsea.png', 'coffee.png', 'rocket.jp
 
 def _embedded(output, tmp_path):
   return sorted(os.path.basename(e.features.feature['image/uri'].bytes_list.value[0].decode())
-                for e in _read_examples(output, tmp_path))
+                for e in read_examples(output, tmp_path))
 
 
 @pytest.fixture
@@ -62,8 +64,22 @@ def test_changed_files_broken_files_and_retry_failed(photos, image_folder, tmp_p
     run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/3',
          f'--incremental_from={tmp_path}/runs/*', '--retry_failed'])
   third = read_summary(f'{tmp_path}/runs/3')
-  assert (third['embedded'], third['failed'], third['skipped']) == (0, 1, 3)
-  assert [os.path.basename(f['uri']) for f in _read_failures(third['output'])] == ['broken.jpg']
+  assert (third.embedded, third.failed, third.skipped) == (0, 1, 3)
+  assert [os.path.basename(f['uri']) for f in read_failures(third.output)] == ['broken.jpg']
+
+
+def test_a_run_older_than_0_2_is_refused_before_any_work(photos, tmp_path, capsys):
+  write_run(f'{tmp_path}/runs/old', rows([str(photos / PHOTOS[0])], 4, seed=1))
+  write_summary_of_0_1(f'{tmp_path}/runs/old')
+  argv = [f'--input={photos}', TINY, f'--output={tmp_path}/runs/new',
+          f'--incremental_from={tmp_path}/runs/*']
+  with pytest.raises(IncompatibleRunError, match='runs/old/run_summary.json: not a run summary '
+                     'of pnasnet-embeddings 0.2.0 or later'):
+    run(argv)
+  with pytest.raises(SystemExit) as exit_info:
+    main(argv)
+  assert exit_info.value.code == 2 and '0.2.0 or later' in capsys.readouterr().err
+  assert not os.path.exists(f'{tmp_path}/runs/new')  # nothing claimed
 
 
 def test_an_unfinished_run_and_another_model_do_not_count(photos, tmp_path):
@@ -111,7 +127,7 @@ def test_manifests_plain_gzip_comments_and_missing_uris(gcs_server, image_folder
                  '--output=gs://listed/emb/1'])
   assert (summary['matched'], summary['embedded'], summary['failed_by_stage']['read']) == (
       7, 6, 1)
-  [missing] = _read_failures('gs://listed/emb/1')
+  [missing] = read_failures('gs://listed/emb/1')
   assert (missing['uri'], missing['stage']) == ('gs://listed/photos/missing.jpg', 'read')
   assert _embedded('gs://listed/emb/1', tmp_path) == sorted(PHOTOS)
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from pipeline.launcher import run
-from tests.test_pipeline import _read_examples, _read_failures
+from tests.outputs import read_examples, read_failures
 from transforms.read import match_input
 
 TINY = '--model=builtin:pnasnet_tiny'
@@ -16,7 +16,7 @@ TINY = '--model=builtin:pnasnet_tiny'
 
 def _uris(output, tmp_path):
   return sorted(e.features.feature['image/uri'].bytes_list.value[0].decode()
-                for e in _read_examples(output, tmp_path))
+                for e in read_examples(output, tmp_path))
 
 
 def test_repeated_input_flags_accumulate(image_folder, tmp_path):
@@ -85,7 +85,7 @@ def test_links_odd_names_extensions_and_home(image_folder, tmp_path, monkeypatch
   assert summary['input'] == [str(photos / '**.jpg')]
   assert (summary['matched'], summary['embedded'], summary['failed_by_stage']['read']) == (
       5, 4, 1)
-  [failure] = _read_failures(output)
+  [failure] = read_failures(output)
   assert (failure['uri'], failure['stage'], failure['error']) == (
       str(photos / 'gone.jpg'), 'read', 'FileNotFoundError')
 

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from pipeline.options import EmbeddingOptions
-from transforms.embed import ImageEmbeddingModelHandler
-from transforms.models import ModelLoadError, load_model
-from transforms.xla import PaddedXlaFunction, batch_buckets
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from models.loading import load_embedding_model
+from models.xla import PaddedXlaFunction, batch_buckets
+from pipeline.options import EmbeddingOptions, OptionsError, validate
 
 RAGGED_SIZES = [3, 1, 6, 2, 5, 4, 7, 1, 9, 3]  # 9 is above the largest bucket: two calls
 
@@ -22,8 +23,8 @@ def test_buckets_are_powers_of_two_up_to_the_largest_batch():
 
 
 def test_xla_features_equal_the_plain_path_and_compiles_stay_bounded():
-  plain = load_model('builtin:pnasnet_tiny')
-  xla = load_model('builtin:pnasnet_tiny', jit_compile=True, max_batch_size=6)
+  plain = load_embedding_model('builtin:pnasnet_tiny')
+  xla = load_embedding_model('builtin:pnasnet_tiny', jit_compile=True, max_batch_size=6)
   for seed, size in enumerate(RAGGED_SIZES):
     images = _images(size, seed)
     features = xla.embed(images)
@@ -45,5 +46,7 @@ def test_padding_never_reaches_the_real_rows(tiny_network):
 def test_jit_compile_is_off_by_default_and_only_for_builtin_models(tf2_saved_model):
   assert EmbeddingOptions([]).jit_compile is False
   assert EmbeddingOptions(['--jit_compile']).jit_compile is True
-  with pytest.raises(ModelLoadError, match='--jit_compile applies to builtin'):
-    ImageEmbeddingModelHandler(tf2_saved_model, jit_compile=True)
+  options = PipelineOptions(['--input=in/*.png', '--output=out', f'--model={tf2_saved_model}',
+                             '--jit_compile'])
+  with pytest.raises(OptionsError, match='--jit_compile applies to builtin'):
+    validate(options.view_as(EmbeddingOptions), options)  # checked once, at launch

@@ -15,14 +15,15 @@ import pytest
 
 from pipeline.launcher import run
 from pipeline.options import OptionsError, expand_output
-from pipeline.output_dir import (CLAIM_FILE, OutputExistsError, OutputNotWritableError,
-                                 claim_output)
+from pipeline.output_dir import OutputExistsError, OutputNotWritableError, claim_output
 from pnasnet import build_model
 from pnasnet.checkpoint import model_values, save_slim_checkpoint
-from tests.test_pipeline import PROJECT, _read_examples
+from run_format import CLAIM_FILE
+from tests.outputs import read_examples
+from tests.test_pipeline import PROJECT
 
 TINY = '--model=builtin:pnasnet_tiny'
-README = os.path.join(PROJECT, 'README.md')
+OUTPUT_FORMAT_PAGE = os.path.join(PROJECT, 'docs', 'output-format.md')
 
 
 def _cli(args, **kwargs):
@@ -162,7 +163,7 @@ def test_output_dates_expand_once_at_launch(image_folder, tmp_path):
 
 
 def test_every_provenance_option_is_recorded(image_folder, tmp_path):
-  """The README flag table's options that change vectors, all at once, in every Example."""
+  """docs/flags.md's options that change vectors, all at once, in every Example."""
   output = str(tmp_path / 'out')
   summary = run([f'--input={image_folder}/*.jpg', f'--input={image_folder}/camera.png', TINY,
                  f'--output={output}', '--seed=9', '--compute_dtype=float16',
@@ -174,7 +175,7 @@ def test_every_provenance_option_is_recorded(image_folder, tmp_path):
   assert summary['recipe'] == 'compute_dtype=float16;center_crop_fraction=0.875;jpeg_draft=1'
   assert summary['weights'] == 'untrained seed 9'
   assert summary['pipeline_version'].startswith('pnasnet-embeddings ')
-  examples = _read_examples(output, tmp_path)
+  examples = read_examples(output, tmp_path)
   assert len(examples) == summary['embedded'] == 3  # rocket, hubble, camera
   for example in examples:
     feature = example.features.feature
@@ -194,17 +195,17 @@ def test_an_exported_untrained_module_is_labelled(tmp_path, image_folder, capsys
   assert summary['weights'].startswith('untrained seed 4 (exported by pnasnet.export)')
   builtin = run([f'--input={image_folder}/camera.png', TINY, '--seed=4',
                  f'--output={tmp_path}/builtin'])
-  vectors = [_read_examples(out, tmp_path)[0].features.feature['embedding'].float_list.value
+  vectors = [read_examples(out, tmp_path)[0].features.feature['embedding'].float_list.value
              for out in (f'{tmp_path}/out', builtin['output'])]
   np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)
 
 
-def test_readme_read_back_works_for_any_model_and_gzip(image_folder, tmp_path, monkeypatch):
-  """The README's snippet, run as written, on a gzip run of a 160-d model."""
+def test_documented_read_back_works_for_any_model_and_gzip(image_folder, tmp_path, monkeypatch):
+  """docs/output-format.md's snippet, run as written, on a gzip run of a 160-d model."""
   run([f'--input={image_folder}/*.png', TINY, f'--output={tmp_path}/run',
        '--compression=gzip'])
-  text = open(README).read()
-  snippet = re.search(r'## Output.*?```python\n(.*?)```', text, re.S).group(1)
+  text = open(OUTPUT_FORMAT_PAGE).read()
+  snippet = re.search(r'## Reading the embeddings back.*?```python\n(.*?)```', text, re.S).group(1)
   monkeypatch.chdir(tmp_path)
   scope = {}
   exec(snippet.replace('output/sample_run', 'run'), scope)  # pylint: disable=exec-used

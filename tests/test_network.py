@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pnasnet import CONFIGS, PNASNet, build_model, count_parameters
+from pnasnet import CONFIGS, PUBLIC_NAMES, PNASNet, build_model, count_parameters
 from pnasnet.checkpoint import (CheckpointMismatchError, load_slim_checkpoint, model_values,
                                 save_slim_checkpoint)
 
@@ -86,10 +86,21 @@ def test_seeded_weights_are_deterministic_and_calibrated(random_images):
   assert 0.1 < first.mean() < 10  # unit scale, not the 2x-per-cell growth of identity BN
 
 
+def test_each_config_carries_its_public_name_and_input_contract():
+  """As timm keeps input_size, interpolation and crop_pct in a model's pretrained config."""
+  assert {name: config.name for name, config in PUBLIC_NAMES.items()} == {
+      'pnasnet_large': 'large', 'pnasnet_mobile': 'mobile', 'pnasnet_tiny': 'tiny'}
+  large = PUBLIC_NAMES['pnasnet_large'].input_contract
+  assert (large.image_size, large.value_range, large.crop_fraction) == (331, (0.0, 1.0), 1.0)
+  assert (large.interpolation, large.half_pixel_centers, large.antialias) == (
+      'bilinear', True, False)
+  assert PNASNet(CONFIGS['tiny']).image_size == CONFIGS['tiny'].input_contract.image_size == 64
+
+
 def test_an_image_alone_gets_the_same_vector_as_in_any_batch():
   """PNASNet-5 Large on CPU: a batch of one would take another kernel path (up to 1e-4 off)."""
-  from transforms.models import load_model
-  model = load_model('builtin:pnasnet_large')
+  from models.loading import load_embedding_model
+  model = load_embedding_model('builtin:pnasnet_large')
   images = np.random.default_rng(5).random((3, 331, 331, 3), dtype=np.float32)
   together = model.embed(images)
   for i in range(3):

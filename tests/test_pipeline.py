@@ -9,14 +9,15 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageOps
 
 from pipeline.launcher import OutputExistsError, run
 from pipeline.options import OptionsError
+from tests.outputs import read_examples, read_failures
 from transforms.decode import decode_and_resize
-from transforms.models import ModelLoadError, load_model
+from models.handles import ModelLoadError
+from models.loading import load_embedding_model
 from transforms.read import NoInputError
 
 BROKEN = {'empty.jpg', 'truncated.jpg', 'notes.jpg'}
@@ -26,31 +27,10 @@ FEATURES = {'image/uri', 'image/sha256', 'image/height', 'image/width', 'image/s
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _read_examples(output: str, tmp_path) -> list:
-  examples = []
-  shards = FileSystems.join(output, 'embeddings-*.tfrecord*')
-  for match in FileSystems.match([shards])[0].metadata_list:
-    local = tmp_path / os.path.basename(match.path)
-    with FileSystems.open(match.path, compression_type='uncompressed') as f:
-      local.write_bytes(f.read())
-    compression = 'GZIP' if match.path.endswith('.gz') else ''
-    for record in tf.data.TFRecordDataset(str(local), compression_type=compression):
-      examples.append(tf.train.Example.FromString(record.numpy()))
-  return examples
-
-
-def _read_failures(output: str) -> list:
-  lines = []
-  for match in FileSystems.match([FileSystems.join(output, 'failures-*')])[0].metadata_list:
-    with FileSystems.open(match.path) as f:
-      lines += [json.loads(line) for line in f.read().decode().splitlines() if line]
-  return lines
-
-
 def _check_run(summary, output, sources, model_dir, tmp_path):
   """Every input is embedded or dead-lettered; each embedding is the model's own output."""
-  examples = _read_examples(output, tmp_path)
-  failures = _read_failures(output)
+  examples = read_examples(output, tmp_path)
+  failures = read_failures(output)
   embedded = {e.features.feature['image/uri'].bytes_list.value[0].decode(): e for e in examples}
   assert {os.path.basename(uri) for uri in embedded} == set(sources) - BROKEN
   assert {os.path.basename(f['uri']) for f in failures} == BROKEN
@@ -61,7 +41,7 @@ def _check_run(summary, output, sources, model_dir, tmp_path):
   with FileSystems.open(FileSystems.join(output, 'run_summary.json')) as f:
     assert json.loads(f.read()) == summary
 
-  model = load_model(model_dir)
+  model = load_embedding_model(model_dir)
   for uri, example in embedded.items():
     feature = example.features.feature
     assert set(feature) == FEATURES
@@ -143,7 +123,7 @@ def test_full_large_network_through_the_pipeline(image_folder, tmp_path):
                  '--model=builtin:pnasnet_large'])
   assert (summary['embedded'], summary['embedding_size'], summary['image_size']) == (
       1, 4320, [331, 331])
-  [example] = _read_examples(output, tmp_path)
+  [example] = read_examples(output, tmp_path)
   embedding = np.array(example.features.feature['embedding'].float_list.value)
   assert embedding.shape == (4320,) and np.isfinite(embedding).all() and embedding.std() > 0
 
@@ -154,9 +134,10 @@ def _build_without_launcher(argv):
   from apache_beam.options.pipeline_options import PipelineOptions
   from pipeline.build import build_pipeline
   from pipeline.options import EmbeddingOptions
-  from transforms.models import describe_model
+  from models.description import describe_model
   from transforms.provenance import Provenance, recipe
-  from transforms.summary import utc_now
+  from pipeline.launcher import launch_record
+  from run_format import utc_now
 
   options = PipelineOptions(argv)
   embedding = options.view_as(EmbeddingOptions)
@@ -164,7 +145,8 @@ def _build_without_launcher(argv):
   provenance = Provenance(model.model_id, 'untrained seed 0', recipe('float32', 1.0, False),
                           'test')
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, embedding, model, provenance, {'started_at': utc_now()})
+  build_pipeline(pipeline, embedding, model, provenance,
+                 launch_record(embedding, options, model, provenance, utc_now(), []))
   return pipeline
 
 
@@ -196,7 +178,7 @@ def test_the_job_writes_its_own_summary_with_exact_counts(image_folder, tmp_path
   assert summary['failed_by_stage'] == {'read': 0, 'decode': 3, 'inference': 0}
   assert sorted(os.path.basename(f) for f in summary['files']) == sorted(
       p.name for p in output.iterdir() if p.name != 'run_summary.json')
-  assert len(_read_examples(str(output), tmp_path)) == summary['embedded']
+  assert len(read_examples(str(output), tmp_path)) == summary['embedded']
 
 
 def test_no_summary_when_a_sink_fails(image_folder, tmp_path):
@@ -218,7 +200,7 @@ def test_untrained_builtin_is_labelled_and_local_uris_are_absolute(image_folder,
   summary = run(['--input=chelsea.png', f'--output={output}', '--model=builtin:pnasnet_tiny',
                  '--seed=7'])
   assert summary['model'] == 'builtin:pnasnet_tiny@untrained-seed7'
-  [example] = _read_examples(output, tmp_path)
+  [example] = read_examples(output, tmp_path)
   assert example.features.feature['model'].bytes_list.value == [
       b'builtin:pnasnet_tiny@untrained-seed7']
   assert example.features.feature['image/uri'].bytes_list.value == [
@@ -249,7 +231,7 @@ def test_oversized_file_is_dead_lettered_unread(image_folder, tmp_path):
   limit = (image_folder / 'camera.png').stat().st_size + 1
   summary = run([f'--input={image_folder}/*.png', f'--output={output}',
                  '--model=builtin:pnasnet_tiny', f'--max_file_bytes={limit}'])
-  failures = _read_failures(output)
+  failures = read_failures(output)
   too_large = sorted(p.name for p in image_folder.glob('*.png') if p.stat().st_size > limit)
   assert too_large and sorted(os.path.basename(f['uri']) for f in failures) == too_large
   assert {(f['stage'], f['error']) for f in failures} == {('read', 'FileTooLargeError')}

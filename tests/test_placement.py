@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from transforms.placement import COUNTER_PREFIX, claim_load_index
+from models.gpus import COUNTER_PREFIX, claim_load_index
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,16 +24,16 @@ import tensorflow as tf
 tf.debugging.set_log_device_placement(True)  # read when the context starts: set it first
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices('CPU')[0], [tf.config.LogicalDeviceConfiguration()] * 3)
-from transforms.models import load_model
-from transforms.placement import device_for_load
+from models.gpus import device_for_load
+from models.loading import load_embedding_model
 
 handle, token = sys.argv[1], sys.argv[2]
 images = np.random.default_rng(0).random((2, 64, 64, 3), dtype=np.float32)
-reference = load_model(handle).embed(images)
+reference = load_embedding_model(handle).embed(images)
 report = []
 for copy in range(4):
   device = device_for_load(token, 'CPU')
-  model = load_model(handle, device=device)
+  model = load_embedding_model(handle, device=device)
   print(f'@@ copy {copy} start', file=sys.stderr, flush=True)
   features = model.embed(images)
   print(f'@@ copy {copy} end', file=sys.stderr, flush=True)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.launcher import SUMMARY_FILE, run
+from pipeline.launcher import run
+from run_format import SUMMARY_FILE
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI_PROCESSING = ['--direct_running_mode=multi_processing', '--direct_num_workers=2']

@@ -10,9 +10,9 @@ import pytest
 
 from tests.shared_callers import (call_from_threads, grow_then_wait, images, segment_inodes,
                                   shared)
+from models.loading import load_embedding_model
+from models.shared_batches import embed_batch
 from transforms.embed import ImageEmbeddingModelHandler
-from transforms.models import load_model
-from transforms.shared_batches import embed_batch
 
 SPAWN = multiprocessing.get_context('spawn')
 
@@ -26,7 +26,7 @@ def test_shared_path_is_bit_identical_to_in_process_path():
   """The tiny network in a process of its own, fed ragged batches through shared memory."""
   handler = ImageEmbeddingModelHandler('builtin:pnasnet_tiny', large_model=True)
   model = shared(f'identical_{uuid.uuid4().hex}', handler.load_model, spawn_process=True)
-  in_process = load_model('builtin:pnasnet_tiny')
+  in_process = load_embedding_model('builtin:pnasnet_tiny')
   for seed, size in enumerate([1, 3, 16, 2]):
     batch = images(seed, size, 64)
     features = [result.inference for result in handler.run_inference(batch, model)]

@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
+from models.loading import load_embedding_model
 from pipeline.launcher import run
 from transforms.decode import decode_and_resize
-from transforms.models import load_model
 
 MULTI_PROCESSING = ['--direct_running_mode=multi_processing', '--direct_num_workers=2']
 
@@ -40,7 +40,7 @@ def test_shared_model_features_are_bit_identical_to_in_process(sharing, image_fo
                 sharing)
   embeddings = _embeddings(output)
   assert summary['embedded'] == len(embeddings) == 6 and summary['failed'] == 3
-  in_process = load_model('builtin:pnasnet_tiny')
+  in_process = load_embedding_model('builtin:pnasnet_tiny')
   for uri, embedding in embeddings.items():
     with open(uri, 'rb') as f:
       _, _, pixels = decode_and_resize(f.read(), 64, 64)
@@ -54,7 +54,7 @@ def test_jit_compile_through_the_pipeline(image_folder, tmp_path):
                  '--model=builtin:pnasnet_tiny', '--max_batch_size=2', '--jit_compile'])
   embeddings = _embeddings(output)
   assert summary['embedded'] == len(embeddings) == 4
-  plain = load_model('builtin:pnasnet_tiny')
+  plain = load_embedding_model('builtin:pnasnet_tiny')
   for uri, embedding in embeddings.items():
     with open(uri, 'rb') as f:
       _, _, pixels = decode_and_resize(f.read(), 64, 64)

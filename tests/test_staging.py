@@ -8,8 +8,9 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms import models
-from transforms.models import ModelLoadError, resolve_model_dir
+from models import staging as model_staging
+from models.handles import ModelLoadError
+from models.staging import resolve_model_dir
 
 PROCESSES = 6
 
@@ -50,7 +51,7 @@ def test_object_names_cannot_write_outside_the_staging_directory(
   """On the local S3 server: it keeps such names as given, as S3 and GCS do (the local GCS
   server refuses `..` and collapses `//`)."""
   staging = tmp_path / 'a' / 'b' / 'c' / 'staging'
-  monkeypatch.setattr(models, 'STAGING_DIR', str(staging))
+  monkeypatch.setattr(model_staging, 'STAGING_DIR', str(staging))
   FileSystems.set_options(PipelineOptions(s3_server.options))
   bucket = f'staging-{uuid.uuid4().hex[:12]}'
   s3_server.create_bucket(bucket)
@@ -68,7 +69,7 @@ def test_object_names_cannot_write_outside_the_staging_directory(
 
 
 def _stage_in_process(staging_dir, model, barrier, results):
-  models.STAGING_DIR = staging_dir
+  model_staging.STAGING_DIR = staging_dir
   barrier.wait(timeout=60)
   try:
     results.put(resolve_model_dir(model))

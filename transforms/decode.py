@@ -1,7 +1,8 @@
 """Stage 2: decode each image's bytes and resize it to the model's input.
 
-Pixels follow the recipe TF-Hub users apply to feed image modules, so embeddings from this pipeline
-are comparable with theirs: `tf.io.decode_image` -> `tf.image.convert_image_dtype(tf.float32)` ->
+Pixels follow the network's input contract (`IMAGE_INPUT`, stated in pnasnet/network.py), the
+recipe TF-Hub users apply to feed image modules, so embeddings from this pipeline are comparable
+with theirs: `tf.io.decode_image` -> `tf.image.convert_image_dtype(tf.float32)` ->
 `tf.image.resize(size, 'bilinear')`. Pillow identifies and decodes (it reads more formats and
 modes than `tf.io.decode_image`, and lets us bound memory before decoding), and numpy reproduces
 TF's resize. RGB and grayscale JPEGs alone are decoded by `tf.io.decode_jpeg`: Pillow only offers
@@ -21,6 +22,7 @@ import apache_beam as beam
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from models.handles import IMAGE_INPUT
 from transforms.failures import DECODE, FAILURES_TAG, Failure
 from transforms.read import ImageFile
 
@@ -168,7 +170,7 @@ def _bilinear_taps(in_size: int, out_size: int,
 def resize_for_model(image: Image.Image,
                      height: int,
                      width: int,
-                     center_crop_fraction: float = 1.0) -> np.ndarray:
+                     center_crop_fraction: float = IMAGE_INPUT.crop_fraction) -> np.ndarray:
   """Crops the central fraction (as tf.image.central_crop) and resizes as tf.image.resize does
   by default (bilinear, half-pixel centers, no antialiasing), to float32 [height, width, 3] in
   [0, 1].
@@ -208,7 +210,7 @@ def resize_for_model(image: Image.Image,
 def decode_and_resize(data: bytes,
                       height: int,
                       width: int,
-                      center_crop_fraction: float = 1.0,
+                      center_crop_fraction: float = IMAGE_INPUT.crop_fraction,
                       max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                       jpeg_draft: bool = False) -> tuple[int, int, np.ndarray]:
   """Returns the upright full-size (height, width) and the model's input pixels.
@@ -266,7 +268,7 @@ class DecodeImages(beam.PTransform):
   def __init__(self,
                height: int,
                width: int,
-               center_crop_fraction: float = 1.0,
+               center_crop_fraction: float = IMAGE_INPUT.crop_fraction,
                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                jpeg_draft: bool = False):
     super().__init__()

@@ -9,14 +9,14 @@ import numpy as np
 from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
                                            RunInference)
 
+from models.gpus import configure_gpus, device_for_load
+from models.handles import model_id as default_model_id
+from models.loading import EmbeddingModel, load_embedding_model
+from models.shared_batches import SharedBatchModel, embed_batch
 from transforms.decode import DecodedImage
 from transforms.failures import FAILURES_TAG, INFERENCE, Failure
 from transforms import quiet_logs
-from transforms.models import EmbeddingModel, check_model_options, load_model
-from transforms.models import model_id as default_model_id
-from transforms.placement import device_for_load
 from transforms.progress import ProgressReporter
-from transforms.shared_batches import SharedBatchModel, embed_batch
 
 METRICS_NAMESPACE = 'embed'
 
@@ -42,40 +42,23 @@ class Embedding(NamedTuple):
   embedding: np.ndarray  # float32 [feature_size]
 
 
-def configure_gpus() -> list:
-  """Memory growth on every GPU, before TensorFlow initialises them.
-
-  Without it TensorFlow reserves nearly all GPU memory in the first process, and the other
-  processes of a multi-process worker (or a second model copy) fail to allocate.
-  """
-  import tensorflow as tf
-  gpus = tf.config.list_physical_devices('GPU')
-  for gpu in gpus:
-    try:
-      tf.config.experimental.set_memory_growth(gpu, True)
-    except RuntimeError as exc:  # already initialised in this process: nothing left to set
-      logging.info('GPU memory growth left as is: %s', exc)
-  return gpus
-
-
 class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, EmbeddingModel]):
   """Loads a TF-Hub module, SavedModel or built-in PNASNet (Beam's TFModelHandler* cannot load
   TF1 Hub format) and embeds batches of preprocessed images.
 
   A model shared across processes (--large_model, --model_copies) receives its batches through
-  shared memory (transforms/shared_batches.py); the i-th model a run loads on a machine runs on
-  its GPU i mod G (transforms/placement.py).
+  shared memory (models/shared_batches.py); the i-th model a run loads on a machine runs on
+  its GPU i mod G (models/gpus.py). The launcher checked the options (`check_model_options`).
   """
 
-  def __init__(self, model: str, checkpoint: Optional[str] = None, seed: int = 0,
+  def __init__(self, model_handle: str, checkpoint: Optional[str] = None, seed: int = 0,
                compute_dtype: str = 'float32', min_batch_size: int = 1,
                max_batch_size: int = 16, large_model: bool = False,
                model_copies: Optional[int] = None, jit_compile: bool = False,
                model_id: Optional[str] = None):
     super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
                      large_model=large_model, model_copies=model_copies)
-    check_model_options(model, checkpoint, compute_dtype, jit_compile)
-    self._model = model
+    self._model_handle = model_handle
     self._checkpoint = checkpoint
     self._seed = seed
     self._compute_dtype = compute_dtype
@@ -83,19 +66,21 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
     self._jit_compile = jit_compile
     # Known without the model (the launcher describes it): asking a shared model's proxy would
     # cost a round trip per batch.
-    self._model_id = model_id or default_model_id(model, checkpoint, seed, compute_dtype)
+    self._model_id = model_id or default_model_id(model_handle, checkpoint, seed, compute_dtype)
     self._run_token = uuid.uuid4().hex  # the same in every worker: numbers this run's loads
 
   def load_model(self) -> Union[EmbeddingModel, SharedBatchModel]:
     gpus = configure_gpus()
     device = device_for_load(self._run_token)
-    model = load_model(self._model, self._checkpoint, self._seed, self._compute_dtype,
-                       device=device, jit_compile=self._jit_compile,
-                       max_batch_size=self._max_batch_size)
-    logging.info('%s runs on %s (%d GPU(s) here%s%s)', self._model, device or 'the CPU',
+    embedding_model = load_embedding_model(
+        self._model_handle, self._checkpoint, self._seed, self._compute_dtype, device=device,
+        jit_compile=self._jit_compile, max_batch_size=self._max_batch_size)
+    logging.info('%s runs on %s (%d GPU(s) here%s%s)', self._model_handle, device or 'the CPU',
                  len(gpus), ', shared across processes' if self.share_model_across_processes()
                  else '', ', XLA' if self._jit_compile else '')
-    return SharedBatchModel(model) if self.share_model_across_processes() else model
+    if self.share_model_across_processes():
+      return SharedBatchModel(embedding_model)
+    return embedding_model
 
   def run_inference(self, batch: Sequence[np.ndarray],
                     model: Union[EmbeddingModel, SharedBatchModel],

@@ -3,12 +3,10 @@
 import json
 from typing import NamedTuple, Optional
 
-FAILURES_TAG = 'failures'
+# The stages name themselves from here; the names are the run format's (run_format.STAGES).
+from run_format import DECODE, INFERENCE, READ, STAGES  # pylint: disable=unused-import
 
-READ = 'read'
-DECODE = 'decode'
-INFERENCE = 'inference'
-STAGES = (READ, DECODE, INFERENCE)
+FAILURES_TAG = 'failures'
 
 
 class Failure(NamedTuple):

@@ -10,12 +10,10 @@ from typing import NamedTuple, Optional, Sequence
 import apache_beam as beam
 from apache_beam.io.parquetio import ReadAllFromParquet
 
-from transforms.failures import DECODE
+from run_format import DECODE, EMBEDDED, INCREMENTAL_COLUMNS
 from transforms.provenance import Provenance
-from transforms.write import EMBEDDED
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-INDEX_COLUMNS = ['uri', 'size_bytes', 'last_modified', 'model', 'recipe', 'outcome']
 
 
 class Done(NamedTuple):
@@ -82,7 +80,7 @@ class SkipUnchanged(beam.PTransform):
   def expand(self, refs):
     done = (refs.pipeline
             | 'Indexes' >> beam.Create(self._index_patterns)
-            | 'ReadIndexes' >> ReadAllFromParquet(columns=INDEX_COLUMNS)
+            | 'ReadIndexes' >> ReadAllFromParquet(columns=INCREMENTAL_COLUMNS)
             | 'KeepDone' >> beam.ParDo(_KeepDone(self._retry_failed)))
     current = refs | 'KeyByUri' >> beam.Map(lambda ref: (ref.uri, ref))
     return ({'current': current, 'done': done}

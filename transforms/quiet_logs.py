@@ -1,4 +1,4 @@
-"""Drops log lines that read like problems on every healthy run (see README, "Log messages")."""
+"""Drops log lines that read like problems on every healthy run (see docs/running.md, "Log messages")."""
 
 import logging
 

@@ -6,44 +6,35 @@ under retries on every runner. Its presence marks a finished run.
 """
 
 import datetime
-import json
-from typing import Dict
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.failures import STAGES
+from run_format import STAGES, SUMMARY_FILE, RunLaunch, RunSummary, utc_now
 
-SUMMARY_FILE = 'run_summary.json'
 EXAMPLE_FAILURES = 5
-
-
-def utc_now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='milliseconds')
 
 
 class _WriteSummary(beam.DoFn):
 
-  def __init__(self, output_dir: str, static: Dict):
+  def __init__(self, output_dir: str, launch: RunLaunch):
     self._path = FileSystems.join(output_dir, SUMMARY_FILE)
-    self._static = static
+    self._launch = launch
 
   def process(self, _, matched, skipped, embedded, failed_by_stage, examples, files):
     failed = dict.fromkeys(STAGES, 0)
     failed.update(dict(failed_by_stage))
     finished_at = utc_now()
-    started = datetime.datetime.fromisoformat(self._static['started_at'])
+    started = datetime.datetime.fromisoformat(self._launch.started_at)
     wall_time = (datetime.datetime.fromisoformat(finished_at) - started).total_seconds()
-    summary = dict(self._static, **{
-        'matched': matched, 'skipped': skipped, 'embedded': embedded,
-        'failed': sum(failed.values()), 'failed_by_stage': failed,
-        'example_failures': sorted(examples, key=lambda f: f['uri']),
-        'files': sorted(files), 'finished_at': finished_at,
-        'wall_time_seconds': wall_time,
-        'images_per_second': round(embedded / wall_time, 3) if wall_time > 0 else None,
-    })
+    summary = RunSummary(
+        **self._launch.to_dict(), matched=matched, skipped=skipped, embedded=embedded,
+        failed=sum(failed.values()), failed_by_stage=failed,
+        example_failures=sorted(examples, key=lambda f: f['uri']),
+        files=sorted(files), finished_at=finished_at, wall_time_seconds=wall_time,
+        images_per_second=round(embedded / wall_time, 3) if wall_time > 0 else None)
     with FileSystems.create(self._path, mime_type='application/json') as f:
-      f.write(json.dumps(summary, indent=2).encode())
+      f.write(summary.to_json().encode())
     yield self._path
 
 
@@ -51,10 +42,10 @@ class WriteRunSummary(beam.PTransform):
   """{'matched', 'skipped', 'embeddings', 'failures', 'files': PCollection} -> the summary's
   path, written once every file in 'files' exists (the sinks' outputs, known after finalizing)."""
 
-  def __init__(self, output_dir: str, static: Dict):
+  def __init__(self, output_dir: str, launch: RunLaunch):
     super().__init__()
     self._output_dir = output_dir
-    self._static = static
+    self._launch = launch
 
   def expand(self, parts):
     def count(name: str):
@@ -70,6 +61,6 @@ class WriteRunSummary(beam.PTransform):
     return (parts['matched'].pipeline
             | 'Once' >> beam.Create([None])
             | 'Write' >> beam.ParDo(
-                _WriteSummary(self._output_dir, self._static), count('matched'),
+                _WriteSummary(self._output_dir, self._launch), count('matched'),
                 count('skipped'), count('embeddings'), beam.pvalue.AsList(by_stage),
                 beam.pvalue.AsList(examples), beam.pvalue.AsList(parts['files'])))

@@ -17,6 +17,9 @@ from apache_beam.io.textio import _TextSink
 from apache_beam.io.tfrecordio import _TFRecordSink
 from apache_beam.coders import coders
 
+from run_format import (EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX, FAILURES_PREFIX, FAILURES_SUFFIX,
+                        INDEX_PREFIX, INDEX_SCHEMA, PARQUET_SUFFIX, SHARD_NAME, SKIPPED,
+                        embeddings_schema, tfrecord_suffix, to_example_batch)
 from transforms.embed import Embedding
 from transforms.failures import Failure
 from transforms.provenance import Provenance
@@ -25,35 +28,6 @@ COMPRESSIONS = {'none': CompressionTypes.UNCOMPRESSED, 'gzip': CompressionTypes.
 OUTPUT_FORMATS = ('tfrecord', 'parquet', 'both')
 ENCODE_BATCH_SIZE = 256
 INDEX_BATCH_SIZE = 10_000
-EMBEDDED = 'embedded'
-SKIPPED = 'skipped'
-
-# One name per column; TFRecord features use the TF-Hub style names, Parquet SQL-friendly ones.
-_COLUMNS = (('uri', 'image/uri'), ('sha256', 'image/sha256'), ('height', 'image/height'),
-            ('width', 'image/width'), ('size_bytes', 'image/size_bytes'),
-            ('last_modified', 'image/last_modified'), ('model', 'model'),
-            ('weights', 'model/weights'), ('recipe', 'embedding/recipe'),
-            ('pipeline_version', 'pipeline/version'), ('embedding', 'embedding'))
-
-_INT_COLUMNS = frozenset({'height', 'width', 'size_bytes', 'last_modified'})
-
-INDEX_SCHEMA = pa.schema([
-    ('uri', pa.string()), ('size_bytes', pa.int64()),
-    ('last_modified', pa.timestamp('us', tz='UTC')), ('sha256', pa.string()),
-    ('model', pa.string()), ('recipe', pa.string()),
-    ('outcome', pa.string()),  # EMBEDDED, SKIPPED or the failed stage
-    ('message', pa.string()),
-])
-
-
-def parquet_schema(feature_size: int) -> pa.Schema:
-  return pa.schema([
-      ('uri', pa.string()), ('sha256', pa.string()), ('height', pa.int64()),
-      ('width', pa.int64()), ('size_bytes', pa.int64()),
-      ('last_modified', pa.timestamp('us', tz='UTC')), ('model', pa.string()),
-      ('weights', pa.string()), ('recipe', pa.string()), ('pipeline_version', pa.string()),
-      ('embedding', pa.list_(pa.float32(), feature_size)),
-  ])
 
 
 def _embedding_columns(embeddings: Sequence[Embedding], provenance: Provenance) -> dict:
@@ -66,26 +40,14 @@ def _embedding_columns(embeddings: Sequence[Embedding], provenance: Provenance) 
       'last_modified': [e.last_modified for e in embeddings],
       'model': [e.model for e in embeddings], 'weights': [provenance.weights] * count,
       'recipe': [provenance.recipe] * count, 'pipeline_version': [provenance.version] * count,
-      'embedding': pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()),
-                                                     vectors.shape[1]),
+      EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
   }
 
 
 def embeddings_to_record_batch(embeddings: Sequence[Embedding],
                                provenance: Provenance) -> pa.RecordBatch:
-  """For tfx-bsl's Example encoder: every column a list column, as Example features are lists;
-  a missing value is an empty list (the feature is then absent from that Example)."""
-  columns = _embedding_columns(embeddings, provenance)
-  arrays = []
-  for name, feature in _COLUMNS:
-    values = columns[name]
-    if name == 'embedding':
-      arrays.append(values.cast(pa.list_(pa.float32())))
-      continue
-    value_type = pa.int64() if name in _INT_COLUMNS else pa.binary()
-    arrays.append(pa.array([[] if v is None else [v.encode() if isinstance(v, str) else v]
-                            for v in values], pa.list_(value_type)))
-  return pa.RecordBatch.from_arrays(arrays, [feature for _, feature in _COLUMNS])
+  """For tfx-bsl's Example encoder (see run_format.to_example_batch)."""
+  return to_example_batch(_embedding_columns(embeddings, provenance))
 
 
 def embeddings_to_table(embeddings: Sequence[Embedding], provenance: Provenance,
@@ -166,8 +128,8 @@ class _ToParquetTable(beam.DoFn):
 
 def parquet_files(prefix: str, schema: pa.Schema, num_shards: int) -> _ParquetFiles:
   """A sink of pyarrow Tables, snappy-compressed."""
-  return _ParquetFiles(prefix, schema, 'snappy', False, False, '.parquet', num_shards, None,
-                       'application/x-parquet', None)
+  return _ParquetFiles(prefix, schema, 'snappy', False, False, PARQUET_SUFFIX, num_shards,
+                       SHARD_NAME, 'application/x-parquet', None)
 
 
 class WriteEmbeddings(beam.PTransform):
@@ -176,7 +138,7 @@ class WriteEmbeddings(beam.PTransform):
   def __init__(self, output_dir: str, provenance: Provenance, feature_size: int,
                num_shards: int = 0, compression: str = 'none', output_format: str = 'tfrecord'):
     super().__init__()
-    self._prefix = output_dir.rstrip('/') + '/embeddings'
+    self._prefix = output_dir.rstrip('/') + '/' + EMBEDDINGS_PREFIX
     self._provenance = provenance
     self._feature_size = feature_size
     self._num_shards = num_shards
@@ -188,14 +150,14 @@ class WriteEmbeddings(beam.PTransform):
                                                          max_batch_size=ENCODE_BATCH_SIZE)
     written = []
     if self._output_format in ('tfrecord', 'both'):
-      suffix = '.tfrecord' + ('.gz' if self._compression == 'gzip' else '')
-      sink = _TFRecordFiles(self._prefix, coders.BytesCoder(), suffix, self._num_shards,
-                            None, COMPRESSIONS[self._compression], None)
+      sink = _TFRecordFiles(self._prefix, coders.BytesCoder(),
+                            tfrecord_suffix(self._compression == 'gzip'), self._num_shards,
+                            SHARD_NAME, COMPRESSIONS[self._compression], None)
       written.append(batches
                      | 'Encode' >> beam.ParDo(_EncodeExamples(self._provenance))
                      | 'WriteTFRecord' >> iobase.Write(sink))
     if self._output_format in ('parquet', 'both'):
-      schema = parquet_schema(self._feature_size)
+      schema = embeddings_schema(self._feature_size)
       written.append(batches
                      | 'ToTable' >> beam.ParDo(_ToParquetTable(self._provenance, schema))
                      | 'WriteParquet' >> iobase.Write(parquet_files(
@@ -205,8 +167,8 @@ class WriteEmbeddings(beam.PTransform):
 
 def write_text_files(prefix: str, suffix: str, num_shards: int):
   """A text sink (one element a line) that never writes an empty shard."""
-  return iobase.Write(_TextFiles(prefix, suffix, True, num_shards, None, coders.ToBytesCoder(),
-                                 CompressionTypes.AUTO))
+  return iobase.Write(_TextFiles(prefix, suffix, True, num_shards, SHARD_NAME,
+                                 coders.ToBytesCoder(), CompressionTypes.AUTO))
 
 
 class WriteFailures(beam.PTransform):
@@ -214,13 +176,13 @@ class WriteFailures(beam.PTransform):
 
   def __init__(self, output_dir: str, num_shards: int = 0):
     super().__init__()
-    self._prefix = output_dir.rstrip('/') + '/failures'
+    self._prefix = output_dir.rstrip('/') + '/' + FAILURES_PREFIX
     self._num_shards = num_shards
 
   def expand(self, failures):
     return (failures
             | 'ToJson' >> beam.Map(Failure.to_json)
-            | 'Write' >> write_text_files(self._prefix, '.jsonl', self._num_shards))
+            | 'Write' >> write_text_files(self._prefix, FAILURES_SUFFIX, self._num_shards))
 
 
 def _index_row(uri: str, size_bytes: Optional[int], last_modified: Optional[int],
@@ -254,7 +216,7 @@ class WriteIndex(beam.PTransform):
 
   def __init__(self, output_dir: str, provenance: Provenance, num_shards: int = 0):
     super().__init__()
-    self._prefix = output_dir.rstrip('/') + '/index'
+    self._prefix = output_dir.rstrip('/') + '/' + INDEX_PREFIX
     self._provenance = provenance
     self._num_shards = num_shards
 

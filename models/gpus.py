@@ -1,4 +1,5 @@
-"""Which device a model runs on: the i-th model a run loads on a machine goes to GPU i mod G.
+"""GPU memory settings, and which device a model runs on: the i-th model a run loads on a machine
+goes to GPU i mod G.
 
 With --model_copies N Beam loads N models per VM, each in its own load, but TensorFlow would put
 them all on the first GPU. Beam does not tell a load which copy it is, and the copies may be
@@ -7,11 +8,28 @@ processes of the machine under a file lock.
 """
 
 import fcntl
+import logging
 import os
 import tempfile
 from typing import Optional
 
 COUNTER_PREFIX = 'pnasnet-embeddings-loads-'
+
+
+def configure_gpus() -> list:
+  """Memory growth on every GPU, before TensorFlow initialises them.
+
+  Without it TensorFlow reserves nearly all GPU memory in the first process, and the other
+  processes of a multi-process worker (or a second model copy) fail to allocate.
+  """
+  import tensorflow as tf
+  gpus = tf.config.list_physical_devices('GPU')
+  for gpu in gpus:
+    try:
+      tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError as exc:  # already initialised in this process: nothing left to set
+      logging.info('GPU memory growth left as is: %s', exc)
+  return gpus
 
 
 def claim_load_index(run_token: str) -> int:

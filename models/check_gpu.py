@@ -1,6 +1,6 @@
 """GPU self-check: run it inside the worker container before paying for a GPU job.
 
-    docker run --gpus all --rm --entrypoint python IMAGE -m pipeline.check_gpu \
+    docker run --gpus all --rm --entrypoint python IMAGE -m models.check_gpu \
         --model /opt/pnasnet/model
 
 Checks, in order, and stops at the first that fails (exit 1, with what to do):
@@ -19,9 +19,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # keep TensorFlow's start-up
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from transforms.embed import configure_gpus  # noqa: E402
-from transforms.models import (COMPUTE_DTYPES, DEFAULT_MODEL, ModelLoadError,  # noqa: E402
-                               describe_model, load_model)
+from models.description import check_model_options, describe_model  # noqa: E402
+from models.gpus import configure_gpus  # noqa: E402
+from models.handles import COMPUTE_DTYPES, DEFAULT_MODEL_HANDLE, ModelLoadError  # noqa: E402
+from models.loading import load_embedding_model  # noqa: E402
 
 
 class CheckFailed(RuntimeError):
@@ -53,31 +54,33 @@ def check_visible_gpus() -> list:
   return names
 
 
-def check_model_on(device_type: str, handle: str, checkpoint=None, seed: int = 0,
+def check_model_on(device_type: str, model_handle: str, checkpoint=None, seed: int = 0,
                    compute_dtype: str = 'float32', batch_size: int = 4) -> str:
   """Loads the model as the workers do, then checks where it lives and one batch's output."""
-  description = describe_model(handle, checkpoint, seed)
-  model = load_model(handle, checkpoint, seed, compute_dtype)
-  devices = model.devices()
+  check_model_options(model_handle, checkpoint, compute_dtype)
+  model_description = describe_model(model_handle, checkpoint, seed)
+  embedding_model = load_embedding_model(model_handle, checkpoint, seed, compute_dtype)
+  devices = embedding_model.devices()
   if not devices or not all(f'/device:{device_type}:' in d for d in devices):
-    raise CheckFailed(f'{description.model_id} loaded on {devices}, not on a {device_type}')
+    raise CheckFailed(f'{model_description.model_id} loaded on {devices}, not on a {device_type}')
   images = np.random.default_rng(0).random(
-      (batch_size, description.height, description.width, 3), dtype=np.float32)
+      (batch_size, model_description.height, model_description.width, 3), dtype=np.float32)
   started = time.monotonic()
-  features = model.embed(images)
+  features = embedding_model.embed(images)
   seconds = time.monotonic() - started
-  expected = (batch_size, description.feature_size)
+  expected = (batch_size, model_description.feature_size)
   if features.shape != expected or not np.all(np.isfinite(features)):
     raise CheckFailed(f'one batch gave features of shape {features.shape} (finite: '
                       f'{bool(np.all(np.isfinite(features)))}); expected {expected}, finite')
-  return (f'{description.model_id} on {", ".join(devices)}: a batch of {batch_size} '
-          f'{description.height}x{description.width} images -> {description.feature_size} '
-          f'features each, in {seconds:.2f} s (first call, includes tracing)')
+  return (f'{model_description.model_id} on {", ".join(devices)}: a batch of {batch_size} '
+          f'{model_description.height}x{model_description.width} images -> '
+          f'{model_description.feature_size} features each, in {seconds:.2f} s (first call, '
+          f'includes tracing)')
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--model', default=DEFAULT_MODEL,
+  parser.add_argument('--model', default=DEFAULT_MODEL_HANDLE,
                       help='the --model the job will use (default: %(default)s)')
   parser.add_argument('--checkpoint', default=None, help='the --checkpoint the job will use')
   parser.add_argument('--seed', type=int, default=0)

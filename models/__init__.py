@@ -1,0 +1,1 @@
+"""The model runtime: handles, staging, descriptions, loading, GPUs, shared batches, XLA."""

@@ -1,0 +1,23 @@
+"""The run directory's format, for the writer (transforms/, pipeline/) and every reader (embeddings/).
+
+A run directory holds `run_claim.json` (written first), `embeddings-SSSSS-of-NNNNN.tfrecord[.gz]`
+and/or `.parquet`, `failures-SSSSS-of-NNNNN.jsonl` (only when something failed),
+`index-SSSSS-of-NNNNN.parquet` and `run_summary.json` (written last: its presence marks a finished
+run). `layout` names the files and outcomes, `columns` the embeddings' columns and the index, and
+`summary` the summary's fields.
+
+Compatibility: this version reads runs written by pnasnet-embeddings 0.2.0 and later. Those always
+have an index and a summary with `finished_at` and the model's options; a summary without them
+(0.1.0) is refused with IncompatibleRunError. Needs only pyarrow and the standard library.
+"""
+
+from run_format.columns import (COLUMNS, EMBEDDING, INCREMENTAL_COLUMNS, INDEX_SCHEMA,
+                                METADATA_COLUMNS, METADATA_SCHEMA, RUN_COLUMN, Column,
+                                embeddings_schema, from_example_batch, to_example_batch)
+from run_format.layout import (CLAIM_FILE, DECODE, EMBEDDED, EMBEDDINGS_GLOB, EMBEDDINGS_PREFIX,
+                               FAILURES_GLOB, FAILURES_PREFIX, FAILURES_SUFFIX, GZIP_SUFFIX,
+                               INDEX_GLOB, INDEX_PREFIX, INFERENCE, PARQUET_EMBEDDINGS_GLOB,
+                               PARQUET_SUFFIX, READ, RUN_FILES, SHARD_NAME, SKIPPED, STAGES,
+                               SUMMARY_FILE, TEMP_FOLDERS, TFRECORD_EMBEDDINGS_GLOB,
+                               TFRECORD_SUFFIXES, shard_glob, tfrecord_suffix)
+from run_format.summary import IncompatibleRunError, RunLaunch, RunSummary, utc_now

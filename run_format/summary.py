@@ -1,0 +1,83 @@
+"""`run_summary.json` as a typed record: what the run was (RunLaunch, also the claim's content),
+then what it did (RunSummary adds the counts). The JSON keys are the field names, in this order."""
+
+import dataclasses
+import datetime
+import json
+from typing import Dict, List, Optional, Union
+
+from run_format.layout import SUMMARY_FILE
+
+
+class IncompatibleRunError(ValueError):
+  """A summary without the fields that every run since 0.2.0 has: an older or a foreign file."""
+
+
+def utc_now() -> str:
+  """The summary's timestamps: ISO 8601, UTC, milliseconds."""
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='milliseconds')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunLaunch:
+  """Known at launch, before any work."""
+  model: str  # the model id recorded in every Example and index row
+  model_handle: str  # as the user gave it
+  checkpoint: Optional[str]
+  seed: Optional[int]  # None with a checkpoint
+  weights: str
+  compute_dtype: str
+  center_crop_fraction: float
+  jpeg_draft: bool
+  jit_compile: bool = False  # absent from the first 0.2.0 summaries
+  recipe: str
+  pipeline_version: str
+  embedding_size: int
+  image_size: List[int]  # [height, width]
+  input: List[str]
+  input_manifest: List[str]
+  incremental_from: List[str]  # the earlier runs' index globs
+  output: str
+  output_format: str
+  runner: str
+  started_at: str
+
+  def to_dict(self) -> Dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSummary(RunLaunch):
+  """Counted from the data by the job's last step."""
+  matched: int
+  skipped: int
+  embedded: int
+  failed: int
+  failed_by_stage: Dict[str, int]  # every one of layout.STAGES
+  example_failures: List[Dict]  # up to a few failure records, as in failures-*.jsonl
+  files: List[str]  # every file the run wrote but the summary
+  finished_at: str
+  wall_time_seconds: float
+  images_per_second: Optional[float]
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+  @classmethod
+  def from_json(cls, text: Union[str, bytes], source: str = SUMMARY_FILE) -> 'RunSummary':
+    """Fields a later version added are ignored; missing ones are refused."""
+    fields = json.loads(text)
+    known = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+    missing = sorted(required - set(fields))
+    if missing:
+      raise IncompatibleRunError(
+          f'{source}: not a run summary of pnasnet-embeddings 0.2.0 or later (no '
+          f'{", ".join(missing)}); embed the images again with this version')
+    return cls(**{name: value for name, value in fields.items() if name in known})
+
+  @property
+  def finished(self) -> datetime.datetime:
+    """`finished_at` as a UTC datetime."""
+    parsed = datetime.datetime.fromisoformat(self.finished_at.replace('Z', '+00:00'))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc)

@@ -1,0 +1,179 @@
+"""The manual against the code: docs/flags.md, `run_pipeline.py --help` and the Flex Template's
+deploy/flex/metadata.json name the same flags with the same defaults and choices; the commands the
+pages show use flags that exist; links between the pages lead somewhere."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import flags_doc
+from pipeline.options import all_flags_parser
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(PROJECT, 'docs')
+FLAGS_PAGE = os.path.join(DOCS, 'flags.md')
+# Defaults that metadata.json states in words, with the words and the value they stand for.
+WORDED_DEFAULTS = {
+    'model': ('the TF-Hub PNASNet-5 Large feature-vector module',
+              'https://tfhub.dev/google/imagenet/pnasnet_large/feature_vector/1'),
+}
+
+
+def _read(path: str) -> str:
+  with open(path) as f:
+    return f.read()
+
+
+def _manual_pages() -> dict:
+  pages = {'README.md': _read(os.path.join(PROJECT, 'README.md'))}
+  for name in sorted(os.listdir(DOCS)):
+    if name.endswith('.md'):
+      pages[f'docs/{name}'] = _read(os.path.join(DOCS, name))
+  return pages
+
+
+def _page_table(text: str, heading: str) -> dict:
+  """The rows of the table under `heading`, by flag name, as lists of cells."""
+  section = text.split(f'\n## {heading}\n', 1)[1].split('\n## ', 1)[0]
+  rows = {}
+  for line in section.splitlines():
+    match = re.match(r'\| `--([a-z0-9_]+)` \|(.*)\|$', line)
+    if match:
+      cells = [c.strip() for c in re.split(r'(?<!\\)\|', match.group(2))]
+      rows[match.group(1)] = cells
+  return rows
+
+
+def _page_flags() -> dict:
+  """docs/flags.md's project flags: {name: (default text or None, choices or None)}."""
+  flags = {}
+  for name, cells in _page_table(_read(FLAGS_PAGE), "This project's flags").items():
+    default, value = cells[0], cells[1]
+    choices = re.findall(r'`([^`]+)`', value) if value.startswith('one of ') else None
+    flags[name] = (None if default == 'none' else default.strip('`'), choices)  # `none` is a value
+  return flags
+
+
+def _help_flags() -> dict:
+  """`run_pipeline.py --help` as a user sees it: {name: choices or None}, and its stated defaults."""
+  wide = dict(os.environ, COLUMNS='10000')  # argparse would wrap long defaults mid-word
+  text = subprocess.run([sys.executable, 'run_pipeline.py', '--help'], cwd=PROJECT, check=True,
+                        capture_output=True, text=True, env=wide).stdout
+  flags, stated = {}, {}
+  for entry in re.split(r'\n(?=  --)', text)[1:]:  # one entry per flag: its line and its help
+    name, choices = re.match(r'  --([a-z0-9_]+)(?: \{([^}]*)\})?', entry).groups()
+    flags[name] = choices.split(',') if choices else None
+    default = re.search(r'Default: (\S+)', ' '.join(entry.split()))
+    if default:
+      stated[name] = default.group(1)
+  return flags, stated
+
+
+def test_the_flags_page_is_what_flags_doc_generates():
+  assert _read(FLAGS_PAGE) == flags_doc.render(), (
+      'docs/flags.md is stale: python -m pipeline.flags_doc > docs/flags.md')
+
+
+def test_help_and_the_flags_page_name_the_same_flags_and_choices():
+  page = _page_flags()
+  help_flags, stated_defaults = _help_flags()
+  assert sorted(help_flags) == sorted(page), 'flags in --help and docs/flags.md differ'
+  for name, choices in help_flags.items():
+    assert (sorted(choices) if choices else None) == (
+        sorted(page[name][1]) if page[name][1] else None), name
+  assert stated_defaults, '--help states no default at all: the parsing above broke'
+  for name, default in stated_defaults.items():
+    assert page[name][0] == default, f'--{name}: --help says {default}, the page {page[name][0]}'
+
+
+def test_the_flags_page_defaults_are_what_an_empty_command_line_gets():
+  options = PipelineOptions([]).get_all_options()
+  for name, (default, _) in _page_flags().items():
+    value = options[name]
+    expected = 'off' if value is False else None if value is None else str(value)
+    assert default == expected, f'--{name}: docs/flags.md says {default}, the parser {expected}'
+
+
+def _stated_default(help_text: str):
+  match = re.search(r'Default: (.*?)\.?(?:\s|$)', help_text)
+  return match and match.group(1)
+
+
+def _regex_choices(parameter: dict):
+  for regex in parameter.get('regexes', []):
+    match = re.fullmatch(r'\^\(([a-z0-9_|]+)\)\$', regex)
+    if match:
+      return sorted(match.group(1).split('|'))
+  return None
+
+
+def test_the_template_parameters_agree_with_the_flags_page():
+  page = _page_flags()
+  beam_on_page = _page_table(_read(FLAGS_PAGE), "Beam's options used in this manual")
+  metadata = json.loads(_read(os.path.join(PROJECT, 'deploy', 'flex', 'metadata.json')))
+  for parameter in metadata['parameters']:
+    name = parameter['name']
+    assert name in page or name in beam_on_page, f'template parameter {name} is not on the page'
+    if name not in page:
+      continue
+    default, choices = page[name]
+    stated = _stated_default(parameter['helpText'])
+    if name in WORDED_DEFAULTS:
+      words, value = WORDED_DEFAULTS[name]
+      assert words in parameter['helpText'] and default == value, name
+    elif default is None:
+      assert stated is None, f'{name}: metadata.json states a default ({stated}), the flag has none'
+    else:
+      assert stated == {'off': 'false'}.get(default, default), (
+          f'{name}: metadata.json says the default is {stated}, docs/flags.md {default}')
+    if default == 'off':
+      assert _regex_choices(parameter) == ['false', 'true'], name
+    elif choices:
+      assert _regex_choices(parameter) == sorted(choices), (
+          f'{name}: metadata.json accepts {_regex_choices(parameter)}, the flag {choices}')
+
+
+def test_every_flag_has_an_example_the_parser_accepts():
+  parser = flags_doc.project_parser()
+  for name, notes in flags_doc.NOTES.items():
+    args = shlex.split(notes.example)
+    assert args[0] == f'--{name}', name
+    assert parser.parse_args(args) is not None
+
+
+def _commands(text: str, program: str):
+  """Each `program ...` command in the page's shell blocks, continuation lines joined."""
+  for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+    for command in block.replace('\\\n', ' ').splitlines():
+      if command.strip().startswith(program):
+        yield command
+
+
+def test_the_manuals_pipeline_commands_use_flags_that_exist():
+  known = {s.lstrip('-') for a in all_flags_parser()._actions for s in a.option_strings}  # pylint: disable=protected-access
+  seen = 0
+  for page, text in _manual_pages().items():
+    for command in _commands(text, 'python run_pipeline.py'):
+      seen += 1
+      for flag in re.findall(r'(?:^|\s)--([a-z0-9_]+)', command):
+        assert flag in known, f'{page}: {command[:60]}... uses unknown flag --{flag}'
+  assert seen >= 5, 'found too few run_pipeline.py commands: the block parsing broke'
+
+
+@pytest.mark.parametrize('page', sorted(_manual_pages()))
+def test_links_between_the_pages_lead_somewhere(page):
+  text = _manual_pages()[page]
+  base = os.path.dirname(os.path.join(PROJECT, page))
+  for target, anchor in re.findall(r'\]\(([^)#:]*)(?:#([^)]*))?\)', text):
+    path = os.path.join(base, target) if target else os.path.join(PROJECT, page)
+    assert os.path.exists(path), f'{page} links to missing {target}'
+    if anchor:
+      headings = re.findall(r'^#+ (.*)$', _read(path), re.M)
+      slugs = {re.sub(r'[^\w\- ]', '', h.lower()).replace(' ', '-') for h in headings}
+      assert anchor in slugs, f'{page} links to {target}#{anchor}, a heading that does not exist'
