@@ -16,12 +16,12 @@ run's failures-*.jsonl.
 import datetime
 import json
 
-from airflow.exceptions import AirflowFailException
 from airflow.providers.google.cloud.hooks.gcs import GCSHook
 from airflow.providers.google.cloud.operators.dataflow import DataflowStartFlexTemplateOperator
 from airflow.providers.google.cloud.sensors.dataflow import DataflowJobStatusSensor
 from airflow.providers.google.cloud.sensors.gcs import GCSObjectExistenceSensor
 from airflow.sdk import DAG, task
+from airflow.sdk.exceptions import AirflowFailException
 
 PROJECT = 'my-project'
 REGION = 'us-central1'
