@@ -15,13 +15,12 @@ import sys
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 from embeddings import storage
-from embeddings.runs import SUMMARY_FILE, parse_command
+from embeddings.runs import parse_command
+from run_format import CLAIM_FILE, FINISHED, SUMMARY_FILE, TOO_MANY_FAILURES
 
-CLAIM_FILE = 'run_claim.json'
-FINISHED = 'finished'
 UNFINISHED = 'unfinished'
 COUNTS = ('matched', 'embedded', 'skipped', 'failed')
-EXIT_CODES = {FINISHED: 0, 'too_many_failures': 3, UNFINISHED: 1}
+EXIT_CODES = {FINISHED: 0, TOO_MANY_FAILURES: 3, UNFINISHED: 1}
 
 
 class RunState(NamedTuple):
