@@ -273,7 +273,7 @@ def test_gpu_self_check_checks_the_model_first_and_documents_its_flags():
   assert 'builtin:nope' in wrong.stderr and 'no GPU' not in wrong.stderr
   usage = subprocess.run([sys.executable, '-m', 'models.check_gpu', '--help'], cwd=PROJECT,
                          capture_output=True, text=True, timeout=300, check=True).stdout
-  flat = ' '.join(usage.split())
+  flat = ' '.join(usage.split('options:', 1)[1].split())  # the options, not the usage line
   for flag, default in (('--seed', '0'), ('--compute_dtype', 'float32'), ('--batch_size', '4'),
                         ('--model', 'builtin')):
     described = re.search(rf'{flag} \S+ (.*?)(?= --|$)', flat).group(1)
