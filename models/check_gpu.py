@@ -9,7 +9,8 @@ TensorFlow is a CUDA build; it sees a GPU; the model loads with its variables on
 model's feature size; then the GPU step as a Dataflow VM runs it with --large_model: this process
 holds the model, `--processes - 1` fresh processes decode photos and hand their batches over
 through shared memory, and only the model's process may hold GPU memory (one line per process
-says what it holds). Exit 2 when the model handle itself is wrong, as for the pipeline.
+says what it holds). Exit 2 when the model handle itself is wrong, as for the pipeline: checked
+first, so a wrong model says so on a machine without a GPU too.
 """
 
 import argparse
@@ -169,18 +170,44 @@ def _model_memory(device_type: str, used: Optional[Dict[int, int]]) -> str:
   return f'{listed}, TensorFlow\'s allocator peaked at {peak} MiB'
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def _positive_int(text: str) -> int:
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of 1 or more')
+  return int(text)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='python -m models.check_gpu',
+                                   description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument('--model', default=DEFAULT_MODEL_HANDLE,
-                      help='the --model the job will use (default: %(default)s)')
-  parser.add_argument('--checkpoint', default=None, help='the --checkpoint the job will use')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--compute_dtype', choices=COMPUTE_DTYPES, default='float32')
-  parser.add_argument('--batch_size', type=int, default=4)
-  parser.add_argument('--processes', type=int, default=os.cpu_count(),
-                      help='SDK processes to start, as Dataflow does one per vCPU '
-                      '(default: this machine\'s %(default)s)')
-  args = parser.parse_args(argv)
+                      help='the model handle the job will use: a TF-Hub handle, a module or '
+                      'SavedModel directory, or builtin:pnasnet_large')
+  parser.add_argument('--checkpoint', default=None,
+                      help='the TF-Slim checkpoint prefix the job will use with a builtin: model')
+  parser.add_argument('--seed', type=int, default=0,
+                      help='seed of the untrained builtin weights, as the job would use it '
+                      '(without a checkpoint)')
+  parser.add_argument('--compute_dtype', choices=COMPUTE_DTYPES, default='float32',
+                      help='compute dtype of a builtin: model, as the job will use it '
+                      '(float16 or bfloat16 for mixed precision on GPUs)')
+  parser.add_argument('--batch_size', type=_positive_int, default=4,
+                      help='images in the one test batch run on the GPU (the job\'s '
+                      'max_batch_size shows whether its batches fit in GPU memory)')
+  parser.add_argument('--processes', type=_positive_int, default=os.cpu_count(),
+                      help='SDK processes to start, as Dataflow starts one per vCPU (one holds '
+                      'the model, the others decode)')
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:  # a wrong model is the user's to fix (exit 2) whether or not this machine has a GPU
+    check_model_options(args.model, args.checkpoint, args.compute_dtype)
+    describe_model(args.model, args.checkpoint, args.seed)
+  except ModelLoadError as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    return 2
   try:
     print(f'ok: {check_cuda_build()}')
     for gpu in check_visible_gpus():

@@ -59,10 +59,14 @@ NOTES: Dict[str, FlagNotes] = {
                              'the recipe says `jit_compile=1` (features within 1e-5 of the plain '
                              'path).'),
     'incremental_from': FlagNotes('--incremental_from "gs://bucket/embeddings/*"',
-                                  'Unchanged means same URI, size, modification time, model id '
-                                  'and recipe; a file it could not decode is skipped too. See '
+                                  'Unchanged means same URI, size, model id and recipe, and the '
+                                  'same content identity where the store gives one (GCS crc32c, '
+                                  'S3 ETag), else the same modification time; a file it could '
+                                  'not decode is skipped too. See '
                                   '[nightly runs](running.md#nightly-only-what-is-new).'),
     'retry_failed': FlagNotes('--retry_failed', 'Read and inference failures are always retried.'),
+    'allow_no_earlier_runs': FlagNotes('--allow_no_earlier_runs', 'For a schedule\'s command, '
+                                       '[nightly](running.md#nightly-only-what-is-new).'),
     'inference_accelerator': FlagNotes(
         '--inference_accelerator '
         '"type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver"',
@@ -75,7 +79,11 @@ NOTES: Dict[str, FlagNotes] = {
                          'Prints the job id. On the DirectRunner the pipeline runs in the '
                          'launching process, so the command still returns only when it is done, '
                          'without reading the summary.'),
-    'clean_unfinished': FlagNotes('--clean_unfinished'),
+    'clean_unfinished': FlagNotes('--clean_unfinished', 'What it deletes is logged.'),
+    'skip_if_finished': FlagNotes('--skip_if_finished', 'Makes a loop over chunks rerunnable: '
+                                  '[backfill](running.md#a-very-large-backfill-in-chunks).'),
+    'max_failed_fraction': FlagNotes('--max_failed_fraction 0.01', '[Exit codes](running.md#exit-codes) '
+                                     'and why 0.5.'),
 }
 
 # Beam's options that this manual's commands use, with what they do here.
@@ -123,12 +131,13 @@ a suggestion.
 
 OUTRO = """
 Bad values fail before any work starts, with exit code 2 and one message that says what to do:
-a batch range upside down, a crop outside (0, 1], a seed out of range, `--checkpoint` without a
-`builtin:` model or with variables that do not fit the network (missing names listed once,
-summarised past 20), an unknown model, an unreachable or broken model download, an input that
-matches nothing, an output whose bucket does not exist or that is a file, an output that holds a
-run or is claimed by another. Exit 1: the job failed, or embedded nothing of what it tried (the
-reasons follow). Ctrl-C or SIGTERM ends with one line saying what was left where (exit 130).
+a batch range upside down, a crop outside [0.1, 1], a seed out of range, `--large_model` with
+`--model_copies`, `--checkpoint` without a `builtin:` model or with variables that do not fit the
+network (missing names listed once, summarised past 20), an unknown model, an unreachable or
+broken model download, an input that matches nothing, an `--incremental_from` pattern that
+matches no finished run (without `--allow_no_earlier_runs`), `gs://` paths without Google
+credentials, an output whose bucket does not exist or that is a file, an output that holds a run
+or is claimed by another. Every exit code: [Running](running.md#exit-codes).
 
 As Flex Template parameters (`deploy/flex/metadata.json`), every flag above except `--no_wait`
 (the template always adds it) is `name=value`, and on/off flags take `true` or `false`.

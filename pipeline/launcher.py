@@ -1,5 +1,11 @@
 """Checks everything it can before any work, claims the output, submits the pipeline, and (unless
-told not to wait) reads back the run_summary.json that the job itself writes."""
+told not to wait) reads back the run_summary.json that the job itself writes.
+
+Exit codes: 0 the run finished (some images may be in its failures, within
+--max_failed_fraction); 1 the run did not work (the job failed: no run_summary.json);
+2 refused before any work; 3 the run finished but too many images failed (its summary says
+"too_many_failures"); 130 interrupted (Ctrl-C, SIGTERM).
+"""
 
 import argparse
 import datetime
@@ -17,15 +23,15 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
                                                   TestOptions, WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
+from embeddings.runs import find_runs
 from models.description import ModelDescription, describe_model
 from models.handles import ModelLoadError
-from embeddings.runs import find_runs
 from pipeline.build import build_pipeline
 from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
                               check_known_flags, expand_output, validate)
 from pipeline.output_dir import (OutputExistsError, OutputNotWritableError, check_output_is_new,
                                  claim_output, stale_temp_files)
-from run_format import (CLAIM_FILE, FAILURES_PREFIX, FAILURES_SUFFIX, SUMMARY_FILE, TEMP_FOLDERS,
+from run_format import (CLAIM_FILE, FAILURES_PREFIX, FAILURES_SUFFIX, FINISHED, SUMMARY_FILE,
                         IncompatibleRunError, RunLaunch, RunSummary, shard_glob, utc_now)
 from transforms import quiet_logs
 from transforms.incremental import state_runs
@@ -49,8 +55,25 @@ class InterruptedRun(RuntimeError):
   """Ctrl-C or SIGTERM: says in one line what was left where."""
 
 
-class NothingEmbeddedError(RuntimeError):
-  """Files were matched but none was embedded: almost always a wrong model or input."""
+class TooManyFailuresError(RuntimeError):
+  """The run finished and wrote its summary, but more than --max_failed_fraction of its matched
+  images failed: almost always a wrong model or input, or storage it cannot read."""
+
+  def __init__(self, message: str, summary: Dict):
+    super().__init__(message)
+    self.summary = summary
+
+
+class NoCredentialsError(ValueError):
+  """gs:// paths and no Google credentials: fail at once instead of after minutes of retries."""
+
+
+class _NoInterruptTracebacks(logging.Filter):
+  """Beam logs the KeyboardInterrupt that stops a step with its whole traceback (some 60 lines)
+  before the launcher says in one line what was left where."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
 
 def _prepare_remote_workers(options: PipelineOptions) -> None:
@@ -63,20 +86,47 @@ def _prepare_remote_workers(options: PipelineOptions) -> None:
     logging.info('--setup_file %s: workers install the project from it', PROJECT_SETUP_FILE)
 
 
-def finished_run_indexes(run_globs: List[str], output: str,
-                         provenance: Provenance) -> List[str]:
-  """Index globs of the finished runs among `run_globs` but `output` itself that hold the state
-  (transforms/incremental.py state_runs); none is fine (the first of nightly runs)."""
-  runs = find_runs(run_globs, missing_ok=True) if run_globs else []
-  runs = [run for run in runs if run.path != output.rstrip('/')]
-  chosen = state_runs(runs, provenance.model, provenance.recipe)
-  logging.info('--incremental_from: %d finished runs; reading the %d that hold the state',
-               len(runs), len(chosen))
-  return sorted(run.index_glob for run in chosen)
+def check_google_credentials(paths: List[Optional[str]]) -> None:
+  """Without credentials Beam's GCS client retries finding them, then goes on anonymously and
+  retries every request: offline, minutes pass before anything fails. Look once, now."""
+  gcs = [path for path in paths if path and path.startswith('gs://')]
+  if not gcs or os.environ.get('STORAGE_EMULATOR_HOST'):
+    return
+  import google.auth
+  from google.auth.exceptions import DefaultCredentialsError
+  try:
+    google.auth.default()
+  except DefaultCredentialsError as exc:
+    raise NoCredentialsError(
+        f'{gcs[0]}: no Google Cloud credentials found. Provide them with `gcloud auth '
+        'application-default login` (your account), or GOOGLE_APPLICATION_CREDENTIALS=KEY.json '
+        '(a service account key), or run where a service account is attached (Compute Engine, '
+        'Cloud Composer, Cloud Run); public buckets need them too') from exc
+
+
+def incremental_runs(patterns: List[str], output: str, allow_empty: bool) -> List:
+  """The finished runs that the --incremental_from patterns name, `output` itself aside. A
+  pattern that names none is most often a typo, so it is refused unless `allow_empty` (the first
+  night of a schedule, before any run finished)."""
+  if not patterns:
+    return []
+  runs, empty = {}, []
+  for pattern in patterns:
+    found = [run for run in find_runs([pattern], missing_ok=True) if run.path != output]
+    runs.update((run.path, run) for run in found)
+    if not found:
+      empty.append(pattern)
+  if empty and not allow_empty:
+    raise OptionsError(
+        f'--incremental_from {" ".join(empty)} matches no finished run (a directory holding '
+        f'{SUMMARY_FILE}): check the pattern, or add --allow_no_earlier_runs when no run has '
+        'finished yet (the first night of a schedule)')
+  return sorted(runs.values(), key=lambda run: run.path)
 
 
 def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
-                  model_description: ModelDescription, provenance: Provenance, started_at: str, runs: List[str]) -> RunLaunch:
+                  model_description: ModelDescription, provenance: Provenance, started_at: str,
+                  runs: List) -> RunLaunch:
   """What the claim and run_summary.json say of the run beside the counts."""
   return RunLaunch(
       model=provenance.model, model_handle=embedding.model, checkpoint=embedding.checkpoint,
@@ -89,15 +139,16 @@ def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
       image_size=[model_description.height, model_description.width],
       input=list(embedding.input or []), input_manifest=list(embedding.input_manifest or []),
       exclude=list(embedding.exclude or []),
-      incremental_from=runs, incremental_runs=[glob.rsplit('/', 1)[0] for glob in runs],
-      index_carries_forward=True, output=embedding.output, output_format=embedding.output_format,
+      incremental_from=list(embedding.incremental_from or []),
+      incremental_runs=[run.path for run in runs], index_carries_forward=True,
+      output=embedding.output, output_format=embedding.output_format,
+      max_failed_fraction=embedding.max_failed_fraction,
       runner=options.view_as(StandardOptions).runner or 'DirectRunner', started_at=started_at)
 
 
-def describe_job(result, options: PipelineOptions) -> Dict:
-  """What a Dataflow dry run would have submitted: the options that matter and every step with
-  the resource hints of its environment (where right fitting reads them)."""
-  proto = result.job.proto_pipeline
+def describe_job(proto, options: PipelineOptions) -> Dict:
+  """What a dry run would have run: the options that matter and every step with the resource
+  hints of its environment (where Dataflow's right fitting reads them)."""
   environments = proto.components.environments
   steps = []
   for transform in proto.components.transforms.values():
@@ -110,7 +161,7 @@ def describe_job(result, options: PipelineOptions) -> Dict:
   worker = options.view_as(WorkerOptions)
   setup = options.view_as(SetupOptions)
   return {
-      'runner': options.view_as(StandardOptions).runner,
+      'dry_run': True, 'runner': options.view_as(StandardOptions).runner or 'DirectRunner',
       'options': {
           'project': cloud.project, 'region': cloud.region, 'job_name': cloud.job_name,
           'temp_location': cloud.temp_location, 'num_workers': worker.num_workers,
@@ -124,15 +175,25 @@ def describe_job(result, options: PipelineOptions) -> Dict:
 
 
 def _print_dry_run(description: Dict, job_file: Optional[str]) -> None:
-  print(f'dry run: nothing submitted. Options:\n{json.dumps(description["options"], indent=2)}')
-  hinted = [s for s in description['steps'] if s['resource_hints']]
-  print(f'{len(description["steps"])} steps; with resource hints:')
-  for step in hinted:
-    print(f'  {step["name"]}: {step["resource_hints"]}')
+  """A screenful: the options, and the steps grouped by their resource hints; the whole
+  description (every step) only into the job file."""
+  print(f'dry run ({description["runner"]}): nothing submitted, nothing written. Options:\n'
+        f'{json.dumps(description["options"], indent=2)}')
+  by_hints: Dict[str, List[str]] = {}
+  for step in description['steps']:
+    if step['resource_hints']:
+      by_hints.setdefault(json.dumps(step['resource_hints']), []).append(step['name'])
+  print(f'{len(description["steps"])} steps; with resource hints:' if by_hints else
+        f'{len(description["steps"])} steps, none with resource hints')
+  for hints, names in by_hints.items():
+    tops = sorted({name.split('/')[0] for name in names})
+    print(f'  {len(names)} steps of {", ".join(tops)}: {hints}')
   if job_file:
     with FileSystems.create(job_file, mime_type='application/json') as f:
       f.write(json.dumps(description, indent=2).encode())
-    print(f'job description written to {job_file}')
+    print(f'whole description (every step) written to {job_file}')
+  else:
+    print('the whole description (every step): add --dataflow_job_file FILE.json')
 
 
 def read_summary(output: str) -> RunSummary:
@@ -141,16 +202,44 @@ def read_summary(output: str) -> RunSummary:
     return RunSummary.from_json(f.read(), path)
 
 
-def _check_something_embedded(summary: RunSummary) -> None:
-  attempted = summary.matched - summary.skipped
-  if attempted > 0 and summary.embedded == 0:
-    examples = '; '.join(f'{f["uri"]}: {f["stage"]} {f["error"]}: {f["message"][:200]}'
-                         for f in summary.example_failures[:3])
-    tried = '1 file was' if attempted == 1 else f'{attempted} files were'
-    raise NothingEmbeddedError(f'{tried} tried and none was embedded (failed by '
-                               f'stage: {summary.failed_by_stage}). For example: {examples}. '
-                               f'All reasons are in {summary.output}/'
-                               f'{shard_glob(FAILURES_PREFIX, FAILURES_SUFFIX)}')
+def _plural(count: int, noun: str) -> str:
+  return f'{count} {noun}{"s" * (count != 1)}'
+
+
+def check_outcome(summary: RunSummary) -> Dict:
+  """The summary, once its failures are said; TooManyFailuresError if its outcome is not
+  "finished"."""
+  if not summary.failed:
+    return summary.to_dict()
+  examples = '; '.join(f'{f["uri"]}: {f["stage"]} {f["error"]}: {f["message"][:200]}'
+                       for f in summary.example_failures[:3])
+  counted = f'{summary.failed} of {_plural(summary.matched, "matched image")} failed'
+  detail = (f'(by stage: {summary.failed_by_stage}). For example: {examples}. All reasons are '
+            f'in {summary.output}/{shard_glob(FAILURES_PREFIX, FAILURES_SUFFIX)}')
+  if summary.outcome == FINISHED:
+    logging.warning('%s %s', counted, detail)
+    return summary.to_dict()
+  raise TooManyFailuresError(
+      counted + (', and none was embedded' if not summary.embedded else '') +
+      f': more than --max_failed_fraction {summary.max_failed_fraction} allows {detail}; '
+      f'{SUMMARY_FILE} says outcome "{summary.outcome}"', summary.to_dict())
+
+
+def _finished_earlier(embedding: EmbeddingOptions, model_id: str) -> Optional[RunSummary]:
+  """--skip_if_finished: the summary of a finished run of the same inputs and model at --output,
+  so that a rerun of a loop over chunks passes the chunks done."""
+  if not FileSystems.exists(FileSystems.join(embedding.output, SUMMARY_FILE)):
+    return None
+  summary = read_summary(embedding.output)
+  this = (list(embedding.input or []), list(embedding.input_manifest or []), model_id)
+  if (summary.input, summary.input_manifest, summary.model) != this:
+    raise OutputExistsError(
+        f'--output {embedding.output} holds a finished run of other inputs or another model '
+        f'({summary.model}: {" ".join(summary.input + summary.input_manifest)}); '
+        '--skip_if_finished passes over a finished run of the same command only')
+  logging.warning('--skip_if_finished: %s already holds this run, finished %s: nothing to do',
+                  embedding.output, summary.finished_at)
+  return summary
 
 
 def run(argv: Optional[List[str]] = None) -> Dict:
@@ -168,6 +257,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   FileSystems.set_options(options)  # the checks below read storage with the run's credentials
   embedding.input = [normalize_input(p) for p in embedding.input or []]
   embedding.input_manifest = [normalize_input(p) for p in embedding.input_manifest or []]
+  check_google_credentials(_storage_paths(embedding, options))
   model_description = describe_model(embedding.model, embedding.checkpoint, embedding.seed,
                                      embedding.compute_dtype)
   provenance = Provenance(
@@ -175,15 +265,29 @@ def run(argv: Optional[List[str]] = None) -> Dict:
       recipe(embedding.compute_dtype, embedding.center_crop_fraction, embedding.jpeg_draft,
              embedding.jit_compile),
       project_version())
+  if embedding.skip_if_finished:
+    finished = _finished_earlier(embedding, provenance.model)
+    if finished:
+      return check_outcome(finished)
   check_inputs_match(embedding.input, embedding.exclude or (), embedding.output)
   check_manifests_exist(embedding.input_manifest)
-  indexes = finished_run_indexes(embedding.incremental_from or [], embedding.output, provenance)
-  launch = launch_record(embedding, options, model_description, provenance, started_at, indexes)
+  named = incremental_runs(embedding.incremental_from or [], embedding.output,
+                           embedding.allow_no_earlier_runs)
+  runs = state_runs(named, provenance.model, provenance.recipe)
+  if embedding.incremental_from:
+    logging.info('--incremental_from: %d finished runs; reading the %d that hold the state',
+                 len(named), len(runs))
+  indexes = sorted(run.index_glob for run in runs)
+  launch = launch_record(embedding, options, model_description, provenance, started_at, runs)
   dry_run = options.view_as(TestOptions).dry_run
   if dry_run:
     check_output_is_new(embedding.output)
   else:
-    claim_output(embedding.output, launch.to_dict(), options, embedding.clean_unfinished)
+    deleted = claim_output(embedding.output, launch.to_dict(), options,
+                           embedding.clean_unfinished)
+    if deleted:
+      logging.warning('--clean_unfinished: deleted what the unfinished run in %s had written: '
+                      '%s', embedding.output, ', '.join(deleted))
   _prepare_remote_workers(options)
   logging.info('embedding %s with %s (%dx%d -> %d) into %s', embedding.input or
                embedding.input_manifest, model_description.model_id, model_description.height,
@@ -199,15 +303,28 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     raise
 
 
+def _storage_paths(embedding: EmbeddingOptions, options: PipelineOptions) -> List[Optional[str]]:
+  cloud = options.view_as(GoogleCloudOptions)
+  return ([embedding.output, embedding.model, embedding.checkpoint, cloud.temp_location,
+           cloud.staging_location] + list(embedding.input or []) +
+          list(embedding.input_manifest or []) + list(embedding.incremental_from or []))
+
+
+def _is_dataflow(options: PipelineOptions) -> bool:
+  return 'dataflow' in (options.view_as(StandardOptions).runner or '').lower()
+
+
 def _run_pipeline(options, embedding, model_description, provenance, launch, indexes) -> Dict:
   dry_run = options.view_as(TestOptions).dry_run
   pipeline = beam.Pipeline(options=options)
   build_pipeline(pipeline, embedding, model_description, provenance, launch, indexes)
-  result = pipeline.run()
-  if dry_run and hasattr(result, 'job'):
-    description = describe_job(result, options)
+  if dry_run:  # Dataflow's runner builds the job and stops; any other would run it: never call it
+    proto = (pipeline.run().job.proto_pipeline if _is_dataflow(options) else
+             pipeline.to_runner_api())
+    description = describe_job(proto, options)
     _print_dry_run(description, options.view_as(DebugOptions).dataflow_job_file)
     return description
+  result = pipeline.run()
   if embedding.no_wait:
     job_id = result.job_id() if hasattr(result, 'job_id') else None
     return {'submitted': True, 'job_id': job_id, 'output': embedding.output,
@@ -216,9 +333,7 @@ def _run_pipeline(options, embedding, model_description, provenance, launch, ind
   if state != PipelineState.DONE:
     raise PipelineFailedError(f'the job ended in state {state}; {embedding.output} holds no '
                               f'{SUMMARY_FILE} and counts as unfinished')
-  summary = read_summary(embedding.output)
-  _check_something_embedded(summary)
-  return summary.to_dict()
+  return check_outcome(read_summary(embedding.output))
 
 
 def print_help(show_beam_options: bool) -> None:
@@ -235,7 +350,7 @@ def print_help(show_beam_options: bool) -> None:
 
 def _interrupted(output: str) -> str:
   temp = stale_temp_files(output)
-  left = CLAIM_FILE + (f' and {len(temp)} partial files in {TEMP_FOLDERS}' if temp else '')
+  left = CLAIM_FILE + (f' and {temp}' if temp.folders else '')
   return (f'interrupted: {output} holds an unfinished run ({left}, no {SUMMARY_FILE}); rerun '
           'with a new --output, or the same one with --clean_unfinished')
 
@@ -253,20 +368,28 @@ def main(argv: Optional[List[str]] = None) -> None:
   for name in QUIET_LOGGERS:
     logging.getLogger(name).setLevel(logging.WARNING)
   quiet_logs.install()
-  signal.signal(signal.SIGTERM, _terminate)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_NoInterruptTracebacks())
+  for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too when inherited as ignored (`cmd &`)
+    signal.signal(signum, _terminate)
   try:
     summary = run(argv)
   except (OptionsError, NoInputError, ModelLoadError, OutputExistsError,
-          OutputNotWritableError, IncompatibleRunError) as exc:
+          OutputNotWritableError, IncompatibleRunError, NoCredentialsError) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
-  except (PipelineFailedError, NothingEmbeddedError) as exc:
+  except PipelineFailedError as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(1)
+  except TooManyFailuresError as exc:
+    print(json.dumps(exc.summary, indent=2))
+    print(f'error: {exc}', file=sys.stderr)
+    sys.exit(3)
   except InterruptedRun as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(130)
   except KeyboardInterrupt:
     print('error: interrupted before any work started', file=sys.stderr)
     sys.exit(130)
-  print(json.dumps(summary, indent=2))
+  if not summary.get('dry_run'):  # a dry run printed its own, shorter account
+    print(json.dumps(summary, indent=2))

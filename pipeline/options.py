@@ -27,10 +27,19 @@ class OptionsError(ValueError):
   """A flag's value cannot work; raised before any work starts."""
 
 
+MIN_CENTER_CROP_FRACTION = 0.1  # a tenth of each side: the crop is already upscaled 10x or more
+DEFAULT_MAX_FAILED_FRACTION = 0.5
+
+
 def _positive_int(text: str) -> int:
-  value = int(text)
+  """argparse names the type function in its own message ("invalid _positive_int value"), so
+  every refusal says it in words instead."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
   if value < 1:
-    raise argparse.ArgumentTypeError(f'{text} is not a positive whole number')
+    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of 1 or more')
   return value
 
 
@@ -80,8 +89,8 @@ class EmbeddingOptions(PipelineOptions):
     group.add_argument('--max_batch_size', type=_positive_int, default=16,
                        help='Largest inference batch (images per model call).')
     group.add_argument('--center_crop_fraction', type=float, default=IMAGE_INPUT.crop_fraction,
-                       help='Central fraction of height and width kept before resizing, in '
-                       '(0, 1]; 1.0 keeps the whole image.')
+                       help='Central fraction of height and width kept before resizing, '
+                       f'{MIN_CENTER_CROP_FRACTION} to 1; 1.0 keeps the whole image.')
     group.add_argument('--num_shards', type=int, default=0,
                        help='Embedding and failure files to write (at most); 0 lets the runner '
                        'decide.')
@@ -108,11 +117,15 @@ class EmbeddingOptions(PipelineOptions):
     group.add_argument(
         '--incremental_from', nargs='+', action='extend', default=None,
         help='Earlier run directories (globs allowed), e.g. "gs://bucket/emb/*": files that a '
-        'finished one of them embedded, unchanged (same size, modification time, model and '
-        'recipe), are skipped. Repeatable.')
+        'finished one of them embedded, unchanged (same size and content identity or '
+        'modification time, same model and recipe), are skipped. Repeatable.')
     group.add_argument('--retry_failed', action='store_true', default=False,
                        help='With --incremental_from: try again the unchanged files that an '
                        'earlier run could not decode.')
+    group.add_argument('--allow_no_earlier_runs', action='store_true', default=False,
+                       help='With --incremental_from: accept patterns that match no finished '
+                       'run yet (the first night of a schedule); without it such a pattern '
+                       'stops the run (exit 2), since it is usually a typo.')
     group.add_argument(
         '--inference_accelerator', default=None,
         help='Beam accelerator resource hint for the GPU step only (reading, decoding and '
@@ -126,7 +139,17 @@ class EmbeddingOptions(PipelineOptions):
                        'writes run_summary.json itself when it finishes.')
     group.add_argument('--clean_unfinished', action='store_true', default=False,
                        help='If --output holds an unfinished run (claimed, no run_summary.json: '
-                       'interrupted), delete its files and claim it anew.')
+                       'interrupted), delete the files that run wrote (its claim, its shards, '
+                       'its beam-temp-* folders; nothing else), say which, and claim it anew.')
+    group.add_argument('--skip_if_finished', action='store_true', default=False,
+                       help='If --output already holds a finished run of the same inputs and '
+                       'model, do nothing and exit 0 (reruns of a loop of chunks); otherwise '
+                       'such an output is refused.')
+    group.add_argument('--max_failed_fraction', type=float, default=DEFAULT_MAX_FAILED_FRACTION,
+                       help='The run writes its summary, then fails (exit 3, outcome '
+                       '"too_many_failures") when more than this fraction of the matched images '
+                       'failed: a wrong model or input, an unreadable bucket. 0 to 1; 1 never '
+                       'fails. Default %(default)s.')
 
 
 def all_flags_parser() -> argparse.ArgumentParser:
@@ -179,8 +202,15 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
   if options.min_batch_size > options.max_batch_size:
     problems.append(f'--min_batch_size {options.min_batch_size} exceeds --max_batch_size '
                     f'{options.max_batch_size}')
-  if not 0.0 < options.center_crop_fraction <= 1.0:
-    problems.append(f'--center_crop_fraction {options.center_crop_fraction} must be in (0, 1]')
+  if not MIN_CENTER_CROP_FRACTION <= options.center_crop_fraction <= 1.0:
+    problems.append(f'--center_crop_fraction {options.center_crop_fraction} must be between '
+                    f'{MIN_CENTER_CROP_FRACTION} and 1 (the central part of each side kept)')
+  if not 0.0 <= options.max_failed_fraction <= 1.0:
+    problems.append(f'--max_failed_fraction {options.max_failed_fraction} must be between 0 '
+                    '(no image may fail) and 1 (never fail the run for failed images)')
+  if options.large_model and options.model_copies is not None:
+    problems.append(f'--large_model and --model_copies {options.model_copies} both say how many '
+                    'models a VM shares: --large_model is one, --model_copies N is N; keep one')
   if options.num_shards < 0:
     problems.append('--num_shards must be 0 (runner decides) or more')
   if not 0 <= options.seed <= MAX_SEED:
@@ -188,6 +218,9 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
   if options.retry_failed and not options.incremental_from:
     problems.append('--retry_failed goes with --incremental_from (it retries the failures of '
                     'earlier runs)')
+  if options.allow_no_earlier_runs and not options.incremental_from:
+    problems.append('--allow_no_earlier_runs goes with --incremental_from (it lets its patterns '
+                    'match no finished run yet)')
   if options.inference_accelerator is not None:
     job_machine_type = pipeline_options.view_as(WorkerOptions).machine_type
     problems.extend(accelerator_problems(options.inference_accelerator, job_machine_type))

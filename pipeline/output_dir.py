@@ -3,19 +3,21 @@
 A claim is a small object created only if it does not exist yet (`ifGenerationMatch=0` on GCS,
 `If-None-Match: *` on S3, `O_EXCL` on a local disk), so of two runs started at once on the same
 `--output` exactly one proceeds. A claim without `run_summary.json` beside it is an unfinished
-(interrupted or failed) run: reported, and cleaned only with `--clean_unfinished`.
+(interrupted or failed) run: reported, and cleaned only with `--clean_unfinished`, which deletes
+only what such a run writes: names of exactly the run's shard pattern (RUN_FILE_NAME) and Beam's
+own temporary folders (TEMP_FOLDER_NAME). A user's `index-01.jpg` beside them stays.
 """
 
-import glob
 import json
 import os
 import socket
-from typing import List
+from typing import List, NamedTuple
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
-from run_format import CLAIM_FILE, RUN_FILES, SUMMARY_FILE, TEMP_FOLDERS
+from run_format import (CLAIM_FILE, RUN_FILES, SUMMARY_FILE, TEMP_FOLDER_NAME, TEMP_FOLDERS,
+                        run_file_name)
 
 
 class OutputExistsError(ValueError):
@@ -39,15 +41,41 @@ def _existing(output: str, names) -> List[str]:
   return [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
 
 
-def stale_temp_files(output: str) -> List[str]:
-  """What an interrupted run's sinks left: Beam writes shards under beam-temp-* first (local
-  folders as such, which FileSystems.delete removes whole; objects under the prefix elsewhere)."""
+def _run_files(output: str, output_format: str = None) -> List[str]:
+  """The files at the top of `output` named as a run names them (of `output_format`'s
+  suffixes when known), among whatever else the directory holds."""
+  names = run_file_name(output_format)
+  return [path for path in _existing(output, RUN_FILES)
+          if names.fullmatch(path.rstrip('/').rsplit('/', 1)[-1])]
+
+
+class TempLeftovers(NamedTuple):
+  """What an interrupted run's sinks left: Beam writes shards under beam-temp-<prefix>-<uuid>
+  first (local folders, which FileSystems.delete removes whole; objects under the prefix
+  elsewhere)."""
+  folders: List[str]
+  files: int  # partial files in them
+  deletable: List[str]  # the local folders, or every object under the prefixes
+
+  def __str__(self) -> str:
+    return (f'{len(self.folders)} {TEMP_FOLDERS} folder{"s" * (len(self.folders) != 1)} '
+            f'holding {self.files} partial file{"s" * (self.files != 1)}')
+
+
+def stale_temp_files(output: str) -> TempLeftovers:
   if '://' not in output:
-    return sorted(glob.glob(os.path.join(glob.escape(output), TEMP_FOLDERS)))
+    folders = sorted(entry.path for entry in os.scandir(output) if entry.is_dir() and
+                     TEMP_FOLDER_NAME.fullmatch(entry.name)) if os.path.isdir(output) else []
+    files = sum(len(names) for folder in folders for _, _, names in os.walk(folder))
+    return TempLeftovers(folders, files, folders)
   try:
-    return _existing(output, [TEMP_FOLDERS + '/**'])
+    objects = _existing(output, [TEMP_FOLDERS + '/**'])
   except Exception:  # pylint: disable=broad-except; an unreadable output has nothing to report
-    return []
+    return TempLeftovers([], 0, [])
+  top = len(output.rstrip('/')) + 1
+  objects = [path for path in objects if TEMP_FOLDER_NAME.fullmatch(path[top:].split('/')[0])]
+  folders = sorted({path[:top] + path[top:].split('/')[0] for path in objects})
+  return TempLeftovers(folders, len(objects), objects)
 
 
 def _split(uri: str, scheme: str):
@@ -125,20 +153,31 @@ def _create_claim(path: str, body: bytes, options: PipelineOptions) -> None:
       f.write(body)
 
 
-def _delete_unfinished(output: str) -> None:
-  leftovers = _existing(output, [name for name in RUN_FILES if name != SUMMARY_FILE])
-  leftovers += stale_temp_files(output)
-  if leftovers:
-    FileSystems.delete(leftovers)
+def _read_claim(output: str) -> dict:
+  try:
+    with FileSystems.open(_join(output, CLAIM_FILE)) as f:
+      return json.loads(f.read())
+  except Exception:  # pylint: disable=broad-except; a claim is only read for hints
+    return {}
+
+
+def _delete_unfinished(output: str) -> List[str]:
+  """Deletes what the unfinished run wrote (its claim last) and returns it: its shards, of the
+  suffixes of its claim's output format, and Beam's temporary folders; nothing else."""
+  claim = _join(output, CLAIM_FILE)
+  files = [p for p in _run_files(output, _read_claim(output).get('output_format')) if p != claim]
+  temp = stale_temp_files(output)
+  if files or temp.deletable:
+    FileSystems.delete(files + temp.deletable)
+  FileSystems.delete([claim])
+  return files + [folder + '/' for folder in temp.folders] + [claim]
 
 
 def _claim_holder(output: str) -> str:
-  try:
-    with FileSystems.open(_join(output, CLAIM_FILE)) as f:
-      claim = json.loads(f.read())
-    return f' (started {claim.get("started_at")} on {claim.get("host")}, pid {claim.get("pid")})'
-  except Exception:  # pylint: disable=broad-except; the holder is only a hint
+  claim = _read_claim(output)
+  if not claim:
     return ''
+  return f' (started {claim.get("started_at")} on {claim.get("host")}, pid {claim.get("pid")})'
 
 
 def _refuse_existing(output: str, found: List[str]) -> None:
@@ -149,8 +188,7 @@ def _refuse_existing(output: str, found: List[str]) -> None:
     temp = stale_temp_files(output)
     raise OutputExistsError(
         f'--output {output} is claimed by a run that has not finished{_claim_holder(output)}: '
-        'it is still running, or was interrupted' +
-        (f' and left {len(temp)} partial files in {TEMP_FOLDERS}' if temp else '') +
+        'it is still running, or was interrupted' + (f' and left {temp}' if temp.folders else '') +
         '. Choose a new --output, or, if that run is dead, rerun with --clean_unfinished to '
         'delete what it left (an unfinished run)')
   if found:
@@ -161,7 +199,7 @@ def _refuse_existing(output: str, found: List[str]) -> None:
 def check_output_is_new(output: str) -> None:
   """Refuses an output that holds a run; reads only (a dry run claims nothing)."""
   try:
-    found = _existing(output, RUN_FILES)
+    found = _run_files(output)
   except Exception as exc:  # pylint: disable=broad-except; a missing bucket, no permission
     reason = 'its bucket does not exist' if 'NotFound' in str(exc) or 'NoSuchBucket' in str(
         exc) else str(exc)[:300]
@@ -170,8 +208,9 @@ def check_output_is_new(output: str) -> None:
 
 
 def claim_output(output: str, run_description: dict, options: PipelineOptions,
-                 clean_unfinished: bool = False) -> None:
-  """Claims `output` for this run, or raises OutputExistsError / OutputNotWritableError.
+                 clean_unfinished: bool = False) -> List[str]:
+  """Claims `output` for this run, or raises OutputExistsError / OutputNotWritableError; returns
+  what `clean_unfinished` deleted of an unfinished run there.
 
   The claim comes first, so of two runs only one gets past it, and a missing bucket or a file in
   the way is reported by the store itself.
@@ -180,19 +219,21 @@ def claim_output(output: str, run_description: dict, options: PipelineOptions,
     raise OutputNotWritableError(f'--output {output} is a file, not a directory')
   body = json.dumps(dict(run_description, host=socket.gethostname(), pid=os.getpid())).encode()
   claim = _join(output, CLAIM_FILE)
+  deleted = []
   try:
     _create_claim(claim, body, options)
   except _AlreadyClaimed:
-    found = _existing(output, RUN_FILES)
+    found = _run_files(output)
     if not clean_unfinished or any(path.endswith(SUMMARY_FILE) for path in found):
       _refuse_existing(output, found)
-    _delete_unfinished(output)
+    deleted = _delete_unfinished(output)
     try:
       _create_claim(claim, body, options)
     except _AlreadyClaimed as exc:
       raise OutputExistsError(f'--output {output} was claimed by another run just now; choose '
                               'a new --output') from exc
-  found = [path for path in _existing(output, RUN_FILES) if not path.endswith(CLAIM_FILE)]
-  if found:  # files no claimed run wrote: put there by hand, or a run older than 0.2.0
+  found = [path for path in _run_files(output) if not path.endswith(CLAIM_FILE)]
+  if found:  # run files no claimed run wrote: copied there, or a run older than 0.2.0
     FileSystems.delete([claim])
     _refuse_existing(output, found)
+  return deleted

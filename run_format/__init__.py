@@ -15,9 +15,11 @@ from run_format.columns import (COLUMNS, EMBEDDING, INCREMENTAL_COLUMNS, INDEX_S
                                 METADATA_COLUMNS, METADATA_SCHEMA, RUN_COLUMN, Column,
                                 embeddings_schema, from_example_batch, to_example_batch)
 from run_format.layout import (CLAIM_FILE, DECODE, EMBEDDED, EMBEDDINGS_GLOB, EMBEDDINGS_PREFIX,
-                               FAILURES_GLOB, FAILURES_PREFIX, FAILURES_SUFFIX, GZIP_SUFFIX,
-                               INDEX_GLOB, INDEX_PREFIX, INFERENCE, PARQUET_EMBEDDINGS_GLOB,
-                               PARQUET_SUFFIX, READ, RUN_FILES, SHARD_NAME, SKIPPED, STAGES,
-                               SUMMARY_FILE, TEMP_FOLDERS, TFRECORD_EMBEDDINGS_GLOB,
-                               TFRECORD_SUFFIXES, shard_glob, tfrecord_suffix)
+                               FAILURES_GLOB, FAILURES_PREFIX, FAILURES_SUFFIX, FINISHED,
+                               GZIP_SUFFIX, INDEX_GLOB, INDEX_PREFIX, INFERENCE,
+                               PARQUET_EMBEDDINGS_GLOB, PARQUET_SUFFIX, READ, RUN_FILES,
+                               SHARD_NAME, SKIPPED, STAGES, SUMMARY_FILE, TEMP_FOLDER_NAME,
+                               TEMP_FOLDERS, TFRECORD_EMBEDDINGS_GLOB, TFRECORD_SUFFIXES,
+                               TOO_MANY_FAILURES, outcome, run_file_name, shard_glob,
+                               tfrecord_suffix)
 from run_format.summary import IncompatibleRunError, RunLaunch, RunSummary, utc_now

@@ -6,7 +6,7 @@ import datetime
 import json
 from typing import Dict, List, Optional, Union
 
-from run_format.layout import SUMMARY_FILE
+from run_format.layout import FINISHED, SUMMARY_FILE
 
 
 class IncompatibleRunError(ValueError):
@@ -37,13 +37,14 @@ class RunLaunch:
   input: List[str]
   input_manifest: List[str]
   exclude: List[str] = dataclasses.field(default_factory=list)  # --exclude patterns
-  incremental_from: List[str]  # the earlier runs' index globs
+  incremental_from: List[str]  # the --incremental_from patterns as given
   # The earlier runs whose indexes this run read (transforms/incremental.py state_runs), and
   # whether its own index carries their done files forward (so that it supersedes them).
   incremental_runs: List[str] = dataclasses.field(default_factory=list)
   index_carries_forward: bool = False
   output: str
   output_format: str
+  max_failed_fraction: Optional[float] = None  # absent from older summaries
   runner: str
   started_at: str
 
@@ -54,6 +55,7 @@ class RunLaunch:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunSummary(RunLaunch):
   """Counted from the data by the job's last step."""
+  outcome: str = FINISHED  # or TOO_MANY_FAILURES; absent before 0.3.0
   matched: int
   skipped: int
   embedded: int

@@ -98,10 +98,12 @@ def test_an_output_is_claimed_by_exactly_one_run(store, tmp_path, gcs_server, s3
     s3_server.create_bucket('claims')
     output = 's3://claims/run1'
   claim_output(output, {'run': 1}, options)
-  leftover = FileSystems.join(output, 'beam-temp-embeddings-0123/part-0')  # an interrupted sink's
+  leftover = FileSystems.join(  # an interrupted sink's
+      output, 'beam-temp-embeddings-006bf72aed6911f1826502fc00000001/part-0')
   with FileSystems.create(leftover) as f:
     f.write(b'partial')
-  with pytest.raises(OutputExistsError, match='has not finished.*1 partial files in beam-temp'):
+  with pytest.raises(OutputExistsError,
+                     match='has not finished.*1 beam-temp-\\* folder holding 1 partial file'):
     claim_output(output, {'run': 2}, options)
   claim_output(output, {'run': 3}, options, clean_unfinished=True)  # asked for: cleaned, claimed
   with FileSystems.open(FileSystems.join(output, CLAIM_FILE)) as f:
@@ -242,7 +244,7 @@ def test_dataflow_dry_run_puts_the_full_hint_on_the_gpu_step_only(gcs_server, im
                  '--sdk_container_image=us-docker.pkg.dev/p/images/pnasnet:gpu',
                  f'--dataflow_job_file={job_file}'], env=dict(os.environ))
   assert result.returncode == 0, result.stderr
-  assert 'dry run: nothing submitted' in result.stdout and 'Traceback' not in result.stderr
+  assert 'nothing submitted, nothing written' in result.stdout and 'Traceback' not in result.stderr
   job = json.loads(job_file.read_text())
   assert job['options']['sdk_container_image'] == 'us-docker.pkg.dev/p/images/pnasnet:gpu'
   hinted = {s['name'] for s in job['steps'] if 'accelerator' in s['resource_hints']}

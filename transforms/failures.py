@@ -9,6 +9,18 @@ from run_format import DECODE, INFERENCE, READ, STAGES  # pylint: disable=unused
 FAILURES_TAG = 'failures'
 
 
+def _message(exc: BaseException, uri: str) -> str:
+  """Beam's GcsIO raises NotFound('Object %s not found', path), which keeps the '%s' and drops
+  the path (and its FileSystems wrap it in a BeamIOError keyed by path): name the object the
+  failure is about instead."""
+  details = getattr(exc, 'exception_details', None)
+  if isinstance(details, dict) and len(details) == 1:
+    exc = next(iter(details.values()))
+  text = str(exc) or repr(exc)
+  template = exc.args[0] if exc.args and isinstance(exc.args[0], str) else ''
+  return text.replace('%s', uri) if '%s' in template and uri not in text else text
+
+
 class Failure(NamedTuple):
   uri: str
   stage: str  # one of STAGES
@@ -22,7 +34,7 @@ class Failure(NamedTuple):
 
   @classmethod
   def from_exception(cls, uri: str, stage: str, exc: BaseException, **known) -> 'Failure':
-    return cls(uri, stage, type(exc).__name__, str(exc) or repr(exc), **known)
+    return cls(uri, stage, type(exc).__name__, _message(exc, uri), **known)
 
   def to_json(self) -> str:
     return json.dumps(self._asdict(), sort_keys=True)

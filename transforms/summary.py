@@ -2,15 +2,17 @@
 
 Written by the pipeline itself, so a launch that returns at once (a Flex Template, a scheduler)
 still gets one, and counted from the PCollections rather than from metrics, so the counts are exact
-under retries on every runner. Its presence marks a finished run.
+under retries on every runner. Its presence marks a finished run; its `outcome` says whether the
+run stayed within --max_failed_fraction, for a scheduler that never sees the launcher's exit code.
 """
 
 import datetime
+import logging
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from run_format import STAGES, SUMMARY_FILE, RunLaunch, RunSummary, utc_now
+from run_format import FINISHED, STAGES, SUMMARY_FILE, RunLaunch, RunSummary, outcome, utc_now
 
 EXAMPLE_FAILURES = 5
 
@@ -28,13 +30,19 @@ class _WriteSummary(beam.DoFn):
     started = datetime.datetime.fromisoformat(self._launch.started_at)
     wall_time = (datetime.datetime.fromisoformat(finished_at) - started).total_seconds()
     summary = RunSummary(
-        **self._launch.to_dict(), matched=matched, skipped=skipped, embedded=embedded,
+        **self._launch.to_dict(),
+        outcome=outcome(matched, sum(failed.values()), self._launch.max_failed_fraction),
+        matched=matched, skipped=skipped, embedded=embedded,
         failed=sum(failed.values()), failed_by_stage=failed,
         example_failures=sorted(examples, key=lambda f: f['uri']),
         files=sorted(files), finished_at=finished_at, wall_time_seconds=wall_time,
         images_per_second=round(embedded / wall_time, 3) if wall_time > 0 else None)
     with FileSystems.create(self._path, mime_type='application/json') as f:
       f.write(summary.to_json().encode())
+    if summary.outcome != FINISHED:  # for a log-based alert where no one sees the exit code
+      logging.error('run outcome %s: %d of %d matched images failed, more than '
+                    '--max_failed_fraction %s; see %s', summary.outcome, summary.failed,
+                    matched, self._launch.max_failed_fraction, self._path)
     yield self._path
 
 

@@ -13,7 +13,7 @@ import sys
 from airflow.dag_processing.dagbag import DagBag
 
 DAG_ID = 'pnasnet_embeddings_nightly'
-TASKS = {'launch', 'wait_for_job', 'run_summary_written'}
+TASKS = {'launch', 'wait_for_job', 'run_summary_written', 'run_outcome_finished'}
 
 
 def main() -> int:

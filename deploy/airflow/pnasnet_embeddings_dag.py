@@ -5,17 +5,23 @@ Copy this file into the environment's dags/ folder after setting PROJECT, REGION
 OUTPUT_ROOT/<logical date>, so a re-run of the same night is refused by the pipeline rather than
 mixed into it, and a backfill writes each night to its own directory; --incremental_from over the
 earlier nights makes each night embed only new and changed images. The launch task only submits
-(the template never waits); the next task waits for the job without holding a worker slot, and the
-last one checks that the job wrote its run_summary.json, which the pipeline writes last, after
-every output file.
+(the template never waits); the next task waits for the job without holding a worker slot; then one
+waits for its run_summary.json, which the pipeline writes last, after every output file, and the
+last one reads the summary's outcome: "finished" passes, "too_many_failures" (more than
+--max_failed_fraction of the matched images were dead-lettered, the launcher's exit 3) fails the
+DAG run, as a failed job does. A few bad images in a night do not fail it; they are listed in the
+run's failures-*.jsonl.
 """
 
 import datetime
+import json
 
+from airflow.providers.google.cloud.hooks.gcs import GCSHook
 from airflow.providers.google.cloud.operators.dataflow import DataflowStartFlexTemplateOperator
 from airflow.providers.google.cloud.sensors.dataflow import DataflowJobStatusSensor
 from airflow.providers.google.cloud.sensors.gcs import GCSObjectExistenceSensor
-from airflow.sdk import DAG
+from airflow.sdk import DAG, task
+from airflow.sdk.exceptions import AirflowFailException
 
 PROJECT = 'my-project'
 REGION = 'us-central1'
@@ -36,6 +42,21 @@ OUTPUT = 'gs://{{ params.output_bucket }}/{{ params.output_prefix }}/{{ ds }}'
 # Only the image parameters PARAMS gives: the template refuses an empty one.
 IMAGES = {name: f'{{{{ params.{name} }}}}' for name in ('input', 'input_manifest')
           if PARAMS.get(name)}
+SUMMARY_OBJECT = '{{ params.output_prefix }}/{{ ds }}/run_summary.json'
+
+
+@task(task_id='run_outcome_finished', retries=0)
+def run_outcome_finished(bucket: str, summary_object: str) -> dict:
+  """Fails the DAG run unless the job's own summary says the run finished within its failure
+  bound; the counts go to XCom."""
+  summary = json.loads(GCSHook().download(bucket_name=bucket, object_name=summary_object))
+  counts = {key: summary.get(key) for key in ('outcome', 'matched', 'embedded', 'skipped',
+                                              'failed', 'max_failed_fraction')}
+  if summary.get('outcome') != 'finished':
+    raise AirflowFailException(f'gs://{bucket}/{summary_object}: outcome '
+                               f'{summary.get("outcome")!r}, not "finished": {counts}')
+  return counts
+
 
 with DAG(
     dag_id='pnasnet_embeddings_nightly',
@@ -61,6 +82,7 @@ with DAG(
               'checkpoint': '{{ params.checkpoint }}',
               # Only what earlier finished nights did not embed (new or changed files).
               'incremental_from': 'gs://{{ params.output_bucket }}/{{ params.output_prefix }}/*',
+              'allow_no_earlier_runs': 'true',  # the first night has no earlier run
               # GPU workers (an L4 on a G2 machine) read, decode and embed; matching and writing
               # run on the job's CPU workers (machine_type below).
               'inference_accelerator': ('type:nvidia-l4;count:1;machine_type:g2-standard-8;'
@@ -91,9 +113,10 @@ with DAG(
   summary = GCSObjectExistenceSensor(
       task_id='run_summary_written',
       bucket='{{ params.output_bucket }}',
-      object='{{ params.output_prefix }}/{{ ds }}/run_summary.json',
+      object=SUMMARY_OBJECT,
       mode='reschedule',
       poke_interval=60,
       timeout=3600,
   )
-  launch >> wait >> summary
+  outcome = run_outcome_finished('{{ params.output_bucket }}', SUMMARY_OBJECT)
+  launch >> wait >> summary >> outcome

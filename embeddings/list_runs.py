@@ -1,0 +1,107 @@
+"""Lists run directories and their state: finished (and its outcome) or unfinished (and who holds
+the claim), with the counts and the model.
+
+    python -m embeddings.list_runs "gs://bucket/embeddings/*" [--json]
+
+Exit 0 when every listed run finished with outcome "finished", 3 when one finished with more
+failures than its --max_failed_fraction allowed, 1 when one is unfinished (claimed, no summary:
+running, interrupted or failed), 2 when the arguments name no run directory at all; so a
+scheduler can check a night's run with the run's directory as the argument.
+"""
+
+import argparse
+import json
+import sys
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+from embeddings import storage
+from embeddings.runs import parse_command
+from run_format import CLAIM_FILE, FINISHED, SUMMARY_FILE, TOO_MANY_FAILURES
+
+UNFINISHED = 'unfinished'
+COUNTS = ('matched', 'embedded', 'skipped', 'failed')
+EXIT_CODES = {FINISHED: 0, TOO_MANY_FAILURES: 3, UNFINISHED: 1}
+
+
+class RunState(NamedTuple):
+  run: str  # the run directory
+  state: str  # the summary's outcome ("finished", "too_many_failures"), or "unfinished"
+  counts: Dict[str, Optional[int]]
+  model: Optional[str]
+  note: str  # when it finished, or who claimed it and when
+
+  def as_dict(self) -> dict:
+    return dict({'run': self.run, 'state': self.state, 'model': self.model, 'note': self.note},
+                **self.counts)
+
+
+def _read_json(path: str) -> dict:
+  try:
+    return json.loads(storage.read_bytes(path))
+  except (OSError, ValueError):  # unreadable or half-written: shown as unknown
+    return {}
+
+
+def _state(directory: str, has_summary: bool) -> RunState:
+  if has_summary:
+    summary = _read_json(storage.join(directory, SUMMARY_FILE))
+    return RunState(directory, summary.get('outcome', FINISHED),
+                    {name: summary.get(name) for name in COUNTS}, summary.get('model'),
+                    f'finished {summary.get("finished_at", "?")}')
+  claim = _read_json(storage.join(directory, CLAIM_FILE))
+  return RunState(directory, UNFINISHED, dict.fromkeys(COUNTS), claim.get('model'),
+                  f'claimed {claim.get("started_at", "?")} by {claim.get("host", "?")} pid '
+                  f'{claim.get("pid", "?")}: running, interrupted or failed')
+
+
+def list_runs(patterns: Sequence[str]) -> List[RunState]:
+  """Every directory among `patterns` (run directories or globs of them) that holds a claim or a
+  summary, sorted by path."""
+  found: Dict[str, bool] = {}
+  for pattern in patterns:
+    for name in (CLAIM_FILE, SUMMARY_FILE):
+      for info in storage.match(storage.join(pattern, name)):
+        directory = storage.dirname(info.path)
+        found[directory] = found.get(directory, False) or name == SUMMARY_FILE
+  return [_state(directory, found[directory]) for directory in sorted(found)]
+
+
+def format_table(states: Sequence[RunState]) -> str:
+  header = ('run', 'state') + COUNTS + ('model', 'note')
+  rows = [header] + [(s.run, s.state) + tuple('-' if s.counts[n] is None else str(s.counts[n])
+                                               for n in COUNTS) + (s.model or '-', s.note)
+                     for s in states]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+  return '\n'.join('  '.join(cell.ljust(width) for cell, width in zip(row, widths)) + '  ' +
+                   row[-1] for row in rows)
+
+
+def exit_code(states: Sequence[RunState]) -> int:
+  """2 for no run; else the worst state's code, an unfinished run (nothing to read) first."""
+  if not states:
+    return 2
+  codes = {EXIT_CODES.get(s.state, EXIT_CODES[UNFINISHED]) for s in states}
+  return next((code for code in (1, 3) if code in codes), 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m embeddings.list_runs', description=__doc__.split('\n\n')[0],
+      epilog='Other --flags go to Beam\'s FileSystems, e.g. --s3_endpoint_url=URL.')
+  parser.add_argument('runs', nargs='+', help='run directories or globs of them (local, gs://, '
+                      's3://), e.g. "gs://bucket/embeddings/*"')
+  parser.add_argument('--json', action='store_true', help='one JSON list instead of a table')
+  args = parse_command(parser, argv)
+  states = list_runs(args.runs)
+  if not states:
+    print(f'error: no run directory (no {CLAIM_FILE} or {SUMMARY_FILE}) in '
+          f'{" ".join(args.runs)}', file=sys.stderr)
+  elif args.json:
+    print(json.dumps([s.as_dict() for s in states], indent=2))
+  else:
+    print(format_table(states))
+  return exit_code(states)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
