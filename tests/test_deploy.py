@@ -177,7 +177,7 @@ def test_a_template_launch_from_a_manifest_alone(gcs_server, tmp_path):
       cwd=PROJECT, env=dict(os.environ, PYTHONPATH=PROJECT), capture_output=True, text=True,
       timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'dry run: nothing submitted' in result.stdout
+  assert 'nothing submitted, nothing written' in result.stdout
   assert gcs_server.list('gs://template-manifest/embeddings/') == []
 
 
