@@ -34,13 +34,14 @@ import json
 import math
 import tempfile
 import uuid
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embeddings import duplicates, storage
+from embeddings.collection import vector_sources
 from embeddings.runs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
@@ -61,11 +62,12 @@ FLOAT16_MARGIN = 2e-3
 class ShardRef(NamedTuple):
   path: str
   run: str  # the run directory
-  newer_runs: Tuple[str, ...]  # run directories whose rows win over this shard's
+  # The URIs whose vector is this run's (embeddings.collection.vector_sources), None with one run.
+  vector_uris: Optional[FrozenSet[str]]
 
 
 class ShardRows(NamedTuple):
-  """One shard's rows that no newer run has, vectors scaled to length 1."""
+  """One shard's rows that hold their URI's vector, scaled to length 1."""
   path: str
   uris: List[str]
   units: np.ndarray  # float32 [rows, dimension]
@@ -165,21 +167,17 @@ def _sampled(uris: Sequence[str], fraction: float, seed: int) -> np.ndarray:
   return np.array(keep, dtype=bool)
 
 
-def read_rows(ref: ShardRef, newer_uris: Optional[Dict[str, set]] = None) -> ShardRows:
-  """The shard's rows that no newer run embedded, vectors scaled to length 1."""
+def read_rows(ref: ShardRef) -> ShardRows:
+  """The shard's rows that hold their URI's vector (the rule `embeddings.load` follows),
+  vectors scaled to length 1."""
   shard = read_shard(ref.path, ref.run)
-  if ref.newer_runs:
-    superseded = set().union(*(newer_uris.get(run, ()) for run in ref.newer_runs))
-    shard = shard.select(np.array([u not in superseded for u in shard.uris], dtype=bool))
+  if ref.vector_uris is not None:
+    shard = shard.select(np.array([u in ref.vector_uris for u in shard.uris], dtype=bool))
   metadata = shard.metadata
   return ShardRows(ref.path, shard.uris, unit_rows(shard.vectors),
                    metadata.column('sha256').to_pylist(), metadata.column('width').to_pylist(),
                    metadata.column('height').to_pylist(),
                    metadata.column('size_bytes').to_pylist())
-
-
-def _uris_of_run(ref: ShardRef) -> Tuple[str, List[str]]:
-  return ref.run, read_shard(ref.path, ref.run, columns=['uri']).uris
 
 
 def _sample(rows: ShardRows, run_plan: Plan) -> np.ndarray:
@@ -197,12 +195,12 @@ def _count(name: str, value: int) -> None:
   Metrics.counter('duplicates', name).inc(value)
 
 
-def spill(ref: ShardRef, centroids: Centroids, newer, run_plan: Plan, directory: str
+def spill(ref: ShardRef, centroids: Centroids, run_plan: Plan, directory: str
           ) -> Iterator[str]:
   """ShardRef -> the spill file's path: each row once per cluster it visits, ordered by
   range of clusters, one row group per range (listed in the file's metadata). Reads the shard
   itself: a stage waiting for a side input holds its whole main input, so that must be refs."""
-  rows = read_rows(ref, newer)
+  rows = read_rows(ref)
   clusters, within, capped = visits(rows.units, centroids, run_plan.radius,
                                     run_plan.max_visits)
   row_numbers = np.nonzero(within)[0].astype(np.int32)
@@ -298,9 +296,9 @@ def _membership(pairs: List[Tuple[str, str]]) -> Dict[str, int]:
   return {names[i]: component for component, members in enumerate(found) for i in members}
 
 
-def _members(ref: ShardRef, membership: Dict[str, int], newer
+def _members(ref: ShardRef, membership: Dict[str, int]
              ) -> Iterator[Tuple[int, duplicates.Candidate]]:
-  rows = read_rows(ref, newer)
+  rows = read_rows(ref)
   for row, uri in enumerate(rows.uris):
     if uri in membership:
       yield membership[uri], rows.candidate(row)
@@ -316,10 +314,6 @@ def _groups_json(keyed, threshold: float) -> Iterator[str]:
     yield json.dumps({'kind': group.kind, 'members': [m._asdict() for m in group.members]})
 
 
-def _uris_by_run(run: str, parts: Iterable[List[str]]) -> Tuple[str, set]:
-  return run, set().union(*map(set, parts))
-
-
 def _digests(rows: ShardRows) -> List[Tuple[str, str]]:
   return [(digest, uri) for digest, uri in zip(rows.sha256, rows.uris) if digest]
 
@@ -329,18 +323,14 @@ def build(root, refs: Sequence[ShardRef], run_plan: Plan, spill_directory: str):
   the shards three times (sample, spill, members), so that no stage holds more than a shard or
   a range of clusters. Beam is imported here only: the package imports without it."""
   import apache_beam as beam
-  from apache_beam.pvalue import AsDict, AsList, AsSingleton
+  from apache_beam.pvalue import AsList, AsSingleton
   shards = root | 'Shards' >> beam.Create(list(refs))
-  newer = {}
-  if any(r.newer_runs for r in refs):
-    newer = AsDict(shards | 'UrisOfShards' >> beam.Map(_uris_of_run)
-                   | 'ByRun' >> beam.GroupByKey() | 'AsSets' >> beam.MapTuple(_uris_by_run))
-  rows = shards | 'Read' >> beam.Map(read_rows, newer)
+  rows = shards | 'Read' >> beam.Map(read_rows)
   centroids = (rows
                | 'Sample' >> beam.Map(_sample, run_plan)
                | 'AllSamples' >> beam.combiners.ToList()
                | 'KMeans' >> beam.Map(_kmeans, run_plan))
-  spills = shards | 'Spill' >> beam.FlatMap(spill, AsSingleton(centroids), newer, run_plan,
+  spills = shards | 'Spill' >> beam.FlatMap(spill, AsSingleton(centroids), run_plan,
                                             spill_directory)
   near = (root
           | 'Ranges' >> beam.Create(list(range(run_plan.ranges)))
@@ -353,15 +343,19 @@ def build(root, refs: Sequence[ShardRef], run_plan: Plan, spill_directory: str):
                 | 'AllPairs' >> beam.combiners.ToList()
                 | 'Components' >> beam.Map(_membership))
   return (shards
-          | 'Members' >> beam.FlatMap(_members, AsSingleton(membership), newer)
+          | 'Members' >> beam.FlatMap(_members, AsSingleton(membership))
           | 'ByComponent' >> beam.GroupByKey()
           | 'Groups' >> beam.FlatMap(_groups_json, run_plan.threshold))
 
 
 def shard_refs(runs: Sequence[Run]) -> List[ShardRef]:
-  """Every shard of the runs (newest first, as find_runs gives), with the runs that win over it."""
-  return [ShardRef(path, run.path, tuple(r.path for r in runs[:rank]))
-          for rank, run in enumerate(runs) for path in run.shard_paths()]
+  """Every shard of the runs (newest first, as find_runs gives), with the URIs whose vector is
+  its run's: decided from the runs' indexes, as for `embeddings.load`."""
+  if len(runs) == 1:
+    return [ShardRef(path, runs[0].path, None) for path in runs[0].shard_paths()]
+  sources = vector_sources(runs)
+  return [ShardRef(path, run.path, frozenset(sources[run.path]))
+          for run in runs if sources[run.path] for path in run.shard_paths()]
 
 
 class WorkDirectoryError(ValueError):
