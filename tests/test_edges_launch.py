@@ -5,6 +5,7 @@ Ctrl-C, the Dataflow dry run's output and missing credentials, the GPU self-chec
 bounds on options, and the run-listing command."""
 
 import glob
+import gzip
 import json
 import os
 import re
@@ -328,7 +329,7 @@ def _command_writing(text: str, output: str) -> str:
 def test_the_documented_duckdb_examples_read_a_run_the_docs_create(tmp_path):
   text = _docs()
   queries = [line for line in text.splitlines()
-             if line.startswith('python -c "import duckdb')]
+             if line.startswith('python -c "import duckdb') and 'embeddings-*.parquet' in line]
   assert queries
   runs = {re.match(r"'([^']+)/embeddings-\*\.parquet'", m).group(1)
           for q in queries for m in re.findall(r"'[^']+/embeddings-\*\.parquet'", q)}
@@ -347,6 +348,29 @@ def test_the_documented_duckdb_examples_read_a_run_the_docs_create(tmp_path):
     assert result.stdout.strip()
     if 'chelsea.png' in query:  # the photo itself comes first
       assert re.findall(r'\w+\.(?:png|jpg)', result.stdout)[0] == 'chelsea.png', result.stdout
+
+
+def test_the_documented_inventory_reports_become_manifests_the_pipeline_reads(tmp_path):
+  """docs/running.md's two DuckDB lines, run as printed on an S3 Inventory part (no header,
+  URL-encoded keys, gzip) and a GCS Storage Insights report (a header); the manifests they write
+  name the images, one URI a line: the format --input_manifest reads."""
+  lines = [line for line in _docs().splitlines()
+           if line.startswith('python -c "import duckdb') and 'manifest-' in line]
+  assert len(lines) == 2
+  (tmp_path / 'inventory').mkdir()
+  with gzip.open(tmp_path / 'inventory' / 'part-0.csv.gz', 'wt') as f:
+    f.write('"photos","cam/IMG%20001.JPG","1234"\n"photos","cam/notes.txt","10"\n'
+            '"photos","cam/b%2Bc.png","99"\n')
+  (tmp_path / 'report').mkdir()
+  (tmp_path / 'report' / 'r.csv').write_text('bucket,name,size\nshots,a/x.jpg,5\nshots,b/y.png,6\n')
+  for line in lines:
+    result = subprocess.run(['bash', '-c', line.replace('python -c', f'{sys.executable} -c', 1)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+  s3 = (tmp_path / 'manifest-s3.txt').read_text().splitlines()
+  gs = (tmp_path / 'manifest-gs.txt').read_text().splitlines()
+  assert sorted(s3) == ['s3://photos/cam/IMG 001.JPG', 's3://photos/cam/b+c.png']
+  assert sorted(gs) == ['gs://shots/a/x.jpg', 'gs://shots/b/y.png']
 
 
 # Also expected: a command that lists run directories and their state
