@@ -13,33 +13,15 @@ Runs are of one model and newest first (by `finished_at`). Per URI:
 """
 
 import logging
-import re
 from typing import Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from embeddings import storage
 from run_format import DECODE, EMBEDDED, READ, SKIPPED
+from run_format.patterns import first_glob, unescape
 
 _LOG = logging.getLogger(__name__)
-_GLOB_CHARACTERS = '*?['
 _VERSION_COLUMNS = ('size_bytes', 'last_modified', 'content_id', 'recipe')
 _BATCH_ROWS = 65_536
-
-
-def _first_glob(pattern: str) -> int:
-  """Where the first unescaped glob character is (the input syntax of transforms/read.py)."""
-  escaped = False
-  for position, character in enumerate(pattern):
-    if escaped:
-      escaped = False
-    elif character == '\\':
-      escaped = True
-    elif character in _GLOB_CHARACTERS:
-      return position
-  return len(pattern)
-
-
-def _unescape(pattern: str) -> str:
-  return re.sub(r'\\(.)', r'\1', pattern)
 
 
 def _inside(uri: str, folder: str) -> bool:
@@ -59,8 +41,8 @@ class Inputs(NamedTuple):
     patterns = [p.rstrip('/') for p in summary.input]
     reach, literals = [], []
     for pattern in patterns:
-      glob = _first_glob(pattern)
-      fixed = _unescape(pattern[:glob])
+      glob = first_glob(pattern)
+      fixed = unescape(pattern[:glob])
       if glob == len(pattern):
         literals.append(fixed)
       reach.append((pattern, fixed if glob == len(pattern) else fixed[:fixed.rfind('/')]))

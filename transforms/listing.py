@@ -27,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from run_format import (CLAIM_FILE, EMBEDDINGS_PREFIX, FAILURES_PREFIX, FAILURES_SUFFIX,
                         INDEX_PREFIX, PARQUET_SUFFIX, SUMMARY_FILE, TEMP_FOLDERS,
                         TFRECORD_SUFFIXES)
+from run_format.patterns import first_glob, has_glob, unescape
 
 PAGE_SIZE = 1000
 # Names this tool writes into a run directory (run_format's shard names: prefix, Beam's
@@ -37,7 +38,6 @@ _RUN_FILE = re.compile(
     r')-\d{5}-of-\d{5}(?:' + '|'.join(re.escape(suffix) for suffix in (
         TFRECORD_SUFFIXES + (PARQUET_SUFFIX, FAILURES_SUFFIX))) + ')')
 _RUN_TEMP_FOLDER = TEMP_FOLDERS.rstrip('*')
-_GLOB_CHARACTERS = '*?['
 _EXTENSION_ALIASES = ({'jpg', 'jpeg'}, {'tif', 'tiff'})
 _EXTENSION = re.compile(r'\.([A-Za-z0-9]+)$')
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -85,26 +85,6 @@ class UnlistableError(OSError):
 
 def is_local(path: str) -> bool:
   return '://' not in path or path.startswith('file://')
-
-
-def has_glob(pattern: str) -> bool:
-  return _first_glob(pattern) < len(pattern)
-
-
-def _first_glob(pattern: str) -> int:
-  escaped = False
-  for position, character in enumerate(pattern):
-    if escaped:
-      escaped = False
-    elif character == '\\':
-      escaped = True
-    elif character in _GLOB_CHARACTERS:
-      return position
-  return len(pattern)
-
-
-def unescape(pattern: str) -> str:
-  return re.sub(r'\\(.)', r'\1', pattern)
 
 
 def _escapes_as_classes(pattern: str) -> str:
@@ -157,9 +137,9 @@ def plan_listing(pattern: str, excludes: Tuple[str, ...] = ()) -> Listing:
   if not has_glob(pattern):
     folder = unescape(pattern).rstrip('/') + '/'
     return Listing(folder, folder, re.escape(folder) + '.*', None, excludes)
-  fixed = unescape(pattern[:_first_glob(pattern)])
+  fixed = unescape(pattern[:first_glob(pattern)])
   folder = fixed[:fixed.rfind('/') + 1]
-  rest = pattern[len(pattern[:_first_glob(pattern)]):]
+  rest = pattern[len(pattern[:first_glob(pattern)]):]
   levels = None if '**' in rest else rest.count('/')
   # Remote stores list by name prefix, so `gs://b/img_*` lists only names starting `img_`.
   prefix = folder if is_local(pattern) else fixed

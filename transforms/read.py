@@ -32,7 +32,8 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.failures import FAILURES_TAG, READ, Failure
 from transforms.listing import (FileRef, Listed, UnlistableError, exclude_regexes, is_local,
                                 list_level, list_piece, list_sequentially, plan_listing,
-                                say_once, stat, unescape, unlistable)
+                                say_once, stat, unlistable)
+from run_format.patterns import unescape
 
 METRICS_NAMESPACE = 'read'
 DEFAULT_MAX_FILE_BYTES = 256 << 20
