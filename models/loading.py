@@ -21,22 +21,23 @@ class EmbeddingModel:
   """
 
   def __init__(self, function, description: ModelDescription, owner=None,
-               device: Optional[str] = None):
+               device: Optional[str] = None, batch_invariant_padding: bool = True):
     self._function = function
     self._description = description
     self._owner = owner  # what holds the variables the function reads
     self._device = device  # where the variables are; None: TensorFlow's default device
+    self._pads_last_row = batch_invariant_padding and self._on_cpu()
 
   def embed(self, images: np.ndarray) -> np.ndarray:
-    """A lone image is embedded as a batch of two: on CPUs (oneDNN) a batch of one takes another
-    kernel path, up to 1e-4 off the same image's features in any larger batch, and Beam forms
-    batches of one at bundle ends, so an image's vector would depend on how it was batched."""
-    alone = len(images) == 1
-    if alone:
-      images = np.concatenate([images, images])
+    """On a CPU every batch gets one more row, a copy of its last image, whose features are
+    dropped: TensorFlow's CPU kernels round a batch's last row differently from the others (up to
+    5e-6 relative), so without it an image's vector would depend on where Beam's batching put it
+    (docs/reliability.md, Determinism)."""
+    if self._pads_last_row:
+      images = np.concatenate([images, images[-1:]])
     with tf.device(self._device):
       features = self._function(tf.convert_to_tensor(images, tf.float32)).numpy()
-    return features[:1] if alone else features
+    return features[:-1] if self._pads_last_row else features
 
   def describe(self) -> ModelDescription:
     return self._description
@@ -49,6 +50,12 @@ class EmbeddingModel:
     """
     return sorted({variable.device for variable in getattr(self._owner, 'variables', ())
                    if variable.dtype.is_floating})
+
+  def _on_cpu(self) -> bool:
+    """GPUs make no promise across batch shapes (cuDNN picks algorithms per shape): no padding."""
+    devices = self.devices() or [self._device or
+                                 ('GPU' if tf.config.list_logical_devices('GPU') else 'CPU')]
+    return all('GPU' not in device.upper() for device in devices)
 
 
 def load_embedding_model(model_handle: str, checkpoint: Optional[str] = None, seed: int = 0,
@@ -83,12 +90,12 @@ def _load_builtin(model_handle, checkpoint, seed, compute_dtype, device, jit_com
   network = build_model(config.name, local_checkpoint, seed=seed, compute_dtype=compute_dtype)
   size = config.image_size
   if jit_compile:
-    function = PaddedXlaFunction(network.__call__, max_batch_size)
+    function = PaddedXlaFunction(network.__call__, max_batch_size)  # pads to its own sizes
   else:
     function = tf.function(network.__call__, input_signature=[
         tf.TensorSpec([None, size, size, 3], tf.float32)])
   return EmbeddingModel(function, describe_builtin(model_handle, checkpoint, seed, compute_dtype),
-                        owner=network, device=device)
+                        owner=network, device=device, batch_invariant_padding=not jit_compile)
 
 
 def _load_module(model_handle, device) -> EmbeddingModel:
