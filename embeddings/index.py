@@ -108,7 +108,7 @@ def choose_plan(count: int, dimension: int, memory_budget: int) -> IndexPlan:
 
 
 def new_index(plan: IndexPlan, dimension: int, pca=None):
-  """An untrained index for the plan (`pca`: a trained PCAMatrix when the plan has one)."""
+  """An untrained index for the plan (`pca`: the trained PCA's projection when the plan has one)."""
   faiss = faiss_util.faiss()
   inner_dimension = plan.pca_dimension or dimension
   inner = faiss.index_factory(inner_dimension, plan.factory, faiss.METRIC_L2)

@@ -56,11 +56,14 @@ def _ids(ref: ShardRef, rows: np.ndarray) -> np.ndarray:
 
 
 class _SampleShard(beam.DoFn):
-  """About `fraction` of a shard's rows as unit vectors (PCA-reduced when given a PCA)."""
+  """About `fraction` of a shard's rows as unit vectors (PCA-reduced when given a PCA), written
+  to a file whose path is the output: a sample of 4320-d vectors is hundreds of MB, which as
+  Beam elements would be copied by every coder and consumer on the way to the trainer."""
 
-  def __init__(self, fraction: float, seed: int):
+  def __init__(self, fraction: float, seed: int, samples: str):
     self._fraction = fraction
     self._seed = seed
+    self._samples = samples
 
   def process(self, ref: ShardRef, pca_bytes: Optional[bytes] = None):
     rows, vectors = faiss_util.sample_rows(ref.path, self._fraction, self._seed + ref.number)
@@ -71,15 +74,19 @@ class _SampleShard(beam.DoFn):
       wrapper = faiss_util.from_bytes(pca_bytes)  # owns the PCA: alive while it is applied
       vectors = wrapper.chain.at(0).apply(vectors)
     beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'sampled').inc(len(rows))
-    yield _ids(ref, rows), vectors
+    path = storage.join(self._samples, f'sample-{self._seed}-{ref.number:06d}.npz')
+    _put(path, _npz({'ids': _ids(ref, rows), 'vectors': vectors}))
+    yield path
 
 
-def _concatenate(samples: List[tuple]) -> tuple:
-  samples = sorted(samples, key=lambda s: s[0][0])  # the same order whatever the runner
-  return np.concatenate([s[0] for s in samples]), np.concatenate([s[1] for s in samples])
+def _concatenate(sample_files: List[str]) -> tuple:
+  """(ids, vectors) of the sample files, in shard order whatever the runner."""
+  parts = [np.load(io.BytesIO(storage.read_bytes(path))) for path in sorted(sample_files)]
+  return (np.concatenate([part['ids'] for part in parts]),
+          np.concatenate([part['vectors'] for part in parts]))
 
 
-def _split_probes(samples: List[tuple], seed: int) -> tuple:
+def _split_probes(samples: List[str], seed: int) -> tuple:
   """(probes {'ids', 'vectors'}, training vectors): the probes are held back from training."""
   ids, vectors = _concatenate(samples)
   order = np.random.default_rng(seed).permutation(len(ids))
@@ -88,16 +95,28 @@ def _split_probes(samples: List[tuple], seed: int) -> tuple:
   return {'ids': ids[probes], 'vectors': vectors[probes]}, vectors[train]
 
 
-def _train_pca(samples: List[tuple], plan: index_format.IndexPlan, dimension: int,
+def _train_pca(samples: List[str], plan: index_format.IndexPlan, dimension: int,
                seed: int) -> bytes:
   faiss = faiss_util.faiss()
   _, train = _split_probes(samples, seed)
   pca = faiss.PCAMatrix(dimension, plan.pca_dimension, 0, True)  # then a random rotation
   pca.train(np.ascontiguousarray(train[:index_format.PCA_SAMPLE]))
-  return faiss_util.to_bytes(faiss.IndexPreTransform(pca, faiss.IndexFlatL2(plan.pca_dimension)))
+  return faiss_util.to_bytes(faiss.IndexPreTransform(_projection_only(pca),
+                                                     faiss.IndexFlatL2(plan.pca_dimension)))
 
 
-def _train(samples: List[tuple], reduced: Optional[List[tuple]], pca_bytes: Optional[bytes],
+def _projection_only(pca):
+  """The trained PCA's projection (A, b) alone: a PCAMatrix also stores the full eigenvector
+  matrix training needed, dimension^2 floats (75 MB at 4320-d, 75 bytes a vector at 1M)."""
+  faiss = faiss_util.faiss()
+  projection = faiss.LinearTransform(pca.d_in, pca.d_out, True)
+  faiss.copy_array_to_vector(faiss.vector_to_array(pca.A), projection.A)
+  faiss.copy_array_to_vector(faiss.vector_to_array(pca.b), projection.b)
+  projection.is_trained = True
+  return projection
+
+
+def _train(samples: List[str], reduced: Optional[List[str]], pca_bytes: Optional[bytes],
            plan: index_format.IndexPlan, dimension: int, seed: int) -> bytes:
   """The trained, empty index; trained on the reduced sample when the plan has a PCA."""
   # The PCA lives in `wrapper`, which this function holds until the index is serialized.
@@ -106,9 +125,8 @@ def _train(samples: List[tuple], reduced: Optional[List[tuple]], pca_bytes: Opti
   index = index_format.new_index(plan, dimension, pca)
   probes, train = _split_probes(samples, seed)
   if pca is not None:
-    train = _concatenate(reduced)[1]
-    held_back = np.isin(_concatenate(reduced)[0], probes['ids'])
-    train = train[~held_back]
+    reduced_ids, train = _concatenate(reduced)
+    train = train[~np.isin(reduced_ids, probes['ids'])]
     _quick_training(index)
     faiss_util.faiss().downcast_index(index.index).train(
         np.ascontiguousarray(train[:plan.train_sample]))
@@ -199,13 +217,14 @@ def _run_pipeline(refs: List[ShardRef], pieces: str, beam_flags: Sequence[str],
     if train is not None:
       plan, dimension, seed = train['plan'], train['dimension'], train['seed']
       samples = (shards
-                 | 'SampleForTraining' >> beam.ParDo(_SampleShard(train['fraction'], seed))
+                 | 'SampleForTraining' >> beam.ParDo(_SampleShard(train['fraction'], seed,
+                                                                 pieces))
                  | 'Sample' >> beam.combiners.ToList())
       if plan.pca_dimension:
         pca = samples | 'TrainPCA' >> beam.Map(_train_pca, plan, dimension, seed)
         reduced = (shards
                    | 'SampleReduced' >> beam.ParDo(_SampleShard(train['reduced_fraction'],
-                                                                seed + 1),
+                                                                seed + 1, pieces),
                                                    beam.pvalue.AsSingleton(pca))
                    | 'Reduced' >> beam.combiners.ToList())
         trained_index = samples | 'Train' >> beam.Map(

@@ -169,3 +169,28 @@ def test_float16_runs_are_read_back_as_float32_everywhere(tmp_path):
   row = duckdb.sql(f"SELECT embedding FROM '{half.directory}/embeddings-*.parquet' "
                    f"WHERE uri = '{loaded.uris[0]}'").fetchall()[0]
   np.testing.assert_array_equal(np.array(row[0], np.float32), loaded.vectors[0])
+
+
+def test_a_collection_over_the_budget_gets_a_pca_and_product_codes_and_keeps_its_recall(tmp_path):
+  """The PCA + IVF-PQ plan, trained from sample files: the index keeps only the PCA's projection
+  (not the dimension^2 eigenvector matrix training used) and no sample file is left behind."""
+  import faiss
+  run = write_synthetic_run(str(tmp_path / 'run1'), 10_500, seed=4, dimension=32, clusters=40,
+                            shard_rows=1500)
+  directory = _build(tmp_path, [run.directory], memory_budget='200KB')
+  index = neighbour_index.NeighbourIndex(directory)
+  plan = index.description['plan']
+  assert (plan['kind'], plan['pca_dimension'], index.count) == ('ivf_pq', 32, 10_500)
+  read = faiss.read_index(os.path.join(directory, neighbour_index.FAISS_FILE))  # owns the rest
+  projection = faiss.downcast_VectorTransform(faiss.downcast_index(read).chain.at(0))
+  assert type(projection).__name__ == 'LinearTransform'
+  assert sorted(os.listdir(directory)) == sorted([
+      neighbour_index.INDEX_FILE, neighbour_index.FAISS_FILE, neighbour_index.TRAINED_FILE,
+      neighbour_index.IDS_FILE, neighbour_index.PROBES_FILE])
+  collection = embeddings.load(run.directory)
+  queries = collection.vectors[::500]
+  found = index.search(queries, 10, rerank=100)
+  exact = _exact_top(collection, queries, 10)
+  recall = np.mean([len({n.uri for n in row} & set(truth)) / 10
+                    for row, truth in zip(found, exact)])
+  assert recall >= 0.9
