@@ -26,7 +26,7 @@ from PIL import Image
 import embeddings
 from benchmarks.near_duplicates import copies_of
 from embeddings import duplicates, neighbours, sheet, storage
-from embeddings.shards import CorruptShardError
+from embeddings.shards import CorruptShardError, read_shard
 from embeddings.similarity import nearest
 from pipeline.launcher import run as run_pipeline
 from tests.conftest import SAMPLE_IMAGES
@@ -190,6 +190,19 @@ def test_a_truncated_tfrecord_shard_is_reported(tmp_path):
     f.write(data[:-10])
   with pytest.raises(CorruptShardError, match='truncated'):
     embeddings.load(str(tmp_path / 'run'))
+
+
+def test_a_float16_vector_of_an_odd_number_of_bytes_is_reported(tmp_path):
+  import tensorflow as tf
+  path = str(tmp_path / 'embeddings-00000-of-00001.tfrecord')
+  with tf.io.TFRecordWriter(path) as writer:
+    for uri, vector in ((b'a', b'\x00\x3c\x00\x40'), (b'b', b'\x00\x3c\x00')):
+      writer.write(tf.train.Example(features=tf.train.Features(feature={
+          'image/uri': tf.train.Feature(bytes_list=tf.train.BytesList(value=[uri])),
+          'embedding/float16': tf.train.Feature(bytes_list=tf.train.BytesList(value=[vector])),
+      })).SerializeToString())
+  with pytest.raises(CorruptShardError, match='odd number of bytes'):
+    read_shard(path, str(tmp_path))
 
 
 def test_streaming_holds_one_shard_not_the_collection(tmp_path):
@@ -433,6 +446,27 @@ def test_float16_runs_in_both_formats_read_back_as_the_float32_run_rounded(tmp_p
     np.testing.assert_array_equal(vector.numpy(), expected[example['image/uri'].numpy().decode()])
     decoded += 1
   assert decoded == len(expected)
+
+
+def test_float16_examples_decode_to_the_half_floats_written():
+  """The TFRecord float16 layout alone: 1.0, 2.0, -0.5 and 65504 as little-endian half floats."""
+  from tfx_bsl.coders.example_coder import (ExamplesToRecordBatchDecoder,
+                                            RecordBatchToExamplesEncoder)
+  from run_format import example_vectors
+  from transforms.embed import Embedding
+  from transforms.provenance import Provenance
+  from transforms.write import embeddings_to_record_batch
+  vectors = np.array([[1.0, 2.0, -0.5, 65504.0], [0.1, 0.2, 0.3, 1e-3]], np.float32)
+  batch = embeddings_to_record_batch(
+      [Embedding(f'u{i}', '0' * 64, 1, 1, 1, None, 'm', v) for i, v in enumerate(vectors)],
+      Provenance('m', 'w', 'r', 'v'), 'float16')
+  assert 'embedding' not in batch.schema.names
+  assert batch.column('embedding/float16')[0].as_py() == [b'\x00\x3c\x00\x40\x00\xb8\xff\x7b']
+  decoded = ExamplesToRecordBatchDecoder().DecodeBatch(RecordBatchToExamplesEncoder().encode(batch))
+  values, sizes = example_vectors(decoded)
+  assert sizes.to_pylist() == [4, 4]
+  np.testing.assert_array_equal(values.to_numpy().reshape(2, 4),
+                                vectors.astype(np.float16))
 
 
 def test_an_unknown_embedding_dtype_is_refused_before_any_work(tmp_path, capsys):
