@@ -38,6 +38,8 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from run_format import EMBEDDING_DTYPES
+
 DIMENSION = 4320
 BLOCK_ROWS = 1000
 BASIS_RANK = 64
@@ -169,22 +171,19 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
                         finished_at: Optional[str] = None) -> SyntheticRun:
   """Writes rows `first_row` .. `first_row + count` of the seed's collection as a finished run
   under `directory` (local); `first_row` makes a later night's run of the same collection."""
-  import pyarrow as pa
   import pyarrow.parquet as pq
   from run_format import RunSummary, embeddings_schema
   from transforms.embed import Embedding
-  from transforms.provenance import Provenance, project_version
+  from transforms.provenance import Provenance, project_version, recipe
   from transforms.write import ENCODE_BATCH_SIZE, embedded_index_row, embeddings_to_table
+  if embedding_dtype not in EMBEDDING_DTYPES:
+    raise ValueError(f'embedding_dtype must be one of {EMBEDDING_DTYPES}, not '
+                     f'{embedding_dtype!r}')
   os.makedirs(directory, exist_ok=True)
   provenance = Provenance(model_id, f'synthetic-seed{seed}',
-                          'compute_dtype=float32;center_crop_fraction=1.0;jpeg_draft=0',
+                          recipe('float32', 1.0, False, embedding_dtype=embedding_dtype),
                           project_version())
-  schema = float32_schema = embeddings_schema(dimension)
-  if embedding_dtype == 'float16':
-    schema = schema.set(schema.get_field_index('embedding'),
-                        pa.field('embedding', pa.list_(pa.float16(), dimension)))
-  elif embedding_dtype != 'float32':
-    raise ValueError(f'embedding_dtype must be float32 or float16, not {embedding_dtype!r}')
+  schema = embeddings_schema(dimension, embedding_dtype)
   shards = max(1, -(-count // shard_rows))
   started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='milliseconds')
   planted: List[PlantedPair] = []
@@ -209,7 +208,7 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
                          150_000 + n % 50_000, 1_767_225_600_000_000 + n, model_id, v)
                for n, v in zip(range(start + offset, start + offset + size),
                                vectors[offset:offset + size])]
-      writer.write_table(embeddings_to_table(batch, provenance, float32_schema).cast(schema))
+      writer.write_table(embeddings_to_table(batch, provenance, schema))
       index_rows += [embedded_index_row(e, provenance) for e in batch]
       offset += size
   writer.close()
@@ -219,7 +218,7 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
   summary = RunSummary(
       model=model_id, model_handle='builtin:pnasnet_large', checkpoint=None, seed=seed,
       weights=provenance.weights, compute_dtype='float32', center_crop_fraction=1.0,
-      jpeg_draft=False, recipe=provenance.recipe, pipeline_version=provenance.version,
+      jpeg_draft=False, embedding_dtype=embedding_dtype, recipe=provenance.recipe, pipeline_version=provenance.version,
       embedding_size=dimension, image_size=[331, 331],
       # The first night lists the bucket; a later one embeds a delta manifest of its new rows,
       # so it does not cover (and so does not retire, for the readers) the earlier rows.
@@ -230,7 +229,7 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
       failed=0, failed_by_stage={'read': 0, 'decode': 0, 'inference': 0}, example_failures=[],
       files=sorted(files), finished_at=finished_at, wall_time_seconds=0.0,
       images_per_second=None).to_dict()
-  summary.update({'embedding_dtype': embedding_dtype, 'synthetic': {
+  summary.update({'synthetic': {
       'seed': seed, 'first_row': first_row, 'clusters': clusters,
       'near_duplicates': near_duplicates, 'exact_duplicates': exact_duplicates}})
   with open(os.path.join(directory, 'run_summary.json'), 'w') as f:
@@ -248,7 +247,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   parser.add_argument('--dimension', type=int, default=DIMENSION)
   parser.add_argument('--clusters', type=int, default=CLUSTERS)
   parser.add_argument('--shard_rows', type=int, default=10_000)
-  parser.add_argument('--embedding_dtype', choices=('float32', 'float16'), default='float32')
+  parser.add_argument('--embedding_dtype', choices=EMBEDDING_DTYPES, default='float32')
   parser.add_argument('--near_duplicates', type=int, default=0)
   parser.add_argument('--exact_duplicates', type=int, default=0)
   parser.add_argument('--model', default=MODEL_ID, help='the model id recorded')

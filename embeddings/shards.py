@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from embeddings import storage
 from run_format import (EMBEDDING, GZIP_SUFFIX, METADATA_COLUMNS, METADATA_SCHEMA, PARQUET_SUFFIX,
-                        RUN_COLUMN, from_example_batch)
+                        RUN_COLUMN, example_vectors, from_example_batch)
 
 _MASK_DELTA = 0xa282ead8
 
@@ -87,7 +87,6 @@ def _matrix(values: pa.Array, sizes: np.ndarray, path: str) -> np.ndarray:
 
 
 def _read_tfrecord(path: str, run: str) -> Shard:
-  import pyarrow.compute as pc
   from tfx_bsl.coders.example_coder import ExamplesToRecordBatchDecoder
   with storage.open_file(path) as raw:
     f = gzip.GzipFile(fileobj=raw) if path.endswith(GZIP_SUFFIX) else raw
@@ -96,11 +95,13 @@ def _read_tfrecord(path: str, run: str) -> Shard:
     return Shard(path, [], np.zeros((0, 0), np.float32), _metadata({}, 0, run))
   batch = ExamplesToRecordBatchDecoder().DecodeBatch(records)
   del records
-  embedding = batch.column(EMBEDDING)
-  sizes = pc.list_value_length(embedding).to_numpy(zero_copy_only=False)
+  try:
+    values, sizes = example_vectors(batch)  # float32 or float16 (--embedding_dtype)
+  except ValueError as exc:
+    raise CorruptShardError(f'{path}: {exc}') from exc
   metadata = _metadata(from_example_batch(batch), batch.num_rows, run)
   return Shard(path, metadata.column('uri').to_pylist(),
-               _matrix(embedding.flatten(), sizes, path), metadata)
+               _matrix(values, sizes.to_numpy(zero_copy_only=False), path), metadata)
 
 
 def _read_parquet(path: str, run: str, columns: Optional[Sequence[str]]) -> Shard:

@@ -82,7 +82,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
 
   embedding_files = embeddings | 'WriteEmbeddings' >> WriteEmbeddings(
       options.output, provenance, model_description.feature_size, num_shards=options.num_shards,
-      compression=options.compression, output_format=options.output_format)
+      compression=options.compression, output_format=options.output_format,
+      embedding_dtype=options.embedding_dtype)
   failure_files = failures | 'WriteFailures' >> WriteFailures(options.output,
                                                               num_shards=options.num_shards)
   index_files = ((embeddings | 'EmbeddedRows' >> beam.Map(embedded_index_row, provenance),

@@ -26,6 +26,12 @@ NOTES: Dict[str, FlagNotes] = {
                         '`2026-11-27T030405Z`. What it receives: '
                         '[the output format](output-format.md).'),
     'output_format': FlagNotes('--output_format both'),
+    'embedding_dtype': FlagNotes('--embedding_dtype float16',
+                                 'Parquet: a halffloat list; TFRecord: the bytes feature '
+                                 '`embedding/float16` ([the format](output-format.md#float16-'
+                                 'vectors)). The recipe says `embedding_dtype=float16`, so '
+                                 '`--incremental_from` runs of the other dtype skip nothing. '
+                                 'Rankings: [measured](performance.md#float16-vectors).'),
     'model': FlagNotes('--model gs://bucket/modules/pnasnet_large_fv1',
                        'Also any URL serving a compressed module. See [models](models.md).'),
     'checkpoint': FlagNotes('--checkpoint gs://bucket/pnasnet-5_large_2017_12_13/model.ckpt',

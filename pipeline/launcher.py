@@ -134,7 +134,7 @@ def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
       weights=provenance.weights, compute_dtype=embedding.compute_dtype,
       center_crop_fraction=embedding.center_crop_fraction,
       jpeg_draft=embedding.jpeg_draft, jit_compile=embedding.jit_compile,
-      recipe=provenance.recipe, pipeline_version=provenance.version,
+      embedding_dtype=embedding.embedding_dtype, recipe=provenance.recipe, pipeline_version=provenance.version,
       embedding_size=model_description.feature_size,
       image_size=[model_description.height, model_description.width],
       input=list(embedding.input or []), input_manifest=list(embedding.input_manifest or []),
@@ -263,7 +263,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   provenance = Provenance(
       model_description.model_id, model_description.weights,
       recipe(embedding.compute_dtype, embedding.center_crop_fraction, embedding.jpeg_draft,
-             embedding.jit_compile),
+             embedding.jit_compile, embedding.embedding_dtype),
       project_version())
   if embedding.skip_if_finished:
     finished = _finished_earlier(embedding, provenance.model)

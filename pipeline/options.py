@@ -15,6 +15,7 @@ from models.description import check_model_options
 from models.handles import COMPUTE_DTYPES, DEFAULT_MODEL_HANDLE, IMAGE_INPUT, ModelLoadError
 from pipeline.accelerator import EXAMPLE as ACCELERATOR_EXAMPLE
 from pipeline.accelerator import accelerator_problems, machine_type_unknown
+from run_format import EMBEDDING_DTYPES
 from transforms.decode import DEFAULT_MAX_IMAGE_PIXELS
 from transforms.read import DEFAULT_MAX_FILE_BYTES
 from transforms.write import COMPRESSIONS, OUTPUT_FORMATS
@@ -70,6 +71,10 @@ class EmbeddingOptions(PipelineOptions):
     group.add_argument(
         '--output_format', choices=OUTPUT_FORMATS, default='tfrecord',
         help='Embeddings as TFRecord (tf.train.Example), Parquet, or both.')
+    group.add_argument(
+        '--embedding_dtype', choices=EMBEDDING_DTYPES, default='float32',
+        help='How the vectors are stored: float16 halves the files (values rounded to '
+        'nearest, recorded in the recipe); every reader returns float32 either way.')
     group.add_argument(
         '--model', default=DEFAULT_MODEL_HANDLE,
         help='TF-Hub handle, a local or remote directory with a TF1-Hub-format module or TF2 '

@@ -1,7 +1,7 @@
 """The embeddings' columns, once: the TFRecord Example features, the Parquet schema, the readers'
 metadata table and the index are all derived from COLUMNS."""
 
-from typing import Dict, NamedTuple, Sequence
+from typing import Dict, NamedTuple, Sequence, Tuple
 
 import pyarrow as pa
 
@@ -27,6 +27,13 @@ COLUMNS = (
     Column('pipeline_version', 'pipeline/version', pa.string()),
 )
 EMBEDDING = 'embedding'  # the vector, last: a float list feature, a fixed-size float32 list column
+# --embedding_dtype: the vectors are computed in float32 and stored rounded to this type. float16
+# is a fixed-size halffloat list column in Parquet; tf.train.Example has no float16 list, so
+# there the vector is one bytes value under EMBEDDING_FLOAT16 (little-endian IEEE half floats,
+# `tf.io.decode_raw(x, tf.float16)`) instead of the float list EMBEDDING.
+EMBEDDING_DTYPES = ('float32', 'float16')
+EMBEDDING_FLOAT16 = 'embedding/float16'
+_ARROW_DTYPES = {'float32': pa.float32(), 'float16': pa.float16()}
 METADATA_COLUMNS = [column.name for column in COLUMNS]
 RUN_COLUMN = 'run'  # added by readers: the run directory a row was read from
 METADATA_SCHEMA = pa.schema([(c.name, c.type) for c in COLUMNS] + [(RUN_COLUMN, pa.string())])
@@ -47,27 +54,71 @@ INCREMENTAL_COLUMNS = ['uri', 'size_bytes', 'last_modified', 'content_id', 'mode
                        'outcome', 'done_outcome']
 
 
-def embeddings_schema(feature_size: int) -> pa.Schema:
+def embeddings_schema(feature_size: int, embedding_dtype: str = 'float32') -> pa.Schema:
   """The Parquet embedding shards' schema."""
   return pa.schema([(c.name, c.type) for c in COLUMNS] +
-                   [(EMBEDDING, pa.list_(pa.float32(), feature_size))])
+                   [(EMBEDDING, pa.list_(_ARROW_DTYPES[embedding_dtype], feature_size))])
 
 
 def _is_integer(column: Column) -> bool:
   return pa.types.is_integer(column.type) or pa.types.is_timestamp(column.type)
 
 
+def _half_bytes(vectors: pa.FixedSizeListArray) -> pa.ListArray:
+  """Each float16 vector as one bytes value (its half floats, in Arrow's little-endian layout),
+  in a list each."""
+  rows, width = len(vectors), vectors.type.list_size
+  halves = vectors.flatten()
+  data = halves.buffers()[1].slice(halves.offset * 2, len(halves) * 2)
+  offsets = pa.array(range(0, (rows + 1) * 2 * width, 2 * width), pa.int32())
+  values = pa.Array.from_buffers(pa.binary(), rows, [None, offsets.buffers()[1], data])
+  return pa.ListArray.from_arrays(pa.array(range(rows + 1), pa.int32()), values)
+
+
 def to_example_batch(columns: Dict[str, Sequence]) -> pa.RecordBatch:
-  """Column name -> values (the embedding a FixedSizeListArray) as tfx-bsl's Example encoder
-  takes them: every column a list column named by its feature, as Example features are lists; a
-  missing value (None) is an empty list: the Example has the feature, with no value."""
+  """Column name -> values (the embedding a FixedSizeListArray of float32 or float16) as
+  tfx-bsl's Example encoder takes them: every column a list column named by its feature, as
+  Example features are lists; a missing value (None) is an empty list: the Example has the
+  feature, with no value."""
   arrays = []
   for column in COLUMNS:
     value_type = pa.int64() if _is_integer(column) else pa.binary()
     arrays.append(pa.array([[] if v is None else [v.encode() if isinstance(v, str) else v]
                             for v in columns[column.name]], pa.list_(value_type)))
-  arrays.append(columns[EMBEDDING].cast(pa.list_(pa.float32())))
-  return pa.RecordBatch.from_arrays(arrays, [c.feature for c in COLUMNS] + [EMBEDDING])
+  vectors = columns[EMBEDDING]
+  if pa.types.is_float16(vectors.type.value_type):
+    arrays.append(_half_bytes(vectors))
+    embedding_feature = EMBEDDING_FLOAT16
+  else:
+    arrays.append(vectors.cast(pa.list_(pa.float32())))
+    embedding_feature = EMBEDDING
+  return pa.RecordBatch.from_arrays(arrays, [c.feature for c in COLUMNS] + [embedding_feature])
+
+
+def example_vectors(batch: pa.RecordBatch) -> Tuple[pa.Array, pa.Array]:
+  """tfx-bsl's decoded Examples -> (every vector's values end to end, float32 or float16; each
+  Example's vector length), from the float list EMBEDDING or the bytes EMBEDDING_FLOAT16.
+  ValueError if neither is there, or a float16 value is missing or not whole half floats."""
+  import pyarrow.compute as pc
+  if EMBEDDING in batch.schema.names:
+    embedding = batch.column(EMBEDDING)
+    return embedding.flatten(), pc.list_value_length(embedding)
+  if EMBEDDING_FLOAT16 not in batch.schema.names:
+    raise ValueError(f'no {EMBEDDING} or {EMBEDDING_FLOAT16} feature')
+  values = _first_values(batch.column(EMBEDDING_FLOAT16))
+  if values.null_count:
+    raise ValueError(f'an Example without its {EMBEDDING_FLOAT16} value')
+  lengths = pc.binary_length(values)
+  if pc.any(pc.not_equal(pc.bit_wise_and(lengths, 1), 0)).as_py():
+    raise ValueError(f'{EMBEDDING_FLOAT16} values of an odd number of bytes')
+  offset_type = pa.int64() if pa.types.is_large_binary(values.type) else pa.int32()
+  offsets = pa.Array.from_buffers(offset_type, len(values) + 1, [None, values.buffers()[1]],
+                                  offset=values.offset)
+  start, stop = offsets[0].as_py(), offsets[-1].as_py()
+  halves = pa.Array.from_buffers(pa.float16(), (stop - start) // 2,
+                                 [None, (values.buffers()[2] or pa.py_buffer(b'')).slice(
+                                     start, stop - start)])
+  return halves, pc.divide(lengths, 2)
 
 
 def _first_values(lists: pa.Array) -> pa.Array:

@@ -30,6 +30,8 @@ class RunLaunch:
   center_crop_fraction: float
   jpeg_draft: bool
   jit_compile: bool = False  # absent from the first 0.2.0 summaries
+  # How the vectors are stored (run_format.EMBEDDING_DTYPES); absent before --embedding_dtype.
+  embedding_dtype: str = 'float32'
   recipe: str
   pipeline_version: str
   embedding_size: int

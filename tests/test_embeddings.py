@@ -26,7 +26,7 @@ from PIL import Image
 import embeddings
 from benchmarks.near_duplicates import copies_of
 from embeddings import duplicates, neighbours, sheet, storage
-from embeddings.shards import CorruptShardError
+from embeddings.shards import CorruptShardError, read_shard
 from embeddings.similarity import nearest
 from pipeline.launcher import run as run_pipeline
 from tests.conftest import SAMPLE_IMAGES
@@ -190,6 +190,19 @@ def test_a_truncated_tfrecord_shard_is_reported(tmp_path):
     f.write(data[:-10])
   with pytest.raises(CorruptShardError, match='truncated'):
     embeddings.load(str(tmp_path / 'run'))
+
+
+def test_a_float16_vector_of_an_odd_number_of_bytes_is_reported(tmp_path):
+  import tensorflow as tf
+  path = str(tmp_path / 'embeddings-00000-of-00001.tfrecord')
+  with tf.io.TFRecordWriter(path) as writer:
+    for uri, vector in ((b'a', b'\x00\x3c\x00\x40'), (b'b', b'\x00\x3c\x00')):
+      writer.write(tf.train.Example(features=tf.train.Features(feature={
+          'image/uri': tf.train.Feature(bytes_list=tf.train.BytesList(value=[uri])),
+          'embedding/float16': tf.train.Feature(bytes_list=tf.train.BytesList(value=[vector])),
+      })).SerializeToString())
+  with pytest.raises(CorruptShardError, match='odd number of bytes'):
+    read_shard(path, str(tmp_path))
 
 
 def test_streaming_holds_one_shard_not_the_collection(tmp_path):
@@ -370,3 +383,95 @@ def test_parquet_output_equals_the_tfrecords_exactly_in_duckdb(image_folder, tmp
   collection = embeddings.load(output)
   for uri, vector in _by_uri(collection).items():
     np.testing.assert_array_equal(vector, from_tfrecord[uri])
+
+
+def _sample_run(tmp_path, name, *flags):
+  return run_pipeline([f'--input={SAMPLE_IMAGES}/*.png', f'--input={SAMPLE_IMAGES}/*.jpg',
+                       '--model=builtin:pnasnet_tiny', f'--output={tmp_path / name}', *flags])
+
+
+def test_float16_runs_in_both_formats_read_back_as_the_float32_run_rounded(tmp_path, capsys):
+  """--embedding_dtype float16: Parquet holds halffloat, TFRecord the half floats' bytes; load,
+  iter_shards, neighbours and DuckDB give float32 arrays equal to the float32 run's vectors
+  rounded to float16; the summary and every row's recipe say so, and since the recipe differs,
+  --incremental_from a float32 run skips nothing."""
+  import duckdb
+  import tensorflow as tf
+  reference = _sample_run(tmp_path, 'float32', '--output_format=both')
+  half_parquet = _sample_run(tmp_path, 'parquet16', '--output_format=parquet',
+                             '--embedding_dtype=float16')
+  half_tfrecord = _sample_run(tmp_path, 'tfrecord16', '--embedding_dtype=float16',
+                              '--compression=gzip', f'--incremental_from={tmp_path}/float32')
+  assert reference['embedding_dtype'] == 'float32' and ';embedding_dtype' not in reference['recipe']
+  for summary in (half_parquet, half_tfrecord):
+    assert summary['embedding_dtype'] == 'float16'
+    assert summary['recipe'] == reference['recipe'] + ';embedding_dtype=float16'
+  assert half_tfrecord['skipped'] == 0 and half_tfrecord['embedded'] == reference['embedded']
+  expected = {uri: vector.astype(np.float16).astype(np.float32)
+              for uri, vector in _by_uri(embeddings.load(str(tmp_path / 'float32'))).items()}
+  parquet_shards = storage.match(str(tmp_path / 'parquet16' / 'embeddings-*.parquet'))
+  assert pq.read_schema(parquet_shards[0].path).field('embedding').type == pa.list_(
+      pa.float16(), reference['embedding_size'])
+
+  for name, summary in (('parquet16', half_parquet), ('tfrecord16', half_tfrecord)):
+    run = str(tmp_path / name)
+    collection = embeddings.load(run)
+    assert collection.vectors.dtype == np.float32 and sorted(collection.uris) == sorted(expected)
+    for uri, vector in _by_uri(collection).items():
+      np.testing.assert_array_equal(vector, expected[uri])
+    assert set(collection.metadata.column('recipe').to_pylist()) == {summary['recipe']}
+    shards = list(embeddings.iter_shards(run))
+    assert all(shard.vectors.dtype == np.float32 for shard in shards)
+    np.testing.assert_array_equal(np.concatenate([s.vectors for s in shards]), collection.vectors)
+    query = collection.uris[0]
+    found = neighbours.main(['--runs', run, '--query', query, '--k', '3'])
+    assert f'query: {query} (embedded)' in capsys.readouterr().out
+    units = collection.vectors / np.linalg.norm(collection.vectors, axis=1, keepdims=True)
+    cosines = np.delete(units @ units[0], 0)
+    np.testing.assert_allclose([n.score for n in found], np.sort(cosines)[::-1][:3], atol=1e-6)
+
+  rows = duckdb.sql(f"SELECT uri, embedding FROM '{tmp_path}/parquet16/embeddings-*.parquet'"
+                    ).fetchall()
+  assert len(rows) == len(expected)
+  for uri, vector in rows:
+    np.testing.assert_array_equal(np.asarray(vector, np.float32), expected[uri])
+  # The TensorFlow recipe of docs/output-format.md: the bytes feature, decoded as float16.
+  spec = {'image/uri': tf.io.FixedLenFeature([], tf.string),
+          'embedding/float16': tf.io.FixedLenFeature([], tf.string)}
+  files = tf.io.gfile.glob(f'{tmp_path}/tfrecord16/embeddings-*.tfrecord*')
+  decoded = 0
+  for record in tf.data.TFRecordDataset(files, compression_type='GZIP'):
+    example = tf.io.parse_single_example(record, spec)
+    vector = tf.cast(tf.io.decode_raw(example['embedding/float16'], tf.float16), tf.float32)
+    np.testing.assert_array_equal(vector.numpy(), expected[example['image/uri'].numpy().decode()])
+    decoded += 1
+  assert decoded == len(expected)
+
+
+def test_float16_examples_decode_to_the_half_floats_written():
+  """The TFRecord float16 layout alone: 1.0, 2.0, -0.5 and 65504 as little-endian half floats."""
+  from tfx_bsl.coders.example_coder import (ExamplesToRecordBatchDecoder,
+                                            RecordBatchToExamplesEncoder)
+  from run_format import example_vectors
+  from transforms.embed import Embedding
+  from transforms.provenance import Provenance
+  from transforms.write import embeddings_to_record_batch
+  vectors = np.array([[1.0, 2.0, -0.5, 65504.0], [0.1, 0.2, 0.3, 1e-3]], np.float32)
+  batch = embeddings_to_record_batch(
+      [Embedding(f'u{i}', '0' * 64, 1, 1, 1, None, 'm', v) for i, v in enumerate(vectors)],
+      Provenance('m', 'w', 'r', 'v'), 'float16')
+  assert 'embedding' not in batch.schema.names
+  assert batch.column('embedding/float16')[0].as_py() == [b'\x00\x3c\x00\x40\x00\xb8\xff\x7b']
+  decoded = ExamplesToRecordBatchDecoder().DecodeBatch(RecordBatchToExamplesEncoder().encode(batch))
+  values, sizes = example_vectors(decoded)
+  assert sizes.to_pylist() == [4, 4]
+  np.testing.assert_array_equal(values.to_numpy().reshape(2, 4),
+                                vectors.astype(np.float16))
+
+
+def test_an_unknown_embedding_dtype_is_refused_before_any_work(tmp_path, capsys):
+  with pytest.raises(SystemExit) as refused:
+    _sample_run(tmp_path, 'out', '--embedding_dtype=float64')
+  assert refused.value.code == 2
+  assert "--embedding_dtype: invalid choice: 'float64'" in capsys.readouterr().err
+  assert not (tmp_path / 'out').exists()

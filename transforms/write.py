@@ -30,8 +30,11 @@ ENCODE_BATCH_SIZE = 256
 INDEX_BATCH_SIZE = 10_000
 
 
-def _embedding_columns(embeddings: Sequence[Embedding], provenance: Provenance) -> dict:
-  vectors = np.stack([e.embedding for e in embeddings]).astype(np.float32)
+def _embedding_columns(embeddings: Sequence[Embedding], provenance: Provenance,
+                       embedding_dtype: str = 'float32') -> dict:
+  """`embedding_dtype`: the stored vectors' type, float32 or float16 (rounded to nearest)."""
+  vectors = np.stack([e.embedding for e in embeddings]).astype(np.float32).astype(
+      embedding_dtype, copy=False)
   count = len(embeddings)
   return {
       'uri': [e.uri for e in embeddings], 'sha256': [e.sha256 for e in embeddings],
@@ -44,15 +47,17 @@ def _embedding_columns(embeddings: Sequence[Embedding], provenance: Provenance) 
   }
 
 
-def embeddings_to_record_batch(embeddings: Sequence[Embedding],
-                               provenance: Provenance) -> pa.RecordBatch:
+def embeddings_to_record_batch(embeddings: Sequence[Embedding], provenance: Provenance,
+                               embedding_dtype: str = 'float32') -> pa.RecordBatch:
   """For tfx-bsl's Example encoder (see run_format.to_example_batch)."""
-  return to_example_batch(_embedding_columns(embeddings, provenance))
+  return to_example_batch(_embedding_columns(embeddings, provenance, embedding_dtype))
 
 
 def embeddings_to_table(embeddings: Sequence[Embedding], provenance: Provenance,
                         schema: pa.Schema) -> pa.Table:
-  columns = _embedding_columns(embeddings, provenance)
+  """`schema` (run_format.embeddings_schema) says the stored dtype."""
+  columns = _embedding_columns(embeddings, provenance,
+                               schema.field(EMBEDDING).type.value_type.to_pandas_dtype())
   return pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
 
 
@@ -105,15 +110,17 @@ class _ParquetFiles(_NoEmptyShards, _ParquetSink):
 class _EncodeExamples(beam.DoFn):
   """Whole batches through tfx-bsl's C++ encoder: ~25x faster than protobufs built in Python."""
 
-  def __init__(self, provenance: Provenance):
+  def __init__(self, provenance: Provenance, embedding_dtype: str):
     self._provenance = provenance
+    self._embedding_dtype = embedding_dtype
 
   def setup(self):
     from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
     self._encoder = RecordBatchToExamplesEncoder()
 
   def process(self, batch: Sequence[Embedding]):
-    yield from self._encoder.encode(embeddings_to_record_batch(batch, self._provenance))
+    yield from self._encoder.encode(embeddings_to_record_batch(batch, self._provenance,
+                                                               self._embedding_dtype))
 
 
 class _ToParquetTable(beam.DoFn):
@@ -133,10 +140,12 @@ def parquet_files(prefix: str, schema: pa.Schema, num_shards: int) -> _ParquetFi
 
 
 class WriteEmbeddings(beam.PTransform):
-  """Writes `embeddings-SSSSS-of-NNNNN.tfrecord[.gz]` and/or `.parquet`; returns their paths."""
+  """Writes `embeddings-SSSSS-of-NNNNN.tfrecord[.gz]` and/or `.parquet`, the vectors as
+  `embedding_dtype`; returns their paths."""
 
   def __init__(self, output_dir: str, provenance: Provenance, feature_size: int,
-               num_shards: int = 0, compression: str = 'none', output_format: str = 'tfrecord'):
+               num_shards: int = 0, compression: str = 'none', output_format: str = 'tfrecord',
+               embedding_dtype: str = 'float32'):
     super().__init__()
     self._prefix = output_dir.rstrip('/') + '/' + EMBEDDINGS_PREFIX
     self._provenance = provenance
@@ -144,6 +153,7 @@ class WriteEmbeddings(beam.PTransform):
     self._num_shards = num_shards
     self._compression = compression
     self._output_format = output_format
+    self._embedding_dtype = embedding_dtype
 
   def expand(self, embeddings):
     batches = embeddings | 'Batch' >> beam.BatchElements(min_batch_size=1,
@@ -154,10 +164,11 @@ class WriteEmbeddings(beam.PTransform):
                             tfrecord_suffix(self._compression == 'gzip'), self._num_shards,
                             SHARD_NAME, COMPRESSIONS[self._compression], None)
       written.append(batches
-                     | 'Encode' >> beam.ParDo(_EncodeExamples(self._provenance))
+                     | 'Encode' >> beam.ParDo(_EncodeExamples(self._provenance,
+                                                                self._embedding_dtype))
                      | 'WriteTFRecord' >> iobase.Write(sink))
     if self._output_format in ('parquet', 'both'):
-      schema = embeddings_schema(self._feature_size)
+      schema = embeddings_schema(self._feature_size, self._embedding_dtype)
       written.append(batches
                      | 'ToTable' >> beam.ParDo(_ToParquetTable(self._provenance, schema))
                      | 'WriteParquet' >> iobase.Write(parquet_files(
