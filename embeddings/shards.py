@@ -9,6 +9,7 @@ a block of row groups at a time, straight from Arrow's buffers into a float32 ma
 columns converted block by block), and the metadata of the few rows asked for afterwards.
 """
 
+import contextlib
 import gzip
 import struct
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -107,10 +108,25 @@ def _read_tfrecord(path: str, run: str) -> Shard:
                _matrix(embedding.flatten(), sizes, path), metadata)
 
 
-def _read_parquet(path: str, run: str, columns: Optional[Sequence[str]]) -> Shard:
+@contextlib.contextmanager
+def _parquet_file(path: str):
+  """A local file memory-mapped, read by Arrow without the GIL (twice as fast as through a
+  Python file object); a remote one through Beam's FileSystems."""
   import pyarrow.parquet as pq
-  with storage.open_file(path) as f:
-    parquet = pq.ParquetFile(f)
+  if storage.is_remote(path):
+    with storage.open_file(path) as f:
+      yield pq.ParquetFile(f)
+    return
+  parquet = pq.ParquetFile(path[len('file://'):] if path.startswith('file://') else path,
+                           memory_map=True)
+  try:
+    yield parquet
+  finally:
+    parquet.close()
+
+
+def _read_parquet(path: str, run: str, columns: Optional[Sequence[str]]) -> Shard:
+  with _parquet_file(path) as parquet:
     available = set(parquet.schema_arrow.names)
     wanted = [c for c in (columns or METADATA_COLUMNS + [EMBEDDING]) if c in available]
     table = parquet.read(columns=wanted)
@@ -162,9 +178,7 @@ class ParquetVectors(NamedTuple):
   @classmethod
   def open(cls, path: str, run: str) -> 'ParquetVectors':
     """Reads the footer only."""
-    import pyarrow.parquet as pq
-    with storage.open_file(path) as f:
-      parquet = pq.ParquetFile(f)
+    with _parquet_file(path) as parquet:
       metadata, schema = parquet.metadata, parquet.schema_arrow
     kind = schema.field(EMBEDDING).type if EMBEDDING in schema.names else None
     groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
@@ -188,22 +202,18 @@ class ParquetVectors(NamedTuple):
 
   def vectors(self, row_groups: Sequence[int]) -> np.ndarray:
     """float32 [rows, dimension] of those row groups: the embedding column alone is read."""
-    import pyarrow.parquet as pq
-    with storage.open_file(self.path) as f:
-      table = pq.ParquetFile(f).read_row_groups(list(row_groups), columns=[EMBEDDING],
-                                                use_threads=False)
+    with _parquet_file(self.path) as parquet:
+      table = parquet.read_row_groups(list(row_groups), columns=[EMBEDDING], use_threads=False)
     return embedding_block(table.column(EMBEDDING), self.path)
 
   def metadata(self, rows: np.ndarray) -> pa.Table:
     """The METADATA_SCHEMA rows at `rows` (positions in the shard, in the order given): only the
     row groups holding them, without the embedding column."""
-    import pyarrow.parquet as pq
     rows = np.asarray(rows, np.int64)
     starts = np.concatenate([[0], np.cumsum(self.row_group_rows)])
     groups = np.searchsorted(starts, rows, side='right') - 1
     wanted = np.unique(groups)
-    with storage.open_file(self.path) as f:
-      parquet = pq.ParquetFile(f)
+    with _parquet_file(self.path) as parquet:
       available = set(parquet.schema_arrow.names)
       table = parquet.read_row_groups(wanted.tolist(),
                                       columns=[c for c in METADATA_COLUMNS if c in available])
