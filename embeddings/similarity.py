@@ -111,6 +111,8 @@ def nearest_many(sources: Iterable, queries: np.ndarray, k: int,
   Memory: one Shard, or `readers` + 1 blocks of `block_rows`; and k + (most excluded) rows per
   query.
   """
+  if k < 1:
+    raise ValueError(f'k must be at least 1, not {k}')
   queries = np.atleast_2d(np.asarray(queries, np.float32))
   units = unit_rows(queries)
   excluded = [set(e) for e in exclude_uris] + [set()] * (len(queries) - len(exclude_uris))
