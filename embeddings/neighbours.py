@@ -7,21 +7,23 @@ through an index (`python -m embeddings.index build`), its candidates re-ranked 
 
 The query is an image file or URI. Its vector is the stored one of any embedded image with the
 same bytes (or, for a URI that cannot be read any more, the one stored for that URI); otherwise
-the image is embedded first with the runs' model. Memory: one shard plus k rows.
+the image is embedded first with the runs' model. Exact search reads Parquet shards' embedding
+column alone, by blocks (embeddings/similarity.py); memory: a few blocks plus k rows. From Python,
+`search_vectors(runs, queries, k)` answers a batch of query vectors in one pass.
 """
 
 import hashlib
 import os
 import sys
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Collection, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from embeddings import sheet, storage
 from embeddings.runs import (RUN_ERRORS, Run, command_parser, find_runs, iter_run_shards,
-                             parse_command, select_model)
+                             iter_run_vectors, parse_command, select_model)
 from embeddings.shards import read_shard
-from embeddings.similarity import Neighbour, nearest
+from embeddings.similarity import Neighbour, nearest_many
 
 SHEET_COLUMNS = 6
 RERANK = 100
@@ -83,8 +85,20 @@ def find_query(runs: Sequence[Run], query: str) -> Query:
   return Query(uri, embed_image(data, runs[0]), data, f'embedded now with {runs[0].model}', None)
 
 
+def search_vectors(runs: Sequence[Run], queries: np.ndarray, k: int,
+                   exclude_uris: Sequence[Collection[str]] = ()) -> List[List[Neighbour]]:
+  """The k exact nearest neighbours of each row of `queries` [queries, dimension] in the
+  collection of `runs` (one model, newest first: find_runs, select_model), in one pass over the
+  shards; `exclude_uris`: per query, URIs left out of its answer."""
+  queries = np.atleast_2d(np.asarray(queries, np.float32))
+  if runs and queries.shape[1] != runs[0].embedding_size:
+    raise ValueError(f'queries of {queries.shape[1]} values, but {runs[0].model} embeddings '
+                     f'have {runs[0].embedding_size}')
+  return nearest_many(iter_run_vectors(runs), queries, k, exclude_uris)
+
+
 def search(runs: Sequence[Run], query: Query, k: int) -> List[Neighbour]:
-  return nearest(iter_run_shards(runs), query.vector, k, exclude_uris={query.uri})
+  return search_vectors(runs, query.vector, k, [{query.uri}])[0]
 
 
 def find_query_in_index(index, query: str) -> Query:

@@ -1,5 +1,6 @@
 """`embeddings.neighbours` over an index, a query that is not an image (18.7), cosines never
-above 1 and an empty collection's shape (18.20)."""
+above 1 and an empty collection's shape (18.20); exact search by blocks for a batch of queries,
+float32 and float16 (17.5)."""
 
 import numpy as np
 import pytest
@@ -8,9 +9,9 @@ import embeddings
 from benchmarks.synthetic_collection import write_synthetic_run
 from embeddings import index as neighbour_index
 from embeddings import neighbours, query as query_module
-from embeddings.runs import concatenate
-from embeddings.similarity import nearest, unit_rows
-from embeddings.shards import Shard
+from embeddings.runs import concatenate, iter_run_vectors
+from embeddings.similarity import nearest, nearest_many, unit_rows
+from embeddings.shards import ParquetVectors, Shard
 from run_format import METADATA_SCHEMA
 from tests.run_writer import rows, write_run
 
@@ -71,3 +72,77 @@ def test_neighbours_through_an_index_give_the_table_and_the_exact_ranking(tmp_pa
     neighbours.main(['--index', directory, '--query', query_uri, '--model', 'builtin:other'])
   assert refused.value.code == 2
   assert 'builtin:other' in capsys.readouterr().err
+
+
+def _brute_force(vectors, uris, queries, k, excluded):
+  scores = unit_rows(np.asarray(queries, np.float32)) @ unit_rows(vectors).T
+  answers = []
+  for q, row in enumerate(scores):
+    order = [i for i in np.argsort(-row, kind='stable') if uris[i] not in excluded[q]][:k]
+    answers.append(([uris[i] for i in order], row[order]))
+  return answers
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])
+def test_a_batch_of_queries_gets_the_exact_neighbours_of_each_in_one_pass(tmp_path, dtype,
+                                                                        monkeypatch):
+  run = write_synthetic_run(str(tmp_path / 'run'), 1300, seed=3, dimension=DIMENSION,
+                            clusters=4, shard_rows=600, embedding_dtype=dtype)
+  collection = embeddings.load(run.directory)
+  assert collection.vectors.dtype == np.float32
+  if dtype == 'float16':  # read back as float32, the stored values exactly
+    np.testing.assert_array_equal(collection.vectors,
+                                  collection.vectors.astype(np.float16).astype(np.float32))
+  queries = np.concatenate([collection.vectors[[0, 650, 1299]],
+                            np.random.default_rng(0).random((2, DIMENSION), np.float32)])
+  excluded = [{collection.uris[0]}, {collection.uris[650], collection.uris[3]}, set(), set(),
+              set()]
+  read_rows = []
+  original = ParquetVectors.metadata
+  monkeypatch.setattr(ParquetVectors, 'metadata',
+                      lambda self, rows: read_rows.append(len(rows)) or original(self, rows))
+  # Blocks of one row group (the writer's 256 rows): several blocks a shard, and a short last one.
+  found = nearest_many(iter_run_vectors(embeddings.find_runs(run.directory)), queries, 6,
+                       excluded, block_rows=200)
+  for answer, (uris, scores) in zip(found, _brute_force(collection.vectors, collection.uris,
+                                                         queries, 6, excluded)):
+    assert [n.uri for n in answer] == uris and [n.rank for n in answer] == list(range(1, 7))
+    np.testing.assert_allclose([n.score for n in answer], scores, rtol=1e-5, atol=1e-6)
+    assert all(n.metadata['uri'] == n.uri and n.metadata['model'] == run.model_id
+               for n in answer)
+  # Metadata is read for the best rows only: at most k + 2 (the most excluded) per query.
+  assert sum(read_rows) <= len(queries) * 8 and len(read_rows) <= 3
+
+
+def test_search_over_several_runs_keeps_each_uris_latest_vector_and_reads_tfrecords(tmp_path):
+  uris = [f'img{i:03d}' for i in range(90)]
+  older, newer = str(tmp_path / 'older'), str(tmp_path / 'newer')
+  write_run(older, rows(uris, DIMENSION, seed=1), output_format='parquet', shard_rows=40,
+            finished_at='2026-01-01T00:00:00Z')
+  write_run(newer, rows(uris[30:60], DIMENSION, seed=2), output_format='tfrecord',
+            finished_at='2026-01-02T00:00:00Z')
+  runs = embeddings.select_model(embeddings.find_runs([older, newer]))
+  collection = embeddings.load([older, newer])
+  assert len(collection.uris) == 90  # the newer run's 30 vectors replace the older ones
+  queries = collection.vectors[[35, 80]] + 0.1
+  found = neighbours.search_vectors(runs, queries, 5)
+  for answer, (expected, scores) in zip(found, _brute_force(
+      collection.vectors, collection.uris, queries, 5, [set(), set()])):
+    assert [n.uri for n in answer] == expected
+    np.testing.assert_allclose([n.score for n in answer], scores, rtol=1e-5)
+
+
+def test_a_parquet_shard_of_another_model_is_refused_from_its_footer(tmp_path):
+  run = write_synthetic_run(str(tmp_path / 'run'), 50, dimension=DIMENSION, clusters=2,
+                            model_id='builtin:other@seed1')
+  summary_path = tmp_path / 'run' / 'run_summary.json'
+  summary_path.write_text(summary_path.read_text().replace('builtin:other@seed1', 'builtin:mine'))
+  with pytest.raises(embeddings.MixedModelsError, match='builtin:other@seed1'):
+    neighbours.search_vectors(embeddings.find_runs(run.directory),
+                              np.ones(DIMENSION, np.float32), 3)
+
+
+def test_queries_of_the_wrong_width_are_refused(tmp_path):
+  run = write_synthetic_run(str(tmp_path / 'run'), 20, dimension=DIMENSION, clusters=2)
+  with pytest.raises(ValueError, match='queries of 7 values'):
+    neighbours.search_vectors(embeddings.find_runs(run.directory), np.ones(7), 3)
