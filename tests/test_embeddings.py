@@ -361,7 +361,8 @@ def test_runs_on_s3_with_the_filesystem_flags(s3_server, tmp_path, capsys):
 
 def test_parquet_output_equals_the_tfrecords_exactly_in_duckdb(image_folder, tmp_path):
   """--output_format both: DuckDB reads the pipeline's Parquet shards as they are, and every
-  vector equals its TFRecord twin bit for bit; `load` reads the same from either."""
+  vector equals its TFRecord twin bit for bit; `load` reads the same from either. The vectors'
+  column is written plain (no dictionary, no compression), the others with both."""
   import duckdb
   import tensorflow as tf
   output = str(tmp_path / 'both')
@@ -383,6 +384,14 @@ def test_parquet_output_equals_the_tfrecords_exactly_in_duckdb(image_folder, tmp
   collection = embeddings.load(output)
   for uri, vector in _by_uri(collection).items():
     np.testing.assert_array_equal(vector, from_tfrecord[uri])
+  import pyarrow.parquet as pq
+  for path in tf.io.gfile.glob(f'{output}/embeddings-*.parquet'):
+    columns = pq.ParquetFile(path).metadata.row_group(0)
+    codecs = {columns.column(i).path_in_schema.split('.')[0]: (
+        columns.column(i).compression, 'RLE_DICTIONARY' in columns.column(i).encodings)
+        for i in range(columns.num_columns)}
+    assert codecs.pop('embedding') == ('UNCOMPRESSED', False)  # the vectors plain, fast to read
+    assert codecs['uri'] == ('SNAPPY', True)
 
 
 def _sample_run(tmp_path, name, *flags):
