@@ -29,24 +29,13 @@ def _peak_rss_gb_of_children() -> float:
 
 
 def _exact(runs, queries: np.ndarray, k: int) -> tuple:
-  """(top-k URIs per query, seconds): one streamed pass over the runs, scored in one product
-  per shard for the whole batch."""
+  """(top k + 1 URIs per query, seconds): the exact streamed search, all queries in one pass."""
   import embeddings
-  from embeddings.similarity import unit_rows
-  unit_queries = unit_rows(queries)
-  best_scores = np.full((len(queries), 0), -np.inf, np.float32)
-  best_uris = np.zeros((len(queries), 0), object)
+  from embeddings.neighbours import search_vectors
+  selected = embeddings.select_model(embeddings.find_runs(runs))
   started = time.perf_counter()
-  for shard in embeddings.iter_shards(runs):
-    scores = unit_queries @ unit_rows(shard.vectors).T
-    uris = np.array(shard.uris, object)
-    scores = np.concatenate([best_scores, scores], axis=1)
-    candidates = np.concatenate([best_uris, np.broadcast_to(uris, (len(queries), len(uris)))],
-                                axis=1)
-    top = np.argsort(-scores, axis=1, kind='stable')[:, :k + 1]
-    best_scores = np.take_along_axis(scores, top, 1)
-    best_uris = np.take_along_axis(candidates, top, 1)
-  return best_uris, time.perf_counter() - started
+  found = search_vectors(selected, queries, k + 1)
+  return [[n.uri for n in row] for row in found], time.perf_counter() - started
 
 
 def _recall(found, exact, own, k: int = 10) -> float:
@@ -64,6 +53,7 @@ def main(argv=None) -> None:
   parser.add_argument('--memory_budget', default='4GB')
   parser.add_argument('--add_run', help='a run to add, e.g. --first_row 1000000 --count 50000')
   parser.add_argument('--queries', type=int, default=100)
+  parser.add_argument('--nprobe', type=int, help="lists searched (default: the index's)")
   args = parser.parse_args(argv)
   import os
   if not os.path.exists(os.path.join(args.index, 'index.json')):
@@ -76,6 +66,7 @@ def main(argv=None) -> None:
   from embeddings.index import FAISS_FILE, NeighbourIndex
   faiss.omp_set_num_threads(1)
   index = NeighbourIndex(args.index)
+  index.nprobe = args.nprobe or index.nprobe
   size = os.path.getsize(os.path.join(args.index, FAISS_FILE))
   print(f'{index.count} vectors, plan {index.description["plan"]}; index.faiss '
         f'{size / index.count:.1f} bytes a vector; ids.parquet '

@@ -101,7 +101,7 @@ def choose_plan(count: int, dimension: int, memory_budget: int) -> IndexPlan:
   for pq_bytes in PQ_BYTES:
     if count * (pq_bytes + ID_BYTES) <= memory_budget and 4 * pq_bytes <= dimension:
       return IndexPlan('ivf_pq', f'IVF{lists},PQ{pq_bytes}', 4 * pq_bytes, lists,
-                       max(1, lists // 64), pq_bytes + ID_BYTES,
+                       max(1, lists // 32), pq_bytes + ID_BYTES,
                        min(count, TRAIN_POINTS_PER_LIST * lists))
   raise ValueError(f'{count} vectors need at least {count * (PQ_BYTES[-1] + ID_BYTES)} bytes; '
                    f'raise --memory_budget')
@@ -162,7 +162,8 @@ class NeighbourIndex:
     self.dimension = self.description['embedding_size']
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
     self.index = faiss.read_index(os.path.join(directory, FAISS_FILE), flags)
-    self.ids = pq.read_table(os.path.join(directory, IDS_FILE))
+    # One chunk: a row looked up by position costs a search through the chunks otherwise.
+    self.ids = pq.read_table(os.path.join(directory, IDS_FILE)).combine_chunks()
     self._id_column = self.ids.column('id').to_numpy()
     if len(self._id_column) > 1 and np.any(np.diff(self._id_column) <= 0):
       raise IndexError_(f'{directory}: {IDS_FILE} is not sorted by id')
