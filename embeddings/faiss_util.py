@@ -10,7 +10,7 @@ from typing import List, Sequence
 import numpy as np
 
 from embeddings import storage
-from embeddings.shards import is_parquet, read_shard
+from embeddings.shards import embedding_block, is_parquet, read_shard
 from embeddings.similarity import unit_rows
 
 
@@ -50,23 +50,7 @@ def read_rows(path: str, rows: Sequence[int]) -> np.ndarray:
   offsets = np.concatenate([[0], np.cumsum([sizes[g] for g in wanted])])
   position = {g: offsets[i] for i, g in enumerate(wanted)}
   local = np.array([position[g] for g in groups], np.int64) + rows - starts[groups]
-  return embedding_matrix(table.column('embedding'))[local]
-
-
-def embedding_matrix(column) -> np.ndarray:
-  """A fixed-size-list embedding column (float32 or float16, any chunks) -> float32 matrix,
-  through Arrow buffers: no Python object per row."""
-  import pyarrow as pa
-  chunks = column.chunks if hasattr(column, 'chunks') else [column]
-  if not chunks:
-    return np.zeros((0, 0), np.float32)
-  size = chunks[0].type.list_size
-  parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), size)
-           for chunk in chunks if isinstance(chunk.type, pa.FixedSizeListType)]
-  if len(parts) != len(chunks):
-    raise ValueError('the embedding column is not a fixed-size list')
-  matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
-  return matrix.astype(np.float32, copy=False)
+  return embedding_block(table.column('embedding'), path)[local]
 
 
 def sample_rows(path: str, fraction: float, seed: int) -> tuple:
