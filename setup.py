@@ -14,6 +14,7 @@ REQUIRED = [
     'simplejpeg==1.9.0',
     'google-cloud-storage==3.17.1',
     'faiss-cpu==1.15.1',  # the neighbour index (embeddings.index) and k-means for duplicates
+    'threadpoolctl==3.6.0',  # one BLAS thread while exact search's readers decode
     # Noto Sans for contact sheet labels (Latin, Greek, Cyrillic, Vietnamese, Devanagari).
     'fontpkg==0.2.2',
     'fontpkg-noto-sans==2.15',

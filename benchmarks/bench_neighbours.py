@@ -6,10 +6,11 @@ benchmarks/synthetic_collection.py): the raw read throughput of its shard files,
 cached?), and for a batch of queries in one pass; peak RSS at the end. `--copy_dtype` first
 writes a scratch copy of its first `--copy_shards` shards with the embedding column as float16 or
 float32, as written (dictionary, snappy) or `--plain_embedding` (no dictionary, no compression),
-times that copy and deletes it:
+times that copy and deletes it; `--cold` drops the page cache (Linux, as root) before the first
+pass instead of measuring the raw read:
 
     python -m benchmarks.bench_neighbours --runs /work/bench-data/synthetic-1m-float32 \
-        [--batch 16] [--k 8]
+        [--batch 16] [--k 8] [--cold]
     python -m benchmarks.bench_neighbours --runs /work/bench-data/synthetic-1m-float32 \
         --copy_dtype float16 --copy_shards 20 [--plain_embedding] [--scratch /work]
 
@@ -105,11 +106,11 @@ def copy_run(source, output: str, shards: int, dtype: str, plain: bool) -> str:
   """The first `shards` shards of `source` (a Run) rewritten with the embedding column as `dtype`,
   as the writer writes it (row groups of its batch, dictionary, snappy) or `plain` (no
   dictionary, no compression for that column), under a copy of its summary."""
-  from run_format import EMBEDDING, SUMMARY_FILE
+  from run_format import EMBEDDING, SUMMARY_FILE, embedding_type
   from transforms.write import ENCODE_BATCH_SIZE
   os.makedirs(output)
   paths = source.shard_paths()[:shards]
-  kind = pa.list_(pa.float16() if dtype == 'float16' else pa.float32(), source.embedding_size)
+  kind = embedding_type(source.embedding_size, dtype)
   names = pq.ParquetFile(paths[0]).schema_arrow.names
   options = {'compression': 'snappy'}
   if plain:
@@ -118,7 +119,8 @@ def copy_run(source, output: str, shards: int, dtype: str, plain: bool) -> str:
   copied = []
   for path in paths:
     table = pq.read_table(path)
-    table = table.set_column(table.schema.get_field_index(EMBEDDING), EMBEDDING,
+    table = table.set_column(table.schema.get_field_index(EMBEDDING),
+                             pa.field(EMBEDDING, kind, nullable=False),
                              table.column(EMBEDDING).cast(kind))
     copied.append(os.path.join(output, os.path.basename(path)))
     pq.write_table(table, copied[-1], row_group_size=ENCODE_BATCH_SIZE, **options)
@@ -131,8 +133,16 @@ def copy_run(source, output: str, shards: int, dtype: str, plain: bool) -> str:
   return output
 
 
-def bench_run(directory: str, k: int, batch: int) -> None:
-  """Raw read, then two passes of 1 query and one of `batch` queries over an existing run."""
+def drop_page_cache() -> None:
+  """Linux, as root: the next reads come from the disk."""
+  os.sync()
+  with open('/proc/sys/vm/drop_caches', 'w') as f:
+    f.write('1\n')
+
+
+def bench_run(directory: str, k: int, batch: int, cold: bool = False) -> None:
+  """Raw read, then two passes of 1 query and one of `batch` queries over an existing run;
+  `cold`: no raw read, the page cache dropped before the first pass."""
   import embeddings
   from embeddings import neighbours
   from embeddings.shards import read_shard
@@ -144,12 +154,17 @@ def bench_run(directory: str, k: int, batch: int) -> None:
   rows = np.random.default_rng(1).choice(len(first.uris), batch, replace=False)
   queries, excluded = first.vectors[rows], [{first.uris[r]} for r in rows]
   del first
-  seconds, size = read_throughput(paths)
-  print(f'{directory}: {len(paths)} shards, {size / 1e9:.2f} GB, {count} vectors')
-  print(f'raw read of the shard files: {seconds:.1f} s, {size / seconds / 1e9:.2f} GB/s '
-        f'({_load()})')
+  print(f'{directory}: {len(paths)} shards, {sum(os.path.getsize(p) for p in paths) / 1e9:.2f} '
+        f'GB, {count} vectors')
+  if cold:
+    drop_page_cache()
+  else:
+    seconds, size = read_throughput(paths)
+    print(f'raw read of the shard files: {seconds:.1f} s, {size / seconds / 1e9:.2f} GB/s '
+          f'({_load()})')
   per_million = 1e6 / count if count else 1e6 / runs[0].summary.embedded
-  for label, chosen in (('1 query, pass 1', 1), ('1 query, pass 2', 1),
+  first_pass = '1 query, pass 1' + (' (page cache dropped)' if cold else '')
+  for label, chosen in ((first_pass, 1), ('1 query, pass 2', 1),
                         (f'{batch} queries at once', batch)):
     started = time.perf_counter()
     found = neighbours.search_vectors(runs, queries[:chosen], k, excluded[:chosen])
@@ -174,10 +189,12 @@ def main() -> None:
   parser.add_argument('--k', type=int, default=8)
   parser.add_argument('--duplicates_vectors', type=int, default=10000)
   parser.add_argument('--scratch', default=tempfile.gettempdir())
+  parser.add_argument('--cold', action='store_true',
+                      help='with --runs: drop the page cache (Linux, root) before the first pass')
   args = parser.parse_args()
   if args.runs:
     if not args.copy_dtype:
-      bench_run(args.runs, args.k, args.batch)
+      bench_run(args.runs, args.k, args.batch, args.cold)
       return
     import embeddings
     scratch = tempfile.mkdtemp(dir=args.scratch, prefix='bench_neighbours_')
@@ -189,7 +206,7 @@ def main() -> None:
       print(f'copied {args.copy_shards} shards as {args.copy_dtype}'
             f'{" (plain embedding column)" if args.plain_embedding else ""} in '
             f'{time.perf_counter() - started:.0f} s')
-      bench_run(copy, args.k, args.batch)
+      bench_run(copy, args.k, args.batch, args.cold)
     finally:
       shutil.rmtree(scratch, ignore_errors=True)
     return

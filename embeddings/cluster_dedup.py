@@ -2,11 +2,12 @@
 
 A Beam pipeline (the DirectRunner on one machine, Dataflow for 100M vectors):
 
-  1. every shard is read; a seeded sample of its unit vectors and its (sha256, uri) pairs go on;
-  2. k-means centroids are trained on the sample (FAISS), on one worker;
+  1. every shard is read; a seeded sample of its unit vectors is written to a file (float16);
+  2. k-means centroids are trained on the sample files (FAISS), on one worker;
   3. each vector gets a home, its nearest centroid, and visits every other centroid within
      reach of it (below); the rows are spilled, one Parquet file per shard, a row group per
-     range of clusters (the shuffle, kept on disk so that memory holds one range at a time);
+     range of clusters (the shuffle, kept on disk so that memory holds one range at a time),
+     and the shard's (sha256, uri) pairs go on;
   4. per range of clusters, every vector that visits a cluster is compared (cosine) with the
      vectors at home there: pairs near or above the threshold are candidates;
   5. candidates and byte copies (same SHA-256) are joined (connected components); the members'
@@ -30,6 +31,8 @@ Cost: with k clusters of about n/k homes and v visits per vector, compares v n^2
 (all pairs: n^2 / 2) plus n k distances to centroids; k = sqrt(n) balances the two.
 """
 
+import hashlib
+import io
 import json
 import math
 import tempfile
@@ -161,7 +164,6 @@ def visits(units: np.ndarray, centroids: Centroids, radius: float,
 
 def _sampled(uris: Sequence[str], fraction: float, seed: int) -> np.ndarray:
   """A seeded choice of rows that does not depend on the shard layout."""
-  import hashlib
   keep = [int.from_bytes(hashlib.blake2b(f'{seed}:{u}'.encode(), digest_size=8).digest(), 'big')
           < fraction * 2**64 for u in uris]
   return np.array(keep, dtype=bool)
@@ -180,14 +182,40 @@ def read_rows(ref: ShardRef) -> ShardRows:
                    metadata.column('size_bytes').to_pylist())
 
 
-def _sample(rows: ShardRows, run_plan: Plan) -> np.ndarray:
+def write_sample(ref: ShardRef, run_plan: Plan, directory: str) -> Iterator[str]:
+  """ShardRef -> the path of a file holding a seeded sample of its unit vectors (float16). The
+  sample goes to the trainer as files: as Beam elements its 0.7 GB at 1M vectors (2.8 GB at
+  MAX_CLUSTERS) were copied by every coder and buffer of the runner on the way, in one process
+  (7.5 GB peak RSS at 1M)."""
+  rows = read_rows(ref)
   fraction = min(1.0, 1.1 * run_plan.sample_rows / max(run_plan.rows, 1))
-  return rows.units[_sampled(rows.uris, fraction, run_plan.seed)]
+  sample = rows.units[_sampled(rows.uris, fraction, run_plan.seed)].astype(np.float16)
+  if not len(sample):
+    return
+  # Named by its shard: the trainer's order (and a retried write) does not depend on the runner.
+  name = hashlib.blake2b(ref.path.encode(), digest_size=16).hexdigest()
+  path = storage.join(directory, f'sample-{name}.npy')
+  with storage.create(path) as f:
+    np.save(f, sample)
+  yield path
 
 
-def _kmeans(parts: List[np.ndarray], run_plan: Plan) -> Centroids:
-  return train_centroids(np.concatenate(parts)[:run_plan.sample_rows], run_plan.clusters,
-                         run_plan.seed)
+def _kmeans(sample_files: List[str], run_plan: Plan) -> Centroids:
+  """Centroids trained on the sample files in name order, read into one float32 array (no
+  second copy of the sample)."""
+  parts = []
+  for path in sorted(sample_files):
+    with storage.open_file(path) as f:
+      parts.append(np.load(io.BytesIO(f.read())))
+  sample = np.empty((min(run_plan.sample_rows, sum(len(p) for p in parts)), parts[0].shape[1]),
+                    np.float32)
+  filled = 0
+  for part in parts:
+    part = part[:len(sample) - filled]
+    sample[filled:filled + len(part)] = part
+    filled += len(part)
+  del parts
+  return train_centroids(sample, run_plan.clusters, run_plan.seed)
 
 
 def _count(name: str, value: int) -> None:
@@ -195,12 +223,19 @@ def _count(name: str, value: int) -> None:
   Metrics.counter('duplicates', name).inc(value)
 
 
-def spill(ref: ShardRef, centroids: Centroids, run_plan: Plan, directory: str
-          ) -> Iterator[str]:
+DIGESTS = 'digests'  # spill's second output: (sha256, uri) of each row that has a digest
+
+
+def spill(ref: ShardRef, centroids: Centroids, run_plan: Plan, directory: str):
   """ShardRef -> the spill file's path: each row once per cluster it visits, ordered by
-  range of clusters, one row group per range (listed in the file's metadata). Reads the shard
-  itself: a stage waiting for a side input holds its whole main input, so that must be refs."""
+  range of clusters, one row group per range (listed in the file's metadata); and on DIGESTS
+  the rows' (sha256, uri). Reads the shard itself: a stage waiting for a side input holds its
+  whole main input, so that must be refs."""
+  from apache_beam import pvalue
   rows = read_rows(ref)
+  for digest, uri in zip(rows.sha256, rows.uris):
+    if digest:
+      yield pvalue.TaggedOutput(DIGESTS, (digest, uri))
   clusters, within, capped = visits(rows.units, centroids, run_plan.radius,
                                     run_plan.max_visits)
   row_numbers = np.nonzero(within)[0].astype(np.int32)
@@ -314,29 +349,24 @@ def _groups_json(keyed, threshold: float) -> Iterator[str]:
     yield json.dumps({'kind': group.kind, 'members': [m._asdict() for m in group.members]})
 
 
-def _digests(rows: ShardRows) -> List[Tuple[str, str]]:
-  return [(digest, uri) for digest, uri in zip(rows.sha256, rows.uris) if digest]
-
-
-def build(root, refs: Sequence[ShardRef], run_plan: Plan, spill_directory: str):
+def build(root, refs: Sequence[ShardRef], run_plan: Plan, work_directory: str):
   """The pipeline on `root` (a Pipeline) -> the groups (duplicates.Group) as JSON lines. Reads
   the shards three times (sample, spill, members), so that no stage holds more than a shard or
-  a range of clusters. Beam is imported here only: the package imports without it."""
+  a range of clusters; vectors cross stages as files in `work_directory` only. Beam is
+  imported here only: the package imports without it."""
   import apache_beam as beam
   from apache_beam.pvalue import AsList, AsSingleton
   shards = root | 'Shards' >> beam.Create(list(refs))
-  rows = shards | 'Read' >> beam.Map(read_rows)
-  centroids = (rows
-               | 'Sample' >> beam.Map(_sample, run_plan)
+  centroids = (shards
+               | 'Sample' >> beam.FlatMap(write_sample, run_plan, work_directory)
                | 'AllSamples' >> beam.combiners.ToList()
                | 'KMeans' >> beam.Map(_kmeans, run_plan))
-  spills = shards | 'Spill' >> beam.FlatMap(spill, AsSingleton(centroids), run_plan,
-                                            spill_directory)
+  spilled = shards | 'Spill' >> beam.FlatMap(spill, AsSingleton(centroids), run_plan,
+                                             work_directory).with_outputs(DIGESTS, main='spills')
   near = (root
           | 'Ranges' >> beam.Create(list(range(run_plan.ranges)))
-          | 'Score' >> beam.FlatMap(score_range, AsList(spills), run_plan.threshold))
-  same_bytes = (rows
-                | 'Digests' >> beam.FlatMap(_digests)
+          | 'Score' >> beam.FlatMap(score_range, AsList(spilled.spills), run_plan.threshold))
+  same_bytes = (spilled[DIGESTS]
                 | 'ByDigest' >> beam.GroupByKey()
                 | 'BytePairs' >> beam.FlatMap(_byte_copy_pairs))
   membership = ((near, same_bytes) | 'Pairs' >> beam.Flatten()
@@ -370,11 +400,11 @@ def check_options(beam_flags: Sequence[str]) -> None:
   if runner not in ('DirectRunner', 'direct') and not options.view_as(
       GoogleCloudOptions).temp_location:
     raise WorkDirectoryError(f'--runner {runner} needs --temp_location (e.g. gs://bucket/tmp): '
-                             f'the workers write and read the spill files there')
+                             f'the workers write and read the sample and spill files there')
 
 
 def _work_directory(options) -> Tuple[str, bool]:
-  """(where the spill files go, whether it is a local folder this made)."""
+  """(where the sample, spill and group files go, whether it is a local folder this made)."""
   from apache_beam.options.pipeline_options import GoogleCloudOptions
   temp_location = options.view_as(GoogleCloudOptions).temp_location
   if temp_location:
@@ -383,7 +413,7 @@ def _work_directory(options) -> Tuple[str, bool]:
 
 
 def _remove(directory: str, local: bool) -> None:
-  """Removes the spill and group files this wrote, and nothing else."""
+  """Removes the sample, spill and group files this wrote, and nothing else."""
   if local:
     import shutil
     shutil.rmtree(directory, ignore_errors=True)

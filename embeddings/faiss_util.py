@@ -5,12 +5,12 @@ Vectors are compared by cosine: every helper works on rows scaled to length 1, w
 L2 distance is 2 - 2 cosine, so FAISS's L2 indexes (PCA centring included) rank by cosine.
 """
 
-from typing import List, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from embeddings import storage
-from embeddings.shards import embedding_block, is_parquet, read_shard
+from embeddings.shards import ParquetVectors, is_parquet, read_shard
 from embeddings.similarity import unit_rows
 
 
@@ -25,32 +25,12 @@ def cosine_from_l2(distances: np.ndarray) -> np.ndarray:
   return 1.0 - np.asarray(distances, np.float32) / 2.0
 
 
-def parquet_row_groups(path: str) -> List[int]:
-  """Rows per row group of a Parquet shard, from its footer."""
-  import pyarrow.parquet as pq
-  with storage.open_file(path) as f:
-    metadata = pq.ParquetFile(f).metadata
-    return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-
-
 def read_rows(path: str, rows: Sequence[int]) -> np.ndarray:
   """The float32 vectors at `rows` (positions in the shard, in the order given): for Parquet
   only the row groups holding them are read."""
-  rows = np.asarray(rows, np.int64)
   if not is_parquet(path):
-    return read_shard(path, '').vectors[rows]
-  import pyarrow.parquet as pq
-  with storage.open_file(path) as f:
-    parquet = pq.ParquetFile(f)
-    sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    groups = np.searchsorted(starts, rows, side='right') - 1
-    wanted = sorted(set(groups.tolist()))
-    table = parquet.read_row_groups(wanted, columns=['embedding'])
-  offsets = np.concatenate([[0], np.cumsum([sizes[g] for g in wanted])])
-  position = {g: offsets[i] for i, g in enumerate(wanted)}
-  local = np.array([position[g] for g in groups], np.int64) + rows - starts[groups]
-  return embedding_block(table.column('embedding'), path)[local]
+    return read_shard(path, '').vectors[np.asarray(rows, np.int64)]
+  return ParquetVectors.open(path, '').vectors_at(rows)
 
 
 def sample_rows(path: str, fraction: float, seed: int) -> tuple:
@@ -58,7 +38,7 @@ def sample_rows(path: str, fraction: float, seed: int) -> tuple:
   groups chosen at random (only those are read), or rows of a TFRecord shard."""
   rng = np.random.default_rng(seed)
   if is_parquet(path):
-    sizes = parquet_row_groups(path)
+    sizes = ParquetVectors.open(path, '').row_group_rows
     chosen = [g for g in range(len(sizes)) if rng.random() < fraction]
     if not chosen:
       return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)

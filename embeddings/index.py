@@ -30,13 +30,14 @@ import json
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from embeddings import faiss_util, storage
 from embeddings.runs import MixedModelsError, NoRunsError, Run, find_runs, select_model
-from embeddings.similarity import Neighbour, cosine_value, unit_rows
+from embeddings.similarity import READERS, Neighbour, cosine_value, unit_rows
 
 INDEX_FILE = 'index.json'
 FAISS_FILE = 'index.faiss'
@@ -188,14 +189,17 @@ class NeighbourIndex:
     return positions
 
   def stored_vectors(self, ids: np.ndarray) -> np.ndarray:
-    """The runs' stored float32 vectors of `ids`, reading only the row groups that hold them."""
+    """The runs' stored float32 vectors of `ids`, reading only the row groups that hold them,
+    READERS shards at a time (Arrow decodes without the GIL)."""
     positions = self.rows(ids)
-    shards = self.ids.column('shard').take(positions).to_pylist()
+    shards = np.array(self.ids.column('shard').take(positions).to_pylist(), dtype=object)
     rows = self.ids.column('row').to_numpy()[positions]
     vectors = np.zeros((len(ids), self.dimension), np.float32)
-    for shard in sorted(set(shards)):
-      mine = np.flatnonzero(np.array(shards) == shard)
-      vectors[mine] = faiss_util.read_rows(shard, rows[mine])
+    places = [np.flatnonzero(shards == shard) for shard in sorted(set(shards))]
+    with ThreadPoolExecutor(READERS) as pool:
+      for mine, found in zip(places, pool.map(
+          lambda mine: faiss_util.read_rows(shards[mine[0]], rows[mine]), places)):
+        vectors[mine] = found
     return vectors
 
   def search_ids(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None) -> tuple:

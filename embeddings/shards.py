@@ -207,19 +207,29 @@ class ParquetVectors(NamedTuple):
       table = parquet.read_row_groups(list(row_groups), columns=[EMBEDDING], use_threads=False)
     return embedding_block(table.column(EMBEDDING), self.path)
 
+  def _holding(self, rows: np.ndarray) -> Tuple[List[int], np.ndarray]:
+    """(the row groups holding `rows`, ascending; each row's position among their rows)."""
+    starts = np.concatenate([[0], np.cumsum(self.row_group_rows)])
+    groups = np.searchsorted(starts, rows, side='right') - 1
+    wanted = np.unique(groups)
+    read_start = np.concatenate([[0], np.cumsum(np.asarray(self.row_group_rows)[wanted])])
+    return wanted.tolist(), read_start[np.searchsorted(wanted, groups)] + rows - starts[groups]
+
+  def vectors_at(self, rows: np.ndarray) -> np.ndarray:
+    """float32 vectors at `rows` (positions in the shard, in the order given): only the row
+    groups holding them are read."""
+    groups, local = self._holding(np.asarray(rows, np.int64))
+    return self.vectors(groups)[local]
+
   def metadata(self, rows: np.ndarray) -> pa.Table:
     """The METADATA_SCHEMA rows at `rows` (positions in the shard, in the order given): only the
     row groups holding them, without the embedding column."""
     rows = np.asarray(rows, np.int64)
-    starts = np.concatenate([[0], np.cumsum(self.row_group_rows)])
-    groups = np.searchsorted(starts, rows, side='right') - 1
-    wanted = np.unique(groups)
+    groups, local = self._holding(rows)
     with _parquet_file(self.path) as parquet:
       available = set(parquet.schema_arrow.names)
-      table = parquet.read_row_groups(wanted.tolist(),
+      table = parquet.read_row_groups(groups,
                                       columns=[c for c in METADATA_COLUMNS if c in available])
-    read_start = np.concatenate([[0], np.cumsum(np.asarray(self.row_group_rows)[wanted])])
-    local = read_start[np.searchsorted(wanted, groups)] + rows - starts[groups]
     table = table.take(pa.array(local))
     return _metadata({c: table.column(c) for c in table.column_names}, len(rows), self.run)
 

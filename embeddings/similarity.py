@@ -6,7 +6,7 @@ copy), and each query's running best kept by argpartition. The metadata of a row
 only once it is among the best: excluded URIs are dropped from k + (number excluded)
 candidates at the end, not checked row by row. Parquet shards are read a block of row groups at
 a time, embedding column only, by a few threads ahead of the scoring (Arrow decodes and BLAS
-multiplies without holding the GIL).
+multiplies without holding the GIL; BLAS in one thread, leaving the cores to the readers).
 """
 
 import collections
@@ -16,6 +16,7 @@ from typing import Callable, Collection, Dict, Iterable, Iterator, List, NamedTu
 
 import numpy as np
 import pyarrow as pa
+from threadpoolctl import threadpool_limits
 
 from embeddings.shards import Shard
 
@@ -137,13 +138,16 @@ def nearest_many(sources: Iterable, queries: np.ndarray, k: int,
       for first_row, groups in source.shard.blocks(block_rows):
         yield number, first_row, lambda shard=source.shard, groups=groups: shard.vectors(groups)
 
-  for number, first_row, block in _read_ahead(tasks(), readers):
-    scores = cosines(units, block)
-    keep = keeps.get(number)
-    if keep is not None:
-      scores[:, ~keep[first_row:first_row + len(block)]] = -np.inf
-    best.add(scores, number, first_row)
-    del block, scores
+  # One BLAS thread: the products are small, and OpenBLAS's idle threads spin on the cores the
+  # readers decode on (measured: 25.2 -> 20.4 s per million float32 vectors on 2 cores).
+  with threadpool_limits(limits=1, user_api='blas'):
+    for number, first_row, block in _read_ahead(tasks(), readers):
+      scores = cosines(units, block)
+      keep = keeps.get(number)
+      if keep is not None:
+        scores[:, ~keep[first_row:first_row + len(block)]] = -np.inf
+      best.add(scores, number, first_row)
+      del block, scores
   for number, shard in parquet.items():
     rows = best.wanted_rows(number)
     resolved[number] = (rows, shard.metadata(rows) if len(rows) else None)

@@ -13,8 +13,8 @@ have an index and a summary with `finished_at` and the model's options; a summar
 
 from run_format.columns import (COLUMNS, EMBEDDING, EMBEDDING_DTYPES, EMBEDDING_FLOAT16,
                                 INCREMENTAL_COLUMNS, INDEX_SCHEMA, METADATA_COLUMNS,
-                                METADATA_SCHEMA, RUN_COLUMN, Column, embeddings_schema,
-                                example_vectors, from_example_batch, to_example_batch)
+                                METADATA_SCHEMA, RUN_COLUMN, Column, embedding_type,
+                                embeddings_schema, example_vectors, from_example_batch, to_example_batch)
 from run_format.layout import (CLAIM_FILE, DECODE, EMBEDDED, EMBEDDINGS_GLOB, EMBEDDINGS_PREFIX,
                                FAILURES_GLOB, FAILURES_PREFIX, FAILURES_SUFFIX, FINISHED,
                                GZIP_SUFFIX, INDEX_GLOB, INDEX_PREFIX, INFERENCE,

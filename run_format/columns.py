@@ -54,10 +54,18 @@ INCREMENTAL_COLUMNS = ['uri', 'size_bytes', 'last_modified', 'content_id', 'mode
                        'outcome', 'done_outcome']
 
 
+def embedding_type(feature_size: int, embedding_dtype: str = 'float32') -> pa.DataType:
+  """The Parquet embedding column: a fixed-size list whose elements are required. Arrow decodes
+  required elements without their definition levels, a third faster than optional ones."""
+  return pa.list_(pa.field('element', _ARROW_DTYPES[embedding_dtype], nullable=False),
+                  feature_size)
+
+
 def embeddings_schema(feature_size: int, embedding_dtype: str = 'float32') -> pa.Schema:
-  """The Parquet embedding shards' schema."""
+  """The Parquet embedding shards' schema; every row has its whole vector."""
   return pa.schema([(c.name, c.type) for c in COLUMNS] +
-                   [(EMBEDDING, pa.list_(_ARROW_DTYPES[embedding_dtype], feature_size))])
+                   [pa.field(EMBEDDING, embedding_type(feature_size, embedding_dtype),
+                             nullable=False)])
 
 
 def _is_integer(column: Column) -> bool:

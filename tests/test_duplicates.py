@@ -182,3 +182,20 @@ def test_clustering_on_a_remote_runner_needs_a_temp_location(tmp_path, capsys):
                      '--method', 'clusters', '--runner', 'DataflowRunner'])
   assert exit_info.value.code == 2
   assert 'needs --temp_location' in capsys.readouterr().err
+
+
+def test_clustering_removes_its_work_files_under_the_temp_location_and_nothing_else(
+    planted_runs, tmp_path):
+  """The sample, spill and group files go under --temp_location (where Dataflow's workers share
+  them) and are deleted afterwards; a file already there is left alone."""
+  pattern, _ = planted_runs
+  work = tmp_path / 'tmp'
+  work.mkdir()
+  (work / 'someone-elses.txt').write_text('keep me')
+  groups = duplicates.main(['--runs', pattern, '--csv', str(tmp_path / 'clusters.csv'),
+                            '--threshold', '0.97', '--method', 'clusters',
+                            '--temp_location', str(work)])
+  assert groups
+  left = sorted(str(p.relative_to(work)) for p in work.rglob('*') if p.is_file())
+  assert left == ['someone-elses.txt']
+  assert (work / 'someone-elses.txt').read_text() == 'keep me'

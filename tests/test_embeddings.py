@@ -362,7 +362,8 @@ def test_runs_on_s3_with_the_filesystem_flags(s3_server, tmp_path, capsys):
 def test_parquet_output_equals_the_tfrecords_exactly_in_duckdb(image_folder, tmp_path):
   """--output_format both: DuckDB reads the pipeline's Parquet shards as they are, and every
   vector equals its TFRecord twin bit for bit; `load` reads the same from either. The vectors'
-  column is written plain (no dictionary, no compression), the others with both."""
+  column is written plain (no dictionary, no compression, required elements), the others with
+  both."""
   import duckdb
   import tensorflow as tf
   output = str(tmp_path / 'both')
@@ -391,6 +392,8 @@ def test_parquet_output_equals_the_tfrecords_exactly_in_duckdb(image_folder, tmp
         columns.column(i).compression, 'RLE_DICTIONARY' in columns.column(i).encodings)
         for i in range(columns.num_columns)}
     assert codecs.pop('embedding') == ('UNCOMPRESSED', False)  # the vectors plain, fast to read
+    # Required elements: Arrow decodes them without definition levels.
+    assert not pq.read_schema(path).field('embedding').type.value_field.nullable
     assert codecs['uri'] == ('SNAPPY', True)
 
 
@@ -420,7 +423,7 @@ def test_float16_runs_in_both_formats_read_back_as_the_float32_run_rounded(tmp_p
               for uri, vector in _by_uri(embeddings.load(str(tmp_path / 'float32'))).items()}
   parquet_shards = storage.match(str(tmp_path / 'parquet16' / 'embeddings-*.parquet'))
   assert pq.read_schema(parquet_shards[0].path).field('embedding').type == pa.list_(
-      pa.float16(), reference['embedding_size'])
+      pa.field('element', pa.float16(), nullable=False), reference['embedding_size'])
 
   for name, summary in (('parquet16', half_parquet), ('tfrecord16', half_tfrecord)):
     run = str(tmp_path / name)
@@ -484,3 +487,27 @@ def test_an_unknown_embedding_dtype_is_refused_before_any_work(tmp_path, capsys)
   assert refused.value.code == 2
   assert "--embedding_dtype: invalid choice: 'float64'" in capsys.readouterr().err
   assert not (tmp_path / 'out').exists()
+
+
+def test_shards_with_optional_embedding_elements_read_as_the_required_ones(tmp_path):
+  """Parquet shards of earlier builds (the embedding a list of optional floats) read and search
+  exactly as the ones written now (required floats)."""
+  written = rows([f'gs://b/{i}.jpg' for i in range(40)], 24, seed=5)
+  write_run(str(tmp_path / 'now'), written, output_format='parquet', shard_rows=16)
+  shutil.copytree(tmp_path / 'now', tmp_path / 'before')
+  for path in (tmp_path / 'before').glob('embeddings-*.parquet'):
+    table = pq.read_table(path)
+    where = table.schema.get_field_index('embedding')
+    assert not table.schema.field(where).type.value_field.nullable
+    table = table.set_column(where, 'embedding',
+                             table.column(where).cast(pa.list_(pa.float32(), 24)))
+    pq.write_table(table, path)
+    assert pq.read_schema(path).field('embedding').type.value_field.nullable
+  now, before = embeddings.load(str(tmp_path / 'now')), embeddings.load(str(tmp_path / 'before'))
+  assert now.uris == before.uris
+  np.testing.assert_array_equal(now.vectors, before.vectors)
+  queries = np.stack([r.embedding for r in written[:3]])
+  found = [neighbours.search_vectors(embeddings.find_runs([str(tmp_path / name)]), queries, 5)
+           for name in ('now', 'before')]
+  assert [[n.uri for n in q] for q in found[0]] == [[n.uri for n in q] for q in found[1]]
+  assert [q[0].uri for q in found[0]] == [r.uri for r in written[:3]]
