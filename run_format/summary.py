@@ -77,7 +77,8 @@ class RunSummary(RunLaunch):
     """Fields a later version added are ignored; missing ones are refused."""
     fields = json.loads(text)
     known = {f.name for f in dataclasses.fields(cls)}
-    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING}
     missing = sorted(required - set(fields))
     if missing:
       raise IncompatibleRunError(

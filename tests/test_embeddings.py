@@ -8,6 +8,7 @@ writes what the pipeline writes.
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -111,6 +112,23 @@ def test_a_run_older_than_0_2_is_refused_by_name(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     neighbours.main(['--runs', str(tmp_path / '*'), '--query', 'b'])
   assert exit_info.value.code == 2 and '0.2.0 or later' in capsys.readouterr().err
+
+
+def test_a_summary_of_the_first_0_2_releases_reads_with_the_later_fields_defaulted(tmp_path):
+  """Summaries written before --exclude, --incremental_from's run list, --jit_compile,
+  --embedding_dtype, --max_failed_fraction and the outcome are runs of 0.2.0 all the same."""
+  write_run(str(tmp_path / 'early'), rows(['a', 'b'], 4, seed=1))
+  path = tmp_path / 'early' / 'run_summary.json'
+  summary = json.loads(path.read_text())
+  later = ['exclude', 'incremental_runs', 'index_carries_forward', 'jit_compile',
+           'embedding_dtype', 'max_failed_fraction', 'outcome']
+  for name in later:
+    del summary[name]
+  path.write_text(json.dumps(summary))
+  run, = embeddings.find_runs(str(tmp_path / 'early'))
+  assert (run.summary.exclude, run.summary.incremental_runs, run.summary.embedding_dtype,
+          run.summary.outcome) == ([], [], 'float32', 'finished')
+  assert embeddings.load(str(tmp_path / 'early')).uris == ['a', 'b']
 
 
 def test_a_run_without_summary_is_ignored_and_no_run_at_all_is_an_error(tmp_path, caplog):
