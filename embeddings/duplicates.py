@@ -278,6 +278,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
                       'dimension per image), for --method auto (default 4GB)')
   args = parse_command(parser, argv)
   _, beam_flags = parser.parse_known_args(argv)
+  from pipeline.options import OptionsError, check_known_flags
+  try:  # the other flags go to Beam, which drops what it does not know
+    check_known_flags(beam_flags, 'python -m embeddings.duplicates',
+                      [o for a in parser._actions for o in a.option_strings])
+  except OptionsError as exc:
+    parser.error(str(exc))
   problems = [p for p in (_output_problem('--csv', args.csv), _output_problem('--sheet', args.sheet),
                           check_threshold(args.threshold) if args.threshold is not None else None)
               if p]

@@ -312,6 +312,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    help=f'say to rebuild when recall@10 on the probe set falls below this '
                    f'(default {DEFAULT_MIN_RECALL})')
   args, beam_flags = parser.parse_known_args(argv)
+  from pipeline.options import OptionsError, check_known_flags
+  try:  # the other flags go to Beam, which drops what it does not know
+    check_known_flags(beam_flags, 'python -m embeddings.index',
+                      [o for a in parser._actions for o in a.option_strings])
+  except OptionsError as exc:
+    parser.error(str(exc))
   import logging
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
   storage.set_filesystem_options(beam_flags)

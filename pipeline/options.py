@@ -165,8 +165,10 @@ def all_flags_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def check_known_flags(argv: Sequence[str]) -> None:
-  """Beam only logs and drops flags it does not know, so a typo silently becomes a default."""
+def check_known_flags(argv: Sequence[str], command: str = 'python run_pipeline.py',
+                      own_flags: Sequence[str] = ()) -> None:
+  """Beam only logs and drops flags it does not know, so a typo silently becomes a default.
+  `own_flags`: the calling command's flags, offered first as corrections."""
   parser = all_flags_parser()
   _, unknown = parser.parse_known_args(list(argv))
   flags = [arg.split('=', 1)[0] for arg in unknown if arg.startswith('-')]
@@ -175,9 +177,11 @@ def check_known_flags(argv: Sequence[str]) -> None:
   known = [s for action in parser._actions for s in action.option_strings]  # pylint: disable=protected-access
   problems = []
   for flag in flags or unknown:
-    close = difflib.get_close_matches(flag, known, n=1)
+    close = difflib.get_close_matches(flag, list(own_flags), n=1) or difflib.get_close_matches(
+        flag, known, n=1)
     problems.append(f'unknown flag {flag}' + (f'; did you mean {close[0]}?' if close else ''))
-  raise OptionsError('\n'.join(problems) + '\n(python run_pipeline.py --help lists the flags)')
+  raise OptionsError('\n'.join(problems) + f'\n({command} --help lists the flags)')
+
 
 
 def expand_output(output: str, now: datetime.datetime) -> str:

@@ -199,3 +199,14 @@ def test_clustering_removes_its_work_files_under_the_temp_location_and_nothing_e
   left = sorted(str(p.relative_to(work)) for p in work.rglob('*') if p.is_file())
   assert left == ['someone-elses.txt']
   assert (work / 'someone-elses.txt').read_text() == 'keep me'
+
+
+def test_a_mistyped_flag_is_refused_before_the_work(tmp_path, capsys):
+  """Flags the command does not know go to Beam, which would drop a typo silently."""
+  write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
+  with pytest.raises(SystemExit) as exit_info:
+    duplicates.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
+                     '--metod', 'clusters'])
+  assert exit_info.value.code == 2
+  assert 'unknown flag --metod; did you mean --method?' in capsys.readouterr().err
+  assert not (tmp_path / 'x.csv').exists()
