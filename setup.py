@@ -24,6 +24,7 @@ REQUIRED = [
 
 TEST = [
     'pytest==9.2.0',
+    'pytest-xdist==3.8.0',  # two test processes (pytest.ini)
     'gcp-storage-emulator==2026.7.19',
     'moto[server]==5.2.5',  # a local S3-protocol server for the s3:// tests
     'duckdb==2.0.1',  # reads the Parquet outputs as a warehouse would

@@ -29,7 +29,9 @@ def test_xla_features_equal_the_plain_path_and_compiles_stay_bounded():
     images = _images(size, seed)
     features = xla.embed(images)
     assert features.shape == (size, 160)  # padded rows never come out
-    np.testing.assert_allclose(features, plain.embed(images), rtol=0, atol=1e-5)
+    # XLA's CPU kernels and oneDNN's (on where TensorFlow enables it, e.g. Intel CPUs with AVX-512)
+    # sum in different orders: measured up to 1.8e-5 relative on such a machine.
+    np.testing.assert_allclose(features, plain.embed(images), rtol=1e-4, atol=1e-5)
   assert xla._function.compile_count() == len(batch_buckets(6))  # 1, 2, 4, 6: nothing else
 
 
