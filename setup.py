@@ -36,7 +36,7 @@ setuptools.setup(
     description='PNASNet-5 Large image embeddings at scale with Apache Beam',
     python_requires='>=3.10,<3.13',
     packages=setuptools.find_packages(include=['pipeline', 'transforms', 'models', 'pnasnet',
-                                               'embeddings', 'run_format']),
+                                               'embeddings', 'run_format', 'jobs']),
     install_requires=REQUIRED,
     extras_require={'test': TEST},
 )

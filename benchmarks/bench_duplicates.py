@@ -18,7 +18,9 @@ import resource
 import time
 
 import embeddings
-from embeddings import cluster_dedup, duplicates
+from embeddings import duplicate_groups
+from embeddings.similarity import unit_rows
+from jobs import cluster_dedup
 
 
 def _peak_rss_gb() -> float:
@@ -50,10 +52,10 @@ def main(argv=None) -> None:
     return
   start = time.perf_counter()
   collection = embeddings.load(args.runs)
-  units = duplicates.unit_rows(collection.vectors)
+  units = unit_rows(collection.vectors)
   collection = collection._replace(vectors=None)  # keep the unit rows only
-  pairs = set(duplicates.similar_pairs(units, args.threshold))
-  pairs.update(duplicates.byte_copy_pairs(collection.metadata.column('sha256').to_pylist()))
+  pairs = set(duplicate_groups.similar_pairs(units, args.threshold))
+  pairs.update(duplicate_groups.byte_copy_pairs(collection.metadata.column('sha256').to_pylist()))
   seconds = time.perf_counter() - start
   group_of = {m.uri: number for number, g in enumerate(groups) for m in g.members}
   uris = collection.uris

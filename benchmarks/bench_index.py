@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     print(f'build: {time.perf_counter() - started:.1f} s, peak RSS '
           f'{_peak_rss_gb_of_children():.2f} GB')
   import faiss
-  from embeddings.index import FAISS_FILE, NeighbourIndex
+  from embeddings.neighbour_index import FAISS_FILE, NeighbourIndex
   faiss.omp_set_num_threads(1)
   index = NeighbourIndex(args.index)
   index.nprobe = args.nprobe or index.nprobe

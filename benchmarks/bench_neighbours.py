@@ -17,7 +17,7 @@ pass instead of measuring the raw read:
 Without --runs: writes synthetic Gaussian 4320-d vectors as Parquet and as TFRecord shards (encoded
 as the pipeline encodes them) to a scratch directory, times the search over each (files in the
 page cache), the same scoring over vectors already in memory, and
-`embeddings.duplicates.find_groups` on a smaller set (its cost grows with the square):
+`embeddings.duplicate_groups.find_groups` on a smaller set (its cost grows with the square):
 
     python -m benchmarks.bench_neighbours [--vectors 50000] [--shard_rows 2500] [--k 8] \
         [--duplicates_vectors 10000] [--scratch /tmp]
@@ -211,7 +211,7 @@ def main() -> None:
       shutil.rmtree(scratch, ignore_errors=True)
     return
   import embeddings
-  from embeddings import duplicates, neighbours
+  from embeddings import duplicate_groups, neighbours
   from embeddings.shards import read_shard
   from embeddings.similarity import nearest
   scratch = tempfile.mkdtemp(dir=args.scratch, prefix='bench_neighbours_')
@@ -242,7 +242,7 @@ def main() -> None:
                                      vectors=collection.vectors[:count],
                                      metadata=collection.metadata.slice(0, count))
     started = time.perf_counter()
-    duplicates.find_groups(collection, threshold=0.986)
+    duplicate_groups.find_groups(collection, threshold=0.986)
     seconds = time.perf_counter() - started
     print(f'duplicates, all pairs of {count} vectors: {seconds:7.2f} s '
           f'(grows with the square of the count)')

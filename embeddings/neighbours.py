@@ -170,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
     parser.error('give --runs or --index')
   try:
     if args.index:
-      from embeddings.index import IndexError_, NeighbourIndex
+      from embeddings.neighbour_index import IndexError_, NeighbourIndex
       try:
         index = NeighbourIndex(args.index)
         index.check_model(args.model)

@@ -1,4 +1,5 @@
-"""The layering of docs/architecture.md, read from the source: no import runs back up."""
+"""The layering of docs/architecture.md, read from the source: no import runs back up, and no two
+modules or packages import each other, even through others."""
 
 import ast
 import os
@@ -6,7 +7,7 @@ import os
 import pytest
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ('pnasnet', 'run_format', 'models', 'transforms', 'pipeline', 'embeddings')
+PACKAGES = ('pnasnet', 'run_format', 'models', 'transforms', 'pipeline', 'embeddings', 'jobs')
 # What each package may import of the project at module level (itself always).
 MAY_IMPORT = {
     'pnasnet': set(),
@@ -15,9 +16,11 @@ MAY_IMPORT = {
     'transforms': {'models', 'run_format', 'pnasnet'},
     'pipeline': {'transforms', 'embeddings', 'models', 'run_format', 'pnasnet'},
     'embeddings': {'run_format'},
+    'jobs': {'embeddings', 'run_format'},
 }
-# Imported inside functions only, where a command needs them (embedding a query image).
-MAY_IMPORT_LAZILY = {'embeddings': {'models', 'transforms', 'pipeline'}}
+# Imported inside functions only, where a command needs them (embedding a query image, checking
+# the flags it hands to Beam, running the Beam job over a collection).
+MAY_IMPORT_LAZILY = {'embeddings': {'models', 'transforms', 'pipeline', 'jobs'}}
 NO_BEAM = ('pnasnet', 'run_format', 'embeddings')
 
 
@@ -58,3 +61,91 @@ def test_no_import_runs_back_up(package):
 def test_packages_that_must_not_need_beam_do_not_import_it(package):
   assert not [path for path in _sources(package) for name, module_level in _imports(path)
               if name == 'apache_beam' and module_level]
+
+
+def _module_name(path: str) -> str:
+  name = os.path.splitext(os.path.relpath(path, PROJECT))[0].replace(os.sep, '.')
+  return name[:-len('.__init__')] if name.endswith('.__init__') else name
+
+
+MODULES = {_module_name(path) for package in PACKAGES for path in _sources(package)}
+
+
+def _imported_modules(path: str):
+  """(project module, whether the import sits at module level) for each import of `path`: `from
+  package import name` is the module package.name when there is one, else the package."""
+  tree = ast.parse(open(path).read(), path)
+  module_level = {id(node) for node in tree.body}
+  here = _module_name(path).split('.')
+  if not path.endswith('__init__.py'):
+    here = here[:-1]
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      targets = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = '.'.join(here[:len(here) - node.level + 1] + [node.module or ''] if node.level
+                      else [node.module]).strip('.')
+      targets = [f'{base}.{alias.name}' if f'{base}.{alias.name}' in MODULES else base
+                 for alias in node.names]
+    else:
+      continue
+    for target in targets:
+      while target and target not in MODULES:  # `import a.b.c`: the deepest project module
+        target = target.rpartition('.')[0]
+      if target:
+        yield target, id(node) in module_level
+
+
+def _cycle(graph: dict):
+  """A cycle of `graph` ({node: nodes it points to}) as [a, b, ..., a], or None."""
+  state = {}  # node -> 'open' while on the path, 'done' once every path from it is checked
+  path = []
+
+  def visit(node):
+    state[node] = 'open'
+    path.append(node)
+    for other in sorted(graph.get(node, ())):
+      if state.get(other) == 'open':
+        return path[path.index(other):] + [other]
+      if other not in state:
+        found = visit(other)
+        if found:
+          return found
+    path.pop()
+    state[node] = 'done'
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node)
+      if found:
+        return found
+  return None
+
+
+def test_cycle_finds_a_circle_and_only_one():
+  assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+  assert _cycle({'a': {'b', 'c'}, 'b': {'c'}, 'c': set()}) is None
+
+
+def test_no_import_circle_between_files():
+  """Lazy imports count too: a command's lazy import of its job and the job's import of the
+  command's module would make them one module in two files."""
+  graph = {}
+  for package in PACKAGES:
+    for path in _sources(package):
+      module = _module_name(path)
+      graph[module] = {target for target, _ in _imported_modules(path)} - {module}
+  circle = _cycle(graph)
+  assert circle is None, 'import circle: ' + ' -> '.join(circle)
+
+
+def test_no_import_circle_between_packages():
+  """At module level: a package that another imports at import time never imports it back."""
+  graph = {package: set() for package in PACKAGES}
+  for package in PACKAGES:
+    for path in _sources(package):
+      graph[package] |= {name for name, module_level in _imports(path)
+                         if module_level and name in PACKAGES and name != package}
+  circle = _cycle(graph)
+  assert circle is None, 'import circle: ' + ' -> '.join(circle)

@@ -12,7 +12,9 @@ from PIL import Image
 import embeddings
 from benchmarks import synthetic_collection
 from benchmarks.synthetic_collection import write_synthetic_run
-from embeddings import cluster_dedup, duplicates, sheet
+from embeddings import duplicate_groups, duplicates, sheet
+from embeddings.similarity import unit_rows
+from jobs import cluster_dedup
 from tests.run_writer import Row, rows, write_run
 
 
@@ -68,13 +70,13 @@ def test_the_visits_reach_every_cell_a_near_pair_can_straddle():
   centres = np.eye(16, dtype=np.float32)[:2] * 3 + 1
   inside = np.concatenate([c + rng.normal(0, 0.2, (300, 16)) for c in centres])
   middle = (centres[0] + centres[1]) / 2 + rng.normal(0, 0.05, (40, 16))
-  units = duplicates.unit_rows(np.concatenate([inside, middle, middle + rng.normal(
+  units = unit_rows(np.concatenate([inside, middle, middle + rng.normal(
       0, 0.01, (40, 16))]).astype(np.float32))
-  centroids = cluster_dedup.centroids_of(duplicates.unit_rows(centres))
+  centroids = cluster_dedup.centroids_of(unit_rows(centres))
   threshold = 0.999
   clusters, visited, capped = cluster_dedup.visits(units, centroids, np.sqrt(2 - 2 * threshold))
   home = clusters[:, 0]
-  pairs = [(i, j) for i, j in duplicates.similar_pairs(units, threshold) if i >= 600]
+  pairs = [(i, j) for i, j in duplicate_groups.similar_pairs(units, threshold) if i >= 600]
   assert len(pairs) >= 40 and any(home[i] != home[j] for i, j in pairs)
   assert all(home[j] in clusters[i][visited[i]] or home[i] in clusters[j][visited[j]]
              for i, j in pairs)
@@ -163,7 +165,7 @@ def test_sheet_rows_say_how_many_more_and_keep_the_folder(tmp_path):
     members.append(Row(str(_png16(folder / 'inside.png')), vector + number * 1e-4,
                        hashlib.sha256(bytes([number])).hexdigest()))
   write_run(str(tmp_path / 'run'), members)
-  groups = duplicates.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.99)
+  groups = duplicate_groups.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.99)
   [row] = duplicates.sheet_tiles(groups)
   assert len(row) == duplicates.SHEET_MEMBERS
   assert row[-1].lines[-1] == '+3 more in the CSV'

@@ -26,7 +26,7 @@ from PIL import Image
 
 import embeddings
 from benchmarks.near_duplicates import copies_of
-from embeddings import duplicates, neighbours, sheet, storage
+from embeddings import duplicate_groups, duplicates, neighbours, sheet, storage
 from embeddings.shards import CorruptShardError, read_shard
 from embeddings.similarity import nearest
 from pipeline.launcher import run as run_pipeline
@@ -351,14 +351,15 @@ def test_exact_duplicates_alone_form_an_exact_group(tmp_path):
   same = rows(['a', 'b'], 8, seed=1)
   same[1] = same[1]._replace(sha256=same[0].sha256)
   write_run(str(tmp_path / 'run'), same + rows(['c'], 8, seed=2))
-  groups = duplicates.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.999)
+  groups = duplicate_groups.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.999)
   assert [(g.kind, len(g.members)) for g in groups] == [('exact', 2)]
   assert [m.kind for m in groups[0].members] == ['exact', 'exact']
   assert groups[0].members[1].same_bytes_as == groups[0].members[0].uri
 
 
 def test_the_package_imports_without_beam_or_tensorflow():
-  code = ('import sys, embeddings, embeddings.neighbours, embeddings.duplicates; '
+  code = ('import sys, embeddings, embeddings.neighbours, embeddings.duplicates, '
+          'embeddings.index; '
           'print(sorted({"apache_beam", "tensorflow"} & set(sys.modules)))')
   imported = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                             check=True, cwd=PROJECT).stdout

@@ -10,7 +10,7 @@ import pytest
 
 import embeddings
 from benchmarks.synthetic_collection import uri_of, write_synthetic_run
-from embeddings import index as neighbour_index
+from embeddings import index as index_command, neighbour_index
 from embeddings.runs import MixedModelsError
 from embeddings.similarity import unit_rows
 
@@ -28,7 +28,7 @@ def _build(tmp_path, runs, **flags):
   argv = ['build', '--runs', *runs, '--output', output]
   for name, value in flags.items():
     argv += [f'--{name}', str(value)]
-  neighbour_index.main(argv)
+  index_command.main(argv)
   return output
 
 
@@ -76,7 +76,7 @@ def test_add_appends_new_vectors_and_replaces_uris_embedded_again(tmp_path):
   second = write_synthetic_run(str(tmp_path / 'night2'), 200, seed=4, dimension=DIMENSION,
                                clusters=4, shard_rows=200, first_row=300,
                                finished_at='2026-01-02T00:00:00Z')
-  description = neighbour_index.main(['add', '--index', directory, '--runs', second.directory])
+  description = index_command.main(['add', '--index', directory, '--runs', second.directory])
   assert description['last_add']['replaced'] == 100 and description['last_add']['added'] == 200
   index = neighbour_index.NeighbourIndex(directory)
   assert index.count == 500
@@ -90,7 +90,7 @@ def test_add_appends_new_vectors_and_replaces_uris_embedded_again(tmp_path):
   assert all(row[0].score == pytest.approx(1.0, abs=1e-5) for row in found)
   assert [[n.uri for n in row] for row in found] == _exact_top(latest, queries, 10)
   with pytest.raises(SystemExit) as again:
-    neighbour_index.main(['add', '--index', directory, '--runs', second.directory])
+    index_command.main(['add', '--index', directory, '--runs', second.directory])
   assert again.value.code == 2
 
 
@@ -101,7 +101,7 @@ def test_runs_and_queries_of_another_model_are_refused(tmp_path, capsys):
   other = write_synthetic_run(str(tmp_path / 'other'), 100, seed=6, dimension=DIMENSION,
                               clusters=2, model_id=OTHER_MODEL)
   with pytest.raises(SystemExit) as refused:
-    neighbour_index.main(['add', '--index', directory, '--runs', other.directory])
+    index_command.main(['add', '--index', directory, '--runs', other.directory])
   assert refused.value.code == 2
   assert OTHER_MODEL in capsys.readouterr().err
   index = neighbour_index.NeighbourIndex(directory)

@@ -7,7 +7,7 @@ import pytest
 
 import embeddings
 from benchmarks.synthetic_collection import write_synthetic_run
-from embeddings import index as neighbour_index
+from embeddings import index as index_command
 from embeddings import neighbours, query as query_module
 from embeddings.runs import concatenate, iter_run_vectors
 from embeddings.similarity import nearest, nearest_many, unit_rows
@@ -59,7 +59,7 @@ def test_neighbours_through_an_index_give_the_table_and_the_exact_ranking(tmp_pa
   run = write_synthetic_run(str(tmp_path / 'run'), 300, seed=11, dimension=DIMENSION,
                             clusters=3, shard_rows=100)
   directory = str(tmp_path / 'index')
-  neighbour_index.main(['build', '--runs', run.directory, '--output', directory])
+  index_command.main(['build', '--runs', run.directory, '--output', directory])
   collection = embeddings.load(run.directory)
   query_uri = collection.uris[7]
   through_index = neighbours.main(['--index', directory, '--query', query_uri, '--k', '5'])

@@ -1,4 +1,4 @@
-"""The Beam pipeline behind `python -m embeddings.index`: sample, train, encode on workers, merge.
+"""The Beam job behind `python -m embeddings.index`: sample, train, encode on workers, merge.
 
     shards ─ SampleForTraining ─ Train (one worker: PCA, then on a second, PCA-reduced sample
        │                           when the plan has one, IVF + PQ) ─┐ trained index
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from embeddings import faiss_util, index as index_format, storage
+from embeddings import faiss_util, neighbour_index, storage
 from embeddings.runs import MixedModelsError, Run
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
@@ -52,7 +52,7 @@ def shard_refs(runs: Sequence[Run], first_number: int = 0) -> List[ShardRef]:
 
 
 def _ids(ref: ShardRef, rows: np.ndarray) -> np.ndarray:
-  return index_format.shard_id_base(ref.number) + np.asarray(rows, np.int64)
+  return neighbour_index.shard_id_base(ref.number) + np.asarray(rows, np.int64)
 
 
 class _SampleShard(beam.DoFn):
@@ -90,17 +90,17 @@ def _split_probes(samples: List[str], seed: int) -> tuple:
   """(probes {'ids', 'vectors'}, training vectors): the probes are held back from training."""
   ids, vectors = _concatenate(samples)
   order = np.random.default_rng(seed).permutation(len(ids))
-  probes = order[:min(index_format.PROBES, len(ids) // 10)]
+  probes = order[:min(neighbour_index.PROBES, len(ids) // 10)]
   train = np.sort(order[len(probes):])
   return {'ids': ids[probes], 'vectors': vectors[probes]}, vectors[train]
 
 
-def _train_pca(samples: List[str], plan: index_format.IndexPlan, dimension: int,
+def _train_pca(samples: List[str], plan: neighbour_index.IndexPlan, dimension: int,
                seed: int) -> bytes:
   faiss = faiss_util.faiss()
   _, train = _split_probes(samples, seed)
   pca = faiss.PCAMatrix(dimension, plan.pca_dimension, 0, True)  # then a random rotation
-  pca.train(np.ascontiguousarray(train[:index_format.PCA_SAMPLE]))
+  pca.train(np.ascontiguousarray(train[:neighbour_index.PCA_SAMPLE]))
   return faiss_util.to_bytes(faiss.IndexPreTransform(_projection_only(pca),
                                                      faiss.IndexFlatL2(plan.pca_dimension)))
 
@@ -117,12 +117,12 @@ def _projection_only(pca):
 
 
 def _train(samples: List[str], reduced: Optional[List[str]], pca_bytes: Optional[bytes],
-           plan: index_format.IndexPlan, dimension: int, seed: int) -> bytes:
+           plan: neighbour_index.IndexPlan, dimension: int, seed: int) -> bytes:
   """The trained, empty index; trained on the reduced sample when the plan has a PCA."""
   # The PCA lives in `wrapper`, which this function holds until the index is serialized.
   wrapper = faiss_util.from_bytes(pca_bytes) if pca_bytes is not None else None
   pca = wrapper.chain.at(0) if wrapper is not None else None
-  index = index_format.new_index(plan, dimension, pca)
+  index = neighbour_index.new_index(plan, dimension, pca)
   probes, train = _split_probes(samples, seed)
   if pca is not None:
     reduced_ids, train = _concatenate(reduced)
@@ -166,7 +166,7 @@ class _EncodeShard(beam.DoFn):
     codes = self._index.sa_encode(np.ascontiguousarray(vectors))
     scores = self._probe_vectors @ vectors.T
     scores[probes['ids'][:, None] == ids[None, :]] = -np.inf
-    keep = min(index_format.PROBE_NEIGHBOURS, len(ids))
+    keep = min(neighbour_index.PROBE_NEIGHBOURS, len(ids))
     top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep] if keep else np.zeros(
         (len(scores), 0), np.int64)
     metadata = shard.metadata.append_column('id', pa.array(ids)).append_column(
@@ -234,9 +234,9 @@ def _run_pipeline(refs: List[ShardRef], pieces: str, beam_flags: Sequence[str],
         trained_index = samples | 'Train' >> beam.Map(_train, None, None, plan, dimension, seed)
       probe_set = samples | 'Probes' >> beam.Map(lambda s: _split_probes(s, seed)[0])
       _ = trained_index | 'KeepTrained' >> beam.Map(
-          lambda data: _put(storage.join(pieces, index_format.TRAINED_FILE), data))
+          lambda data: _put(storage.join(pieces, neighbour_index.TRAINED_FILE), data))
       _ = probe_set | 'KeepProbes' >> beam.Map(lambda p: _put(
-          storage.join(pieces, index_format.PROBES_FILE), _npz(p)))
+          storage.join(pieces, neighbour_index.PROBES_FILE), _npz(p)))
       trained_side = beam.pvalue.AsSingleton(trained_index)
       probes_side = beam.pvalue.AsSingleton(probe_set | 'ProbeInputs' >> beam.Map(_probe_inputs))
     else:
@@ -245,9 +245,9 @@ def _run_pipeline(refs: List[ShardRef], pieces: str, beam_flags: Sequence[str],
           [_probe_inputs(probes)]))
     _ = shards | 'EncodeShard' >> beam.ParDo(_EncodeShard(pieces), trained_side, probes_side)
   if train is not None:
-    results['trained'] = storage.read_bytes(storage.join(pieces, index_format.TRAINED_FILE))
+    results['trained'] = storage.read_bytes(storage.join(pieces, neighbour_index.TRAINED_FILE))
     results['probes'] = dict(np.load(io.BytesIO(storage.read_bytes(
-        storage.join(pieces, index_format.PROBES_FILE)))))
+        storage.join(pieces, neighbour_index.PROBES_FILE)))))
   else:
     results = {'trained': trained, 'probes': probes}
   return results['trained'], results['probes']
@@ -309,7 +309,7 @@ def _merge_pieces(index, pieces: str, refs: List[ShardRef], probes: dict,
 
 
 def _best_neighbours(found: np.ndarray, scores: np.ndarray) -> tuple:
-  order = np.argsort(-scores, axis=1, kind='stable')[:, :index_format.PROBE_NEIGHBOURS]
+  order = np.argsort(-scores, axis=1, kind='stable')[:, :neighbour_index.PROBE_NEIGHBOURS]
   best_scores = np.take_along_axis(scores, order, 1)
   best_ids = np.where(np.isfinite(best_scores), np.take_along_axis(found, order, 1), -1)
   return best_ids, best_scores
@@ -324,9 +324,9 @@ def _covered(refs: List[ShardRef], runs: Sequence[Run]) -> List[dict]:
   covered = []
   for run in runs:
     numbers = [r.number for r in refs if r.run == run.path]
-    covered.append(index_format.Covered(run.path, run.finished_at.isoformat(),
-                                        min(numbers) if numbers else -1,
-                                        len(numbers))._asdict())
+    covered.append(neighbour_index.Covered(run.path, run.finished_at.isoformat(),
+                                           min(numbers) if numbers else -1,
+                                           len(numbers))._asdict())
   return covered
 
 
@@ -335,17 +335,17 @@ def _write_directory(directory: str, index, trained: bytes, ids: pa.Table, probe
   """Every file under a temporary name first, then renamed: a reader never sees half an index."""
   faiss = faiss_util.faiss()
   os.makedirs(directory, exist_ok=True)
-  final = {index_format.FAISS_FILE: None, index_format.TRAINED_FILE: None,
-           index_format.IDS_FILE: None, index_format.PROBES_FILE: None}
-  faiss.write_index(index, os.path.join(directory, index_format.FAISS_FILE + '.tmp'))
-  with open(os.path.join(directory, index_format.TRAINED_FILE + '.tmp'), 'wb') as f:
+  final = {neighbour_index.FAISS_FILE: None, neighbour_index.TRAINED_FILE: None,
+           neighbour_index.IDS_FILE: None, neighbour_index.PROBES_FILE: None}
+  faiss.write_index(index, os.path.join(directory, neighbour_index.FAISS_FILE + '.tmp'))
+  with open(os.path.join(directory, neighbour_index.TRAINED_FILE + '.tmp'), 'wb') as f:
     f.write(trained)
-  pq.write_table(ids, os.path.join(directory, index_format.IDS_FILE + '.tmp'))
-  with open(os.path.join(directory, index_format.PROBES_FILE + '.tmp'), 'wb') as f:
+  pq.write_table(ids, os.path.join(directory, neighbour_index.IDS_FILE + '.tmp'))
+  with open(os.path.join(directory, neighbour_index.PROBES_FILE + '.tmp'), 'wb') as f:
     f.write(_npz(probes))
   for name in final:
     os.replace(os.path.join(directory, name + '.tmp'), os.path.join(directory, name))
-  index_format.write_json(os.path.join(directory, index_format.INDEX_FILE), description)
+  neighbour_index.write_json(os.path.join(directory, neighbour_index.INDEX_FILE), description)
 
 
 def _count_vectors(runs: Sequence[Run]) -> int:
@@ -376,13 +376,13 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
   """Builds a new index over `runs` (one model, newest first) into `directory`."""
   dimension = runs[0].embedding_size
   count = _count_vectors(runs)
-  plan = index_format.choose_plan(count, dimension, memory_budget)
+  plan = neighbour_index.choose_plan(count, dimension, memory_budget)
   _LOG.info('index plan for %d vectors: %s', count, plan)
   refs = shard_refs(runs)
   pieces = _pieces_location(directory, beam_flags)
-  first_sample = index_format.PCA_SAMPLE if plan.pca_dimension else plan.train_sample
+  first_sample = neighbour_index.PCA_SAMPLE if plan.pca_dimension else plan.train_sample
   train = {'plan': plan, 'dimension': dimension, 'seed': seed,
-           'fraction': min(1.0, (first_sample + index_format.PROBES) * 1.2 / max(count, 1)),
+           'fraction': min(1.0, (first_sample + neighbour_index.PROBES) * 1.2 / max(count, 1)),
            'reduced_fraction': min(1.0, plan.train_sample * 1.2 / max(count, 1))}
   trained, probes = _run_pipeline(refs, pieces, beam_flags, train=train)
   index = faiss_util.from_bytes(trained)
@@ -391,13 +391,13 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
   merged = _merge_pieces(index, pieces, refs, dict(probes, **empty), {})
   best_ids, best_scores = _best_neighbours(merged.probe_ids, merged.probe_scores)
   probe_file = _probe_file(probes, best_ids, best_scores)
-  recall = index_format.probe_recall(index, probe_file, plan.nprobe)
+  recall = neighbour_index.probe_recall(index, probe_file, plan.nprobe)
   description = {
-      'format_version': index_format.FORMAT_VERSION, 'directory': directory,
+      'format_version': neighbour_index.FORMAT_VERSION, 'directory': directory,
       'model': runs[0].model, 'embedding_size': dimension, 'metric': 'cosine (L2 on unit rows)',
       'plan': plan.to_json(), 'count': index.ntotal, 'runs': _covered(refs, runs),
       'next_shard': len(refs), 'probes': len(probes['ids']), 'probe_recall_at_10': recall,
-      'built_at': index_format.utc_now(), 'faiss_version': faiss_util.faiss().__version__,
+      'built_at': neighbour_index.utc_now(), 'faiss_version': faiss_util.faiss().__version__,
       'seed': seed, 'memory_budget': memory_budget,
   }
   _write_directory(directory, index, trained, merged.ids, probe_file, description)
@@ -421,16 +421,16 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], min_recall:
     if run.path in covered:
       print(f'{run.path}: already in the index, left as is')
   if not new:
-    raise index_format.IndexError_('no run to add: every run given is already in the index')
+    raise neighbour_index.IndexError_('no run to add: every run given is already in the index')
   refs = shard_refs(new, description['next_shard'])
   faiss = faiss_util.faiss()
-  with open(os.path.join(directory, index_format.TRAINED_FILE), 'rb') as f:
+  with open(os.path.join(directory, neighbour_index.TRAINED_FILE), 'rb') as f:
     trained = f.read()
-  probes = dict(np.load(os.path.join(directory, index_format.PROBES_FILE)))
+  probes = dict(np.load(os.path.join(directory, neighbour_index.PROBES_FILE)))
   pieces = _pieces_location(directory, beam_flags)
   _run_pipeline(refs, pieces, beam_flags, trained=trained, probes=probes)
-  index = faiss.read_index(os.path.join(directory, index_format.FAISS_FILE))
-  old_ids = pq.read_table(os.path.join(directory, index_format.IDS_FILE))
+  index = faiss.read_index(os.path.join(directory, neighbour_index.FAISS_FILE))
+  old_ids = pq.read_table(os.path.join(directory, neighbour_index.IDS_FILE))
   finished = {c['path']: c['finished_at'] for c in description['runs']}
   for run in new:
     finished[run.path] = run.finished_at.isoformat()
@@ -462,12 +462,12 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], min_recall:
     if int(probe) in replaced_uris:
       probe_ids[number] = new_id_of[replaced_uris[int(probe)]]
   probe_file = _probe_file(dict(probes, ids=probe_ids), best_ids, best_scores)
-  recall = index_format.probe_recall(index, probe_file, description['plan']['nprobe'])
+  recall = neighbour_index.probe_recall(index, probe_file, description['plan']['nprobe'])
   description = dict(description)
   description.update({
       'count': index.ntotal, 'runs': description['runs'] + _covered(refs, new),
       'next_shard': description['next_shard'] + len(refs), 'probe_recall_at_10': recall,
-      'last_add': {'at': index_format.utc_now(), 'runs': [r.path for r in new],
+      'last_add': {'at': neighbour_index.utc_now(), 'runs': [r.path for r in new],
                    'added': merged.ids.num_rows, 'replaced': int(len(replaced_ids)),
                    'min_recall': min_recall, 'rebuild': bool(recall < min_recall)},
   })

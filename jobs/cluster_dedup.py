@@ -1,6 +1,7 @@
 """Near duplicates of collections too large for all pairs: k-means clusters, exact cosine inside.
 
-A Beam pipeline (the DirectRunner on one machine, Dataflow for 100M vectors):
+The Beam job of `python -m embeddings.duplicates --method clusters` (the DirectRunner on one
+machine, Dataflow for 100M vectors):
 
   1. every shard is read; a seeded sample of its unit vectors is written to a file (float16);
   2. k-means centroids are trained on the sample files (FAISS), on one worker;
@@ -39,12 +40,19 @@ import tempfile
 import uuid
 from typing import Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics, MetricsFilter
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                  StandardOptions)
+from apache_beam.pvalue import AsList, AsSingleton, TaggedOutput
 
-from embeddings import duplicates, storage
+from embeddings import storage
 from embeddings.collection import vector_sources
+from embeddings.duplicate_groups import Candidate, Group, Member, components, grouped, sort_groups
 from embeddings.runs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
@@ -79,9 +87,9 @@ class ShardRows(NamedTuple):
   height: List[Optional[int]]
   size_bytes: List[Optional[int]]
 
-  def candidate(self, row: int) -> duplicates.Candidate:
-    return duplicates.Candidate(self.uris[row], self.units[row], self.sha256[row],
-                                self.width[row], self.height[row], self.size_bytes[row])
+  def candidate(self, row: int) -> Candidate:
+    return Candidate(self.uris[row], self.units[row], self.sha256[row], self.width[row],
+                     self.height[row], self.size_bytes[row])
 
 
 class Plan(NamedTuple):
@@ -219,7 +227,6 @@ def _kmeans(sample_files: List[str], run_plan: Plan) -> Centroids:
 
 
 def _count(name: str, value: int) -> None:
-  from apache_beam.metrics import Metrics
   Metrics.counter('duplicates', name).inc(value)
 
 
@@ -231,11 +238,10 @@ def spill(ref: ShardRef, centroids: Centroids, run_plan: Plan, directory: str):
   range of clusters, one row group per range (listed in the file's metadata); and on DIGESTS
   the rows' (sha256, uri). Reads the shard itself: a stage waiting for a side input holds its
   whole main input, so that must be refs."""
-  from apache_beam import pvalue
   rows = read_rows(ref)
   for digest, uri in zip(rows.sha256, rows.uris):
     if digest:
-      yield pvalue.TaggedOutput(DIGESTS, (digest, uri))
+      yield TaggedOutput(DIGESTS, (digest, uri))
   clusters, within, capped = visits(rows.units, centroids, run_plan.radius,
                                     run_plan.max_visits)
   row_numbers = np.nonzero(within)[0].astype(np.int32)
@@ -327,12 +333,12 @@ def _membership(pairs: List[Tuple[str, str]]) -> Dict[str, int]:
   """URI -> component number, for every URI in a pair (one worker: pairs are few)."""
   names = sorted({u for pair in pairs for u in pair})
   number = {u: i for i, u in enumerate(names)}
-  found = duplicates.components(len(names), ((number[a], number[b]) for a, b in pairs))
+  found = components(len(names), ((number[a], number[b]) for a, b in pairs))
   return {names[i]: component for component, members in enumerate(found) for i in members}
 
 
 def _members(ref: ShardRef, membership: Dict[str, int]
-             ) -> Iterator[Tuple[int, duplicates.Candidate]]:
+             ) -> Iterator[Tuple[int, Candidate]]:
   rows = read_rows(ref)
   for row, uri in enumerate(rows.uris):
     if uri in membership:
@@ -344,18 +350,14 @@ def _groups_json(keyed, threshold: float) -> Iterator[str]:
   _, members = keyed
   members = sorted(members, key=lambda c: c.uri)
   units = np.stack([m.unit for m in members])
-  for group in duplicates.grouped(units, [m.sha256 for m in members], threshold,
-                                  members.__getitem__):
+  for group in grouped(units, [m.sha256 for m in members], threshold, members.__getitem__):
     yield json.dumps({'kind': group.kind, 'members': [m._asdict() for m in group.members]})
 
 
 def build(root, refs: Sequence[ShardRef], run_plan: Plan, work_directory: str):
-  """The pipeline on `root` (a Pipeline) -> the groups (duplicates.Group) as JSON lines. Reads
-  the shards three times (sample, spill, members), so that no stage holds more than a shard or
-  a range of clusters; vectors cross stages as files in `work_directory` only. Beam is
-  imported here only: the package imports without it."""
-  import apache_beam as beam
-  from apache_beam.pvalue import AsList, AsSingleton
+  """The pipeline on `root` (a Pipeline) -> the groups (duplicate_groups.Group) as JSON lines.
+  Reads the shards three times (sample, spill, members), so that no stage holds more than a shard
+  or a range of clusters; vectors cross stages as files in `work_directory` only."""
   shards = root | 'Shards' >> beam.Create(list(refs))
   centroids = (shards
                | 'Sample' >> beam.FlatMap(write_sample, run_plan, work_directory)
@@ -393,8 +395,6 @@ class WorkDirectoryError(ValueError):
 
 
 def check_options(beam_flags: Sequence[str]) -> None:
-  from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                    StandardOptions)
   options = PipelineOptions(list(beam_flags))
   runner = options.view_as(StandardOptions).runner or 'DirectRunner'
   if runner not in ('DirectRunner', 'direct') and not options.view_as(
@@ -405,7 +405,6 @@ def check_options(beam_flags: Sequence[str]) -> None:
 
 def _work_directory(options) -> Tuple[str, bool]:
   """(where the sample, spill and group files go, whether it is a local folder this made)."""
-  from apache_beam.options.pipeline_options import GoogleCloudOptions
   temp_location = options.view_as(GoogleCloudOptions).temp_location
   if temp_location:
     return storage.join(temp_location, f'duplicates-{uuid.uuid4().hex}'), False
@@ -420,25 +419,21 @@ def _remove(directory: str, local: bool) -> None:
     return
   written = [f.path for f in storage.match(storage.join(directory, '*'))]
   if written:
-    from apache_beam.io.filesystems import FileSystems
     FileSystems.delete(written)
 
 
 def _counter(result, name: str) -> int:
-  from apache_beam.metrics import MetricsFilter
   found = result.metrics().query(MetricsFilter().with_name(name))['counters']
   return int(sum(c.committed or c.attempted or 0 for c in found))
 
 
 def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str] = (),
                 seed: int = 0, max_visits: int = MAX_VISITS
-                ) -> Tuple[List[duplicates.Group], Stats]:
-  """Groups of two or more, largest first, as duplicates.find_groups gives, by clustering."""
+                ) -> Tuple[List[Group], Stats]:
+  """Groups of two or more, largest first, as duplicate_groups.find_groups gives, by clustering."""
   refs = shard_refs(runs)
   rows = sum(r.summary.embedded for r in runs)
   run_plan = plan(max(rows, 1), runs[0].embedding_size or 1, threshold, seed, max_visits)
-  import apache_beam as beam
-  from apache_beam.options.pipeline_options import PipelineOptions
   options = PipelineOptions(list(beam_flags))
   directory, local = _work_directory(options)
   try:
@@ -452,10 +447,9 @@ def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str]
     for info in storage.match(storage.join(directory, 'groups*.jsonl')):
       for line in storage.read_bytes(info.path).decode().splitlines():
         record = json.loads(line)
-        groups.append(duplicates.Group(record['kind'], [duplicates.Member(**m)
-                                                        for m in record['members']]))
+        groups.append(Group(record['kind'], [Member(**m) for m in record['members']]))
     stats = Stats(run_plan.clusters, _counter(result, 'rows'), _counter(result, 'visits'),
                   _counter(result, 'capped'))
   finally:
     _remove(directory, local)
-  return duplicates.sort_groups(groups), stats
+  return sort_groups(groups), stats
