@@ -25,7 +25,6 @@ weights above all) measure with that command and pass --threshold.
 import argparse
 import csv
 import logging
-import os
 import re
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -77,24 +76,24 @@ def write_csv(groups: Sequence[Group], path: str) -> None:
                          member.size_bytes])
 
 
-def _role(position: int, member: Member) -> str:
+def _role(position: int, member: Member) -> sheet.Label:
   if position == 0:
-    return 'keep'
+    return sheet.Label('keep')
   if member.same_bytes_as:
-    return 'same bytes as ' + storage.basename(member.same_bytes_as)
-  return f'cosine {min(member.cosine, 1.0):.4f}'
+    return sheet.Label('same bytes as ', storage.basename(member.same_bytes_as))
+  return sheet.Label(f'cosine {min(member.cosine, 1.0):.4f}')
 
 
 def sheet_tiles(groups: Sequence[Group]) -> List[List[sheet.Tile]]:
-  """One row per group (the first SHEET_GROUPS), the kept image framed; a group with more
-  members than a row says how many more."""
+  """One row per group (the first SHEET_GROUPS), the kept image framed, each labelled with its
+  group, its role and its name; a group with more members than a row says how many more."""
   rows = []
   for number, group in enumerate(groups[:SHEET_GROUPS], 1):
     shown = group.members[:SHEET_MEMBERS]
     hidden = len(group.members) - len(shown)
     tiles = []
     for position, member in enumerate(shown):
-      lines = [f'group {number} ({member.kind}): {_role(position, member)}',
+      lines = [sheet.Label(f'group {number} ({member.kind})'), _role(position, member),
                sheet.short_name(member.uri)]
       if hidden and position == len(shown) - 1:
         lines.append(f'+{hidden} more in the CSV')
@@ -128,20 +127,6 @@ def choose_method(method: str, rows: int, dimension: int, memory_budget: int) ->
   return 'all_pairs' if all_pairs_bytes(rows, dimension) <= memory_budget else 'clusters'
 
 
-def _output_problem(option: str, path: Optional[str]) -> Optional[str]:
-  """Why a local output file cannot be written, checked before any work."""
-  if path is None or storage.is_remote(path):
-    return None
-  folder = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path):
-    return f'{option} {path} is a folder: give a file name'
-  if not os.path.isdir(folder):
-    return f'{option} {path}: the folder {folder} does not exist; create it first'
-  if not os.access(folder, os.W_OK):
-    return f'{option} {path}: the folder {folder} is not writable'
-  return None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
   parser = command_parser('python -m embeddings.duplicates', __doc__.split('\n\n')[0])
   parser.add_argument('--csv', required=True, help='write the groups here (a local file)')
@@ -166,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
                       [o for a in parser._actions for o in a.option_strings])
   except OptionsError as exc:
     parser.error(str(exc))
-  problems = [p for p in (_output_problem('--csv', args.csv), _output_problem('--sheet', args.sheet),
+  problems = [p for p in (sheet.output_problem('--csv', args.csv),
+                          sheet.output_problem('--sheet', args.sheet),
                           check_threshold(args.threshold) if args.threshold is not None else None)
               if p]
   if problems:

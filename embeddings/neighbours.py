@@ -27,6 +27,9 @@ from embeddings.similarity import Neighbour, nearest_many
 
 SHEET_COLUMNS = 6
 RERANK = 100
+# Pillow's default limit, and the pipeline's default --max_image_pixels (transforms/decode.py,
+# which imports TensorFlow: a query found by its bytes or URI never does).
+MAX_QUERY_PIXELS = 89_478_485
 
 
 class QueryError(ValueError):
@@ -49,16 +52,28 @@ def _readable(uri: str) -> Optional[bytes]:
 
 
 def check_image(query: str, data: Optional[bytes]) -> None:
-  """Readable bytes that are not an image are refused before any run is read or model built."""
+  """Readable bytes that cannot be decoded into an image are refused before any run is read or
+  model built: not an image, over MAX_QUERY_PIXELS, or truncated or corrupt (Pillow decodes them
+  in full to see)."""
   if data is None:
     return
   import io
   from PIL import Image
+  from transforms import quiet_logs  # the limit is ours to tell, not a warning's
+  quiet_logs.ignore_pillow_bomb_warnings()
   try:
     with Image.open(io.BytesIO(data)) as image:
-      image.verify()
+      pixels = image.width * image.height
+      if pixels > MAX_QUERY_PIXELS:
+        raise Image.DecompressionBombError(
+            f'{image.width}x{image.height} = {pixels} pixels, over the limit of '
+            f'{MAX_QUERY_PIXELS}; query with a smaller copy')
+      image.load()
+  except Image.UnidentifiedImageError as exc:
+    raise QueryError(f'--query {query}: not an image that can be read ({len(data)} bytes, '
+                     f'starting {data[:16]!r})') from exc
   except Exception as exc:  # pylint: disable=broad-except; Pillow raises many kinds
-    raise QueryError(f'--query {query}: not an image that can be read '
+    raise QueryError(f'--query {query}: an image that cannot be decoded '
                      f'({type(exc).__name__}: {exc})') from exc
 
 
@@ -81,8 +96,17 @@ def find_query(runs: Sequence[Run], query: str) -> Query:
       return Query(uri, vector, data, source, found_uri)
   if data is None:
     raise QueryError(f'--query {query}: not embedded in the runs, and cannot be read to embed it')
-  from embeddings.query import embed_image
-  return Query(uri, embed_image(data, runs[0]), data, f'embedded now with {runs[0].model}', None)
+  return embed_now(query, uri, data, runs[0])
+
+
+def embed_now(query: str, uri: str, data: bytes, run: Run) -> Query:
+  """The query embedded with the run's model (the network is built once a process)."""
+  from embeddings.query import UndecodableImage, embed_image
+  try:
+    vector = embed_image(data, run)
+  except UndecodableImage as exc:
+    raise QueryError(f'--query {query}: an image that cannot be decoded ({exc})') from exc
+  return Query(uri, vector, data, f'embedded now with {run.model}', None)
 
 
 def search_vectors(runs: Sequence[Run], queries: np.ndarray, k: int,
@@ -116,9 +140,7 @@ def find_query_in_index(index, query: str) -> Query:
     return Query(uri, vector, data, source, row['uri'])
   if data is None:
     raise QueryError(f'--query {query}: not in the index, and cannot be read to embed it')
-  from embeddings.query import embed_image
-  run = index.runs()[0]
-  return Query(uri, embed_image(data, run), data, f'embedded now with {run.model}', None)
+  return embed_now(query, uri, data, index.runs()[0])
 
 
 def format_table(query: Query, neighbours: Sequence[Neighbour]) -> str:
@@ -135,11 +157,11 @@ def format_table(query: Query, neighbours: Sequence[Neighbour]) -> str:
 def draw(query: Query, neighbours: Sequence[Neighbour]):
   """The query (framed) then its neighbours, with rank, cosine and file name."""
   if query.embedded_uri is None:
-    origin = 'embedded now'
+    origin = sheet.Label('embedded now')
   elif query.embedded_uri == query.uri:
-    origin = 'embedded in the run'
+    origin = sheet.Label('embedded in the run')
   else:
-    origin = f'same bytes as {storage.basename(query.embedded_uri)}'
+    origin = sheet.Label('same bytes as ', storage.basename(query.embedded_uri))
   query_tile = sheet.Tile(sheet.thumbnail(query.data) if query.data is not None
                           else sheet.thumbnail_of(query.uri),
                           ['query', sheet.short_name(query.uri), origin], highlight=True)
@@ -166,8 +188,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
   args = parse_command(parser, argv)
   if args.k < 1:
     parser.error('--k must be at least 1')
-  if (args.index is None) == (args.runs is None):
+  if args.index is None and args.runs is None:
     parser.error('give --runs or --index')
+  if args.index is not None and args.runs is not None:
+    parser.error('give --runs or --index, not both')
+  sheet_problem = sheet.output_problem('--sheet', args.sheet)
+  if sheet_problem:
+    parser.error(sheet_problem)
   try:
     if args.index:
       from embeddings.neighbour_index import IndexError_, NeighbourIndex

@@ -2,7 +2,8 @@
 
 import io
 import math
-from typing import List, NamedTuple, Optional, Sequence
+import os
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
@@ -11,7 +12,7 @@ from embeddings import storage
 THUMBNAIL = 192  # pixels, the longer side
 PADDING = 8
 LINE_HEIGHT = 17
-LABEL_LINES = 3
+LABEL_LINES = 4
 FONT_SIZE = 13
 BACKGROUND = (255, 255, 255)
 HIGHLIGHT = (30, 100, 220)  # the frame of a query or a kept image
@@ -21,9 +22,17 @@ CELL_WIDTH = THUMBNAIL + 2 * PADDING
 CELL_HEIGHT = THUMBNAIL + 2 * PADDING + LABEL_LINES * LINE_HEIGHT
 
 
+class Label(NamedTuple):
+  """A label line of words kept whole, then a file name shortened in its middle to fit."""
+  words: str
+  name: str = ''
+
+
 class Tile(NamedTuple):
   image: Optional[Image.Image]  # None: drawn as a grey square saying the file is unreadable
-  lines: Sequence[str]  # up to LABEL_LINES, each cut to the tile's width
+  # Up to LABEL_LINES: a str is a name, shortened in its middle to the tile's width; a Label
+  # keeps its words and shortens its name.
+  lines: Sequence[Union[str, Label]]
   highlight: bool = False
 
 
@@ -67,7 +76,7 @@ def short_name(uri: str) -> str:
   return f'{folder}/{storage.basename(uri)}' if folder else storage.basename(uri)
 
 
-def _fit(text: str, font, width: int) -> str:
+def _fit(text: str, font, width: float) -> str:
   """The text, its middle replaced by an ellipsis if too wide (file names differ at both ends)."""
   if font.getlength(text) <= width:
     return text
@@ -78,6 +87,23 @@ def _fit(text: str, font, width: int) -> str:
     if font.getlength(shortened) <= width:
       return shortened
   return '…'
+
+
+def _fit_label(line: Union[str, Label], font, width: int) -> str:
+  if isinstance(line, str):
+    return _fit(line, font, width)
+  words = line.words
+  while words and font.getlength(words + ('…' if words != line.words else '')) > width:
+    words = words[:-1]  # words too wide for any name: cut at their end
+  if words != line.words:
+    return words + '…'
+  return words + _fit(line.name, font, width - font.getlength(words)) if line.name else words
+
+
+def fitted_lines(tile: Tile, font=None) -> List[str]:
+  """The label lines as drawn on the tile."""
+  font = font or _font()
+  return [_fit_label(line, font, THUMBNAIL) for line in tile.lines[:LABEL_LINES]]
 
 
 def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, tile: Tile, left: int, top: int,
@@ -94,9 +120,9 @@ def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, tile: Tile, left: 
   if tile.highlight:
     draw.rectangle([left + 2, top + 2, left + CELL_WIDTH - 3, top + CELL_HEIGHT - 3],
                    outline=HIGHLIGHT, width=3)
-  for number, line in enumerate(tile.lines[:LABEL_LINES]):
-    draw.text((box_left, box_top + THUMBNAIL + 4 + number * LINE_HEIGHT),
-              _fit(line, font, THUMBNAIL), fill=TEXT, font=font)
+  for number, line in enumerate(fitted_lines(tile, font)):
+    draw.text((box_left, box_top + THUMBNAIL + 4 + number * LINE_HEIGHT), line, fill=TEXT,
+              font=font)
 
 
 def balanced_columns(tiles: int, most: int) -> int:
@@ -116,6 +142,20 @@ def draw_sheet(groups: Sequence[Sequence[Tile]], columns: int) -> Image.Image:
     for column, tile in enumerate(row):
       _draw_tile(sheet, draw, tile, column * CELL_WIDTH, row_number * CELL_HEIGHT, font)
   return sheet
+
+
+def output_problem(option: str, path: Optional[str]) -> Optional[str]:
+  """Why a local output file (a sheet, a CSV) cannot be written, to say before any work."""
+  if path is None or storage.is_remote(path):
+    return None
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    return f'{option} {path} is a folder: give a file name'
+  if not os.path.isdir(folder):
+    return f'{option} {path}: the folder {folder} does not exist; create it first'
+  if not os.access(folder, os.W_OK):
+    return f'{option} {path}: the folder {folder} is not writable'
+  return None
 
 
 def save_png(sheet: Image.Image, path: str) -> None:

@@ -1,6 +1,9 @@
-"""`embeddings.neighbours` over an index, a query that is not an image (18.7), cosines never
+"""`embeddings.neighbours` over an index, a query that is not an image (18.7) or cannot be
+decoded, a sheet into a missing folder and --runs with --index (26.5, 26.6, 26.9), cosines never
 above 1 and an empty collection's shape (18.20); exact search by blocks for a batch of queries,
-float32 and float16 (17.5)."""
+float32 and float16 (17.5); query images embedded with one network build a process (26.10)."""
+
+import pathlib
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from run_format import METADATA_SCHEMA
 from tests.run_writer import rows, write_run
 
 DIMENSION = 40
+SAMPLES = pathlib.Path(__file__).resolve().parent.parent / 'sample_images'
 
 
 def _never_embed(*_):
@@ -146,3 +150,85 @@ def test_queries_of_the_wrong_width_are_refused(tmp_path):
   run = write_synthetic_run(str(tmp_path / 'run'), 20, dimension=DIMENSION, clusters=2)
   with pytest.raises(ValueError, match='queries of 7 values'):
     neighbours.search_vectors(embeddings.find_runs(run.directory), np.ones(7), 3)
+
+
+def _png_header(width: int, height: int) -> bytes:
+  """A PNG that declares width x height 1-bit pixels, with one small IDAT chunk: what a
+  decompression bomb looks like to whoever opens it (its pixels are never reached)."""
+  import struct
+  import zlib
+
+  def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 1, 0, 0, 0, 0))
+          + chunk(b'IDAT', zlib.compress(b'\x00' * 1000)) + chunk(b'IEND', b''))
+
+
+def _undecodable(kind: str) -> bytes:
+  jpeg = (SAMPLES / 'rocket.jpg').read_bytes()
+  return {'truncated.jpg': jpeg[:len(jpeg) // 2],
+          'bomb.png': _png_header(10_000, 10_000),  # 1e8 pixels: Pillow warns, then decodes
+          'notes.jpg': b'hello, I am text'}[kind]
+
+
+@pytest.mark.parametrize('name', ['truncated.jpg', 'bomb.png', 'notes.jpg'])
+def test_a_query_that_cannot_be_decoded_is_refused_in_one_line_naming_it(tmp_path, monkeypatch,
+                                                                         capsys, name):
+  run = str(tmp_path / 'run')
+  write_run(run, rows(['a.jpg', 'b.jpg'], 8, seed=0))
+  query = tmp_path / name
+  query.write_bytes(_undecodable(name))
+  monkeypatch.setattr(query_module, 'embed_image', _never_embed)
+  with pytest.raises(SystemExit) as refused:
+    neighbours.main(['--runs', run, '--query', str(query)])
+  assert refused.value.code == 2
+  error = capsys.readouterr().err
+  assert error.count('\n') == 1 and error.startswith(f'error: --query {query}: ')
+  assert 'BytesIO' not in error and 'Warning' not in error
+  assert {'truncated.jpg': 'truncated', 'bomb.png': 'over the limit of 89478485',
+          'notes.jpg': "not an image that can be read (16 bytes, starting b'hello, I am text')"
+          }[name] in error
+
+
+def test_the_query_pixel_limit_is_the_pipelines_default():
+  from transforms.decode import DEFAULT_MAX_IMAGE_PIXELS
+  assert neighbours.MAX_QUERY_PIXELS == DEFAULT_MAX_IMAGE_PIXELS
+
+
+def test_a_sheet_into_a_missing_folder_is_refused_before_the_search(tmp_path, monkeypatch,
+                                                                    capsys):
+  run = str(tmp_path / 'run')
+  write_run(run, rows(['a.jpg', 'b.jpg'], 8, seed=0))
+  monkeypatch.setattr(neighbours, 'find_runs', lambda _: pytest.fail('read the runs first'))
+  with pytest.raises(SystemExit) as refused:
+    neighbours.main(['--runs', run, '--query', 'a.jpg', '--sheet',
+                     str(tmp_path / 'missing' / 'n.png')])
+  assert refused.value.code == 2
+  assert f'the folder {tmp_path / "missing"} does not exist' in capsys.readouterr().err
+
+
+def test_runs_and_an_index_together_are_refused_as_not_both(tmp_path, capsys):
+  with pytest.raises(SystemExit) as refused:
+    neighbours.main(['--runs', str(tmp_path), '--index', str(tmp_path), '--query', 'a.jpg'])
+  assert refused.value.code == 2
+  assert 'give --runs or --index, not both' in capsys.readouterr().err
+
+
+def test_embedding_query_images_builds_the_network_once_a_process(tmp_path):
+  """A second image, or an undecodable one (refused before any build), costs no build."""
+  from embeddings.runs import find_runs
+  run = str(tmp_path / 'run')
+  write_run(run, rows(['a.jpg'], 8, seed=0), model='builtin:pnasnet_tiny@untrained-seed0')
+  [tiny_run] = find_runs(run)
+  query_module._embedding_model.cache_clear()
+  with pytest.raises(query_module.UndecodableImage, match='truncated JPEG'):
+    query_module.embed_image(_undecodable('truncated.jpg'), tiny_run)
+  assert query_module._embedding_model.cache_info().misses == 0
+  first = query_module.embed_image((SAMPLES / 'rocket.jpg').read_bytes(), tiny_run)
+  again = query_module.embed_image((SAMPLES / 'rocket.jpg').read_bytes(), tiny_run)
+  other = query_module.embed_image((SAMPLES / 'chelsea.png').read_bytes(), tiny_run)
+  assert first.ndim == 1 and np.array_equal(first, again)
+  assert not np.array_equal(first, other)
+  info = query_module._embedding_model.cache_info()
+  assert (info.misses, info.hits) == (1, 2)

@@ -31,8 +31,11 @@ import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from models.handles import IMAGE_INPUT
+from transforms import quiet_logs
 from transforms.failures import DECODE, FAILURES_TAG, Failure
 from transforms.read import ImageFile
+
+quiet_logs.ignore_pillow_bomb_warnings()  # every process that decodes imports this module
 
 DEFAULT_MAX_IMAGE_PIXELS = 89478485  # Pillow's own default: 1024 * 1024 * 1024 // 4 // 3.
 

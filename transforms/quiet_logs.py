@@ -1,6 +1,8 @@
-"""Drops log lines that read like problems on every healthy run (see docs/running.md, "Log messages")."""
+"""Drops log lines that read like problems on every healthy run (see docs/running.md, "Log
+messages"), and Pillow's decompression-bomb warning, which our decoding turns into a failure."""
 
 import logging
+import warnings
 
 HARMLESS = {
     # Beam 2.77's RunInference imports torch to measure memory; without torch it says this on
@@ -19,6 +21,15 @@ class _DropHarmless(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return self._text not in record.getMessage()
+
+
+def ignore_pillow_bomb_warnings() -> None:
+  """Pillow warns on images over its global pixel limit (below twice it, where it raises). Our
+  decoding enforces its own limit on every image and fails with its own reason (a `decode`
+  failure, or a refused query), so the warning would only repeat that, raw, in the log.
+  Idempotent; process-wide, as Python's warning filters are."""
+  from PIL import Image
+  warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
 
 
 def install() -> None:
