@@ -3,8 +3,6 @@
 import hashlib
 import io
 import pathlib
-import struct
-import zlib
 
 import apache_beam as beam
 import numpy as np
@@ -16,8 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from benchmarks.jpeg_parity import corrupted_jpegs, jpeg_variants, our_pixels, tf_pixels
 from models.handles import IMAGE_INPUT
-from transforms.decode import (DecodedImage, DecodeImages, decode_and_resize, decode_image,
-                               resize_for_model)
+from tests.png_chunks import png, png_declaring
+from transforms.decode import (DEFAULT_MAX_IMAGE_PIXELS, DecodedImage, DecodeImages,
+                               decode_and_resize, decode_image, resize_for_model)
 from transforms.failures import DECODE, FAILURES_TAG, Failure
 from transforms.read import ImageFile
 
@@ -154,13 +153,7 @@ def _png16(values: np.ndarray, colour_type: int) -> bytes:
   """A 16-bit-per-sample PNG (Pillow cannot write 16-bit RGB): colour type 2 RGB, 4 LA."""
   height, width = values.shape[:2]
   raw = b''.join(b'\x00' + row.astype('>u2').tobytes() for row in values)
-
-  def chunk(kind, body):
-    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
-
-  header = struct.pack('>IIBBBBB', width, height, 16, colour_type, 0, 0, 0)
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(raw)) +
-          chunk(b'IEND', b''))
+  return png(width, height, 16, colour_type, raw)
 
 
 def test_sixteen_bit_colour_png():
@@ -438,3 +431,21 @@ def test_decode_images_transform():
   assert metric('decoded') == 4
   assert metric('failed') == 4
   assert metric('decode_resize_ms').count == 4
+
+
+def test_a_decompression_bomb_is_a_decode_failure_without_pillows_warning(monkeypatch):
+  """Pillow warns on a file over its global limit before our own check refuses it; the run's log
+  must show the failure and its reason, not the warning as well (26.9)."""
+  import warnings
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', DEFAULT_MAX_IMAGE_PIXELS)  # as in a new worker
+  bomb = png_declaring(10_000, 10_000)  # 1e8 pixels: over the limit, under twice it
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('default')  # what a worker shows: each warning once
+    pipeline = test_pipeline.TestPipeline(runner='DirectRunner')
+    result = pipeline | beam.Create([_file('gs://b/bomb.png', bomb)]) | DecodeImages(20, 30)
+    assert_that(result[FAILURES_TAG] | beam.Map(lambda f: (f.uri, f.stage, f.error, f.message)),
+                equal_to([('gs://b/bomb.png', DECODE, 'DecompressionBombError',
+                           'image is 10000x10000 = 100000000 pixels, over the limit of 89478485 '
+                           'pixels (max_image_pixels)')]))
+    pipeline.run().wait_until_finish()
+  assert [str(w.message) for w in caught if w.category is Image.DecompressionBombWarning] == []

@@ -16,6 +16,7 @@ from embeddings.runs import concatenate, iter_run_vectors
 from embeddings.similarity import nearest, nearest_many, unit_rows
 from embeddings.shards import ParquetVectors, Shard
 from run_format import METADATA_SCHEMA
+from tests.png_chunks import png_declaring
 from tests.run_writer import rows, write_run
 
 DIMENSION = 40
@@ -152,23 +153,10 @@ def test_queries_of_the_wrong_width_are_refused(tmp_path):
     neighbours.search_vectors(embeddings.find_runs(run.directory), np.ones(7), 3)
 
 
-def _png_header(width: int, height: int) -> bytes:
-  """A PNG that declares width x height 1-bit pixels, with one small IDAT chunk: what a
-  decompression bomb looks like to whoever opens it (its pixels are never reached)."""
-  import struct
-  import zlib
-
-  def chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
-
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 1, 0, 0, 0, 0))
-          + chunk(b'IDAT', zlib.compress(b'\x00' * 1000)) + chunk(b'IEND', b''))
-
-
 def _undecodable(kind: str) -> bytes:
   jpeg = (SAMPLES / 'rocket.jpg').read_bytes()
   return {'truncated.jpg': jpeg[:len(jpeg) // 2],
-          'bomb.png': _png_header(10_000, 10_000),  # 1e8 pixels: Pillow warns, then decodes
+          'bomb.png': png_declaring(10_000, 10_000),  # 1e8 pixels: Pillow warns, then decodes
           'notes.jpg': b'hello, I am text'}[kind]
 
 

@@ -35,8 +35,6 @@ from transforms import quiet_logs
 from transforms.failures import DECODE, FAILURES_TAG, Failure
 from transforms.read import ImageFile
 
-quiet_logs.ignore_pillow_bomb_warnings()  # every process that decodes imports this module
-
 DEFAULT_MAX_IMAGE_PIXELS = 89478485  # Pillow's own default: 1024 * 1024 * 1024 // 4 // 3.
 
 # Pillow can parse dozens of other formats (and hands EPS to Ghostscript); the input is untrusted
@@ -85,7 +83,9 @@ def _raise_pillow_limit(max_image_pixels: int | None) -> None:
 
 def _open(data: bytes, max_image_pixels: int | None) -> Image.Image:
   """Identifies the image from its content (never its name) and refuses it before decoding if
-  it declares more pixels than `max_image_pixels` (None: no limit)."""
+  it declares more pixels than `max_image_pixels` (None: no limit), with its own reason (so
+  Pillow's warning on the way is dropped)."""
+  quiet_logs.ignore_pillow_bomb_warnings()
   _raise_pillow_limit(max_image_pixels)
   try:
     image = Image.open(io.BytesIO(data), formats=FORMATS)

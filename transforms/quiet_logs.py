@@ -27,9 +27,13 @@ def ignore_pillow_bomb_warnings() -> None:
   """Pillow warns on images over its global pixel limit (below twice it, where it raises). Our
   decoding enforces its own limit on every image and fails with its own reason (a `decode`
   failure, or a refused query), so the warning would only repeat that, raw, in the log.
-  Idempotent; process-wide, as Python's warning filters are."""
+
+  Process-wide, as Python's warning filters are; cheap enough to call before every decode, so a
+  filter list reset since (warnings.catch_warnings, pytest) gets it back."""
   from PIL import Image
-  warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
+  if not any(action == 'ignore' and category is Image.DecompressionBombWarning and not message
+             for action, message, category, *_ in warnings.filters):
+    warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
 
 
 def install() -> None:
