@@ -9,6 +9,10 @@ its plan (clusters, ranges), visits per vector and the process's peak RSS; with 
 the all-pairs time and the share of the pairs all pairs finds (cosine >= threshold, or same bytes)
 whose two images the clustering put in one group, and of the planted pairs (planted_pairs.json).
 All pairs holds the vectors twice (float32 and unit rows): 3.5 GB at 100k 4320-d vectors.
+
+It also prints what `duplicates --method auto` estimates for both (embeddings/duplicates.py
+ALL_PAIRS_SECONDS, CLUSTERS_SECONDS, fitted to this script's times at several sizes) and which
+it would take, to check the estimates against the times measured here.
 """
 
 import argparse
@@ -18,7 +22,7 @@ import resource
 import time
 
 import embeddings
-from embeddings import duplicate_groups
+from embeddings import duplicate_groups, duplicates
 from embeddings.similarity import unit_rows
 from jobs import cluster_dedup
 
@@ -41,6 +45,12 @@ def main(argv=None) -> None:
   print(f'{rows} vectors, {runs[0].embedding_size}-d, threshold {args.threshold}: '
         f'{run_plan.clusters} clusters trained on {run_plan.sample_rows} rows, '
         f'{run_plan.ranges} ranges, at most {run_plan.max_visits} visits a vector')
+  dimension = runs[0].embedding_size
+  print(f'estimated (duplicates --method auto): all pairs '
+        f'{duplicates.estimated_seconds("all_pairs", rows, dimension):.1f} s, clusters '
+        f'{duplicates.estimated_seconds("clusters", rows, dimension):.1f} s; auto takes '
+        f'{duplicates.choose_method("auto", rows, dimension, duplicates.parse_bytes("4GB"))} '
+        f'(all pairs faster below {duplicates.all_pairs_faster_below(dimension)} images)')
   start = time.perf_counter()
   groups, stats = cluster_dedup.find_groups(runs, args.threshold, max_visits=args.max_visits)
   seconds = time.perf_counter() - start

@@ -25,6 +25,7 @@ weights above all) measure with that command and pass --threshold.
 import argparse
 import csv
 import logging
+import math
 import re
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -38,6 +39,12 @@ from embeddings.runs import (RUN_ERRORS, command_parser, concatenate, find_runs,
 MEASURED_THRESHOLDS = {'builtin:pnasnet_large': 0.986, 'builtin:pnasnet_mobile': 0.972,
                        'builtin:pnasnet_tiny': 0.95}
 FALLBACK_THRESHOLD = MEASURED_THRESHOLDS['builtin:pnasnet_large']
+# Measured 2026-12-02 with benchmarks/bench_duplicates.py --all_pairs on 10,000-40,000 synthetic
+# 4320-d vectors (docs/performance.md): seconds per pair of images and dimension; and clustering's
+# seconds to start (Beam, k-means, stages), then per image and dimension. Only their ratio
+# matters to `auto` (all_pairs_faster_below).
+ALL_PAIRS_SECONDS = 7.0e-11
+CLUSTERS_SECONDS = (81.5, 2.0e-7)
 SHEET_GROUPS = 8
 SHEET_MEMBERS = 6
 CSV_COLUMNS = ['group', 'kind', 'role', 'uri', 'cosine_to_kept', 'same_bytes_as_kept',
@@ -121,10 +128,32 @@ def all_pairs_bytes(rows: int, dimension: int) -> int:
   return 2 * rows * dimension * 4 + BLOCK_SCORES * 4
 
 
+def estimated_seconds(method: str, rows: int, dimension: int) -> float:
+  """What `method` costs on the machine ALL_PAIRS_SECONDS and CLUSTERS_SECONDS were measured on:
+  all pairs grows with the square of the images; clustering (the local runner) starts a
+  pipeline, then grows about linearly."""
+  if method == 'all_pairs':
+    return ALL_PAIRS_SECONDS * rows * rows * dimension
+  start, per_value = CLUSTERS_SECONDS
+  return start + per_value * rows * dimension
+
+
+def all_pairs_faster_below(dimension: int) -> int:
+  """The count of images from which clustering is estimated faster than all pairs."""
+  square, linear = ALL_PAIRS_SECONDS * dimension, CLUSTERS_SECONDS[1] * dimension
+  start = CLUSTERS_SECONDS[0]
+  return math.ceil((linear + math.sqrt(linear * linear + 4 * square * start)) / (2 * square))
+
+
 def choose_method(method: str, rows: int, dimension: int, memory_budget: int) -> str:
+  """`auto`: all pairs when it fits `memory_budget` and is estimated faster, else clusters."""
   if method != 'auto':
     return method
-  return 'all_pairs' if all_pairs_bytes(rows, dimension) <= memory_budget else 'clusters'
+  if all_pairs_bytes(rows, dimension) > memory_budget:
+    return 'clusters'
+  faster = (estimated_seconds('all_pairs', rows, dimension)
+            <= estimated_seconds('clusters', rows, dimension))
+  return 'all_pairs' if faster else 'clusters'
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Group]:

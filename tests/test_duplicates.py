@@ -63,6 +63,20 @@ def test_clustering_gives_the_groups_all_pairs_gives(planted_runs, tmp_path, mon
   assert all(grouped.get(p.original, -1) == grouped.get(p.duplicate, -2) for p in kept_whole)
 
 
+def test_auto_takes_clustering_where_it_is_faster_though_all_pairs_fits():
+  """At 100,000 4320-d images all pairs fits 4GB but took 375 s against clustering's 97 s; the
+  estimates follow benchmarks/bench_duplicates.py's times at 10,000 and 20,000 (26.11)."""
+  budget = duplicates.parse_bytes('4GB')
+  assert duplicates.all_pairs_bytes(100_000, 4320) <= budget
+  assert duplicates.choose_method('auto', 100_000, 4320, budget) == 'clusters'
+  assert duplicates.choose_method('auto', 10_000, 4320, budget) == 'all_pairs'  # 28.5 s, 90.3 s
+  assert duplicates.choose_method('auto', 20_000, 4320, budget) == 'clusters'  # 128.9 s, 99.1 s
+  assert 10_000 < duplicates.all_pairs_faster_below(4320) < 20_000
+  assert duplicates.choose_method('auto', 5_000, 4320, duplicates.parse_bytes('100MB')) == (
+      'clusters')  # memory first
+  assert duplicates.choose_method('all_pairs', 100_000, 4320, budget) == 'all_pairs'
+
+
 def test_the_visits_reach_every_cell_a_near_pair_can_straddle():
   """Two clusters and near pairs planted across the boundary between them: each pair meets in
   a cluster one of its rows visits; rows far from the boundary stay at home."""
@@ -169,12 +183,33 @@ def test_sheet_rows_say_how_many_more_and_keep_the_folder(tmp_path):
   [row] = duplicates.sheet_tiles(groups)
   assert len(row) == duplicates.SHEET_MEMBERS
   assert row[-1].lines[-1] == '+3 more in the CSV'
-  names = [tile.lines[1] for tile in row]
+  names = [tile.lines[2] for tile in row]
   assert len(set(names)) == len(names) and all(n.endswith('/inside.png') for n in names)
   assert all(tile.image is not None and np.asarray(tile.image).min() < 10 for tile in row)
   png = io.BytesIO()
   duplicates.draw(groups).save(png, format='PNG')
   assert Image.open(png).size == (duplicates.SHEET_MEMBERS * sheet.CELL_WIDTH, sheet.CELL_HEIGHT)
+
+
+def test_sheet_labels_keep_their_words_and_shorten_only_file_names(tmp_path):
+  """`group 1 (exact): same bytes as img_001.jpg` was cut in its middle to fit a tile (26.9)."""
+  vector, other = np.eye(8, dtype=np.float32)[:2]
+  long_name = 'holiday_in_the_mountains_with_the_whole_family_2026_img_001.jpg'
+  sha256 = hashlib.sha256(b'same').hexdigest()
+  write_run(str(tmp_path / 'run'), [
+      Row('photos/img_001.jpg', vector, sha256, 400, 600, 900),
+      Row('backup/img_001.jpg', vector, sha256, 400, 600, 900),
+      Row(f'photos/{long_name}', other, hashlib.sha256(b'long').hexdigest(), 500, 600, 900),
+      Row('backup/copy.jpg', other, hashlib.sha256(b'long').hexdigest(), 400, 600, 900)])
+  groups = duplicate_groups.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.99)
+  font = sheet._font()
+  drawn = [sheet.fitted_lines(tile, font) for row in duplicates.sheet_tiles(groups) for tile in row]
+  assert all(font.getlength(line) <= sheet.THUMBNAIL for lines in drawn for line in lines)
+  roles = {lines[1] for lines in drawn}
+  assert {lines[0] for lines in drawn} == {'group 1 (exact)', 'group 2 (exact)'}
+  assert 'keep' in roles and 'same bytes as img_001.jpg' in roles
+  [shortened] = [r for r in roles if r.startswith('same bytes as h')]
+  assert '…' in shortened and shortened.endswith('001.jpg')
 
 
 def test_clustering_on_a_remote_runner_needs_a_temp_location(tmp_path, capsys):
