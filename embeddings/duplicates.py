@@ -12,8 +12,10 @@ Two methods. `all_pairs` holds the vectors in memory (images x dimension x 8 byt
 and their unit copy) and compares every pair exactly, block by block. `clusters`
 (jobs/cluster_dedup.py) is a Beam pipeline for collections beyond that: k-means on a
 sample, exact pairs inside clusters, each vector also visiting the clusters a near pair of it can
-fall in. `auto` takes all_pairs when its memory fits --memory_budget, counted from the runs'
-summaries before reading: up to 111,857 4320-d images for the default 4GB.
+fall in. `auto` takes all_pairs when its memory fits --memory_budget (counted from the runs'
+summaries before reading: up to 111,857 4320-d images for the default 4GB) and it is estimated
+faster: below about 18,000 4320-d images, where clustering's start-up outweighs all pairs'
+square growth (measured with benchmarks/bench_duplicates.py).
 
 Default thresholds were measured with `python -m benchmarks.near_duplicates` on the sample photos
 and their resized and re-encoded copies, per built-in untrained network: copies scored at least
@@ -168,7 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
                       help='all_pairs: every vector in memory, every pair compared; clusters: '
                       'a Beam pipeline, k-means then exact pairs inside clusters (Beam options '
                       'such as --runner go with the other flags); auto (default): all_pairs when '
-                      'it fits in --memory_budget')
+                      'it fits in --memory_budget and is estimated faster (below about 18,000 '
+                      '4320-d images)')
   parser.add_argument('--memory_budget', type=parse_bytes, default='4GB',
                       help='memory all pairs may use (vectors and their unit copy, 8 bytes per '
                       'dimension per image), for --method auto (default 4GB)')
