@@ -7,9 +7,11 @@ through an index (`python -m embeddings.index build`), its candidates re-ranked 
 
 The query is an image file or URI. Its vector is the stored one of any embedded image with the
 same bytes (or, for a URI that cannot be read any more, the one stored for that URI); otherwise
-the image is embedded first with the runs' model. Exact search reads Parquet shards' embedding
-column alone, by blocks (embeddings/similarity.py); memory: a few blocks plus k rows. From Python,
-`search_vectors(runs, queries, k)` answers a batch of query vectors in one pass.
+the image is embedded first with the runs' model (TensorFlow's import and the network's build:
+tens of seconds for PNASNet-5 Large, where a stored vector costs none; docs/using-embeddings.md).
+A query that cannot be decoded is refused before any run is read. Exact search reads Parquet
+shards' embedding column alone, by blocks (embeddings/similarity.py); memory: a few blocks plus k
+rows. From Python, `search_vectors(runs, queries, k)` answers a batch of query vectors in one pass.
 """
 
 import hashlib
