@@ -34,7 +34,7 @@ TEST = [
     'gcp-storage-emulator==2026.7.19',
     'moto[server]==5.2.5',  # a local S3-protocol server for the s3:// tests
     'duckdb==2.0.1',  # reads the Parquet outputs as a warehouse would
-    'selenium==4.51.0',  # drives Debian's Chromium for the browse page (4.52.0: certifi>=2026.10.23)
+    'selenium==4.51.0',  # Debian's Chromium for the browse page (4.52.0: certifi>=2026.10.23)
 ]
 
 setuptools.setup(
