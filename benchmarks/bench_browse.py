@@ -5,7 +5,8 @@ large network's model id so that new images can be embedded), starts the page's 
 process on a free port, then times, from the client's side (requests): start-up (catalogue read,
 model loaded), queries by URI (stored vector read plus exact search), queries by image (an upload
 of a sample photo the collection does not hold: one embedding plus exact search), and the same
-two through the FAISS index (`--index`, built first). Prints p50 and p90 of each.
+two through the FAISS index (`--index`, built first); then the same work without the page (search
+alone, embedding alone). Prints p50 and p90 of each, and the peak RSS.
 
     python -m benchmarks.bench_browse [--count 10000] [--uri_queries 20] [--image_queries 6] \
         [--index] [--scratch /tmp]
@@ -13,6 +14,7 @@ two through the FAISS index (`--index`, built first). Prints p50 and p90 of each
 
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -32,7 +34,8 @@ MODEL_ID = 'builtin:pnasnet_large@untrained-seed0'  # what the summary's options
 def _timed(call) -> float:
   start = time.perf_counter()
   answer = call()
-  answer.raise_for_status()
+  if hasattr(answer, 'raise_for_status'):
+    answer.raise_for_status()
   return time.perf_counter() - start
 
 
@@ -48,22 +51,27 @@ def _sample_photos():
 
 
 def measure(browser, label: str, uris, photos) -> None:
+  """The page's p50 and p90, then the same queries' work without the page (stored vector and
+  search; embedding alone), to show what the page adds."""
   server = browse.BackgroundServer(browser)
   url = server.url
+  images = []
+  for path in photos:
+    with open(path, 'rb') as f:
+      images.append((os.path.basename(path), f.read()))
   try:
     requests.get(f'{url}/search', params={'uri': uris[0]}, timeout=600)  # warm the page cache
-    by_uri = [_timed(lambda u=u: requests.get(f'{url}/search', params={'uri': u}, timeout=600))
-              for u in uris]
-    print(_figures(f'{label}: query by URI (page)', by_uri))
-    by_image = []
-    for path in photos:
-      with open(path, 'rb') as f:
-        data = f.read()
-      by_image.append(_timed(lambda d=data, p=path: requests.post(
-          f'{url}/search', files={'image': (os.path.basename(p), d)}, timeout=600)))
-    print(_figures(f'{label}: query by image (upload, page)', by_image))
+    print(_figures(f'{label}: query by URI, page', [_timed(lambda u=u: requests.get(
+        f'{url}/search', params={'uri': u}, timeout=600)) for u in uris]))
+    print(_figures(f'{label}: query by image (a photo not in the collection), page', [
+        _timed(lambda i=i: requests.post(f'{url}/search', files={'image': i}, timeout=600))
+        for i in images]))
   finally:
     server.stop()
+  print(_figures(f'{label}: query by URI, Browser.search_uri alone',
+                 [_timed(lambda u=u: browser.search_uri(u)) for u in uris]))
+  print(_figures(f'{label}: one embedding alone (ImageEmbedder.embed)',
+                 [_timed(lambda d=d: browser.embedder.embed(d)) for _, d in images]))
 
 
 def main(argv=None) -> None:
@@ -102,6 +110,7 @@ def main(argv=None) -> None:
               photos)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
+  print(f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB')
 
 
 if __name__ == '__main__':

@@ -104,6 +104,9 @@ class ImageEmbedder:
       raise ValueError(f'{run.path} was embedded with {run.model}, but its summary\'s options '
                        f'load {self._description.model_id}')
     self._lock = threading.Lock()  # one embedding at a time: TensorFlow uses every core
+    # The first call traces the TensorFlow function: at start-up, not in the first query.
+    self._model.embed(np.zeros((1, self._description.height, self._description.width, 3),
+                               np.float32))
 
   def embed(self, data: bytes) -> np.ndarray:
     from transforms.decode import decode_and_resize

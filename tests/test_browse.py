@@ -1,6 +1,7 @@
 """embeddings.browse: the page's endpoints over a real run of the tiny network, served by a real
 uvicorn on loopback (the model loaded once for the module)."""
 
+import hashlib
 import http.client
 import io
 import os
@@ -11,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 import requests
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
 from embeddings import browse, duplicates
@@ -21,6 +24,7 @@ from embeddings.query import embed_image
 from embeddings.runs import find_runs
 from pipeline.launcher import run as run_pipeline
 from tests.conftest import SAMPLE_IMAGES
+from tests.run_writer import rows, write_run
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,6 +189,44 @@ def test_the_index_gives_the_exact_order_on_a_small_collection(collection, brows
   found = through_index.search_uri(query)
   assert [n.uri for n in found.neighbours] == [n.uri for n in browser.search_uri(query).neighbours]
   np.testing.assert_allclose(through_index.stored_vector(query), browser.stored_vector(query))
+
+
+def test_a_collection_on_s3_is_searched_and_its_thumbnails_read_through_beam(s3_server):
+  """Runs and photos in an S3 bucket (moto on loopback), read by Beam's FileSystems; the runs'
+  model cannot be loaded here, so only images of the collection can be searched."""
+  from embeddings import storage
+  s3_server.create_bucket('browse-photos')
+  storage.set_filesystem_options(s3_server.options)
+  names = ['rocket.jpg', 'coffee.png', 'camera.png']
+  photos = {f's3://browse-photos/photos/{n}': open(os.path.join(SAMPLE_IMAGES, n), 'rb').read()
+            for n in names}
+  for uri, data in photos.items():
+    s3_server.upload(uri, data)
+  run_rows = [row._replace(sha256=hashlib.sha256(photos[row.uri]).hexdigest())
+              for row in rows(list(photos), 8, seed=4)]
+  write_run('s3://browse-photos/runs/one', run_rows)
+  runs = find_runs('s3://browse-photos/runs/*')
+  embedder, problem = browse.load_embedder(runs[0])
+  assert embedder is None and problem
+  server = browse.BackgroundServer(browse.Browser(runs, None, (), embedder, problem))
+  try:
+    query = run_rows[0].uri
+    answer = requests.get(f'{server.url}/api/search', params={'uri': query}, timeout=60).json()
+    assert [n['uri'] for n in answer['neighbours']] == [
+        n.uri for n in search_vectors(runs, run_rows[0].embedding, 24, [{query}])[0]]
+    thumbnail = requests.get(f'{server.url}/thumbnail', params={'uri': query}, timeout=60)
+    assert thumbnail.status_code == 200
+    with Image.open(io.BytesIO(thumbnail.content)) as image:
+      assert max(image.size) == 192
+    same = requests.post(f'{server.url}/api/search', files={'image': ('c.png', photos[
+        run_rows[1].uri])}, timeout=60).json()
+    assert same['neighbours'][0]['uri'] == run_rows[1].uri
+    new = requests.post(f'{server.url}/api/search', files={'image': ('h.jpg', open(
+        os.path.join(SAMPLE_IMAGES, 'hubble_deep_field.jpg'), 'rb').read())}, timeout=60)
+    assert new.status_code == 400 and 'cannot be embedded here' in new.json()['error']
+  finally:
+    server.stop()
+    FileSystems.set_options(PipelineOptions([]))  # the next tests' S3 settings are their own
 
 
 def _refusal(capsys, argv):
