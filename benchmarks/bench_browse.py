@@ -51,27 +51,31 @@ def _sample_photos():
 
 
 def measure(browser, label: str, uris, photos) -> None:
-  """The page's p50 and p90, then the same queries' work without the page (stored vector and
-  search; embedding alone), to show what the page adds."""
+  """The page's p50 and p90, and the same query's work without the page (stored vector and
+  search; embedding alone) right after each, under the same load, to show what the page adds."""
   server = browse.BackgroundServer(browser)
   url = server.url
   images = []
   for path in photos:
     with open(path, 'rb') as f:
       images.append((os.path.basename(path), f.read()))
+  page_uri, alone_uri, page_image, alone_embed = [], [], [], []
   try:
     requests.get(f'{url}/search', params={'uri': uris[0]}, timeout=600)  # warm the page cache
-    print(_figures(f'{label}: query by URI, page', [_timed(lambda u=u: requests.get(
-        f'{url}/search', params={'uri': u}, timeout=600)) for u in uris]))
-    print(_figures(f'{label}: query by image (a photo not in the collection), page', [
-        _timed(lambda i=i: requests.post(f'{url}/search', files={'image': i}, timeout=600))
-        for i in images]))
+    for uri in uris:
+      page_uri.append(_timed(lambda: requests.get(f'{url}/search', params={'uri': uri},
+                                                  timeout=600)))
+      alone_uri.append(_timed(lambda: browser.search_uri(uri)))
+    for image in images:
+      page_image.append(_timed(lambda: requests.post(f'{url}/search', files={'image': image},
+                                                     timeout=600)))
+      alone_embed.append(_timed(lambda: browser.embedder.embed(image[1])))
   finally:
     server.stop()
-  print(_figures(f'{label}: query by URI, Browser.search_uri alone',
-                 [_timed(lambda u=u: browser.search_uri(u)) for u in uris]))
-  print(_figures(f'{label}: one embedding alone (ImageEmbedder.embed)',
-                 [_timed(lambda d=d: browser.embedder.embed(d)) for _, d in images]))
+  print(_figures(f'{label}: query by URI, page', page_uri))
+  print(_figures(f'{label}: query by URI, Browser.search_uri alone', alone_uri))
+  print(_figures(f'{label}: query by image (a photo not in the collection), page', page_image))
+  print(_figures(f'{label}: one embedding alone (ImageEmbedder.embed)', alone_embed))
 
 
 def main(argv=None) -> None:

@@ -27,10 +27,12 @@ from tests.conftest import SAMPLE_IMAGES
 from tests.run_writer import rows, write_run
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ODD_NAME = 'coffee <grey> & "co" #1 +50% ?.jpg'  # escaped in HTML, quoted in URLs
 
 
 class Collection:
-  """A pipeline run over the sample photos, a byte copy and a resized copy, and its duplicates."""
+  """A pipeline run over the sample photos, a byte copy, a resized copy and a grey copy with an
+  awkward name, and its duplicate groups."""
 
   def __init__(self, root):
     self.folder = root / 'images'
@@ -42,6 +44,8 @@ class Collection:
     with Image.open(self.folder / 'chelsea.png') as chelsea:
       chelsea.convert('RGB').resize((chelsea.width // 2, chelsea.height // 2)).save(
           self.folder / 'chelsea_small.jpg', quality=90)
+    with Image.open(self.folder / 'coffee.png') as coffee:
+      coffee.convert('L').save(self.folder / ODD_NAME, quality=90)
     self.run = str(root / 'run')
     run_pipeline([f'--input={self.folder}/*', f'--output={self.run}',
                   '--model=builtin:pnasnet_tiny'])
@@ -90,6 +94,7 @@ def test_a_search_by_uri_gives_the_exact_neighbours_without_the_query(collection
   assert [n['rank'] for n in answer['neighbours']] == list(range(1, len(uris) + 1))
   page = requests.get(f'{served}/search', params={'uri': query}, timeout=60)
   assert page.status_code == 200 and f'data-uri="{uris[0]}"' in page.text
+  assert '<grey>' not in page.text and 'coffee &lt;grey&gt; &amp; &#34;co&#34;' in page.text
 
 
 def test_an_upload_of_stored_bytes_takes_the_stored_vector(collection, served):
@@ -130,8 +135,9 @@ def test_a_bad_upload_gets_a_clear_400(served):
   assert page.status_code == 400 and 'the upload is empty' in page.text
 
 
-def test_thumbnails_of_the_collection_are_served_and_cached(collection, browser, served):
-  uri = collection.uri('hubble_deep_field.jpg')
+@pytest.mark.parametrize('name', ['hubble_deep_field.jpg', ODD_NAME])
+def test_thumbnails_of_the_collection_are_served_and_cached(collection, browser, served, name):
+  uri = collection.uri(name)
   before = browser.thumbnail.cache_info()
   for _ in range(2):
     answer = requests.get(f'{served}/thumbnail', params={'uri': uri}, timeout=60)
