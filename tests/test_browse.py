@@ -192,9 +192,19 @@ def test_the_index_gives_the_exact_order_on_a_small_collection(collection, brows
   through_index = browse.Browser(collection.runs, NeighbourIndex(directory))
   assert set(through_index.catalogue.entries) == set(browser.catalogue.entries)
   query = collection.uri('camera.png')
-  found = through_index.search_uri(query)
-  assert [n.uri for n in found.neighbours] == [n.uri for n in browser.search_uri(query).neighbours]
+  found = through_index.search_uri(query).neighbours
+  exact = browser.search_uri(query).neighbours
+  assert [n.uri for n in found] == [n.uri for n in exact]
+  assert [n.score for n in found] == pytest.approx([n.score for n in exact], abs=1e-5)
   np.testing.assert_allclose(through_index.stored_vector(query), browser.stored_vector(query))
+
+
+@pytest.mark.parametrize('kind, rerank', [('exhaustive', 0), ('ivf_flat', 0),
+                                          ('ivf_pq', browse.RERANK)])
+def test_only_an_index_of_product_codes_is_reranked(kind, rerank):
+  """Flat lists hold the vectors: their cosines are exact already (the exhaustive index's
+  order equals exact search, test above); PQ codes' are not."""
+  assert browse.candidates_to_rerank({'plan': {'kind': kind}}) == rerank
 
 
 def test_a_collection_on_s3_is_searched_and_its_thumbnails_read_through_beam(s3_server):
