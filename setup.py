@@ -18,6 +18,12 @@ REQUIRED = [
     # Noto Sans for contact sheet labels (Latin, Greek, Cyrillic, Vietnamese, Devanagari).
     'fontpkg==0.2.2',
     'fontpkg-noto-sans==2.15',
+    # embeddings.browse: the local web page (FastAPI on uvicorn, Jinja2 pages, uploads)
+    'fastapi==0.163.2',
+    'starlette==1.10.0',
+    'uvicorn==0.54.0',
+    'jinja2==3.1.6',
+    'python-multipart==0.0.34',
     # tensorflow_hub 0.16 imports pkg_resources, which setuptools 81 removed.
     'setuptools==80.9.0',
 ]
@@ -28,6 +34,7 @@ TEST = [
     'gcp-storage-emulator==2026.7.19',
     'moto[server]==5.2.5',  # a local S3-protocol server for the s3:// tests
     'duckdb==2.0.1',  # reads the Parquet outputs as a warehouse would
+    'selenium==4.51.0',  # Debian's Chromium for the browse page (4.52.0: certifi>=2026.10.23)
 ]
 
 setuptools.setup(
@@ -37,6 +44,7 @@ setuptools.setup(
     python_requires='>=3.10,<3.13',
     packages=setuptools.find_packages(include=['pipeline', 'transforms', 'models', 'pnasnet',
                                                'embeddings', 'run_format', 'jobs']),
+    package_data={'embeddings': ['templates/*.html']},  # the browse page
     install_requires=REQUIRED,
     extras_require={'test': TEST},
 )

@@ -1,0 +1,424 @@
+"""A local web page to look at a collection: search it by an uploaded image, by a URI or by
+clicking a result, and look at its duplicate groups.
+
+    python -m embeddings.browse --runs RUN_DIR_OR_GLOB... [--index INDEX_DIR] \
+        [--duplicates dups.csv] [--port 8000] [--k 24] [--model MODEL_ID] [Beam options]
+
+The page listens on 127.0.0.1 only. At start-up it reads the collection's URIs, sizes and
+SHA-256s (no vectors) and loads the runs' model once, so a query by a new image costs one
+embedding and one search; an image whose bytes the collection holds, a URI of it, or a click
+costs one stored-vector read and one search. Search is exact (embeddings/neighbours.py, a pass
+over the shards) or, with --index, through the FAISS index re-ranked exactly. Thumbnails are read
+through Beam's FileSystems (local, gs://, s3://) and cached; only URIs of the collection are
+served, whatever the request asks for.
+"""
+
+import base64
+import csv
+import functools
+import hashlib
+import io
+import socket
+import sys
+import threading
+import time
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from embeddings import sheet, storage
+from embeddings.neighbours import RERANK, QueryError, check_image, search_vectors
+from embeddings.runs import (RUN_ERRORS, Run, command_parser, find_runs, iter_run_shards,
+                             parse_command, select_model)
+from embeddings.shards import read_shard
+from embeddings.similarity import Neighbour
+
+HOST = '127.0.0.1'
+DEFAULT_K = 24
+THUMBNAILS_CACHED = 4096  # JPEG thumbnails kept in memory, about 10 kB each
+THUMBNAIL_QUALITY = 85
+DUPLICATE_COLUMNS = ('group', 'kind', 'role', 'uri', 'cosine_to_kept', 'same_bytes_as')
+DUPLICATE_GROUPS_SHOWN = 200
+_PACKAGE = __name__.rsplit('.', 1)[0]
+
+
+class Entry(NamedTuple):
+  """An image of the collection, and where its stored vector is."""
+  uri: str
+  sha256: str
+  shard: str  # the shard file holding its vector
+  row: int  # its position in that file
+
+
+class Catalogue:
+  """Every URI the collection keeps (newest run wins), without vectors: what the page may serve
+  and where to read a URI's stored vector. About 530 bytes an image in memory (45-character
+  URIs)."""
+
+  def __init__(self, entries: Sequence[Entry]):
+    self.entries = {e.uri: e for e in entries}
+    self.by_sha256: Dict[str, str] = {}
+    for entry in entries:
+      if entry.sha256:
+        self.by_sha256.setdefault(entry.sha256, entry.uri)
+
+  @classmethod
+  def of_runs(cls, runs: Sequence[Run]) -> 'Catalogue':
+    entries = []
+    for shard in iter_run_shards(runs, columns=['uri', 'sha256']):
+      run = shard.metadata.column('run')[0].as_py()
+      position = {u: i for i, u in enumerate(read_shard(shard.path, run, ['uri']).uris)}
+      entries += [Entry(uri, sha or '', shard.path, position[uri])
+                  for uri, sha in zip(shard.uris, shard.metadata.column('sha256').to_pylist())]
+    return cls(entries)
+
+  @classmethod
+  def of_index(cls, index) -> 'Catalogue':
+    """The URIs the index holds; `row` is then the FAISS id."""
+    table = index.ids.select(['uri', 'sha256', 'shard', 'id']).to_pydict()
+    return cls([Entry(u, s or '', shard, i) for u, s, shard, i in
+                zip(table['uri'], table['sha256'], table['shard'], table['id'])])
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def __contains__(self, uri: str) -> bool:
+    return uri in self.entries
+
+
+class ImageEmbedder:
+  """The runs' model loaded once, with their image recipe (as embeddings/query.py embeds, which
+  loads the model at every call): a query by a new image then costs one embedding."""
+
+  def __init__(self, run: Run):
+    from models.loading import load_embedding_model
+    self._summary = run.summary
+    self._model = load_embedding_model(self._summary.model_handle, self._summary.checkpoint,
+                                       self._summary.seed or 0, self._summary.compute_dtype)
+    self._description = self._model.describe()
+    if self._description.model_id != run.model:
+      raise ValueError(f'{run.path} was embedded with {run.model}, but its summary\'s options '
+                       f'load {self._description.model_id}')
+    self._lock = threading.Lock()  # one embedding at a time: TensorFlow uses every core
+    # The first call traces the TensorFlow function: at start-up, not in the first query.
+    self._model.embed(np.zeros((1, self._description.height, self._description.width, 3),
+                               np.float32))
+
+  def embed(self, data: bytes) -> np.ndarray:
+    from transforms.decode import decode_and_resize
+    _, _, pixels = decode_and_resize(data, self._description.height, self._description.width,
+                                     self._summary.center_crop_fraction,
+                                     jpeg_draft=self._summary.jpeg_draft)
+    with self._lock:
+      return self._model.embed(pixels[np.newaxis])[0]
+
+
+class Result(NamedTuple):
+  """A query and its neighbours, as the page shows them."""
+  query_uri: Optional[str]  # the collection URI searched from, None for an upload
+  query_thumbnail: Optional[str]  # a data: URI of the uploaded image's thumbnail
+  source: str  # where the query's vector came from
+  neighbours: List[Neighbour]
+
+
+class DuplicateMember(NamedTuple):
+  uri: str
+  role: str
+  cosine: float
+  same_bytes_as: str
+
+
+class DuplicateGroup(NamedTuple):
+  number: int
+  kind: str
+  members: List[DuplicateMember]
+
+
+def read_duplicates(path: str) -> List[DuplicateGroup]:
+  """The groups of an `embeddings.duplicates` CSV, in its order (kept image first)."""
+  with storage.open_file(path) as f:
+    reader = csv.DictReader(io.TextIOWrapper(f, encoding='utf-8', newline=''))
+    missing = [c for c in DUPLICATE_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+      raise ValueError(f'--duplicates {path}: no column {", ".join(missing)}, so not a CSV of '
+                       f'python -m embeddings.duplicates --csv')
+    groups: Dict[int, DuplicateGroup] = {}
+    for line in reader:
+      number = int(line['group'])
+      group = groups.setdefault(number, DuplicateGroup(number, line['kind'], []))
+      group.members.append(DuplicateMember(line['uri'], line['role'],
+                                            float(line['cosine_to_kept']),
+                                            line['same_bytes_as']))
+  return list(groups.values())
+
+
+def candidates_to_rerank(index_description: dict) -> int:
+  """Re-ranked from the stored vectors only where the index's cosines are approximate (PQ
+  codes): flat lists hold the vectors themselves, so re-reading them changes nothing."""
+  return RERANK if index_description['plan']['kind'] == 'ivf_pq' else 0
+
+
+class Browser:
+  """The collection the page searches: runs or an index, the model, the duplicate groups."""
+
+  def __init__(self, runs: Sequence[Run], index=None,
+               duplicates: Sequence[DuplicateGroup] = (), embedder: Optional[ImageEmbedder] = None,
+               embedder_problem: str = '', k: int = DEFAULT_K):
+    self.runs = list(runs)
+    self.index = index
+    self.catalogue = Catalogue.of_index(index) if index is not None else Catalogue.of_runs(runs)
+    self.duplicates = list(duplicates)
+    self.embedder = embedder
+    self.embedder_problem = embedder_problem
+    self.k = k
+    self.model = index.model if index is not None else self.runs[0].model
+    self.thumbnail = functools.lru_cache(THUMBNAILS_CACHED)(self._thumbnail)
+    self._rerank = candidates_to_rerank(index.description) if index is not None else 0
+
+  def stored_vector(self, uri: str) -> np.ndarray:
+    entry = self.catalogue.entries[uri]
+    if self.index is not None:
+      return self.index.stored_vectors(np.array([entry.row]))[0]
+    from embeddings.faiss_util import read_rows
+    return read_rows(entry.shard, [entry.row])[0]
+
+  def neighbours(self, vector: np.ndarray, exclude: Sequence[str] = ()) -> List[Neighbour]:
+    if self.index is not None:
+      return self.index.search(vector, self.k, rerank=self._rerank,
+                               exclude_uris=[list(exclude)])[0]
+    return search_vectors(self.runs, vector, self.k, [set(exclude)])[0]
+
+  def search_uri(self, uri: str) -> Result:
+    """The neighbours of a collection image (itself left out)."""
+    if uri not in self.catalogue:
+      raise KeyError(uri)
+    return Result(uri, None, 'embedded in the runs',
+                  self.neighbours(self.stored_vector(uri), [uri]))
+
+  def search_image(self, data: bytes) -> Result:
+    """The neighbours of an uploaded image: the stored vector of the same bytes if the
+    collection has them, else its embedding now."""
+    check_image('upload', data)
+    same = self.catalogue.by_sha256.get(hashlib.sha256(data).hexdigest())
+    if same is not None:
+      vector, source = self.stored_vector(same), f'same bytes as {same}'
+    elif self.embedder is None:
+      raise QueryError(f'this image is not in the collection, and new images cannot be '
+                       f'embedded here: {self.embedder_problem}')
+    else:
+      vector, source = self.embedder.embed(data), f'embedded now with {self.model}'
+    return Result(None, _data_uri(sheet.thumbnail(data)), source, self.neighbours(vector))
+
+  def _thumbnail(self, uri: str) -> Optional[bytes]:
+    """A JPEG thumbnail of a collection image; None when it cannot be read any more."""
+    try:
+      data = storage.read_bytes(uri)
+    except Exception:  # pylint: disable=broad-except; moved or deleted since the run
+      return None
+    return _jpeg(sheet.thumbnail(data))
+
+
+def _jpeg(image) -> Optional[bytes]:
+  if image is None:
+    return None
+  out = io.BytesIO()
+  image.save(out, 'JPEG', quality=THUMBNAIL_QUALITY)
+  return out.getvalue()
+
+
+def _data_uri(image) -> Optional[str]:
+  data = _jpeg(image)
+  return None if data is None else 'data:image/jpeg;base64,' + base64.b64encode(data).decode()
+
+
+def _neighbour_json(n: Neighbour) -> dict:
+  return {'rank': n.rank, 'score': n.score, 'uri': n.uri,
+          'width': n.metadata.get('width'), 'height': n.metadata.get('height')}
+
+
+def _result_json(result: Result) -> dict:
+  return {'query_uri': result.query_uri, 'source': result.source,
+          'neighbours': [_neighbour_json(n) for n in result.neighbours]}
+
+
+def create_app(browser: Browser):
+  """The page (templates in embeddings/templates) and its JSON twin: /, /search (GET ?uri=,
+  POST an image), /duplicates, /thumbnail?uri=, /api/search (GET ?uri=, POST an image)."""
+  from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+  from fastapi.responses import HTMLResponse, JSONResponse, Response
+  from fastapi.templating import Jinja2Templates
+  from jinja2 import Environment, PackageLoader, select_autoescape
+
+  app = FastAPI(title='embeddings.browse', docs_url=None, redoc_url=None, openapi_url=None)
+  templates = Jinja2Templates(env=Environment(loader=PackageLoader(_PACKAGE, 'templates'),
+                                              autoescape=select_autoescape()))
+  about = {'model': browser.model, 'images': len(browser.catalogue), 'k': browser.k,
+           'search': 'the FAISS index, re-ranked exactly' if browser.index is not None
+           else 'exact', 'runs': [r.path for r in browser.runs],
+           'duplicates': len(browser.duplicates), 'can_embed': browser.embedder is not None,
+           'embedder_problem': browser.embedder_problem}
+
+  def page(request: Request, name: str, status: int = 200, **values) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, {'about': about, **values},
+                                      status_code=status)
+
+  def problem(request: Request, status: int, message: str) -> HTMLResponse:
+    return page(request, 'index.html', status, error=message)
+
+  async def uploaded(image: UploadFile) -> bytes:
+    data = await image.read()
+    if not data:
+      raise QueryError('the upload is empty: choose an image file')
+    return data
+
+  @app.get('/', response_class=HTMLResponse)
+  def home(request: Request):
+    return page(request, 'index.html')
+
+  @app.get('/search', response_class=HTMLResponse)
+  def search_by_uri(request: Request, uri: str = Query('')):
+    try:
+      result = browser.search_uri(uri.strip())
+    except KeyError:
+      return problem(request, 404, f'{uri}: not an image of this collection (give a URI as the '
+                     f'runs list it)')
+    return page(request, 'results.html', result=result)
+
+  @app.post('/search', response_class=HTMLResponse)
+  async def search_by_image(request: Request, image: UploadFile = File(...)):
+    try:
+      data = await uploaded(image)
+      result = await _in_thread(browser.search_image, data)
+    except QueryError as exc:
+      return problem(request, 400, str(exc))
+    return page(request, 'results.html', result=result, upload_name=image.filename)
+
+  @app.get('/duplicates', response_class=HTMLResponse)
+  def duplicates(request: Request):
+    return page(request, 'duplicates.html', groups=browser.duplicates[:DUPLICATE_GROUPS_SHOWN],
+                hidden=max(0, len(browser.duplicates) - DUPLICATE_GROUPS_SHOWN),
+                collection=browser.catalogue)
+
+  @app.get('/thumbnail')
+  def thumbnail(uri: str = Query(...)):
+    if uri not in browser.catalogue:  # the only check needed: nothing else is ever read
+      raise HTTPException(404, 'not an image of this collection')
+    data = browser.thumbnail(uri)
+    if data is None:
+      raise HTTPException(404, 'the image cannot be read any more')
+    return Response(data, media_type='image/jpeg',
+                    headers={'Cache-Control': 'private, max-age=3600'})
+
+  @app.get('/api/search')
+  def api_search_by_uri(uri: str = Query(...)):
+    try:
+      return _result_json(browser.search_uri(uri))
+    except KeyError:
+      return JSONResponse({'error': f'{uri}: not an image of this collection'}, 404)
+
+  @app.post('/api/search')
+  async def api_search_by_image(image: UploadFile = File(...)):
+    try:
+      return _result_json(await _in_thread(browser.search_image, await uploaded(image)))
+    except QueryError as exc:
+      return JSONResponse({'error': str(exc)}, 400)
+
+  return app
+
+
+async def _in_thread(function, *args):
+  """Embedding and searching block: off the event loop, so thumbnails keep coming."""
+  from starlette.concurrency import run_in_threadpool
+  return await run_in_threadpool(function, *args)
+
+
+def listening_socket(port: int) -> socket.socket:
+  """A socket bound to 127.0.0.1:port (0: any free port), before any slow start-up work."""
+  sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind((HOST, port))
+  except OSError as exc:
+    sock.close()
+    raise OSError(f'--port {port}: cannot listen on {HOST}:{port} ({exc.strerror}); '
+                  f'choose another port, or 0 for any free one') from exc
+  sock.listen(128)
+  return sock
+
+
+def server(app, log_level: str = 'warning'):
+  """A uvicorn server for `app`: `.run(sockets=[listening_socket(port)])` blocks until
+  `.should_exit` is set."""
+  import uvicorn
+  return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False))
+
+
+class BackgroundServer:
+  """The page served from a thread on a free loopback port, for tests and benchmarks."""
+
+  def __init__(self, browser: Browser):
+    sock = listening_socket(0)
+    self.url = f'http://{HOST}:{sock.getsockname()[1]}'
+    self._server = server(create_app(browser))
+    self._thread = threading.Thread(target=self._server.run, kwargs={'sockets': [sock]},
+                                    daemon=True)
+    self._thread.start()
+    while not self._server.started:
+      if not self._thread.is_alive():
+        raise RuntimeError('the server stopped while starting')
+      time.sleep(0.02)
+
+  def stop(self) -> None:
+    self._server.should_exit = True
+    self._thread.join(30)
+
+
+def load_embedder(run: Run):
+  """(the loaded model, '') or (None, why new images cannot be embedded)."""
+  try:
+    return ImageEmbedder(run), ''
+  except Exception as exc:  # pylint: disable=broad-except; uploads of stored bytes still work
+    return None, f'{type(exc).__name__}: {exc}'
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = command_parser('python -m embeddings.browse', __doc__.split('\n\n')[0])
+  parser.add_argument('--index', help='an index directory (python -m embeddings.index build) of '
+                      'these runs: search it instead of a pass over the shards')
+  parser.add_argument('--duplicates', help='a CSV of python -m embeddings.duplicates --csv, '
+                      'shown as rows of thumbnails')
+  parser.add_argument('--port', type=int, default=8000,
+                      help=f'port on {HOST} (default 8000; 0: any free port, printed)')
+  parser.add_argument('--k', type=int, default=DEFAULT_K,
+                      help=f'neighbours shown per query (default {DEFAULT_K})')
+  args = parse_command(parser, argv)
+  if args.k < 1:
+    parser.error('--k must be at least 1')
+  if not 0 <= args.port <= 65535:
+    parser.error(f'--port {args.port}: a port from 1 to 65535, or 0 for any free one')
+  try:
+    duplicates = read_duplicates(args.duplicates) if args.duplicates else []
+    runs = select_model(find_runs(args.runs), args.model)
+    index = None
+    if args.index:
+      from embeddings.neighbour_index import NeighbourIndex
+      index = NeighbourIndex(args.index)
+      if index.model != runs[0].model:
+        raise ValueError(f'--index {args.index} holds {index.model} embeddings, the runs '
+                         f'{runs[0].model}: build the index from these runs')
+    sock = listening_socket(args.port)
+  except RUN_ERRORS + (OSError, ValueError) as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    sys.exit(2)
+  embedder, embedder_problem = load_embedder(runs[0])
+  if embedder is None:
+    print(f'warning: new images cannot be embedded ({embedder_problem}); images of the '
+          f'collection can still be searched', file=sys.stderr)
+  browser = Browser(runs, index, duplicates, embedder, embedder_problem, args.k)
+  print(f'browse {len(browser.catalogue)} images of {browser.model} at '
+        f'http://{HOST}:{sock.getsockname()[1]}/ (Ctrl-C stops)', flush=True)
+  server(create_app(browser)).run(sockets=[sock])
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,356 @@
+"""embeddings.browse: the page's endpoints over a real run of the tiny network, served by a real
+uvicorn on loopback (the model loaded once for the module)."""
+
+import hashlib
+import http.client
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import requests
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+from PIL import Image
+
+from embeddings import browse, duplicates
+from embeddings import index as index_command
+from embeddings.neighbour_index import NeighbourIndex
+from embeddings.neighbours import search_vectors
+from embeddings.query import embed_image
+from embeddings.runs import find_runs
+from pipeline.launcher import run as run_pipeline
+from tests.conftest import SAMPLE_IMAGES
+from tests.run_writer import rows, write_run
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ODD_NAME = 'coffee <grey> & "co" #1 +50% ?.jpg'  # escaped in HTML, quoted in URLs
+
+
+class Collection:
+  """A pipeline run over the sample photos, a byte copy, a resized copy and a grey copy with an
+  awkward name, and its duplicate groups."""
+
+  def __init__(self, root):
+    self.folder = root / 'images'
+    self.folder.mkdir()
+    for name in sorted(os.listdir(SAMPLE_IMAGES)):
+      if not name.endswith('.md'):
+        shutil.copy(os.path.join(SAMPLE_IMAGES, name), self.folder / name)
+    shutil.copy(self.folder / 'rocket.jpg', self.folder / 'rocket_copy.jpg')
+    with Image.open(self.folder / 'chelsea.png') as chelsea:
+      chelsea.convert('RGB').resize((chelsea.width // 2, chelsea.height // 2)).save(
+          self.folder / 'chelsea_small.jpg', quality=90)
+    with Image.open(self.folder / 'coffee.png') as coffee:
+      coffee.convert('L').save(self.folder / ODD_NAME, quality=90)
+    self.run = str(root / 'run')
+    run_pipeline([f'--input={self.folder}/*', f'--output={self.run}',
+                  '--model=builtin:pnasnet_tiny'])
+    self.csv = str(root / 'dups.csv')
+    self.groups = duplicates.main(['--runs', self.run, '--csv', self.csv])
+    self.runs = find_runs(self.run)
+    # A photo the collection does not hold: embedded when uploaded.
+    self.new_photo = str(root / 'astronaut_crop.jpg')
+    with Image.open(self.folder / 'astronaut.png') as astronaut:
+      astronaut.convert('RGB').crop((60, 0, 460, 400)).save(self.new_photo, quality=92)
+
+  def uri(self, name: str) -> str:
+    return str(self.folder / name)
+
+  def exact(self, vector, exclude=()):
+    """The URIs exact search gives, nearest first."""
+    return [n.uri for n in search_vectors(self.runs, vector, browse.DEFAULT_K, [set(exclude)])[0]]
+
+
+@pytest.fixture(scope='module')
+def collection(tmp_path_factory):
+  return Collection(tmp_path_factory.mktemp('browse'))
+
+
+@pytest.fixture(scope='module')
+def browser(collection):
+  embedder = browse.ImageEmbedder(collection.runs[0])
+  return browse.Browser(collection.runs, None, browse.read_duplicates(collection.csv), embedder)
+
+
+@pytest.fixture(scope='module')
+def served(browser):
+  server = browse.BackgroundServer(browser)
+  yield server.url
+  server.stop()
+
+
+def test_a_search_by_uri_gives_the_exact_neighbours_without_the_query(collection, browser,
+                                                                        served):
+  query = collection.uri('coffee.png')
+  answer = requests.get(f'{served}/api/search', params={'uri': query}, timeout=60).json()
+  assert answer['query_uri'] == query and answer['source'] == 'embedded in the runs'
+  uris = [n['uri'] for n in answer['neighbours']]
+  assert uris == collection.exact(browser.stored_vector(query), [query])
+  assert query not in uris and len(uris) == len(browser.catalogue) - 1
+  assert [n['rank'] for n in answer['neighbours']] == list(range(1, len(uris) + 1))
+  page = requests.get(f'{served}/search', params={'uri': query}, timeout=60)
+  assert page.status_code == 200 and f'data-uri="{uris[0]}"' in page.text
+  assert '<grey>' not in page.text and 'coffee &lt;grey&gt; &amp; &#34;co&#34;' in page.text
+
+
+def test_an_upload_of_stored_bytes_takes_the_stored_vector(collection, served):
+  with open(collection.uri('rocket.jpg'), 'rb') as f:
+    answer = requests.post(f'{served}/api/search', files={'image': ('r.jpg', f)},
+                           timeout=60).json()
+  assert answer['source'].startswith('same bytes as ')
+  top = answer['neighbours'][:2]
+  assert {n['uri'] for n in top} == {collection.uri('rocket.jpg'),
+                                     collection.uri('rocket_copy.jpg')}
+  assert [n['score'] for n in top] == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_an_upload_of_a_new_image_is_embedded_by_the_model_loaded_at_start(collection, browser,
+                                                                           served, monkeypatch):
+  import models.loading
+
+  def no_second_load(*_, **__):
+    raise AssertionError('the model was loaded again for a query')
+
+  monkeypatch.setattr(models.loading, 'load_embedding_model', no_second_load)
+  with open(collection.new_photo, 'rb') as f:
+    data = f.read()
+  answer = requests.post(f'{served}/api/search', files={'image': ('a.jpg', data)},
+                         timeout=60).json()
+  monkeypatch.undo()
+  assert answer['source'] == f'embedded now with {browser.model}'
+  expected = embed_image(data, collection.runs[0])  # the project's one-off embedding
+  np.testing.assert_allclose(browser.embedder.embed(data), expected, rtol=1e-5, atol=1e-6)
+  assert [n['uri'] for n in answer['neighbours']] == collection.exact(expected)
+
+
+def test_a_bad_upload_gets_a_clear_400(served):
+  answer = requests.post(f'{served}/api/search', files={'image': ('n.jpg', b'not an image')},
+                         timeout=60)
+  assert answer.status_code == 400 and 'not an image' in answer.json()['error']
+  page = requests.post(f'{served}/search', files={'image': ('e.jpg', b'')}, timeout=60)
+  assert page.status_code == 400 and 'the upload is empty' in page.text
+
+
+@pytest.mark.parametrize('name', ['hubble_deep_field.jpg', ODD_NAME])
+def test_thumbnails_of_the_collection_are_served_and_cached(collection, browser, served, name):
+  uri = collection.uri(name)
+  before = browser.thumbnail.cache_info()
+  for _ in range(2):
+    answer = requests.get(f'{served}/thumbnail', params={'uri': uri}, timeout=60)
+    assert answer.status_code == 200 and answer.headers['content-type'] == 'image/jpeg'
+  with Image.open(io.BytesIO(answer.content)) as thumbnail:
+    assert max(thumbnail.size) == 192
+  after = browser.thumbnail.cache_info()
+  assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+
+
+def _raw_get(url: str, path: str):
+  """A GET of `path` exactly as written (requests would resolve the dot segments)."""
+  host, port = url.rsplit('/', 1)[-1].split(':')
+  connection = http.client.HTTPConnection(host, int(port), timeout=30)
+  connection.request('GET', path)
+  response = connection.getresponse()
+  return response.status, response.read()
+
+
+@pytest.mark.parametrize('path', [
+    '/thumbnail?uri=/etc/passwd',
+    '/thumbnail?uri=file:///etc/passwd',
+    '/thumbnail?uri={folder}/../../../../../../etc/passwd',
+    '/thumbnail?uri={folder}/rocket.jpg/../../../../../../../etc/passwd',
+    '/thumbnail?uri=..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd',
+    '/thumbnail?uri={folder}%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd',
+    '/thumbnail/../../../../etc/passwd',
+    '/../../../../etc/passwd',
+    '/static/..%2F..%2F..%2Fetc%2Fpasswd',
+    '/etc/passwd',
+    '/search?uri=/etc/passwd',
+    '/api/search?uri=/etc/passwd',
+])
+def test_nothing_outside_the_collection_is_served(collection, served, path):
+  status, body = _raw_get(served, path.format(folder=collection.folder))
+  assert status in (403, 404)
+  assert b'root:' not in body
+
+
+def test_the_duplicates_view_lists_the_groups_of_the_csv(collection, served):
+  page = requests.get(f'{served}/duplicates', timeout=60).text
+  assert collection.groups, 'the collection holds a byte copy: at least one group'
+  for number, group in enumerate(collection.groups, 1):
+    assert f'id="group-{number}"' in page
+    for member in group.members:
+      assert f'data-uri="{member.uri}"' in page
+
+
+def test_the_index_gives_the_exact_order_on_a_small_collection(collection, browser, tmp_path):
+  directory = str(tmp_path / 'index')
+  index_command.main(['build', '--runs', collection.run, '--output', directory])
+  through_index = browse.Browser(collection.runs, NeighbourIndex(directory))
+  assert set(through_index.catalogue.entries) == set(browser.catalogue.entries)
+  query = collection.uri('camera.png')
+  found = through_index.search_uri(query).neighbours
+  exact = browser.search_uri(query).neighbours
+  assert [n.uri for n in found] == [n.uri for n in exact]
+  assert [n.score for n in found] == pytest.approx([n.score for n in exact], abs=1e-5)
+  np.testing.assert_allclose(through_index.stored_vector(query), browser.stored_vector(query))
+
+
+@pytest.mark.parametrize('kind, rerank', [('exhaustive', 0), ('ivf_flat', 0),
+                                          ('ivf_pq', browse.RERANK)])
+def test_only_an_index_of_product_codes_is_reranked(kind, rerank):
+  """Flat lists hold the vectors: their cosines are exact already (the exhaustive index's
+  order equals exact search, test above); PQ codes' are not."""
+  assert browse.candidates_to_rerank({'plan': {'kind': kind}}) == rerank
+
+
+def test_a_collection_on_s3_is_searched_and_its_thumbnails_read_through_beam(s3_server):
+  """Runs and photos in an S3 bucket (moto on loopback), read by Beam's FileSystems; the runs'
+  model cannot be loaded here, so only images of the collection can be searched."""
+  from embeddings import storage
+  s3_server.create_bucket('browse-photos')
+  storage.set_filesystem_options(s3_server.options)
+  names = ['rocket.jpg', 'coffee.png', 'camera.png']
+  photos = {f's3://browse-photos/photos/{n}': open(os.path.join(SAMPLE_IMAGES, n), 'rb').read()
+            for n in names}
+  for uri, data in photos.items():
+    s3_server.upload(uri, data)
+  run_rows = [row._replace(sha256=hashlib.sha256(photos[row.uri]).hexdigest())
+              for row in rows(list(photos), 8, seed=4)]
+  write_run('s3://browse-photos/runs/one', run_rows)
+  runs = find_runs('s3://browse-photos/runs/*')
+  embedder, problem = browse.load_embedder(runs[0])
+  assert embedder is None and problem
+  server = browse.BackgroundServer(browse.Browser(runs, None, (), embedder, problem))
+  try:
+    query = run_rows[0].uri
+    answer = requests.get(f'{server.url}/api/search', params={'uri': query}, timeout=60).json()
+    assert [n['uri'] for n in answer['neighbours']] == [
+        n.uri for n in search_vectors(runs, run_rows[0].embedding, 24, [{query}])[0]]
+    thumbnail = requests.get(f'{server.url}/thumbnail', params={'uri': query}, timeout=60)
+    assert thumbnail.status_code == 200
+    with Image.open(io.BytesIO(thumbnail.content)) as image:
+      assert max(image.size) == 192
+    same = requests.post(f'{server.url}/api/search', files={'image': ('c.png', photos[
+        run_rows[1].uri])}, timeout=60).json()
+    assert same['neighbours'][0]['uri'] == run_rows[1].uri
+    new = requests.post(f'{server.url}/api/search', files={'image': ('h.jpg', open(
+        os.path.join(SAMPLE_IMAGES, 'hubble_deep_field.jpg'), 'rb').read())}, timeout=60)
+    assert new.status_code == 400 and 'cannot be embedded here' in new.json()['error']
+  finally:
+    server.stop()
+    FileSystems.set_options(PipelineOptions([]))  # the next tests' S3 settings are their own
+
+
+def _refusal(capsys, argv):
+  with pytest.raises(SystemExit) as refused:
+    browse.main(argv)
+  assert refused.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()
+  assert len(error) == 1 or error[-1].startswith('python -m embeddings.browse: error:')
+  return error[-1]
+
+
+def test_bad_options_are_refused_with_one_line_before_the_model_loads(collection, tmp_path,
+                                                                     capsys):
+  assert 'no run there' in _refusal(capsys, ['--runs', str(tmp_path / 'nothing')])
+  not_csv = tmp_path / 'notes.csv'
+  not_csv.write_text('a,b\n1,2\n')
+  assert 'not a CSV of python -m embeddings.duplicates' in _refusal(
+      capsys, ['--runs', collection.run, '--duplicates', str(not_csv)])
+  taken = browse.listening_socket(0)
+  try:
+    assert 'choose another port' in _refusal(
+        capsys, ['--runs', collection.run, '--port', str(taken.getsockname()[1])])
+  finally:
+    taken.close()
+  assert '--k must be at least 1' in _refusal(capsys, ['--runs', collection.run, '--k', '0'])
+
+
+def test_the_command_serves_the_page_on_loopback(collection):
+  command = subprocess.Popen(
+      [sys.executable, '-m', 'embeddings.browse', '--runs', collection.run, '--duplicates',
+       collection.csv, '--port', '0'], cwd=PROJECT, stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL, text=True)
+  try:
+    line = command.stdout.readline()
+    assert f'browse {len(os.listdir(collection.folder))} images of ' in line
+    url = line.split(' at ')[1].split()[0]
+    assert url.startswith('http://127.0.0.1:')
+    page = requests.get(url, timeout=60)
+    assert page.status_code == 200 and 'Search by image' in page.text
+    assert 'duplicates (' in page.text
+  finally:
+    command.terminate()
+    command.wait(30)
+
+
+CHROMIUM = '/usr/bin/chromium'
+CHROMEDRIVER = '/usr/bin/chromedriver'
+# A closed network: without the background-networking flags Chromium keeps calling out at start.
+CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
+                  '--disable-background-networking', '--disable-component-update',
+                  '--disable-sync', '--no-first-run', '--window-size=1400,1100']
+
+
+@pytest.fixture(scope='module')
+def chromium(tmp_path_factory):
+  """Debian's headless Chromium driven by Selenium (.ci/run installs both)."""
+  from selenium import webdriver
+  from selenium.webdriver.chrome.service import Service
+  options = webdriver.ChromeOptions()
+  options.binary_location = CHROMIUM
+  for flag in CHROMIUM_FLAGS + [f'--user-data-dir={tmp_path_factory.mktemp("chromium")}']:
+    options.add_argument(flag)
+  driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+  driver.set_page_load_timeout(120)
+  yield driver
+  driver.quit()
+
+
+def _shown(driver, selector: str):
+  """(data-uri of each tile, whether every thumbnail of them decoded), in page order."""
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import WebDriverWait
+  tiles = driver.find_elements(By.CSS_SELECTOR, selector)
+  WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+      'return [...document.images].every(i => i.complete)'))
+  decoded = driver.execute_script(
+      f'return [...document.querySelectorAll("{selector} img")].map(i => i.naturalWidth > 0)')
+  return [t.get_attribute('data-uri') for t in tiles], decoded
+
+
+def test_in_a_browser_upload_then_click_then_duplicates(collection, browser, served, chromium,
+                                                        tmp_path):
+  from selenium.webdriver.common.by import By
+  chromium.get(served + '/')
+  chromium.find_element(By.ID, 'image').send_keys(collection.new_photo)
+  chromium.find_element(By.ID, 'search-image-button').click()
+  with open(collection.new_photo, 'rb') as f:
+    expected = collection.exact(embed_image(f.read(), collection.runs[0]))
+  uris, decoded = _shown(chromium, '.tile.neighbour')
+  chromium.save_screenshot(str(tmp_path / 'upload.png'))
+  assert uris == expected and all(decoded)
+  assert 'embedded now with' in chromium.find_element(By.ID, 'query').text
+  assert chromium.execute_script(
+      'return document.querySelector("#query img").naturalWidth') > 0
+
+  clicked = uris[0]
+  chromium.find_element(By.CSS_SELECTOR, f'.tile.neighbour[data-rank="1"] a').click()
+  uris, decoded = _shown(chromium, '.tile.neighbour')
+  chromium.save_screenshot(str(tmp_path / 'clicked.png'))
+  assert uris == collection.exact(browser.stored_vector(clicked), [clicked]) and all(decoded)
+  assert chromium.find_element(By.ID, 'uri').get_attribute('value') == clicked
+
+  chromium.find_element(By.ID, 'duplicates-link').click()
+  uris, decoded = _shown(chromium, '.group .tile')
+  chromium.save_screenshot(str(tmp_path / 'duplicates.png'))
+  assert uris == [m.uri for g in collection.groups for m in g.members] and all(decoded)
+  kept = chromium.find_elements(By.CSS_SELECTOR, '.group .tile.keep')
+  assert [k.get_attribute('data-uri') for k in kept] == [g.members[0].uri
+                                                         for g in collection.groups]
+  for name in ('upload', 'clicked', 'duplicates'):
+    assert (tmp_path / f'{name}.png').stat().st_size > 10_000
