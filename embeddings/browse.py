@@ -28,6 +28,7 @@ import numpy as np
 
 from embeddings import sheet, storage
 from embeddings.neighbours import RERANK, QueryError, check_image, search_vectors
+from embeddings.query import embed_image
 from embeddings.runs import (RUN_ERRORS, Run, command_parser, find_runs, iter_run_shards,
                              parse_command, select_model)
 from embeddings.shards import read_shard
@@ -87,30 +88,24 @@ class Catalogue:
 
 
 class ImageEmbedder:
-  """The runs' model loaded once, with their image recipe (as embeddings/query.py embeds, which
-  loads the model at every call): a query by a new image then costs one embedding."""
+  """The runs' model, built and traced at start-up (embeddings.query keeps it for the process):
+  a query by a new image then costs one embedding, not a network build."""
 
   def __init__(self, run: Run):
-    from models.loading import load_embedding_model
-    self._summary = run.summary
-    self._model = load_embedding_model(self._summary.model_handle, self._summary.checkpoint,
-                                       self._summary.seed or 0, self._summary.compute_dtype)
-    self._description = self._model.describe()
-    if self._description.model_id != run.model:
-      raise ValueError(f'{run.path} was embedded with {run.model}, but its summary\'s options '
-                       f'load {self._description.model_id}')
+    self._run = run
     self._lock = threading.Lock()  # one embedding at a time: TensorFlow uses every core
-    # The first call traces the TensorFlow function: at start-up, not in the first query.
-    self._model.embed(np.zeros((1, self._description.height, self._description.width, 3),
-                               np.float32))
+    self.embed(_blank_png(run.summary.image_size))  # traces TensorFlow's function now
 
   def embed(self, data: bytes) -> np.ndarray:
-    from transforms.decode import decode_and_resize
-    _, _, pixels = decode_and_resize(data, self._description.height, self._description.width,
-                                     self._summary.center_crop_fraction,
-                                     jpeg_draft=self._summary.jpeg_draft)
     with self._lock:
-      return self._model.embed(pixels[np.newaxis])[0]
+      return embed_image(data, self._run)
+
+
+def _blank_png(size) -> bytes:
+  from PIL import Image
+  out = io.BytesIO()
+  Image.new('RGB', (size[1], size[0])).save(out, format='PNG')
+  return out.getvalue()
 
 
 class Result(NamedTuple):
