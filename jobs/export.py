@@ -40,13 +40,17 @@ class Changes(NamedTuple):
   writes: Dict[str, Set[str]]  # run directory -> URIs whose row that run's vector replaces
   deletes: List[str]  # URIs the target holds and the collection no longer does
   unchanged: int
-  rows: int  # the collection's size: rows the target holds once the changes are made
+  collection: Dict[str, Set[str]]  # run directory -> URIs whose vector is that run's
+
+  @property
+  def rows(self) -> int:
+    """The collection's size: rows the target holds once the changes are made."""
+    return sum(len(uris) for uris in self.collection.values())
 
 
 def plan_changes(runs: Sequence[Run], current) -> Changes:
   """`current`: (uri, run) of the target's rows."""
   sources = vector_sources(runs)
-  rows = sum(len(uris) for uris in sources.values())
   writes = {run: set(uris) for run, uris in sources.items()}
   deletes, unchanged = [], 0
   for uri, run in current:
@@ -56,7 +60,7 @@ def plan_changes(runs: Sequence[Run], current) -> Changes:
     elif not any(uri in uris for uris in sources.values()):
       deletes.append(uri)
   return Changes({run: uris for run, uris in writes.items() if uris}, sorted(deletes), unchanged,
-                 rows)
+                 sources)
 
 
 class ShardRef(NamedTuple):
@@ -136,7 +140,7 @@ def export(runs: Sequence[Run], target: Target, beam_flags: Sequence[str]) -> Ex
         f'"{IN_PROGRESS}"; its last complete state: {last}. Run the same command again to '
         f'finish') from exc
   finished = state._replace(finished_at=now())
-  target.finish(finished)
+  target.finish(finished, changes.collection)
   return ExportReport(written, len(changes.deletes), changes.unchanged, changes.rows,
                       time.perf_counter() - start, finished)
 

@@ -12,7 +12,8 @@ import datetime
 import json
 import logging
 import time
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
+from typing import (Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple,
+                    TypeVar)
 
 import numpy as np
 
@@ -122,8 +123,10 @@ class Target:
     """A PTransform: PCollection of ExportRow -> written."""
     raise NotImplementedError
 
-  def finish(self, state: ExportState) -> None:
-    """After every change: the index if there is none yet, and the state, complete."""
+  def finish(self, state: ExportState, collection: Dict[str, Set[str]]) -> None:
+    """After every change: the index if there is none yet, and the state, complete.
+    `collection`: run directory -> the URIs whose vector is that run's, as the target now holds
+    them."""
     raise NotImplementedError
 
 
