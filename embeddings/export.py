@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None):
   storage.set_filesystem_options(beam_flags)
   from jobs import export, export_target
   try:
-    target = export_target.open_target(args.to, args.batch_size)
+    target = export.open_target(args.to, args.batch_size)
     runs = select_model(find_runs(args.runs), args.model)
     target.check(runs[0].model, runs[0].embedding_size)
   except RUN_ERRORS + (export_target.TargetError,) as exc:

@@ -25,7 +25,7 @@ from embeddings.collection import vector_sources
 from embeddings.runs import Run
 from embeddings.shards import read_shard
 from jobs.export_target import (IN_PROGRESS, BatchFailed, ExportRow, ExportState, Target,
-                                batches, now)
+                                TargetError, batches, now, parse_name)
 
 _LOG = logging.getLogger(__name__)
 DELETE_BATCH = 1000
@@ -177,3 +177,64 @@ def summary_line(target: Target, report: ExportReport) -> str:
   return (f'{target.name}: wrote {report.written} rows, deleted {report.deleted}, '
           f'{report.unchanged} unchanged; it holds the collection\'s {report.rows} rows '
           f'({report.seconds:.1f} s)')
+
+
+FORMS = ('postgresql://USER@HOST:PORT/DB?table=NAME', 'milvus://HOST:PORT/COLLECTION',
+         'milvus-lite:FILE.db?collection=NAME', 'qdrant://HOST:PORT/COLLECTION',
+         'qdrant-local:DIRECTORY?collection=NAME', 'vertex:FOLDER (gs://, s3:// or local)')
+
+
+def _path_and_collection(rest: str, scheme: str) -> Tuple[str, str]:
+  import urllib.parse
+  path, _, query = rest.partition('?')
+  names = urllib.parse.parse_qs(query).get('collection', [])
+  if not path or len(names) != 1:
+    raise TargetError(f'--to {scheme}:{rest}: give a path and one collection, as '
+                      f'{scheme}:PATH?collection=NAME')
+  return path, parse_name(names[0], 'collection')
+
+
+def _host_port_name(url, default_port: int, text: str) -> Tuple[str, int, str]:
+  try:
+    port = url.port or default_port
+  except ValueError as exc:
+    raise TargetError(f'--to {text}: {exc}') from exc
+  if not url.hostname:
+    raise TargetError(f'--to {text}: no host')
+  return url.hostname, port, parse_name(url.path.strip('/'), 'collection')
+
+
+def open_target(text: str, batch_size: int = 0) -> Target:
+  """The target `--to` names (not yet contacted); TargetError if it names none."""
+  import urllib.parse
+  scheme, colon, rest = text.partition(':')
+  scheme = scheme.lower()
+  if not colon:
+    scheme = ''
+  if scheme in ('postgresql', 'postgres'):
+    from jobs.export_pgvector import PgvectorTarget
+    return PgvectorTarget.from_url(text, batch_size)
+  if scheme == 'milvus':
+    from jobs.export_milvus import MilvusTarget
+    host, port, name = _host_port_name(urllib.parse.urlsplit(text), 19530, text)
+    return MilvusTarget(text, f'http://{host}:{port}', name, batch_size)
+  if scheme == 'milvus-lite':
+    from jobs.export_milvus import MilvusTarget
+    path, name = _path_and_collection(rest, scheme)
+    if not path.endswith('.db'):
+      raise TargetError(f'--to {text}: a Milvus Lite file name ends in .db')
+    return MilvusTarget(text, path, name, batch_size)
+  if scheme == 'qdrant':
+    from jobs.export_qdrant import QdrantTarget
+    host, port, name = _host_port_name(urllib.parse.urlsplit(text), 6333, text)
+    return QdrantTarget(text, name, batch_size, host=host, port=port)
+  if scheme == 'qdrant-local':
+    from jobs.export_qdrant import QdrantTarget
+    path, name = _path_and_collection(rest, scheme)
+    return QdrantTarget(text, name, batch_size, path=path)
+  if scheme == 'vertex':
+    from jobs.export_vertex import VertexTarget
+    if not rest:
+      raise TargetError('--to vertex: give the folder, as vertex:gs://BUCKET/FOLDER')
+    return VertexTarget(text, rest.rstrip('/'), batch_size)
+  raise TargetError(f'--to {text}: not a target; use one of ' + ', '.join(FORMS))

@@ -7,7 +7,6 @@ load. The export's record (model, dimension, state) is kept in the collection's 
 """
 
 import contextlib
-import json
 import logging
 from typing import Callable, Iterator, List, Optional, Tuple
 

@@ -14,7 +14,7 @@ import pytest
 import embeddings
 from embeddings.export import main as export_main
 from tests.export_servers import free_port, postgres_with_pgvector
-from tests.run_writer import Row, rows, write_run
+from tests.run_writer import rows, write_run
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs',
                     'exporting.md')
