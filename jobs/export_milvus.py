@@ -72,6 +72,7 @@ class MilvusTarget(Target):
     with self.client() as client:
       if self._properties(client) is None:
         return
+      client.load_collection(self.collection)  # a query needs it loaded (a reopened file: not)
       iterator = client.query_iterator(self.collection, batch_size=10_000, filter='',
                                        output_fields=['uri', 'run'])
       try:
