@@ -97,7 +97,7 @@ class VertexTarget(Target):
     self.stamp = stamp()
     self.export_folder = storage.join(self.folder, f'export-{self.stamp}')
     if storage.match(storage.join(self.export_folder, '*')):
-      raise TargetError(f'{self.export_folder} exists: one export a second')
+      raise TargetError(f'{self.export_folder} exists: another export is writing there')
 
   def delete_transform(self):
     return _WriteDeletes(self)
