@@ -28,6 +28,14 @@ REQUIRED = [
     'setuptools==80.9.0',
 ]
 
+# The export's targets (python -m embeddings.export; docs/exporting.md): `pip install -e ".[export]"`.
+EXPORT = [
+    'psycopg[binary]==3.3.9',  # pgvector through PostgreSQL's binary COPY
+    'pymilvus==2.6.17',  # Beam 2.77's Milvus writer asks for pymilvus < 3
+    'milvus-lite==3.2.2',  # a Milvus in-process from a .db file
+    'qdrant-client==1.20.0',  # Beam's Qdrant writer; also its local mode
+]
+
 TEST = [
     'pytest==9.2.0',
     'pytest-xdist==3.8.0',  # two test processes (pytest.ini)
@@ -35,6 +43,8 @@ TEST = [
     'moto[server]==5.2.5',  # a local S3-protocol server for the s3:// tests
     'duckdb==2.0.1',  # reads the Parquet outputs as a warehouse would
     'selenium==4.51.0',  # Debian's Chromium for the browse page (4.52.0: certifi>=2026.10.23)
+] + EXPORT + [
+    'pgserver==0.1.4',  # a real PostgreSQL 16 with pgvector 0.6.2 for the export's tests
 ]
 
 setuptools.setup(
@@ -46,5 +56,5 @@ setuptools.setup(
                                                'embeddings', 'run_format', 'jobs']),
     package_data={'embeddings': ['templates/*.html']},  # the browse page
     install_requires=REQUIRED,
-    extras_require={'test': TEST},
+    extras_require={'test': TEST, 'export': EXPORT},
 )

@@ -1,0 +1,74 @@
+"""What `python -m embeddings.export` costs: rows/s and peak memory of a full export of a synthetic
+collection to pgvector (a real PostgreSQL with pgvector, pgserver, on 127.0.0.1) and to Milvus
+Lite (in the exporting process), then a nightly re-export after a second night embedded 5% new
+rows: rows written and time, against the full export.
+
+    python -m benchmarks.bench_export [--count 100000] [--new_fraction 0.05] [--work DIR]
+
+Each export runs as its own process (`python -m embeddings.export`, DirectRunner, one worker),
+so its peak RSS is its own (Milvus Lite runs inside it; PostgreSQL's server does not count).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.synthetic_collection import write_synthetic_run
+from tests.export_servers import postgres_with_pgvector
+
+
+def _export(runs: str, to: str) -> dict:
+  """One export as a child process: wall seconds, its own peak RSS, its summary line."""
+  start = time.perf_counter()
+  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+    child = subprocess.Popen([sys.executable, '-m', 'embeddings.export', '--runs', runs,
+                              '--to', to], stdout=out, stderr=err, text=True)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's rusage alone
+    child.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    out.seek(0)
+    err.seek(0)
+    if child.returncode:
+      raise SystemExit(f'export failed ({child.returncode}): {err.read()[-2000:]}')
+    return {'seconds': seconds, 'peak_rss_gb': usage.ru_maxrss / 1e6,  # ru_maxrss: KB
+            'line': out.read().strip().splitlines()[-1]}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--count', type=int, default=100_000)
+  parser.add_argument('--new_fraction', type=float, default=0.05)
+  parser.add_argument('--work', help='folder for the runs and Milvus Lite (default: a temp dir)')
+  args = parser.parse_args(argv)
+  work = args.work or tempfile.mkdtemp(prefix='bench-export-')
+  night1, night2 = os.path.join(work, 'runs', 'night1'), os.path.join(work, 'runs', 'night2')
+  start = time.perf_counter()
+  write_synthetic_run(night1, args.count, finished_at='2026-12-01T02:00:00.000+00:00')
+  new = int(args.count * args.new_fraction)
+  print(f'collection: {args.count} synthetic 4320-d vectors in {time.perf_counter() - start:.0f} s'
+        f' ({work})', flush=True)
+  runs = os.path.join(work, 'runs', 'night*')
+  with postgres_with_pgvector() as url:
+    targets = {'pgvector': f'{url}?table=photos',
+               'milvus-lite': f'milvus-lite:{os.path.join(work, "photos.db")}?collection=photos'}
+    for name, to in targets.items():
+      full = _export(night1, to)
+      print(f'{name} full export: {args.count} rows in {full["seconds"]:.1f} s = '
+            f'{args.count / full["seconds"]:.0f} rows/s, peak RSS {full["peak_rss_gb"]:.2f} GB'
+            f'\n  {full["line"]}', flush=True)
+    write_synthetic_run(night2, new, first_row=args.count,
+                        finished_at='2026-12-02T02:00:00.000+00:00')
+    for name, to in targets.items():
+      again = _export(runs, to)
+      print(f'{name} re-export after a night of {new} new rows: {again["seconds"]:.1f} s, peak '
+            f'RSS {again["peak_rss_gb"]:.2f} GB\n  {again["line"]}', flush=True)
+      nothing = _export(runs, to)
+      print(f'{name} rerun with nothing new: {nothing["seconds"]:.1f} s\n  {nothing["line"]}',
+            flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,173 @@
+"""Milvus (a server, or Milvus Lite in-process from a .db file): a collection keyed by uri, written
+by Beam's own writer (apache_beam.ml.rag.ingestion.milvus_search, upserts in batches).
+
+The collection is created with its vector index declared (AUTOINDEX, cosine: Milvus needs one
+before a collection loads, and builds it per segment as segments seal), and flushed after the
+load. The export's record (model, dimension, state) is kept in the collection's properties.
+"""
+
+import contextlib
+import logging
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import apache_beam as beam
+
+from jobs.export_target import (COMPLETE, ExportRow, ExportState, Target, TargetError,
+                                with_retries)
+
+_LOG = logging.getLogger(__name__)
+DEFAULT_BATCH_SIZE = 200  # rows of 4320 Python floats: about 20 MB a batch
+MAX_URI = 8192
+_MODEL, _DIMENSION, _STATE = 'export.model', 'export.dimension', 'export.state'
+METRICS_NAMESPACE = 'export'
+
+
+class MilvusTarget(Target):
+
+  def __init__(self, name: str, uri: str, collection: str, batch_size: int = 0):
+    self.name = name
+    self.uri = uri  # http://HOST:PORT, or the Milvus Lite file
+    self.collection = collection
+    self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+
+  @contextlib.contextmanager
+  def client(self):
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+    try:
+      client = MilvusClient(uri=self.uri, timeout=10)
+    except MilvusException as exc:
+      raise TargetError(f'--to {self.name}: cannot connect: {exc.message}') from exc
+    try:
+      yield client
+    finally:
+      client.close()
+
+  def _properties(self, client) -> Optional[dict]:
+    if not client.has_collection(self.collection):
+      return None
+    properties = client.describe_collection(self.collection).get('properties', {})
+    if _MODEL not in properties:
+      raise TargetError(f'--to {self.name}: collection {self.collection} exists and was not '
+                        f'made by this export: choose another collection')
+    return properties
+
+  def check(self, model: str, dimension: int) -> None:
+    with self.client() as client:
+      properties = self._properties(client)
+    if properties is not None and (properties[_MODEL], int(properties[_DIMENSION])) != (
+        model, dimension):
+      raise TargetError(f'--to {self.name}: collection {self.collection} holds '
+                        f'{properties[_DIMENSION]}-d vectors of {properties[_MODEL]}, not '
+                        f'{dimension}-d of {model}: choose another collection')
+
+  def state(self) -> Optional[ExportState]:
+    with self.client() as client:
+      properties = self._properties(client)
+    if properties is None or _STATE not in properties:
+      return None
+    return ExportState.from_json(properties[_STATE])
+
+  def current_rows(self) -> Iterator[Tuple[str, str]]:
+    with self.client() as client:
+      if self._properties(client) is None:
+        return
+      client.load_collection(self.collection)  # a query needs it loaded (a reopened file: not)
+      iterator = client.query_iterator(self.collection, batch_size=10_000, filter='',
+                                       output_fields=['uri', 'run'])
+      try:
+        while True:
+          page = iterator.next()
+          if not page:
+            return
+          yield from ((r['uri'], r['run']) for r in page)
+      finally:
+        iterator.close()
+
+  def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
+    from pymilvus import DataType
+    with self.client() as client:
+      if self._properties(client) is None:
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field('uri', DataType.VARCHAR, is_primary=True, max_length=MAX_URI)
+        schema.add_field('sha256', DataType.VARCHAR, max_length=64, nullable=True)
+        schema.add_field('height', DataType.INT64, nullable=True)
+        schema.add_field('width', DataType.INT64, nullable=True)
+        schema.add_field('model', DataType.VARCHAR, max_length=1024)
+        schema.add_field('run', DataType.VARCHAR, max_length=MAX_URI)
+        schema.add_field('embedding', DataType.FLOAT_VECTOR, dim=dimension)
+        index = client.prepare_index_params()
+        index.add_index('embedding', index_type='AUTOINDEX', metric_type='COSINE')
+        client.create_collection(self.collection, schema=schema, index_params=index,
+                                 properties={_MODEL: model, _DIMENSION: str(dimension)})
+      client.alter_collection_properties(self.collection, properties={_STATE: state.to_json()})
+
+  def delete_transform(self):
+    return beam.ParDo(_DeleteRows(self))
+
+  def write_transform(self):
+    return _WriteRows(self)
+
+  def finish(self, state: ExportState, collection) -> None:
+    del collection  # the target holds it
+    with self.client() as client:
+      client.flush(self.collection)
+      client.alter_collection_properties(
+          self.collection, properties={_STATE: state._replace(status=COMPLETE).to_json()})
+
+
+class _DeleteRows(beam.DoFn):
+  """A client per batch: Milvus Lite's file and the writer's clients take turns."""
+
+  def __init__(self, target: MilvusTarget):
+    self._target = target
+
+  def process(self, uris: List[str]):
+    def delete():
+      with self._target.client() as client:
+        client.delete(self._target.collection, ids=uris)
+    with_retries(delete, f'deleting {len(uris)} rows from {self._target.collection}')
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(len(uris))
+    yield len(uris)
+
+
+def _item(row: ExportRow):
+  from apache_beam.ml.rag.types import Content, EmbeddableItem, Embedding
+  return EmbeddableItem(Content(image=row.uri), id=row.uri, metadata={
+      'sha256': row.sha256, 'height': row.height, 'width': row.width, 'model': row.model,
+      'run': row.run}, embedding=Embedding(dense_embedding=row.vector.tolist()))
+
+
+def _column_specs():
+  from apache_beam.ml.rag.ingestion.postgres_common import ColumnSpec
+  specs = [ColumnSpec('uri', str, lambda item: item.id),
+           ColumnSpec('embedding', list, lambda item: item.embedding.dense_embedding)]
+  for name, kind in (('sha256', str), ('height', int), ('width', int), ('model', str),
+                     ('run', str)):
+    specs.append(ColumnSpec(name, kind, lambda item, name=name: item.metadata[name]))
+  return specs
+
+
+class _WriteRows(beam.PTransform):
+  """ExportRows as Beam's EmbeddableItems, into Beam's Milvus writer."""
+
+  def __init__(self, target: MilvusTarget):
+    super().__init__()
+    self._target = target
+
+  def expand(self, rows):
+    from apache_beam.ml.rag.ingestion.jdbc_common import WriteConfig
+    from apache_beam.ml.rag.ingestion.milvus_search import (MilvusVectorWriterConfig,
+                                                            MilvusWriteConfig)
+    from apache_beam.ml.rag.utils import MilvusConnectionParameters
+    config = MilvusVectorWriterConfig(
+        connection_params=MilvusConnectionParameters(uri=self._target.uri, timeout=30),
+        write_config=MilvusWriteConfig(
+            collection_name=self._target.collection,
+            write_config=WriteConfig(write_batch_size=self._target.batch_size)),
+        column_specs=_column_specs())
+    return (rows
+            | 'AsItems' >> beam.Map(_item)
+            | 'MilvusWriter' >> config.create_write_transform()
+            | 'Count' >> beam.Map(lambda record: beam.metrics.Metrics.counter(
+                METRICS_NAMESPACE, 'written').inc()))

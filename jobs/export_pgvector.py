@@ -1,0 +1,319 @@
+"""pgvector: a table keyed by uri, written with psycopg 3 in batches (binary COPY into a temporary
+table, then one upsert, in one transaction per batch: a batch lands whole or not at all).
+
+    TABLE            uri text PRIMARY KEY, sha256, height, width, model, run,
+                     embedding vector(D), embedding_reduced vector(K) (only when D > 2000)
+    TABLE_export     name text PRIMARY KEY, value jsonb: the model, the sizes, the export state
+    TABLE_pca        i int, component vector(D), shift real: the projection to K dimensions
+
+pgvector indexes at most 2,000 dimensions of `vector` (4,000 of `halfvec`, from 0.7). Up to
+2,000 the HNSW index is on `embedding` itself (cosine); above, on `embedding_reduced`: the unit
+vector projected on the first K principal components of the first export's vectors (L2 there
+ranks as cosine does on the unit vectors), and a query re-ranks its candidates by the full
+`embedding` (docs/exporting.md has the SQL, which projects the query vector in SQL with
+TABLE_pca). The index is created after the first load, and kept up by PostgreSQL after that.
+"""
+
+import json
+import logging
+import struct
+import urllib.parse
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import apache_beam as beam
+import numpy as np
+
+from jobs.export_target import (COMPLETE, ExportRow, ExportState, Target, TargetError,
+                                parse_name, with_retries)
+
+_LOG = logging.getLogger(__name__)
+MAX_INDEXED_DIMENSION = 2000  # pgvector's HNSW and IVFFlat limit for `vector`
+REDUCED_DIMENSION = 256
+PCA_SAMPLE = 1024
+DEFAULT_BATCH_SIZE = 500
+METRICS_NAMESPACE = 'export'
+_COLUMNS = ('uri', 'sha256', 'height', 'width', 'model', 'run', 'embedding')
+_COPY_HEADER = b'PGCOPY\n\xff\r\n\0' + struct.pack('>ii', 0, 0)
+
+
+def _psycopg():
+  import psycopg
+  return psycopg
+
+
+class Reduction:
+  """unit(v) -> its coordinates on the first K principal components of a sample of unit
+  vectors, centred (zeros past the sample's rank)."""
+
+  def __init__(self, components: np.ndarray, shift: np.ndarray):
+    self.components = components.astype(np.float32)  # [K, D]
+    self.shift = shift.astype(np.float32)  # [K]: -components @ mean
+
+  @classmethod
+  def train(cls, sample: np.ndarray, dimension: int) -> 'Reduction':
+    """Through the samples' Gram matrix (n x n, n <= PCA_SAMPLE): on 2 cores, a few seconds
+    where an SVD of the n x D sample takes minutes."""
+    unit = _unit(sample.astype(np.float32))
+    mean = unit.mean(axis=0)
+    centred = (unit - mean).astype(np.float64)
+    values, vectors = np.linalg.eigh(centred @ centred.T)
+    order = np.argsort(values)[::-1][:REDUCED_DIMENSION]
+    order = order[values[order] > 1e-9 * max(values.max(), 1e-30)]
+    components = np.zeros((REDUCED_DIMENSION, dimension), np.float32)
+    components[:len(order)] = (centred.T @ vectors[:, order] / np.sqrt(values[order])).T
+    return cls(components, -components @ mean)
+
+  def apply(self, vectors: np.ndarray) -> np.ndarray:
+    return _unit(vectors) @ self.components.T + self.shift
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+  norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+  return vectors / np.where(norms == 0, 1, norms)
+
+
+def _vector_bytes(vector: np.ndarray) -> bytes:
+  """pgvector's binary form: dimension, an unused int16, big-endian float4s."""
+  return struct.pack('>hh', len(vector), 0) + vector.astype('>f4').tobytes()
+
+
+def _field(value) -> bytes:
+  if value is None:
+    return struct.pack('>i', -1)
+  if isinstance(value, str):
+    value = value.encode()
+  elif isinstance(value, (int, np.integer)):
+    value = struct.pack('>q', int(value))
+  return struct.pack('>i', len(value)) + value
+
+
+def copy_data(rows: List[ExportRow], reduced: Optional[np.ndarray]) -> bytes:
+  """The rows as a binary COPY stream of _COLUMNS (+ embedding_reduced)."""
+  parts = [_COPY_HEADER]
+  count = struct.pack('>h', len(_COLUMNS) + (reduced is not None))
+  for number, row in enumerate(rows):
+    parts.append(count)
+    parts += [_field(row.uri), _field(row.sha256), _field(row.height), _field(row.width),
+              _field(row.model), _field(row.run), _field(_vector_bytes(row.vector))]
+    if reduced is not None:
+      parts.append(_field(_vector_bytes(reduced[number])))
+  parts.append(struct.pack('>h', -1))
+  return b''.join(parts)
+
+
+class PgvectorTarget(Target):
+
+  def __init__(self, name: str, conninfo: str, table: str, batch_size: int = 0):
+    self.name = name
+    self.conninfo = conninfo
+    self.table = table
+    self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+
+  @classmethod
+  def from_url(cls, text: str, batch_size: int = 0) -> 'PgvectorTarget':
+    url = urllib.parse.urlsplit(text)
+    query = urllib.parse.parse_qs(url.query)
+    tables = query.pop('table', [])
+    if len(tables) != 1:
+      raise TargetError(f'--to {text}: name one table, as postgresql://USER@HOST:PORT/DB?'
+                        f'table=NAME')
+    if not url.hostname or not url.path.strip('/'):
+      raise TargetError(f'--to {text}: give the host and the database, as postgresql://USER@'
+                        f'HOST:PORT/DB?table=NAME')
+    conninfo = urllib.parse.urlunsplit(url._replace(
+        query=urllib.parse.urlencode(query, doseq=True)))
+    return cls(text, conninfo, parse_name(tables[0], 'table'), batch_size)
+
+  def connect(self, autocommit: bool = False):
+    """`autocommit`: each `transaction()` block commits on its own (the workers' batches)."""
+    psycopg = _psycopg()
+    try:
+      return psycopg.connect(self.conninfo, connect_timeout=10, autocommit=autocommit)
+    except psycopg.OperationalError as exc:
+      raise TargetError(f'--to {self.name}: cannot connect: {str(exc).strip().splitlines()[0]}'
+                        ) from exc
+
+  def _settings(self, connection) -> Optional[dict]:
+    """The export's own record of the table, None if there is no table; TargetError for a table
+    this export did not make."""
+    with connection.cursor() as cursor:
+      cursor.execute('SELECT to_regclass(%s), to_regclass(%s)',
+                     (self.table, f'{self.table}_export'))
+      table, settings = cursor.fetchone()
+      if table is None:
+        return None
+      if settings is None:
+        raise TargetError(f'--to {self.name}: table {self.table} exists and was not made by '
+                          f'this export (no {self.table}_export): choose another table')
+      cursor.execute(f'SELECT name, value FROM {self.table}_export')
+      return {name: value for name, value in cursor.fetchall()}
+
+  def check(self, model: str, dimension: int) -> None:
+    with self.connect() as connection:
+      with connection.cursor() as cursor:
+        cursor.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
+        if cursor.fetchone() is None:
+          raise TargetError(f'--to {self.name}: the server has no pgvector extension '
+                            f'(https://github.com/pgvector/pgvector)')
+      settings = self._settings(connection)
+    if settings is not None:
+      held = settings['target']
+      if (held['model'], held['dimension']) != (model, dimension):
+        raise TargetError(f'--to {self.name}: table {self.table} holds {held["dimension"]}-d '
+                          f'vectors of {held["model"]}, not {dimension}-d of {model}: choose '
+                          f'another table')
+
+  def state(self) -> Optional[ExportState]:
+    with self.connect() as connection:
+      settings = self._settings(connection)
+    if settings is None or 'state' not in settings:
+      return None
+    return ExportState.from_json(json.dumps(settings['state']))
+
+  def current_rows(self) -> Iterator[Tuple[str, str]]:
+    with self.connect() as connection:
+      if self._settings(connection) is None:
+        return
+      with connection.cursor(name='export_current_rows') as cursor:  # server side, in pages
+        cursor.itersize = 50_000
+        cursor.execute(f'SELECT uri, run FROM {self.table}')
+        yield from cursor
+
+  def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
+    with self.connect() as connection:
+      reduced = dimension > MAX_INDEXED_DIMENSION
+      if self._settings(connection) is None:
+        _create(connection, self.table, dimension, model, reduced,
+                Reduction.train(sample(PCA_SAMPLE), dimension) if reduced else None)
+      _record(connection, self.table, 'state', state.to_json())
+
+  def delete_transform(self):
+    return beam.ParDo(_DeleteRows(self))
+
+  def write_transform(self):
+    return beam.ParDo(_UpsertRows(self))
+
+  def finish(self, state: ExportState, collection) -> None:
+    del collection  # the target holds it
+    with self.connect() as connection:
+      column, operators = self.index_column(connection)
+      connection.execute(f'CREATE INDEX IF NOT EXISTS {self.table}_hnsw ON {self.table} '
+                         f'USING hnsw ({column} {operators})')
+      _record(connection, self.table, 'state', state._replace(status=COMPLETE).to_json())
+
+  def index_column(self, connection) -> Tuple[str, str]:
+    reduced = self._settings(connection)['target']['reduced_dimension']
+    return ('embedding_reduced', 'vector_l2_ops') if reduced else ('embedding',
+                                                                   'vector_cosine_ops')
+
+  def reduction(self, connection) -> Optional[Reduction]:
+    rows = connection.execute(f'SELECT component::real[], shift FROM {self.table}_pca '
+                              f'ORDER BY i').fetchall() if self.index_column(connection)[
+                                  0] == 'embedding_reduced' else []
+    if not rows:
+      return None
+    return Reduction(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]))
+
+
+def _record(connection, table: str, name: str, value: str) -> None:
+  connection.execute(f'INSERT INTO {table}_export (name, value) VALUES (%s, %s) ON CONFLICT '
+                     f'(name) DO UPDATE SET value = excluded.value', (name, value))
+
+
+def _create(connection, table: str, dimension: int, model: str, reduced: bool,
+            reduction: Optional[Reduction]) -> None:
+  """The table, its record and (above 2,000 dimensions) its projection, in one transaction."""
+  with connection.transaction():
+    connection.execute('CREATE EXTENSION IF NOT EXISTS vector')
+    connection.execute(
+        f'CREATE TABLE {table} (uri text PRIMARY KEY, sha256 text, height bigint, width bigint, '
+        f'model text NOT NULL, run text NOT NULL, embedding vector({dimension}) NOT NULL' +
+        (f', embedding_reduced vector({REDUCED_DIMENSION}) NOT NULL)' if reduced else ')'))
+    connection.execute(f'CREATE TABLE {table}_export (name text PRIMARY KEY, value jsonb)')
+    if reduction is not None:
+      connection.execute(f'CREATE TABLE {table}_pca (i int PRIMARY KEY, '
+                         f'component vector({dimension}) NOT NULL, shift real NOT NULL)')
+      with connection.cursor() as cursor:
+        cursor.executemany(f'INSERT INTO {table}_pca VALUES (%s, %s::real[]::vector, %s)',
+                           [(i, c.tolist(), float(s)) for i, (c, s) in
+                            enumerate(zip(reduction.components, reduction.shift))])
+    _record(connection, table, 'target', json.dumps({
+        'model': model, 'dimension': dimension,
+        'reduced_dimension': REDUCED_DIMENSION if reduced else None}))
+
+
+class _Connected(beam.DoFn):
+  """Holds one connection per DoFn instance; a failed batch reconnects before its retry."""
+
+  def __init__(self, target: PgvectorTarget):
+    self._target = target
+    self._connection = None
+
+  def setup(self):
+    self._connection = self._target.connect(autocommit=True)
+
+  def _reconnect(self):
+    try:
+      self._connection.close()
+    finally:
+      self._connection = self._target.connect(autocommit=True)
+
+  def teardown(self):
+    if self._connection is not None:
+      self._connection.close()
+
+
+class _DeleteRows(_Connected):
+
+  def process(self, uris: List[str]):
+    def delete():
+      with self._connection.transaction():
+        return self._connection.execute(f'DELETE FROM {self._target.table} WHERE uri = ANY(%s)',
+                                        (uris,)).rowcount
+    deleted = with_retries(delete, f'deleting {len(uris)} rows from {self._target.table}',
+                           before_retry=self._reconnect)
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(deleted)
+    yield deleted
+
+
+class _UpsertRows(_Connected):
+  """Batches of rows: COPY into a temporary table, then INSERT ... ON CONFLICT (uri) DO UPDATE,
+  one transaction each, retried whole."""
+
+  def setup(self):
+    super().setup()
+    self._reduction = self._target.reduction(self._connection)
+
+  def start_bundle(self):
+    self._batch: List[ExportRow] = []
+
+  def process(self, row: ExportRow):
+    self._batch.append(row)
+    if len(self._batch) >= self._target.batch_size:
+      self._flush()
+
+  def finish_bundle(self):
+    if self._batch:
+      self._flush()
+
+  def _flush(self):
+    rows, self._batch = self._batch, []
+    reduced = (self._reduction.apply(np.stack([r.vector for r in rows]))
+               if self._reduction is not None else None)
+    data = copy_data(rows, reduced)
+    table = self._target.table
+    columns = ', '.join(_COLUMNS + (('embedding_reduced',) if reduced is not None else ()))
+    updates = ', '.join(f'{c} = excluded.{c}' for c in columns.split(', ') if c != 'uri')
+
+    def upsert():
+      with self._connection.transaction():
+        self._connection.execute(f'CREATE TEMPORARY TABLE IF NOT EXISTS {table}_batch (LIKE '
+                                 f'{table}) ON COMMIT DELETE ROWS')
+        with self._connection.cursor() as cursor:
+          with cursor.copy(f'COPY {table}_batch ({columns}) FROM STDIN (FORMAT BINARY)') as copy:
+            copy.write(data)
+          cursor.execute(f'INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_batch '
+                         f'ON CONFLICT (uri) DO UPDATE SET {updates}')
+    with_retries(upsert, f'writing {len(rows)} rows to {table} (from {rows[0].uri})',
+                 before_retry=self._reconnect)
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written').inc(len(rows))

@@ -1,0 +1,168 @@
+"""Qdrant (a server, or qdrant-client's local mode on a folder): a collection of points whose id
+is a UUID of the uri (Qdrant takes integers and UUIDs only) and whose payload holds uri, sha256,
+height, width, model and run, written by Beam's own writer (apache_beam.ml.rag.ingestion.qdrant,
+upserts in batches, retried on Qdrant's errors).
+
+The collection is created with its HNSW graph off (m = 0) and the graph switched on after the
+load (m = 16), Qdrant's recipe for bulk loads; the export's record lives in the collection's
+metadata.
+"""
+
+import contextlib
+import json
+import uuid
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import apache_beam as beam
+
+from jobs.export_target import (COMPLETE, ExportRow, ExportState, Target, TargetError,
+                                with_retries)
+
+DEFAULT_BATCH_SIZE = 256
+VECTOR = 'dense'  # the named vector Beam's writer fills
+HNSW_M = 16
+METRICS_NAMESPACE = 'export'
+
+
+def point_id(uri: str) -> str:
+  return str(uuid.uuid5(uuid.NAMESPACE_URL, uri))
+
+
+class QdrantTarget(Target):
+
+  def __init__(self, name: str, collection: str, batch_size: int = 0,
+               host: Optional[str] = None, port: Optional[int] = None,
+               path: Optional[str] = None):
+    self.name = name
+    self.collection = collection
+    self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+    self.host, self.port, self.path = host, port, path
+
+  @contextlib.contextmanager
+  def client(self):
+    from qdrant_client import QdrantClient
+    client = (QdrantClient(path=self.path) if self.path else
+              QdrantClient(host=self.host, port=self.port, timeout=10,
+                           check_compatibility=False))
+    try:
+      yield client
+    finally:
+      client.close()
+
+  def _metadata(self, client) -> Optional[dict]:
+    try:
+      if not client.collection_exists(self.collection):
+        return None
+    except Exception as exc:  # httpx's and grpc's errors: the server is not there
+      raise TargetError(f'--to {self.name}: cannot connect: '
+                        f'{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}'
+                        ) from exc
+    metadata = client.get_collection(self.collection).config.metadata or {}
+    if 'export_model' not in metadata:
+      raise TargetError(f'--to {self.name}: collection {self.collection} exists and was not '
+                        f'made by this export: choose another collection')
+    return metadata
+
+  def check(self, model: str, dimension: int) -> None:
+    with self.client() as client:
+      metadata = self._metadata(client)
+    if metadata is not None and (metadata['export_model'], metadata['export_dimension']) != (
+        model, dimension):
+      raise TargetError(f'--to {self.name}: collection {self.collection} holds '
+                        f'{metadata["export_dimension"]}-d vectors of {metadata["export_model"]},'
+                        f' not {dimension}-d of {model}: choose another collection')
+
+  def state(self) -> Optional[ExportState]:
+    with self.client() as client:
+      metadata = self._metadata(client)
+    if not metadata or 'export_state' not in metadata:
+      return None
+    return ExportState.from_json(json.dumps(metadata['export_state']))
+
+  def current_rows(self) -> Iterator[Tuple[str, str]]:
+    with self.client() as client:
+      if self._metadata(client) is None:
+        return
+      offset = None
+      while True:
+        points, offset = client.scroll(self.collection, limit=10_000, offset=offset,
+                                       with_payload=['uri', 'run'], with_vectors=False)
+        yield from ((p.payload['uri'], p.payload['run']) for p in points)
+        if offset is None:
+          return
+
+  def _set_metadata(self, client, state: ExportState, **changes) -> None:
+    client.update_collection(self.collection, metadata={'export_state': json.loads(
+        state.to_json())}, **changes)
+
+  def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
+    from qdrant_client import models
+    with self.client() as client:
+      if self._metadata(client) is None:
+        client.create_collection(
+            self.collection,
+            vectors_config={VECTOR: models.VectorParams(size=dimension,
+                                                        distance=models.Distance.COSINE)},
+            hnsw_config=models.HnswConfigDiff(m=0),
+            metadata={'export_model': model, 'export_dimension': dimension})
+      self._set_metadata(client, state)
+
+  def delete_transform(self):
+    return beam.ParDo(_DeleteRows(self))
+
+  def write_transform(self):
+    return _WriteRows(self)
+
+  def finish(self, state: ExportState, collection) -> None:
+    del collection  # the target holds it
+    from qdrant_client import models
+    with self.client() as client:
+      self._set_metadata(client, state._replace(status=COMPLETE),
+                         hnsw_config=models.HnswConfigDiff(m=HNSW_M))
+
+
+class _DeleteRows(beam.DoFn):
+  """A client per batch: a local folder takes one client at a time, and the writer's comes
+  after."""
+
+  def __init__(self, target: QdrantTarget):
+    self._target = target
+
+  def process(self, uris: List[str]):
+    from qdrant_client import models
+
+    def delete():
+      with self._target.client() as client:
+        client.delete(self._target.collection, points_selector=models.PointIdsList(
+            points=[point_id(u) for u in uris]))
+    with_retries(delete, f'deleting {len(uris)} points from {self._target.collection}')
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(len(uris))
+    yield len(uris)
+
+
+def _item(row: ExportRow):
+  from apache_beam.ml.rag.types import Content, EmbeddableItem, Embedding
+  return EmbeddableItem(Content(image=row.uri), id=point_id(row.uri), metadata={
+      'uri': row.uri, 'sha256': row.sha256, 'height': row.height, 'width': row.width,
+      'model': row.model, 'run': row.run},
+      embedding=Embedding(dense_embedding=row.vector.tolist()))
+
+
+class _WriteRows(beam.PTransform):
+  """ExportRows as Beam's EmbeddableItems, into Beam's Qdrant writer."""
+
+  def __init__(self, target: QdrantTarget):
+    super().__init__()
+    self._target = target
+
+  def expand(self, rows):
+    from apache_beam.ml.rag.ingestion.qdrant import (QdrantConnectionParameters,
+                                                     QdrantWriteConfig)
+    target = self._target
+    connection = (QdrantConnectionParameters.local(target.path) if target.path else
+                  QdrantConnectionParameters.for_host(target.host, target.port, timeout=30))
+    config = QdrantWriteConfig(connection_params=connection, collection_name=target.collection,
+                               batch_size=target.batch_size, dense_embedding_key=VECTOR)
+    return (rows
+            | 'AsItems' >> beam.Map(_item)
+            | 'QdrantWriter' >> config.create_write_transform())

@@ -1,0 +1,139 @@
+"""What every export target shares: the row it receives, the export's state it keeps and retries
+(one module per kind: export_pgvector.py, export_milvus.py, export_qdrant.py, export_vertex.py;
+jobs/export.py parses `--to` into one).
+
+A target keeps, beside the vectors, a small record of the export itself (`ExportState`): the
+model and dimension it holds, and whether the last export finished. The export writes it
+`in progress` before the first change and `complete` after the last, so a failed export is seen
+by the next one, and its message can name the last complete state.
+"""
+
+import datetime
+import json
+import logging
+import time
+from typing import (Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple,
+                    TypeVar)
+
+import numpy as np
+
+_LOG = logging.getLogger(__name__)
+RETRIES = 3  # a failed batch is tried again this many times, after 1, 2, 4 s
+COMPLETE = 'complete'
+IN_PROGRESS = 'in progress'
+T = TypeVar('T')
+
+
+class TargetError(ValueError):
+  """A --to that cannot be used: wrong form, unreachable, or holding something else."""
+
+
+class BatchFailed(RuntimeError):
+  """A batch that still failed after its retries."""
+
+
+class ExportRow(NamedTuple):
+  """One vector of the collection with what a search returns beside it."""
+  uri: str
+  sha256: Optional[str]
+  height: Optional[int]
+  width: Optional[int]
+  model: str
+  run: str  # the run directory the vector was read from
+  vector: np.ndarray  # float32 [dimension]
+
+
+class ExportState(NamedTuple):
+  """The record a target keeps of the export that last changed it."""
+  status: str  # COMPLETE or IN_PROGRESS
+  runs: Tuple[str, ...]  # the run directories the collection was made of
+  rows: int  # rows the target holds once the export is complete
+  started_at: str
+  finished_at: Optional[str]
+  last_complete: Optional[str] = None  # describe() of the last complete export before this one
+
+  def to_json(self) -> str:
+    return json.dumps(self._asdict())
+
+  @classmethod
+  def from_json(cls, text: str) -> 'ExportState':
+    values = json.loads(text)
+    values['runs'] = tuple(values['runs'])
+    return cls(**values)
+
+  def describe(self) -> str:
+    when = self.finished_at or self.started_at
+    return (f'{self.status} export of {when} ({self.rows} rows from {len(self.runs)} run(s): '
+            f'{", ".join(self.runs)})')
+
+
+def now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+def with_retries(action: Callable[[], T], what: str, retry_on: Tuple[type, ...] = (Exception,),
+                 before_retry: Callable[[], None] = lambda: None) -> T:
+  """`action()`, tried again RETRIES times after a failure (with backoff); BatchFailed after."""
+  for attempt in range(RETRIES + 1):
+    try:
+      return action()
+    except retry_on as exc:
+      if attempt == RETRIES:
+        raise BatchFailed(f'{what} failed {RETRIES + 1} times: {exc}') from exc
+      _LOG.warning('%s failed (%s), trying again (%d of %d)', what, exc, attempt + 1, RETRIES)
+      time.sleep(2 ** attempt)
+      before_retry()
+  raise AssertionError('unreachable')
+
+
+def batches(items: Sequence[T], size: int) -> List[List[T]]:
+  return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+class Target:
+  """A place the collection is exported to. The launcher calls check, state, current_rows and
+  begin; the pipeline applies `delete_transform` and `write_transform`; the launcher then calls
+  finish. Nothing here is held open across those calls (a Milvus Lite file or a Qdrant local
+  folder takes one client at a time)."""
+
+  name: str  # --to as given, for messages
+
+  def check(self, model: str, dimension: int) -> None:
+    """TargetError unless reachable and empty or holding an export of this model and size."""
+    raise NotImplementedError
+
+  def state(self) -> Optional[ExportState]:
+    """The record of the last export into this target, if any."""
+    raise NotImplementedError
+
+  def current_rows(self) -> Iterator[Tuple[str, str]]:
+    """(uri, run) of every row the target holds."""
+    raise NotImplementedError
+
+  def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
+    """Creates what is missing and records `state` (in progress). `sample()` gives float32
+    vectors of the collection, for targets that train something on them."""
+    raise NotImplementedError
+
+  def delete_transform(self):
+    """A PTransform: PCollection of URI batches -> one count per batch deleted."""
+    raise NotImplementedError
+
+  def write_transform(self):
+    """A PTransform: PCollection of ExportRow -> written."""
+    raise NotImplementedError
+
+  def finish(self, state: ExportState, collection: Dict[str, Set[str]]) -> None:
+    """After every change: the index if there is none yet, and the state, complete.
+    `collection`: run directory -> the URIs whose vector is that run's, as the target now holds
+    them."""
+    raise NotImplementedError
+
+
+def parse_name(text: str, what: str) -> str:
+  """A table or collection name that needs no quoting in SQL, Milvus or Qdrant."""
+  import re
+  if not re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]{0,47}', text or ''):
+    raise TargetError(f'--to: {what} {text!r} must be letters, digits and _ (at most 48, not '
+                      f'starting with a digit)')
+  return text
