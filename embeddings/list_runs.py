@@ -60,8 +60,8 @@ def lost_vectors(directory: str) -> int:
       table = parquet.read(columns=['outcome', 'done_outcome', 'vector_run'])
     carried = table.filter(pc.and_(pc.equal(table.column('outcome'), SKIPPED),
                                    pc.equal(table.column('done_outcome'), EMBEDDED)))
-    for run, count in pc.value_counts(carried.column('vector_run')).to_pylist():
-      run, count = run.values() if isinstance(run, dict) else (run, count)
+    for counted in pc.value_counts(carried.column('vector_run')).to_pylist():
+      run, count = counted['values'], counted['counts']
       if run is None:
         continue
       if run not in present:

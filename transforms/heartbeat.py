@@ -2,9 +2,10 @@
 that a later launch can tell a live run from a dead one by when the store last wrote the claim
 (embeddings.runs.Unfinished.alive), on any runner and with no launcher left waiting.
 
-One thread per worker process and output, started by the first DoFn instance's `setup`; it stops
-when the run's summary exists (the run finished), when the claim is gone (cleaned), or when the
-last DoFn instance of the process is torn down.
+The first DoFn instance's `setup` in a worker process beats once, then starts one thread per
+process and output that beats every HEARTBEAT_SECONDS; it stops when the run's summary exists (the
+run finished), when the claim is gone (cleaned), or when the last DoFn instance of the process is
+torn down.
 """
 
 import json
@@ -43,20 +44,23 @@ class _Beating:
     self._output = output
     self._interval = interval
     self._stopped = threading.Event()
-    threading.Thread(target=self._run, name='claim-heartbeat', daemon=True).start()
+    if self._beat():  # the first one now: the job has started
+      threading.Thread(target=self._run, name='claim-heartbeat', daemon=True).start()
 
   def stop(self) -> None:
     self._stopped.set()
 
+  def _beat(self) -> bool:
+    try:
+      return beat(self._output)
+    except Exception as exc:  # pylint: disable=broad-except; the next beat may work
+      _LOG.warning('heartbeat: could not rewrite %s/%s: %s', self._output, CLAIM_FILE, exc)
+      return True
+
   def _run(self) -> None:
-    wait = 0.0
-    while not self._stopped.wait(wait):
-      wait = self._interval
-      try:
-        if not beat(self._output):
-          return
-      except Exception as exc:  # pylint: disable=broad-except; the next beat may work
-        _LOG.warning('heartbeat: could not rewrite %s/%s: %s', self._output, CLAIM_FILE, exc)
+    while not self._stopped.wait(self._interval):
+      if not self._beat():
+        return
 
 
 _BEATING: Dict[str, _Beating] = {}
