@@ -128,16 +128,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from jobs.compact import SHARD_ROWS
     shards = args.num_shards or default_shards(runs, SHARD_ROWS)
     dtype = runs[0].summary.embedding_dtype
-    claim_output(output, {'compact': [run.path for run in runs], 'started_at': started_at},
+    claim_output(output, {'compact': [run.path for run in runs], 'started_at': started_at,
+                          'runner': options.view_as(StandardOptions).runner or 'DirectRunner'},
                  options)
   except RUN_ERRORS + (CompactError, OutputExistsError, OutputNotWritableError) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
   import apache_beam as beam
   from jobs.compact import build_compaction
+  from transforms.heartbeat import keep_alive
   pipeline = beam.Pipeline(options=options)
   build_compaction(pipeline, runs, output, shards, dtype)
-  state = pipeline.run().wait_until_finish()
+  beating = keep_alive(output)  # a night launched meanwhile sees this run alive, and waits
+  try:
+    state = pipeline.run().wait_until_finish()
+  finally:
+    beating.stop()
   if state != 'DONE':
     print(f'error: the compaction job ended in state {state}; {output} holds no '
           f'{SUMMARY_FILE}', file=sys.stderr)
