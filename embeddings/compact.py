@@ -23,7 +23,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from embeddings import storage
-from embeddings.runs import RUN_ERRORS, Run, scan_runs, select_model, warn_of_unread
+from embeddings.runs import RUN_ERRORS, Run, scan_runs, select_model, warn_of_failed
 from run_format import (CLAIM_STALE_SECONDS, DECODE, EMBEDDED, FINISHED, INDEX_GLOB, STAGES,
                         SUMMARY_FILE, RunSummary, utc_now)
 
@@ -81,7 +81,7 @@ def summary_of(runs: Sequence[Run], output: str, patterns: Sequence[str], runner
 def _check_runs(patterns: Sequence[str], model: Optional[str], output: str,
                 allow_concurrent: bool) -> List[Run]:
   scan = scan_runs(list(patterns))
-  warn_of_unread(scan._replace(unfinished=[]))
+  warn_of_failed(scan.failed)
   live = [u for u in scan.unfinished if u.alive() and u.path != output]
   if live and not allow_concurrent:
     raise CompactError(

@@ -10,6 +10,8 @@ import argparse
 import datetime
 import json
 import logging
+import os
+import socket
 from typing import (Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple,
                     Union)
 
@@ -90,7 +92,6 @@ def _timestamp(text) -> Optional[datetime.datetime]:
 
 
 def _process_running(pid) -> bool:
-  import os
   try:
     os.kill(int(pid), 0)
   except ProcessLookupError:
@@ -117,8 +118,6 @@ class Unfinished(NamedTuple):
     """A run launched here on a local runner lives as long as its launcher process (and not in
     this one, which is launching another); any other, while its job keeps rewriting its claim:
     a sign of life less than CLAIM_STALE_SECONDS old (transforms/heartbeat.py)."""
-    import os
-    import socket
     if (self.claim.get('runner') in LOCAL_RUNNERS and
         self.claim.get('host') == socket.gethostname()):
       return self.claim.get('pid') != os.getpid() and _process_running(self.claim.get('pid'))
@@ -187,16 +186,19 @@ def scan_runs(paths_or_globs: Sequence[str], missing_ok: bool = False) -> RunSca
                  sorted(unfinished.values()))
 
 
-def warn_of_unread(scan: RunScan) -> None:
-  """One warning per run that is not read: failed or unfinished."""
-  for run in scan.failed:
+def warn_of_failed(failed: Sequence[Run]) -> None:
+  """One warning per run that finished over its failure bound: never read."""
+  for run in failed:
     _LOG.warning('ignoring %s: its run ended with outcome %s (more than --max_failed_fraction '
                  '%s of %d images failed), so it is neither a source nor state; its images are '
                  'embedded again by the next run', run.path, run.summary.outcome,
                  run.summary.max_failed_fraction, run.summary.matched)
-  for unfinished in scan.unfinished:
+
+
+def _warn_of_unfinished(runs: Sequence[Unfinished]) -> None:
+  for run in runs:
     _LOG.warning('ignoring %s: an unfinished run (no %s: still running, interrupted or '
-                 'failed)', unfinished.path, SUMMARY_FILE)
+                 'failed)', run.path, SUMMARY_FILE)
 
 
 def find_runs(paths_or_globs: Union[str, Sequence[str]], missing_ok: bool = False) -> List[Run]:
@@ -211,7 +213,8 @@ def find_runs(paths_or_globs: Union[str, Sequence[str]], missing_ok: bool = Fals
   if isinstance(paths_or_globs, str):
     paths_or_globs = [paths_or_globs]
   scan = scan_runs(paths_or_globs, missing_ok)
-  warn_of_unread(scan)
+  warn_of_failed(scan.failed)
+  _warn_of_unfinished(scan.unfinished)
   if not scan.finished and not missing_ok:
     held = [f'{u.path} holds an unfinished run (no {SUMMARY_FILE}: still running, interrupted '
             'or failed)' for u in scan.unfinished] + [

@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
                                                   TestOptions, WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
-from embeddings.runs import scan_runs, warn_of_unread
+from embeddings.runs import scan_runs, warn_of_failed
 from models.description import ModelDescription, describe_model
 from models.handles import ModelLoadError
 from pipeline.build import build_pipeline
@@ -121,7 +121,7 @@ def incremental_runs(patterns: List[str], output: str, allow_empty: bool,
   runs, empty, live, dead = {}, [], {}, {}
   for pattern in patterns:
     scan = scan_runs([pattern], missing_ok=True)
-    warn_of_unread(scan._replace(unfinished=[]))
+    warn_of_failed(scan.failed)
     found = [run for run in scan.finished if run.path != output]
     runs.update((run.path, run) for run in found)
     for unfinished in scan.unfinished:
