@@ -6,8 +6,8 @@ after it, and what the job costs as the rows grow.
    so no night supersedes another): the state night 11 reads (transforms.incremental.state_runs:
    runs, index rows, index bytes), the index rows and shards `load` reads, then the same after
    compacting the ten into one run and deleting them.
-2. The wall time and peak RSS (the job's process, DirectRunner) of compacting one run of 100k
-   and of 1M rows.
+2. The wall time, CPU time and peak RSS (the job's process, DirectRunner) of compacting one run
+   of 100k and of 1M rows (the in-memory runner needs about 6 GB for 1M 64-d rows).
 
     python -m benchmarks.bench_compact [--night_rows 20000] [--nights 10] \
         [--rows 100000 1000000] [--dimension 64]
