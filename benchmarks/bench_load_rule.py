@@ -1,9 +1,9 @@
 """What deciding a collection costs before any vector is read: seconds and peak memory of
 `embeddings.collection.vector_sources` over nightly runs of one folder.
 
-Night 1 embeds every file; each later night skips them all (as --incremental_from writes them), so
-every URI's decision follows the skip chain back to night 1, the worst case of the rule; the last
-night also lost 1% of the files (deleted: decided gone from the inputs). Only the indexes and
+Night 1 embeds every file; each later night skips them all (as --incremental_from writes them,
+with `vector_run` naming night 1, so each URI is decided at its newest row); the last night also
+lost 1% of the files (deleted: decided gone from the inputs). Only the indexes and
 summaries are written (the rule reads nothing else).
 
     python -m benchmarks.bench_load_rule [--files 200000] [--nights 10] [--scratch /tmp]
@@ -31,14 +31,18 @@ FOLDER = 'gs://photos/collection'
 
 def write_nights(scratch: str, files: int, nights: int) -> None:
   modified = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+  vector_run = os.path.join(scratch, 'night001')  # where the later nights' rows name the vector
   for night in range(1, nights + 1):
     kept = files if night < nights else files - files // 100
     table = pa.Table.from_pydict({
         'uri': [f'{FOLDER}/img{n:08d}.jpg' for n in range(kept)],
         'size_bytes': pa.array([100_000 + n for n in range(kept)], pa.int64()),
         'last_modified': pa.array([modified] * kept, INDEX_SCHEMA.field('last_modified').type),
+        'content_id': pa.nulls(kept, pa.string()),
         'sha256': pa.nulls(kept, pa.string()), 'model': [MODEL] * kept, 'recipe': [RECIPE] * kept,
         'outcome': [EMBEDDED if night == 1 else SKIPPED] * kept,
+        'done_outcome': pa.array([None if night == 1 else EMBEDDED] * kept, pa.string()),
+        'vector_run': pa.array([None if night == 1 else vector_run] * kept, pa.string()),
         'message': pa.nulls(kept, pa.string())}, INDEX_SCHEMA)
     directory = os.path.join(scratch, f'night{night:03d}')
     os.makedirs(directory)

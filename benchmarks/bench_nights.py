@@ -44,11 +44,13 @@ def _collection(folder: str, count: int):
 def _write_night(path: str, refs, template: RunSummary, night: int, earlier: list) -> None:
   os.makedirs(path)
   outcome = EMBEDDED if night == 1 else SKIPPED
+  first = os.path.join(os.path.dirname(path), '01')  # night 1 holds every vector
   rows = {'uri': [r.uri for r in refs], 'size_bytes': [r.size_bytes for r in refs],
           'last_modified': [r.last_modified for r in refs], 'content_id': [None] * len(refs),
           'sha256': [None] * len(refs), 'model': [template.model] * len(refs),
           'recipe': [template.recipe] * len(refs), 'outcome': [outcome] * len(refs),
           'done_outcome': [None if night == 1 else EMBEDDED] * len(refs),
+          'vector_run': [None if night == 1 else first] * len(refs),
           'message': [None] * len(refs)}
   table = pa.Table.from_pydict(
       {name: pa.array(rows[name], INDEX_SCHEMA.field(name).type) for name in INDEX_SCHEMA.names},

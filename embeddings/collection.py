@@ -1,68 +1,36 @@
 """Which run holds each URI's vector, over many finished runs: decided from the runs' indexes
 (a few small columns of `index-*.parquet`, never a vector) before any embedding shard is read.
 
-Runs are of one model and newest first (by `finished_at`). Per URI:
+Runs are of one model, finished with outcome `finished` (embeddings.runs.find_runs leaves out the
+others), and newest first (by `finished_at`). Per URI:
 - the newest run whose index has a row for it decides: `embedded`, that run's vector; a failure
-  (`read`, `decode`, `inference`), no vector; `skipped`, the vector of the newest older run that
+  (`read`, `decode`, `inference`), no vector; `skipped` with `done_outcome` decode, no vector;
+  `skipped` with a `vector_run` among the runs given, that run's vector; else (an index older than
+  `vector_run`, or its run not given: deleted, moved) the vector of the newest older run that
   embedded the same file version (same recipe, size, and content identity where both rows have
   one, else modification time: what --incremental_from compares), and none if that version was
-  undecodable or no run given embedded it;
+  undecodable or no run given embedded it (counted in one warning: the next night re-embeds them);
 - the URI is gone (deleted, renamed, left out of the manifest) when a run newer than the deciding
   one covered it (`covers`): that run's inputs would have matched the file, and did not;
 - with `history`, each URI's newest embedding, whatever later runs found.
+
+`SourceRule` is that rule for one row at a time, shared by `vector_sources` (streaming, newest run
+first) and the compaction job (jobs/compact.py, grouped by URI).
 """
 
 import logging
-from typing import Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import (Callable, Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence, Set,
+                    Tuple)
 
 from embeddings import storage
 from run_format import DECODE, EMBEDDED, READ, SKIPPED
-from run_format.patterns import first_glob, unescape
+from run_format.patterns import Inputs, inside as _inside
 
 _LOG = logging.getLogger(__name__)
 _VERSION_COLUMNS = ('size_bytes', 'last_modified', 'content_id', 'recipe')
+# What the rule reads of an index.
+_RULE_COLUMNS = ('uri', 'outcome', 'done_outcome', 'vector_run') + _VERSION_COLUMNS
 _BATCH_ROWS = 65_536
-
-
-def _inside(uri: str, folder: str) -> bool:
-  return uri == folder or uri.startswith(folder + '/')
-
-
-class Inputs(NamedTuple):
-  """What a run matched, as its summary records it."""
-  patterns: FrozenSet[str]  # --input as given, without a trailing '/'
-  literals: Tuple[str, ...]  # those without a glob, unescaped: a file, or a folder and all in it
-  reach: Tuple[Tuple[str, str], ...]  # (pattern, the literal or the folder before its first glob)
-  manifests: FrozenSet[str]
-  excludes: FrozenSet[str]
-
-  @classmethod
-  def of(cls, summary) -> 'Inputs':
-    patterns = [p.rstrip('/') for p in summary.input]
-    reach, literals = [], []
-    for pattern in patterns:
-      glob = first_glob(pattern)
-      fixed = unescape(pattern[:glob])
-      if glob == len(pattern):
-        literals.append(fixed)
-      reach.append((pattern, fixed if glob == len(pattern) else fixed[:fixed.rfind('/')]))
-    return cls(frozenset(patterns), tuple(literals), tuple(reach),
-               frozenset(summary.input_manifest), frozenset(summary.exclude))
-
-  def covers(self, earlier: 'Inputs', uri: str) -> bool:
-    """Whether a run with these inputs would have matched `uri`, which a run with `earlier`
-    inputs matched. Exact and cheap, so it says no when unsure: not if this run excludes what the
-    earlier did not; yes if `uri` is inside an input of this run without a glob (the file itself,
-    or a folder above it); else yes if every input of the earlier run that could have matched
-    `uri` (the file or a folder above it, a glob whose folder is above it, any manifest) is
-    given here again, the same. Runs that recorded no inputs cover nothing."""
-    if not self.excludes <= earlier.excludes:
-      return False
-    if any(_inside(uri, literal) for literal in self.literals):
-      return True
-    could = [pattern for pattern, base in earlier.reach if _inside(uri, base)]
-    return bool(could or earlier.manifests) and earlier.manifests <= self.manifests and all(
-        pattern in self.patterns for pattern in could)
 
 
 # A file version as an index row names it: (size_bytes, last_modified as microseconds,
@@ -84,12 +52,22 @@ def _same_file(skipped: _Version, done: _Version) -> bool:
   return skipped[1] == done[1]
 
 
+def _column(batch, name: str) -> list:
+  """A column as a list; nulls for a column an older index does not have."""
+  if name not in batch.schema.names:
+    return [None] * batch.num_rows
+  return batch.column(name).to_pylist()
+
+
 class _Batch:
-  """Index rows: URIs and outcomes as lists; the rows' file versions built only when asked for."""
+  """Index rows: URIs, outcomes and where a skipped row's vector is, as lists; the rows' file
+  versions built only when asked for."""
 
   def __init__(self, batch):
     self.uris = batch.column('uri').to_pylist()
     self.outcomes = batch.column('outcome').to_pylist()
+    self.done_outcomes = _column(batch, 'done_outcome')
+    self.vector_runs = _column(batch, 'vector_run')
     self._batch = batch
     self._versions: Optional[List[_Version]] = None
 
@@ -114,8 +92,7 @@ def _index_batches(run) -> Iterator[_Batch]:
   for info in storage.match(run.index_glob):
     with storage.open_file(info.path) as f:
       parquet = pq.ParquetFile(f)
-      present = [c for c in ('uri', 'outcome') + _VERSION_COLUMNS
-                 if c in parquet.schema_arrow.names]
+      present = [c for c in _RULE_COLUMNS if c in parquet.schema_arrow.names]
       for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=present):
         yield _Batch(batch)
 
@@ -129,12 +106,61 @@ def _listing_failed(uri: str, folders: Set[str]) -> bool:
   return False
 
 
+UNDECIDED = object()  # SourceRule.decide: look at older runs' rows
+GONE = object()  # SourceRule.decide: a newer run would have matched the file and did not
+
+
+class SourceRule:
+  """The rule above for one index row at a time. `unlisted[n]`: the folders run n could not list
+  (its `read` rows); `decide` needs those of the runs newer than the row's."""
+
+  def __init__(self, runs: Sequence, history: bool = False,
+               unlisted: Optional[List[Set[str]]] = None):
+    self.history = history
+    self.unlisted = [] if unlisted is None else unlisted
+    self._inputs = [Inputs.of(run.summary) for run in runs]
+    self._numbers = {run.path.rstrip('/'): number for number, run in enumerate(runs)}
+
+  def decide(self, uri: str, number: int, outcome: str, done_outcome: Optional[str],
+             vector_run: Optional[str], version: Callable[[], '_Version'],
+             waiting: Dict[str, '_Version']):
+    """Run `number`'s row for `uri`, the URI undecided by newer runs: the number of the run whose
+    vector it is, None for no vector (a failure), GONE, or UNDECIDED. `waiting` holds the version a newer run
+    skipped, for URIs whose vector an older run must have; `version()` gives this row's."""
+    if self.history:
+      return number if outcome == EMBEDDED else UNDECIDED
+    if uri in waiting:
+      if outcome in (EMBEDDED, DECODE) and _same_file(waiting[uri], version()):
+        del waiting[uri]
+        return number if outcome == EMBEDDED else None
+      return UNDECIDED
+    if number and any(self._inputs[newer].covers(self._inputs[number], uri) and
+                      not _listing_failed(uri, self.unlisted[newer]) for newer in range(number)):
+      return GONE
+    if outcome != SKIPPED:
+      return number if outcome == EMBEDDED else None
+    if done_outcome == DECODE:
+      return None
+    source = self._numbers.get((vector_run or '').rstrip('/'))
+    if source is not None and source > number:
+      return source
+    waiting[uri] = version()
+    return UNDECIDED
+
+
+def warn_of_missing(waiting: Dict[str, '_Version']) -> None:
+  if waiting:
+    _LOG.warning('%d skipped file(s) (e.g. %s) have no vector: the runs that embedded them (their '
+                 'index\'s vector_run) are not among those given, deleted or not named; the next '
+                 'night re-embeds them, or give those runs too', len(waiting), min(waiting))
+
+
 def vector_sources(runs: Sequence, history: bool = False) -> Dict[str, Set[str]]:
   """Run directory -> the URIs whose vector is that run's, by the rule above. `runs`: Run
   tuples of embeddings.runs, newest first."""
-  sources: Dict[str, Set[str]] = {run.path: set() for run in runs}
-  inputs = [Inputs.of(run.summary) for run in runs]
-  unlisted: List[Set[str]] = []  # per run read so far: the folders its listing failed on
+  paths = [run.path for run in runs]
+  sources: Dict[str, Set[str]] = {path: set() for path in paths}
+  rule = SourceRule(runs, history)
   decided: Set[str] = set()
   waiting: Dict[str, _Version] = {}  # skipped by a newer run: the version an older one embedded
   for number, run in enumerate(runs):
@@ -145,28 +171,13 @@ def vector_sources(runs: Sequence, history: bool = False) -> Dict[str, Set[str]]
           failed_folders.add(uri)
         if uri in decided:
           continue
-        if history:
-          if outcome == EMBEDDED:
-            decided.add(uri)
-            sources[run.path].add(uri)
-        elif uri in waiting:
-          if outcome in (EMBEDDED, DECODE) and _same_file(waiting[uri], batch.version(row)):
-            del waiting[uri]
-            decided.add(uri)
-            if outcome == EMBEDDED:
-              sources[run.path].add(uri)
-        elif number and any(inputs[newer].covers(inputs[number], uri) and
-                            not _listing_failed(uri, unlisted[newer]) for newer in range(number)):
-          decided.add(uri)  # gone: a newer run would have matched it
-        elif outcome == SKIPPED:
-          waiting[uri] = batch.version(row)
-        else:
-          decided.add(uri)
-          if outcome == EMBEDDED:
-            sources[run.path].add(uri)
-    unlisted.append(failed_folders)
-  if waiting:
-    _LOG.warning('%d skipped file(s) (e.g. %s) have no vector: the runs that embedded them are not '
-                 'among those given (give the runs their --incremental_from named too)',
-                 len(waiting), min(waiting))
+        source = rule.decide(uri, number, outcome, batch.done_outcomes[row],
+                             batch.vector_runs[row], lambda: batch.version(row), waiting)
+        if source is UNDECIDED:
+          continue
+        decided.add(uri)
+        if source is not None and source is not GONE:
+          sources[paths[source]].add(uri)
+    rule.unlisted.append(failed_folders)
+  warn_of_missing(waiting)
   return sources

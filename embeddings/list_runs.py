@@ -7,6 +7,10 @@ Exit 0 when every listed run finished with outcome "finished", 3 when one finish
 failures than its --max_failed_fraction allowed, 1 when one is unfinished (claimed, no summary:
 running, interrupted or failed), 2 when the arguments name no run directory at all; so a
 scheduler can check a night's run with the run's directory as the argument.
+
+An unfinished run is `running` or `dead` by the launcher's rule (embeddings.runs.Unfinished). A finished run whose index names, for skipped files, a `vector_run` that is no longer
+a finished run (deleted by a retention rule, say) counts those files as `lost`: `load` has no
+vector for them until the next night embeds them again.
 """
 
 import argparse
@@ -15,11 +19,12 @@ import sys
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 from embeddings import storage
-from embeddings.runs import parse_command
-from run_format import CLAIM_FILE, FINISHED, SUMMARY_FILE, TOO_MANY_FAILURES
+from embeddings.runs import Unfinished, parse_command
+from run_format import (CLAIM_FILE, EMBEDDED, FINISHED, INDEX_GLOB, SKIPPED, SUMMARY_FILE,
+                        TOO_MANY_FAILURES)
 
 UNFINISHED = 'unfinished'
-COUNTS = ('matched', 'embedded', 'skipped', 'failed')
+COUNTS = ('matched', 'embedded', 'skipped', 'failed', 'lost')
 EXIT_CODES = {FINISHED: 0, TOO_MANY_FAILURES: 3, UNFINISHED: 1}
 
 
@@ -42,16 +47,43 @@ def _read_json(path: str) -> dict:
     return {}
 
 
+def lost_vectors(directory: str) -> int:
+  """Skipped rows of the run's index whose vector_run holds no finished run any more."""
+  import pyarrow.compute as pc
+  import pyarrow.parquet as pq
+  lost, present = 0, {}
+  for info in storage.match(storage.join(directory, INDEX_GLOB)):
+    with storage.open_file(info.path) as f:
+      parquet = pq.ParquetFile(f)
+      if 'vector_run' not in parquet.schema_arrow.names:
+        continue
+      table = parquet.read(columns=['outcome', 'done_outcome', 'vector_run'])
+    carried = table.filter(pc.and_(pc.equal(table.column('outcome'), SKIPPED),
+                                   pc.equal(table.column('done_outcome'), EMBEDDED)))
+    for counted in pc.value_counts(carried.column('vector_run')).to_pylist():
+      run, count = counted['values'], counted['counts']
+      if run is None:
+        continue
+      if run not in present:
+        present[run] = storage.exists(storage.join(run, SUMMARY_FILE))
+      lost += 0 if present[run] else count
+  return lost
+
+
 def _state(directory: str, has_summary: bool) -> RunState:
   if has_summary:
     summary = _read_json(storage.join(directory, SUMMARY_FILE))
-    return RunState(directory, summary.get('outcome', FINISHED),
-                    {name: summary.get(name) for name in COUNTS}, summary.get('model'),
-                    f'finished {summary.get("finished_at", "?")}')
+    counts = dict({name: summary.get(name) for name in COUNTS}, lost=lost_vectors(directory))
+    return RunState(directory, summary.get('outcome', FINISHED), counts, summary.get('model'),
+                    f'finished {summary.get("finished_at", "?")}' +
+                    (f'; {counts["lost"]} skipped file(s) whose vector_run is gone: the next '
+                     'night embeds them again' if counts['lost'] else ''))
   claim = _read_json(storage.join(directory, CLAIM_FILE))
+  alive = Unfinished(directory, claim).alive()
   return RunState(directory, UNFINISHED, dict.fromkeys(COUNTS), claim.get('model'),
                   f'claimed {claim.get("started_at", "?")} by {claim.get("host", "?")} pid '
-                  f'{claim.get("pid", "?")}: running, interrupted or failed')
+                  f'{claim.get("pid", "?")}, last heartbeat {claim.get("heartbeat_at", "none")}: '
+                  + ('running' if alive else 'dead (interrupted or failed)'))
 
 
 def list_runs(patterns: Sequence[str]) -> List[RunState]:

@@ -11,6 +11,7 @@ from run_format import RunLaunch
 from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages, ImageEmbeddingModelHandler
 from transforms.failures import FAILURES_TAG
+from transforms.heartbeat import Heartbeat
 from transforms.incremental import SkipUnchanged
 from transforms.provenance import Provenance
 from transforms.read import MatchFiles, ReadImages
@@ -66,9 +67,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
       options.input or (), options.input_manifest or (), options.exclude or (), options.output,
       deduplicate=not incremental_indexes)
   refs = matched['refs']
+  _ = refs | 'Heartbeat' >> Heartbeat(options.output)
   if incremental_indexes:
-    split = refs | 'SkipUnchanged' >> SkipUnchanged(incremental_indexes, provenance,
-                                                    options.retry_failed)
+    split = refs | 'SkipUnchanged' >> SkipUnchanged(
+        incremental_indexes, provenance, options.retry_failed, summary_fields.source_runs)
     to_read, skipped = split.new, split.skipped
     refs = (to_read, skipped | 'SkippedRefs' >> beam.Map(lambda skipped: skipped.ref)) \
         | 'UniqueRefs' >> beam.Flatten()

@@ -86,6 +86,8 @@ NOTES: Dict[str, FlagNotes] = {
                          'launching process, so the command still returns only when it is done, '
                          'without reading the summary.'),
     'clean_unfinished': FlagNotes('--clean_unfinished', 'What it deletes is logged.'),
+    'allow_concurrent': FlagNotes('--allow_concurrent', 'Which runs count as live: '
+                                  '[reliability](reliability.md#nightly-state-that-stays-right).'),
     'skip_if_finished': FlagNotes('--skip_if_finished', 'Makes a loop over chunks rerunnable: '
                                   '[backfill](running.md#a-very-large-backfill-in-chunks).'),
     'max_failed_fraction': FlagNotes('--max_failed_fraction 0.01', '[Exit codes](running.md#exit-codes) '

@@ -8,6 +8,7 @@ Exit codes: 0 the run finished (some images may be in its failures, within
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 from typing import Dict, List, Optional
+from typing import Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -23,7 +25,7 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
                                                   TestOptions, WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
-from embeddings.runs import find_runs
+from embeddings.runs import scan_runs, warn_of_failed
 from models.description import ModelDescription, describe_model
 from models.handles import ModelLoadError
 from pipeline.build import build_pipeline
@@ -31,6 +33,8 @@ from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
                               check_known_flags, expand_output, validate)
 from pipeline.output_dir import (OutputExistsError, OutputNotWritableError, check_output_is_new,
                                  claim_output, stale_temp_files)
+from pipeline.output_dir import delete_temp_folders
+from run_format import CLAIM_STALE_SECONDS, TEMP_FOLDERS
 from run_format import (CLAIM_FILE, FAILURES_PREFIX, FAILURES_SUFFIX, FINISHED, SUMMARY_FILE,
                         IncompatibleRunError, RunLaunch, RunSummary, shard_glob, utc_now)
 from transforms import quiet_logs
@@ -104,24 +108,47 @@ def check_google_credentials(paths: List[Optional[str]]) -> None:
         'Cloud Composer, Cloud Run); public buckets need them too') from exc
 
 
-def incremental_runs(patterns: List[str], output: str, allow_empty: bool) -> List:
-  """The finished runs that the --incremental_from patterns name, `output` itself aside. A
-  pattern that names none is most often a typo, so it is refused unless `allow_empty` (the first
-  night of a schedule, before any run finished)."""
+def incremental_runs(patterns: List[str], output: str, allow_empty: bool,
+                     allow_concurrent: bool = False) -> Tuple[List, List]:
+  """(the finished runs that the --incremental_from patterns name, `output` itself aside; the
+  dead unfinished runs among them). A pattern that names no run is most often a typo, so it is
+  refused unless `allow_empty` (the first night of a schedule, before any run finished). A run
+  that ended too_many_failures is named in a warning and not read. A live unfinished run (its job
+  still rewrites its claim) is refused unless `allow_concurrent`: this run would embed again what
+  that one is embedding; a dead one is named in a warning."""
   if not patterns:
-    return []
-  runs, empty = {}, []
+    return [], []
+  runs, empty, live, dead = {}, [], {}, {}
   for pattern in patterns:
-    found = [run for run in find_runs([pattern], missing_ok=True) if run.path != output]
+    scan = scan_runs([pattern], missing_ok=True)
+    warn_of_failed(scan.failed)
+    found = [run for run in scan.finished if run.path != output]
     runs.update((run.path, run) for run in found)
-    if not found:
+    for unfinished in scan.unfinished:
+      if unfinished.path != output:
+        (live if unfinished.alive() else dead)[unfinished.path] = unfinished
+    if not found and not scan.failed:
       empty.append(pattern)
+  if live and not allow_concurrent:
+    raise OptionsError(
+        f'--incremental_from names {len(live)} run(s) still going: '
+        f'{", ".join(u.describe() for u in live.values())}; this run would embed again what '
+        'it is embedding. Wait for it to finish, or add --allow_concurrent (a claim its job has '
+        f'not rewritten for {CLAIM_STALE_SECONDS // 60} min counts as a dead run)')
+  for unfinished in dead.values():
+    logging.warning('--incremental_from: %s is a dead run (no %s, claim not rewritten for %d '
+                    'min): not read; its files are embedded again. `python -m '
+                    'embeddings.list_runs` lists it; --clean_unfinished with it as --output '
+                    'deletes what it wrote', unfinished.describe(), SUMMARY_FILE,
+                    CLAIM_STALE_SECONDS // 60)
+  if live:
+    logging.warning('--allow_concurrent: %s still going', ', '.join(live))
   if empty and not allow_empty:
     raise OptionsError(
         f'--incremental_from {" ".join(empty)} matches no finished run (a directory holding '
         f'{SUMMARY_FILE}): check the pattern, or add --allow_no_earlier_runs when no run has '
         'finished yet (the first night of a schedule)')
-  return sorted(runs.values(), key=lambda run: run.path)
+  return sorted(runs.values(), key=lambda run: run.path), sorted(dead)
 
 
 def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
@@ -271,14 +298,16 @@ def run(argv: Optional[List[str]] = None) -> Dict:
       return check_outcome(finished)
   check_inputs_match(embedding.input, embedding.exclude or (), embedding.output)
   check_manifests_exist(embedding.input_manifest)
-  named = incremental_runs(embedding.incremental_from or [], embedding.output,
-                           embedding.allow_no_earlier_runs)
+  named, dead = incremental_runs(embedding.incremental_from or [], embedding.output,
+                                 embedding.allow_no_earlier_runs, embedding.allow_concurrent)
   runs = state_runs(named, provenance.model, provenance.recipe)
   if embedding.incremental_from:
     logging.info('--incremental_from: %d finished runs; reading the %d that hold the state',
                  len(named), len(runs))
   indexes = sorted(run.index_glob for run in runs)
-  launch = launch_record(embedding, options, model_description, provenance, started_at, runs)
+  launch = dataclasses.replace(
+      launch_record(embedding, options, model_description, provenance, started_at, runs),
+      source_runs=[run.path for run in named])
   dry_run = options.view_as(TestOptions).dry_run
   if dry_run:
     check_output_is_new(embedding.output)
@@ -288,6 +317,11 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     if deleted:
       logging.warning('--clean_unfinished: deleted what the unfinished run in %s had written: '
                       '%s', embedding.output, ', '.join(deleted))
+    for directory in dead:
+      removed = delete_temp_folders(directory)
+      if removed:
+        logging.warning('deleted the %s folders the dead run %s left: %s', TEMP_FOLDERS,
+                        directory, ', '.join(removed))
   _prepare_remote_workers(options)
   logging.info('embedding %s with %s (%dx%d -> %d) into %s', embedding.input or
                embedding.input_manifest, model_description.model_id, model_description.height,

@@ -155,6 +155,10 @@ class EmbeddingOptions(PipelineOptions):
                        '"too_many_failures") when more than this fraction of the matched images '
                        'failed: a wrong model or input, an unreadable bucket. 0 to 1; 1 never '
                        'fails. Default %(default)s.')
+    group.add_argument('--allow_concurrent', action='store_true', default=False,
+                       help='Launch even when an --incremental_from run is still going (its job '
+                       'rewrote its claim within the last hour): by default refused (exit 2), '
+                       'as both would embed the same new images.')
 
 
 def all_flags_parser() -> argparse.ArgumentParser:

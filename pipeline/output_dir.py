@@ -93,8 +93,10 @@ def _claim_local(path: str, body: bytes) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
   except FileExistsError as exc:
     raise _AlreadyClaimed() from exc
-  except (NotADirectoryError, PermissionError) as exc:
-    raise OutputNotWritableError(f'--output {folder} cannot be written: {exc}') from exc
+  except OSError as exc:  # not a directory, no permission, a read-only or full file system
+    raise OutputNotWritableError(f'--output {folder} cannot be written: {exc.strerror or exc}'
+                                 f' ({type(exc).__name__}); name a directory you may write '
+                                 'to') from exc
   with os.fdopen(descriptor, 'wb') as f:
     f.write(body)
 
@@ -166,11 +168,20 @@ def _delete_unfinished(output: str) -> List[str]:
   suffixes of its claim's output format, and Beam's temporary folders; nothing else."""
   claim = _join(output, CLAIM_FILE)
   files = [p for p in _run_files(output, _read_claim(output).get('output_format')) if p != claim]
-  temp = stale_temp_files(output)
-  if files or temp.deletable:
-    FileSystems.delete(files + temp.deletable)
+  if files:
+    FileSystems.delete(files)
+  folders = delete_temp_folders(output)
   FileSystems.delete([claim])
-  return files + [folder + '/' for folder in temp.folders] + [claim]
+  return files + folders + [claim]
+
+
+def delete_temp_folders(run_directory: str) -> List[str]:
+  """Deletes the beam-temp-* folders of exactly the name Beam's sinks give them (a dead run's
+  partial shards, up to the size of its embeddings) and nothing else; returns them."""
+  temp = stale_temp_files(run_directory)
+  if temp.deletable:
+    FileSystems.delete(temp.deletable)
+  return [folder + '/' for folder in temp.folders]
 
 
 def _claim_holder(output: str) -> str:

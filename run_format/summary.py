@@ -44,6 +44,9 @@ class RunLaunch:
   # whether its own index carries their done files forward (so that it supersedes them).
   incremental_runs: List[str] = dataclasses.field(default_factory=list)
   index_carries_forward: bool = False
+  # Every finished run --incremental_from named: where a done file's vector may be (its index
+  # row's vector_run); a row naming a run outside these is embedded again. Absent before 0.4.
+  source_runs: List[str] = dataclasses.field(default_factory=list)
   output: str
   output_format: str
   max_failed_fraction: Optional[float] = None  # absent from older summaries

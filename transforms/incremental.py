@@ -2,10 +2,13 @@
 
 The nightly state is the index itself. Every run's index has one row for each file it matched, and
 the row of a file it skipped carries the version an earlier run finished with (`done_outcome`:
-embedded, or decode when the file could not be decoded), so the newest finished run's index is the
-state of everything that run matched. A run therefore reads only the earlier runs that no newer
-one superseded (`state_runs`): on a nightly schedule over the same inputs, last night's index,
-about one collection's rows however many nights there were. Rows are filtered as Arrow batches
+embedded, or decode when the file could not be decoded) and the run that holds its vector
+(`vector_run`), so the newest finished run's index is the state of everything that run matched.
+A run therefore reads only the earlier runs that no newer one superseded (`state_runs`): on a
+nightly schedule over the same inputs, last night's index, about one collection's rows however
+many nights there were. Only runs with outcome `finished` are state (embeddings.runs.scan_runs);
+a done row whose `vector_run` is not among the finished runs --incremental_from names (deleted by
+a retention rule, say) is not done: its file is embedded again. Rows are filtered as Arrow batches
 (this model and recipe, a done outcome) before any Python object is made, and the listing joins
 them in one shuffle on the URI, which also keeps one of each URI the inputs named more than once.
 
@@ -24,6 +27,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from run_format import DECODE, EMBEDDED, INCREMENTAL_COLUMNS, SKIPPED
+from run_format.patterns import Inputs
 from transforms.provenance import Provenance
 
 METRICS_NAMESPACE = 'incremental'
@@ -36,28 +40,38 @@ class DoneVersion(NamedTuple):
   last_modified: Optional[int]  # microseconds since the Unix epoch, UTC
   content_id: Optional[str]
   outcome: str  # EMBEDDED or DECODE
+  vector_run: Optional[str]  # EMBEDDED: the run directory holding the vector (None: an index
+  # older than vector_run, which cannot say)
 
 
 class SkippedFile(NamedTuple):
   ref: object  # the FileRef of this run's listing
   done_outcome: str  # what the earlier run did with it
+  vector_run: Optional[str] = None  # where its vector is (done_outcome EMBEDDED)
 
 
 def state_runs(runs: Iterable, model: str, recipe: str) -> List:
   """The earlier finished runs (embeddings.runs.Run) a run must read: of those with this model and
   recipe (no other can make a file skippable), newest first, each that no newer one superseded.
 
-  A run supersedes the runs it read itself (and, through them, what those superseded): its index
-  carried forward every done file it matched."""
+  A run supersedes a run it read itself (and, through it, what that one superseded) only when
+  its inputs cover the other's whole (collection.Inputs.covers_all): its index then carried
+  forward every done file the other held. A narrow backfill or a delta manifest supersedes
+  nothing, so the next full night still reads the wide run it read."""
   same = sorted((run for run in runs if run.summary.model == model and
                  run.summary.recipe == recipe), key=lambda run: run.summary.started_at,
                 reverse=True)
+  by_path = {run.path: run for run in same}
   superseded, chosen = set(), []
   for run in same:
     if run.path not in superseded:
       chosen.append(run)
     if run.summary.index_carries_forward:
-      superseded.update(read.rstrip('/') for read in run.summary.incremental_runs)
+      inputs = Inputs.of(run.summary)
+      for read in run.summary.incremental_runs:
+        earlier = by_path.get(read.rstrip('/'))
+        if earlier is not None and inputs.covers_all(Inputs.of(earlier.summary)):
+          superseded.add(earlier.path)
   return sorted(chosen, key=lambda run: run.path)
 
 
@@ -71,24 +85,28 @@ def _done_mask(batch: pa.RecordBatch, provenance: Provenance, outcomes: Sequence
 
 
 def _with_every_column(batch: pa.RecordBatch) -> pa.RecordBatch:
-  """Indexes of 0.2 have no content_id or done_outcome: nulls."""
-  for name in ('content_id', 'done_outcome'):
+  """Indexes of 0.2 have no content_id or done_outcome, of 0.3 no vector_run: nulls."""
+  for name in ('content_id', 'done_outcome', 'vector_run'):
     if name not in batch.schema.names:
       batch = batch.append_column(name, pa.nulls(batch.num_rows, pa.string()))
   return batch
 
 
 class _ReadDone(beam.DoFn):
-  """One index file -> (uri, DoneVersion) of the files done with this model and recipe."""
+  """One index file -> (uri, DoneVersion) of the files done with this model and recipe, whose
+  vector (if embedded) is in one of `vector_runs`: a row naming another run is not done."""
 
-  def __init__(self, provenance: Provenance, retry_failed: bool):
+  def __init__(self, provenance: Provenance, retry_failed: bool, vector_runs: Sequence[str]):
     self._provenance = provenance
     self._outcomes = [EMBEDDED] if retry_failed else [EMBEDDED, DECODE]
+    self._vector_runs = frozenset(run.rstrip('/') for run in vector_runs)
     self._rows = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'index_rows_read')
     self._bytes = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'index_bytes_read')
     self._kept = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'index_rows_done')
+    self._lost = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'vector_run_missing')
 
   def process(self, path: str):
+    run = path.rsplit('/', 1)[0]
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
       parquet = pq.ParquetFile(f)
       present = [c for c in INCREMENTAL_COLUMNS if c in parquet.schema_arrow.names]
@@ -103,9 +121,17 @@ class _ReadDone(beam.DoFn):
                              kept.column('done_outcome'), kept.column('outcome'))
         columns = [kept.column('uri'), kept.column('size_bytes'),
                    kept.column('last_modified').cast(pa.int64()), kept.column('content_id'),
-                   outcome]
-        for uri, size, modified, content, done in zip(*(c.to_pylist() for c in columns)):
-          yield uri, DoneVersion(size, modified, content, done)
+                   outcome, kept.column('outcome'), kept.column('vector_run')]
+        for uri, size, modified, content, done, own, vector_run in zip(
+            *(c.to_pylist() for c in columns)):
+          if done == EMBEDDED:
+            vector_run = run if own == EMBEDDED else vector_run
+            if vector_run is not None and vector_run.rstrip('/') not in self._vector_runs:
+              self._lost.inc()
+              continue
+          else:
+            vector_run = None
+          yield uri, DoneVersion(size, modified, content, done, vector_run)
 
 
 def _same_version(ref, done: DoneVersion) -> bool:
@@ -133,19 +159,22 @@ class _NewOrChanged(beam.DoFn):
       yield ref
     else:
       self._skipped.inc()
-      yield beam.pvalue.TaggedOutput('skipped', SkippedFile(ref, done.outcome))
+      yield beam.pvalue.TaggedOutput('skipped', SkippedFile(ref, done.outcome, done.vector_run))
 
 
 class SkipUnchanged(beam.PTransform):
   """FileRef (repeats allowed) -> FileRef to embed (main) and SkippedFile (tag 'skipped'), each
-  URI once."""
+  URI once. `vector_runs`: the run directories whose vectors count (default: those of the
+  indexes)."""
 
   def __init__(self, index_globs: Sequence[str], provenance: Provenance,
-               retry_failed: bool = False):
+               retry_failed: bool = False, vector_runs: Optional[Sequence[str]] = None):
     super().__init__()
     self._index_globs = list(index_globs)
     self._provenance = provenance
     self._retry_failed = retry_failed
+    self._vector_runs = list(vector_runs if vector_runs is not None else
+                             (glob.rsplit('/', 1)[0] for glob in self._index_globs))
 
   def expand(self, refs):
     done = (refs.pipeline
@@ -153,7 +182,8 @@ class SkipUnchanged(beam.PTransform):
             | 'IndexFiles' >> beam.FlatMap(
                 lambda glob: [m.path for m in FileSystems.match([glob])[0].metadata_list])
             | 'SpreadIndexFiles' >> beam.Reshuffle()
-            | 'ReadDone' >> beam.ParDo(_ReadDone(self._provenance, self._retry_failed)))
+            | 'ReadDone' >> beam.ParDo(_ReadDone(self._provenance, self._retry_failed,
+                                              self._vector_runs)))
     current = refs | 'KeyByUri' >> beam.Map(lambda ref: (ref.uri, ref))
     return ({'current': current, 'done': done}
             | 'JoinOnUri' >> beam.CoGroupByKey()

@@ -228,11 +228,11 @@ class WriteFailures(beam.PTransform):
 def _index_row(uri: str, size_bytes: Optional[int], last_modified: Optional[int],
                content_id: Optional[str], sha256: Optional[str], provenance: Provenance,
                outcome: str, message: Optional[str] = None,
-               done_outcome: Optional[str] = None) -> dict:
+               done_outcome: Optional[str] = None, vector_run: Optional[str] = None) -> dict:
   return {'uri': uri, 'size_bytes': size_bytes, 'last_modified': last_modified,
           'content_id': content_id, 'sha256': sha256, 'model': provenance.model,
           'recipe': provenance.recipe, 'outcome': outcome, 'done_outcome': done_outcome,
-          'message': message}
+          'vector_run': vector_run, 'message': message}
 
 
 def embedded_index_row(embedding: Embedding, provenance: Provenance) -> dict:
@@ -250,7 +250,7 @@ def skipped_index_row(skipped, provenance: Provenance) -> dict:
   """transforms/incremental.py's SkippedFile: this listing's version, and what was done."""
   ref = skipped.ref
   return _index_row(ref.uri, ref.size_bytes, ref.last_modified, ref.content_id, None, provenance,
-                    SKIPPED, done_outcome=skipped.done_outcome)
+                    SKIPPED, done_outcome=skipped.done_outcome, vector_run=skipped.vector_run)
 
 
 class WriteIndex(beam.PTransform):
