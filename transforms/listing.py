@@ -552,18 +552,20 @@ def list_piece(listing: Listing) -> Iterator[Listed]:
     try:
       for page in store.pages(listing, cursor):
         pages += 1
-        listed = _keep(listing, page, regex, excludes, cursor)
-        last = _last_entry(page, cursor, listing.upto)
+        # Local walks are not in name order: only remote pages are kept from the cursor on.
+        lower = cursor if store.resumable else listing.after
+        listed = _keep(listing, page, regex, excludes, lower)
+        last = _last_entry(page, lower, listing.upto)
         beyond = listing.upto is not None and any(
             e > listing.upto for e in [ref.uri for ref in page.refs] + page.prefixes)
         if last is not None:
           first, cursor = first or min(
               e for e in [ref.uri for ref in page.refs] + page.prefixes
               if _in_range(e, listing.after, listing.upto)), last
-        if beyond or not page.more:
+        if beyond:
           yield listed
           return
-        if pages >= listing.piece_pages and first is not None and first != cursor:
+        if page.more and pages >= listing.piece_pages and first is not None and first != cursor:
           yield listed._replace(pieces=listed.pieces + cut(listing, first, cursor))
           return
         yield listed
