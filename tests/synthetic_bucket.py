@@ -81,9 +81,10 @@ class SyntheticBuckets(FaultProxy):
   STORAGE_EMULATOR_HOST (GCS) or --s3_endpoint_url (S3) at `server.url`."""
 
   def __init__(self, buckets: Dict[str, SyntheticNames], upstream: str = NO_UPSTREAM,
-               lifetime: float = 3600.0, **faults):
+               lifetime: float = 3600.0, list_latency: float = 0.0, **faults):
     super().__init__(upstream, lifetime=lifetime, **faults)
     self.buckets = buckets
+    self.list_latency = list_latency  # seconds before each list page is answered (a real store's)
     # (bucket, prefix, delimiter, page token, start offset): one entry per list request answered
     self.listings: List[Tuple[str, str, str, str, str]] = []
 
@@ -168,6 +169,7 @@ class _SyntheticHandler(_ProxyHandler):
     return self._json(200, self._gcs_resource(bucket, name, index))
 
   def _gcs_list(self, bucket: str, names: SyntheticNames, query: dict):
+    time.sleep(self.owner.list_latency)
     start = query.get('startOffset', '')
     self.owner.listings.append((bucket, query.get('prefix', ''), query.get('delimiter', ''),
                                 query.get('pageToken', ''), start))
@@ -195,6 +197,7 @@ class _SyntheticHandler(_ProxyHandler):
     self.end_headers()
 
   def _s3_list(self, bucket: str, names: SyntheticNames, query: dict):
+    time.sleep(self.owner.list_latency)
     prefix, delimiter = query.get('prefix', ''), query.get('delimiter', '')
     token, after = query.get('continuation-token', ''), query.get('start-after', '')
     self.owner.listings.append((bucket, prefix, delimiter, token, after))
