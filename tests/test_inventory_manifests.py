@@ -4,15 +4,25 @@ GCS Storage Insights; `bucket`+`key` of S3 Inventory, CSV and Parquet); a row wh
 changed is embedded again; each image costs one request to read."""
 
 import csv
+import datetime
+import gzip
+import os
+import subprocess
+import sys
 import uuid
 
+import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.launcher import run
 from tests.fault_proxy import FaultProxy
+from transforms.listing import FileRef, microseconds
+from transforms.read import MatchFiles
 
 TINY = '--model=builtin:pnasnet_tiny'
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_csv(path, header, rows):
@@ -91,3 +101,31 @@ def test_s3_inventory_csv_and_parquet_rows_need_no_look_up(s3_server, image_fold
   assert (summary['matched'], summary['embedded'], summary['failed']) == (3, 3, 0)
   assert not proxy.metadata_requests
   assert dict(proxy.downloads) == {f'{bucket}/{key}': 1 for key in keys}
+
+
+def test_the_documented_duckdb_lines_write_inventories_read_without_a_request(tmp_path):
+  """docs/running.md's `inventory-*.csv` lines, run as printed on an S3 Inventory part (no
+  header, URL-encoded keys, gzip) and a Storage Insights report: every row a FileRef as listed."""
+  docs = open(os.path.join(PROJECT, 'docs', 'running.md')).read()
+  lines = [line for line in docs.splitlines()
+           if line.startswith('python -c "import duckdb') and 'inventory-' in line]
+  assert len(lines) == 2
+  (tmp_path / 'inventory').mkdir()
+  with gzip.open(tmp_path / 'inventory' / 'part-0.csv.gz', 'wt') as f:
+    f.write('"photos","cam/IMG%20001.JPG","1234","2026-11-30T01:02:03.000Z","abc"\n'
+            '"photos","cam/notes.txt","10","2026-11-30T01:02:03.000Z","def"\n')
+  (tmp_path / 'report').mkdir()
+  (tmp_path / 'report' / 'r.csv').write_text(
+      'bucket,name,size,crc32c,md5Hash,updated\n'
+      'shots,a/x.jpg,5,AAAAAA==,bWQ1,2026-11-30T01:02:03.456Z\n')
+  for line in lines:
+    result = subprocess.run(['bash', '-c', line.replace('python -c', f'{sys.executable} -c', 1)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+  when = datetime.datetime(2026, 11, 30, 1, 2, 3, tzinfo=datetime.timezone.utc)
+  expected = [FileRef('s3://photos/cam/IMG 001.JPG', 1234, microseconds(when), 'etag:abc'),
+              FileRef('gs://shots/a/x.jpg', 5, microseconds(when) + 456_000, 'crc32c:AAAAAA==')]
+  with beam.Pipeline() as pipeline:
+    matched = pipeline | MatchFiles([], [str(tmp_path / 'inventory-s3.csv'),
+                                         str(tmp_path / 'inventory-gs.csv')])
+    assert_that(matched['refs'], equal_to(expected))
