@@ -313,7 +313,7 @@ class _InventoryRows(beam.DoFn):
             f'a row of manifest {self._found.pattern} names no object: {str(row)[:200]}'))
       elif found.ref is not None:
         self._described.inc()
-        yield found.ref
+        yield found.ref._replace(uri=normalize_input(found.ref.uri))
       else:
         self._looked_up.inc()
         yield beam.pvalue.TaggedOutput(_LOOK_UP_TAG, normalize_input(found.uri))
