@@ -6,8 +6,9 @@ becomes a `Listing` (where to start, what to keep), and a listing is cut into pi
 lists on any worker:
 - the first folder level under the input is listed with a delimiter, and each sub-folder becomes a
   piece of its own;
-- a piece is a name range (`after`, `upto`] of one prefix, and lists at most `piece_pages` pages.
-  A piece that still has pages left then cuts the rest of its range into pieces at name points
+- a piece is a name range (`after`, `upto`] of one prefix, and lists at most `piece_pages` pages
+  (a whole prefix, a tenth of that, so that a large one spreads early). A piece that still has
+  pages left then cuts the rest of its range into pieces at name points
   spaced by what it saw (the first cut as wide as the names it listed, each next one wider), so a
   flat prefix of any size spreads over workers within a few rounds, each name in one piece only.
   The stores list from a name (GCS `startOffset`, S3 `StartAfter`), and every entry is also kept
@@ -46,6 +47,7 @@ PAGE_SIZE = 1000
 # into how many pieces at most; a page that fails after the client's retries is asked again this
 # many times by its piece.
 PIECE_PAGES = 100
+FIRST_CUT_DIVISOR = 10  # a whole prefix (no piece cut yet) is cut after 10 pages
 CUT_WAYS = 16
 PAGE_ATTEMPTS = 3
 # Names this tool writes into a run directory (run_format's shard names: prefix, Beam's
@@ -548,6 +550,9 @@ def list_piece(listing: Listing) -> Iterator[Listed]:
   regex, excludes = re.compile(listing.regex), [re.compile(e) for e in listing.excludes]
   store = store_for(listing.prefix)
   cursor, first, pages, failures = listing.after, None, 0, 0
+  # A whole prefix that turns out large is cut early, so that other workers start on it soon.
+  budget = listing.piece_pages if listing.after or listing.upto else \
+      max(1, listing.piece_pages // FIRST_CUT_DIVISOR)
   while True:
     try:
       for page in store.pages(listing, cursor):
@@ -565,7 +570,7 @@ def list_piece(listing: Listing) -> Iterator[Listed]:
         if beyond:
           yield listed
           return
-        if page.more and pages >= listing.piece_pages and first is not None and first != cursor:
+        if page.more and pages >= budget and first is not None and first != cursor:
           yield listed._replace(pieces=listed.pieces + cut(listing, first, cursor))
           return
         yield listed
