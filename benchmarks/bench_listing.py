@@ -14,7 +14,10 @@ OBJECTS generated names under PREFIXES first-level prefixes, pages of 1,000, not
   python benchmarks/bench_listing.py flat --objects 1000000 --workers 1 4 --latency 0.03
       a flat prefix (one folder, no sub-folders) of OBJECTS names, each list page answered after
       LATENCY seconds, as a real bucket does: the MatchFiles stage on N workers, the pieces it
-      cut the prefix into, its list requests, wall time and peak RSS.
+      cut the prefix into, its list requests, wall time and peak RSS. With --pool, the listing
+      alone (no Beam): the pieces of each round listed by a pool of N processes, round after
+      round, as the MatchFiles stages do; this shows the listing's own parallelism where Beam's
+      local runner (every element through its shuffles) dominates.
   python benchmarks/bench_listing.py inventory --objects 1000000
       a Storage Insights CSV of OBJECTS rows (1% of them changed since the earlier run's index of
       OBJECTS rows): MatchFiles, the incremental join and the read of what changed, one worker;
@@ -84,6 +87,34 @@ def child_pipeline(scheme: str, workers: int, options: list, out: str,
          | beam.combiners.Count.Globally()
          | beam.io.WriteToText(out))
   print(json.dumps(_peak_rss()))
+
+
+def _piece_files(listing) -> tuple:
+  from transforms.listing import list_piece
+  files, pieces = 0, []
+  for listed in list_piece(listing):
+    files += len(listed.refs)
+    pieces.extend(listed.pieces)
+  return files, pieces
+
+
+def child_pool(scheme: str, workers: int, options: list, pattern: str) -> None:
+  """The listing alone, its pieces spread over a pool of processes round by round."""
+  import multiprocessing
+  from apache_beam.io.filesystems import FileSystems
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from transforms.listing import plan_listing
+  FileSystems.set_options(PipelineOptions(options))
+  started, files, pieces = time.time(), 0, 0
+  pending = [plan_listing(f'{scheme}://synthetic/{pattern}')]
+  with multiprocessing.get_context('fork').Pool(workers) as pool:
+    while pending:
+      pieces += len(pending)
+      results = pool.map(_piece_files, pending, chunksize=1)
+      files += sum(count for count, _ in results)
+      pending = [piece for _, cut in results for piece in cut]
+  print(json.dumps(dict(_peak_rss(), files=files, pieces_listed=pieces,
+                        listing_seconds=round(time.time() - started, 1))))
 
 
 def _peak_rss() -> dict:
@@ -167,6 +198,7 @@ def main() -> None:
   parser.add_argument('--beam_match', action='store_true')
   parser.add_argument('--latency', type=float, default=0.03)
   parser.add_argument('--plain', action='store_true')
+  parser.add_argument('--pool', action='store_true')
   args = parser.parse_args()
   if args.what == 'child':
     scheme, options, kind = args.rest[0], json.loads(args.rest[1]), args.rest[2]
@@ -174,6 +206,8 @@ def main() -> None:
       child_list(scheme, args.rest[3], options)
     elif kind == 'inventory':
       child_inventory(*args.rest[3:6])
+    elif kind == 'pool':
+      child_pool(scheme, int(args.rest[3]), options, args.rest[4])
     else:
       child_pipeline(scheme, int(args.rest[3]), options, *args.rest[4:6])
     return
@@ -227,11 +261,13 @@ def _flat(args) -> None:
                             list_latency=args.latency) as server:
         out = tempfile.mktemp(prefix='bench-listing-count-')
         started = time.time()
-        figures = json.loads(_run_child(server, args.scheme,
-                                        ['pipeline', str(workers), out, 'p0000/']))
+        how = ['pool', str(workers), 'p0000/'] if args.pool else \
+            ['pipeline', str(workers), out, 'p0000/']
+        figures = json.loads(_run_child(server, args.scheme, how))
         seconds = time.time() - started
         pieces = {(prefix, start) for _, prefix, _, token, start in server.listings if not token}
         print(json.dumps(dict(figures, scheme=args.scheme, objects=objects, workers=workers,
+                              how='pool' if args.pool else 'MatchFiles',
                               latency_s=args.latency, seconds=round(seconds, 1),
                               pieces=len(pieces), list_requests=len(server.listings),
                               **_count(out))), flush=True)
