@@ -130,7 +130,6 @@ _RECIPE = 'bench-recipe'
 def _write_inventory(objects: int, folder: str, plain: bool) -> tuple:
   """A Storage Insights CSV (or a plain manifest) of the synthetic bucket, and an earlier run's
   index holding every object, 1% of them with another crc32c (changed since)."""
-  import datetime
   import pyarrow as pa
   import pyarrow.parquet as pq
   from run_format import EMBEDDED, INDEX_SCHEMA
@@ -155,7 +154,6 @@ def _write_inventory(objects: int, folder: str, plain: bool) -> tuple:
   index = os.path.join(folder, 'run1', 'index-00000-of-00001.parquet')
   os.makedirs(os.path.dirname(index))
   pq.write_table(table, index)
-  del datetime
   return manifest, index
 
 
