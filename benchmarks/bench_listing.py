@@ -11,6 +11,19 @@ OBJECTS generated names under PREFIXES first-level prefixes, pages of 1,000, not
       wall time of the MatchFiles stage alone (plan, reshuffle, list each prefix, one per URI)
       on the DirectRunner in multi_processing mode with --direct_num_workers N.
 
+  python benchmarks/bench_listing.py flat --objects 1000000 --workers 1 4 --latency 0.03
+      a flat prefix (one folder, no sub-folders) of OBJECTS names, each list page answered after
+      LATENCY seconds, as a real bucket does: the MatchFiles stage on N workers, the pieces it
+      cut the prefix into, its list requests, wall time and peak RSS. With --pool, the listing
+      alone (no Beam): the pieces of each round listed by a pool of N processes, round after
+      round, as the MatchFiles stages do; this shows the listing's own parallelism where Beam's
+      local runner (every element through its shuffles) dominates.
+  python benchmarks/bench_listing.py inventory --objects 1000000
+      a Storage Insights CSV of OBJECTS rows (1% of them changed since the earlier run's index of
+      OBJECTS rows): MatchFiles, the incremental join and the read of what changed, one worker;
+      requests to the bucket before the first image is read, and wall time. With --plain, the
+      same with a plain manifest of the URIs (each looked up: one request a row).
+
 Prints one line of figures per run.
 """
 
@@ -62,16 +75,105 @@ def child_list(scheme: str, how: str, options: list) -> None:
                                          / 1024)}))
 
 
-def child_pipeline(scheme: str, workers: int, options: list, out: str) -> None:
+def child_pipeline(scheme: str, workers: int, options: list, out: str,
+                   pattern: str = '**.jpg') -> None:
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
   from transforms.read import MatchFiles
   argv = ['--direct_running_mode=multi_processing', f'--direct_num_workers={workers}'] + options
   with beam.Pipeline(options=PipelineOptions(argv)) as pipeline:
-    matched = pipeline | MatchFiles([f'{scheme}://synthetic/**.jpg'])
+    matched = pipeline | MatchFiles([f'{scheme}://synthetic/{pattern}'])
     _ = (matched['refs']
          | beam.combiners.Count.Globally()
          | beam.io.WriteToText(out))
+  print(json.dumps(_peak_rss()))
+
+
+def _piece_files(listing) -> tuple:
+  from transforms.listing import list_piece
+  files, pieces = 0, []
+  for listed in list_piece(listing):
+    files += len(listed.refs)
+    pieces.extend(listed.pieces)
+  return files, pieces
+
+
+def child_pool(scheme: str, workers: int, options: list, pattern: str) -> None:
+  """The listing alone, its pieces spread over a pool of processes round by round."""
+  import multiprocessing
+  from apache_beam.io.filesystems import FileSystems
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from transforms.listing import plan_listing
+  FileSystems.set_options(PipelineOptions(options))
+  started, files, pieces = time.time(), 0, 0
+  pending = [plan_listing(f'{scheme}://synthetic/{pattern}')]
+  with multiprocessing.get_context('fork').Pool(workers) as pool:
+    while pending:
+      pieces += len(pending)
+      results = pool.map(_piece_files, pending, chunksize=1)
+      files += sum(count for count, _ in results)
+      pending = [piece for _, cut in results for piece in cut]
+  print(json.dumps(dict(_peak_rss(), files=files, pieces_listed=pieces,
+                        listing_seconds=round(time.time() - started, 1))))
+
+
+def _peak_rss() -> dict:
+  """This process's peak RSS, and the largest of its finished children's (the SDK workers)."""
+  return {'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+          'worker_peak_rss_mb': round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+                                      / 1024)}
+
+
+_RECIPE = 'bench-recipe'
+
+
+def _write_inventory(objects: int, folder: str, plain: bool) -> tuple:
+  """A Storage Insights CSV (or a plain manifest) of the synthetic bucket, and an earlier run's
+  index holding every object, 1% of them with another crc32c (changed since)."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from run_format import EMBEDDED, INDEX_SCHEMA
+  from tests.synthetic_bucket import SIZE, UPDATED, _crc32c
+  names = SyntheticNames(objects, 1)
+  manifest = os.path.join(folder, 'manifest.txt' if plain else 'inventory.csv')
+  updated = UPDATED.isoformat().replace('+00:00', 'Z')
+  with open(manifest, 'w') as f:
+    if not plain:
+      f.write('bucket,name,size,crc32c,updated\n')
+    for index in range(objects):
+      f.write(f'gs://synthetic/{names[index]}\n' if plain else
+              f'synthetic,{names[index]},{SIZE},{_crc32c(index)},{updated}\n')
+  uris = [f'gs://synthetic/{names[i]}' for i in range(objects)]
+  content = [f'crc32c:{_crc32c(i)}' if i % 100 else 'crc32c:changed' for i in range(objects)]
+  table = pa.table({'uri': uris, 'size_bytes': [SIZE] * objects,
+                    'last_modified': [UPDATED] * objects, 'content_id': content,
+                    'sha256': [''] * objects, 'model': ['bench-model'] * objects,
+                    'recipe': [_RECIPE] * objects, 'outcome': [EMBEDDED] * objects,
+                    'done_outcome': [None] * objects, 'message': [None] * objects},
+                   schema=INDEX_SCHEMA)
+  index = os.path.join(folder, 'run1', 'index-00000-of-00001.parquet')
+  os.makedirs(os.path.dirname(index))
+  pq.write_table(table, index)
+  return manifest, index
+
+
+def child_inventory(manifest: str, index: str, out: str) -> None:
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from transforms.incremental import SkipUnchanged
+  from transforms.provenance import Provenance
+  from transforms.read import MatchFiles, ReadImages
+  provenance = Provenance('bench-model', 'bench-weights', _RECIPE, '0')
+  with beam.Pipeline(options=PipelineOptions([])) as pipeline:
+    matched = pipeline | MatchFiles([], [manifest], deduplicate=False)
+    split = matched['refs'] | SkipUnchanged([index], provenance)
+    read = split.new | ReadImages()
+    _ = ((read.images | 'Read' >> beam.combiners.Count.Globally()
+          | 'ReadCount' >> beam.Map(lambda n: f'read {n}')),
+         (split.skipped | 'Skipped' >> beam.combiners.Count.Globally()
+          | 'SkippedCount' >> beam.Map(lambda n: f'skipped {n}'))) \
+        | beam.Flatten() | beam.io.WriteToText(out)
+  print(json.dumps(_peak_rss()))
 
 
 def _run_child(server, scheme: str, args: list) -> str:
@@ -86,20 +188,31 @@ def _run_child(server, scheme: str, args: list) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument('what', choices=['memory', 'workers', 'child'])
+  parser.add_argument('what', choices=['memory', 'workers', 'flat', 'inventory', 'child'])
   parser.add_argument('rest', nargs='*')
   parser.add_argument('--objects', type=int, nargs='+', default=[100_000])
   parser.add_argument('--workers', type=int, nargs='+', default=[1, 4])
   parser.add_argument('--scheme', choices=['gs', 's3'], default='gs')
   parser.add_argument('--beam_match', action='store_true')
+  parser.add_argument('--latency', type=float, default=0.03)
+  parser.add_argument('--plain', action='store_true')
+  parser.add_argument('--pool', action='store_true')
   args = parser.parse_args()
   if args.what == 'child':
     scheme, options, kind = args.rest[0], json.loads(args.rest[1]), args.rest[2]
     if kind == 'list':
       child_list(scheme, args.rest[3], options)
+    elif kind == 'inventory':
+      child_inventory(*args.rest[3:6])
+    elif kind == 'pool':
+      child_pool(scheme, int(args.rest[3]), options, args.rest[4])
     else:
-      child_pipeline(scheme, int(args.rest[3]), options, args.rest[4])
+      child_pipeline(scheme, int(args.rest[3]), options, *args.rest[4:6])
     return
+  if args.what == 'flat':
+    return _flat(args)
+  if args.what == 'inventory':
+    return _inventory(args)
   for objects in args.objects:
     with SyntheticBuckets({'synthetic': SyntheticNames(objects, PREFIXES)}) as server:
       if args.what == 'memory':
@@ -125,6 +238,62 @@ def main() -> None:
           print(json.dumps({'scheme': args.scheme, 'objects': objects, 'workers': workers,
                             'files': files, 'seconds': round(seconds, 1),
                             'list_requests': len(server.listings)}), flush=True)
+
+
+def _count(out: str) -> dict:
+  counted = {}
+  for shard in glob.glob(out + '*'):
+    with open(shard) as f:
+      for line in f:
+        if line.strip():
+          kind, _, number = line.strip().rpartition(' ')
+          counted[kind or 'files'] = counted.get(kind or 'files', 0) + int(number)
+    os.remove(shard)
+  return counted
+
+
+def _flat(args) -> None:
+  for objects in args.objects:
+    for workers in args.workers:
+      with SyntheticBuckets({'synthetic': SyntheticNames(objects, 1)},
+                            list_latency=args.latency) as server:
+        out = tempfile.mktemp(prefix='bench-listing-count-')
+        started = time.time()
+        how = ['pool', str(workers), 'p0000/'] if args.pool else \
+            ['pipeline', str(workers), out, 'p0000/']
+        figures = json.loads(_run_child(server, args.scheme, how))
+        seconds = time.time() - started
+        pieces = {(prefix, start) for _, prefix, _, token, start in server.listings if not token}
+        print(json.dumps(dict(figures, scheme=args.scheme, objects=objects, workers=workers,
+                              how='pool' if args.pool else 'MatchFiles',
+                              latency_s=args.latency, seconds=round(seconds, 1),
+                              pieces=len(pieces), list_requests=len(server.listings),
+                              **_count(out))), flush=True)
+
+
+def _inventory(args) -> None:
+  for objects in args.objects:
+    folder = tempfile.mkdtemp(prefix='bench-inventory-')
+    started = time.time()
+    manifest, index = _write_inventory(objects, folder, args.plain)
+    written = time.time() - started
+    with SyntheticBuckets({'synthetic': SyntheticNames(objects, 1)}) as server:
+      out = os.path.join(folder, 'counts')
+      started = time.time()
+      command = [sys.executable, os.path.abspath(__file__), 'child', 'gs', '[]', 'inventory',
+                 manifest, index, out]
+      done = subprocess.run(command, env=_environment(server, 'gs'), capture_output=True,
+                            text=True, check=False)
+      if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+      seconds = time.time() - started
+      figures = json.loads(done.stdout.strip().splitlines()[-1])
+      print(json.dumps(dict(figures, objects=objects, manifest='plain' if args.plain else
+                            'inventory csv', seconds=round(seconds, 1),
+                            files_written_s=round(written, 1),
+                            metadata_requests=sum(server.metadata_requests.values()),
+                            downloads=sum(server.downloads.values()),
+                            list_requests=len(server.listings), **_count(out))), flush=True)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,9 @@ reaches the server, as when a front end sheds load. Which requests fail:
   one (`times=None`: a persistent fault, e.g. an object the service account cannot read).
 
 Every request is classified as `list`, `read` or `write` (both GCS's JSON API and S3's path-style
-URLs) and counted, with the faults injected, in `stats`. The server binds 127.0.0.1 only, serves
+URLs) and counted, with the faults injected, in `requests` and `faults`; the reads that fetch an
+object's metadata, not its bytes (GCS: an object GET without `alt=media`; S3: HEAD), are also
+counted per object path in `metadata_requests`, and the object downloads in `downloads`. The server binds 127.0.0.1 only, serves
 in daemon threads, and shuts itself down after `lifetime` seconds if nobody stops it.
 
 GCS returns absolute URLs (an object's `mediaLink`, the resumable upload's `Location`) built
@@ -51,6 +53,7 @@ class FaultRule(NamedTuple):
   methods: Sequence[str] = ('GET', 'HEAD', 'PUT', 'POST', 'DELETE')
   kinds: Sequence[str] = ('list', 'read', 'write')
   times: Optional[int] = None  # None: every matching request
+  query: str = ''  # a regex searched in the request's query string (e.g. 'startOffset=.')
 
 
 def request_kind(method: str, path: str) -> str:
@@ -65,6 +68,16 @@ def request_kind(method: str, path: str) -> str:
     return 'read'  # bucket metadata
   bucket_and_key = url.path.lstrip('/').split('/', 1)
   return 'read' if len(bucket_and_key) == 2 and bucket_and_key[1] else 'list'
+
+
+def metadata_request(method: str, path: str) -> bool:
+  """An object's metadata, not its bytes (what a look-up before a read costs)."""
+  url = urllib.parse.urlsplit(path)
+  gcs = _GCS_OBJECT.match(url.path)
+  if gcs:
+    return method == 'GET' and bool(gcs.group('name')) and \
+        'media' not in urllib.parse.parse_qs(url.query).get('alt', [])
+  return method == 'HEAD' and request_kind(method, path) == 'read'
 
 
 def object_path(path: str) -> str:
@@ -98,6 +111,8 @@ class FaultProxy:
     self._lock = threading.Lock()
     self._rule_hits = collections.Counter()
     self.requests = collections.Counter()  # by kind: list, read, write
+    self.metadata_requests = collections.Counter()  # by object path
+    self.downloads = collections.Counter()  # by object path
     self.faults = collections.Counter()  # by (kind, fault)
     self.faulted_paths = []
     self._server = None
@@ -151,9 +166,16 @@ class FaultProxy:
     target = object_path(path)
     with self._lock:
       self.requests[kind] += 1
+      if metadata_request(method, path):
+        self.metadata_requests[target] += 1
+      elif kind == 'read' and method == 'GET' and (
+          _GCS_OBJECT.match(urllib.parse.urlsplit(path).path) or
+          not path.startswith(('/storage/', '/download/', '/upload/', '/batch/'))):
+        self.downloads[target] += 1
       fault = None
       for index, rule in enumerate(self.rules):
         if (method in rule.methods and kind in rule.kinds and re.search(rule.path, target) and
+            re.search(rule.query, urllib.parse.urlsplit(path).query) and
             (rule.times is None or self._rule_hits[index] < rule.times)):
           self._rule_hits[index] += 1
           fault = rule.fault

@@ -1,21 +1,23 @@
 """A loopback storage server whose buckets hold millions of generated names and store nothing.
 
 It answers GCS JSON-API object listings (`GET /storage/v1/b/BUCKET/o?prefix=&delimiter=&
-pageToken=&maxResults=`) and object metadata, and S3 ListObjectsV2 (`GET /BUCKET?list-type=2`)
-and HEAD, for synthetic buckets whose object names are computed from their index:
+startOffset=&pageToken=&maxResults=`), object metadata and downloads (`alt=media`), and S3
+ListObjectsV2 (`GET /BUCKET?list-type=2`, `start-after`), HEAD and GET, for synthetic buckets whose object names are computed from their index:
 `p0000/img0000000.jpg` ... (`objects` names spread evenly under `prefixes` first-level
 prefixes), in sorted order, so a page is found by bisection and made on demand. Memory is one
 page, whatever the bucket's size: the listing benchmarks measure the client, not this server.
 
 Requests for any other bucket are forwarded to `upstream` (the local GCS emulator, for the run's
 output and temp folders), through tests/fault_proxy.py's proxy, which also counts every request by
-kind (`list`, `read`, `write`) in `requests`.
+kind (`list`, `read`, `write`) in `requests`, and injects its faults (`rules`, `rate`) into the
+synthetic buckets' answers too. An object's bytes are SIZE bytes of its name, repeated.
 """
 
 import bisect
 import datetime
 import json
 import re
+import time
 import urllib.parse
 from typing import Dict, List, Optional, Tuple
 from xml.sax.saxutils import escape
@@ -79,10 +81,12 @@ class SyntheticBuckets(FaultProxy):
   STORAGE_EMULATOR_HOST (GCS) or --s3_endpoint_url (S3) at `server.url`."""
 
   def __init__(self, buckets: Dict[str, SyntheticNames], upstream: str = NO_UPSTREAM,
-               lifetime: float = 3600.0):
-    super().__init__(upstream, lifetime=lifetime)
+               lifetime: float = 3600.0, list_latency: float = 0.0, **faults):
+    super().__init__(upstream, lifetime=lifetime, **faults)
     self.buckets = buckets
-    self.listings: List[Tuple[str, str, str, str]] = []  # (bucket, prefix, delimiter, page token)
+    self.list_latency = list_latency  # seconds before each list page is answered (a real store's)
+    # (bucket, prefix, delimiter, page token, start offset): one entry per list request answered
+    self.listings: List[Tuple[str, str, str, str, str]] = []
 
   def start(self) -> 'SyntheticBuckets':
     super().start()
@@ -100,15 +104,20 @@ class _SyntheticHandler(_ProxyHandler):
     gcs = _GCS_OBJECT.match(url.path)
     if gcs and gcs.group('bucket') in self.owner.buckets and self.command == 'GET':
       self._read_body()
-      self.owner.decide(self.command, self.path)
+      if self._faulted():
+        return None
       names = self.owner.buckets[gcs.group('bucket')]
       if gcs.group('name'):
-        return self._gcs_object(gcs.group('bucket'), names, urllib.parse.unquote(gcs.group('name')))
+        name = urllib.parse.unquote(gcs.group('name'))
+        if query.get('alt') == 'media':
+          return self._media(names, name)
+        return self._gcs_object(gcs.group('bucket'), names, name)
       return self._gcs_list(gcs.group('bucket'), names, query)
     bucket_metadata = re.match(r'^/storage/v1/b/([^/]+)$', url.path)
     if bucket_metadata and bucket_metadata.group(1) in self.owner.buckets:
       self._read_body()
-      self.owner.decide(self.command, self.path)
+      if self._faulted():
+        return None
       return self._json(200, {'kind': 'storage#bucket', 'name': bucket_metadata.group(1),
                               'id': bucket_metadata.group(1), 'location': 'US',
                               'storageClass': 'STANDARD', 'metageneration': '1'})
@@ -116,12 +125,34 @@ class _SyntheticHandler(_ProxyHandler):
     if not url.path.startswith(('/storage/', '/upload/', '/download/', '/batch/')) and \
         bucket in self.owner.buckets and self.command in ('GET', 'HEAD'):
       self._read_body()
-      self.owner.decide(self.command, self.path)
+      if self._faulted():
+        return None
       names = self.owner.buckets[bucket]
+      if key and self.command == 'GET':
+        return self._media(names, urllib.parse.unquote(key))
       if key:
         return self._s3_head(names, urllib.parse.unquote(key))
       return self._s3_list(bucket, names, query)
     return super()._handle()
+
+  def _faulted(self) -> bool:
+    """Answers the proxy's fault for this request, if it has one (a stall only delays it)."""
+    fault = self.owner.decide(self.command, self.path)
+    if fault == 'reset':
+      self._reset()
+      return True
+    if fault == 'stall':
+      time.sleep(self.owner.stall_seconds)
+    elif fault is not None:
+      self._json(fault, {'error': {'code': fault, 'message': f'fault injected: HTTP {fault}'}})
+      return True
+    return False
+
+  def _media(self, names: 'SyntheticNames', name: str):
+    if names.index(name) is None:
+      return self._answer(404, b'')
+    data = (name.encode() * (SIZE // len(name) + 1))[:SIZE]
+    return self._answer(200, data, [('Content-Type', 'application/octet-stream')])
 
   def _gcs_resource(self, bucket: str, name: str, index: int) -> dict:
     return {'kind': 'storage#object', 'bucket': bucket, 'name': name, 'size': str(SIZE),
@@ -138,11 +169,14 @@ class _SyntheticHandler(_ProxyHandler):
     return self._json(200, self._gcs_resource(bucket, name, index))
 
   def _gcs_list(self, bucket: str, names: SyntheticNames, query: dict):
+    time.sleep(self.owner.list_latency)
+    start = query.get('startOffset', '')
     self.owner.listings.append((bucket, query.get('prefix', ''), query.get('delimiter', ''),
-                                query.get('pageToken', '')))
-    found, common, following = names.page(query.get('prefix', ''), query.get('delimiter', ''),
-                                           int(query.get('pageToken') or 0),
-                                           int(query.get('maxResults') or 1000))
+                                query.get('pageToken', ''), start))
+    found, common, following = names.page(
+        query.get('prefix', ''), query.get('delimiter', ''),
+        max(int(query.get('pageToken') or 0), bisect.bisect_left(names, start)),
+        int(query.get('maxResults') or 1000))
     body = {'kind': 'storage#objects',
             'items': [self._gcs_resource(bucket, names[i], i) for i in found]}
     if common:
@@ -163,10 +197,12 @@ class _SyntheticHandler(_ProxyHandler):
     self.end_headers()
 
   def _s3_list(self, bucket: str, names: SyntheticNames, query: dict):
+    time.sleep(self.owner.list_latency)
     prefix, delimiter = query.get('prefix', ''), query.get('delimiter', '')
-    self.owner.listings.append((bucket, prefix, delimiter, query.get('continuation-token', '')))
-    found, common, following = names.page(prefix, delimiter,
-                                          int(query.get('continuation-token') or 0),
+    token, after = query.get('continuation-token', ''), query.get('start-after', '')
+    self.owner.listings.append((bucket, prefix, delimiter, token, after))
+    first = int(token) if token else (bisect.bisect_right(names, after) if after else 0)
+    found, common, following = names.page(prefix, delimiter, first,
                                           int(query.get('max-keys') or 1000))
     modified = UPDATED.strftime('%Y-%m-%dT%H:%M:%S.000Z')
     parts = [f'<?xml version="1.0" encoding="UTF-8"?>'

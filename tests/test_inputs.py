@@ -100,3 +100,20 @@ def test_a_run_that_embeds_nothing_fails_with_the_reason(tmp_path):
   summary = json.loads((tmp_path / 'out' / 'run_summary.json').read_text())
   assert summary['failed'] == 2  # the run finished and says why
 
+
+
+def test_a_file_name_that_is_not_utf8_is_a_read_failure_and_the_rest_embeds(image_folder,
+                                                                           tmp_path):
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  for name in ('camera.png', 'rocket.jpg'):
+    shutil.copy(image_folder / name, photos / name)
+  with open(os.path.join(os.fsencode(photos), b'bad_\xff_name.png'), 'wb') as f:
+    f.write((image_folder / 'coffee.png').read_bytes())
+  output = str(tmp_path / 'out')
+  summary = run([f'--input={photos}', TINY, f'--output={output}'])
+  assert (summary['matched'], summary['embedded'], summary['failed']) == (3, 2, 1)
+  [failure] = read_failures(output)
+  assert (failure['uri'], failure['stage']) == (f'{photos}/bad_\\xff_name.png', 'read')
+  assert 'not UTF-8' in failure['message']
+  assert not [name for name in os.listdir(output) if name.startswith('beam-temp')]

@@ -2,6 +2,7 @@
 s3://, local), every extension spelling in one pass, a launch that lists a handful of pages,
 folders that cannot be listed, run directories inside inputs, manifests, --exclude."""
 
+import glob
 import gzip
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import uuid
 
 import apache_beam as beam
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
@@ -87,7 +89,7 @@ def test_every_spelling_is_found_in_one_pass_over_each_prefix(scheme, monkeypatc
                              if not names[i].endswith('png')]
     # One listing of the top level, then each prefix's pages once (1,000 names a page).
     assert len(server.listings) == len(set(server.listings)) == 1 + 3 * 1
-    assert sorted(prefix for _, prefix, _, _ in server.listings) == ['', 'p0000/', 'p0001/',
+    assert sorted(prefix for _, prefix, _, _, _ in server.listings) == ['', 'p0000/', 'p0001/',
                                                                      'p0002/']
 
 
@@ -212,3 +214,17 @@ def test_exclude_leaves_out_names_and_paths(bucket, tmp_path):
       str(local), excludes=['*.TXT', 'c']))
   assert summary_found == ['a/deeper/three.jpg', 'a/one.JPG', 'a/two.jpeg', 'b/four.jpg',
                            'top.jpg']
+
+
+def test_a_missing_uri_named_twice_by_manifests_is_counted_once(image_folder, tmp_path):
+  missing = f'{image_folder}/missing.png'
+  manifest = tmp_path / 'manifest.txt'
+  manifest.write_text(f'{image_folder}/camera.png\n{missing}\n{image_folder}/rocket.jpg\n'
+                      f'{missing}\n')
+  output = str(tmp_path / 'out')
+  summary = run([f'--input_manifest={manifest}', TINY, f'--output={output}'])
+  assert (summary['matched'], summary['embedded'], summary['failed']) == (3, 2, 1)
+  assert [f['uri'] for f in _read_failures(output)] == [missing]
+  index = pq.read_table(glob.glob(f'{output}/index-*')).column('uri').to_pylist()
+  assert sorted(index) == sorted([f'{image_folder}/camera.png', missing,
+                                  f'{image_folder}/rocket.jpg'])

@@ -2,23 +2,36 @@
 
 Beam's `FileSystems.match` builds the whole list of a pattern in memory, in one call; at 100M
 objects that is tens of GB in one process and hours of single-threaded paging. Here a pattern
-becomes a `Listing` (where to start, what to keep), the first folder level under it is listed with
-a delimiter, and each sub-folder becomes a `Listing` of its own that a runner lists on any worker.
-Every page is filtered and dropped before the next is asked for: memory is one page (1,000
-objects), whatever the bucket holds. All spellings of an extension (`.jpg`/`.jpeg`, any case) are
-one regular expression applied to one listing.
+becomes a `Listing` (where to start, what to keep), and a listing is cut into pieces that a runner
+lists on any worker:
+- the first folder level under the input is listed with a delimiter, and each sub-folder becomes a
+  piece of its own;
+- a piece is a name range (`after`, `upto`] of one prefix, and lists at most `piece_pages` pages
+  (a whole prefix, a tenth of that, so that a large one spreads early). A piece that still has
+  pages left then cuts the rest of its range into pieces at name points
+  spaced by what it saw (the first cut as wide as the names it listed, each next one wider), so a
+  flat prefix of any size spreads over workers within a few rounds, each name in one piece only.
+  The stores list from a name (GCS `startOffset`, S3 `StartAfter`), and every entry is also kept
+  or dropped by its range here, so a store that ignores the offset costs requests, never a
+  duplicate;
+- a page that fails after the client's own retries is asked again from the last page that
+  succeeded, by this piece alone; pages are asked one at a time (the client's iterator would keep
+  every sub-folder name of a level in a set), and each is filtered and dropped before the next:
+  memory is one page (1,000 objects). All spellings of an extension (`.jpg`/`.jpeg`, any case) are
+  one regular expression applied to one listing.
 
 The clients are the ones Beam's own FileSystems build from the pipeline options
 (google-cloud-storage through `GcsIO`, boto3 through Beam's S3 client), so credentials, endpoints
-and retries are the same as for every other read and write of the run. Each page request is
-retried by the client's retry policy; a page that still fails raises, and the runner retries
-that one listing, not the whole input.
+and retries are the same as for every other read and write of the run. Local folders have no
+pages: a folder is one page, a piece of a tree is one walk.
 """
 
+import collections
 import datetime
 import logging
 import os
 import re
+import time
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from apache_beam.io.filesystem import FileSystem
@@ -30,6 +43,13 @@ from run_format import (CLAIM_FILE, EMBEDDINGS_PREFIX, FAILURES_PREFIX, FAILURES
 from run_format.patterns import first_glob, has_glob, unescape
 
 PAGE_SIZE = 1000
+# Pages one piece lists before it cuts the rest of its name range into pieces (100k objects), and
+# into how many pieces at most; a page that fails after the client's retries is asked again this
+# many times by its piece.
+PIECE_PAGES = 100
+FIRST_CUT_DIVISOR = 10  # a whole prefix (no piece cut yet) is cut after 10 pages
+CUT_WAYS = 16
+PAGE_ATTEMPTS = 3
 # Names this tool writes into a run directory (run_format's shard names: prefix, Beam's
 # -SSSSS-of-NNNNN, suffix) and its sinks' temporary folders: never images.
 _RUN_FILE = re.compile(
@@ -59,20 +79,28 @@ class Listing(NamedTuple):
   """One piece of one input's listing: everything under `prefix` that `regex` keeps.
 
   `levels`: folder levels below `prefix` that can still match (None: any depth), so that
-  `photos/*.jpg` lists one level, not the whole tree. `root` is where the input starts (local
-  links that lead back inside it are not followed: that folder is listed where it really is).
+  `photos/*.jpg` lists one level, not the whole tree. `by_level`: listed with a delimiter, one
+  folder level (sub-folders become pieces), else everything under the prefix in name order.
+  `after`, `upto`: the piece's name range (URIs; after < name <= upto, None: open). `root` is where
+  the input starts (local links that lead back inside it are not followed: that folder is listed
+  where it really is). `piece_pages`: pages a piece lists before it cuts the rest of its range.
   """
   root: str
   prefix: str
   regex: str
   levels: Optional[int]
   excludes: Tuple[str, ...] = ()  # regexes: a URI, or one of its folder names, to leave out
+  by_level: bool = True
+  after: Optional[str] = None
+  upto: Optional[str] = None
+  piece_pages: int = PIECE_PAGES
 
 
 class Page(NamedTuple):
   refs: List[FileRef]
   prefixes: List[str]  # sub-folders (level listings only), each ending with '/'
   unlistable: List[Tuple[str, BaseException]] = []  # local folders the walk could not open
+  more: bool = False  # the store has pages after this one
 
 
 class UnlistableError(OSError):
@@ -179,8 +207,11 @@ def _s3_error_code(exc: BaseException) -> Optional[str]:
 
 
 # -- the three stores ----------------------------------------------------------------------------
+# Each lists a piece's pages from a name on (`pages`), and the remote ones read an object's bytes
+# in one request (`read`).
 
 class _Local:
+  resumable = False  # a folder is one page: nothing to resume from
 
   @staticmethod
   def stat(path: str) -> Optional[FileRef]:
@@ -196,7 +227,10 @@ class _Local:
   def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip('/') + '/')
 
-  def level(self, listing: Listing, prefix: str) -> Iterator[Page]:
+  def pages(self, listing: Listing, after: Optional[str]) -> Iterator[Page]:
+    return (self._level if listing.by_level else self._tree)(listing, listing.prefix)
+
+  def _level(self, listing: Listing, prefix: str) -> Iterator[Page]:
     """One folder: its files, and its sub-folders except links back inside the input."""
     real_root = os.path.realpath(listing.root)
     try:
@@ -216,7 +250,7 @@ class _Local:
         refs.append(self.stat(path) or FileRef(path, None, None))
     yield Page(refs, folders)
 
-  def tree(self, listing: Listing, prefix: str) -> Iterator[Page]:
+  def _tree(self, listing: Listing, prefix: str) -> Iterator[Page]:
     """os.walk following links, each real folder once, one folder a page."""
     real_root = os.path.realpath(listing.root)
     seen = {real_root} if os.path.realpath(prefix) != real_root else set()
@@ -252,13 +286,16 @@ def _split(uri: str, scheme: str) -> Tuple[str, str]:
 
 
 class _Gcs:
-  """google-cloud-storage's paged listing, through the client Beam's GcsIO builds."""
+  """google-cloud-storage, through the client Beam's GcsIO builds: one iterator per page (an
+  iterator keeps the sub-folder names of every page it saw, in a set)."""
   _FIELDS = 'items(name,size,updated,crc32c),prefixes,nextPageToken'
+  resumable = True
 
   def __init__(self):
     from apache_beam.io.gcp import gcsio
     options = FileSystems.get_filesystem('gs://')._pipeline_options  # pylint: disable=protected-access
     self._io = gcsio.GcsIO(pipeline_options=options)
+    self._retry = self._io._storage_client_retry  # pylint: disable=protected-access
 
   @staticmethod
   def _ref(bucket: str, blob) -> FileRef:
@@ -269,28 +306,37 @@ class _Gcs:
     bucket, name = _split(uri, 'gs://')
     if not name or name.endswith('/'):
       return None
-    blob = self._io.client.bucket(bucket).get_blob(
-        name, retry=self._io._storage_client_retry)  # pylint: disable=protected-access
+    blob = self._io.client.bucket(bucket).get_blob(name, retry=self._retry)
     return None if blob is None else self._ref(bucket, blob)
 
-  def _pages(self, prefix: str, delimiter: Optional[str]) -> Iterator[Page]:
-    bucket, name = _split(prefix, 'gs://')
-    blobs = self._io.client.list_blobs(
-        self._io.client.bucket(bucket), prefix=name, delimiter=delimiter, page_size=PAGE_SIZE,
-        fields=self._FIELDS, retry=self._io._storage_client_retry)  # pylint: disable=protected-access
-    for page in blobs.pages:
+  def read(self, uri: str) -> bytes:
+    """The object's bytes as stored (no transcoding), in one request: Beam's reader reloads the
+    metadata first."""
+    bucket, name = _split(uri, 'gs://')
+    return self._io.client.bucket(bucket).blob(name).download_as_bytes(raw_download=True,
+                                                                       retry=self._retry)
+
+  def pages(self, listing: Listing, after: Optional[str]) -> Iterator[Page]:
+    bucket, name = _split(listing.prefix, 'gs://')
+    client, token = self._io.client, None
+    while True:
+      blobs = client.list_blobs(
+          client.bucket(bucket), prefix=name, delimiter='/' if listing.by_level else None,
+          start_offset=_split(after, 'gs://')[1] if after else None, page_token=token,
+          page_size=PAGE_SIZE, fields=self._FIELDS, retry=self._retry)
+      page = next(blobs.pages, None)
+      if page is None:
+        return
       refs = [self._ref(bucket, blob) for blob in page]
-      yield Page(refs, [f'gs://{bucket}/{p}' for p in page.prefixes])
-
-  def level(self, listing: Listing, prefix: str) -> Iterator[Page]:
-    return self._pages(prefix, '/')
-
-  def tree(self, listing: Listing, prefix: str) -> Iterator[Page]:
-    return self._pages(prefix, None)
+      token = blobs.next_page_token
+      yield Page(refs, [f'gs://{bucket}/{p}' for p in page.prefixes], more=token is not None)
+      if token is None:
+        return
 
 
 class _S3:
-  """boto3's list_objects_v2 paginator, through the client Beam's S3 FileSystem builds."""
+  """boto3's list_objects_v2, through the client Beam's S3 FileSystem builds."""
+  resumable = True
 
   def __init__(self):
     from apache_beam.io.aws import s3io
@@ -314,21 +360,26 @@ class _S3:
         return None
       raise
 
-  def _pages(self, prefix: str, delimiter: Optional[str]) -> Iterator[Page]:
-    bucket, key = _split(prefix, 's3://')
-    arguments = {'Bucket': bucket, 'Prefix': key,
-                 'PaginationConfig': {'PageSize': PAGE_SIZE}}
-    if delimiter:
-      arguments['Delimiter'] = delimiter
-    for page in self._client.get_paginator('list_objects_v2').paginate(**arguments):
+  def read(self, uri: str) -> bytes:
+    """One GET (Beam's reader asks for the object's metadata first, then reads ranges)."""
+    bucket, key = _split(uri, 's3://')
+    return self._client.get_object(Bucket=bucket, Key=key)['Body'].read()
+
+  def pages(self, listing: Listing, after: Optional[str]) -> Iterator[Page]:
+    bucket, key = _split(listing.prefix, 's3://')
+    arguments = {'Bucket': bucket, 'Prefix': key, 'MaxKeys': PAGE_SIZE}
+    if listing.by_level:
+      arguments['Delimiter'] = '/'
+    if after:
+      arguments['StartAfter'] = _split(after, 's3://')[1]
+    while True:
+      page = self._client.list_objects_v2(**arguments)
+      more = bool(page.get('IsTruncated'))
       yield Page([self._ref(bucket, item['Key'], item) for item in page.get('Contents', ())],
-                 [f's3://{bucket}/{p["Prefix"]}' for p in page.get('CommonPrefixes', ())])
-
-  def level(self, listing: Listing, prefix: str) -> Iterator[Page]:
-    return self._pages(prefix, '/')
-
-  def tree(self, listing: Listing, prefix: str) -> Iterator[Page]:
-    return self._pages(prefix, None)
+                 [f's3://{bucket}/{p["Prefix"]}' for p in page.get('CommonPrefixes', ())], more=more)
+      if not more:
+        return
+      arguments['ContinuationToken'] = page['NextContinuationToken']
 
 
 _clients = {}
@@ -355,6 +406,7 @@ def store_for(uri: str):
 
 class _BeamFileSystem:
   """Any other Beam FileSystem (hdfs://, azfs://...): its own match, in one call."""
+  resumable = False
 
   @staticmethod
   def stat(uri: str) -> Optional[FileRef]:
@@ -365,71 +417,171 @@ class _BeamFileSystem:
                    round(metadata.last_updated_in_seconds * 1_000_000)
                    if metadata.last_updated_in_seconds is not None else None)
 
-  def level(self, listing: Listing, prefix: str) -> Iterator[Page]:
-    return self.tree(listing, prefix)
-
-  def tree(self, listing: Listing, prefix: str) -> Iterator[Page]:
-    result = FileSystems.match([prefix + '**'])[0]
+  @staticmethod
+  def pages(listing: Listing, after: Optional[str]) -> Iterator[Page]:
+    result = FileSystems.match([listing.prefix + '**'])[0]
     yield Page([FileRef(m.path, m.size_in_bytes, round(m.last_updated_in_seconds * 1_000_000))
                 for m in result.metadata_list if not m.path.endswith('/')], [])
+
+
+def read_object(uri: str) -> Optional[bytes]:
+  """An object's bytes in one request where the store allows it (gs://, s3://), else None: the
+  caller opens it through Beam's FileSystems."""
+  store = store_for(uri)
+  return store.read(uri) if hasattr(store, 'read') else None
 
 
 # -- listing -------------------------------------------------------------------------------------
 
 class Listed(NamedTuple):
   """What one page of a listing gives: files kept, sub-listings to spread, folders that failed,
-  and run files left out."""
+  run files left out, and names that are not UTF-8 (escaped: no output can hold them)."""
   refs: List[FileRef]
   pieces: List[Listing]
   unlistable: List[Tuple[str, BaseException]]
   run_files: List[str]
   seen: int  # objects and sub-folders the page held before filtering
+  bad_names: List[str] = []
 
 
-def _keep(listing: Listing, page: Page, regex: 're.Pattern', excludes) -> Listed:
-  refs, run_files = [], []
+def escaped(uri: str) -> Optional[str]:
+  """None for a UTF-8 name; else the name with its undecodable bytes as \\xNN (local file names
+  are bytes: Python keeps the ones that are not UTF-8 as lone surrogates)."""
+  try:
+    uri.encode('utf-8')
+    return None
+  except UnicodeEncodeError:
+    return os.fsencode(uri).decode('utf-8', 'backslashreplace')
+
+
+def _in_range(entry: str, after: Optional[str], upto: Optional[str]) -> bool:
+  return (after is None or entry > after) and (upto is None or entry <= upto)
+
+
+def _keep(listing: Listing, page: Page, regex: 're.Pattern', excludes,
+          after: Optional[str]) -> Listed:
+  refs, run_files, bad_names = [], [], []
   for ref in page.refs:
-    if ref.uri.endswith('/') or not regex.fullmatch(ref.uri):  # '/': a "folder" placeholder
+    if ref.uri.endswith('/') or not _in_range(ref.uri, after, listing.upto) or \
+        not regex.fullmatch(ref.uri):  # '/': a "folder" placeholder
       continue
     if is_run_file(ref.uri):
       run_files.append(ref.uri)
     elif not any(e.fullmatch(ref.uri) for e in excludes):
-      refs.append(ref)
+      if escaped(ref.uri):
+        bad_names.append(escaped(ref.uri))
+      else:
+        refs.append(ref)
   pieces = []
   if listing.levels is None or listing.levels > 0:
+    levels = None if listing.levels is None else listing.levels - 1
     for prefix in page.prefixes:
-      if not any(e.fullmatch(prefix.rstrip('/')) for e in excludes) and \
-          not prefix.rstrip('/').rsplit('/', 1)[-1].startswith(_RUN_TEMP_FOLDER):
-        pieces.append(listing._replace(
-            prefix=prefix, levels=None if listing.levels is None else listing.levels - 1))
-  return Listed(refs, pieces, page.unlistable, run_files, len(page.refs) + len(page.prefixes))
+      if not _in_range(prefix, after, listing.upto) or \
+          any(e.fullmatch(prefix.rstrip('/')) for e in excludes) or \
+          prefix.rstrip('/').rsplit('/', 1)[-1].startswith(_RUN_TEMP_FOLDER):
+        continue
+      if escaped(prefix):
+        bad_names.append(escaped(prefix))
+      else:
+        pieces.append(listing._replace(prefix=prefix, levels=levels, by_level=levels is not None,
+                                       after=None, upto=None))
+  return Listed(refs, pieces, page.unlistable, run_files, len(page.refs) + len(page.prefixes),
+                bad_names)
 
 
-def list_level(listing: Listing) -> Iterator[Listed]:
-  """The first folder level of a listing: its files, and one sub-listing per sub-folder."""
-  regex, excludes = re.compile(listing.regex), [re.compile(e) for e in listing.excludes]
-  store = store_for(listing.prefix)
+def _text_at_or_after(raw: bytes) -> Optional[str]:
+  """The smallest text whose UTF-8 is at or after `raw` (names sort by their UTF-8 bytes, as
+  Python sorts str), or None past every text."""
   try:
-    for page in store.level(listing, listing.prefix):
-      yield _keep(listing, page, regex, excludes)
-  except Exception as exc:  # the store's error after its own retries
-    raise unlistable(listing.prefix, exc) from exc
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as exc:
+    head, tail = raw[:exc.start].decode('utf-8'), raw[exc.start:]
+
+  def encoded(code: int) -> bytes:
+    return chr(0xE000 if 0xD800 <= code < 0xE000 else code).encode('utf-8')
+
+  low, high = 0, 0x110000
+  while low < high:
+    middle = (low + high) // 2
+    if encoded(middle) >= tail:
+      high = middle
+    else:
+      low = middle + 1
+  return None if low == 0x110000 else head + chr(0xE000 if 0xD800 <= low < 0xE000 else low)
+
+
+def cut(listing: Listing, first: str, last: str) -> List[Listing]:
+  """The rest of a piece's range, after `last`, in CUT_WAYS pieces at most: the first as wide in
+  name space (names read as base-256 numbers) as `first`..`last`, the ones after it wider each
+  time by one factor, so that the last reaches the end of the range; a piece that still holds too
+  much cuts itself again. Names crowd and thin out (`img0099999` to `img0100000` is a long way in
+  name space), which is why the widths grow: no guess of the density is needed beyond the first."""
+  width = max(len(text.encode('utf-8')) for text in (first, last, listing.upto or '',
+                                                     listing.prefix)) + 1
+
+  def number(text: str) -> int:
+    return int.from_bytes(text.encode('utf-8').ljust(width, b'\0'), 'big')
+
+  prefix = listing.prefix.encode('utf-8')
+  end = number(listing.upto) if listing.upto else \
+      (int.from_bytes(prefix, 'big') + 1) << (8 * (width - len(prefix)))
+  low, step = number(last), max(number(last) - number(first), 1)
+  growth = max(1, -(-max((end - low).bit_length() - step.bit_length(), 0) // (CUT_WAYS - 1)))
+  points, offset = [], step
+  while len(points) < CUT_WAYS - 1 and low + offset < end:
+    text = _text_at_or_after((low + offset).to_bytes(width, 'big').rstrip(b'\0'))
+    if text is not None and text > (points[-1] if points else last) and \
+        (listing.upto is None or text < listing.upto):
+      points.append(text)
+    offset <<= growth
+  bounds = [last] + points + [listing.upto]
+  return [listing._replace(after=after, upto=upto) for after, upto in zip(bounds, bounds[1:])]
+
+
+def _last_entry(page: Page, after: Optional[str], upto: Optional[str]) -> Optional[str]:
+  entries = [e for e in [ref.uri for ref in page.refs] + page.prefixes if _in_range(e, after, upto)]
+  return max(entries) if entries else None
 
 
 def list_piece(listing: Listing) -> Iterator[Listed]:
-  """Everything a sub-listing holds, one page at a time (bounded depths level by level)."""
-  if listing.levels is not None:
-    for listed in list_level(listing):
-      yield listed._replace(pieces=[])
-      for piece in listed.pieces:
-        yield from list_piece(piece)
-    return
+  """One piece, a page at a time: at most `piece_pages` pages of its range, the last one carrying
+  the pieces the rest is cut into. A page that fails after the client's retries is asked again,
+  from the last page listed, up to PAGE_ATTEMPTS times; then the runner retries the piece."""
   regex, excludes = re.compile(listing.regex), [re.compile(e) for e in listing.excludes]
-  try:
-    for page in store_for(listing.prefix).tree(listing, listing.prefix):
-      yield _keep(listing, page, regex, excludes)
-  except Exception as exc:  # the store's error after its own retries
-    raise unlistable(listing.prefix, exc) from exc
+  store = store_for(listing.prefix)
+  cursor, first, pages, failures = listing.after, None, 0, 0
+  # A whole prefix that turns out large is cut early, so that other workers start on it soon.
+  budget = listing.piece_pages if listing.after or listing.upto else \
+      max(1, listing.piece_pages // FIRST_CUT_DIVISOR)
+  while True:
+    try:
+      for page in store.pages(listing, cursor):
+        pages += 1
+        # Local walks are not in name order: only remote pages are kept from the cursor on.
+        lower = cursor if store.resumable else listing.after
+        listed = _keep(listing, page, regex, excludes, lower)
+        last = _last_entry(page, lower, listing.upto)
+        beyond = listing.upto is not None and any(
+            e > listing.upto for e in [ref.uri for ref in page.refs] + page.prefixes)
+        if last is not None:
+          first, cursor = first or min(
+              e for e in [ref.uri for ref in page.refs] + page.prefixes
+              if _in_range(e, listing.after, listing.upto)), last
+        if beyond:
+          yield listed
+          return
+        if page.more and pages >= budget and first is not None and first != cursor:
+          yield listed._replace(pieces=listed.pieces + cut(listing, first, cursor))
+          return
+        yield listed
+      return
+    except Exception as exc:  # the store's error after its own retries
+      error = unlistable(listing.prefix, exc)
+      failures += 1
+      if error.denied or not store.resumable or failures >= PAGE_ATTEMPTS:
+        raise error from exc
+      logging.warning('%s; listing it again from %s', error, cursor or 'its start')
+      time.sleep(0.5 * failures)
 
 
 def stat(uri: str) -> Optional[FileRef]:
@@ -438,20 +590,14 @@ def stat(uri: str) -> Optional[FileRef]:
 
 
 def list_sequentially(listing: Listing, max_pages: Optional[int] = None) -> Iterator[Listed]:
-  """A whole listing in this process (what a runner does spread over workers); at most
-  `max_pages` pages when given."""
-  pages = 0
-  queue = []
-  for listed in list_level(listing):
-    pages += 1
-    yield listed._replace(pieces=[])
-    queue.extend(listed.pieces)
-    if max_pages and pages >= max_pages:
-      return
-  for piece in queue:
-    for listed in list_piece(piece):
+  """A whole listing in this process (what a runner does spread over workers), each page's
+  pieces listed after it; at most `max_pages` pages when given."""
+  pages, queue = 0, collections.deque([listing])
+  while queue:
+    for listed in list_piece(queue.popleft()):
       pages += 1
-      yield listed
+      queue.extend(listed.pieces)
+      yield listed._replace(pieces=[])
       if max_pages and pages >= max_pages:
         return
 

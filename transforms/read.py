@@ -19,6 +19,7 @@ FileSystem:
 Listing streams, one page at a time, and spreads over workers (transforms/listing.py).
 """
 
+import collections
 import logging
 import os
 import re
@@ -30,9 +31,11 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.failures import FAILURES_TAG, READ, Failure
-from transforms.listing import (FileRef, Listed, UnlistableError, exclude_regexes, is_local,
-                                list_level, list_piece, list_sequentially, plan_listing,
-                                say_once, stat, unlistable)
+from transforms.listing import (PIECE_PAGES, FileRef, Listed, UnlistableError, exclude_regexes,
+                                is_local, list_piece, list_sequentially, plan_listing,
+                                read_object, say_once, stat, unlistable)
+from transforms.manifests import (CSV, Inventory, check_inventory, csv_rows, inventory,
+                                  row_object, suffix_kind, wanted_columns)
 from run_format.patterns import unescape
 
 METRICS_NAMESPACE = 'read'
@@ -40,7 +43,12 @@ DEFAULT_MAX_FILE_BYTES = 256 << 20
 # The launch's look at each input: at most this many list pages (plus one request for a pattern
 # that might name a file), whatever the bucket holds.
 CHECK_PAGES = 3
+# Stages that list pieces after the input's first level: each piece that lists its pages and
+# still has names left cuts them into pieces for the next stage; the last stage lists the pieces
+# it is given, and those they cut, itself (Beam graphs have no loops).
+LISTING_ROUNDS = 3
 _PIECES_TAG = 'pieces'
+_LOOK_UP_TAG = 'look_up'
 
 
 class ImageFile(NamedTuple):
@@ -101,7 +109,7 @@ def _first_match(pattern: str, excludes: Tuple[str, ...]) -> Optional[bool]:
     return True
   pages, seen, denied = 0, 0, []
   for listed in list_sequentially(plan_listing(pattern, excludes), max_pages=CHECK_PAGES):
-    if listed.refs:
+    if listed.refs or listed.bad_names:
       return True
     pages, seen = pages + 1, seen + listed.seen
     denied.extend(unlistable(folder, exc) for folder, exc in listed.unlistable)
@@ -165,6 +173,13 @@ def check_manifests_exist(manifests: Sequence[str]) -> None:
     files = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     if not files:
       raise ManifestError(f'no manifest file matches --input_manifest {pattern!r}')
+    found = inventory(pattern)
+    if found is not None or suffix_kind(pattern) == 'parquet':
+      try:
+        check_inventory(found or Inventory(pattern, 'parquet', ()))
+      except ValueError as exc:
+        raise ManifestError(str(exc)) from exc
+      continue
     if not any(_first_uri(manifest) for manifest in files):
       raise ManifestError(f'--input_manifest {pattern!r} names no image: only blank lines and '
                           '# comments')
@@ -185,6 +200,15 @@ def _unlistable_failures(listed: Listed):
                                                          str(error)))
 
 
+def _bad_name_failures(listed: Listed):
+  for name in listed.bad_names:
+    logging.warning('cannot read %s: its name is not UTF-8', name)
+    yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure(
+        name, READ, 'UnicodeEncodeError',
+        f'the name of {name} is not UTF-8 (shown with \\xNN for its other bytes): no output '
+        'can name it; rename the file to UTF-8'))
+
+
 class _ListingDoFn(beam.DoFn):
 
   def __init__(self):
@@ -199,6 +223,7 @@ class _ListingDoFn(beam.DoFn):
         for piece in listed.pieces:
           yield beam.pvalue.TaggedOutput(_PIECES_TAG, piece)
         yield from _unlistable_failures(listed)
+        yield from _bad_name_failures(listed)
         _say_run_files(listed.run_files, self._run_files)
     except UnlistableError as exc:
       if not exc.denied:
@@ -212,24 +237,38 @@ class _PlanListing(_ListingDoFn):
   """An input -> the file it names, or its first folder level: files, and one piece per
   sub-folder, for the runner to spread."""
 
-  def __init__(self, excludes: Tuple[str, ...]):
+  def __init__(self, excludes: Tuple[str, ...], piece_pages: int):
     super().__init__()
     self._excludes = excludes
+    self._piece_pages = piece_pages
 
   def process(self, pattern: str):
     literal = _literal_file(pattern)
     if literal is not None:
       yield literal
       return
-    listing = plan_listing(pattern, self._excludes)
-    yield from self._emit(list_level(listing), listing.prefix)
+    listing = plan_listing(pattern, self._excludes)._replace(piece_pages=self._piece_pages)
+    yield from self._emit(list_piece(listing), listing.prefix)
 
 
 class _ListPiece(_ListingDoFn):
-  """One sub-folder, everything under it, one page at a time."""
+  """One piece (a sub-folder, or a name range of one), one page at a time; the pieces it cuts
+  go to the next stage, or, in the last (`drain`), are listed here after it."""
+
+  def __init__(self, drain: bool):
+    super().__init__()
+    self._drain = drain
 
   def process(self, listing):
-    yield from self._emit(list_piece(listing), listing.prefix)
+    pending = collections.deque([listing])
+    while pending:
+      piece = pending.popleft()
+      for output in self._emit(list_piece(piece), piece.prefix):
+        if self._drain and isinstance(output, beam.pvalue.TaggedOutput) and \
+            output.tag == _PIECES_TAG:
+          pending.append(output.value)
+        else:
+          yield output
 
 
 def _manifest_line(line: Tuple[str, bytes]):
@@ -245,6 +284,39 @@ def _manifest_line(line: Tuple[str, bytes]):
   uri = manifest_uri(text)
   if uri:
     yield uri
+
+
+class _InventoryRows(beam.DoFn):
+  """Rows of an inventory manifest (CSV lines, or Parquet rows as dicts) -> the FileRef of each
+  row that says the object's size and identity (no request); the URIs of the others, to look up
+  (tag _LOOK_UP_TAG); a row that names no object is a failure naming the manifest."""
+
+  def __init__(self, found: Inventory):
+    self._found = found
+    self._described = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'manifest_rows_described')
+    self._looked_up = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'manifest_rows_looked_up')
+
+  def process(self, row):
+    try:
+      rows = csv_rows(row, self._found.columns) if isinstance(row, bytes) else [row]
+      objects = [row_object(values, url_encoded_keys=self._found.kind == CSV)
+                 for values in rows]
+    except (ValueError, UnicodeDecodeError) as exc:  # a bad number, date or encoding
+      yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure(
+          self._found.pattern, READ, type(exc).__name__,
+          f'a row of manifest {self._found.pattern} cannot be read ({exc}): {str(row)[:200]}'))
+      return
+    for found in objects:
+      if found.uri is None:
+        yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure(
+            self._found.pattern, READ, 'ValueError',
+            f'a row of manifest {self._found.pattern} names no object: {str(row)[:200]}'))
+      elif found.ref is not None:
+        self._described.inc()
+        yield found.ref._replace(uri=normalize_input(found.ref.uri))
+      else:
+        self._looked_up.inc()
+        yield beam.pvalue.TaggedOutput(_LOOK_UP_TAG, normalize_input(found.uri))
 
 
 class _StatUri(beam.DoFn):
@@ -269,50 +341,89 @@ class MatchFiles(beam.PTransform):
   """Patterns and manifests -> FileRef, each file once however often it is named (unless
   `deduplicate` is off: then the caller's join on the URI does it).
 
-  Each input's first folder level is listed where the input is; its sub-folders are reshuffled
-  and listed in parallel, page by page. The grouping by URI also breaks fusion, so that runners
-  spread the reads over workers; manifest lines are read in parallel ranges and reshuffled
-  before their metadata is looked up. `output`: this run's own directory, never listed.
+  Each input's first folder level is listed where the input is; its sub-folders, and the name
+  ranges a piece cuts off when it holds more than `piece_pages` pages, are reshuffled and listed in
+  parallel, page by page, over LISTING_ROUNDS stages. The grouping by URI also breaks fusion, so
+  that runners spread the reads over workers. Manifest lines are read in parallel ranges; rows of
+  inventory reports that carry the object's metadata are FileRefs at once, the other URIs are
+  made distinct (a URI named twice is looked up, and counted, once) and looked up in parallel.
+  `output`: this run's own directory, never listed.
   """
 
   def __init__(self, patterns: Sequence[str], manifests: Sequence[str] = (),
                excludes: Sequence[str] = (), output: Optional[str] = None,
-               deduplicate: bool = True):
+               deduplicate: bool = True, piece_pages: int = PIECE_PAGES):
     super().__init__()
     self._patterns = list(patterns)
     self._manifests = list(manifests)
     self._excludes = _excludes(excludes, output)
     self._deduplicate = deduplicate
+    self._piece_pages = piece_pages
 
-  def expand(self, pbegin):
+  def _listed(self, pbegin, sources: List, failures: List) -> None:
     planned = (pbegin
                | 'Patterns' >> beam.Create(self._patterns)
-               | 'Plan' >> beam.ParDo(_PlanListing(self._excludes)).with_outputs(
-                   _PIECES_TAG, FAILURES_TAG, main='refs'))
-    listed = (planned[_PIECES_TAG]
-              | 'SpreadPieces' >> beam.Reshuffle()
-              | 'ListPieces' >> beam.ParDo(_ListPiece()).with_outputs(FAILURES_TAG, main='refs'))
-    sources = [planned.refs, listed.refs]
-    failures = [planned[FAILURES_TAG], listed[FAILURES_TAG]]
-    if self._manifests:
+               | 'Plan' >> beam.ParDo(_PlanListing(self._excludes, self._piece_pages))
+               .with_outputs(_PIECES_TAG, FAILURES_TAG, main='refs'))
+    sources.append(planned.refs)
+    failures.append(planned[FAILURES_TAG])
+    pieces = planned[_PIECES_TAG]
+    for number in range(1, LISTING_ROUNDS + 1):
+      suffix = '' if number == 1 else str(number)
+      listed = (pieces
+                | f'SpreadPieces{suffix}' >> beam.Reshuffle()
+                | f'ListPieces{suffix}' >> beam.ParDo(_ListPiece(drain=number == LISTING_ROUNDS))
+                .with_outputs(_PIECES_TAG, FAILURES_TAG, main='refs'))
+      sources.append(listed.refs)
+      failures.append(listed[FAILURES_TAG])
+      pieces = listed[_PIECES_TAG]
+
+  def _from_manifests(self, pbegin, sources: List, failures: List) -> None:
+    found = {pattern: inventory(pattern) for pattern in self._manifests}
+    plain = [pattern for pattern, kind in found.items() if kind is None]
+    look_up = []
+    if plain:
       lines = (pbegin
-               | 'Manifests' >> beam.Create(self._manifests)
+               | 'Manifests' >> beam.Create(plain)
                | 'ReadManifests' >> beam.io.ReadAllFromText(coder=BytesCoder(),
                                                             with_filename=True)
                | 'Uris' >> beam.FlatMap(_manifest_line).with_outputs(FAILURES_TAG, main='uris'))
-      stated = (lines.uris
-                | 'Reshuffle' >> beam.Reshuffle()
+      look_up.append(lines.uris)
+      failures.append(lines[FAILURES_TAG])
+    for number, report in enumerate(kind for kind in found.values() if kind is not None):
+      if report.kind == CSV:
+        rows = pbegin | f'ReadInventory{number}' >> beam.io.ReadFromText(
+            report.pattern, coder=BytesCoder())
+      else:
+        rows = pbegin | f'ReadInventory{number}' >> beam.io.ReadFromParquet(
+            report.pattern, columns=wanted_columns(report.columns))
+      described = rows | f'InventoryRows{number}' >> beam.ParDo(_InventoryRows(report)) \
+          .with_outputs(_LOOK_UP_TAG, FAILURES_TAG, main='refs')
+      sources.append(described.refs)
+      look_up.append(described[_LOOK_UP_TAG])
+      failures.append(described[FAILURES_TAG])
+    if look_up:
+      stated = (tuple(look_up)
+                | 'UrisToLookUp' >> beam.Flatten()
+                | 'DistinctUris' >> beam.Distinct()
                 | 'Stat' >> beam.ParDo(_StatUri()).with_outputs(FAILURES_TAG, main='refs'))
       sources.append(stated.refs)
-      failures.extend([lines[FAILURES_TAG], stated[FAILURES_TAG]])
+      failures.append(stated[FAILURES_TAG])
+
+  def expand(self, pbegin):
+    sources, failures = [], []
+    self._listed(pbegin, sources, failures)
+    if self._manifests:
+      self._from_manifests(pbegin, sources, failures)
     refs = tuple(sources) | 'AllRefs' >> beam.Flatten()
+    failures = tuple(failures) | 'ListFailures' >> beam.Flatten()
     if not self._deduplicate:  # the caller's own shuffle on the URI keeps one of each
-      return {'refs': refs, FAILURES_TAG: tuple(failures) | 'ListFailures' >> beam.Flatten()}
+      return {'refs': refs, FAILURES_TAG: failures}
     refs = (refs
             | 'KeyByUri' >> beam.Map(lambda ref: (ref.uri, ref))
             | 'OnePerUri' >> beam.CombinePerKey(_first)
             | 'Values' >> beam.Values())
-    return {'refs': refs, FAILURES_TAG: tuple(failures) | 'ListFailures' >> beam.Flatten()}
+    return {'refs': refs, FAILURES_TAG: failures}
 
 
 class _ReadFile(beam.DoFn):
@@ -330,9 +441,11 @@ class _ReadFile(beam.DoFn):
       if ref.size_bytes > self._max_file_bytes:
         raise FileTooLargeError(
             f'{ref.size_bytes} bytes, over --max_file_bytes {self._max_file_bytes}')
-      # UNCOMPRESSED: Beam would otherwise gunzip a file named *.gz behind our back.
-      with FileSystems.open(ref.uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        data = f.read()
+      data = read_object(ref.uri)
+      if data is None:
+        # UNCOMPRESSED: Beam would otherwise gunzip a file named *.gz behind our back.
+        with FileSystems.open(ref.uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+          data = f.read()
     except Exception as exc:  # any storage error is this image's failure, not the run's
       logging.warning('cannot read %s: %s', ref.uri, exc)
       self._failed.inc()
