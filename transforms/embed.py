@@ -1,8 +1,13 @@
 """Stage 3: RunInference with the project's ModelHandler, one model per process (or per VM).
 
+A batch that runs out of memory (TensorFlow's ResourceExhaustedError) is split in two and each half
+tried again, down to single images, with a warning and the `oom_batch_splits` counter: a
+--max_batch_size too large for the GPU still embeds every image. A single image out of memory
+raises like any other infrastructure error below.
+
 Only data errors are dead-lettered: an input the model refuses (TensorFlow's InvalidArgumentError,
 or a ValueError / TypeError for an input it cannot take) becomes an `inference` failure of that
-image alone (a refused batch is retried image by image). Anything else (the GPU out of memory,
+image alone (a refused batch is retried image by image). Anything else (one image out of memory,
 a device error, a lost connection to the process that serves a shared model) raises, so the
 runner retries the bundle (Dataflow: four times, then the job fails) instead of draining a
 broken machine's share of the input into the failures file. A retried bundle's set-up acquires
@@ -62,6 +67,7 @@ class RefusedImage(NamedTuple):
 
 # The errors that say the input is wrong for the model; every other error is the machine's.
 DATA_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
+OUT_OF_MEMORY = tf.errors.ResourceExhaustedError
 
 
 def _refused(exc: Exception) -> RefusedImage:
@@ -96,6 +102,8 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
     # cost a round trip per batch.
     self._model_id = model_id or default_model_id(model_handle, checkpoint, seed, compute_dtype)
     self._run_token = uuid.uuid4().hex  # the same in every worker: numbers this run's loads
+    self._splits = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'oom_batch_splits')
+    self._warned_sizes = set()  # one warning per batch size and process, not one per batch
 
   def load_model(self) -> Union[EmbeddingModel, SharedBatchModel]:
     gpus = configure_gpus()
@@ -116,7 +124,7 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
                     ) -> Iterable[PredictionResult]:
     """Features, or a RefusedImage for each image the model refused; other errors raise."""
     try:
-      outputs = list(self._embed(batch, model))
+      outputs = list(self._embed_fitting(batch, model))
     except DATA_ERRORS as exc:
       if len(batch) == 1:
         outputs = [_refused(exc)]
@@ -125,6 +133,24 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
                         len(batch), type(exc).__name__, _refused(exc).message)
         outputs = [self._embed_alone(image, model) for image in batch]
     return [PredictionResult(None, output, self._model_id) for output in outputs]
+
+  def _embed_fitting(self, batch: Sequence[np.ndarray], model) -> np.ndarray:
+    """`_embed`, halving the batch while it runs out of memory; one image out of memory
+    raises."""
+    try:
+      return self._embed(batch, model)
+    except OUT_OF_MEMORY as exc:
+      if len(batch) == 1:
+        raise
+      half = len(batch) // 2
+      self._splits.inc()
+      if len(batch) not in self._warned_sizes:
+        self._warned_sizes.add(len(batch))
+        logging.warning('out of memory for a batch of %d (%s); embedding it as batches of %d '
+                        'and %d: a smaller --max_batch_size avoids the retries', len(batch),
+                        _refused(exc).message[:200], half, len(batch) - half)
+    return np.concatenate([self._embed_fitting(batch[:half], model),
+                           self._embed_fitting(batch[half:], model)])
 
   def _embed(self, batch: Sequence[np.ndarray], model) -> np.ndarray:
     if self.share_model_across_processes():
