@@ -16,22 +16,23 @@ the shared model anew; Beam starts a new server when the old one no longer answe
 
 import logging
 import uuid
-from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
 import numpy as np
-import tensorflow as tf
 from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
                                            RunInference)
 
 from models.gpus import configure_gpus, device_for_load
 from models.handles import model_id as default_model_id
-from models.loading import EmbeddingModel, load_embedding_model
 from models.shared_batches import SharedBatchModel, embed_batch
 from transforms.decode import DecodedImage
 from transforms.failures import FAILURES_TAG, INFERENCE, Failure
 from transforms import quiet_logs
 from transforms.progress import ProgressReporter
+
+if TYPE_CHECKING:  # TensorFlow: imported by the workers' load_model, not by the launcher
+  from models.loading import EmbeddingModel
 
 METRICS_NAMESPACE = 'embed'
 
@@ -65,9 +66,12 @@ class RefusedImage(NamedTuple):
   message: str
 
 
-# The errors that say the input is wrong for the model; every other error is the machine's.
-DATA_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
-OUT_OF_MEMORY = tf.errors.ResourceExhaustedError
+def _errors():
+  """(the errors that say the input is wrong for the model, out of memory); every other error is
+  the machine's. TensorFlow's, imported here: the launcher imports this module for the graph,
+  where TensorFlow would cost seconds before every option check."""
+  import tensorflow as tf
+  return (tf.errors.InvalidArgumentError, ValueError, TypeError), tf.errors.ResourceExhaustedError
 
 
 def _refused(exc: Exception) -> RefusedImage:
@@ -76,7 +80,7 @@ def _refused(exc: Exception) -> RefusedImage:
   return RefusedImage(type(exc).__name__, message[:1000])
 
 
-class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, EmbeddingModel]):
+class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, 'EmbeddingModel']):
   """Loads a TF-Hub module, SavedModel or built-in PNASNet (Beam's TFModelHandler* cannot load
   TF1 Hub format) and embeds batches of preprocessed images.
 
@@ -105,7 +109,8 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
     self._splits = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'oom_batch_splits')
     self._warned_sizes = set()  # one warning per batch size and process, not one per batch
 
-  def load_model(self) -> Union[EmbeddingModel, SharedBatchModel]:
+  def load_model(self) -> Union['EmbeddingModel', SharedBatchModel]:
+    from models.loading import load_embedding_model
     gpus = configure_gpus()
     device = device_for_load(self._run_token)
     embedding_model = load_embedding_model(
@@ -119,13 +124,14 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
     return embedding_model
 
   def run_inference(self, batch: Sequence[np.ndarray],
-                    model: Union[EmbeddingModel, SharedBatchModel],
+                    model: Union['EmbeddingModel', SharedBatchModel],
                     inference_args: Optional[Dict[str, Any]] = None
                     ) -> Iterable[PredictionResult]:
     """Features, or a RefusedImage for each image the model refused; other errors raise."""
+    data_errors, _ = _errors()
     try:
       outputs = list(self._embed_fitting(batch, model))
-    except DATA_ERRORS as exc:
+    except data_errors as exc:
       if len(batch) == 1:
         outputs = [_refused(exc)]
       else:
@@ -137,9 +143,10 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
   def _embed_fitting(self, batch: Sequence[np.ndarray], model) -> np.ndarray:
     """`_embed`, halving the batch while it runs out of memory; one image out of memory
     raises."""
+    _, out_of_memory = _errors()
     try:
       return self._embed(batch, model)
-    except OUT_OF_MEMORY as exc:
+    except out_of_memory as exc:
       if len(batch) == 1:
         raise
       half = len(batch) // 2
@@ -160,7 +167,7 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
   def _embed_alone(self, image: np.ndarray, model):
     try:
       return self._embed([image], model)[0]
-    except DATA_ERRORS as exc:
+    except _errors()[0] as exc:
       return _refused(exc)
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
