@@ -350,8 +350,8 @@ def run(argv: Optional[List[str]] = None) -> Dict:
       raise PipelineFailedError(mismatch) from exc
     full = out_of_space(exc)
     if full:
-      raise OutOfSpaceRun(f'no room left to write ({full}): {_unfinished(embedding.output)}; '
-                          'free some space first') from exc
+      raise OutOfSpaceRun(f'no room left to write ({full}): '
+                          f'{_unfinished(embedding.output, "free some space, then ")}') from exc
     raise
 
 
@@ -401,11 +401,12 @@ def print_help(show_beam_options: bool) -> None:
   parser.print_help()
 
 
-def _unfinished(output: str) -> str:
+def _unfinished(output: str, first: str = '') -> str:
+  """What was left where, and what to do (after `first`, e.g. "free some space, then ")."""
   temp = stale_temp_files(output)
   left = CLAIM_FILE + (f' and {temp}' if temp.folders else '')
-  return (f'{output} holds an unfinished run ({left}, no {SUMMARY_FILE}); rerun with a new '
-          '--output, or the same one with --clean_unfinished')
+  return (f'{output} holds an unfinished run ({left}, no {SUMMARY_FILE}); {first}rerun with a '
+          'new --output, or the same one with --clean_unfinished')
 
 
 def _interrupted(output: str) -> str:
