@@ -23,7 +23,7 @@ PORTABLE = ['--runner=PortableRunner', '--job_endpoint=embed', '--environment_ty
 def _outcome(summary, output):
   """What a run produced, independent of how its runner sharded the files."""
   loaded = load(output)
-  vectors = {uri: np.asarray(vector) for uri, vector in zip(loaded.uris, loaded.embeddings)}
+  vectors = {uri: np.asarray(vector) for uri, vector in zip(loaded.uris, loaded.vectors)}
   counts = {key: summary[key] for key in ('matched', 'embedded', 'failed', 'skipped',
                                           'failed_by_stage', 'outcome')}
   failures = sorted((os.path.basename(f['uri']), f['stage']) for f in read_failures(output))
