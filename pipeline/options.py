@@ -163,13 +163,17 @@ class _OneLineErrors(_BeamArgumentParser):
   """argparse answers a bad value (`--output_format csv`, a flag left without its value) with
   its usage line, which for Beam's parser lists some 165 options: say the problem in one line."""
 
+  command = 'python run_pipeline.py'
+
   def error(self, message):
-    raise OptionsError(f'{message} (python run_pipeline.py --help lists the flags)')
+    raise OptionsError(f'{message} ({self.command} --help lists the flags)')
 
 
-def all_flags_parser() -> argparse.ArgumentParser:
-  """Every option Beam and this project know, as `PipelineOptions.get_all_options` sees them."""
+def all_flags_parser(command: str = 'python run_pipeline.py') -> argparse.ArgumentParser:
+  """Every option Beam and this project know, as `PipelineOptions.get_all_options` sees them;
+  `command` is named in its errors."""
   parser = _OneLineErrors(prog='run_pipeline.py', allow_abbrev=False, add_help=False)
+  parser.command = command
   for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
     cls._add_argparse_args(parser)  # pylint: disable=protected-access
   return parser
@@ -179,7 +183,7 @@ def check_known_flags(argv: Sequence[str], command: str = 'python run_pipeline.p
                       own_flags: Sequence[str] = ()) -> None:
   """Beam only logs and drops flags it does not know, so a typo silently becomes a default.
   `own_flags`: the calling command's flags, offered first as corrections."""
-  parser = all_flags_parser()
+  parser = all_flags_parser(command)
   _, unknown = parser.parse_known_args(list(argv))
   flags = [arg.split('=', 1)[0] for arg in unknown if arg.startswith('-')]
   if not flags and not unknown:
