@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from transforms.provenance import project_version
 
 WORKER_IMAGE_RECIPE = 'deploy/worker/Dockerfile'
+UNKNOWN = '(not installed)'  # a launch from a source tree that was never installed: not compared
 
 
 class LaunchOptions(PipelineOptions):
@@ -47,7 +48,7 @@ class VersionMismatchError(RuntimeError):
 def check_versions(launched: str) -> None:
   """VersionMismatchError naming both sides if this process's versions are not `launched`'s."""
   expected, here = parse_versions(launched), current_versions()
-  if all(here.get(name) == value for name, value in expected.items()):
+  if all(here.get(name) == value or value.endswith(UNKNOWN) for name, value in expected.items()):
     return
   raise VersionMismatchError(
       f'this worker runs {_describe(here)}, {MISMATCH_WORDS} {_describe(expected)}: build the worker image ({WORKER_IMAGE_RECIPE}) from the checkout '
