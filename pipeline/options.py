@@ -161,9 +161,12 @@ class EmbeddingOptions(PipelineOptions):
 
 class _OneLineErrors(_BeamArgumentParser):
   """argparse answers a bad value (`--output_format csv`, a flag left without its value) with
-  its usage line, which for Beam's parser lists some 165 options: say the problem in one line."""
+  its usage line, which for Beam's parser lists some 165 options: say the problem in one line,
+  naming the `command` whose --help lists the flags."""
 
-  command = 'python run_pipeline.py'
+  def __init__(self, command: str, **kwargs):
+    super().__init__(**kwargs)
+    self.command = command
 
   def error(self, message):
     raise OptionsError(f'{message} ({self.command} --help lists the flags)')
@@ -172,8 +175,7 @@ class _OneLineErrors(_BeamArgumentParser):
 def all_flags_parser(command: str = 'python run_pipeline.py') -> argparse.ArgumentParser:
   """Every option Beam and this project know, as `PipelineOptions.get_all_options` sees them;
   `command` is named in its errors."""
-  parser = _OneLineErrors(prog='run_pipeline.py', allow_abbrev=False, add_help=False)
-  parser.command = command
+  parser = _OneLineErrors(command, prog='run_pipeline.py', allow_abbrev=False, add_help=False)
   for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
     cls._add_argparse_args(parser)  # pylint: disable=protected-access
   return parser
