@@ -1,6 +1,9 @@
 """What the launcher knows of a model before any worker loads it: resolved once per launch, from
 the model's files (saved_model.pb, the export mark, the variables index) without loading weights.
-Workers describe the model they load the same way, so the two agree."""
+Workers describe the model they load the same way, so the two agree.
+
+TensorFlow is imported only where a model's files are read: `--help` and the option checks before
+them start in a second, not the 5-18 s TensorFlow's import takes."""
 
 import hashlib
 import json
@@ -10,14 +13,12 @@ import shutil
 import tempfile
 from typing import NamedTuple, Optional
 
-import tensorflow as tf
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from tensorflow.core.protobuf import saved_model_pb2
 
 from models.handles import ModelLoadError, builtin_config, is_builtin, is_remote, model_id
 from models.staging import check_checkpoint, resolve_model_dir
-from pnasnet.export import EXPORT_MARK
+from pnasnet.config import EXPORT_MARK
 
 SIGNATURE_PREFERENCE = ('image_feature_vector', 'default', 'serving_default')
 
@@ -75,6 +76,7 @@ def check_checkpoint_fits(model_handle: str, prefix: str) -> None:
   The network is built in a TF1 graph, where variables take no memory, so the launcher can refuse
   a wrong checkpoint in a second instead of every worker failing after loading it.
   """
+  import tensorflow as tf
   from pnasnet import PNASNet
   from pnasnet.checkpoint import CheckpointMismatchError, check_variables
   from pnasnet.network import zeros_initializer
@@ -113,6 +115,8 @@ def describe_module(model_dir: str, model_handle: str) -> FeatureSignature:
   `model_dir` may be remote: only those small files are read, so the launcher stays light. A
   module exported from untrained weights says so in its model id, as the builtin would.
   """
+  import tensorflow as tf
+  from tensorflow.core.protobuf import saved_model_pb2
   path = FileSystems.join(model_dir, 'saved_model.pb')
   try:
     exists = FileSystems.exists(path)

@@ -13,6 +13,14 @@ the next power of two above its batch, and closes a segment once it has been idl
 it open or mapped, so nothing outlives its caller, even one that is killed: the model's process
 notices at its next sweep that the caller's descriptor is gone and drops its mapping.
 
+One batch at a time: `multiprocessing.managers` serves every connection (one per calling thread)
+on a thread of its own, so the model's process runs each call under one lock: a GPU holding one
+model never gets two batches at once (two would need twice the activation memory).
+
+Fallback: where /proc/PID/fd/FD cannot be opened (a container runtime that forbids it, a caller
+that is not dumpable), the model's process says so (`HandoffUnavailableError`) and the caller,
+after one warning, sends its batches pickled through Beam's proxy instead: slower, never failing.
+
 Checked: before mapping, the model's process checks that the handle names a memory file of this
 project (the descriptor's link target) and that the segment starts with this project's mark and
 the handle's token, which only the caller that wrote it knows; anything else is refused.
@@ -52,6 +60,10 @@ class BatchHandle(NamedTuple):
 
 class ForgedHandleError(PermissionError):
   """A handle that does not name a batch segment its caller wrote for this project."""
+
+
+class HandoffUnavailableError(RuntimeError):
+  """The model's process cannot open the caller's memory file: send the pixels instead."""
 
 
 class _Segment:
@@ -170,12 +182,27 @@ def process_pool() -> SegmentPool:
     return _pool
 
 
+_handoff_failed_pid: Optional[int] = None  # this process's batches go pickled (after a warning)
+
+
 def embed_batch(model, images: Sequence[np.ndarray]) -> np.ndarray:
   """Features of `images` from a SharedBatchModel, or Beam's proxy of one in another process."""
+  global _handoff_failed_pid
+  if _handoff_failed_pid == os.getpid():
+    return model.embed_pickled(np.stack(images))
   shape = (len(images),) + tuple(np.shape(images[0]))
   with process_pool().segment(math.prod(shape) * 4) as segment:
     np.stack(images, out=segment.array(shape))  # the copy np.stack makes in-process anyway
-    return model.embed_shared(BatchHandle(os.getpid(), segment.fd, segment.token, shape))
+    try:
+      return model.embed_shared(BatchHandle(os.getpid(), segment.fd, segment.token, shape))
+    except HandoffUnavailableError as exc:
+      with _pool_lock:
+        first = _handoff_failed_pid != os.getpid()
+        _handoff_failed_pid = os.getpid()
+      if first:
+        logging.warning('shared-memory batches unavailable (%s); this process sends its batches '
+                        'to the shared model pickled instead (slower, same features)', exc)
+  return model.embed_pickled(np.stack(images))
 
 
 class _Attached(NamedTuple):
@@ -189,7 +216,11 @@ class _Attached(NamedTuple):
   def open(cls, handle: BatchHandle) -> '_Attached':
     """Checks what the handle names, then maps it (ForgedHandleError if it is not a segment of
     this project written by the handle's caller, with room for the handle's shape)."""
-    fd = os.open(f'/proc/{int(handle.pid)}/fd/{int(handle.fd)}', os.O_RDONLY)
+    path = f'/proc/{int(handle.pid)}/fd/{int(handle.fd)}'
+    try:
+      fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+      raise HandoffUnavailableError(f'the model\'s process cannot open {path}: {exc}') from None
     try:
       target = os.readlink(f'/proc/self/fd/{fd}')  # what was opened, not what is there now
       if target != LINK_TARGET:
@@ -230,15 +261,20 @@ class SharedBatchModel:
     self._last_sweep = time.monotonic()
 
   def embed_shared(self, handle: BatchHandle) -> np.ndarray:
-    with self._lock:
+    with self._lock:  # held through the model call: one batch at a time on this model's GPU
       self._sweep_if_due()
       attached = self._attached.get(handle.token)
       if attached is None or attached.pid != handle.pid or attached.fd != handle.fd:
         attached = _Attached.open(handle)
         self._attached[handle.token] = attached
-    images = np.frombuffer(attached.pages, np.float32, count=math.prod(handle.shape),
-                           offset=HEADER_BYTES)
-    return self._model.embed(images.reshape(handle.shape))
+      images = np.frombuffer(attached.pages, np.float32, count=math.prod(handle.shape),
+                             offset=HEADER_BYTES)
+      return self._model.embed(images.reshape(handle.shape))
+
+  def embed_pickled(self, images: np.ndarray) -> np.ndarray:
+    """The fallback: pixels pickled through the proxy, still one batch at a time."""
+    with self._lock:
+      return self._model.embed(images)
 
   def attached_segments(self) -> int:
     """Caller segments this process maps now (for the tests and the GPU self-check)."""

@@ -34,6 +34,29 @@ EXAMPLE_MACHINES = {'g2': 'g2-standard-8', 'n1': 'n1-standard-8', 'a2': 'a2-high
 DATAFLOW_DEFAULT_MACHINE_TYPE = 'n1-standard-1'  # a batch job's workers without --machine_type
 
 
+WORKER_IMAGE_RECIPE = 'deploy/worker/Dockerfile'
+# Beam's own SDK images (what Dataflow uses without --sdk_container_image) hold no CUDA.
+BEAM_IMAGE_PREFIXES = ('apache/beam_python', 'gcr.io/cloud-dataflow/v1beta3/beam_python')
+
+
+def image_problem(image: Optional[str], flag: str) -> Optional[str]:
+  """Without a worker image holding TensorFlow with CUDA, Dataflow's GPU VMs pip-install the
+  project into Beam's default container and embed on their CPUs while the GPUs are billed."""
+  if image and not image.startswith(BEAM_IMAGE_PREFIXES):
+    return None
+  given = f'--sdk_container_image {image} is Beam\'s own image, which' if image else (
+      'without --sdk_container_image the workers run Beam\'s own image, which')
+  return (f'{flag} on Dataflow: {given} has no CUDA, so TensorFlow would run on the CPUs of the '
+          f'GPU workers; build the worker image from {WORKER_IMAGE_RECIPE} (docs/dataflow.md, '
+          '"Build the images") and pass it as --sdk_container_image')
+
+
+def gpu_count(hint: str) -> int:
+  """The hint's `count`, 1 if it names none."""
+  count = _field(hint, 'count')
+  return int(count) if count and count.isdigit() else 1
+
+
 def _field(hint: str, name: str) -> Optional[str]:
   for part in hint.split(';'):
     if part.startswith(name + ':'):

@@ -7,6 +7,7 @@ import apache_beam as beam
 
 from models.description import ModelDescription
 from pipeline.options import EmbeddingOptions
+from pipeline.versions import CheckWorkerVersions, LaunchOptions
 from run_format import RunLaunch
 from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages, ImageEmbeddingModelHandler
@@ -36,6 +37,8 @@ class DecodeAndEmbed(beam.PTransform):
 
   def expand(self, refs):
     options = self._options
+    refs = refs | 'CheckWorkerVersions' >> CheckWorkerVersions(
+        options.view_as(LaunchOptions).launch_versions)
     read = refs | 'ReadImages' >> ReadImages(options.max_file_bytes)
     decoded = read.images | 'DecodeImages' >> DecodeImages(
         self._model_description.height, self._model_description.width,
@@ -66,7 +69,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
   matched = pipeline | 'MatchFiles' >> MatchFiles(
       options.input or (), options.input_manifest or (), options.exclude or (), options.output,
       deduplicate=not incremental_indexes)
-  refs = matched['refs']
+  refs = matched['refs'] | 'CheckWorkerVersions' >> CheckWorkerVersions(
+      options.view_as(LaunchOptions).launch_versions)  # the CPU workers; the GPU step's its own
   _ = refs | 'Heartbeat' >> Heartbeat(options.output)
   if incremental_indexes:
     split = refs | 'SkipUnchanged' >> SkipUnchanged(

@@ -82,7 +82,7 @@ NOTES: Dict[str, FlagNotes] = {
         'the `worker_accelerator` service option.'),
     'inference_min_ram': FlagNotes('--inference_min_ram 16GB'),
     'no_wait': FlagNotes('--no_wait',
-                         'Prints the job id. On the DirectRunner the pipeline runs in the '
+                         'Prints the job id. On the local runner the pipeline runs in the '
                          'launching process, so the command still returns only when it is done, '
                          'without reading the summary.'),
     'clean_unfinished': FlagNotes('--clean_unfinished', 'What it deletes is logged.'),
@@ -96,9 +96,14 @@ NOTES: Dict[str, FlagNotes] = {
 
 # Beam's options that this manual's commands use, with what they do here.
 BEAM_FLAGS: Dict[str, str] = {
-    'runner': '`DataflowRunner` for Dataflow; the DirectRunner (the default) runs on this machine',
-    'direct_running_mode': 'DirectRunner: `multi_processing` runs several worker processes',
-    'direct_num_workers': 'DirectRunner: how many workers',
+    'runner': 'None: Beam\'s FnApiRunner on this machine, downloading nothing; `DataflowRunner`, '
+              '`PortableRunner`, `PrismRunner`, `FlinkRunner`, `SparkRunner`: '
+              '[runners](running.md#runners)',
+    'job_endpoint': 'PortableRunner: the job server (`HOST:PORT`), e.g. Flink\'s or Spark\'s',
+    'environment_type': 'Portable runners: how the SDK workers run (`DOCKER` with the worker '
+                        'image, `PROCESS`, `LOOPBACK`)',
+    'direct_running_mode': 'The local runner: `multi_processing` runs several worker processes',
+    'direct_num_workers': 'The local runner: how many workers',
     'project': 'Dataflow: the Google Cloud project',
     'region': 'Dataflow: the region',
     'temp_location': 'Dataflow: a `gs://` folder for temporary files',

@@ -10,13 +10,13 @@ Exit codes: 0 the run finished (some images may be in its failures, within
 import argparse
 import dataclasses
 import datetime
+import errno
 import json
 import logging
 import os
 import signal
 import sys
-from typing import Dict, List, Optional
-from typing import Tuple
+from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -28,15 +28,16 @@ from apache_beam.runners.runner import PipelineState
 from embeddings.runs import scan_runs, warn_of_failed
 from models.description import ModelDescription, describe_model
 from models.handles import ModelLoadError
-from pipeline.build import build_pipeline
 from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
-                              check_known_flags, expand_output, validate)
+                              check_known_flags, expand_output, one_model_per_gpu, validate)
 from pipeline.output_dir import (OutputExistsError, OutputNotWritableError, check_output_is_new,
-                                 claim_output, stale_temp_files)
-from pipeline.output_dir import delete_temp_folders
-from run_format import CLAIM_STALE_SECONDS, TEMP_FOLDERS
-from run_format import (CLAIM_FILE, FAILURES_PREFIX, FAILURES_SUFFIX, FINISHED, SUMMARY_FILE,
-                        IncompatibleRunError, RunLaunch, RunSummary, shard_glob, utc_now)
+                                 claim_output, delete_temp_folders, stale_temp_files)
+from pipeline.runners import default_runner, runner_name
+from pipeline.versions import (LaunchOptions, current_versions, format_versions,
+                               version_mismatch)
+from run_format import (CLAIM_FILE, CLAIM_STALE_SECONDS, FAILURES_PREFIX, FAILURES_SUFFIX,
+                        FINISHED, SUMMARY_FILE, TEMP_FOLDERS, IncompatibleRunError, RunLaunch,
+                        RunSummary, shard_glob, utc_now)
 from transforms import quiet_logs
 from transforms.incremental import state_runs
 from transforms.provenance import Provenance, project_version, recipe
@@ -59,6 +60,28 @@ class InterruptedRun(RuntimeError):
   """Ctrl-C or SIGTERM: says in one line what was left where."""
 
 
+class OutOfSpaceRun(RuntimeError):
+  """The output's disk (or quota, or file size limit) is full: said in one line, as Ctrl-C."""
+
+
+# What a write to a full disk, an exhausted quota or a file size limit raises.
+OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+OUT_OF_SPACE_TEXTS = tuple(os.strerror(code) for code in OUT_OF_SPACE_ERRNOS)
+
+
+def out_of_space(exc: BaseException) -> Optional[str]:
+  """The OS's words when `exc` (or what it wraps: Beam passes a worker's error on as text in a
+  RuntimeError) is a write to a full disk; None otherwise."""
+  while exc is not None:
+    if isinstance(exc, OSError) and exc.errno in OUT_OF_SPACE_ERRNOS:
+      return os.strerror(exc.errno)
+    found = next((text for text in OUT_OF_SPACE_TEXTS if text in str(exc)), None)
+    if found:
+      return found
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
 class TooManyFailuresError(RuntimeError):
   """The run finished and wrote its summary, but more than --max_failed_fraction of its matched
   images failed: almost always a wrong model or input, or storage it cannot read."""
@@ -72,12 +95,28 @@ class NoCredentialsError(ValueError):
   """gs:// paths and no Google credentials: fail at once instead of after minutes of retries."""
 
 
-class _NoInterruptTracebacks(logging.Filter):
-  """Beam logs the KeyboardInterrupt that stops a step with its whole traceback (some 60 lines)
-  before the launcher says in one line what was left where."""
+class _NoStopTracebacks(logging.Filter):
+  """Beam logs the KeyboardInterrupt that stops a step (some 60 lines), a full disk's OSError
+  (some 250) or a worker's version mismatch with its whole traceback before the launcher says in one line what was left
+  where."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+    if not record.exc_info:
+      return True
+    error = record.exc_info[1]
+    return not (isinstance(error, KeyboardInterrupt) or out_of_space(error) or
+                version_mismatch(error))
+
+
+def _quiet_unraisable(hook):
+  """A writer closed by the garbage collector after the disk filled (pyarrow's
+  `ParquetWriter.__del__`) reports its own OSError as "Exception ignored in": the launcher says
+  what happened once."""
+
+  def unraisable(report):
+    if not out_of_space(report.exc_value):
+      hook(report)
+  return unraisable
 
 
 def _prepare_remote_workers(options: PipelineOptions) -> None:
@@ -170,7 +209,7 @@ def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
       incremental_runs=[run.path for run in runs], index_carries_forward=True,
       output=embedding.output, output_format=embedding.output_format,
       max_failed_fraction=embedding.max_failed_fraction,
-      runner=options.view_as(StandardOptions).runner or 'DirectRunner', started_at=started_at)
+      runner=runner_name(options), started_at=started_at)
 
 
 def describe_job(proto, options: PipelineOptions) -> Dict:
@@ -188,7 +227,7 @@ def describe_job(proto, options: PipelineOptions) -> Dict:
   worker = options.view_as(WorkerOptions)
   setup = options.view_as(SetupOptions)
   return {
-      'dry_run': True, 'runner': options.view_as(StandardOptions).runner or 'DirectRunner',
+      'dry_run': True, 'runner': runner_name(options),
       'options': {
           'project': cloud.project, 'region': cloud.region, 'job_name': cloud.job_name,
           'temp_location': cloud.temp_location, 'num_workers': worker.num_workers,
@@ -276,6 +315,10 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   options = PipelineOptions(argv)
   embedding = options.view_as(EmbeddingOptions)
   validate(embedding, options)
+  one_model_per_gpu(embedding, options)
+  launch_versions = options.view_as(LaunchOptions)
+  launch_versions.launch_versions = (launch_versions.launch_versions or
+                                     format_versions(current_versions()))
   started_at = utc_now()
   embedding.output = expand_output(embedding.output,
                                    datetime.datetime.fromisoformat(started_at)).rstrip('/')
@@ -331,9 +374,16 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     return _run_pipeline(options, embedding, model_description, provenance, launch, indexes)
   except KeyboardInterrupt as exc:
     raise InterruptedRun(_interrupted(embedding.output)) from exc
-  except RuntimeError as exc:
+  except (RuntimeError, OSError) as exc:
     if str(exc).startswith('KeyboardInterrupt'):  # how Beam's runners pass Ctrl-C on
       raise InterruptedRun(_interrupted(embedding.output)) from exc
+    mismatch = version_mismatch(exc)
+    if mismatch:
+      raise PipelineFailedError(mismatch) from exc
+    full = out_of_space(exc)
+    if full:
+      raise OutOfSpaceRun(f'no room left to write ({full}): '
+                          f'{_unfinished(embedding.output, "free some space, then ")}') from exc
     raise
 
 
@@ -349,8 +399,9 @@ def _is_dataflow(options: PipelineOptions) -> bool:
 
 
 def _run_pipeline(options, embedding, model_description, provenance, launch, indexes) -> Dict:
+  from pipeline.build import build_pipeline  # TensorFlow: not for --help nor refused options
   dry_run = options.view_as(TestOptions).dry_run
-  pipeline = beam.Pipeline(options=options)
+  pipeline = beam.Pipeline(runner=default_runner(options), options=options)
   build_pipeline(pipeline, embedding, model_description, provenance, launch, indexes)
   if dry_run:  # Dataflow's runner builds the job and stops; any other would run it: never call it
     proto = (pipeline.run().job.proto_pipeline if _is_dataflow(options) else
@@ -382,11 +433,16 @@ def print_help(show_beam_options: bool) -> None:
   parser.print_help()
 
 
-def _interrupted(output: str) -> str:
+def _unfinished(output: str, first: str = '') -> str:
+  """What was left where, and what to do (after `first`, e.g. "free some space, then ")."""
   temp = stale_temp_files(output)
   left = CLAIM_FILE + (f' and {temp}' if temp.folders else '')
-  return (f'interrupted: {output} holds an unfinished run ({left}, no {SUMMARY_FILE}); rerun '
-          'with a new --output, or the same one with --clean_unfinished')
+  return (f'{output} holds an unfinished run ({left}, no {SUMMARY_FILE}); {first}rerun with a '
+          'new --output, or the same one with --clean_unfinished')
+
+
+def _interrupted(output: str) -> str:
+  return f'interrupted: {_unfinished(output)}'
 
 
 def _terminate(signum, frame):
@@ -403,7 +459,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
   quiet_logs.install()
   for handler in logging.getLogger().handlers:
-    handler.addFilter(_NoInterruptTracebacks())
+    handler.addFilter(_NoStopTracebacks())
+  sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
   for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too when inherited as ignored (`cmd &`)
     signal.signal(signum, _terminate)
   try:
@@ -412,7 +469,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           OutputNotWritableError, IncompatibleRunError, NoCredentialsError) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
-  except PipelineFailedError as exc:
+  except (PipelineFailedError, OutOfSpaceRun) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(1)
   except TooManyFailuresError as exc:

@@ -9,12 +9,14 @@ from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                  WorkerOptions, _BeamArgumentParser)
+                                                  StandardOptions, WorkerOptions,
+                                                  _BeamArgumentParser)
 
 from models.description import check_model_options
 from models.handles import COMPUTE_DTYPES, DEFAULT_MODEL_HANDLE, IMAGE_INPUT, ModelLoadError
 from pipeline.accelerator import EXAMPLE as ACCELERATOR_EXAMPLE
-from pipeline.accelerator import accelerator_problems, machine_type_unknown
+from pipeline.accelerator import (accelerator_problems, gpu_count, image_problem,
+                                  machine_type_unknown)
 from run_format import EMBEDDING_DTYPES
 from transforms.decode import DEFAULT_MAX_IMAGE_PIXELS
 from transforms.read import DEFAULT_MAX_FILE_BYTES
@@ -161,9 +163,23 @@ class EmbeddingOptions(PipelineOptions):
                        'as both would embed the same new images.')
 
 
-def all_flags_parser() -> argparse.ArgumentParser:
-  """Every option Beam and this project know, as `PipelineOptions.get_all_options` sees them."""
-  parser = _BeamArgumentParser(prog='run_pipeline.py', allow_abbrev=False, add_help=False)
+class _OneLineErrors(_BeamArgumentParser):
+  """argparse answers a bad value (`--output_format csv`, a flag left without its value) with
+  its usage line, which for Beam's parser lists some 165 options: say the problem in one line,
+  naming the `command` whose --help lists the flags."""
+
+  def __init__(self, command: str, **kwargs):
+    super().__init__(**kwargs)
+    self.command = command
+
+  def error(self, message):
+    raise OptionsError(f'{message} ({self.command} --help lists the flags)')
+
+
+def all_flags_parser(command: str = 'python run_pipeline.py') -> argparse.ArgumentParser:
+  """Every option Beam and this project know, as `PipelineOptions.get_all_options` sees them;
+  `command` is named in its errors."""
+  parser = _OneLineErrors(command, prog='run_pipeline.py', allow_abbrev=False, add_help=False)
   for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
     cls._add_argparse_args(parser)  # pylint: disable=protected-access
   return parser
@@ -173,7 +189,7 @@ def check_known_flags(argv: Sequence[str], command: str = 'python run_pipeline.p
                       own_flags: Sequence[str] = ()) -> None:
   """Beam only logs and drops flags it does not know, so a typo silently becomes a default.
   `own_flags`: the calling command's flags, offered first as corrections."""
-  parser = all_flags_parser()
+  parser = all_flags_parser(command)
   _, unknown = parser.parse_known_args(list(argv))
   flags = [arg.split('=', 1)[0] for arg in unknown if arg.startswith('-')]
   if not flags and not unknown:
@@ -234,14 +250,21 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
   if options.allow_no_earlier_runs and not options.incremental_from:
     problems.append('--allow_no_earlier_runs goes with --incremental_from (it lets its patterns '
                     'match no finished run yet)')
+  worker_accelerator = _worker_accelerator(pipeline_options)
+  if (options.inference_accelerator or worker_accelerator) and 'dataflow' in (
+      pipeline_options.view_as(StandardOptions).runner or '').lower():
+    problem = image_problem(pipeline_options.view_as(WorkerOptions).sdk_container_image,
+                            '--inference_accelerator' if options.inference_accelerator else
+                            '--dataflow_service_options worker_accelerator=...')
+    if problem:
+      problems.append(problem)
   if options.inference_accelerator is not None:
     job_machine_type = pipeline_options.view_as(WorkerOptions).machine_type
     problems.extend(accelerator_problems(options.inference_accelerator, job_machine_type))
     warning = machine_type_unknown(options.inference_accelerator, job_machine_type)
     if warning:
       logging.warning(warning)
-    service_options = pipeline_options.view_as(GoogleCloudOptions).dataflow_service_options
-    if any(o.startswith('worker_accelerator') for o in service_options or ()):
+    if worker_accelerator:
       problems.append('--inference_accelerator (GPU for the GPU step only) and '
                       '--dataflow_service_options worker_accelerator=... (GPU on every worker) '
                       'cannot be combined; keep one')
@@ -262,3 +285,28 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
       problems.append(str(exc))
   if problems:
     raise OptionsError('\n'.join(problems))
+
+
+def _worker_accelerator(pipeline_options: PipelineOptions) -> str:
+  """The accelerator of `--dataflow_service_options worker_accelerator=...`, '' without one."""
+  for option in pipeline_options.view_as(GoogleCloudOptions).dataflow_service_options or ():
+    if option.startswith('worker_accelerator='):
+      return option.split('=', 1)[1]
+  return ''
+
+
+def one_model_per_gpu(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> None:
+  """A GPU worker without --large_model / --model_copies loads a model in each of its SDK
+  processes (one per vCPU: 8 models and 8 CUDA contexts on one GPU). Corrected, not refused:
+  the fix is always the same, one model per GPU (`--model_copies G` for G GPUs), and said."""
+  accelerator = options.inference_accelerator or _worker_accelerator(pipeline_options)
+  if not accelerator or options.large_model or options.model_copies is not None:
+    return
+  gpus = gpu_count(accelerator)
+  if gpus > 1:
+    options.model_copies, given = gpus, f'--model_copies {gpus}'
+  else:
+    options.large_model, given = True, '--large_model'
+  logging.warning('%s: one model per GPU, shared by the SDK processes of each GPU worker '
+                  '(without it every process, one per vCPU, would load its own model on the '
+                  'GPU)', given)

@@ -17,14 +17,12 @@ import tensorflow as tf
 
 from pnasnet import CONFIGS, build_model
 from pnasnet.checkpoint import model_values
+from pnasnet.config import EXPORT_MARK
 from pnasnet.network import PNASNet, zeros_initializer
 
 FEATURE_SIGNATURES = ('image_feature_vector', 'default')
 # tensorflow_hub's ModuleDef proto {format: FORMAT_V3}; tensorflow_hub 0.16 no longer ships it.
 TFHUB_MODULE_PB = b'\x08\x03'
-# Beside saved_model.pb: where the weights came from, so that a pipeline loading the export by path
-# labels untrained weights as such (their vectors equal `builtin:...@untrained-seedN`).
-EXPORT_MARK = 'pnasnet_export.json'
 
 
 def write_export_mark(export_dir: str, config: str, checkpoint, seed: int) -> None:

@@ -68,3 +68,56 @@ def grow_then_wait(tag, reports, leave):
     embed_batch(model, images(count, count))
     reports.put(segment_inodes())
   leave.wait(600)
+
+
+class OverlapCountingModel(FingerprintModel):
+  """Counts the calls in flight at once (the most seen) and all calls."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._inside = 0
+    self.most_at_once = 0
+    self.calls = 0
+
+  def embed(self, images: np.ndarray) -> np.ndarray:
+    with self._lock:
+      self._inside += 1
+      self.calls += 1
+      self.most_at_once = max(self.most_at_once, self._inside)
+    try:
+      return super().embed(images)
+    finally:
+      with self._lock:
+        self._inside -= 1
+
+
+counting_models = []  # the models this process serves, for the test to read
+
+
+def counting_server():
+  model = OverlapCountingModel()
+  counting_models.append(model)
+  return SharedBatchModel(model, sweep_interval=0)
+
+
+def call_undumpable(tag, reports):
+  """A caller whose descriptors no other process of its user may open (not dumpable): sends
+  three batches and reports whether their features were right and what it warned."""
+  import ctypes
+  import logging
+  ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+  warnings = []
+
+  class Keep(logging.Handler):
+
+    def emit(self, record):
+      warnings.append(record.getMessage())
+
+  logging.getLogger().addHandler(Keep(logging.WARNING))
+  model = shared(tag)
+  right = []
+  for seed, count in enumerate((2, 3, 1)):
+    batch = images(seed, count, 32)
+    right.append(np.array_equal(embed_batch(model, batch),
+                                FingerprintModel().embed(np.stack(batch))))
+  reports.put((right, warnings, model.attached_segments()))

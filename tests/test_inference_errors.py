@@ -4,6 +4,7 @@ cause them."""
 
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -51,6 +52,13 @@ def _impossible_allocation(images):
   return tf.reduce_mean(images, [1, 2]) + tf.reduce_sum(huge[:1, :1, :1])
 
 
+def _out_of_memory_from_3_images(images):
+  """ResourceExhaustedError for batches of 3 or more, as a GPU with room for 2 images."""
+  extra = tf.maximum(tf.shape(images)[0] - 2, 0)
+  huge = tf.zeros(tf.stack([extra * (1 << 20), 1 << 20, 1 << 10]))
+  return tf.reduce_mean(images, [1, 2]) + tf.reduce_sum(huge[:1, :1, :1])
+
+
 def _refuses_white_images(images):
   """Fails (InvalidArgumentError) for any batch holding an almost white image."""
   brightness = tf.reduce_mean(images, [1, 2, 3])
@@ -80,6 +88,18 @@ def test_out_of_memory_fails_the_run_and_dead_letters_nothing(image_folder, tmp_
   assert not (output / 'run_summary.json').exists()  # nothing claims the run finished
   assert '"embedded"' not in result.stdout
   assert not [f for f in _failures(output) if f['stage'] == 'inference']
+
+
+def test_batches_out_of_memory_are_halved_until_they_fit(image_folder, tmp_path, caplog):
+  model = _save(tmp_path / 'small_gpu_model', _out_of_memory_from_3_images)
+  output = str(tmp_path / 'run')
+  with caplog.at_level(logging.WARNING):
+    summary = run([f'--input={image_folder}/*.png', f'--output={output}', f'--model={model}',
+                   '--min_batch_size=4', '--max_batch_size=4'])
+  assert summary['embedded'] == 4 and summary['failed'] == 0
+  said = [r.getMessage() for r in caplog.records if 'out of memory for a batch of 4' in
+          r.getMessage()]
+  assert said and 'batches of 2 and 2' in said[0]
 
 
 def test_a_model_failing_for_some_images_dead_letters_only_those(image_folder, tmp_path):

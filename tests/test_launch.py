@@ -288,3 +288,95 @@ def test_an_all_broken_s3_run_finishes_without_an_embeddings_file(s3_server, tmp
     run(['--input=s3://broken/in', TINY, '--output=s3://broken/emb/run1'] + s3_server.options)
   names = [os.path.basename(u) for u in s3_server.list('s3://broken/emb/run1/')]
   assert 'run_summary.json' in names and not any(n.startswith('embeddings-') for n in names)
+
+
+DRY_DATAFLOW = ['--runner=DataflowRunner', '--dry_run=True', '--project=test',
+                '--region=us-central1', '--temp_location=gs://gpu-dry/tmp',
+                '--input=gs://gpu-dry/in/*.jpg', '--output=gs://gpu-dry/emb/run1', TINY]
+L4 = 'type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver'
+
+
+@pytest.mark.parametrize('gpu, image', [
+    ([f'--inference_accelerator={L4}'], []),
+    ([f'--dataflow_service_options=worker_accelerator={L4}'], []),
+    ([f'--inference_accelerator={L4}'], ['--sdk_container_image=apache/beam_python3.11_sdk:2.77.0']),
+])
+def test_a_dataflow_gpu_launch_without_a_cuda_image_is_refused(gpu, image, tmp_path):
+  result = _cli(DRY_DATAFLOW + gpu + image + ['--large_model'])
+  assert result.returncode == 2, result.stderr
+  [line] = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert 'has no CUDA' in line and 'deploy/worker/Dockerfile' in line
+  assert '--sdk_container_image' in line and 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('count, given', [(1, '--large_model'), (2, '--model_copies 2')])
+def test_a_gpu_launch_without_model_sharing_gets_one_model_per_gpu(count, given, gcs_server,
+                                                                   image_folder):
+  gcs_server.create_bucket('gpu-dry')
+  gcs_server.upload('gs://gpu-dry/in/a.jpg', (image_folder / 'rocket.jpg').read_bytes())
+  hint = L4.replace('count:1', f'count:{count}')
+  result = _cli(DRY_DATAFLOW + [f'--inference_accelerator={hint}',
+                                '--sdk_container_image=us-docker.pkg.dev/p/i/worker:1'],
+                env=dict(os.environ))
+  assert result.returncode == 0, result.stderr
+  assert f'{given}: one model per GPU' in result.stderr
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--output_format', 'csv'], "invalid choice: 'csv'"),
+    # the dry-run snippet of docs/dataflow.md with an empty $WORKER_IMAGE
+    (['--sdk_container_image', f'--inference_accelerator={L4}'], 'expected one argument'),
+])
+def test_a_bad_value_is_said_in_one_line(args, words, image_folder, tmp_path):
+  result = _cli([f'--input={image_folder}/*.png', TINY, f'--output={tmp_path}/out'] + args)
+  assert result.returncode == 2
+  assert result.stderr.strip().count('\n') == 0, result.stderr
+  assert words in result.stderr and result.stderr.startswith('error: ')
+  assert not (tmp_path / 'out').exists()
+
+
+IMPORTS_TENSORFLOW = '''
+import runpy, sys
+sys.argv = ['run_pipeline.py'] + sys.argv[1:]
+try:
+  runpy.run_path('run_pipeline.py', run_name='__main__')
+except SystemExit:
+  pass
+finally:
+  print('tensorflow imported' if 'tensorflow' in sys.modules else 'no tensorflow',
+        file=sys.stderr)
+'''
+
+
+@pytest.mark.parametrize('args', [['--help'], ['--input=x', '--output_format=csv'],
+                                  ['--input=x', '--seed=-1', '--output=/tmp/x']])
+def test_help_and_option_errors_import_no_tensorflow(args):
+  result = subprocess.run([sys.executable, '-c', IMPORTS_TENSORFLOW] + args, cwd=PROJECT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.stderr.strip().endswith('no tensorflow'), result.stderr[-2000:]
+
+
+FULL_DISK = '''
+set -e
+mount -t tmpfs -o size=256k tmpfs "$1"
+head -c 248k /dev/zero > "$1/other-files"
+shift
+exec "$@"
+'''
+
+
+def test_a_full_disk_ends_in_one_line_naming_the_unfinished_output(image_folder, tmp_path):
+  """A real full filesystem: a 256 KB tmpfs in a user and mount namespace of its own (no root
+  needed), all but two pages taken by another file: the claim fits, the shards do not."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  result = subprocess.run(
+      ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c', FULL_DISK, 'sh', str(disk),
+       sys.executable, 'run_pipeline.py', f'--input={image_folder}', TINY,
+       f'--output={disk}/run1', '--output_format=both'],
+      cwd=PROJECT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: no room left to write (No space left on device): '), last
+  assert f'{disk}/run1 holds an unfinished run' in last and 'free some space, then rerun' in last
+  assert 'Traceback' not in result.stderr and 'Exception ignored' not in result.stderr

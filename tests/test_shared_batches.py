@@ -3,18 +3,32 @@
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import uuid
 
 import numpy as np
 import pytest
 
-from tests.shared_callers import (call_from_threads, grow_then_wait, images, segment_inodes,
-                                  shared)
+from tests import shared_callers
+from tests.shared_callers import (call_from_threads, call_undumpable, counting_server,
+                                  grow_then_wait, images, segment_inodes, shared)
 from models.loading import load_embedding_model
 from models.shared_batches import embed_batch
 from transforms.embed import ImageEmbeddingModelHandler
 
 SPAWN = multiprocessing.get_context('spawn')
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A model's process that may not open its callers' descriptors, the callers being undumpable:
+# without CAP_SYS_PTRACE (root keeps it unless its bounding set drops it).
+UNTRUSTED_SERVER = '''
+import sys, time
+from tests.shared_callers import shared
+shared(sys.argv[1])
+print('serving', flush=True)
+time.sleep(600)
+'''
+NO_PTRACE = ['setpriv', '--bounding-set', '-sys_ptrace'] if os.geteuid() == 0 else []
 
 
 def _shm_files() -> set:
@@ -81,3 +95,43 @@ def test_replaced_exited_and_killed_callers_leave_no_segment_behind():
   embed_batch(model, images(10, 1))
   assert not {small, large, killed_segment} & segment_inodes()
   assert _shm_files() == shm_before
+
+
+def test_two_callers_never_run_two_batches_at_once():
+  """Beam's manager serves every calling thread on a thread of its own: the model's lock keeps
+  the GPU to one batch at a time."""
+  tag = f'overlap_{uuid.uuid4().hex}'
+  shared(tag, counting_server)  # served here, so the test reads the model's counts
+  errors = SPAWN.Queue()
+  callers = [SPAWN.Process(target=call_from_threads, args=(tag, caller, 2, 5, errors))
+             for caller in range(2)]
+  for caller in callers:
+    caller.start()
+  for caller in callers:
+    caller.join(timeout=120)
+  assert [caller.exitcode for caller in callers] == [0, 0] and errors.empty()
+  [model] = shared_callers.counting_models
+  assert model.calls == 2 * 2 * 5
+  assert model.most_at_once == 1
+
+
+def test_a_model_process_that_cannot_open_the_segments_gets_the_pixels_pickled():
+  """The forced fallback: the model's process may not open its caller's /proc/PID/fd (a caller
+  that is not dumpable, a model's process without CAP_SYS_PTRACE), as under a container runtime
+  that forbids it."""
+  tag = f'fallback_{uuid.uuid4().hex}'
+  server = subprocess.Popen(NO_PTRACE + [sys.executable, '-c', UNTRUSTED_SERVER, tag], cwd=PROJECT,
+                            text=True, stdout=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=PROJECT))
+  try:
+    assert server.stdout.readline().strip() == 'serving'
+    reports = SPAWN.Queue()
+    caller = SPAWN.Process(target=call_undumpable, args=(tag, reports))
+    caller.start()
+    right, warnings, attached = reports.get(timeout=120)
+    caller.join(timeout=60)
+  finally:
+    server.kill()
+    server.wait(timeout=60)
+  assert right == [True, True, True] and attached == 0
+  assert len(warnings) == 1 and 'cannot open /proc/' in warnings[0], warnings

@@ -1,8 +1,13 @@
 """Stage 3: RunInference with the project's ModelHandler, one model per process (or per VM).
 
+A batch that runs out of memory (TensorFlow's ResourceExhaustedError) is split in two and each half
+tried again, down to single images, with a warning and the `oom_batch_splits` counter: a
+--max_batch_size too large for the GPU still embeds every image. A single image out of memory
+raises like any other infrastructure error below.
+
 Only data errors are dead-lettered: an input the model refuses (TensorFlow's InvalidArgumentError,
 or a ValueError / TypeError for an input it cannot take) becomes an `inference` failure of that
-image alone (a refused batch is retried image by image). Anything else (the GPU out of memory,
+image alone (a refused batch is retried image by image). Anything else (one image out of memory,
 a device error, a lost connection to the process that serves a shared model) raises, so the
 runner retries the bundle (Dataflow: four times, then the job fails) instead of draining a
 broken machine's share of the input into the failures file. A retried bundle's set-up acquires
@@ -11,22 +16,23 @@ the shared model anew; Beam starts a new server when the old one no longer answe
 
 import logging
 import uuid
-from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
 import numpy as np
-import tensorflow as tf
 from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
                                            RunInference)
 
 from models.gpus import configure_gpus, device_for_load
 from models.handles import model_id as default_model_id
-from models.loading import EmbeddingModel, load_embedding_model
 from models.shared_batches import SharedBatchModel, embed_batch
 from transforms.decode import DecodedImage
 from transforms.failures import FAILURES_TAG, INFERENCE, Failure
 from transforms import quiet_logs
 from transforms.progress import ProgressReporter
+
+if TYPE_CHECKING:  # TensorFlow: imported by the workers' load_model, not by the launcher
+  from models.loading import EmbeddingModel
 
 METRICS_NAMESPACE = 'embed'
 
@@ -60,8 +66,12 @@ class RefusedImage(NamedTuple):
   message: str
 
 
-# The errors that say the input is wrong for the model; every other error is the machine's.
-DATA_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
+def _errors():
+  """(the errors that say the input is wrong for the model, out of memory); every other error is
+  the machine's. TensorFlow's, imported here: the launcher imports this module for the graph,
+  where TensorFlow would cost seconds before every option check."""
+  import tensorflow as tf
+  return (tf.errors.InvalidArgumentError, ValueError, TypeError), tf.errors.ResourceExhaustedError
 
 
 def _refused(exc: Exception) -> RefusedImage:
@@ -70,7 +80,7 @@ def _refused(exc: Exception) -> RefusedImage:
   return RefusedImage(type(exc).__name__, message[:1000])
 
 
-class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, EmbeddingModel]):
+class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, 'EmbeddingModel']):
   """Loads a TF-Hub module, SavedModel or built-in PNASNet (Beam's TFModelHandler* cannot load
   TF1 Hub format) and embeds batches of preprocessed images.
 
@@ -96,8 +106,11 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
     # cost a round trip per batch.
     self._model_id = model_id or default_model_id(model_handle, checkpoint, seed, compute_dtype)
     self._run_token = uuid.uuid4().hex  # the same in every worker: numbers this run's loads
+    self._splits = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'oom_batch_splits')
+    self._warned_sizes = set()  # one warning per batch size and process, not one per batch
 
-  def load_model(self) -> Union[EmbeddingModel, SharedBatchModel]:
+  def load_model(self) -> Union['EmbeddingModel', SharedBatchModel]:
+    from models.loading import load_embedding_model
     gpus = configure_gpus()
     device = device_for_load(self._run_token)
     embedding_model = load_embedding_model(
@@ -111,13 +124,14 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
     return embedding_model
 
   def run_inference(self, batch: Sequence[np.ndarray],
-                    model: Union[EmbeddingModel, SharedBatchModel],
+                    model: Union['EmbeddingModel', SharedBatchModel],
                     inference_args: Optional[Dict[str, Any]] = None
                     ) -> Iterable[PredictionResult]:
     """Features, or a RefusedImage for each image the model refused; other errors raise."""
+    data_errors, _ = _errors()
     try:
-      outputs = list(self._embed(batch, model))
-    except DATA_ERRORS as exc:
+      outputs = list(self._embed_fitting(batch, model))
+    except data_errors as exc:
       if len(batch) == 1:
         outputs = [_refused(exc)]
       else:
@@ -125,6 +139,25 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
                         len(batch), type(exc).__name__, _refused(exc).message)
         outputs = [self._embed_alone(image, model) for image in batch]
     return [PredictionResult(None, output, self._model_id) for output in outputs]
+
+  def _embed_fitting(self, batch: Sequence[np.ndarray], model) -> np.ndarray:
+    """`_embed`, halving the batch while it runs out of memory; one image out of memory
+    raises."""
+    _, out_of_memory = _errors()
+    try:
+      return self._embed(batch, model)
+    except out_of_memory as exc:
+      if len(batch) == 1:
+        raise
+      half = len(batch) // 2
+      self._splits.inc()
+      if len(batch) not in self._warned_sizes:
+        self._warned_sizes.add(len(batch))
+        logging.warning('out of memory for a batch of %d (%s); embedding it as batches of %d '
+                        'and %d: a smaller --max_batch_size avoids the retries', len(batch),
+                        _refused(exc).message[:200], half, len(batch) - half)
+    return np.concatenate([self._embed_fitting(batch[:half], model),
+                           self._embed_fitting(batch[half:], model)])
 
   def _embed(self, batch: Sequence[np.ndarray], model) -> np.ndarray:
     if self.share_model_across_processes():
@@ -134,7 +167,7 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
   def _embed_alone(self, image: np.ndarray, model):
     try:
       return self._embed([image], model)[0]
-    except DATA_ERRORS as exc:
+    except _errors()[0] as exc:
       return _refused(exc)
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
