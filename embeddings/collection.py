@@ -19,12 +19,11 @@ first) and the compaction job (jobs/compact.py, grouped by URI).
 """
 
 import logging
-from typing import (Callable, Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence, Set,
-                    Tuple)
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from embeddings import storage
 from run_format import DECODE, EMBEDDED, READ, SKIPPED
-from run_format.patterns import Inputs, inside as _inside
+from run_format.patterns import Inputs
 
 _LOG = logging.getLogger(__name__)
 _VERSION_COLUMNS = ('size_bytes', 'last_modified', 'content_id', 'recipe')

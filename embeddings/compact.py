@@ -23,7 +23,8 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from embeddings import storage
-from embeddings.runs import RUN_ERRORS, Run, scan_runs, select_model, warn_of_failed
+from embeddings.runs import (RUN_ERRORS, Run, parse_job_command, scan_runs, select_model,
+                             warn_of_failed)
 from run_format import (CLAIM_STALE_SECONDS, DECODE, EMBEDDED, FINISHED, INDEX_GLOB, STAGES,
                         SUMMARY_FILE, RunSummary, utc_now)
 
@@ -109,15 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       help='output shards (default: one per 100,000 rows of the newest index)')
   parser.add_argument('--allow_concurrent', action='store_true',
                       help='compact even while a run among --runs is still going')
-  args, beam_flags = parser.parse_known_args(argv)
-  from pipeline.options import OptionsError, check_known_flags
-  try:  # the other flags go to Beam, which drops what it does not know
-    check_known_flags(beam_flags, 'python -m embeddings.compact',
-                      [o for a in parser._actions for o in a.option_strings])
-  except OptionsError as exc:
-    parser.error(str(exc))
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
-  storage.set_filesystem_options(beam_flags)
+  args, beam_flags = parse_job_command(parser, argv)
   output = args.output.rstrip('/')
   from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
   from pipeline.output_dir import OutputExistsError, OutputNotWritableError, claim_output

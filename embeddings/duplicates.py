@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 from embeddings import sheet, storage
 from embeddings.duplicate_groups import BLOCK_SCORES, Group, Member, find_groups
 from embeddings.runs import (RUN_ERRORS, command_parser, concatenate, find_runs, iter_run_shards,
-                             parse_command, select_model)
+                             parse_job_command, select_model)
 
 # Between the copies' lowest and the other photos' highest cosine, seeds 0 and 1 (mobile: 0).
 MEASURED_THRESHOLDS = {'builtin:pnasnet_large': 0.986, 'builtin:pnasnet_mobile': 0.972,
@@ -175,14 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
   parser.add_argument('--memory_budget', type=parse_bytes, default='4GB',
                       help='memory all pairs may use (vectors and their unit copy, 8 bytes per '
                       'dimension per image), for --method auto (default 4GB)')
-  args = parse_command(parser, argv)
-  _, beam_flags = parser.parse_known_args(argv)
-  from pipeline.options import OptionsError, check_known_flags
-  try:  # the other flags go to Beam, which drops what it does not know
-    check_known_flags(beam_flags, 'python -m embeddings.duplicates',
-                      [o for a in parser._actions for o in a.option_strings])
-  except OptionsError as exc:
-    parser.error(str(exc))
+  args, beam_flags = parse_job_command(parser, argv)
   problems = [p for p in (sheet.output_problem('--csv', args.csv),
                           sheet.output_problem('--sheet', args.sheet),
                           check_threshold(args.threshold) if args.threshold is not None else None)

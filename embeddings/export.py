@@ -15,8 +15,7 @@ work (exit 2); an export that failed part way says what the target holds (exit 1
 import sys
 from typing import Optional, Sequence
 
-from embeddings import storage
-from embeddings.runs import RUN_ERRORS, find_runs, select_model
+from embeddings.runs import RUN_ERRORS, find_runs, parse_job_command, select_model
 
 
 def main(argv: Optional[Sequence[str]] = None):
@@ -32,18 +31,9 @@ def main(argv: Optional[Sequence[str]] = None):
   parser.add_argument('--model', help='the model id to export when the runs hold several')
   parser.add_argument('--batch_size', type=int, default=0,
                       help='rows a write sends at once (default: the target\'s own)')
-  args, beam_flags = parser.parse_known_args(argv)
-  from pipeline.options import OptionsError, check_known_flags
-  try:  # the other flags go to Beam, which drops what it does not know
-    check_known_flags(beam_flags, 'python -m embeddings.export',
-                      [o for a in parser._actions for o in a.option_strings])
-  except OptionsError as exc:
-    parser.error(str(exc))
+  args, beam_flags = parse_job_command(parser, argv)
   if args.batch_size < 0:
     parser.error('--batch_size must be positive')
-  import logging
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
-  storage.set_filesystem_options(beam_flags)
   from jobs import export, export_target
   try:
     target = export.open_target(args.to, args.batch_size)

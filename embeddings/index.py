@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from embeddings import storage
 from embeddings.neighbour_index import INDEX_FILE, IndexError_, read_description
-from embeddings.runs import MixedModelsError, NoRunsError, find_runs, select_model
+from embeddings.runs import MixedModelsError, NoRunsError, find_runs, parse_job_command, select_model
 
 DEFAULT_MEMORY_BUDGET = '4GB'
 DEFAULT_MIN_RECALL = 0.8
@@ -60,16 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   add.add_argument('--min_recall', type=float, default=DEFAULT_MIN_RECALL,
                    help=f'say to rebuild when recall@10 on the probe set falls below this '
                    f'(default {DEFAULT_MIN_RECALL})')
-  args, beam_flags = parser.parse_known_args(argv)
-  from pipeline.options import OptionsError, check_known_flags
-  try:  # the other flags go to Beam, which drops what it does not know
-    check_known_flags(beam_flags, 'python -m embeddings.index',
-                      [o for a in parser._actions for o in a.option_strings])
-  except OptionsError as exc:
-    parser.error(str(exc))
-  import logging
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
-  storage.set_filesystem_options(beam_flags)
+  args, beam_flags = parse_job_command(parser, argv)
   from jobs import index_build
   try:
     if args.command == 'build':

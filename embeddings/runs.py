@@ -388,3 +388,19 @@ def parse_command(parser: argparse.ArgumentParser,
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
   storage.set_filesystem_options(filesystem_flags)
   return args
+
+
+def parse_job_command(parser: argparse.ArgumentParser,
+                      argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, List[str]]:
+  """(parsed options, the other flags) of a command that runs a Beam job: those other flags go to
+  Beam, which drops what it does not know, so a misspelt one is refused here, with a suggestion."""
+  args, beam_flags = parser.parse_known_args(argv)
+  from pipeline.options import OptionsError, check_known_flags
+  try:
+    check_known_flags(beam_flags, parser.prog,
+                      [o for a in parser._actions for o in a.option_strings])  # pylint: disable=protected-access
+  except OptionsError as exc:
+    parser.error(str(exc))
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
+  storage.set_filesystem_options(beam_flags)
+  return args, beam_flags

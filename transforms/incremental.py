@@ -17,7 +17,7 @@ ETag: a metadata edit or a storage-class rewrite changes neither); where the sto
 identity (local disks), size and modification time must match.
 """
 
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Iterable, List, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
