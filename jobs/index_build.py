@@ -439,6 +439,32 @@ def _merge_lists(index, sources: list, directory: _Directory) -> int:
   return total
 
 
+def _remove_from_lists(lists, removed: np.ndarray) -> int:
+  """Removes the `removed` ids from on-disk lists; returns how many were there. Not FAISS's
+  remove_ids: on OnDiskInvertedLists it shrinks a list into a slot at the same offset with its
+  ids moved, which garbles them (FAISS 1.15.1); here a list losing entries is emptied, then
+  given its kept entries back in a new slot."""
+  faiss = faiss_util.faiss()
+  removed = np.sort(np.asarray(removed, np.int64))
+  count = 0
+  for number in range(lists.nlist):
+    size = lists.list_size(number)
+    if not size:
+      continue
+    ids = faiss.rev_swig_ptr(lists.get_ids(number), size).copy()
+    keep = ~np.isin(ids, removed, assume_unique=False)
+    if keep.all():
+      continue
+    codes = faiss.rev_swig_ptr(lists.get_codes(number), size * lists.code_size).copy()
+    codes = np.ascontiguousarray(codes.reshape(size, lists.code_size)[keep])
+    ids = np.ascontiguousarray(ids[keep])  # held while FAISS reads them
+    count += size - len(ids)
+    lists.resize(number, 0)
+    if len(ids):
+      lists.add_entries(number, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+  return count
+
+
 def _open_lists(paths: List[str]) -> list:
   faiss = faiss_util.faiss()
   return [faiss.read_InvertedLists(faiss.FileIOReader(path), faiss.IO_FLAG_MMAP)
@@ -564,30 +590,25 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
 def _added_run_probes(new: Sequence[Run], refs: List[ShardRef], wanted: Wanted,
                       seed: int) -> dict:
   """Up to PROBES_PER_ADDED_RUN vectors the collection keeps from each added run (a tenth of
-  them when fewer than 1,000), read from a sample of its Parquet row groups."""
-  ids, vectors = [], []
+  them when fewer than 1,000), drawn uniformly: the URI columns say which rows are kept, then
+  only the row groups holding the chosen rows are read."""
   rng = np.random.default_rng(seed)
+  ids, vectors = [], []
   for run in new:
-    mine = [r for r in refs if r.run == run.path]
-    kept = len(wanted.get(run.path, ())) if wanted is not None else run.summary.embedded
-    target = min(neighbour_index.PROBES_PER_ADDED_RUN, kept // 10)
-    if not target:
-      continue
-    fraction = min(1.0, 3.0 * target / kept)
-    run_ids, run_vectors = [], []
-    for ref in mine:
-      rows, found = faiss_util.sample_rows(ref.path, fraction, seed + ref.number)
-      if not len(rows):
-        continue
+    candidates = []  # (ref, kept row positions)
+    for ref in (r for r in refs if r.run == run.path):
       uris = read_shard(ref.path, ref.run, ['uri']).uris
-      keep = _kept_rows(ref, [uris[r] for r in rows], wanted)
-      run_ids.append(_ids(ref, rows[keep]))
-      run_vectors.append(found[keep])
-    if run_ids:
-      every = np.concatenate(run_ids)
-      chosen = np.sort(rng.permutation(len(every))[:target])
-      ids.append(every[chosen])
-      vectors.append(unit_rows(np.concatenate(run_vectors)[chosen]))
+      candidates.append((ref, np.flatnonzero(_kept_rows(ref, uris, wanted))))
+    kept = sum(len(rows) for _, rows in candidates)
+    chosen = np.sort(rng.permutation(kept)[:min(neighbour_index.PROBES_PER_ADDED_RUN,
+                                                kept // 10)])
+    start = 0
+    for ref, rows in candidates:
+      mine = rows[chosen[(chosen >= start) & (chosen < start + len(rows))] - start]
+      start += len(rows)
+      if len(mine):
+        ids.append(_ids(ref, mine))
+        vectors.append(unit_rows(faiss_util.read_rows(ref.path, mine)))
   dimension = new[0].embedding_size
   return {'ids': np.concatenate(ids) if ids else np.zeros(0, np.int64),
           'vectors': np.concatenate(vectors) if vectors else np.zeros((0, dimension),
@@ -679,8 +700,8 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
     _merge_lists(index, sources, output)
     del sources, old
     if len(removed):
-      neighbour_index.ivf_of(index).remove_ids(faiss.IDSelectorBatch(removed))
-      _set_total(index, neighbour_index.ivf_of(index).ntotal)
+      _set_total(index, neighbour_index.ivf_of(index).ntotal - _remove_from_lists(
+          neighbour_index.ivf_lists(index), removed))
   best.drop(removed)
   alive = ~np.isin(probes['ids'], removed)  # a probe whose vector left the collection goes
   probe_file = {'ids': probes['ids'][alive], 'vectors': probes['vectors'][alive],
