@@ -191,12 +191,13 @@ def quiet_stdout():
     os.close(saved)
 
 
-def read_index(directory: str, writable: bool = False):
-  """index.faiss with its lists memory-mapped from index.ivfdata beside it (wherever the
-  directory was moved), and no prefetch threads: FAISS's default 32 threads a query cost 3.74 ms
-  against 0.59 ms without (issue 28). `writable`: for `add`, which removes and adds vectors."""
+def read_index(directory: str, kind: str):
+  """index.faiss, read only, with its IVF lists memory-mapped from index.ivfdata beside it
+  (wherever the directory was moved) and no prefetch threads: FAISS's default 32 threads a query
+  cost 3.74 ms against 0.59 ms without (issue 28); an HNSW index's vectors memory-mapped too."""
   faiss = faiss_util.faiss()
-  flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (0 if writable else faiss.IO_FLAG_READ_ONLY)
+  flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP_IFC if kind == 'hnsw' else
+                                    faiss.IO_FLAG_ONDISK_SAME_DIR)
   with quiet_stdout():
     index = faiss.read_index(os.path.join(directory, FAISS_FILE), flags)
   lists = ivf_lists(index)
@@ -232,8 +233,8 @@ def open_vectors(directory: str, dimension: int) -> np.ndarray:
 
 class NeighbourIndex:
   """An index directory opened for queries: the IVF lists and the refine store are
-  memory-mapped, so opening is cheap and a query reads only the lists it probes and the rows of
-  its candidates; an HNSW index (chosen only when it fits the budget) is read into memory."""
+  memory-mapped, as are an HNSW index's vectors (its graph is read), so opening is cheap and a
+  query reads only what it visits: the lists it probes, the rows of its candidates."""
 
   def __init__(self, directory: str):
     import pyarrow.parquet as pq
@@ -243,7 +244,7 @@ class NeighbourIndex:
     self.dimension = self.description['embedding_size']
     self.plan = self.description['plan']
     self.kind = self.plan['kind']
-    self.index = read_index(directory)
+    self.index = read_index(directory, self.kind)
     # One chunk: a row looked up by position costs a search through the chunks otherwise.
     self.ids = pq.read_table(os.path.join(directory, IDS_FILE)).combine_chunks()
     self._id_column = self.ids.column('id').to_numpy()

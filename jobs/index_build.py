@@ -695,7 +695,7 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
                          [len(probes['ids']), len(added_probes['ids'])], plan['kind'])
   removed = output.removed
   if plan['kind'] != 'hnsw':
-    old = neighbour_index.read_index(directory)
+    old = neighbour_index.read_index(directory, plan['kind'])
     sources = [neighbour_index.ivf_lists(old)] + _lists_of_pieces(pieces, refs, directory)
     _merge_lists(index, sources, output)
     del sources, old
