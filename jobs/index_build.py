@@ -615,34 +615,40 @@ def _added_run_probes(new: Sequence[Run], refs: List[ShardRef], wanted: Wanted,
                                                                       np.float32)}
 
 
-def _old_rows(directory: str, wanted: Wanted, output: _Directory):
+class _OldRows(NamedTuple):
+  removed: np.ndarray  # ids the collection no longer keeps
+  kept_ids: np.ndarray  # for an HNSW rebuild: the kept ids, and their rows in the refine store
+  kept_vector_rows: np.ndarray
+
+
+def _copy_old_rows(directory: str, wanted: Wanted, output: _Directory, hnsw: bool) -> _OldRows:
   """Streams the old ids table into the new one, leaving out the rows the collection no longer
-  keeps; yields the batches kept (for an HNSW rebuild) and returns nothing. The removed ids are
-  collected in `output.removed`."""
+  keeps."""
   table = pq.ParquetFile(os.path.join(directory, neighbour_index.IDS_FILE))
-  removed = []
+  removed, kept_ids, kept_rows = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [
+      np.zeros(0, np.int64)]
   for batch in table.iter_batches(batch_size=65_536):
-    uris = batch.column('uri').to_pylist()
     runs = batch.column('run').to_pylist()
-    keep = np.array([wanted is not None and u in wanted.get(r, ()) or wanted is None
-                     for u, r in zip(uris, runs)], bool)
-    removed.append(batch.column('id').to_numpy()[~keep])
+    keep = np.array([wanted is None or u in wanted.get(r, ())
+                     for u, r in zip(batch.column('uri').to_pylist(), runs)], bool)
+    ids = batch.column('id').to_numpy()
+    removed.append(ids[~keep])
     kept = pa.Table.from_batches([batch]).filter(pa.array(keep))
     if kept.num_rows:
       output.write_ids(kept)
-      yield kept
-  output.removed = np.concatenate(removed) if removed else np.zeros(0, np.int64)
+      if hnsw:
+        kept_ids.append(ids[keep])
+        kept_rows.append(kept.column('vector_row').to_numpy())
+  return _OldRows(np.concatenate(removed), np.concatenate(kept_ids), np.concatenate(kept_rows))
 
 
-def _rebuild_hnsw(index, kept_batches, stored: np.ndarray) -> None:
+def _rebuild_hnsw(index, old: _OldRows, stored: np.ndarray) -> None:
   """Adds the kept old vectors to a new HNSW graph, from the refine store, HNSW_ADD_ROWS at a
   time (HNSW cannot remove a vector)."""
-  for table in kept_batches:
-    ids = table.column('id').to_numpy()
-    rows = table.column('vector_row').to_numpy()
-    for start in range(0, len(ids), HNSW_ADD_ROWS):
-      part = slice(start, start + HNSW_ADD_ROWS)
-      index.add_with_ids(np.asarray(stored[rows[part]], np.float32), ids[part])
+  for start in range(0, len(old.kept_ids), HNSW_ADD_ROWS):
+    part = slice(start, start + HNSW_ADD_ROWS)
+    index.add_with_ids(np.asarray(stored[old.kept_vector_rows[part]], np.float32),
+                       old.kept_ids[part])
 
 
 def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop: float,
@@ -650,7 +656,6 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
   """Adds runs to the index without retraining, following the collection's rule over the old
   and new runs together: a URI a newer run embedded again takes the newer vector, one a newer
   run did not match (deleted) or failed on has none."""
-  faiss = faiss_util.faiss()
   model = description['model']
   plan = description['plan']
   other = [r for r in runs if r.model != model or r.embedding_size != description[
@@ -682,18 +687,15 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
   output = _Directory(directory, description['embedding_size'],
                       pq.read_schema(os.path.join(directory, neighbour_index.IDS_FILE)))
   index = faiss_util.from_bytes(trained)
-  kept_old = _old_rows(directory, wanted, output)
+  old_rows = _copy_old_rows(directory, wanted, output, plan['kind'] == 'hnsw')
   if plan['kind'] == 'hnsw':
-    _rebuild_hnsw(index, kept_old, neighbour_index.open_vectors(
+    _rebuild_hnsw(index, old_rows, neighbour_index.open_vectors(
         directory, description['embedding_size']))
-  else:
-    for _ in kept_old:
-      pass
   best = _BestNeighbours(probes['exact_ids'], probes['exact_scores'])
   new_best = _no_neighbours(len(added_probes['ids']))
   added = _merge_pieces(index, pieces, refs, output, [best, new_best],
                          [len(probes['ids']), len(added_probes['ids'])], plan['kind'])
-  removed = output.removed
+  removed = old_rows.removed
   if plan['kind'] != 'hnsw':
     old = neighbour_index.read_index(directory, plan['kind'])
     sources = [neighbour_index.ivf_lists(old)] + _lists_of_pieces(pieces, refs, directory)
