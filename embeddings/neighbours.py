@@ -123,7 +123,7 @@ def find_query_in_index(index, query: str) -> Query:
 
 
 APPROXIMATE = ('~cosine: approximate, from the index\'s PQ codes in its PCA space (they run '
-               'high); --rerank N (N > k) gives exact ones')
+               'high); --rerank N (N > k) gives those of the stored vectors')
 
 
 def format_table(query: Query, neighbours: Sequence[Neighbour], exact: bool = True) -> str:
@@ -166,9 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
   parser.add_argument('--index', help='an index directory (python -m embeddings.index build) '
                       'to search instead of --runs')
   parser.add_argument('--rerank', type=int, default=RERANK,
-                      help=f'with --index: candidates re-ranked exactly from the stored vectors '
-                      f'(default {RERANK}; 0: the index\'s own scores, approximate for a PQ '
-                      f'index)')
+                      help=f'with --index: candidates re-ranked from the index\'s refine store '
+                      f'of float16 vectors (default {RERANK}; 0: the index\'s own scores, '
+                      f'approximate for a PQ index)')
   parser.add_argument('--nprobe', type=int,
                       help='with --index: IVF lists searched, or HNSW\'s efSearch (default: the '
                       'index\'s, in its index.json plan); more is slower and finds more')

@@ -556,7 +556,7 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
   refs = shard_refs(runs)
   pieces = _pieces_location(directory, beam_flags)
   first_sample = neighbour_index.PCA_SAMPLE if plan.pca_dimension else plan.train_sample
-  first_sample = max(first_sample, 10 * neighbour_index.PROBES)
+  first_sample = max(first_sample, 20 * neighbour_index.PROBES)  # probes: a tenth at most
   train = {'plan': plan, 'dimension': dimension, 'seed': seed,
            'fraction': min(1.0, (first_sample + neighbour_index.PROBES) * 1.2 / max(count, 1)),
            'reduced_fraction': min(1.0, plan.train_sample * 1.2 / max(count, 1))}
