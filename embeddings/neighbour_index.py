@@ -5,7 +5,8 @@
 
 The index type follows the number of vectors and the memory budget, as autofaiss chooses: an
 exhaustive list below 10k vectors (results equal exact search); HNSW32 over the full vectors
-while they and the graph fit the budget (exact scores, sub-millisecond queries, no training);
+(float16-rounded, as the pieces carry them) while they and the graph fit the budget (no
+training, no lists to probe);
 above that IVF-PQ with the largest code that fits (after a PCA to 4m dimensions with a random
 rotation, which spreads the variance evenly over the PQ's sub-vectors, as OPQ does at a small
 fraction of OPQ's training time at 4320 dimensions), its coarse quantizer an HNSW graph from
