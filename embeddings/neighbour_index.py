@@ -37,13 +37,14 @@ import contextlib
 import datetime
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from embeddings import faiss_util, storage
 from embeddings.runs import MixedModelsError, Run, find_runs
-from embeddings.similarity import Neighbour, cosine_value, unit_rows
+from embeddings.similarity import READERS, Neighbour, cosine_value, unit_rows
 
 INDEX_FILE = 'index.json'
 FAISS_FILE = 'index.faiss'
@@ -274,6 +275,20 @@ class NeighbourIndex:
     return positions
 
   def stored_vectors(self, ids: np.ndarray) -> np.ndarray:
+    """The runs' stored float32 vectors of `ids` (e.g. a query's own), reading only the row
+    groups that hold them, READERS shards at a time (Arrow decodes without the GIL)."""
+    positions = self.rows(ids)
+    shards = np.array(self.ids.column('shard').take(positions).to_pylist(), dtype=object)
+    rows = self.ids.column('row').to_numpy()[positions]
+    vectors = np.zeros((len(ids), self.dimension), np.float32)
+    places = [np.flatnonzero(shards == shard) for shard in sorted(set(shards))]
+    with ThreadPoolExecutor(READERS) as pool:
+      for mine, found in zip(places, pool.map(
+          lambda mine: faiss_util.read_rows(shards[mine[0]], rows[mine]), places)):
+        vectors[mine] = found
+    return vectors
+
+  def refine_vectors(self, ids: np.ndarray) -> np.ndarray:
     """The unit vectors of `ids` from the refine store, as float32 (float16 precision)."""
     rows = self._vector_rows[self.rows(np.asarray(ids, np.int64))]
     order = np.argsort(rows, kind='stable')  # the file read forwards
@@ -332,7 +347,7 @@ class NeighbourIndex:
     """Cosines of every query's candidates from the refine store, each row read once for the
     whole batch."""
     every = np.unique(np.concatenate([ids for _, ids in candidates] + [np.zeros(0, np.int64)]))
-    stored = self.stored_vectors(every)
+    stored = self.refine_vectors(every)
     unit_queries = unit_rows(queries)
     reranked = []
     for query, (_, ids) in zip(unit_queries, candidates):

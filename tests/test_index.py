@@ -66,8 +66,9 @@ def test_index_directory_records_model_runs_plan_and_maps_ids_to_uris(tmp_path):
   collection = embeddings.load(run.directory)
   for position, vector in zip(positions, stored):
     uri = ids.column('uri')[int(position)].as_py()
-    expected = unit_rows(collection.vectors[[collection.uris.index(uri)]])[0]
-    np.testing.assert_array_equal(vector, expected.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(vector, collection.vectors[collection.uris.index(uri)])
+  refined = index.refine_vectors(ids.column('id').to_numpy()[[5, 250]])
+  np.testing.assert_allclose(refined, unit_rows(stored), atol=1e-3)
 
 
 def test_add_appends_new_vectors_and_replaces_uris_embedded_again(tmp_path):
