@@ -2,7 +2,7 @@
 
     python -m embeddings.index build --runs RUN_DIR_OR_GLOB... --output INDEX_DIR \
         [--memory_budget 4GB] [--model MODEL_ID] [Beam flags: --runner, --direct_num_workers ...]
-    python -m embeddings.index add --index INDEX_DIR --runs NEW_RUNS... [--min_recall 0.8]
+    python -m embeddings.index add --index INDEX_DIR --runs NEW_RUNS... [--recall_drop 0.05]
 
 The command: the index itself (plan, directory, reader) is embeddings/neighbour_index.py, the
 Beam job that builds and extends it jobs/index_build.py, imported only here, once the flags are
@@ -17,10 +17,11 @@ from typing import Optional, Sequence
 
 from embeddings import storage
 from embeddings.neighbour_index import INDEX_FILE, IndexError_, read_description
-from embeddings.runs import MixedModelsError, NoRunsError, find_runs, parse_job_command, select_model
+from embeddings.runs import (MixedModelsError, NoRunsError, find_runs, parse_job_command,
+                             select_model)
 
 DEFAULT_MEMORY_BUDGET = '4GB'
-DEFAULT_MIN_RECALL = 0.8
+DEFAULT_RECALL_DROP = 0.05
 
 
 def parse_bytes(text: str) -> int:
@@ -57,9 +58,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   add = commands.add_parser('add', help='add newer runs to an index, without retraining')
   add.add_argument('--index', required=True, help='an index directory')
   add.add_argument('--runs', nargs='+', required=True, help='the new run directories or globs')
-  add.add_argument('--min_recall', type=float, default=DEFAULT_MIN_RECALL,
-                   help=f'say to rebuild when recall@10 on the probe set falls below this '
-                   f'(default {DEFAULT_MIN_RECALL})')
+  add.add_argument('--recall_drop', type=float, default=DEFAULT_RECALL_DROP,
+                   help=f'say to rebuild when recall@10 on the build\'s probes, or on probes '
+                   f'drawn from the added runs, falls more than this below the build\'s '
+                   f'(default {DEFAULT_RECALL_DROP})')
   args, beam_flags = parse_job_command(parser, argv)
   from jobs import index_build
   try:
@@ -73,12 +75,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       runs = select_model(find_runs(args.runs), args.model)
       description = index_build.build_index(runs, args.output, budget, args.seed, beam_flags)
     else:
-      if not 0 <= args.min_recall <= 1:
-        add.error('--min_recall must be between 0 and 1')
+      if not 0 <= args.recall_drop <= 1:
+        add.error('--recall_drop must be between 0 and 1')
       description = read_description(args.index)
       runs = find_runs(args.runs)
-      description = index_build.add_runs(args.index, description, runs, args.min_recall,
-                                            beam_flags)
+      description = index_build.add_runs(args.index, description, runs, args.recall_drop,
+                                         beam_flags)
   except (NoRunsError, MixedModelsError, IndexError_, ValueError) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
@@ -88,17 +90,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def summary_line(description: dict) -> str:
   plan = description['plan']
+  build = description['build']
+  imbalance = (f', list imbalance {description["list_imbalance"]:.2f}'
+               if description.get('list_imbalance') else '')
   text = (f'{description["directory"]}: {description["count"]} vectors of '
           f'{description["model"]} from {len(description["runs"])} run(s); {plan["kind"]} '
-          f'({plan["factory"]}), {plan["bytes_per_vector"]} bytes a vector; recall@10 on '
-          f'{description["probes"]} probes: {description["probe_recall_at_10"]:.3f}')
+          f'({plan["factory"]}), {plan["bytes_per_vector"]} bytes a vector in memory; recall@10 '
+          f'on {description["probes"]} probe vectors: {description["probe_recall_at_10"]:.3f}'
+          f'{imbalance}')
   last = description.get('last_add')
   if last:
-    text += (f'\nadded {last["added"]} vector(s), replaced {last["replaced"]} of URIs embedded '
-             f'again')
-    if last.get('rebuild'):
-      text += (f'\nrecall@10 on the probe set fell to {description["probe_recall_at_10"]:.3f}, '
-               f'below --min_recall {last["min_recall"]}: rebuild the index '
+    text += (f' (at build {build["probe_recall_at_10"]:.3f})\nadded {last["added"]} '
+             f'vector(s), removed {last["removed"]} that newer runs re-embedded, did not match '
+             f'or failed on; recall@10 on {last["added_probes"]} probe vectors of the added runs '
+             f'(among their vectors): {last["added_probe_recall_at_10"]:.3f}')
+    if last['rebuild']:
+      text += (f'\n{"; ".join(last["rebuild"])}: rebuild the index '
                f'(python -m embeddings.index build)')
   return text
 

@@ -4,25 +4,36 @@
 `NeighbourIndex` opens it for queries.
 
 The index type follows the number of vectors and the memory budget, as autofaiss chooses: an
-exhaustive list below 10k vectors (results equal exact search), IVF-Flat while the full vectors
-fit the budget, above that a PCA to 4m dimensions with a random rotation (which spreads the
-variance evenly over the PQ's sub-vectors, as OPQ does at a small fraction of OPQ's training time
-at 4320 dimensions) and IVF-PQ with m bytes a vector (64 when it fits: 72 bytes with its id). Always IVF, so that the index can be
-memory-mapped and vectors removed and added without retraining (HNSW allows neither).
-`add` encodes a night's runs with the trained quantizers, replaces the vectors of URIs embedded
-again, and measures recall@10 on the probe set held back at build time: below --min_recall it
-says to rebuild.
+exhaustive list below 10k vectors (results equal exact search); HNSW32 over the full vectors
+(float16-rounded, as the pieces carry them) while they and the graph fit the budget (no
+training, no lists to probe);
+above that IVF-PQ with the largest code that fits (after a PCA to 4m dimensions with a random
+rotation, which spreads the variance evenly over the PQ's sub-vectors, as OPQ does at a small
+fraction of OPQ's training time at 4320 dimensions), its coarse quantizer an HNSW graph from
+1,024 lists on. Beside every index, a refine store: each vector in float16, memory-mapped by id,
+from which the candidates of a PQ index are re-ranked (a read of 2 x dimension bytes a
+candidate, not a Parquet row group).
 
-The index directory (see INDEX_FILE, IDS_FILE, ...):
+Every index follows the collection's rule (`embeddings.load`: the newest run wins; a file the
+newest run did not match, or failed on, has no vector). `add` encodes a night's runs with the
+trained quantizers and removes what the new runs superseded or dropped (IVF: FAISS remove_ids;
+HNSW: the graph is rebuilt from the refine store, which holds every vector). It checks its health
+against the build: recall@10 on the build's probes, on probes drawn from each added run (searched
+among that run's vectors), and the lists' imbalance.
+
+The index directory (see INDEX_FILE, FAISS_FILE, ...):
     index.json     model id, embedding size, runs covered, the plan and its parameters, counts,
-                   probe recall, FAISS version
-    index.faiss    the FAISS index (unit vectors, L2: 2 - 2 cosine), read memory-mapped
-    trained.faiss  the same index with no vectors (what `add` encodes with)
-    ids.parquet    FAISS id -> uri, the shard and row holding its stored vector, and the shard
-                   metadata columns (sha256, width, height, run, ...)
+                   probe recall and list imbalance at build and after the last add, FAISS version
+    index.faiss    the FAISS index (unit vectors, L2: 2 - 2 cosine); IVF lists in index.ivfdata
+    index.ivfdata  the IVF lists, memory-mapped (FAISS OnDiskInvertedLists)
+    trained.faiss  the trained index with no vectors (what `add` encodes with)
+    ids.parquet    FAISS id -> uri, its row in vectors.f16, the shard and row of its stored
+                   vector, and the shard metadata columns (sha256, width, height, run, ...)
+    vectors.f16    the refine store: float16 unit vectors [rows, dimension], raw, memory-mapped
     probes.npz     the probe vectors, their ids and their exact nearest ids and cosines
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -37,17 +48,23 @@ from embeddings.similarity import READERS, Neighbour, cosine_value, unit_rows
 
 INDEX_FILE = 'index.json'
 FAISS_FILE = 'index.faiss'
+IVFDATA_FILE = 'index.ivfdata'
 TRAINED_FILE = 'trained.faiss'
 IDS_FILE = 'ids.parquet'
+VECTORS_FILE = 'vectors.f16'
 PROBES_FILE = 'probes.npz'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 EXHAUSTIVE_BELOW = 10_000  # vectors: one list scanned whole, i.e. exact search
-PQ_BYTES = (64, 48, 32, 16, 8)  # bytes a vector, best first; 4 PCA dimensions per byte
+HNSW_LINKS = 32  # M: links a node, 2M on the bottom layer
+HNSW_EF_SEARCH = 128  # candidates kept while walking the graph (the HNSW plan's "nprobe")
+HNSW_QUANTIZER_FROM = 1_024  # lists: from here the coarse quantizer is an HNSW graph
+PQ_BYTES = (256, 192, 128, 96, 64, 48, 32, 16, 8)  # bytes a vector, best first; 4 PCA dims a byte
 ID_BYTES = 8
 PCA_SAMPLE = 20_000  # vectors to train the PCA on
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39
-PROBES = 100
+PROBES = 100  # held back at build (a tenth of the sampled vectors when fewer than 1,000)
+PROBES_PER_ADDED_RUN = 100  # drawn from each added run (a tenth of its vectors when fewer)
 PROBE_NEIGHBOURS = 50  # exact neighbours kept per probe: enough to survive replaced URIs
 RECALL_K = 10
 ROW_BITS = 24  # ids are shard number << ROW_BITS | row: up to 16M rows a shard
@@ -58,12 +75,12 @@ class IndexError_(ValueError):  # pylint: disable=invalid-name; IndexError is Py
 
 
 class IndexPlan(NamedTuple):
-  kind: str  # 'exhaustive', 'ivf_flat' or 'ivf_pq'
+  kind: str  # 'exhaustive', 'hnsw' or 'ivf_pq'
   factory: str  # FAISS index_factory string, after the PCA if any
   pca_dimension: Optional[int]  # PCA output size, None for no PCA
-  lists: int
-  nprobe: int  # lists searched by default
-  bytes_per_vector: int  # codes plus id, as held in memory
+  lists: int  # IVF lists (0 for HNSW)
+  nprobe: int  # searched by default: IVF lists, or HNSW's efSearch
+  bytes_per_vector: int  # codes (or vector and links) plus id, as held in memory
   train_sample: int  # vectors to train the lists and codes on
 
   def to_json(self) -> dict:
@@ -74,20 +91,24 @@ def _power_of_two_near(value: float) -> int:
   return int(2 ** round(np.log2(max(value, 1))))
 
 
+def hnsw_bytes(dimension: int) -> int:
+  """A vector in an HNSW32 index: the float32 vector, 2M bottom-layer links, its id, its level."""
+  return 4 * dimension + 2 * HNSW_LINKS * 4 + ID_BYTES + 4
+
+
 def choose_plan(count: int, dimension: int, memory_budget: int) -> IndexPlan:
   """The index for `count` vectors of `dimension` that fits `memory_budget` bytes."""
   if count < EXHAUSTIVE_BELOW:
     return IndexPlan('exhaustive', 'IVF1,Flat', None, 1, 1, 4 * dimension + ID_BYTES, count)
-  lists = min(65_536, max(64, _power_of_two_near(4 * np.sqrt(count))))
-  train_sample = min(count, TRAIN_POINTS_PER_LIST * lists)
-  flat_bytes = 4 * dimension + ID_BYTES
-  if count * flat_bytes <= memory_budget:
-    return IndexPlan('ivf_flat', f'IVF{lists},Flat', None, lists, max(1, lists // 16),
-                     flat_bytes, min(train_sample, memory_budget // 4 // (4 * dimension)))
-  lists = max(lists, 256)
+  if count * hnsw_bytes(dimension) <= memory_budget:
+    return IndexPlan('hnsw', f'HNSW{HNSW_LINKS},Flat', None, 0, HNSW_EF_SEARCH,
+                     hnsw_bytes(dimension), 0)
+  lists = min(65_536, max(256, _power_of_two_near(4 * np.sqrt(count))))
+  quantizer = f'_HNSW{HNSW_LINKS}' if lists >= HNSW_QUANTIZER_FROM else ''
   for pq_bytes in PQ_BYTES:
-    if count * (pq_bytes + ID_BYTES) <= memory_budget and 4 * pq_bytes <= dimension:
-      return IndexPlan('ivf_pq', f'IVF{lists},PQ{pq_bytes}', 4 * pq_bytes, lists,
+    centroids = lists * 4 * pq_bytes * 4 + (hnsw_bytes(4 * pq_bytes) if quantizer else 0)
+    if count * (pq_bytes + ID_BYTES) + centroids <= memory_budget and 4 * pq_bytes <= dimension:
+      return IndexPlan('ivf_pq', f'IVF{lists}{quantizer},PQ{pq_bytes}', 4 * pq_bytes, lists,
                        max(1, lists // 32), pq_bytes + ID_BYTES,
                        min(count, TRAIN_POINTS_PER_LIST * lists))
   raise ValueError(f'{count} vectors need at least {count * (PQ_BYTES[-1] + ID_BYTES)} bytes; '
@@ -95,15 +116,30 @@ def choose_plan(count: int, dimension: int, memory_budget: int) -> IndexPlan:
 
 
 def new_index(plan: IndexPlan, dimension: int, pca=None):
-  """An untrained index for the plan (`pca`: the trained PCA's projection when the plan has one)."""
+  """An untrained index for the plan (`pca`: the trained PCA's projection when the plan has one).
+  HNSW holds vectors by position: an IndexIDMap gives them the index's ids."""
   faiss = faiss_util.faiss()
   inner_dimension = plan.pca_dimension or dimension
   inner = faiss.index_factory(inner_dimension, plan.factory, faiss.METRIC_L2)
+  if plan.kind == 'hnsw':
+    return faiss.IndexIDMap(inner)
   return faiss.IndexPreTransform(pca, inner) if pca is not None else inner
 
 
 def ivf_of(index):
   return faiss_util.faiss().extract_index_ivf(index)
+
+
+def search_parameters(plan: dict, depth: int, selector=None):
+  """FAISS search parameters: `depth` lists searched (IVF; an HNSW quantizer walks 2 x depth
+  candidates) or efSearch (HNSW); `selector`: only these ids may be found."""
+  faiss = faiss_util.faiss()
+  if plan['kind'] == 'hnsw':
+    return faiss.SearchParametersHNSW(efSearch=depth, sel=selector)
+  parameters = faiss.SearchParametersIVF(nprobe=depth, sel=selector)
+  if '_HNSW' in plan['factory']:
+    parameters.quantizer_params = faiss.SearchParametersHNSW(efSearch=max(2 * depth, 16))
+  return parameters
 
 
 def shard_id_base(number: int) -> int:
@@ -133,27 +169,91 @@ def read_description(directory: str) -> dict:
     raise IndexError_(f'{directory}: no {INDEX_FILE}, so not an index directory written by '
                       f'`python -m embeddings.index build`')
   with open(path) as f:
-    return json.load(f)
+    description = json.load(f)
+  if description.get('format_version') != FORMAT_VERSION:
+    raise IndexError_(f'{directory}: an index of format {description.get("format_version")}, '
+                      f'this version reads {FORMAT_VERSION}: build it again '
+                      f'(python -m embeddings.index build)')
+  return description
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+  """FAISS prints (C stdout) where it finds a moved .ivfdata file and when it grows one; the
+  commands' stdout is their answer."""
+  import sys
+  sys.stdout.flush()
+  saved = os.dup(1)
+  with open(os.devnull, 'w') as null:
+    os.dup2(null.fileno(), 1)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
+def read_index(directory: str, kind: str):
+  """index.faiss, read only, with its IVF lists memory-mapped from index.ivfdata beside it
+  (wherever the directory was moved) and no prefetch threads: FAISS's default 32 threads a query
+  cost 3.74 ms against 0.59 ms without (issue 28); an HNSW index's vectors memory-mapped too."""
+  faiss = faiss_util.faiss()
+  flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP_IFC if kind == 'hnsw' else
+                                    faiss.IO_FLAG_ONDISK_SAME_DIR)
+  with quiet_stdout():
+    index = faiss.read_index(os.path.join(directory, FAISS_FILE), flags)
+  lists = ivf_lists(index)
+  if lists is not None:
+    lists.prefetch_nthread = 0
+  return index
+
+
+def ivf_lists(index):
+  """The index's OnDiskInvertedLists, None for HNSW."""
+  faiss = faiss_util.faiss()
+  try:
+    ivf = faiss.extract_index_ivf(index)
+  except RuntimeError:
+    return None
+  return faiss.downcast_InvertedLists(ivf.invlists)
+
+
+def list_imbalance(index) -> Optional[float]:
+  """FAISS's imbalance factor of the IVF lists (1.0: all equal; the cost of a search over
+  uneven lists against even ones); None for HNSW."""
+  lists = ivf_lists(index)
+  return None if lists is None else float(lists.imbalance_factor())
+
+
+def open_vectors(directory: str, dimension: int) -> np.ndarray:
+  path = os.path.join(directory, VECTORS_FILE)
+  rows = os.path.getsize(path) // (2 * dimension)
+  if not rows:
+    return np.zeros((0, dimension), np.float16)
+  return np.memmap(path, np.float16, 'r', shape=(rows, dimension))
 
 
 class NeighbourIndex:
-  """An index directory opened for queries: FAISS memory-maps the lists, so opening is cheap
-  and only the lists a query probes are read."""
+  """An index directory opened for queries: the IVF lists and the refine store are
+  memory-mapped, as are an HNSW index's vectors (its graph is read), so opening is cheap and a
+  query reads only what it visits: the lists it probes, the rows of its candidates."""
 
-  def __init__(self, directory: str, mmap: bool = True):
+  def __init__(self, directory: str):
     import pyarrow.parquet as pq
-    faiss = faiss_util.faiss()
     self.directory = directory
     self.description = read_description(directory)
     self.model = self.description['model']
     self.dimension = self.description['embedding_size']
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    self.index = faiss.read_index(os.path.join(directory, FAISS_FILE), flags)
+    self.plan = self.description['plan']
+    self.kind = self.plan['kind']
+    self.index = read_index(directory, self.kind)
     # One chunk: a row looked up by position costs a search through the chunks otherwise.
     self.ids = pq.read_table(os.path.join(directory, IDS_FILE)).combine_chunks()
     self._id_column = self.ids.column('id').to_numpy()
+    self._vector_rows = self.ids.column('vector_row').to_numpy()
     if len(self._id_column) > 1 and np.any(np.diff(self._id_column) <= 0):
       raise IndexError_(f'{directory}: {IDS_FILE} is not sorted by id')
+    self.vectors = open_vectors(directory, self.dimension)
     self.nprobe = self.description['plan']['nprobe']
 
   @property
@@ -175,8 +275,8 @@ class NeighbourIndex:
     return positions
 
   def stored_vectors(self, ids: np.ndarray) -> np.ndarray:
-    """The runs' stored float32 vectors of `ids`, reading only the row groups that hold them,
-    READERS shards at a time (Arrow decodes without the GIL)."""
+    """The runs' stored float32 vectors of `ids` (e.g. a query's own), reading only the row
+    groups that hold them, READERS shards at a time (Arrow decodes without the GIL)."""
     positions = self.rows(ids)
     shards = np.array(self.ids.column('shard').take(positions).to_pylist(), dtype=object)
     rows = self.ids.column('row').to_numpy()[positions]
@@ -188,21 +288,36 @@ class NeighbourIndex:
         vectors[mine] = found
     return vectors
 
+  def refine_vectors(self, ids: np.ndarray) -> np.ndarray:
+    """The unit vectors of `ids` from the refine store, as float32 (float16 precision)."""
+    rows = self._vector_rows[self.rows(np.asarray(ids, np.int64))]
+    order = np.argsort(rows, kind='stable')  # the file read forwards
+    vectors = np.empty((len(rows), self.dimension), np.float32)
+    vectors[order] = self.vectors[rows[order]]
+    return vectors
+
+  def exact_scores(self, k: int, rerank: int) -> bool:
+    """Whether search(k, rerank) returns exact cosines: the PQ codes' scores are approximate
+    (computed in the PCA space, they run high) unless re-ranked from the refine store."""
+    return self.kind != 'ivf_pq' or rerank > k
+
   def search_ids(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None) -> tuple:
-    """(cosine [q, k], ids [q, k]) straight from FAISS; id -1 where fewer than k exist."""
-    faiss = faiss_util.faiss()
+    """(cosine [q, k], ids [q, k]) straight from FAISS; id -1 where fewer than k exist.
+    `nprobe`: IVF lists searched, or HNSW's efSearch (at least k)."""
     queries = np.ascontiguousarray(unit_rows(np.asarray(queries, np.float32)))
-    parameters = faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe)
-    distances, ids = self.index.search(queries, k, params=parameters)
+    depth = nprobe or self.nprobe
+    if self.kind == 'hnsw':
+      depth = max(depth, k)
+    distances, ids = self.index.search(queries, k, params=search_parameters(self.plan, depth))
     return faiss_util.cosine_from_l2(distances), ids
 
   def search(self, queries: np.ndarray, k: int, model: Optional[str] = None,
              rerank: int = 0, nprobe: Optional[int] = None,
              exclude_uris: Sequence[Sequence[str]] = ()) -> List[List[Neighbour]]:
     """The k nearest neighbours of each query row. `model`: the queries' model id, refused if it
-    is not the index's. `rerank`: when > k, that many candidates are rescored exactly from the
-    runs' stored vectors (scores are then exact cosines). `exclude_uris`: per query, URIs to
-    leave out (e.g. the query itself)."""
+    is not the index's. `rerank`: when > k, that many candidates are taken and (for a PQ index)
+    rescored from the refine store; see exact_scores. `nprobe`: see search_ids.
+    `exclude_uris`: per query, URIs to leave out (e.g. the query itself)."""
     self.check_model(model)
     queries = np.atleast_2d(np.asarray(queries, np.float32))
     if queries.shape[1] != self.dimension:
@@ -219,7 +334,7 @@ class NeighbourIndex:
         keep &= np.array([i < 0 or uris[int(p)].as_py() not in excluded
                           for i, p in zip(row_ids, self.rows(np.maximum(row_ids, 0)))], bool)
       kept.append((row_scores[keep], row_ids[keep]))
-    if rerank > k:
+    if rerank > k and self.kind == 'ivf_pq':
       kept = self._rerank(queries, kept)
     results = []
     for row_scores, row_ids in kept:
@@ -229,10 +344,10 @@ class NeighbourIndex:
     return results
 
   def _rerank(self, queries: np.ndarray, candidates: List[tuple]) -> List[tuple]:
-    """Exact cosines of every query's candidates, from the stored vectors, each read once for
-    the whole batch."""
+    """Cosines of every query's candidates from the refine store, each row read once for the
+    whole batch."""
     every = np.unique(np.concatenate([ids for _, ids in candidates] + [np.zeros(0, np.int64)]))
-    stored = unit_rows(self.stored_vectors(every))
+    stored = self.refine_vectors(every)
     unit_queries = unit_rows(queries)
     reranked = []
     for query, (_, ids) in zip(unit_queries, candidates):
@@ -252,14 +367,18 @@ def recall_at(found: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
   return float(np.mean(hits) / k) if hits else float('nan')
 
 
-def probe_recall(index, probes: Dict[str, np.ndarray], nprobe: int) -> float:
-  """recall@10 of the index on its probe set, against the probes' exact neighbours (each
-  probe's own vector left out)."""
+def probe_recall(index, probes: Dict[str, np.ndarray], plan: dict, nprobe: int,
+                 id_range: Optional[tuple] = None) -> float:
+  """recall@10 of the index on a probe set, against the probes' exact neighbours (each probe's
+  own vector left out); `id_range` (first, end): search among those ids only, as the probes'
+  neighbours were found (e.g. those of one added run)."""
   faiss = faiss_util.faiss()
   if not len(probes['ids']):
     return float('nan')
-  _, found = index.search(np.ascontiguousarray(probes['vectors']), RECALL_K + 1,
-                          params=faiss.SearchParametersIVF(nprobe=nprobe))
+  selector = faiss.IDSelectorRange(*id_range) if id_range else None
+  depth = max(nprobe, RECALL_K + 1) if plan['kind'] == 'hnsw' else nprobe
+  _, found = index.search(np.ascontiguousarray(probes['vectors'], np.float32), RECALL_K + 1,
+                          params=search_parameters(plan, depth, selector))
   found = [row[row != own][:RECALL_K] for row, own in zip(found, probes['ids'])]
   return recall_at(np.array(found), probes['exact_ids'])
 

@@ -3,7 +3,8 @@ through an index (`python -m embeddings.index build`), its candidates re-ranked 
 
     python -m embeddings.neighbours --runs RUN_DIR_OR_GLOB... --query IMAGE_OR_URI [--k 8] \
         [--sheet neighbours.png] [--model MODEL_ID]
-    python -m embeddings.neighbours --index INDEX_DIR --query IMAGE_OR_URI [--k 8] [--rerank 100]
+    python -m embeddings.neighbours --index INDEX_DIR --query IMAGE_OR_URI [--k 8] [--rerank 100] \
+        [--nprobe N]
 
 The query is an image file or URI. Its vector is the stored one of any embedded image with the
 same bytes (or, for a URI that cannot be read any more, the one stored for that URI); otherwise
@@ -145,14 +146,22 @@ def find_query_in_index(index, query: str) -> Query:
   return embed_now(query, uri, data, index.runs()[0])
 
 
-def format_table(query: Query, neighbours: Sequence[Neighbour]) -> str:
-  lines = [f'query: {query.uri} ({query.source})', f'{"rank":>4}  {"cosine":>7}  '
+APPROXIMATE = ('~cosine: approximate, from the index\'s PQ codes in its PCA space (they run '
+               'high); --rerank N (N > k) gives those of the stored vectors')
+
+
+def format_table(query: Query, neighbours: Sequence[Neighbour], exact: bool = True) -> str:
+  """`exact`: whether the scores are exact cosines; else the column says they are not."""
+  label = 'cosine' if exact else '~cosine'
+  lines = [f'query: {query.uri} ({query.source})', f'{"rank":>4}  {label:>7}  '
            f'{"pixels":>11}  uri']
   for n in neighbours:
     pixels = f'{n.metadata["width"]}x{n.metadata["height"]}'
     same = '  (same bytes)' if query.data is not None and n.metadata['sha256'] == hashlib.sha256(
         query.data).hexdigest() else ''
     lines.append(f'{n.rank:>4}  {n.score:7.4f}  {pixels:>11}  {n.uri}{same}')
+  if not exact:
+    lines.append(APPROXIMATE)
   return '\n'.join(lines)
 
 
@@ -181,8 +190,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
   parser.add_argument('--index', help='an index directory (python -m embeddings.index build) '
                       'to search instead of --runs')
   parser.add_argument('--rerank', type=int, default=RERANK,
-                      help=f'with --index: candidates re-ranked exactly from the stored vectors '
-                      f'(default {RERANK}; 0: the index\'s own scores)')
+                      help=f'with --index: candidates re-ranked from the index\'s refine store '
+                      f'of float16 vectors (default {RERANK}; 0: the index\'s own scores, '
+                      f'approximate for a PQ index)')
+  parser.add_argument('--nprobe', type=int,
+                      help='with --index: IVF lists searched, or HNSW\'s efSearch (default: the '
+                      'index\'s, in its index.json plan); more is slower and finds more')
   parser.add_argument('--query', required=True,
                       help='an image file or URI, embedded or not')
   parser.add_argument('--k', type=int, default=8, help='how many neighbours (default 8)')
@@ -190,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
   args = parse_command(parser, argv)
   if args.k < 1:
     parser.error('--k must be at least 1')
+  if args.nprobe is not None and (args.nprobe < 1 or args.index is None):
+    parser.error('--nprobe: a number of at least 1, with --index')
   if args.index is None and args.runs is None:
     parser.error('give --runs or --index')
   if args.index is not None and args.runs is not None:
@@ -207,15 +222,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
       except IndexError_ as exc:
         raise QueryError(str(exc)) from exc
       neighbours = index.search(query.vector, args.k, rerank=max(args.rerank, 0),
-                                exclude_uris=[[query.uri]])[0]
+                                nprobe=args.nprobe, exclude_uris=[[query.uri]])[0]
+      exact = index.exact_scores(args.k, max(args.rerank, 0))
     else:
       runs = select_model(find_runs(args.runs), args.model)
       query = find_query(runs, args.query)
       neighbours = search(runs, query, args.k)
+      exact = True
   except RUN_ERRORS + (QueryError,) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
-  print(format_table(query, neighbours))
+  print(format_table(query, neighbours, exact))
   if args.sheet:
     sheet.save_png(draw(query, neighbours), args.sheet)
     print(f'contact sheet: {args.sheet}')

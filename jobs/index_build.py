@@ -2,19 +2,27 @@
 
     shards ─ SampleForTraining ─ Train (one worker: PCA, then on a second, PCA-reduced sample
        │                           when the plan has one, IVF + PQ) ─┐ trained index
-       └──────────── EncodeShard (every worker: codes, ids, metadata, the probes' exact
-                     neighbours in the shard) ─ one piece file per shard
-    then this process merges the pieces, shard by shard, into the index directory.
+       └──────────── EncodeShard (every worker: the rows the collection keeps, as codes in
+                     inverted lists, float16 vectors, metadata, and the probes' exact neighbours
+                     in the shard) ─ piece files, one set per shard
+    then this process streams the pieces, shard by shard, into the index directory.
 
-Workers never hold more than one shard; the pieces (codes and metadata, no vectors) are small
-enough to merge on one machine: 72 bytes a vector for the 1M plan plus the ids table.
+Workers never hold more than one shard. The merge holds one piece's metadata and vectors at a
+time: the IVF lists are merged on disk (FAISS OnDiskInvertedLists.merge_from_multiple over the
+pieces' memory-mapped lists), `ids.parquet` and the refine store are written as they come (in
+shard order, which is id order), and the probes keep their 50 best neighbours. An HNSW index is
+built in this process (it is chosen only when it fits the memory budget).
+
+Which rows an index holds is the collection's rule (embeddings/collection.py `vector_sources`,
+as `embeddings.load` applies it); over several runs it is decided here, from the runs' indexes,
+before the pipeline starts.
 """
 
 import io
 import logging
 import os
 import shutil
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set
 
 import apache_beam as beam
 import numpy as np
@@ -24,7 +32,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from embeddings import faiss_util, neighbour_index, storage
-from embeddings.runs import MixedModelsError, Run
+from embeddings.collection import vector_sources
+from embeddings.runs import MixedModelsError, Run, find_runs
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
 
@@ -33,22 +42,40 @@ PIECES_DIR = '.pieces'
 METRICS_NAMESPACE = 'index'
 TRAINING_ITERATIONS = 10
 PQ_POINTS_PER_CENTROID = 64
+DEFAULT_RECALL_DROP = 0.05  # recall@10 below the build's by more than this: rebuild
+IMBALANCE_GROWTH = 2.0  # lists this much more imbalanced than at build: rebuild
+RESIDUAL_TABLES_MAX = 256_000_000  # bytes
+HNSW_ADD_ROWS = 20_000  # vectors read from the refine store at a time when rebuilding HNSW
 
 
 class ShardRef(NamedTuple):
   run: str  # the run directory
   path: str
   number: int  # ids of its rows are number << ROW_BITS | row
-  recency: int  # 0: the newest run, which wins a URI held by several
+
+
+Wanted = Optional[Dict[str, Set[str]]]  # run -> the URIs whose vector is that run's; None: all
 
 
 def shard_refs(runs: Sequence[Run], first_number: int = 0) -> List[ShardRef]:
-  """Runs newest first (as find_runs gives) -> their shards, numbered from `first_number`."""
+  """Runs -> their shards, numbered from `first_number`."""
   refs = []
-  for recency, run in enumerate(runs):
+  for run in runs:
     for path in run.shard_paths():
-      refs.append(ShardRef(run.path, path, first_number + len(refs), recency))
+      refs.append(ShardRef(run.path, path, first_number + len(refs)))
   return refs
+
+
+def collection_rule(runs: Sequence[Run]) -> Wanted:
+  """Which URIs each run supplies, as `embeddings.load` decides (None: one run supplies all)."""
+  return vector_sources(runs) if len(runs) > 1 else None
+
+
+def _kept_rows(ref: ShardRef, uris: Sequence[str], wanted: Wanted) -> np.ndarray:
+  if wanted is None:
+    return np.ones(len(uris), bool)
+  mine = wanted.get(ref.run, set())
+  return np.array([u in mine for u in uris], bool)
 
 
 def _ids(ref: ShardRef, rows: np.ndarray) -> np.ndarray:
@@ -56,17 +83,21 @@ def _ids(ref: ShardRef, rows: np.ndarray) -> np.ndarray:
 
 
 class _SampleShard(beam.DoFn):
-  """About `fraction` of a shard's rows as unit vectors (PCA-reduced when given a PCA), written
-  to a file whose path is the output: a sample of 4320-d vectors is hundreds of MB, which as
-  Beam elements would be copied by every coder and consumer on the way to the trainer."""
+  """About `fraction` of a shard's kept rows as unit vectors (PCA-reduced when given a PCA),
+  written to a file whose path is the output: a sample of 4320-d vectors is hundreds of MB, which
+  as Beam elements would be copied by every coder and consumer on the way to the trainer."""
 
   def __init__(self, fraction: float, seed: int, samples: str):
     self._fraction = fraction
     self._seed = seed
     self._samples = samples
 
-  def process(self, ref: ShardRef, pca_bytes: Optional[bytes] = None):
+  def process(self, ref: ShardRef, wanted: Wanted, pca_bytes: Optional[bytes] = None):
     rows, vectors = faiss_util.sample_rows(ref.path, self._fraction, self._seed + ref.number)
+    if len(rows) and wanted is not None:
+      uris = read_shard(ref.path, ref.run, ['uri']).uris
+      keep = _kept_rows(ref, [uris[r] for r in rows], wanted)
+      rows, vectors = rows[keep], vectors[keep]
     if not len(rows):
       return
     vectors = unit_rows(vectors)
@@ -87,7 +118,8 @@ def _concatenate(sample_files: List[str]) -> tuple:
 
 
 def _split_probes(samples: List[str], seed: int) -> tuple:
-  """(probes {'ids', 'vectors'}, training vectors): the probes are held back from training."""
+  """(probes {'ids', 'vectors'}, training vectors): the probes are held back from training;
+  PROBES of them, or a tenth of the sample when it is smaller than 1,000."""
   ids, vectors = _concatenate(samples)
   order = np.random.default_rng(seed).permutation(len(ids))
   probes = order[:min(neighbour_index.PROBES, len(ids) // 10)]
@@ -118,81 +150,107 @@ def _projection_only(pca):
 
 def _train(samples: List[str], reduced: Optional[List[str]], pca_bytes: Optional[bytes],
            plan: neighbour_index.IndexPlan, dimension: int, seed: int) -> bytes:
-  """The trained, empty index; trained on the reduced sample when the plan has a PCA."""
+  """The trained, empty index; trained on the reduced sample when the plan has a PCA. HNSW
+  needs no training."""
   # The PCA lives in `wrapper`, which this function holds until the index is serialized.
   wrapper = faiss_util.from_bytes(pca_bytes) if pca_bytes is not None else None
   pca = wrapper.chain.at(0) if wrapper is not None else None
   index = neighbour_index.new_index(plan, dimension, pca)
+  if plan.kind == 'hnsw':
+    return faiss_util.to_bytes(index)
   probes, train = _split_probes(samples, seed)
+  _quick_training(index)
   if pca is not None:
     reduced_ids, train = _concatenate(reduced)
     train = train[~np.isin(reduced_ids, probes['ids'])]
-    _quick_training(index)
     faiss_util.faiss().downcast_index(index.index).train(
         np.ascontiguousarray(train[:plan.train_sample]))
     index.is_trained = True
   else:
-    _quick_training(index)
     index.train(np.ascontiguousarray(train[:plan.train_sample]))
   return faiss_util.to_bytes(index)
 
 
 def _quick_training(index) -> None:
   """Ten k-means iterations for the lists and for each PQ sub-quantizer (FAISS's defaults, 25
-  on up to 65k points, take minutes per sub-quantizer count at 1M for no measurable recall)."""
+  on up to 65k points, take minutes per sub-quantizer count at 1M for no measurable recall);
+  no polysemous training (index_factory's default: 30 s for PQ8 on 10k 32-d vectors, for codes
+  this index never compares with each other). Codes of the residuals from the list centroid
+  (better codes) only while FAISS's precomputed tables for them, lists x m x 256 floats, stay
+  under RESIDUAL_TABLES_MAX (they would be 1 GB for the 1M plan): else codes of the vectors,
+  one distance table a query, the candidates being re-ranked from the refine store anyway."""
   faiss = faiss_util.faiss()
-  ivf = faiss.extract_index_ivf(index)
+  ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
   ivf.cp.niter = TRAINING_ITERATIONS
   if isinstance(ivf, faiss.IndexIVFPQ):
     ivf.pq.cp.niter = TRAINING_ITERATIONS
     ivf.pq.cp.max_points_per_centroid = PQ_POINTS_PER_CENTROID
+    ivf.do_polysemous_training = False
+    ivf.by_residual = ivf.nlist * ivf.pq.M * ivf.pq.ksub * 4 <= RESIDUAL_TABLES_MAX
 
 
 class _EncodeShard(beam.DoFn):
-  """A shard's codes, ids and metadata, and the probes' exact neighbours in it, as a piece file
-  (so nothing larger than a shard travels through the runner)."""
+  """The rows of a shard the collection keeps: their codes in inverted lists (IVF plans), their
+  unit vectors in float16, their metadata, and the probes' exact neighbours among them, as piece
+  files (so nothing larger than a shard travels through the runner)."""
 
-  def __init__(self, pieces: str):
+  def __init__(self, pieces: str, kind: str):
     self._pieces = pieces
+    self._kind = kind
 
-  def process(self, ref: ShardRef, trained: bytes, probes: Dict[str, np.ndarray]):
-    if not hasattr(self, '_index'):
-      self._index = faiss_util.from_bytes(trained)
-      self._probe_vectors = unit_rows(probes['vectors_full'])
+  def process(self, ref: ShardRef, trained: bytes, probes: Dict[str, np.ndarray],
+              wanted: Wanted):
+    if not hasattr(self, '_trained'):
+      self._trained = trained
+      self._probe_vectors = unit_rows(probes['vectors'])
     shard = read_shard(ref.path, ref.run)
-    vectors = unit_rows(shard.vectors)
-    rows = np.arange(len(vectors))
+    keep = _kept_rows(ref, shard.uris, wanted)
+    rows = np.flatnonzero(keep)
+    vectors = unit_rows(shard.vectors[keep])
     ids = _ids(ref, rows)
-    codes = self._index.sa_encode(np.ascontiguousarray(vectors))
+    lists = b''
+    if self._kind != 'hnsw':
+      piece = faiss_util.from_bytes(self._trained)  # empty: this shard's lists alone
+      ivf = neighbour_index.ivf_of(piece)
+      if len(ids):
+        ivf.add_sa_codes(piece.sa_encode(np.ascontiguousarray(vectors)), ids)
+      lists = _lists_bytes(ivf.invlists)
     scores = self._probe_vectors @ vectors.T
     scores[probes['ids'][:, None] == ids[None, :]] = -np.inf
-    keep = min(neighbour_index.PROBE_NEIGHBOURS, len(ids))
-    top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep] if keep else np.zeros(
-        (len(scores), 0), np.int64)
-    metadata = shard.metadata.append_column('id', pa.array(ids)).append_column(
-        'shard', pa.array([ref.path] * len(ids), pa.string())).append_column(
-            'row', pa.array(rows, pa.int64()))
-    write_piece(self._pieces, ref, ids, codes, ids[top], np.take_along_axis(scores, top, 1),
-                metadata)
+    keep_best = min(neighbour_index.PROBE_NEIGHBOURS, len(ids))
+    top = np.argpartition(-scores, keep_best - 1, axis=1)[:, :keep_best] if keep_best else (
+        np.zeros((len(scores), 0), np.int64))
+    metadata = shard.metadata.filter(pa.array(keep)).append_column(
+        'id', pa.array(ids)).append_column(
+            'shard', pa.array([ref.path] * len(ids), pa.string())).append_column(
+                'row', pa.array(rows, pa.int64()))
+    write_piece(self._pieces, ref.number, lists, vectors.astype(np.float16), ids[top],
+                np.take_along_axis(scores, top, 1), metadata)
     beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'encoded').inc(len(ids))
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'superseded').inc(int((~keep).sum()))
     yield ref.number
+
+
+def _lists_bytes(lists) -> bytes:
+  faiss = faiss_util.faiss()
+  writer = faiss.VectorIOWriter()
+  faiss.write_InvertedLists(lists, writer)
+  return faiss.vector_to_array(writer.data).tobytes()
 
 
 def _piece_name(pieces: str, number: int, suffix: str) -> str:
   return storage.join(pieces, f'piece-{number:06d}{suffix}')
 
 
-def write_piece(pieces: str, ref: ShardRef, ids, codes, probe_ids, probe_scores,
+def write_piece(pieces: str, number: int, lists: bytes, vectors, probe_ids, probe_scores,
                 metadata: pa.Table) -> None:
-  arrays = io.BytesIO()
-  np.savez(arrays, ids=ids, codes=codes, probe_ids=probe_ids, probe_scores=probe_scores,
-           recency=np.array(ref.recency))
-  with FileSystems.create(_piece_name(pieces, ref.number, '.npz')) as f:
-    f.write(arrays.getvalue())
+  _put(_piece_name(pieces, number, '.npz'), _npz({
+      'vectors': vectors, 'probe_ids': probe_ids, 'probe_scores': probe_scores}))
+  if lists:
+    _put(_piece_name(pieces, number, '.lists'), lists)
   sink = pa.BufferOutputStream()
   pq.write_table(metadata, sink)
-  with FileSystems.create(_piece_name(pieces, ref.number, '.parquet')) as f:
-    f.write(sink.getvalue().to_pybytes())
+  _put(_piece_name(pieces, number, '.parquet'), sink.getvalue().to_pybytes())
 
 
 def read_piece(pieces: str, number: int) -> tuple:
@@ -202,30 +260,26 @@ def read_piece(pieces: str, number: int) -> tuple:
   return dict(arrays), metadata
 
 
-def _probe_inputs(probes: dict) -> dict:
-  return {'ids': probes['ids'], 'vectors_full': probes['vectors']}
-
-
-def _run_pipeline(refs: List[ShardRef], pieces: str, beam_flags: Sequence[str],
-                  train: Optional[dict] = None, trained: Optional[bytes] = None,
+def _run_pipeline(refs: List[ShardRef], pieces: str, beam_flags: Sequence[str], kind: str,
+                  wanted: Wanted, train: Optional[dict] = None, trained: Optional[bytes] = None,
                   probes: Optional[dict] = None) -> tuple:
   """Runs the pipeline; returns (trained index bytes, probes) (for `add`: the ones given)."""
   options = PipelineOptions(list(beam_flags))
-  results = {}
   with beam.Pipeline(options=options) as pipeline:
     shards = pipeline | 'Shards' >> beam.Create(refs) | 'Spread' >> beam.Reshuffle()
+    wanted_side = beam.pvalue.AsSingleton(pipeline | 'Rule' >> beam.Create([wanted]))
     if train is not None:
       plan, dimension, seed = train['plan'], train['dimension'], train['seed']
       samples = (shards
                  | 'SampleForTraining' >> beam.ParDo(_SampleShard(train['fraction'], seed,
-                                                                 pieces))
+                                                                 pieces), wanted_side)
                  | 'Sample' >> beam.combiners.ToList())
       if plan.pca_dimension:
         pca = samples | 'TrainPCA' >> beam.Map(_train_pca, plan, dimension, seed)
         reduced = (shards
                    | 'SampleReduced' >> beam.ParDo(_SampleShard(train['reduced_fraction'],
                                                                 seed + 1, pieces),
-                                                   beam.pvalue.AsSingleton(pca))
+                                                   wanted_side, beam.pvalue.AsSingleton(pca))
                    | 'Reduced' >> beam.combiners.ToList())
         trained_index = samples | 'Train' >> beam.Map(
             _train, beam.pvalue.AsSingleton(reduced), beam.pvalue.AsSingleton(pca), plan,
@@ -238,19 +292,17 @@ def _run_pipeline(refs: List[ShardRef], pieces: str, beam_flags: Sequence[str],
       _ = probe_set | 'KeepProbes' >> beam.Map(lambda p: _put(
           storage.join(pieces, neighbour_index.PROBES_FILE), _npz(p)))
       trained_side = beam.pvalue.AsSingleton(trained_index)
-      probes_side = beam.pvalue.AsSingleton(probe_set | 'ProbeInputs' >> beam.Map(_probe_inputs))
+      probes_side = beam.pvalue.AsSingleton(probe_set)
     else:
       trained_side = beam.pvalue.AsSingleton(pipeline | 'Trained' >> beam.Create([trained]))
-      probes_side = beam.pvalue.AsSingleton(pipeline | 'ProbeSet' >> beam.Create(
-          [_probe_inputs(probes)]))
-    _ = shards | 'EncodeShard' >> beam.ParDo(_EncodeShard(pieces), trained_side, probes_side)
-  if train is not None:
-    results['trained'] = storage.read_bytes(storage.join(pieces, neighbour_index.TRAINED_FILE))
-    results['probes'] = dict(np.load(io.BytesIO(storage.read_bytes(
-        storage.join(pieces, neighbour_index.PROBES_FILE)))))
-  else:
-    results = {'trained': trained, 'probes': probes}
-  return results['trained'], results['probes']
+      probes_side = beam.pvalue.AsSingleton(pipeline | 'ProbeSet' >> beam.Create([probes]))
+    _ = shards | 'EncodeShard' >> beam.ParDo(_EncodeShard(pieces, kind), trained_side,
+                                             probes_side, wanted_side)
+  if train is None:
+    return trained, probes
+  return (storage.read_bytes(storage.join(pieces, neighbour_index.TRAINED_FILE)),
+          dict(np.load(io.BytesIO(storage.read_bytes(
+              storage.join(pieces, neighbour_index.PROBES_FILE))))))
 
 
 def _npz(arrays: dict) -> bytes:
@@ -264,10 +316,9 @@ def _put(path: str, data: bytes) -> None:
     f.write(data)
 
 
-def _set_total(index) -> None:
-  """After codes were added to the IVF inside: every wrapper's count follows."""
+def _set_total(index, total: int) -> None:
+  """After lists were put in the IVF inside: every wrapper's count follows."""
   faiss = faiss_util.faiss()
-  total = faiss_util.faiss().extract_index_ivf(index).ntotal
   while True:
     index = faiss.downcast_index(index)
     index.ntotal = total
@@ -276,48 +327,176 @@ def _set_total(index) -> None:
     index = index.index
 
 
-class _Merged(NamedTuple):
-  ids: pa.Table
-  probe_ids: np.ndarray
-  probe_scores: np.ndarray
+class _BestNeighbours:
+  """The probes' PROBE_NEIGHBOURS best exact neighbours, as pieces come."""
+
+  def __init__(self, ids: np.ndarray, scores: np.ndarray):
+    self.ids, self.scores = ids, scores
+
+  def offer(self, ids: np.ndarray, scores: np.ndarray) -> None:
+    found = np.concatenate([self.ids, ids], axis=1)
+    scores = np.concatenate([self.scores, scores], axis=1)
+    order = np.argsort(-scores, axis=1, kind='stable')[:, :neighbour_index.PROBE_NEIGHBOURS]
+    self.scores = np.take_along_axis(scores, order, 1)
+    self.ids = np.where(np.isfinite(self.scores), np.take_along_axis(found, order, 1), -1)
+
+  def drop(self, removed: np.ndarray) -> None:
+    gone = np.isin(self.ids, removed)
+    self.scores = np.where(gone, -np.inf, self.scores)
+    self.offer(np.zeros((len(self.ids), 0), np.int64), np.zeros((len(self.ids), 0), np.float32))
 
 
-def _merge_pieces(index, pieces: str, refs: List[ShardRef], probes: dict,
-                  skip_uris: Dict[str, int]) -> _Merged:
-  """Adds the pieces' codes to `index`, newest run first, each URI once: a row whose URI is
-  already in `skip_uris` (uri -> recency of the row that holds it) is left out unless newer."""
-  ivf = faiss_util.faiss().extract_index_ivf(index)
-  tables, probe_ids, probe_scores = [], [probes['exact_ids']], [probes['exact_scores']]
-  dropped = []
-  for ref in sorted(refs, key=lambda r: (r.recency, r.number)):
+class _Directory:
+  """The files of an index directory being written: each under a temporary name, renamed when
+  all are complete (a reader never sees half an index); the refine store is appended to."""
+
+  def __init__(self, directory: str, dimension: int, ids_schema: Optional[pa.Schema] = None):
+    """`ids_schema`: the existing ids table's, to append to the refine store (`add`); None
+    for a new index, whose refine store starts empty."""
+    os.makedirs(directory, exist_ok=True)
+    self.directory = directory
+    self.dimension = dimension
+    self._ids_writer = None
+    self._ids_schema = ids_schema
+    path = os.path.join(directory, neighbour_index.VECTORS_FILE)
+    if ids_schema is None or not os.path.exists(path):
+      open(path, 'wb').close()
+    self._vectors = open(path, 'r+b')
+    self.vector_rows = os.path.getsize(path) // (2 * dimension)  # a torn tail is overwritten
+    self._vectors.seek(self.vector_rows * 2 * dimension)
+
+  def temporary(self, name: str) -> str:
+    return os.path.join(self.directory, name + '.tmp')
+
+  def write_ids(self, table: pa.Table) -> None:
+    if self._ids_writer is None:
+      self._ids_schema = self._ids_schema or table.schema
+      self._ids_writer = pq.ParquetWriter(self.temporary(neighbour_index.IDS_FILE),
+                                          self._ids_schema)
+    self._ids_writer.write_table(table.select(self._ids_schema.names).cast(self._ids_schema))
+
+  def append_vectors(self, vectors: np.ndarray) -> np.ndarray:
+    """Writes float16 rows to the refine store; returns their row numbers."""
+    self._vectors.write(np.ascontiguousarray(vectors, np.float16).tobytes())
+    rows = np.arange(self.vector_rows, self.vector_rows + len(vectors), dtype=np.int64)
+    self.vector_rows += len(vectors)
+    return rows
+
+  def finish(self, index, trained: bytes, probes: dict, description: dict) -> None:
+    faiss = faiss_util.faiss()
+    self._vectors.truncate()
+    self._vectors.close()
+    if self._ids_writer is None:
+      raise neighbour_index.IndexError_('the runs hold no vector the collection keeps')
+    self._ids_writer.close()
+    lists = neighbour_index.ivf_lists(index)
+    if lists is not None:  # the lists' file is referred to by its final name
+      lists.filename = os.path.join(self.directory, neighbour_index.IVFDATA_FILE)
+    faiss.write_index(index, self.temporary(neighbour_index.FAISS_FILE))
+    with open(self.temporary(neighbour_index.TRAINED_FILE), 'wb') as f:
+      f.write(trained)
+    with open(self.temporary(neighbour_index.PROBES_FILE), 'wb') as f:
+      f.write(_npz(probes))
+    names = [neighbour_index.IDS_FILE, neighbour_index.TRAINED_FILE,
+             neighbour_index.PROBES_FILE, neighbour_index.FAISS_FILE]
+    if lists is not None:
+      names.insert(0, neighbour_index.IVFDATA_FILE)
+    for name in names:
+      os.replace(self.temporary(name), os.path.join(self.directory, name))
+    neighbour_index.write_json(os.path.join(self.directory, neighbour_index.INDEX_FILE),
+                               description)
+
+
+def _local_lists(pieces: str, number: int, local: str) -> Optional[str]:
+  """The piece's lists file on the local disk (copied there when the pieces are remote)."""
+  path = _piece_name(pieces, number, '.lists')
+  if not storage.is_remote(pieces):
+    return path if os.path.exists(path) else None
+  if not FileSystems.exists(path):
+    return None
+  os.makedirs(local, exist_ok=True)
+  copy = os.path.join(local, os.path.basename(path))
+  with FileSystems.open(path) as source, open(copy, 'wb') as target:
+    shutil.copyfileobj(source, target)
+  return copy
+
+
+def _merge_lists(index, sources: list, directory: _Directory) -> int:
+  """The IVF lists of `sources` (InvertedLists) merged on disk into the index's new lists file;
+  returns the vectors merged."""
+  faiss = faiss_util.faiss()
+  ivf = neighbour_index.ivf_of(index)
+  merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size,
+                                     directory.temporary(neighbour_index.IVFDATA_FILE))
+  pointers = faiss.InvertedListsPtrVector()
+  for lists in sources:
+    pointers.push_back(lists)
+  with neighbour_index.quiet_stdout():
+    total = merged.merge_from_multiple(pointers.data(), pointers.size()) if sources else 0
+  ivf.replace_invlists(merged, True)
+  merged.this.disown()
+  _set_total(index, total)
+  return total
+
+
+def _remove_from_lists(lists, removed: np.ndarray) -> int:
+  """Removes the `removed` ids from on-disk lists; returns how many were there. Not FAISS's
+  remove_ids: on OnDiskInvertedLists it shrinks a list into a slot at the same offset with its
+  ids moved, which garbles them (FAISS 1.15.1); here a list losing entries is emptied, then
+  given its kept entries back in a new slot."""
+  faiss = faiss_util.faiss()
+  removed = np.sort(np.asarray(removed, np.int64))
+  count = 0
+  for number in range(lists.nlist):
+    size = lists.list_size(number)
+    if not size:
+      continue
+    ids = faiss.rev_swig_ptr(lists.get_ids(number), size).copy()
+    keep = ~np.isin(ids, removed, assume_unique=False)
+    if keep.all():
+      continue
+    codes = faiss.rev_swig_ptr(lists.get_codes(number), size * lists.code_size).copy()
+    codes = np.ascontiguousarray(codes.reshape(size, lists.code_size)[keep])
+    ids = np.ascontiguousarray(ids[keep])  # held while FAISS reads them
+    count += size - len(ids)
+    lists.resize(number, 0)
+    if len(ids):
+      lists.add_entries(number, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+  return count
+
+
+def _open_lists(paths: List[str]) -> list:
+  faiss = faiss_util.faiss()
+  return [faiss.read_InvertedLists(faiss.FileIOReader(path), faiss.IO_FLAG_MMAP)
+          for path in paths]
+
+
+def _merge_pieces(index, pieces: str, refs: List[ShardRef], directory: _Directory,
+                  best: List[_BestNeighbours], probe_counts: List[int], kind: str) -> int:
+  """Streams the pieces, in shard (= id) order, into the ids table and the refine store, adds
+  HNSW vectors as they come; returns the vectors added. `best`: the probe sets' neighbours,
+  each set the next probe_counts rows of the pieces' probes."""
+  added = 0
+  for ref in sorted(refs, key=lambda r: r.number):
     arrays, metadata = read_piece(pieces, ref.number)
-    uris = metadata.column('uri').to_pylist()
-    keep = np.array([skip_uris.get(u, len(refs) + 1) > ref.recency for u in uris], bool)
-    skip_uris.update((u, ref.recency) for u, k in zip(uris, keep) if k)
-    if len(arrays['ids']) and keep.any():
-      ivf.add_sa_codes(np.ascontiguousarray(arrays['codes'][keep]), arrays['ids'][keep])
-    dropped.append(arrays['ids'][~keep])
-    tables.append(metadata.filter(pa.array(keep)))
-    probe_ids.append(arrays['probe_ids'])
-    probe_scores.append(arrays['probe_scores'])
-  _set_total(index)
-  ids = pa.concat_tables(tables).sort_by('id') if tables else None
-  scores = np.concatenate(probe_scores, axis=1)
-  found = np.concatenate(probe_ids, axis=1)
-  scores[np.isin(found, np.concatenate(dropped + [np.zeros(0, np.int64)]))] = -np.inf
-  return _Merged(ids, found, scores)
+    rows = directory.append_vectors(arrays['vectors'])
+    if kind == 'hnsw' and len(rows):
+      index.add_with_ids(arrays['vectors'].astype(np.float32), metadata.column('id').to_numpy())
+    if metadata.num_rows:
+      directory.write_ids(metadata.append_column('vector_row', pa.array(rows)))
+    added += metadata.num_rows
+    start = 0
+    for probes, count in zip(best, probe_counts):
+      probes.offer(arrays['probe_ids'][start:start + count],
+                   arrays['probe_scores'][start:start + count])
+      start += count
+  return added
 
 
-def _best_neighbours(found: np.ndarray, scores: np.ndarray) -> tuple:
-  order = np.argsort(-scores, axis=1, kind='stable')[:, :neighbour_index.PROBE_NEIGHBOURS]
-  best_scores = np.take_along_axis(scores, order, 1)
-  best_ids = np.where(np.isfinite(best_scores), np.take_along_axis(found, order, 1), -1)
-  return best_ids, best_scores
-
-
-def _probe_file(probes: dict, best_ids: np.ndarray, best_scores: np.ndarray) -> dict:
-  return {'ids': probes['ids'], 'vectors': probes['vectors'], 'exact_ids': best_ids,
-          'exact_scores': best_scores}
+def _lists_of_pieces(pieces: str, refs: List[ShardRef], directory: str) -> list:
+  local = os.path.join(directory, PIECES_DIR + '-lists')
+  paths = [p for p in (_local_lists(pieces, r.number, local) for r in refs) if p]
+  return _open_lists(paths)
 
 
 def _covered(refs: List[ShardRef], runs: Sequence[Run]) -> List[dict]:
@@ -330,25 +509,9 @@ def _covered(refs: List[ShardRef], runs: Sequence[Run]) -> List[dict]:
   return covered
 
 
-def _write_directory(directory: str, index, trained: bytes, ids: pa.Table, probes: dict,
-                     description: dict) -> None:
-  """Every file under a temporary name first, then renamed: a reader never sees half an index."""
-  faiss = faiss_util.faiss()
-  os.makedirs(directory, exist_ok=True)
-  final = {neighbour_index.FAISS_FILE: None, neighbour_index.TRAINED_FILE: None,
-           neighbour_index.IDS_FILE: None, neighbour_index.PROBES_FILE: None}
-  faiss.write_index(index, os.path.join(directory, neighbour_index.FAISS_FILE + '.tmp'))
-  with open(os.path.join(directory, neighbour_index.TRAINED_FILE + '.tmp'), 'wb') as f:
-    f.write(trained)
-  pq.write_table(ids, os.path.join(directory, neighbour_index.IDS_FILE + '.tmp'))
-  with open(os.path.join(directory, neighbour_index.PROBES_FILE + '.tmp'), 'wb') as f:
-    f.write(_npz(probes))
-  for name in final:
-    os.replace(os.path.join(directory, name + '.tmp'), os.path.join(directory, name))
-  neighbour_index.write_json(os.path.join(directory, neighbour_index.INDEX_FILE), description)
-
-
-def _count_vectors(runs: Sequence[Run]) -> int:
+def _count_vectors(runs: Sequence[Run], wanted: Wanted) -> int:
+  if wanted is not None:
+    return sum(len(uris) for uris in wanted.values())
   return sum(run.summary.embedded for run in runs)
 
 
@@ -361,7 +524,7 @@ def _pieces_location(directory: str, beam_flags: Sequence[str]) -> str:
   return os.path.join(directory, PIECES_DIR)
 
 
-def _remove_pieces(pieces: str) -> None:
+def _remove_pieces(pieces: str, directory: str) -> None:
   if storage.is_remote(pieces):
     matched = [m.path for r in FileSystems.match([storage.join(pieces, '*')])
                for m in r.metadata_list]
@@ -369,47 +532,132 @@ def _remove_pieces(pieces: str) -> None:
       FileSystems.delete(matched)
   else:
     shutil.rmtree(pieces, ignore_errors=True)
+  shutil.rmtree(os.path.join(directory, PIECES_DIR + '-lists'), ignore_errors=True)
+
+
+def _no_neighbours(count: int) -> _BestNeighbours:
+  return _BestNeighbours(np.zeros((count, 0), np.int64), np.zeros((count, 0), np.float32))
+
+
+def _health(index, plan: dict, probe_file: dict) -> dict:
+  return {'probe_recall_at_10': neighbour_index.probe_recall(index, probe_file, plan,
+                                                             plan['nprobe']),
+          'list_imbalance': neighbour_index.list_imbalance(index)}
 
 
 def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: int,
                 beam_flags: Sequence[str]) -> dict:
   """Builds a new index over `runs` (one model, newest first) into `directory`."""
   dimension = runs[0].embedding_size
-  count = _count_vectors(runs)
+  wanted = collection_rule(runs)
+  count = _count_vectors(runs, wanted)
   plan = neighbour_index.choose_plan(count, dimension, memory_budget)
   _LOG.info('index plan for %d vectors: %s', count, plan)
   refs = shard_refs(runs)
   pieces = _pieces_location(directory, beam_flags)
   first_sample = neighbour_index.PCA_SAMPLE if plan.pca_dimension else plan.train_sample
+  first_sample = max(first_sample, 20 * neighbour_index.PROBES)  # probes: a tenth at most
   train = {'plan': plan, 'dimension': dimension, 'seed': seed,
            'fraction': min(1.0, (first_sample + neighbour_index.PROBES) * 1.2 / max(count, 1)),
            'reduced_fraction': min(1.0, plan.train_sample * 1.2 / max(count, 1))}
-  trained, probes = _run_pipeline(refs, pieces, beam_flags, train=train)
+  trained, probes = _run_pipeline(refs, pieces, beam_flags, plan.kind, wanted, train=train)
   index = faiss_util.from_bytes(trained)
-  empty = {'exact_ids': np.zeros((len(probes['ids']), 0), np.int64),
-           'exact_scores': np.zeros((len(probes['ids']), 0), np.float32)}
-  merged = _merge_pieces(index, pieces, refs, dict(probes, **empty), {})
-  best_ids, best_scores = _best_neighbours(merged.probe_ids, merged.probe_scores)
-  probe_file = _probe_file(probes, best_ids, best_scores)
-  recall = neighbour_index.probe_recall(index, probe_file, plan.nprobe)
+  output = _Directory(directory, dimension)
+  best = _no_neighbours(len(probes['ids']))
+  _merge_pieces(index, pieces, refs, output, [best], [len(probes['ids'])], plan.kind)
+  if plan.kind != 'hnsw':
+    sources = _lists_of_pieces(pieces, refs, directory)
+    _merge_lists(index, sources, output)
+    del sources
+  probe_file = {'ids': probes['ids'], 'vectors': probes['vectors'], 'exact_ids': best.ids,
+                'exact_scores': best.scores}
+  health = _health(index, plan.to_json(), probe_file)
   description = {
       'format_version': neighbour_index.FORMAT_VERSION, 'directory': directory,
       'model': runs[0].model, 'embedding_size': dimension, 'metric': 'cosine (L2 on unit rows)',
       'plan': plan.to_json(), 'count': index.ntotal, 'runs': _covered(refs, runs),
-      'next_shard': len(refs), 'probes': len(probes['ids']), 'probe_recall_at_10': recall,
+      'next_shard': len(refs), 'probes': len(probes['ids']),
+      'probe_recall_at_10': health['probe_recall_at_10'],
+      'list_imbalance': health['list_imbalance'], 'build': health,
       'built_at': neighbour_index.utc_now(), 'faiss_version': faiss_util.faiss().__version__,
       'seed': seed, 'memory_budget': memory_budget,
   }
-  _write_directory(directory, index, trained, merged.ids, probe_file, description)
-  _remove_pieces(pieces)
+  output.finish(index, trained, probe_file, description)
+  _remove_pieces(pieces, directory)
   return description
 
 
-def add_runs(directory: str, description: dict, runs: Sequence[Run], min_recall: float,
+def _added_run_probes(new: Sequence[Run], refs: List[ShardRef], wanted: Wanted,
+                      seed: int) -> dict:
+  """Up to PROBES_PER_ADDED_RUN vectors the collection keeps from each added run (a tenth of
+  them when fewer than 1,000), drawn uniformly: the URI columns say which rows are kept, then
+  only the row groups holding the chosen rows are read."""
+  rng = np.random.default_rng(seed)
+  ids, vectors = [], []
+  for run in new:
+    candidates = []  # (ref, kept row positions)
+    for ref in (r for r in refs if r.run == run.path):
+      uris = read_shard(ref.path, ref.run, ['uri']).uris
+      candidates.append((ref, np.flatnonzero(_kept_rows(ref, uris, wanted))))
+    kept = sum(len(rows) for _, rows in candidates)
+    chosen = np.sort(rng.permutation(kept)[:min(neighbour_index.PROBES_PER_ADDED_RUN,
+                                                kept // 10)])
+    start = 0
+    for ref, rows in candidates:
+      mine = rows[chosen[(chosen >= start) & (chosen < start + len(rows))] - start]
+      start += len(rows)
+      if len(mine):
+        ids.append(_ids(ref, mine))
+        vectors.append(unit_rows(faiss_util.read_rows(ref.path, mine)))
+  dimension = new[0].embedding_size
+  return {'ids': np.concatenate(ids) if ids else np.zeros(0, np.int64),
+          'vectors': np.concatenate(vectors) if vectors else np.zeros((0, dimension),
+                                                                      np.float32)}
+
+
+class _OldRows(NamedTuple):
+  removed: np.ndarray  # ids the collection no longer keeps
+  kept_ids: np.ndarray  # for an HNSW rebuild: the kept ids, and their rows in the refine store
+  kept_vector_rows: np.ndarray
+
+
+def _copy_old_rows(directory: str, wanted: Wanted, output: _Directory, hnsw: bool) -> _OldRows:
+  """Streams the old ids table into the new one, leaving out the rows the collection no longer
+  keeps."""
+  table = pq.ParquetFile(os.path.join(directory, neighbour_index.IDS_FILE))
+  removed, kept_ids, kept_rows = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [
+      np.zeros(0, np.int64)]
+  for batch in table.iter_batches(batch_size=65_536):
+    runs = batch.column('run').to_pylist()
+    keep = np.array([wanted is None or u in wanted.get(r, ())
+                     for u, r in zip(batch.column('uri').to_pylist(), runs)], bool)
+    ids = batch.column('id').to_numpy()
+    removed.append(ids[~keep])
+    kept = pa.Table.from_batches([batch]).filter(pa.array(keep))
+    if kept.num_rows:
+      output.write_ids(kept)
+      if hnsw:
+        kept_ids.append(ids[keep])
+        kept_rows.append(kept.column('vector_row').to_numpy())
+  return _OldRows(np.concatenate(removed), np.concatenate(kept_ids), np.concatenate(kept_rows))
+
+
+def _rebuild_hnsw(index, old: _OldRows, stored: np.ndarray) -> None:
+  """Adds the kept old vectors to a new HNSW graph, from the refine store, HNSW_ADD_ROWS at a
+  time (HNSW cannot remove a vector)."""
+  for start in range(0, len(old.kept_ids), HNSW_ADD_ROWS):
+    part = slice(start, start + HNSW_ADD_ROWS)
+    index.add_with_ids(np.asarray(stored[old.kept_vector_rows[part]], np.float32),
+                       old.kept_ids[part])
+
+
+def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop: float,
              beam_flags: Sequence[str]) -> dict:
-  """Adds runs newer than (or beside) the index's, without retraining; URIs embedded again take
-  the newer vector."""
+  """Adds runs to the index without retraining, following the collection's rule over the old
+  and new runs together: a URI a newer run embedded again takes the newer vector, one a newer
+  run did not match (deleted) or failed on has none."""
   model = description['model']
+  plan = description['plan']
   other = [r for r in runs if r.model != model or r.embedding_size != description[
       'embedding_size']]
   if other:
@@ -422,55 +670,73 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], min_recall:
       print(f'{run.path}: already in the index, left as is')
   if not new:
     raise neighbour_index.IndexError_('no run to add: every run given is already in the index')
+  every_run = find_runs(sorted(covered) + [r.path for r in new])
+  wanted = vector_sources(every_run)
   refs = shard_refs(new, description['next_shard'])
-  faiss = faiss_util.faiss()
   with open(os.path.join(directory, neighbour_index.TRAINED_FILE), 'rb') as f:
     trained = f.read()
   probes = dict(np.load(os.path.join(directory, neighbour_index.PROBES_FILE)))
+  added_probes = _added_run_probes(new, refs, wanted, description['seed'] + len(description[
+      'runs']))
+  all_probes = {'ids': np.concatenate([probes['ids'], added_probes['ids']]),
+                'vectors': np.concatenate([probes['vectors'],
+                                           added_probes['vectors']]).astype(np.float32)}
   pieces = _pieces_location(directory, beam_flags)
-  _run_pipeline(refs, pieces, beam_flags, trained=trained, probes=probes)
-  index = faiss.read_index(os.path.join(directory, neighbour_index.FAISS_FILE))
-  old_ids = pq.read_table(os.path.join(directory, neighbour_index.IDS_FILE))
-  finished = {c['path']: c['finished_at'] for c in description['runs']}
-  for run in new:
-    finished[run.path] = run.finished_at.isoformat()
-  # Recency among old and new runs together: a new run older than the run holding a URI does
-  # not replace that URI's vector.
-  order = sorted(finished, key=lambda p: finished[p], reverse=True)
-  rank = {path: number for number, path in enumerate(order)}
-  refs = [r._replace(recency=rank[r.run]) for r in refs]
-  holders = dict(zip(old_ids.column('uri').to_pylist(),
-                     (rank[p] for p in old_ids.column('run').to_pylist())))
-  merged = _merge_pieces(index, pieces, refs, probes, holders)
-  new_uris = set(merged.ids.column('uri').to_pylist())
-  replaced_mask = np.array([u in new_uris for u in old_ids.column('uri').to_pylist()], bool)
-  replaced_ids = old_ids.column('id').to_numpy()[replaced_mask]
-  if len(replaced_ids):
-    faiss.extract_index_ivf(index).remove_ids(faiss.IDSelectorBatch(replaced_ids))
-    _set_total(index)
-  ids = pa.concat_tables([old_ids.filter(pa.array(~replaced_mask)),
-                          merged.ids.select(old_ids.column_names)]).sort_by('id')
-  scores = merged.probe_scores
-  scores[np.isin(merged.probe_ids, replaced_ids)] = -np.inf
-  best_ids, best_scores = _best_neighbours(merged.probe_ids, scores)
-  probe_ids = probes['ids'].copy()
-  replaced_uris = dict(zip(old_ids.column('id').to_numpy()[replaced_mask].tolist(),
-                           old_ids.column('uri').to_numpy(zero_copy_only=False)[replaced_mask]))
-  new_id_of = dict(zip(merged.ids.column('uri').to_pylist(),
-                       merged.ids.column('id').to_pylist()))
-  for number, probe in enumerate(probe_ids):
-    if int(probe) in replaced_uris:
-      probe_ids[number] = new_id_of[replaced_uris[int(probe)]]
-  probe_file = _probe_file(dict(probes, ids=probe_ids), best_ids, best_scores)
-  recall = neighbour_index.probe_recall(index, probe_file, description['plan']['nprobe'])
+  _run_pipeline(refs, pieces, beam_flags, plan['kind'], wanted, trained=trained,
+                probes=all_probes)
+  output = _Directory(directory, description['embedding_size'],
+                      pq.read_schema(os.path.join(directory, neighbour_index.IDS_FILE)))
+  index = faiss_util.from_bytes(trained)
+  old_rows = _copy_old_rows(directory, wanted, output, plan['kind'] == 'hnsw')
+  if plan['kind'] == 'hnsw':
+    _rebuild_hnsw(index, old_rows, neighbour_index.open_vectors(
+        directory, description['embedding_size']))
+  best = _BestNeighbours(probes['exact_ids'], probes['exact_scores'])
+  new_best = _no_neighbours(len(added_probes['ids']))
+  added = _merge_pieces(index, pieces, refs, output, [best, new_best],
+                         [len(probes['ids']), len(added_probes['ids'])], plan['kind'])
+  removed = old_rows.removed
+  if plan['kind'] != 'hnsw':
+    old = neighbour_index.read_index(directory, plan['kind'])
+    sources = [neighbour_index.ivf_lists(old)] + _lists_of_pieces(pieces, refs, directory)
+    _merge_lists(index, sources, output)
+    del sources, old
+    if len(removed):
+      _set_total(index, neighbour_index.ivf_of(index).ntotal - _remove_from_lists(
+          neighbour_index.ivf_lists(index), removed))
+  best.drop(removed)
+  alive = ~np.isin(probes['ids'], removed)  # a probe whose vector left the collection goes
+  probe_file = {'ids': probes['ids'][alive], 'vectors': probes['vectors'][alive],
+                'exact_ids': best.ids[alive], 'exact_scores': best.scores[alive]}
+  health = _health(index, plan, probe_file)
+  added_range = (neighbour_index.shard_id_base(description['next_shard']),
+                 neighbour_index.shard_id_base(description['next_shard'] + len(refs)))
+  added_recall = neighbour_index.probe_recall(
+      index, {'ids': added_probes['ids'], 'vectors': added_probes['vectors'],
+              'exact_ids': new_best.ids}, plan, plan['nprobe'], added_range)
+  build = description['build']
+  reasons = []
+  for name, recall in (('the build\'s probes', health['probe_recall_at_10']),
+                       ('the added runs\' probes', added_recall)):
+    if recall < build['probe_recall_at_10'] - recall_drop:
+      reasons.append(f'recall@10 on {name} {recall:.3f}, below the build\'s '
+                     f'{build["probe_recall_at_10"]:.3f} by more than {recall_drop}')
+  if health['list_imbalance'] and health['list_imbalance'] > IMBALANCE_GROWTH * build[
+      'list_imbalance']:
+    reasons.append(f'list imbalance {health["list_imbalance"]:.2f}, over {IMBALANCE_GROWTH}x '
+                   f'the build\'s {build["list_imbalance"]:.2f}')
   description = dict(description)
   description.update({
       'count': index.ntotal, 'runs': description['runs'] + _covered(refs, new),
-      'next_shard': description['next_shard'] + len(refs), 'probe_recall_at_10': recall,
+      'next_shard': description['next_shard'] + len(refs), 'probes': len(probe_file['ids']),
+      'probe_recall_at_10': health['probe_recall_at_10'],
+      'list_imbalance': health['list_imbalance'],
       'last_add': {'at': neighbour_index.utc_now(), 'runs': [r.path for r in new],
-                   'added': merged.ids.num_rows, 'replaced': int(len(replaced_ids)),
-                   'min_recall': min_recall, 'rebuild': bool(recall < min_recall)},
+                   'added': added, 'removed': int(len(removed)),
+                   'added_probes': len(added_probes['ids']),
+                   'added_probe_recall_at_10': added_recall, 'recall_drop': recall_drop,
+                   'rebuild': reasons},
   })
-  _write_directory(directory, index, trained, ids, probe_file, description)
-  _remove_pieces(pieces)
+  output.finish(index, trained, probe_file, description)
+  _remove_pieces(pieces, directory)
   return description

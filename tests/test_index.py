@@ -1,5 +1,6 @@
 """The FAISS neighbour index: build, query, add (replacing URIs embedded again), model refusal,
-and float16 runs read back as float32."""
+and float16 runs read back as float32. Its plans, refine store, health checks and the
+collection's rule: tests/test_index_plans.py."""
 
 import json
 import os
@@ -66,6 +67,8 @@ def test_index_directory_records_model_runs_plan_and_maps_ids_to_uris(tmp_path):
   for position, vector in zip(positions, stored):
     uri = ids.column('uri')[int(position)].as_py()
     np.testing.assert_array_equal(vector, collection.vectors[collection.uris.index(uri)])
+  refined = index.refine_vectors(ids.column('id').to_numpy()[[5, 250]])
+  np.testing.assert_allclose(refined, unit_rows(stored), atol=1e-3)
 
 
 def test_add_appends_new_vectors_and_replaces_uris_embedded_again(tmp_path):
@@ -77,7 +80,7 @@ def test_add_appends_new_vectors_and_replaces_uris_embedded_again(tmp_path):
                                clusters=4, shard_rows=200, first_row=300,
                                finished_at='2026-01-02T00:00:00Z')
   description = index_command.main(['add', '--index', directory, '--runs', second.directory])
-  assert description['last_add']['replaced'] == 100 and description['last_add']['added'] == 200
+  assert description['last_add']['removed'] == 100 and description['last_add']['added'] == 200
   index = neighbour_index.NeighbourIndex(directory)
   assert index.count == 500
   uris = index.ids.column('uri').to_pylist()
@@ -125,15 +128,18 @@ def test_rerank_rescores_candidates_with_the_stored_vectors(tmp_path):
   assert found[0].score == pytest.approx(float(exact), abs=1e-6)
 
 
-@pytest.mark.parametrize('count, budget, kind', [
-    (5_000, 4e9, 'exhaustive'), (100_000, 4e9, 'ivf_flat'), (1_000_000, 4e9, 'ivf_pq'),
-    (100_000_000, 15e9, 'ivf_pq')])
-def test_plan_follows_size_and_memory_budget(count, budget, kind):
+@pytest.mark.parametrize('count, budget, kind, factory', [
+    (5_000, 4e9, 'exhaustive', 'IVF1,Flat'), (100_000, 4e9, 'hnsw', 'HNSW32,Flat'),
+    (227_000, 4e9, 'hnsw', 'HNSW32,Flat'), (240_000, 4e9, 'ivf_pq', 'IVF2048_HNSW32,PQ256'),
+    (1_000_000, 4e9, 'ivf_pq', 'IVF4096_HNSW32,PQ256'),
+    (100_000_000, 15e9, 'ivf_pq', 'IVF32768_HNSW32,PQ128'), (20_000, 1e6, 'ivf_pq', 'IVF512,PQ16')])
+def test_plan_is_hnsw_while_it_fits_then_the_largest_product_code_that_fits(count, budget, kind,
+                                                                            factory):
+  """As autofaiss plans (issue 28): HNSW while vectors and graph fit the budget, then IVF-PQ
+  with the largest code that fits, its quantizer an HNSW graph from 1,024 lists on."""
   plan = neighbour_index.choose_plan(count, 4320, int(budget))
-  assert plan.kind == kind
+  assert (plan.kind, plan.factory) == (kind, factory)
   assert count * plan.bytes_per_vector <= budget or kind == 'exhaustive'
-  if count == 1_000_000:
-    assert plan.bytes_per_vector <= 100
 
 
 def test_a_budget_too_small_for_any_index_is_refused(tmp_path, capsys):
@@ -177,7 +183,7 @@ def test_a_collection_over_the_budget_gets_a_pca_and_product_codes_and_keeps_its
   import faiss
   run = write_synthetic_run(str(tmp_path / 'run1'), 10_500, seed=4, dimension=32, clusters=40,
                             shard_rows=1500)
-  directory = _build(tmp_path, [run.directory], memory_budget='200KB')
+  directory = _build(tmp_path, [run.directory], memory_budget='250KB')
   index = neighbour_index.NeighbourIndex(directory)
   plan = index.description['plan']
   assert (plan['kind'], plan['pca_dimension'], index.count) == ('ivf_pq', 32, 10_500)
@@ -185,8 +191,9 @@ def test_a_collection_over_the_budget_gets_a_pca_and_product_codes_and_keeps_its
   projection = faiss.downcast_VectorTransform(faiss.downcast_index(read).chain.at(0))
   assert type(projection).__name__ == 'LinearTransform'
   assert sorted(os.listdir(directory)) == sorted([
-      neighbour_index.INDEX_FILE, neighbour_index.FAISS_FILE, neighbour_index.TRAINED_FILE,
-      neighbour_index.IDS_FILE, neighbour_index.PROBES_FILE])
+      neighbour_index.INDEX_FILE, neighbour_index.FAISS_FILE, neighbour_index.IVFDATA_FILE,
+      neighbour_index.TRAINED_FILE, neighbour_index.IDS_FILE, neighbour_index.VECTORS_FILE,
+      neighbour_index.PROBES_FILE])
   collection = embeddings.load(run.directory)
   queries = collection.vectors[::500]
   found = index.search(queries, 10, rerank=100)

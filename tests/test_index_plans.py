@@ -1,0 +1,228 @@
+"""The neighbour index's plans (HNSW, IVF-PQ), its lists merged on disk and memory-mapped without
+prefetch threads, its refine store, its health check on `add`, the collection's rule (deleted
+and failed files have no vector) and the benchmark's recall (issues 26 and 28)."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import embeddings
+from benchmarks import bench_index
+from benchmarks.synthetic_collection import uri_of, write_synthetic_run
+from embeddings import index as index_command, neighbour_index, neighbours
+from embeddings.similarity import unit_rows
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs')
+PQ_ROWS = 10_500  # above EXHAUSTIVE_BELOW
+PQ_DIMENSION = 32
+
+
+def _build(directory: str, runs, *flags) -> str:
+  index_command.main(['build', '--runs', *runs, '--output', directory, *flags])
+  return directory
+
+
+def _exact_top(collection, queries: np.ndarray, k: int, skip_first: bool = False) -> list:
+  scores = unit_rows(queries) @ unit_rows(collection.vectors).T
+  start = 1 if skip_first else 0
+  return [[collection.uris[i] for i in np.argsort(-row, kind='stable')[start:k + start]]
+          for row in scores]
+
+
+def _recall(found, truth) -> float:
+  return float(np.mean([len({n.uri for n in row} & set(t)) / len(t)
+                        for row, t in zip(found, truth)]))
+
+
+@pytest.fixture(scope='module')
+def pq_index(tmp_path_factory):
+  """An IVF-PQ index over 10,500 32-d vectors (a budget too small for HNSW) and its run."""
+  root = tmp_path_factory.mktemp('pq')
+  run = write_synthetic_run(str(root / 'night1'), PQ_ROWS, seed=4, dimension=PQ_DIMENSION,
+                            clusters=40, shard_rows=1500, finished_at='2026-01-01T00:00:00Z')
+  return run, _build(str(root / 'index'), [run.directory], '--memory_budget', '250KB')
+
+
+def test_memory_mapped_lists_are_on_disk_beside_the_index_without_prefetch_threads(pq_index,
+                                                                                 tmp_path):
+  import faiss
+  run, directory = pq_index
+  index = neighbour_index.NeighbourIndex(directory)
+  assert index.description['plan']['kind'] == 'ivf_pq'
+  lists = neighbour_index.ivf_lists(index.index)
+  assert isinstance(lists, faiss.OnDiskInvertedLists)
+  assert lists.prefetch_nthread == 0
+  assert lists.filename.endswith(neighbour_index.IVFDATA_FILE)
+  assert index.count == PQ_ROWS == index.description['count']
+
+
+def test_collections_that_fit_get_hnsw_with_exact_scores_and_add_rebuilds_its_graph(tmp_path):
+  night1 = write_synthetic_run(str(tmp_path / 'night1'), PQ_ROWS, seed=5,
+                               dimension=PQ_DIMENSION, clusters=30, shard_rows=3000,
+                               finished_at='2026-01-01T00:00:00Z')
+  directory = _build(str(tmp_path / 'index'), [night1.directory])
+  index = neighbour_index.NeighbourIndex(directory)
+  assert (index.kind, index.description['plan']['factory']) == ('hnsw', 'HNSW32,Flat')
+  collection = embeddings.load(night1.directory)
+  queries = collection.vectors[::700]
+  found = index.search(queries, 10)
+  assert _recall(found, _exact_top(collection, queries, 10)) >= 0.98
+  best = unit_rows(collection.vectors[[collection.uris.index(found[1][0].uri)]])[0]
+  assert found[1][0].score == pytest.approx(float(best @ unit_rows(queries[1:2])[0]), abs=1e-5)
+  assert index.exact_scores(10, 0) and index.description['probe_recall_at_10'] >= 0.98
+  # Night 2 re-embeds rows 10,000.. with other vectors and adds 1,000 more.
+  night2 = write_synthetic_run(str(tmp_path / 'night2'), 1500, seed=6, dimension=PQ_DIMENSION,
+                               clusters=30, first_row=10_000,
+                               finished_at='2026-01-02T00:00:00Z')
+  description = index_command.main(['add', '--index', directory, '--runs', night2.directory])
+  assert (description['last_add']['added'], description['last_add']['removed']) == (1500, 500)
+  index = neighbour_index.NeighbourIndex(directory)
+  latest = embeddings.load([night1.directory, night2.directory])
+  assert index.count == len(latest.uris) == 11_500
+  assert sorted(index.ids.column('uri').to_pylist()) == sorted(latest.uris)
+  query = latest.vectors[[latest.uris.index(uri_of(10_200))]]
+  assert index.search(query, 1)[0][0].uri == uri_of(10_200)
+
+
+def test_rerank_reads_the_refine_store_not_the_runs(pq_index, tmp_path):
+  """The candidates are rescored from vectors.f16 beside the index: the runs can be gone."""
+  run, directory = pq_index
+  collection = embeddings.load(run.directory)
+  queries = collection.vectors[::500]
+  truth = _exact_top(collection, queries, 10, skip_first=True)
+  moved = str(tmp_path / 'moved')
+  os.rename(run.directory, moved)
+  try:
+    index = neighbour_index.NeighbourIndex(directory)
+    found = index.search(queries, 10, rerank=100,
+                         exclude_uris=[[collection.uris[i]] for i in range(0, PQ_ROWS, 500)])
+  finally:
+    os.rename(moved, run.directory)
+  assert _recall(found, truth) >= 0.9
+  first = unit_rows(collection.vectors[[collection.uris.index(found[0][0].uri)]])[0]
+  assert found[0][0].score == pytest.approx(float(first @ unit_rows(queries[:1])[0]), abs=2e-3)
+  assert index.exact_scores(10, 100) and not index.exact_scores(10, 0)
+
+
+def test_approximate_scores_are_labelled_and_nprobe_is_a_flag(pq_index, capsys):
+  run, directory = pq_index
+  index = neighbour_index.NeighbourIndex(directory)
+  collection = embeddings.load(run.directory)
+  query = neighbours.Query(collection.uris[7], collection.vectors[7], None, 'embedded',
+                           collection.uris[7])
+  approximate = index.search(collection.vectors[7], 5, rerank=0)[0]
+  table = neighbours.format_table(query, approximate, index.exact_scores(5, 0))
+  assert '~cosine' in table.splitlines()[1] and 'approximate' in table.splitlines()[-1]
+  assert '~cosine' not in neighbours.format_table(query, approximate)
+  # Every list searched, then re-ranked: exact search's answer.
+  lists = index.description['plan']['lists']
+  every = index.search(collection.vectors[:5], 10, rerank=200, nprobe=lists)
+  assert _recall(every, _exact_top(collection, collection.vectors[:5], 10)) == 1.0
+  for bad in (['--index', directory, '--nprobe', '0'], ['--runs', run.directory, '--nprobe', '4']):
+    with pytest.raises(SystemExit) as refused:
+      neighbours.main([*bad, '--query', collection.uris[0]])
+    assert refused.value.code == 2
+  assert '--nprobe' in capsys.readouterr().err
+
+
+def test_add_checks_its_health_against_the_build_with_probes_of_each_added_run(pq_index,
+                                                                               tmp_path):
+  import shutil
+  run, built = pq_index
+  directory = str(tmp_path / 'index')
+  shutil.copytree(built, directory)
+  build = neighbour_index.read_description(directory)['build']
+  assert build['list_imbalance'] >= 1.0
+  same = write_synthetic_run(str(tmp_path / 'night2'), 2_000, seed=4, dimension=PQ_DIMENSION,
+                             clusters=40, first_row=PQ_ROWS, finished_at='2026-01-02T00:00:00Z')
+  description = index_command.main(['add', '--index', directory, '--runs', same.directory])
+  last = description['last_add']
+  assert last['added_probes'] == 100 and last['added_probe_recall_at_10'] > 0.6
+  assert last['rebuild'] == [] and description['list_imbalance'] >= 1.0
+  # Another collection altogether: all of it lands in a few of the lists trained on the first.
+  drift = write_synthetic_run(str(tmp_path / 'night3'), 6_000, seed=99, dimension=PQ_DIMENSION,
+                              clusters=3, first_row=20_000, finished_at='2026-01-03T00:00:00Z')
+  description = index_command.main(['add', '--index', directory, '--runs', drift.directory])
+  assert description['last_add']['rebuild'], description['last_add']
+  assert 'rebuild the index' in index_command.summary_line(description)
+
+
+def test_build_on_two_workers_merges_the_same_index(tmp_path):
+  run = write_synthetic_run(str(tmp_path / 'run1'), 900, seed=11, dimension=24, clusters=5,
+                            shard_rows=200)
+  alone = _build(str(tmp_path / 'alone'), [run.directory])
+  pair = _build(str(tmp_path / 'pair'), [run.directory],
+                '--direct_running_mode=multi_processing', '--direct_num_workers=2')
+  one, two = neighbour_index.NeighbourIndex(alone), neighbour_index.NeighbourIndex(pair)
+  assert one.ids.column('id').equals(two.ids.column('id')) and two.count == 900
+  assert one.ids.column('uri').equals(two.ids.column('uri'))
+  queries = embeddings.load(run.directory).vectors[::90]
+  assert ([[n.uri for n in row] for row in one.search(queries, 10)] ==
+          [[n.uri for n in row] for row in two.search(queries, 10)])
+  assert not os.path.exists(os.path.join(pair, '.pieces'))
+
+
+def _fail_in_index(run_directory: str, uri: str) -> None:
+  """Rewrites the run's index row of `uri` as a decode failure (its shard row stays)."""
+  for name in os.listdir(run_directory):
+    if name.startswith('index-'):
+      path = os.path.join(run_directory, name)
+      table = pq.read_table(path)
+      outcomes = [('decode' if u == uri else o) for u, o in zip(
+          table.column('uri').to_pylist(), table.column('outcome').to_pylist())]
+      position = table.schema.get_field_index('outcome')
+      table = table.set_column(position, table.schema.field('outcome'),
+                               pa.array(outcomes, table.schema.field('outcome').type))
+      pq.write_table(table, path)
+
+
+def test_the_index_follows_loads_rule_deleted_and_failed_files_have_no_vector(tmp_path):
+  """Issue 26 item 1: night 2 lists the same inputs, five files deleted and one failing to
+  decode; `build` over both nights and `add` of night 2 hold what `load` holds."""
+  night1 = write_synthetic_run(str(tmp_path / 'night1'), 400, seed=1, dimension=32, clusters=4,
+                               shard_rows=150, finished_at='2026-01-01T00:00:00Z')
+  night2 = write_synthetic_run(str(tmp_path / 'night2'), 395, seed=2, dimension=32, clusters=4,
+                               shard_rows=150, finished_at='2026-01-02T00:00:00Z')
+  _fail_in_index(night2.directory, uri_of(10))
+  latest = embeddings.load([night1.directory, night2.directory])
+  gone = {uri_of(n) for n in (10, 395, 396, 397, 398, 399)}
+  assert not gone & set(latest.uris) and len(latest.uris) == 394
+  both = _build(str(tmp_path / 'both'), [night1.directory, night2.directory])
+  added = _build(str(tmp_path / 'added'), [night1.directory])
+  index_command.main(['add', '--index', added, '--runs', night2.directory])
+  for directory in (both, added):
+    index = neighbour_index.NeighbourIndex(directory)
+    assert index.count == 394 and sorted(index.ids.column('uri').to_pylist()) == sorted(
+        latest.uris)
+    found = index.search(latest.vectors, 10)
+    assert not gone & {n.uri for row in found for n in row}
+    assert [row[0].uri for row in found] == latest.uris  # each vector is the newest run's
+  assert neighbour_index.read_description(both)['probe_recall_at_10'] == 1.0
+  assert neighbour_index.read_description(added)['last_add']['added_probe_recall_at_10'] == 1.0
+
+
+def test_probe_count_is_what_the_docs_say(tmp_path):
+  """Issue 26 item 9: up to 100 probe vectors, a tenth of a collection below 1,000."""
+  run = write_synthetic_run(str(tmp_path / 'run1'), 320, seed=12, dimension=16, clusters=3)
+  description = _build(str(tmp_path / 'index'), [run.directory])
+  with open(os.path.join(description, neighbour_index.INDEX_FILE)) as f:
+    assert json.load(f)['probes'] == 32
+  with open(os.path.join(DOCS, 'using-embeddings.md')) as f:
+    text = ' '.join(f.read().split())
+  assert ('up to 100 vectors held back from training (a tenth of the vectors below 1,000)'
+          in text)
+
+
+def test_the_benchmark_leaves_the_query_out_of_truth_and_results_alike(tmp_path, capsys):
+  """Issue 28 item 1: an exhaustive index is exact search, so its recall is 1.000, not 0.9."""
+  run = write_synthetic_run(str(tmp_path / 'run1'), 700, seed=13, dimension=24, clusters=4)
+  directory = _build(str(tmp_path / 'index'), [run.directory])  # here, not in a subprocess
+  capsys.readouterr()
+  bench_index.main(['--runs', run.directory, '--index', directory, '--queries', '20'])
+  this, plain = capsys.readouterr().out.splitlines()[-2:]
+  assert this.startswith('this index') and 'recall@10 1.000 without re-rank' in this
+  assert plain.startswith('plain FAISS IVF1,Flat') and 'recall@10 1.000 without' in plain
