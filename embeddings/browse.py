@@ -147,12 +147,6 @@ def read_duplicates(path: str) -> List[DuplicateGroup]:
   return list(groups.values())
 
 
-def candidates_to_rerank(index_description: dict) -> int:
-  """Re-ranked from the stored vectors only where the index's cosines are approximate (PQ
-  codes): flat lists hold the vectors themselves, so re-reading them changes nothing."""
-  return RERANK if index_description['plan']['kind'] == 'ivf_pq' else 0
-
-
 class Browser:
   """The collection the page searches: runs or an index, the model, the duplicate groups."""
 
@@ -168,7 +162,6 @@ class Browser:
     self.k = k
     self.model = index.model if index is not None else self.runs[0].model
     self.thumbnail = functools.lru_cache(THUMBNAILS_CACHED)(self._thumbnail)
-    self._rerank = candidates_to_rerank(index.description) if index is not None else 0
 
   def stored_vector(self, uri: str) -> np.ndarray:
     entry = self.catalogue.entries[uri]
@@ -179,7 +172,7 @@ class Browser:
 
   def neighbours(self, vector: np.ndarray, exclude: Sequence[str] = ()) -> List[Neighbour]:
     if self.index is not None:
-      return self.index.search(vector, self.k, rerank=self._rerank,
+      return self.index.search(vector, self.k, rerank=RERANK,  # PQ codes' cosines re-scored
                                exclude_uris=[list(exclude)])[0]
     return search_vectors(self.runs, vector, self.k, [set(exclude)])[0]
 

@@ -199,14 +199,6 @@ def test_the_index_gives_the_exact_order_on_a_small_collection(collection, brows
   np.testing.assert_allclose(through_index.stored_vector(query), browser.stored_vector(query))
 
 
-@pytest.mark.parametrize('kind, rerank', [('exhaustive', 0), ('ivf_flat', 0),
-                                          ('ivf_pq', browse.RERANK)])
-def test_only_an_index_of_product_codes_is_reranked(kind, rerank):
-  """Flat lists hold the vectors: their cosines are exact already (the exhaustive index's
-  order equals exact search, test above); PQ codes' are not."""
-  assert browse.candidates_to_rerank({'plan': {'kind': kind}}) == rerank
-
-
 def test_a_collection_on_s3_is_searched_and_its_thumbnails_read_through_beam(s3_server):
   """Runs and photos in an S3 bucket (moto on loopback), read by Beam's FileSystems; the runs'
   model cannot be loaded here, so only images of the collection can be searched."""
