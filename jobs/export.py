@@ -24,12 +24,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from embeddings.collection import vector_sources
 from embeddings.runs import Run
 from embeddings.shards import read_shard
-from jobs.export_target import (IN_PROGRESS, BatchFailed, ExportRow, ExportState, Target,
-                                TargetError, batches, now, parse_name)
+from jobs.export_target import (IN_PROGRESS, METRICS_NAMESPACE, BatchFailed, ExportRow,
+                                ExportState, Target, TargetError, batches, now, parse_name)
 
 _LOG = logging.getLogger(__name__)
 DELETE_BATCH = 1000
-METRICS_NAMESPACE = 'export'
 
 
 class ExportFailed(RuntimeError):

@@ -12,14 +12,13 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 
-from jobs.export_target import (COMPLETE, ExportRow, ExportState, Target, TargetError,
-                                with_retries)
+from jobs.export_target import (COMPLETE, METRICS_NAMESPACE, DeleteBatches, ExportState, Target,
+                                TargetError, embeddable_item)
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 200  # rows of 4320 Python floats: about 20 MB a batch
 MAX_URI = 8192
 _MODEL, _DIMENSION, _STATE = 'export.model', 'export.dimension', 'export.state'
-METRICS_NAMESPACE = 'export'
 
 
 class MilvusTarget(Target):
@@ -103,7 +102,10 @@ class MilvusTarget(Target):
       client.alter_collection_properties(self.collection, properties={_STATE: state.to_json()})
 
   def delete_transform(self):
-    return beam.ParDo(_DeleteRows(self))
+    return beam.ParDo(DeleteBatches(self))
+
+  def delete(self, client, uris: List[str]) -> None:
+    client.delete(self.collection, ids=uris)
 
   def write_transform(self):
     return _WriteRows(self)
@@ -114,28 +116,6 @@ class MilvusTarget(Target):
       client.flush(self.collection)
       client.alter_collection_properties(
           self.collection, properties={_STATE: state._replace(status=COMPLETE).to_json()})
-
-
-class _DeleteRows(beam.DoFn):
-  """A client per batch: Milvus Lite's file and the writer's clients take turns."""
-
-  def __init__(self, target: MilvusTarget):
-    self._target = target
-
-  def process(self, uris: List[str]):
-    def delete():
-      with self._target.client() as client:
-        client.delete(self._target.collection, ids=uris)
-    with_retries(delete, f'deleting {len(uris)} rows from {self._target.collection}')
-    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(len(uris))
-    yield len(uris)
-
-
-def _item(row: ExportRow):
-  from apache_beam.ml.rag.types import Content, EmbeddableItem, Embedding
-  return EmbeddableItem(Content(image=row.uri), id=row.uri, metadata={
-      'sha256': row.sha256, 'height': row.height, 'width': row.width, 'model': row.model,
-      'run': row.run}, embedding=Embedding(dense_embedding=row.vector.tolist()))
 
 
 def _column_specs():
@@ -167,7 +147,7 @@ class _WriteRows(beam.PTransform):
             write_config=WriteConfig(write_batch_size=self._target.batch_size)),
         column_specs=_column_specs())
     return (rows
-            | 'AsItems' >> beam.Map(_item)
+            | 'AsItems' >> beam.Map(lambda row: embeddable_item(row, row.uri))
             | 'MilvusWriter' >> config.create_write_transform()
             | 'Count' >> beam.Map(lambda record: beam.metrics.Metrics.counter(
                 METRICS_NAMESPACE, 'written').inc()))

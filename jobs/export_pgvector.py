@@ -23,15 +23,14 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import apache_beam as beam
 import numpy as np
 
-from jobs.export_target import (COMPLETE, ExportRow, ExportState, Target, TargetError,
-                                parse_name, with_retries)
+from jobs.export_target import (COMPLETE, METRICS_NAMESPACE, ExportRow, ExportState, Target,
+                                TargetError, parse_name, with_retries)
 
 _LOG = logging.getLogger(__name__)
 MAX_INDEXED_DIMENSION = 2000  # pgvector's HNSW and IVFFlat limit for `vector`
 REDUCED_DIMENSION = 256
 PCA_SAMPLE = 1024
 DEFAULT_BATCH_SIZE = 500
-METRICS_NAMESPACE = 'export'
 _COLUMNS = ('uri', 'sha256', 'height', 'width', 'model', 'run', 'embedding')
 _COPY_HEADER = b'PGCOPY\n\xff\r\n\0' + struct.pack('>ii', 0, 0)
 

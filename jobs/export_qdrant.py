@@ -15,13 +15,12 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 
-from jobs.export_target import (COMPLETE, ExportRow, ExportState, Target, TargetError,
-                                with_retries)
+from jobs.export_target import (COMPLETE, DeleteBatches, ExportState, Target, TargetError,
+                                embeddable_item)
 
 DEFAULT_BATCH_SIZE = 256
 VECTOR = 'dense'  # the named vector Beam's writer fills
 HNSW_M = 16
-METRICS_NAMESPACE = 'export'
 
 
 def point_id(uri: str) -> str:
@@ -108,7 +107,12 @@ class QdrantTarget(Target):
       self._set_metadata(client, state)
 
   def delete_transform(self):
-    return beam.ParDo(_DeleteRows(self))
+    return beam.ParDo(DeleteBatches(self))
+
+  def delete(self, client, uris: List[str]) -> None:
+    from qdrant_client import models
+    client.delete(self.collection, points_selector=models.PointIdsList(
+        points=[point_id(u) for u in uris]))
 
   def write_transform(self):
     return _WriteRows(self)
@@ -119,33 +123,6 @@ class QdrantTarget(Target):
     with self.client() as client:
       self._set_metadata(client, state._replace(status=COMPLETE),
                          hnsw_config=models.HnswConfigDiff(m=HNSW_M))
-
-
-class _DeleteRows(beam.DoFn):
-  """A client per batch: a local folder takes one client at a time, and the writer's comes
-  after."""
-
-  def __init__(self, target: QdrantTarget):
-    self._target = target
-
-  def process(self, uris: List[str]):
-    from qdrant_client import models
-
-    def delete():
-      with self._target.client() as client:
-        client.delete(self._target.collection, points_selector=models.PointIdsList(
-            points=[point_id(u) for u in uris]))
-    with_retries(delete, f'deleting {len(uris)} points from {self._target.collection}')
-    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(len(uris))
-    yield len(uris)
-
-
-def _item(row: ExportRow):
-  from apache_beam.ml.rag.types import Content, EmbeddableItem, Embedding
-  return EmbeddableItem(Content(image=row.uri), id=point_id(row.uri), metadata={
-      'uri': row.uri, 'sha256': row.sha256, 'height': row.height, 'width': row.width,
-      'model': row.model, 'run': row.run},
-      embedding=Embedding(dense_embedding=row.vector.tolist()))
 
 
 class _WriteRows(beam.PTransform):
@@ -164,5 +141,5 @@ class _WriteRows(beam.PTransform):
     config = QdrantWriteConfig(connection_params=connection, collection_name=target.collection,
                                batch_size=target.batch_size, dense_embedding_key=VECTOR)
     return (rows
-            | 'AsItems' >> beam.Map(_item)
+            | 'AsItems' >> beam.Map(lambda row: embeddable_item(row, point_id(row.uri)))
             | 'QdrantWriter' >> config.create_write_transform())

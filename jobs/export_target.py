@@ -15,9 +15,11 @@ import time
 from typing import (Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple,
                     TypeVar)
 
+import apache_beam as beam
 import numpy as np
 
 _LOG = logging.getLogger(__name__)
+METRICS_NAMESPACE = 'export'
 RETRIES = 3  # a failed batch is tried again this many times, after 1, 2, 4 s
 COMPLETE = 'complete'
 IN_PROGRESS = 'in progress'
@@ -137,3 +139,30 @@ def parse_name(text: str, what: str) -> str:
     raise TargetError(f'--to: {what} {text!r} must be letters, digits and _ (at most 48, not '
                       f'starting with a digit)')
   return text
+
+
+class DeleteBatches(beam.DoFn):
+  """URI batches -> one count a batch, deleted through `target.delete(client, uris)` with a
+  client of its own per batch (a Milvus Lite file or a Qdrant local folder takes one client at a
+  time, and the writer's comes after), retried."""
+
+  def __init__(self, target):
+    self._target = target
+
+  def process(self, uris: List[str]):
+    def delete():
+      with self._target.client() as client:
+        self._target.delete(client, uris)
+    with_retries(delete, f'deleting {len(uris)} rows from {self._target.collection}')
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(len(uris))
+    yield len(uris)
+
+
+def embeddable_item(row: ExportRow, item_id: str):
+  """The row as Beam's ml.rag EmbeddableItem, what Beam's vector-database writers take."""
+  from apache_beam.ml.rag.types import Content, EmbeddableItem, Embedding
+  return EmbeddableItem(Content(image=row.uri), id=item_id, metadata={
+      'uri': row.uri, 'sha256': row.sha256, 'height': row.height, 'width': row.width,
+      'model': row.model, 'run': row.run},
+      embedding=Embedding(dense_embedding=row.vector.tolist()))
+
