@@ -71,12 +71,12 @@ class _Sources(dict):
     return self._folder / name
 
 
+# A model shared across processes (--large_model, --model_copies) is end to end in
+# test_shared_pipeline.py, bit for bit against the in-process model.
 @pytest.mark.parametrize('runner_args', [
     [],
     ['--direct_running_mode=multi_processing', '--direct_num_workers=2'],
-    ['--large_model'],
-    ['--model_copies=1', '--direct_running_mode=multi_processing', '--direct_num_workers=2'],
-], ids=['in_memory', 'multi_processing', 'large_model', 'model_copies_multi_processing'])
+], ids=['in_memory', 'multi_processing'])
 def test_local_folder_end_to_end(runner_args, image_folder, tf1_hub_module, tmp_path):
   output = str(tmp_path / 'out')
   summary = run([f'--input={image_folder}/*', f'--output={output}',

@@ -38,7 +38,6 @@ def test_embeddings_are_byte_identical_across_runs_runners_and_batch_sizes(image
   """
   runs = {
       'in_memory': [],
-      'in_memory_again': [],
       'multi_processing': MULTI_PROCESSING,
       'one_image_batches': ['--max_batch_size=1'],
   }

@@ -15,8 +15,10 @@ MULTI_PROCESSING = ['--direct_running_mode=multi_processing', '--direct_num_work
 
 
 def _shm_files() -> set:
-  """/dev/shm besides multiprocessing's semaphores (Beam's runner makes some)."""
-  return {name for name in os.listdir('/dev/shm') if not name.startswith('sem.mp-')}
+  """/dev/shm besides multiprocessing's semaphores (Beam's runner makes some) and PostgreSQL's
+  segments (the export tests' server, in the other test process, makes and drops them)."""
+  return {name for name in os.listdir('/dev/shm')
+          if not name.startswith(('sem.mp-', 'PostgreSQL.'))}
 
 
 def _embeddings(output: str) -> dict:
