@@ -5,8 +5,10 @@ large network's model id so that new images can be embedded), starts the page's 
 process on a free port, then times, from the client's side (requests): start-up (catalogue read,
 model loaded), queries by URI (stored vector read plus exact search), queries by image (an upload
 of a sample photo the collection does not hold: one embedding plus exact search), and the same
-two through the FAISS index (`--index`, built first); then the same work without the page (search
-alone, embedding alone). Prints p50 and p90 of each, and the peak RSS.
+two through the FAISS index (`--index`, built first with the plan `choose_plan` gives at this
+count, named in its figures); then the same work without the page (search alone, embedding
+alone). Prints p50 and p90 of each, and the peak RSS after start-up (model and catalogue), after
+the exact queries and at the end (the index built in this process).
 
     python -m benchmarks.bench_browse [--count 10000] [--uri_queries 20] [--image_queries 6] \
         [--index] [--scratch /tmp]
@@ -37,6 +39,16 @@ def _timed(call) -> float:
   if hasattr(answer, 'raise_for_status'):
     answer.raise_for_status()
   return time.perf_counter() - start
+
+
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def _rss_mb() -> float:
+  """This process's resident memory now (Linux)."""
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 1e6
 
 
 def _figures(name: str, seconds) -> str:
@@ -95,14 +107,16 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     embedder = browse.ImageEmbedder(runs[0])
     print(f'start-up: model {MODEL_ID} loaded in {time.perf_counter() - start:.1f} s')
-    start = time.perf_counter()
+    start, before = time.perf_counter(), _rss_mb()
     browser = browse.Browser(runs, None, (), embedder)
     print(f'start-up: catalogue of {len(browser.catalogue)} images read in '
-          f'{time.perf_counter() - start:.2f} s')
+          f'{time.perf_counter() - start:.2f} s, RSS +{_rss_mb() - before:.0f} MB; peak RSS so '
+          f'far {_peak_rss_gb():.2f} GB')
     rng = np.random.default_rng(0)
     uris = [uri_of(int(r)) for r in rng.choice(args.count, args.uri_queries, replace=False)]
     photos = (_sample_photos() * args.image_queries)[:args.image_queries]
     measure(browser, 'exact', uris, photos)
+    print(f'peak RSS after the exact queries {_peak_rss_gb():.2f} GB')
     if args.index:
       from embeddings import index as index_command
       from embeddings.neighbour_index import NeighbourIndex
@@ -110,11 +124,13 @@ def main(argv=None) -> None:
       start = time.perf_counter()
       index_command.main(['build', '--runs', run.directory, '--output', directory])
       print(f'index built in {time.perf_counter() - start:.1f} s')
-      measure(browse.Browser(runs, NeighbourIndex(directory), (), embedder), 'index', uris,
-              photos)
+      index = NeighbourIndex(directory)
+      label = (f'index ({index.kind}, {index.plan["factory"]}, '
+               f'{"efSearch" if index.kind == "hnsw" else "nprobe"} {index.nprobe})')
+      measure(browse.Browser(runs, index, (), embedder), label, uris, photos)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
-  print(f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB')
+  print(f'peak RSS {_peak_rss_gb():.2f} GB')
 
 
 if __name__ == '__main__':

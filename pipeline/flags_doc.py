@@ -85,7 +85,9 @@ NOTES: Dict[str, FlagNotes] = {
                          'Prints the job id. On the local runner the pipeline runs in the '
                          'launching process, so the command still returns only when it is done, '
                          'without reading the summary.'),
-    'clean_unfinished': FlagNotes('--clean_unfinished', 'What it deletes is logged.'),
+    'clean_unfinished': FlagNotes('--clean_unfinished', 'What it deletes is logged. A run '
+                                  'still alive there is refused, nothing deleted: '
+                                  '[a killed launcher](reliability.md#a-killed-launcher).'),
     'allow_concurrent': FlagNotes('--allow_concurrent', 'Which runs count as live: '
                                   '[reliability](reliability.md#nightly-state-that-stays-right).'),
     'skip_if_finished': FlagNotes('--skip_if_finished', 'Makes a loop over chunks rerunnable: '

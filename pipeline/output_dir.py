@@ -5,7 +5,9 @@ A claim is a small object created only if it does not exist yet (`ifGenerationMa
 `--output` exactly one proceeds. A claim without `run_summary.json` beside it is an unfinished
 (interrupted or failed) run: reported, and cleaned only with `--clean_unfinished`, which deletes
 only what such a run writes: names of exactly the run's shard pattern (RUN_FILE_NAME) and Beam's
-own temporary folders (TEMP_FOLDER_NAME). A user's `index-01.jpg` beside them stays.
+own temporary folders (TEMP_FOLDER_NAME). A user's `index-01.jpg` beside them stays. A run that
+is still alive by the readers' rule (embeddings.runs.Unfinished.alive: its local launcher runs,
+or its job's heartbeat is recent) is never cleaned: it is still writing there.
 """
 
 import json
@@ -16,8 +18,9 @@ from typing import List, NamedTuple
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
-from run_format import (CLAIM_FILE, RUN_FILES, SUMMARY_FILE, TEMP_FOLDER_NAME, TEMP_FOLDERS,
-                        run_file_name)
+from embeddings.runs import Unfinished
+from run_format import (CLAIM_FILE, CLAIM_STALE_SECONDS, RUN_FILES, SUMMARY_FILE,
+                        TEMP_FOLDER_NAME, TEMP_FOLDERS, run_file_name)
 
 
 class OutputExistsError(ValueError):
@@ -163,11 +166,12 @@ def _read_claim(output: str) -> dict:
     return {}
 
 
-def _delete_unfinished(output: str) -> List[str]:
+def _delete_unfinished(output: str, claimed: dict) -> List[str]:
   """Deletes what the unfinished run wrote (its claim last) and returns it: its shards, of the
-  suffixes of its claim's output format, and Beam's temporary folders; nothing else."""
+  suffixes of its claim's output format (`claimed`: the claim's content), and Beam's temporary
+  folders; nothing else."""
   claim = _join(output, CLAIM_FILE)
-  files = [p for p in _run_files(output, _read_claim(output).get('output_format')) if p != claim]
+  files = [p for p in _run_files(output, claimed.get('output_format')) if p != claim]
   if files:
     FileSystems.delete(files)
   folders = delete_temp_folders(output)
@@ -207,6 +211,17 @@ def _refuse_existing(output: str, found: List[str]) -> None:
                             f'{len(found) - 1} more); choose a new --output directory')
 
 
+def _refuse_live(output: str, claimed: dict) -> None:
+  """--clean_unfinished deletes a dead run's files only: a live one is still writing them."""
+  unfinished = Unfinished(output, claimed)
+  if unfinished.alive():
+    raise OutputExistsError(
+        f'--clean_unfinished: --output holds a run still going, {unfinished.describe()}: its '
+        'files are not deleted. Wait for it to finish, stop it, or choose a new --output (a run '
+        'on a local runner is dead once its launcher exits, any other once its claim has not '
+        f'been rewritten for {CLAIM_STALE_SECONDS // 60} min)')
+
+
 def check_output_is_new(output: str) -> None:
   """Refuses an output that holds a run; reads only (a dry run claims nothing)."""
   try:
@@ -237,7 +252,9 @@ def claim_output(output: str, run_description: dict, options: PipelineOptions,
     found = _run_files(output)
     if not clean_unfinished or any(path.endswith(SUMMARY_FILE) for path in found):
       _refuse_existing(output, found)
-    deleted = _delete_unfinished(output)
+    claimed = _read_claim(output)
+    _refuse_live(output, claimed)
+    deleted = _delete_unfinished(output, claimed)
     try:
       _create_claim(claim, body, options)
     except _AlreadyClaimed as exc:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,6 +112,42 @@ def test_an_output_is_claimed_by_exactly_one_run(store, tmp_path, gcs_server, s3
   assert not FileSystems.exists(leftover)
   if store == 'local':
     assert os.listdir(output) == [CLAIM_FILE]
+
+
+def test_clean_unfinished_refuses_a_run_still_going_and_cleans_it_once_dead(tmp_path):
+  """Alive by the readers' rule (embeddings.runs.Unfinished.alive): a local-runner run while its
+  launcher's process runs, any other while its heartbeat is under an hour old."""
+  from apache_beam.options.pipeline_options import PipelineOptions
+  options = PipelineOptions([])
+  output = tmp_path / 'out'
+  output.mkdir()
+  shard = output / 'embeddings-00000-of-00001.parquet'
+  shard.write_bytes(b'partial')
+  now = datetime.datetime.now(datetime.timezone.utc)
+  hours_ago = (now - datetime.timedelta(hours=3)).isoformat()
+  launcher = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+  local = {'runner': 'FnApiRunner', 'host': socket.gethostname(), 'pid': launcher.pid,
+           'started_at': hours_ago}
+  dataflow = {'runner': 'DataflowRunner', 'host': 'a-laptop', 'pid': 4321,
+              'started_at': hours_ago,
+              'heartbeat_at': (now - datetime.timedelta(minutes=5)).isoformat()}
+  try:
+    for claim, sign in ((local, f'pid {launcher.pid}, runner FnApiRunner'),
+                        (dataflow, 'last sign of life 5 min ago')):
+      (output / CLAIM_FILE).write_text(json.dumps(claim))
+      with pytest.raises(OutputExistsError) as refused:
+        claim_output(str(output), {'run': 2}, options, clean_unfinished=True)
+      message = str(refused.value)
+      assert '\n' not in message and 'still going' in message and str(output) in message
+      assert sign in message and 'Wait for it to finish' in message
+      assert shard.exists() and json.loads((output / CLAIM_FILE).read_text()) == claim
+  finally:
+    launcher.kill()
+    launcher.wait()
+  (output / CLAIM_FILE).write_text(json.dumps(local))  # its launcher has exited: dead
+  deleted = claim_output(str(output), {'run': 2}, options, clean_unfinished=True)
+  assert str(shard) in deleted and not shard.exists()
+  assert json.loads((output / CLAIM_FILE).read_text())['run'] == 2
 
 
 def test_two_runs_started_at_once_do_not_mix(image_folder, tmp_path):
