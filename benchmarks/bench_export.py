@@ -4,9 +4,15 @@ Lite (in the exporting process), then a nightly re-export after a second night e
 rows: rows written and time, against the full export.
 
     python -m benchmarks.bench_export [--count 100000] [--new_fraction 0.05] [--work DIR]
+    python -m benchmarks.bench_export --plan_only RUNS_GLOB
 
 Each export runs as its own process (`python -m embeddings.export`, DirectRunner, one worker),
 so its peak RSS is its own (Milvus Lite runs inside it; PostgreSQL's server does not count).
+
+`--plan_only`: the launcher's own peak RSS while it plans a first export of RUNS_GLOB (into an
+empty Vertex folder, nothing written), with the job on Beam's local job service and an external
+worker pool, processes of their own as Dataflow's service and workers are: what grows with the
+collection in the launcher, and nothing else.
 """
 
 import argparse
@@ -37,12 +43,57 @@ def _export(runs: str, to: str) -> dict:
             'line': out.read().strip().splitlines()[-1]}
 
 
+def _plan_here(runs_glob: str, beam_flags) -> None:
+  """The plan alone, in this process (the launcher), its counts printed."""
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from embeddings.runs import find_runs
+  from jobs import export
+  runs = find_runs(runs_glob)
+  with tempfile.TemporaryDirectory() as folder:
+    target = export.open_target(f'vertex:{folder}/vertex')
+    print(export.plan(runs, target, folder, PipelineOptions(beam_flags)))
+
+
+def _plan_only(runs_glob: str) -> None:
+  from tests.export_servers import free_port
+  job_port, pool_port = free_port(), free_port()
+  services = [subprocess.Popen([sys.executable, '-m', module, flag, str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+              for module, flag, port in (
+                  ('apache_beam.runners.portability.local_job_service_main', '--port', job_port),
+                  ('apache_beam.runners.worker.worker_pool_main', '--service_port', pool_port))]
+  try:
+    time.sleep(10)  # both listening
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, '-m', 'benchmarks.bench_export', '--plan_here',
+                              runs_glob, '--runner', 'PortableRunner', '--job_endpoint',
+                              f'localhost:{job_port}', '--environment_type', 'EXTERNAL',
+                              '--environment_config', f'localhost:{pool_port}'],
+                             stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+      raise SystemExit('the plan failed')
+    print(f'plan of {runs_glob}: {time.perf_counter() - start:.1f} s, the launcher\'s peak RSS '
+          f'{usage.ru_maxrss / 1e3:.0f} MB\n  {child.stdout.read().strip()}')
+  finally:
+    for service in services:
+      service.terminate()
+      service.wait()
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--count', type=int, default=100_000)
   parser.add_argument('--new_fraction', type=float, default=0.05)
   parser.add_argument('--work', help='folder for the runs and Milvus Lite (default: a temp dir)')
-  args = parser.parse_args(argv)
+  parser.add_argument('--plan_only', metavar='RUNS_GLOB',
+                      help='measure the launcher of a plan of these runs alone (see above)')
+  parser.add_argument('--plan_here', help=argparse.SUPPRESS)
+  args, beam_flags = parser.parse_known_args(argv)
+  if args.plan_here:
+    return _plan_here(args.plan_here, beam_flags)
+  if args.plan_only:
+    return _plan_only(args.plan_only)
   work = args.work or tempfile.mkdtemp(prefix='bench-export-')
   night1, night2 = os.path.join(work, 'runs', 'night1'), os.path.join(work, 'runs', 'night2')
   start = time.perf_counter()

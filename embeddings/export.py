@@ -34,12 +34,13 @@ def main(argv: Optional[Sequence[str]] = None):
   args, beam_flags = parse_job_command(parser, argv)
   if args.batch_size < 0:
     parser.error('--batch_size must be positive')
-  from jobs import export, export_target
+  from jobs import export, export_target, work_folder
   try:
+    export.check_options(beam_flags)
     target = export.open_target(args.to, args.batch_size)
     runs = select_model(find_runs(args.runs), args.model)
     target.check(runs[0].model, runs[0].embedding_size)
-  except RUN_ERRORS + (export_target.TargetError,) as exc:
+  except RUN_ERRORS + (export_target.TargetError, work_folder.WorkDirectoryError) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
   try:

@@ -36,7 +36,6 @@ import hashlib
 import io
 import json
 import math
-import tempfile
 import uuid
 from typing import Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -44,10 +43,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics, MetricsFilter
-from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                  StandardOptions)
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsList, AsSingleton, TaggedOutput
 
 from embeddings import storage
@@ -56,6 +53,7 @@ from embeddings.duplicate_groups import Candidate, Group, Member, components, gr
 from embeddings.runs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
+from jobs import work_folder
 
 MAX_CLUSTERS = 4096  # k-means is trained on one worker: 40 x 4096 sample rows
 SAMPLE_PER_CLUSTER = 40  # FAISS wants at least 39 training rows per centroid
@@ -390,41 +388,15 @@ def shard_refs(runs: Sequence[Run]) -> List[ShardRef]:
           for run in runs if sources[run.path] for path in run.shard_paths()]
 
 
-class WorkDirectoryError(ValueError):
-  """A runner other than the local one needs a --temp_location its workers share."""
-
-
-def check_options(beam_flags: Sequence[str]) -> None:
-  options = PipelineOptions(list(beam_flags))
-  runner = options.view_as(StandardOptions).runner or 'DirectRunner'
-  if runner not in ('DirectRunner', 'direct') and not options.view_as(
-      GoogleCloudOptions).temp_location:
-    raise WorkDirectoryError(f'--runner {runner} needs --temp_location (e.g. gs://bucket/tmp): '
-                             f'the workers write and read the sample and spill files there')
-
-
-def _work_directory(options) -> Tuple[str, bool]:
-  """(where the sample, spill and group files go, whether it is a local folder this made)."""
-  temp_location = options.view_as(GoogleCloudOptions).temp_location
-  if temp_location:
-    return storage.join(temp_location, f'duplicates-{uuid.uuid4().hex}'), False
-  return tempfile.mkdtemp(prefix='duplicates-'), True
-
-
-def _remove(directory: str, local: bool) -> None:
-  """Removes the sample, spill and group files this wrote, and nothing else."""
-  if local:
-    import shutil
-    shutil.rmtree(directory, ignore_errors=True)
-    return
-  written = [f.path for f in storage.match(storage.join(directory, '*'))]
-  if written:
-    FileSystems.delete(written)
+WorkDirectoryError = work_folder.WorkDirectoryError
 
 
 def _counter(result, name: str) -> int:
-  found = result.metrics().query(MetricsFilter().with_name(name))['counters']
-  return int(sum(c.committed or c.attempted or 0 for c in found))
+  return work_folder.counter(result, name, 'duplicates')
+
+
+def check_options(beam_flags: Sequence[str]) -> None:
+  work_folder.check_options(beam_flags, 'the sample and spill files')
 
 
 def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str] = (),
@@ -435,7 +407,7 @@ def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str]
   rows = sum(r.summary.embedded for r in runs)
   run_plan = plan(max(rows, 1), runs[0].embedding_size or 1, threshold, seed, max_visits)
   options = PipelineOptions(list(beam_flags))
-  directory, local = _work_directory(options)
+  directory, local = work_folder.work_directory(options, 'duplicates')
   try:
     pipeline = beam.Pipeline(options=options)
     _ = (build(pipeline, refs, run_plan, directory)
@@ -451,5 +423,5 @@ def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str]
     stats = Stats(run_plan.clusters, _counter(result, 'rows'), _counter(result, 'visits'),
                   _counter(result, 'capped'))
   finally:
-    _remove(directory, local)
+    work_folder.remove(directory, local)
   return sort_groups(groups), stats

@@ -1,9 +1,8 @@
 """The Beam job behind `python -m embeddings.compact`: every URI's vector by the load rule over
 many runs (embeddings/collection.py), written as one consolidated run.
 
-    index files ─ ReadRows ─ (uri, row) ─ GroupByKey ─ Decide (SourceRule; side input: the
-       │                                                 folders each run could not list)
-       │   ((source run, uri), newest row) ────────────────────────────────┐
+    CollectionSources (jobs/collection_sources.py: index files ─ (uri, row) ─ GroupByKey ─ the
+       │   SourceRule) ─ ((source run, uri), newest row) ──────────────────┐
        └ shards of the runs that supply a vector ─ ReadVectors ─ ((run, uri), vector) ─ CoGroupByKey
            ─ (shard, row) ─ GroupByKey ─ WriteShard: embeddings-S-of-N.parquet, index-S-of-N.parquet
 
@@ -15,7 +14,7 @@ run given are left out (the next night embeds them again).
 """
 
 import zlib
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -23,91 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embeddings import storage
-from embeddings.collection import GONE, UNDECIDED, SourceRule
 from embeddings.runs import Run
 from embeddings.shards import ParquetVectors, is_parquet, read_shard
+from jobs.collection_sources import CollectionSources, IndexRow
 from run_format import (DECODE, EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX, INDEX_PREFIX,
-                        INDEX_SCHEMA, METADATA_COLUMNS, PARQUET_SUFFIX, READ, SKIPPED,
-                        embeddings_schema)
+                        INDEX_SCHEMA, METADATA_COLUMNS, PARQUET_SUFFIX, embeddings_schema)
 
 METRICS_NAMESPACE = 'compact'
 SHARD_ROWS = 100_000  # about 1.7 GB of 4320-d float32 vectors a shard
 _READ_BLOCK_ROWS = 1_000
 _WRITE_BATCH_ROWS = 1_000
-_INDEX_COLUMNS = ('uri', 'outcome', 'done_outcome', 'vector_run', 'size_bytes', 'last_modified',
-                  'content_id', 'recipe', 'sha256', 'model')
-
-
-class IndexRow(NamedTuple):
-  """One run's index row for a URI, as the rule and the consolidated index need it."""
-  number: int  # the run's place, newest first
-  outcome: str
-  done_outcome: Optional[str]
-  vector_run: Optional[str]
-  version: tuple  # (size_bytes, last_modified in microseconds, content_id, recipe)
-  model: Optional[str]
-
-
-def index_files(runs: Sequence[Run]) -> List[Tuple[int, str]]:
-  return [(number, info.path) for number, run in enumerate(runs)
-          for info in storage.match(run.index_glob)]
-
-
-class _ReadRows(beam.DoFn):
-  """(run number, index file) -> (uri, IndexRow)."""
-
-  def process(self, numbered: Tuple[int, str]):
-    number, path = numbered
-    with storage.open_file(path) as f:
-      parquet = pq.ParquetFile(f)
-      present = [c for c in _INDEX_COLUMNS if c in parquet.schema_arrow.names]
-      for batch in parquet.iter_batches(batch_size=65_536, columns=present):
-        columns = {name: (batch.column(name).cast(pa.int64()) if name == 'last_modified' else
-                          batch.column(name)).to_pylist() if name in present else
-                   [None] * batch.num_rows for name in _INDEX_COLUMNS}
-        for row in range(batch.num_rows):
-          value = {name: columns[name][row] for name in _INDEX_COLUMNS}
-          yield value['uri'], IndexRow(
-              number, value['outcome'], value['done_outcome'], value['vector_run'],
-              (value['size_bytes'], value['last_modified'], value['content_id'],
-               value['recipe']), value['model'])
-
-
-class _Decide(beam.DoFn):
-  """(uri, its rows in every run) -> ((source run, uri), the newest row) for a vector, or the
-  decode row (tag 'decode') for a file done as undecodable."""
-
-  def __init__(self, runs: Sequence[Run]):
-    self._runs = list(runs)
-
-  def setup(self):
-    self._vectors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'vectors')
-    self._missing = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'vectors_missing')
-
-  def process(self, grouped, unlisted_rows: Iterable[Tuple[int, str]]):
-    uri, rows = grouped
-    if not hasattr(self, '_rule'):
-      unlisted: List[Set[str]] = [set() for _ in self._runs]
-      for number, folder in unlisted_rows:
-        unlisted[number].add(folder)
-      self._rule = SourceRule(self._runs, unlisted=unlisted)
-    rows = sorted(rows, key=lambda row: row.number)
-    waiting: Dict[str, tuple] = {}
-    for row in rows:
-      source = self._rule.decide(uri, row.number, row.outcome, row.done_outcome, row.vector_run,
-                                 lambda: row.version, waiting)
-      if source is UNDECIDED:
-        continue
-      if source is GONE:
-        return
-      if source is not None:
-        self._vectors.inc()
-        yield (self._runs[source].path, uri), rows[0]
-      elif DECODE in (row.outcome, row.done_outcome if row.outcome == SKIPPED else None):
-        yield beam.pvalue.TaggedOutput('decode', (uri, rows[0]))
-      return
-    if waiting:
-      self._missing.inc()
 
 
 class _ReadVectors(beam.DoFn):
@@ -202,17 +126,7 @@ class _WriteShard(beam.DoFn):
 def build_compaction(pipeline: beam.Pipeline, runs: Sequence[Run], output: str, shards: int,
                      embedding_dtype: str):
   """Runs of one model, newest first (find_runs, select_model) -> the written files' paths."""
-  rows = (pipeline
-          | 'IndexFiles' >> beam.Create(index_files(runs))
-          | 'SpreadIndexFiles' >> beam.Reshuffle()
-          | 'ReadRows' >> beam.ParDo(_ReadRows()))
-  unlisted = (rows
-              | 'ReadFailures' >> beam.Filter(lambda kv: kv[1].outcome == READ)
-              | 'FailedFolders' >> beam.Map(lambda kv: (kv[1].number, kv[0])))
-  decided = (rows
-             | 'ByUri' >> beam.GroupByKey()
-             | 'Decide' >> beam.ParDo(_Decide(runs), beam.pvalue.AsList(unlisted))
-             .with_outputs('decode', main='kept'))
+  decided = pipeline | 'Sources' >> CollectionSources(runs)
   shard_paths = {run.path: run.shard_paths() for run in runs}
   vectors = (decided.kept
              | 'SourceRuns' >> beam.Map(lambda kv: kv[0][0])

@@ -1,98 +1,189 @@
 """The Beam job behind `python -m embeddings.export`: the collection `embeddings.load` returns,
 put into a vector database or files, and kept equal to it night after night.
 
-    launcher: which run holds each URI's vector (embeddings.collection.vector_sources) against
-              what the target holds (uri, run) -> the URIs to write, per run, and to delete
-    pipeline: URI batches ─ DeleteRows ───────────────┐ (done first)
-              shard refs ─ ReadRows (the rows to write) ─ the target's writer
-    launcher: the index (first load) and the target's state, complete
+    plan pipeline:  CollectionSources (jobs/collection_sources.py) ─ (uri, source run) ─┐
+                    the target's current_rows_transform: (uri, run), read in pages ─────┴ by URI
+                    ─ Plan ─ unchanged, rows (counted)
+                           ─ deletes: uri ──────────────────────────────┐
+                           ─ writes: (run, uri) ─ LocateInShards ─ by shard ┴ PLAN/plan-*.jsonl
+                           ─ (for a target that records the collection: (uri, run)) ┘
+    launcher:       nothing to change and the last export finished: done, the target untouched
+    apply pipeline: PLAN ─ deletes ─ batches ─ DeleteRows ────────────────┐ (done first)
+                         ─ writes ─ ReadRows (each shard once, only its URIs) ─ the target's writer
+    launcher:       the index (first load) and the target's state, complete
 
 A row is current when the target holds its URI from the run that holds its vector now: a newer
 run that embedded it again, or a new night, changes that run. So a rerun writes what is new or
 changed, deletes what the newest state dropped (dead-lettered, deleted, superseded by nothing),
-and with nothing new, writes nothing at all.
+and with nothing new, writes nothing at all. No process holds the collection: the launcher reads
+counts and, for pgvector's first load, a sample; a worker holds one URI's rows, or one shard's
+rows and wanted URIs.
 """
 
+import json
 import logging
 import time
-from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from embeddings.collection import vector_sources
+from embeddings import storage
 from embeddings.runs import Run
 from embeddings.shards import read_shard
+from jobs import work_folder
+from jobs.collection_sources import CollectionSources, LocateInShards
 from jobs.export_target import (IN_PROGRESS, METRICS_NAMESPACE, BatchFailed, ExportRow,
-                                ExportState, Target, TargetError, batches, now, parse_name)
+                                ExportState, Target, TargetError, now, parse_name)
 
 _LOG = logging.getLogger(__name__)
 DELETE_BATCH = 1000
+PLAN_NAMESPACE = 'export_plan'
+# A plan line: {WRITES: ShardWrites}, {DELETE: uri} or {ROW: [uri, run]}.
+WRITES, DELETE, ROW = 'writes', 'delete', 'row'
 
 
 class ExportFailed(RuntimeError):
   """The pipeline failed part way: the target holds part of the changes."""
 
 
-class Changes(NamedTuple):
-  writes: Dict[str, Set[str]]  # run directory -> URIs whose row that run's vector replaces
-  deletes: List[str]  # URIs the target holds and the collection no longer does
+def check_options(beam_flags: Sequence[str]) -> None:
+  work_folder.check_options(beam_flags, 'the plan\'s change lists')
+
+
+class Plan(NamedTuple):
+  """The plan pipeline's counts; the change lists are files in its folder."""
+  writes: int  # rows the collection's vector replaces or adds
+  deletes: int  # URIs the target holds and the collection no longer does
   unchanged: int
-  collection: Dict[str, Set[str]]  # run directory -> URIs whose vector is that run's
-
-  @property
-  def rows(self) -> int:
-    """The collection's size: rows the target holds once the changes are made."""
-    return sum(len(uris) for uris in self.collection.values())
+  rows: int  # the collection's size: rows the target holds once the changes are made
 
 
-def plan_changes(runs: Sequence[Run], current) -> Changes:
-  """`current`: (uri, run) of the target's rows."""
-  sources = vector_sources(runs)
-  writes = {run: set(uris) for run, uris in sources.items()}
-  deletes, unchanged = [], 0
-  for uri, run in current:
-    if uri in writes.get(run, ()):
-      writes[run].discard(uri)  # a target holds a URI once: no other row checks it again
-      unchanged += 1
-    elif not any(uri in uris for uris in sources.values()):
-      deletes.append(uri)
-  return Changes({run: uris for run, uris in writes.items() if uris}, sorted(deletes), unchanged,
-                 sources)
-
-
-class ShardRef(NamedTuple):
+class ShardWrites(NamedTuple):
+  """One shard's rows to write."""
   run: str
   path: str
-  model: str
+  uris: List[str]
+
+
+class _Plan(beam.DoFn):
+  """(uri, {'source': [its source run], 'current': [the run the target holds it from]}) ->
+  (source run, uri) to write, or its URI (tag 'delete'); unchanged rows are counted only."""
+
+  def setup(self):
+    self._counters = {name: beam.metrics.Metrics.counter(PLAN_NAMESPACE, name)
+                      for name in ('rows', 'unchanged', 'deletes')}
+
+  def process(self, grouped):
+    uri, parts = grouped
+    sources, current = list(parts['source']), list(parts['current'])
+    if not sources:
+      if current:
+        self._counters['deletes'].inc()
+        yield beam.pvalue.TaggedOutput('delete', uri)
+      return
+    self._counters['rows'].inc()
+    if sources[0] in current:
+      self._counters['unchanged'].inc()
+    else:
+      yield sources[0], uri
+
+
+def _shard_writes(grouped, shard_paths: Dict[str, List[str]]) -> str:
+  (run, number), uris = grouped
+  uris = sorted(uris)
+  beam.metrics.Metrics.counter(PLAN_NAMESPACE, 'writes').inc(len(uris))
+  return json.dumps({WRITES: ShardWrites(run, shard_paths[run][number], uris)._asdict()})
+
+
+def _plan_files(folder: str) -> str:
+  return storage.join(folder, 'plan-*.jsonl')
+
+
+class _PlanLines(beam.DoFn):
+  """A plan line -> ShardWrites, or a URI to delete (tag DELETE), or (uri, run) (tag ROW)."""
+
+  def process(self, line: bytes):
+    (kind, value), = json.loads(line).items()
+    if kind == WRITES:
+      yield ShardWrites(**value)
+    else:
+      yield beam.pvalue.TaggedOutput(kind, tuple(value) if kind == ROW else value)
+
+
+def plan(runs: Sequence[Run], target: Target, folder: str, options: PipelineOptions) -> Plan:
+  """Runs the plan pipeline: its change lists into `folder`, its counts returned."""
+  pipeline = beam.Pipeline(options=options)
+  sources = (pipeline
+             | 'Sources' >> CollectionSources(runs)).kept | 'UriAndRun' >> beam.Map(
+                 lambda kv: (kv[0][1], kv[0][0]))
+  current = pipeline | 'CurrentRows' >> target.current_rows_transform()
+  planned = ({'source': sources, 'current': current}
+             | 'ByUri' >> beam.CoGroupByKey()
+             | 'Plan' >> beam.ParDo(_Plan()).with_outputs('delete', main='write'))
+  shard_paths = {run.path: run.shard_paths() for run in runs}
+  lines = [planned.write
+           | 'Locate' >> LocateInShards(shard_paths)
+           | 'ByShard' >> beam.GroupByKey()
+           | 'ShardWrites' >> beam.Map(_shard_writes, shard_paths),
+           planned.delete | 'DeleteLines' >> beam.Map(lambda uri: json.dumps({DELETE: uri}))]
+  if target.records_collection:
+    lines.append(sources | 'RowLines' >> beam.Map(lambda kv: json.dumps({ROW: kv})))
+  _ = (lines
+       | 'PlanLines' >> beam.Flatten()
+       | 'WritePlan' >> beam.io.WriteToText(storage.join(folder, 'plan'),
+                                            file_name_suffix='.jsonl'))
+  result = pipeline.run()
+  result.wait_until_finish()
+  return Plan(*(work_folder.counter(result, name, PLAN_NAMESPACE)
+                for name in ('writes', 'deletes', 'unchanged', 'rows')))
 
 
 class _ReadRows(beam.DoFn):
-  """A shard's rows that are to be written (the run's URIs in `writes`), as ExportRows."""
+  """A shard's rows that are to be written (its ShardWrites' URIs), as ExportRows."""
 
-  def process(self, ref: ShardRef, writes: Dict[str, Set[str]], deleted=None):
+  def __init__(self, models: Dict[str, str]):
+    self._models = models  # run directory -> its model, for rows that name none
+
+  def process(self, writes: ShardWrites, deleted=None):
     del deleted  # waited for only: deletions go first
-    shard = read_shard(ref.path, ref.run)
-    wanted = writes[ref.run]
+    shard = read_shard(writes.path, writes.run)
+    wanted = set(writes.uris)
     metadata = shard.metadata
     columns = {name: metadata.column(name).to_pylist()
                for name in ('sha256', 'height', 'width', 'model')}
     for row, uri in enumerate(shard.uris):
       if uri in wanted:
         yield ExportRow(uri, columns['sha256'][row], columns['height'][row],
-                        columns['width'][row], columns['model'][row] or ref.model, ref.run,
-                        np.ascontiguousarray(shard.vectors[row], np.float32))
+                        columns['width'][row], columns['model'][row] or self._models[writes.run],
+                        writes.run, np.ascontiguousarray(shard.vectors[row], np.float32))
     beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'shards_read').inc()
 
 
-def _sample(refs: List[ShardRef], writes: Dict[str, Set[str]]):
-  """The sampler begin() gets: the first `count` vectors to be written, read in the launcher."""
+def _lines(path: str) -> Iterator[bytes]:
+  """A plan file's lines, streamed."""
+  with storage.open_file(path) as f:
+    yield from f
+
+
+def _shard_writes_in(folder: str) -> Iterator[ShardWrites]:
+  for info in storage.match(_plan_files(folder)):
+    for line in _lines(info.path):
+      value = json.loads(line).get(WRITES)
+      if value is not None:
+        yield ShardWrites(**value)
+
+
+def _sample(folder: str):
+  """The sampler begin() gets: the first `count` vectors to be written, read in the launcher a
+  shard at a time."""
   def sample(count: int) -> np.ndarray:
     parts, total = [], 0
-    for ref in refs:
-      shard = read_shard(ref.path, ref.run)
-      keep = np.array([u in writes[ref.run] for u in shard.uris], bool)
+    for writes in _shard_writes_in(folder):
+      shard = read_shard(writes.path, writes.run)
+      wanted = set(writes.uris)
+      keep = np.array([u in wanted for u in shard.uris], bool)
       parts.append(shard.vectors[keep][:count - total])
       total += len(parts[-1])
       if total >= count:
@@ -117,30 +208,33 @@ def export(runs: Sequence[Run], target: Target, beam_flags: Sequence[str]) -> Ex
   if previous is not None and previous.status == IN_PROGRESS:
     _LOG.warning('%s: the last export did not finish (%s); this one completes it', target.name,
                  previous.describe())
-  changes = plan_changes(runs, target.current_rows())
-  written = sum(len(uris) for uris in changes.writes.values())
-  unfinished = previous is not None and previous.status == IN_PROGRESS
-  if not written and not changes.deletes and not unfinished:
-    return ExportReport(0, 0, changes.unchanged, changes.rows, time.perf_counter() - start, None)
-  last_complete = (previous.last_complete if unfinished else
-                   previous.describe() if previous is not None else None)
-  state = ExportState(IN_PROGRESS, tuple(run.path for run in runs), changes.rows, now(), None,
-                      last_complete)
-  refs = [ShardRef(run.path, path, run.model) for run in runs if run.path in changes.writes
-          for path in run.shard_paths()]
-  target.begin(runs[0].model, runs[0].embedding_size, state, _sample(refs, changes.writes))
+  options = PipelineOptions(list(beam_flags))
+  folder, local = work_folder.work_directory(options, 'export-plan')
   try:
-    _run_pipeline(target, refs, changes, beam_flags)
-  except Exception as exc:  # the runner wraps a DoFn's error in its own
-    last = last_complete or 'none: the target held no complete export before'
-    raise ExportFailed(
-        f'export to {target.name} failed part way ({_cause(exc)}): the target holds part of '
-        f'this export\'s {written} writes and {len(changes.deletes)} deletions, and is marked '
-        f'"{IN_PROGRESS}"; its last complete state: {last}. Run the same command again to '
-        f'finish') from exc
+    changes = plan(runs, target, folder, options)
+    unfinished = previous is not None and previous.status == IN_PROGRESS
+    if not changes.writes and not changes.deletes and not unfinished:
+      return ExportReport(0, 0, changes.unchanged, changes.rows, time.perf_counter() - start,
+                          None)
+    last_complete = (previous.last_complete if unfinished else
+                     previous.describe() if previous is not None else None)
+    state = ExportState(IN_PROGRESS, tuple(run.path for run in runs), changes.rows, now(), None,
+                        last_complete)
+    target.begin(runs[0].model, runs[0].embedding_size, state, _sample(folder))
+    try:
+      _apply(target, folder, {run.path: run.model for run in runs}, options)
+    except Exception as exc:  # the runner wraps a DoFn's error in its own
+      last = last_complete or 'none: the target held no complete export before'
+      raise ExportFailed(
+          f'export to {target.name} failed part way ({_cause(exc)}): the target holds part of '
+          f'this export\'s {changes.writes} writes and {changes.deletes} deletions, and is '
+          f'marked "{IN_PROGRESS}"; its last complete state: {last}. Run the same command again '
+          f'to finish') from exc
+  finally:
+    work_folder.remove(folder, local)
   finished = state._replace(finished_at=now())
-  target.finish(finished, changes.collection)
-  return ExportReport(written, len(changes.deletes), changes.unchanged, changes.rows,
+  target.finish(finished)
+  return ExportReport(changes.writes, changes.deletes, changes.unchanged, changes.rows,
                       time.perf_counter() - start, finished)
 
 
@@ -154,20 +248,24 @@ def _cause(exc: BaseException) -> str:
   return text[0] if text else type(exc).__name__
 
 
-def _run_pipeline(target: Target, refs: List[ShardRef], changes: Changes,
-                  beam_flags: Sequence[str]) -> None:
-  with beam.Pipeline(options=PipelineOptions(list(beam_flags))) as pipeline:
-    deleted = (pipeline
-               | 'Deletions' >> beam.Create(batches(changes.deletes, DELETE_BATCH))
+def _apply(target: Target, folder: str, models: Dict[str, str],
+           options: PipelineOptions) -> None:
+  """The apply pipeline: the plan's deletions, then its writes, each shard read once."""
+  with beam.Pipeline(options=options) as pipeline:
+    planned = (pipeline
+               | 'PlanFiles' >> beam.Create([f.path for f in storage.match(_plan_files(folder))])
+               | 'Lines' >> beam.FlatMap(_lines)
+               | 'PlanLines' >> beam.ParDo(_PlanLines()).with_outputs(DELETE, ROW, main=WRITES))
+    deleted = (planned[DELETE]
+               | 'Batches' >> beam.BatchElements(min_batch_size=DELETE_BATCH,
+                                                 max_batch_size=DELETE_BATCH)
                | 'DeleteRows' >> target.delete_transform())
-    writes = pipeline | 'Writes' >> beam.Create([changes.writes])
-    _ = (pipeline
-         | 'Shards' >> beam.Create(refs)
+    _ = (planned[WRITES]
          | 'Spread' >> beam.Reshuffle()
-         | 'ReadRows' >> beam.ParDo(_ReadRows(), beam.pvalue.AsSingleton(writes),
-                                    beam.pvalue.AsList(deleted))
+         | 'ReadRows' >> beam.ParDo(_ReadRows(models), beam.pvalue.AsList(deleted))
          | 'Write' >> target.write_transform())
-
+    if target.records_collection:
+      _ = planned[ROW] | 'RecordCollection' >> target.collection_transform()
 
 def summary_line(target: Target, report: ExportReport) -> str:
   if report.state is None:

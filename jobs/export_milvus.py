@@ -110,8 +110,7 @@ class MilvusTarget(Target):
   def write_transform(self):
     return _WriteRows(self)
 
-  def finish(self, state: ExportState, collection) -> None:
-    del collection  # the target holds it
+  def finish(self, state: ExportState) -> None:
     with self.client() as client:
       client.flush(self.collection)
       client.alter_collection_properties(

@@ -192,8 +192,7 @@ class PgvectorTarget(Target):
   def write_transform(self):
     return beam.ParDo(_UpsertRows(self))
 
-  def finish(self, state: ExportState, collection) -> None:
-    del collection  # the target holds it
+  def finish(self, state: ExportState) -> None:
     with self.connect() as connection:
       column, operators = self.index_column(connection)
       connection.execute(f'CREATE INDEX IF NOT EXISTS {self.table}_hnsw ON {self.table} '

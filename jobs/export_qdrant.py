@@ -117,8 +117,7 @@ class QdrantTarget(Target):
   def write_transform(self):
     return _WriteRows(self)
 
-  def finish(self, state: ExportState, collection) -> None:
-    del collection  # the target holds it
+  def finish(self, state: ExportState) -> None:
     from qdrant_client import models
     with self.client() as client:
       self._set_metadata(client, state._replace(status=COMPLETE),

@@ -12,8 +12,7 @@ import datetime
 import json
 import logging
 import time
-from typing import (Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple,
-                    TypeVar)
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, TypeVar
 
 import apache_beam as beam
 import numpy as np
@@ -88,15 +87,13 @@ def with_retries(action: Callable[[], T], what: str, retry_on: Tuple[type, ...] 
   raise AssertionError('unreachable')
 
 
-def batches(items: Sequence[T], size: int) -> List[List[T]]:
-  return [list(items[i:i + size]) for i in range(0, len(items), size)]
-
-
 class Target:
-  """A place the collection is exported to. The launcher calls check, state, current_rows and
-  begin; the pipeline applies `delete_transform` and `write_transform`; the launcher then calls
-  finish. Nothing here is held open across those calls (a Milvus Lite file or a Qdrant local
-  folder takes one client at a time)."""
+  """A place the collection is exported to. The launcher calls check and state; the plan
+  pipeline applies `current_rows_transform`; the launcher calls begin when there is a change;
+  the apply pipeline applies `delete_transform` and `write_transform` (and
+  `collection_transform` if `records_collection`); the launcher then calls finish. Nothing here
+  is held open across those calls (a Milvus Lite file or a Qdrant local folder takes one client
+  at a time)."""
 
   name: str  # --to as given, for messages
 
@@ -108,8 +105,20 @@ class Target:
     """The record of the last export into this target, if any."""
     raise NotImplementedError
 
+  records_collection = False  # whether it keeps (uri, run) of every row itself (Vertex)
+
   def current_rows(self) -> Iterator[Tuple[str, str]]:
-    """(uri, run) of every row the target holds."""
+    """(uri, run) of every row the target holds, read in pages."""
+    raise NotImplementedError
+
+  def current_rows_transform(self) -> beam.PTransform:
+    """A PTransform: the pipeline's start -> (uri, run) of every row the target holds, streamed
+    by a worker from `current_rows`."""
+    return _CurrentRows(self)
+
+  def collection_transform(self) -> beam.PTransform:
+    """A PTransform: (uri, run) of every row the target holds once the changes are made ->
+    recorded; for a target that `records_collection`."""
     raise NotImplementedError
 
   def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
@@ -125,11 +134,23 @@ class Target:
     """A PTransform: PCollection of ExportRow -> written."""
     raise NotImplementedError
 
-  def finish(self, state: ExportState, collection: Dict[str, Set[str]]) -> None:
-    """After every change: the index if there is none yet, and the state, complete.
-    `collection`: run directory -> the URIs whose vector is that run's, as the target now holds
-    them."""
+  def finish(self, state: ExportState) -> None:
+    """After every change: the index if there is none yet, and the state, complete."""
     raise NotImplementedError
+
+
+class _CurrentRows(beam.PTransform):
+  """A worker's read of the target's rows, page by page, into the pipeline."""
+
+  def __init__(self, target: Target):
+    super().__init__()
+    self._target = target
+
+  def expand(self, pbegin):
+    target = self._target
+    return (pbegin
+            | 'Start' >> beam.Impulse()
+            | 'ReadPages' >> beam.FlatMap(lambda _: target.current_rows()))
 
 
 def parse_name(text: str, what: str) -> str:

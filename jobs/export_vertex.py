@@ -4,7 +4,10 @@
         {"id": uri, "embedding": [...], "restricts": [{"namespace": "model", "allow": [model]},
          {"namespace": "run", "allow": [run]}], "embedding_metadata": {uri, sha256, height, width}}
     FOLDER/export-20261202T020000123456Z/delete/deletes-00000-of-00001.txt   one id a line
-    FOLDER/state-20261202T020000123456Z.parquet   written last: (uri, run) of every row after it
+    FOLDER/state-20261202T020000123456Z/rows-00000-of-00002.parquet   (uri, run) of every row
+        the index holds once that export folder is applied, written by the export's workers
+    FOLDER/state-20261202T020000123456Z.parquet   written last: the export's record (no rows; a
+        state file of an earlier version holds the rows itself)
 
 Each export writes a new export-* folder: the first is the contentsDeltaUri of the index build
 (or an update with isCompleteOverwrite), each later one that of an update. An export folder
@@ -15,7 +18,7 @@ export what the index holds.
 
 import json
 import re
-from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 
@@ -24,6 +27,7 @@ from jobs.export_target import (COMPLETE, IN_PROGRESS, ExportRow, ExportState, T
                                 TargetError)
 
 _STATE = re.compile(r'state-(\d{8}T\d{12}Z)\.parquet$')
+_ROWS = 'rows'  # the state file's metadata key: the glob of its rows, when not in the file
 
 
 def stamp() -> str:
@@ -83,14 +87,23 @@ class VertexTarget(Target):
       return ExportState(IN_PROGRESS, (), 0, '', None, state.describe() if state else None)
     return state
 
+  records_collection = True
+
   def current_rows(self) -> Iterator[Tuple[str, str]]:
     import pyarrow.parquet as pq
     _, _, path = self._latest()
     if path is None:
       return
     with storage.open_file(path) as f:
-      for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
-        yield from zip(batch.column('uri').to_pylist(), batch.column('run').to_pylist())
+      rows = pq.ParquetFile(f).schema_arrow.metadata.get(_ROWS.encode())
+    paths = [info.path for info in storage.match(rows.decode())] if rows else [path]
+    for part in paths:
+      with storage.open_file(part) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
+          yield from zip(batch.column('uri').to_pylist(), batch.column('run').to_pylist())
+
+  def _rows_prefix(self) -> str:
+    return storage.join(storage.join(self.folder, f'state-{self.stamp}'), _ROWS)
 
   def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
     self.model, self.dimension = model, dimension
@@ -107,17 +120,23 @@ class VertexTarget(Target):
             | beam.io.WriteToText(storage.join(self.export_folder, 'embeddings'),
                                   file_name_suffix='.json'))
 
-  def finish(self, state: ExportState, collection: Dict[str, Set[str]]) -> None:
-    """The state file: every (uri, run) the index holds once this folder is applied."""
+  def collection_transform(self):
+    import pyarrow as pa
+    return (beam.Map(lambda row: {'uri': row[0], 'run': row[1]})
+            | beam.io.WriteToParquet(self._rows_prefix(), pa.schema([('uri', pa.string()),
+                                                                     ('run', pa.string())]),
+                                     file_name_suffix='.parquet'))
+
+  def finish(self, state: ExportState) -> None:
+    """The state file, naming the rows the apply pipeline wrote (collection_transform)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    uris = [uri for run in sorted(collection) for uri in sorted(collection[run])]
-    runs = [run for run in sorted(collection) for _ in collection[run]]
-    table = pa.table({'uri': pa.array(uris, pa.string()), 'run': pa.array(runs, pa.string())})
+    table = pa.table({'uri': pa.array([], pa.string()), 'run': pa.array([], pa.string())})
     table = table.replace_schema_metadata({
         'state': state._replace(status=COMPLETE).to_json(),
         'export': json.dumps({'model': self.model, 'dimension': self.dimension,
-                              'folder': self.export_folder})})
+                              'folder': self.export_folder}),
+        _ROWS: self._rows_prefix() + '-*.parquet'})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(storage.join(self.folder, f'state-{self.stamp}.parquet'),

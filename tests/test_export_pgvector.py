@@ -6,6 +6,7 @@ the PCA column and the query of docs/exporting.md re-ranks by the full vector.""
 
 import os
 import re
+from typing import NamedTuple
 
 import numpy as np
 import psycopg
@@ -63,21 +64,40 @@ def export(glob: str, to: str, *flags):
   return export_main(['--runs', glob, '--to', to, *flags])
 
 
-def test_two_nights_one_deletion_and_one_dead_letter_leave_the_table_equal_to_load(
-    postgres, tmp_path):
+class Nights(NamedTuple):
+  glob: str
+  first_report: object
+  after_first: dict  # the table's rows after night 1 alone
+  first_expected: dict
+  report: object  # of the export of both nights
+
+
+@pytest.fixture(scope='module')
+def nights(postgres, tmp_path_factory) -> Nights:
+  """Table `nights`: night 1 exported alone, then both nights; later tests rerun it and check
+  it untouched."""
+  folder = tmp_path_factory.mktemp('nights')
   to = f'{postgres}?table=nights'
-  first = str(tmp_path / 'first')
+  first = str(folder / 'first')
   write_run(f'{first}/night1', rows(['/photos/a.jpg', '/photos/b.jpg', '/photos/c.jpg',
                                      '/photos/d.jpg'], 8, 1), inputs=['/photos'],
             finished_at='2026-12-01T02:00:00Z')
-  report = export(f'{first}/night1', to)
-  assert (report.written, report.deleted) == (4, 0)
-  assert_equal_rows(table_rows(postgres, 'nights'), collection_rows(f'{first}/night1'))
-
-  glob = two_nights(tmp_path / 'both')
+  first_report = export(f'{first}/night1', to)
+  after_first = table_rows(postgres, 'nights')
+  glob = two_nights(folder / 'both')
   # the same night 1 again under another directory: every row's run changes, so all are written
-  report = export(glob, to)
-  expected = collection_rows(glob)
+  return Nights(glob, first_report, after_first, collection_rows(f'{first}/night1'),
+                export(glob, to))
+
+
+def test_two_nights_one_deletion_and_one_dead_letter_leave_the_table_equal_to_load(
+    postgres, nights):
+  report = nights.first_report
+  assert (report.written, report.deleted) == (4, 0)
+  assert_equal_rows(nights.after_first, nights.first_expected)
+
+  report = nights.report
+  expected = collection_rows(nights.glob)
   assert sorted(expected) == ['/photos/a.jpg', '/photos/b.jpg', '/photos/e.jpg']
   assert_equal_rows(table_rows(postgres, 'nights'), expected)
   assert (report.written, report.deleted, report.rows) == (3, 2, 3)
@@ -87,19 +107,17 @@ def test_two_nights_one_deletion_and_one_dead_letter_leave_the_table_equal_to_lo
   assert any('hnsw (embedding vector_cosine_ops)' in i[0] for i in indexes)
 
 
-def test_a_rerun_with_nothing_new_writes_nothing(postgres, tmp_path, capsys):
-  to = f'{postgres}?table=rerun'
-  glob = two_nights(tmp_path)
-  export(glob, to)
+def test_a_rerun_with_nothing_new_writes_nothing(postgres, nights, capsys):
+  to = f'{postgres}?table=nights'
 
   def snapshot():
     with psycopg.connect(postgres) as connection:
       return sorted(connection.execute(
-          'SELECT uri, xmin::text FROM rerun UNION ALL SELECT name, xmin::text FROM rerun_export'
-      ).fetchall())
+          'SELECT uri, xmin::text FROM nights UNION ALL SELECT name, xmin::text FROM '
+          'nights_export').fetchall())
   before = snapshot()
   capsys.readouterr()
-  report = export(glob, to)
+  report = export(nights.glob, to)
   assert (report.written, report.deleted, report.state) == (0, 0, None)
   assert 'nothing new' in capsys.readouterr().out
   assert snapshot() == before  # no row and no record rewritten
@@ -114,29 +132,28 @@ def _refused(capsys, glob, to) -> str:
   return error
 
 
-def test_bad_targets_are_refused_before_any_work_with_exit_2_and_one_line(postgres, tmp_path,
-                                                                          capsys):
-  glob = two_nights(tmp_path / 'runs')
+def test_bad_targets_are_refused_before_any_work_with_exit_2_and_one_line(postgres, nights,
+                                                                          tmp_path, capsys):
+  glob = nights.glob
   assert 'not a target' in _refused(capsys, glob, 'mysql://root@127.0.0.1/db?table=t')
   assert 'name one table' in _refused(capsys, glob, postgres)
   assert 'cannot connect' in _refused(capsys, glob,
                                       f'postgresql://postgres@127.0.0.1:{free_port()}/postgres'
                                       f'?table=t')
-  export(glob, f'{postgres}?table=held')
   other_size = str(tmp_path / 'wide')
   write_run(f'{other_size}/run', rows(['/photos/a.jpg'], 16, 3))
   assert '8-d vectors of builtin:test@untrained-seed0, not 16-d' in _refused(
-      capsys, f'{other_size}/run', f'{postgres}?table=held')
+      capsys, f'{other_size}/run', f'{postgres}?table=nights')
   other_model = str(tmp_path / 'model')
   write_run(f'{other_model}/run', rows(['/photos/a.jpg'], 8, 3), model='builtin:other@seed1')
   assert 'not 8-d of builtin:other@seed1' in _refused(capsys, f'{other_model}/run',
-                                                     f'{postgres}?table=held')
+                                                     f'{postgres}?table=nights')
   with psycopg.connect(postgres) as connection:
     connection.execute('CREATE TABLE users_own (uri text PRIMARY KEY)')
     assert connection.execute("SELECT count(*) FROM pg_tables WHERE tablename = 't'"
                               ).fetchone()[0] == 0
   assert 'was not made by this export' in _refused(capsys, glob, f'{postgres}?table=users_own')
-  assert_equal_rows(table_rows(postgres, 'held'), collection_rows(glob))  # untouched
+  assert_equal_rows(table_rows(postgres, 'nights'), collection_rows(glob))  # untouched
 
 
 def _fail_writes_of(postgres: str, table: str, uri: str, times: int) -> None:

@@ -127,7 +127,7 @@ def vertex_state(folder: str) -> dict:
   return state
 
 
-def test_vertex_jsonl_folders_with_delete_records_replay_to_load(tmp_path, capsys):
+def test_vertex_jsonl_folders_with_delete_records_replay_to_load(tmp_path, capsys, monkeypatch):
   folder = str(tmp_path / 'vertex')
   first = str(tmp_path / 'first')
   write_run(f'{first}/night1', rows(['/photos/a.jpg', '/photos/b.jpg', '/photos/c.jpg',
@@ -152,5 +152,23 @@ def test_vertex_jsonl_folders_with_delete_records_replay_to_load(tmp_path, capsy
                                             'width': width}
     np.testing.assert_array_equal(np.array(record['embedding'], np.float32), vector)
   capsys.readouterr()
-  assert export(glob, f'vertex:{folder}').state is None
+  _assert_planned_by_workers(monkeypatch, lambda: export(
+      glob, f'vertex:{folder}', '--direct_running_mode', 'multi_processing',
+      '--direct_num_workers', '2').state is None)
   assert len(globbing.glob(f'{folder}/export-*/')) == 2  # nothing new: no folder
+
+
+def _assert_planned_by_workers(monkeypatch, export_is_a_no_op) -> None:
+  """An export on workers that are other processes: spies set in the launcher see it neither
+  decide a URI's source nor read the rows the target holds (either grows with the collection
+  in one process)."""
+  from embeddings.collection import SourceRule
+  from jobs.export_vertex import VertexTarget
+  in_launcher = []
+  decide, current_rows = SourceRule.decide, VertexTarget.current_rows
+  monkeypatch.setattr(SourceRule, 'decide', lambda rule, *args: in_launcher.append('decide') or
+                      decide(rule, *args))
+  monkeypatch.setattr(VertexTarget, 'current_rows', lambda target: in_launcher.append(
+      'current_rows') or current_rows(target))
+  assert export_is_a_no_op()
+  assert in_launcher == []

@@ -1,0 +1,177 @@
+"""Which run holds each URI's vector, decided inside Beam: the collection's rule
+(embeddings/collection.py `SourceRule`) over the runs' indexes, grouped by URI, so that no one
+process holds the collection's URIs. Shared by the compaction (jobs/compact.py) and the export
+(jobs/export.py).
+
+    index files ─ ReadIndexRows ─ (uri, row) ─ GroupByKey ─ Decide (side input: the folders each
+       run could not list) ─ kept: ((source run, uri), newest row); decode: (uri, newest row)
+
+    (run, uri) ─ LocateInShards: the `uri` column of the shards of those runs only (Parquet reads
+       that column alone) ─ CoGroupByKey ─ ((run, shard number), uri)
+
+Only URIs, small index rows and shard numbers are shuffled, never a vector.
+"""
+
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embeddings import storage
+from embeddings.collection import GONE, UNDECIDED, SourceRule
+from embeddings.runs import Run
+from embeddings.shards import is_parquet, read_shard
+from run_format import DECODE, READ, SKIPPED
+
+METRICS_NAMESPACE = 'collection'
+_BATCH_ROWS = 65_536
+_INDEX_COLUMNS = ('uri', 'outcome', 'done_outcome', 'vector_run', 'size_bytes', 'last_modified',
+                  'content_id', 'recipe', 'sha256', 'model')
+
+
+class IndexRow(NamedTuple):
+  """One run's index row for a URI, as the rule and the consolidated index need it."""
+  number: int  # the run's place, newest first
+  outcome: str
+  done_outcome: Optional[str]
+  vector_run: Optional[str]
+  version: tuple  # (size_bytes, last_modified in microseconds, content_id, recipe)
+  model: Optional[str]
+
+
+def index_files(runs: Sequence[Run]) -> List[Tuple[int, str]]:
+  return [(number, info.path) for number, run in enumerate(runs)
+          for info in storage.match(run.index_glob)]
+
+
+class _ReadIndexRows(beam.DoFn):
+  """(run number, index file) -> (uri, IndexRow)."""
+
+  def process(self, numbered: Tuple[int, str]):
+    number, path = numbered
+    with storage.open_file(path) as f:
+      parquet = pq.ParquetFile(f)
+      present = [c for c in _INDEX_COLUMNS if c in parquet.schema_arrow.names]
+      for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=present):
+        columns = {name: (batch.column(name).cast(pa.int64()) if name == 'last_modified' else
+                          batch.column(name)).to_pylist() if name in present else
+                   [None] * batch.num_rows for name in _INDEX_COLUMNS}
+        for row in range(batch.num_rows):
+          value = {name: columns[name][row] for name in _INDEX_COLUMNS}
+          yield value['uri'], IndexRow(
+              number, value['outcome'], value['done_outcome'], value['vector_run'],
+              (value['size_bytes'], value['last_modified'], value['content_id'],
+               value['recipe']), value['model'])
+
+
+class _Decide(beam.DoFn):
+  """(uri, its rows in every run) -> ((source run, uri), the newest row) for a vector, or the
+  decode row (tag 'decode') for a file done as undecodable."""
+
+  def __init__(self, runs: Sequence[Run]):
+    self._runs = list(runs)
+
+  def setup(self):
+    self._vectors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'vectors')
+    self._missing = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'vectors_missing')
+
+  def process(self, grouped, unlisted_rows: Iterable[Tuple[int, str]]):
+    uri, rows = grouped
+    if not hasattr(self, '_rule'):
+      unlisted: List[Set[str]] = [set() for _ in self._runs]
+      for number, folder in unlisted_rows:
+        unlisted[number].add(folder)
+      self._rule = SourceRule(self._runs, unlisted=unlisted)
+    rows = sorted(rows, key=lambda row: row.number)
+    waiting: Dict[str, tuple] = {}
+    for row in rows:
+      source = self._rule.decide(uri, row.number, row.outcome, row.done_outcome, row.vector_run,
+                                 lambda: row.version, waiting)
+      if source is UNDECIDED:
+        continue
+      if source is GONE:
+        return
+      if source is not None:
+        self._vectors.inc()
+        yield (self._runs[source].path, uri), rows[0]
+      elif DECODE in (row.outcome, row.done_outcome if row.outcome == SKIPPED else None):
+        yield beam.pvalue.TaggedOutput('decode', (uri, rows[0]))
+      return
+    if waiting:
+      self._missing.inc()
+
+
+class CollectionSources(beam.PTransform):
+  """Runs of one model, newest first -> outputs `kept`: ((source run directory, uri), the URI's
+  newest IndexRow) for each URI with a vector, and `decode`: (uri, IndexRow) for each file done
+  as undecodable."""
+
+  def __init__(self, runs: Sequence[Run]):
+    super().__init__()
+    self._runs = list(runs)
+
+  def expand(self, pbegin):
+    rows = (pbegin
+            | 'IndexFiles' >> beam.Create(index_files(self._runs), reshuffle=False)
+            | 'SpreadIndexFiles' >> beam.Reshuffle()
+            | 'ReadIndexRows' >> beam.ParDo(_ReadIndexRows()))
+    unlisted = (rows
+                | 'ReadFailures' >> beam.Filter(lambda kv: kv[1].outcome == READ)
+                | 'FailedFolders' >> beam.Map(lambda kv: (kv[1].number, kv[0])))
+    return (rows
+            | 'ByUri' >> beam.GroupByKey()
+            | 'Decide' >> beam.ParDo(_Decide(self._runs), beam.pvalue.AsList(unlisted))
+            .with_outputs('decode', main='kept'))
+
+
+class _ShardUris(beam.DoFn):
+  """(run, shard number, path) -> ((run, uri), shard number) for each row of the shard: the uri
+  column alone of a Parquet shard; a TFRecord shard is read whole."""
+
+  def process(self, shard: Tuple[str, int, str]):
+    run, number, path = shard
+    if is_parquet(path):
+      with storage.open_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS, columns=['uri']):
+          for uri in batch.column('uri').to_pylist():
+            yield (run, uri), number
+    else:
+      for uri in read_shard(path, run).uris:
+        yield (run, uri), number
+
+
+def _located(keyed):
+  """((run, uri), {'wanted': [...], 'shards': [numbers]}) -> ((run, shard number), uri)."""
+  (run, uri), parts = keyed
+  if not parts['wanted']:
+    return
+  shards = list(parts['shards'])
+  if not shards:
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'vectors_not_in_shards').inc()
+    return
+  yield (run, shards[0]), uri
+
+
+class LocateInShards(beam.PTransform):
+  """(run directory, uri) keys -> ((run directory, shard number in `shard_paths[run]`), uri),
+  reading the uri column of the shards of the runs that appear only. A key whose URI is in no
+  shard of its run is counted (vectors_not_in_shards) and dropped."""
+
+  def __init__(self, shard_paths: Dict[str, List[str]]):
+    super().__init__()
+    self._shard_paths = shard_paths
+
+  def expand(self, keys):
+    shard_paths = self._shard_paths
+    shards = (keys
+              | 'Runs' >> beam.Map(lambda key: key[0])
+              | 'EachRunOnce' >> beam.Distinct()
+              | 'Shards' >> beam.FlatMap(lambda run: [(run, number, path) for number, path in
+                                                      enumerate(shard_paths[run])])
+              | 'SpreadShards' >> beam.Reshuffle()
+              | 'ShardUris' >> beam.ParDo(_ShardUris()))
+    wanted = keys | 'Wanted' >> beam.Map(lambda key: (key, None))
+    return ({'wanted': wanted, 'shards': shards}
+            | 'JoinShards' >> beam.CoGroupByKey()
+            | 'Located' >> beam.FlatMap(_located))
