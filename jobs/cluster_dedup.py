@@ -48,12 +48,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsList, AsSingleton, TaggedOutput
 
 from embeddings import storage
-from embeddings.collection import vector_sources
 from embeddings.duplicate_groups import Candidate, Group, Member, components, grouped, sort_groups
 from embeddings.runs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
 from jobs import work_folder
+from jobs.collection_sources import CollectionSources, LocateInShards
 
 MAX_CLUSTERS = 4096  # k-means is trained on one worker: 40 x 4096 sample rows
 SAMPLE_PER_CLUSTER = 40  # FAISS wants at least 39 training rows per centroid
@@ -71,7 +71,7 @@ FLOAT16_MARGIN = 2e-3
 class ShardRef(NamedTuple):
   path: str
   run: str  # the run directory
-  # The URIs whose vector is this run's (embeddings.collection.vector_sources), None with one run.
+  # This shard's URIs whose vector is this run's (decided in Beam: Shards), None with one run.
   vector_uris: Optional[FrozenSet[str]]
 
 
@@ -352,11 +352,34 @@ def _groups_json(keyed, threshold: float) -> Iterator[str]:
     yield json.dumps({'kind': group.kind, 'members': [m._asdict() for m in group.members]})
 
 
-def build(root, refs: Sequence[ShardRef], run_plan: Plan, work_directory: str):
+class Shards(beam.PTransform):
+  """The pipeline's start -> a ShardRef for every shard of the runs (newest first, as find_runs
+  gives) that holds vectors of the collection: with several runs, each with the URIs whose vector
+  is its run's, by the rule `embeddings.load` follows (jobs/collection_sources.py), per shard."""
+
+  def __init__(self, runs: Sequence[Run]):
+    super().__init__()
+    self._runs = list(runs)
+
+  def expand(self, pbegin):
+    runs = self._runs
+    if len(runs) == 1:
+      return pbegin | 'Refs' >> beam.Create(
+          [ShardRef(path, runs[0].path, None) for path in runs[0].shard_paths()])
+    shard_paths = {run.path: run.shard_paths() for run in runs}
+    return ((pbegin | 'Sources' >> CollectionSources(runs)).kept
+            | 'SourceKeys' >> beam.Keys()
+            | 'Locate' >> LocateInShards(shard_paths)
+            | 'ByShard' >> beam.GroupByKey()
+            | 'Refs' >> beam.MapTuple(lambda shard, uris: ShardRef(
+                shard_paths[shard[0]][shard[1]], shard[0], frozenset(uris))))
+
+
+def build(root, runs: Sequence[Run], run_plan: Plan, work_directory: str):
   """The pipeline on `root` (a Pipeline) -> the groups (duplicate_groups.Group) as JSON lines.
   Reads the shards three times (sample, spill, members), so that no stage holds more than a shard
   or a range of clusters; vectors cross stages as files in `work_directory` only."""
-  shards = root | 'Shards' >> beam.Create(list(refs))
+  shards = root | 'Shards' >> Shards(runs)
   centroids = (shards
                | 'Sample' >> beam.FlatMap(write_sample, run_plan, work_directory)
                | 'AllSamples' >> beam.combiners.ToList()
@@ -378,16 +401,6 @@ def build(root, refs: Sequence[ShardRef], run_plan: Plan, work_directory: str):
           | 'Groups' >> beam.FlatMap(_groups_json, run_plan.threshold))
 
 
-def shard_refs(runs: Sequence[Run]) -> List[ShardRef]:
-  """Every shard of the runs (newest first, as find_runs gives), with the URIs whose vector is
-  its run's: decided from the runs' indexes, as for `embeddings.load`."""
-  if len(runs) == 1:
-    return [ShardRef(path, runs[0].path, None) for path in runs[0].shard_paths()]
-  sources = vector_sources(runs)
-  return [ShardRef(path, run.path, frozenset(sources[run.path]))
-          for run in runs if sources[run.path] for path in run.shard_paths()]
-
-
 WorkDirectoryError = work_folder.WorkDirectoryError
 
 
@@ -403,14 +416,13 @@ def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str]
                 seed: int = 0, max_visits: int = MAX_VISITS
                 ) -> Tuple[List[Group], Stats]:
   """Groups of two or more, largest first, as duplicate_groups.find_groups gives, by clustering."""
-  refs = shard_refs(runs)
   rows = sum(r.summary.embedded for r in runs)
   run_plan = plan(max(rows, 1), runs[0].embedding_size or 1, threshold, seed, max_visits)
   options = PipelineOptions(list(beam_flags))
   directory, local = work_folder.work_directory(options, 'duplicates')
   try:
     pipeline = beam.Pipeline(options=options)
-    _ = (build(pipeline, refs, run_plan, directory)
+    _ = (build(pipeline, runs, run_plan, directory)
          | 'WriteGroups' >> beam.io.WriteToText(storage.join(directory, 'groups'),
                                                 file_name_suffix='.jsonl'))
     result = pipeline.run()
