@@ -15,7 +15,8 @@ others), and newest first (by `finished_at`). Per URI:
 - with `history`, each URI's newest embedding, whatever later runs found.
 
 `SourceRule` is that rule for one row at a time, shared by `vector_sources` (streaming, newest run
-first) and the compaction job (jobs/compact.py, grouped by URI).
+first, in one process: `load`) and the Beam jobs (jobs/collection_sources.py, grouped by URI: the
+compaction, the export, the duplicates by clustering).
 """
 
 import logging

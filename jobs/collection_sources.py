@@ -3,8 +3,9 @@
 process holds the collection's URIs. Shared by the compaction (jobs/compact.py) and the export
 (jobs/export.py).
 
-    index files ─ ReadIndexRows ─ (uri, row) ─ GroupByKey ─ Decide (side input: the folders each
-       run could not list) ─ kept: ((source run, uri), newest row); decode: (uri, newest row)
+    index files ─ ReadIndexRows ─ (uri, row) ─┬ GroupByKey ─ Decide (side input: the folders each
+    (beside: (uri, value), e.g. a target's rows) ┘  run could not list) ─ kept: ((source run,
+       uri), newest row); decode: (uri, newest row); beside: (uri, (source run, [values]))
 
     (run, uri) ─ LocateInShards: the `uri` column of the shards of those runs only (Parquet reads
        that column alone) ─ CoGroupByKey ─ ((run, shard number), uri)
@@ -65,25 +66,42 @@ class _ReadIndexRows(beam.DoFn):
                value['recipe']), value['model'])
 
 
+class Beside(NamedTuple):
+  """A value grouped with a URI's index rows (CollectionSources' `beside`)."""
+  value: object
+
+
 class _Decide(beam.DoFn):
   """(uri, its rows in every run) -> ((source run, uri), the newest row) for a vector, or the
-  decode row (tag 'decode') for a file done as undecodable."""
+  decode row (tag 'decode') for a file done as undecodable; with values beside the rows, (uri,
+  (source run or None, [values])) (tag 'beside') for a URI with a source or a value."""
 
-  def __init__(self, runs: Sequence[Run]):
+  def __init__(self, runs: Sequence[Run], beside: bool):
     self._runs = list(runs)
+    self._beside = beside
 
   def setup(self):
     self._vectors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'vectors')
     self._missing = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'vectors_missing')
 
   def process(self, grouped, unlisted_rows: Iterable[Tuple[int, str]]):
-    uri, rows = grouped
+    uri, values = grouped
     if not hasattr(self, '_rule'):
       unlisted: List[Set[str]] = [set() for _ in self._runs]
       for number, folder in unlisted_rows:
         unlisted[number].add(folder)
       self._rule = SourceRule(self._runs, unlisted=unlisted)
-    rows = sorted(rows, key=lambda row: row.number)
+    rows, beside = [], []
+    for value in values:
+      (beside if isinstance(value, Beside) else rows).append(value)
+    source = None
+    if rows:
+      source = yield from self._decided(uri, sorted(rows, key=lambda row: row.number))
+    if self._beside and (source is not None or beside):
+      yield beam.pvalue.TaggedOutput('beside', (uri, (source, [b.value for b in beside])))
+
+  def _decided(self, uri: str, rows: List[IndexRow]):
+    """Yields the kept or decode output; returns the source run's directory, or None."""
     waiting: Dict[str, tuple] = {}
     for row in rows:
       source = self._rule.decide(uri, row.number, row.outcome, row.done_outcome, row.vector_run,
@@ -91,25 +109,30 @@ class _Decide(beam.DoFn):
       if source is UNDECIDED:
         continue
       if source is GONE:
-        return
+        return None
       if source is not None:
         self._vectors.inc()
         yield (self._runs[source].path, uri), rows[0]
-      elif DECODE in (row.outcome, row.done_outcome if row.outcome == SKIPPED else None):
+        return self._runs[source].path
+      if DECODE in (row.outcome, row.done_outcome if row.outcome == SKIPPED else None):
         yield beam.pvalue.TaggedOutput('decode', (uri, rows[0]))
-      return
+      return None
     if waiting:
       self._missing.inc()
+    return None
 
 
 class CollectionSources(beam.PTransform):
   """Runs of one model, newest first -> outputs `kept`: ((source run directory, uri), the URI's
   newest IndexRow) for each URI with a vector, and `decode`: (uri, IndexRow) for each file done
-  as undecodable."""
+  as undecodable. `beside`: (uri, value) pairs grouped with the index rows in the same shuffle
+  (an export target's rows); then output `beside` gives (uri, (source run directory or None,
+  [values])) for each URI with a vector or a value."""
 
-  def __init__(self, runs: Sequence[Run]):
+  def __init__(self, runs: Sequence[Run], beside=None):
     super().__init__()
     self._runs = list(runs)
+    self._beside = beside
 
   def expand(self, pbegin):
     rows = (pbegin
@@ -119,10 +142,15 @@ class CollectionSources(beam.PTransform):
     unlisted = (rows
                 | 'ReadFailures' >> beam.Filter(lambda kv: kv[1].outcome == READ)
                 | 'FailedFolders' >> beam.Map(lambda kv: (kv[1].number, kv[0])))
-    return (rows
+    grouped = rows
+    if self._beside is not None:
+      grouped = ((rows, self._beside | 'Beside' >> beam.MapTuple(
+          lambda uri, value: (uri, Beside(value)))) | 'WithBeside' >> beam.Flatten())
+    return (grouped
             | 'ByUri' >> beam.GroupByKey()
-            | 'Decide' >> beam.ParDo(_Decide(self._runs), beam.pvalue.AsList(unlisted))
-            .with_outputs('decode', main='kept'))
+            | 'Decide' >> beam.ParDo(_Decide(self._runs, self._beside is not None),
+                                     beam.pvalue.AsList(unlisted))
+            .with_outputs('decode', 'beside', main='kept'))
 
 
 class _ShardUris(beam.DoFn):

@@ -1,8 +1,9 @@
 """The Beam job behind `python -m embeddings.export`: the collection `embeddings.load` returns,
 put into a vector database or files, and kept equal to it night after night.
 
-    plan pipeline:  CollectionSources (jobs/collection_sources.py) ─ (uri, source run) ─┐
-                    the target's current_rows_transform: (uri, run), read in pages ─────┴ by URI
+    plan pipeline:  the target's current_rows_transform: (uri, run), read in pages, beside
+                    the index rows in CollectionSources (jobs/collection_sources.py), grouped
+                    by URI ─ (uri, (source run, [the run the target holds it from]))
                     ─ Plan ─ unchanged, rows (counted)
                            ─ deletes: uri ──────────────────────────────┐
                            ─ writes: (run, uri) ─ LocateInShards ─ by shard ┴ PLAN/plan-*.jsonl
@@ -68,26 +69,24 @@ class ShardWrites(NamedTuple):
 
 
 class _Plan(beam.DoFn):
-  """(uri, {'source': [its source run], 'current': [the run the target holds it from]}) ->
-  (source run, uri) to write, or its URI (tag 'delete'); unchanged rows are counted only."""
+  """(uri, (its source run or None, [the run the target holds it from])) -> (source run, uri) to
+  write, or its URI (tag 'delete'); unchanged rows are counted only."""
 
   def setup(self):
     self._counters = {name: beam.metrics.Metrics.counter(PLAN_NAMESPACE, name)
                       for name in ('rows', 'unchanged', 'deletes')}
 
-  def process(self, grouped):
-    uri, parts = grouped
-    sources, current = list(parts['source']), list(parts['current'])
-    if not sources:
-      if current:
-        self._counters['deletes'].inc()
-        yield beam.pvalue.TaggedOutput('delete', uri)
+  def process(self, decided):
+    uri, (source, current) = decided
+    if source is None:
+      self._counters['deletes'].inc()
+      yield beam.pvalue.TaggedOutput('delete', uri)
       return
     self._counters['rows'].inc()
-    if sources[0] in current:
+    if source in current:
       self._counters['unchanged'].inc()
     else:
-      yield sources[0], uri
+      yield source, uri
 
 
 def _shard_writes(grouped, shard_paths: Dict[str, List[str]]) -> str:
@@ -115,13 +114,9 @@ class _PlanLines(beam.DoFn):
 def plan(runs: Sequence[Run], target: Target, folder: str, options: PipelineOptions) -> Plan:
   """Runs the plan pipeline: its change lists into `folder`, its counts returned."""
   pipeline = beam.Pipeline(options=options)
-  sources = (pipeline
-             | 'Sources' >> CollectionSources(runs)).kept | 'UriAndRun' >> beam.Map(
-                 lambda kv: (kv[0][1], kv[0][0]))
   current = pipeline | 'CurrentRows' >> target.current_rows_transform()
-  planned = ({'source': sources, 'current': current}
-             | 'ByUri' >> beam.CoGroupByKey()
-             | 'Plan' >> beam.ParDo(_Plan()).with_outputs('delete', main='write'))
+  decided = pipeline | 'Sources' >> CollectionSources(runs, beside=current)
+  planned = decided.beside | 'Plan' >> beam.ParDo(_Plan()).with_outputs('delete', main='write')
   shard_paths = {run.path: run.shard_paths() for run in runs}
   lines = [planned.write
            | 'Locate' >> LocateInShards(shard_paths)
@@ -129,7 +124,8 @@ def plan(runs: Sequence[Run], target: Target, folder: str, options: PipelineOpti
            | 'ShardWrites' >> beam.Map(_shard_writes, shard_paths),
            planned.delete | 'DeleteLines' >> beam.Map(lambda uri: json.dumps({DELETE: uri}))]
   if target.records_collection:
-    lines.append(sources | 'RowLines' >> beam.Map(lambda kv: json.dumps({ROW: kv})))
+    lines.append(decided.kept | 'RowLines' >> beam.Map(
+        lambda kv: json.dumps({ROW: [kv[0][1], kv[0][0]]})))
   _ = (lines
        | 'PlanLines' >> beam.Flatten()
        | 'WritePlan' >> beam.io.WriteToText(storage.join(folder, 'plan'),
@@ -253,7 +249,8 @@ def _apply(target: Target, folder: str, models: Dict[str, str],
   """The apply pipeline: the plan's deletions, then its writes, each shard read once."""
   with beam.Pipeline(options=options) as pipeline:
     planned = (pipeline
-               | 'PlanFiles' >> beam.Create([f.path for f in storage.match(_plan_files(folder))])
+               | 'PlanFiles' >> beam.Create([f.path for f in storage.match(_plan_files(folder))],
+                                          reshuffle=False)
                | 'Lines' >> beam.FlatMap(_lines)
                | 'PlanLines' >> beam.ParDo(_PlanLines()).with_outputs(DELETE, ROW, main=WRITES))
     deleted = (planned[DELETE]
@@ -266,6 +263,7 @@ def _apply(target: Target, folder: str, models: Dict[str, str],
          | 'Write' >> target.write_transform())
     if target.records_collection:
       _ = planned[ROW] | 'RecordCollection' >> target.collection_transform()
+
 
 def summary_line(target: Target, report: ExportReport) -> str:
   if report.state is None:
