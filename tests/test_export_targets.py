@@ -152,23 +152,26 @@ def test_vertex_jsonl_folders_with_delete_records_replay_to_load(tmp_path, capsy
                                             'width': width}
     np.testing.assert_array_equal(np.array(record['embedding'], np.float32), vector)
   capsys.readouterr()
-  _assert_planned_by_workers(monkeypatch, lambda: export(
-      glob, f'vertex:{folder}', '--direct_running_mode', 'multi_processing',
-      '--direct_num_workers', '2').state is None)
+  _assert_planned_by_workers(monkeypatch, lambda: export(glob, f'vertex:{folder}').state is None)
   assert len(globbing.glob(f'{folder}/export-*/')) == 2  # nothing new: no folder
 
 
 def _assert_planned_by_workers(monkeypatch, export_is_a_no_op) -> None:
-  """An export on workers that are other processes: spies set in the launcher see it neither
-  decide a URI's source nor read the rows the target holds (either grows with the collection
-  in one process)."""
+  """Spies on the collection's rule and on the target's read of its rows: every call is made in
+  a Beam bundle (a worker's work, however many there are), none by the launcher's own code,
+  where either would grow with the collection in one process."""
+  import inspect
   from embeddings.collection import SourceRule
   from jobs.export_vertex import VertexTarget
-  in_launcher = []
-  decide, current_rows = SourceRule.decide, VertexTarget.current_rows
-  monkeypatch.setattr(SourceRule, 'decide', lambda rule, *args: in_launcher.append('decide') or
-                      decide(rule, *args))
-  monkeypatch.setattr(VertexTarget, 'current_rows', lambda target: in_launcher.append(
-      'current_rows') or current_rows(target))
+  calls = {'in a bundle': 0, 'in the launcher': 0}
+
+  def spy(method):
+    def called(*args):
+      in_bundle = any(frame.filename.endswith('bundle_processor.py') for frame in inspect.stack())
+      calls['in a bundle' if in_bundle else 'in the launcher'] += 1
+      return method(*args)
+    return called
+  monkeypatch.setattr(SourceRule, 'decide', spy(SourceRule.decide))
+  monkeypatch.setattr(VertexTarget, 'current_rows', spy(VertexTarget.current_rows))
   assert export_is_a_no_op()
-  assert in_launcher == []
+  assert calls['in the launcher'] == 0 and calls['in a bundle'] > 0, calls
