@@ -68,7 +68,8 @@ def _plan_only(runs_glob: str) -> None:
     child = subprocess.Popen([sys.executable, '-m', 'benchmarks.bench_export', '--plan_here',
                               runs_glob, '--runner', 'PortableRunner', '--job_endpoint',
                               f'localhost:{job_port}', '--environment_type', 'EXTERNAL',
-                              '--environment_config', f'localhost:{pool_port}'],
+                              '--environment_config', f'localhost:{pool_port}',
+                              '--job_server_timeout', '36000'],
                              stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status):

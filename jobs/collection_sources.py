@@ -1,7 +1,7 @@
 """Which run holds each URI's vector, decided inside Beam: the collection's rule
 (embeddings/collection.py `SourceRule`) over the runs' indexes, grouped by URI, so that no one
-process holds the collection's URIs. Shared by the compaction (jobs/compact.py) and the export
-(jobs/export.py).
+process holds the collection's URIs. Shared by the compaction (jobs/compact.py), the export
+(jobs/export.py) and the duplicates by clustering (jobs/cluster_dedup.py).
 
     index files ─ ReadIndexRows ─ (uri, row) ─┬ GroupByKey ─ Decide (side input: the folders each
     (beside: (uri, value), e.g. a target's rows) ┘  run could not list) ─ kept: ((source run,

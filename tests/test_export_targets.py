@@ -101,6 +101,15 @@ def test_unreachable_servers_are_refused_with_exit_2(tmp_path, capsys):
   assert 'ends in .db' in _refused(capsys, glob, f'milvus-lite:{tmp_path}/x?collection=c')
 
 
+def test_a_remote_runner_without_a_temp_location_is_refused(tmp_path, capsys):
+  """Its workers could not share the plan's files in a local folder."""
+  with pytest.raises(SystemExit) as exit_info:
+    export(two_nights(tmp_path), f'vertex:{tmp_path}/vertex', '--runner', 'DataflowRunner')
+  assert exit_info.value.code == 2
+  assert 'needs --temp_location' in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'vertex')
+
+
 def test_a_collection_this_export_did_not_make_is_refused(tmp_path, capsys):
   from qdrant_client import QdrantClient, models
   client = QdrantClient(path=str(tmp_path / 'qdrant'))
