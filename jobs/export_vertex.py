@@ -27,7 +27,7 @@ from jobs.export_target import (COMPLETE, IN_PROGRESS, ExportRow, ExportState, T
                                 TargetError)
 
 _STATE = re.compile(r'state-(\d{8}T\d{12}Z)\.parquet$')
-_ROWS = 'rows'  # the state file's metadata key: the glob of its rows, when not in the file
+_ROWS = 'rows'  # the state file's metadata key: its rows' glob in the folder, when not in it
 
 
 def stamp() -> str:
@@ -96,14 +96,16 @@ class VertexTarget(Target):
       return
     with storage.open_file(path) as f:
       rows = pq.ParquetFile(f).schema_arrow.metadata.get(_ROWS.encode())
-    paths = [info.path for info in storage.match(rows.decode())] if rows else [path]
+    paths = ([info.path for info in storage.match(storage.join(self.folder, rows.decode()))]
+             if rows else [path])
     for part in paths:
       with storage.open_file(part) as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
           yield from zip(batch.column('uri').to_pylist(), batch.column('run').to_pylist())
 
-  def _rows_prefix(self) -> str:
-    return storage.join(storage.join(self.folder, f'state-{self.stamp}'), _ROWS)
+  def _rows_name(self) -> str:
+    """The rows' file prefix, in the folder."""
+    return f'state-{self.stamp}/{_ROWS}'
 
   def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
     self.model, self.dimension = model, dimension
@@ -122,9 +124,9 @@ class VertexTarget(Target):
 
   def collection_transform(self):
     import pyarrow as pa
+    schema = pa.schema([('uri', pa.string()), ('run', pa.string())])
     return (beam.Map(lambda row: {'uri': row[0], 'run': row[1]})
-            | beam.io.WriteToParquet(self._rows_prefix(), pa.schema([('uri', pa.string()),
-                                                                     ('run', pa.string())]),
+            | beam.io.WriteToParquet(storage.join(self.folder, self._rows_name()), schema,
                                      file_name_suffix='.parquet'))
 
   def finish(self, state: ExportState) -> None:
@@ -136,7 +138,7 @@ class VertexTarget(Target):
         'state': state._replace(status=COMPLETE).to_json(),
         'export': json.dumps({'model': self.model, 'dimension': self.dimension,
                               'folder': self.export_folder}),
-        _ROWS: self._rows_prefix() + '-*.parquet'})
+        _ROWS: self._rows_name() + '-*.parquet'})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(storage.join(self.folder, f'state-{self.stamp}.parquet'),
