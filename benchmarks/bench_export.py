@@ -4,6 +4,7 @@ Lite (in the exporting process), then a nightly re-export after a second night e
 rows: rows written and time, against the full export.
 
     python -m benchmarks.bench_export [--count 100000] [--new_fraction 0.05] [--work DIR]
+        [--targets pgvector milvus-lite]
     python -m benchmarks.bench_export --plan_only RUNS_GLOB
 
 Each export runs as its own process (`python -m embeddings.export`, DirectRunner, one worker),
@@ -87,6 +88,8 @@ def main(argv=None) -> None:
   parser.add_argument('--count', type=int, default=100_000)
   parser.add_argument('--new_fraction', type=float, default=0.05)
   parser.add_argument('--work', help='folder for the runs and Milvus Lite (default: a temp dir)')
+  parser.add_argument('--targets', nargs='+', choices=('pgvector', 'milvus-lite'),
+                      default=['pgvector', 'milvus-lite'])
   parser.add_argument('--plan_only', metavar='RUNS_GLOB',
                       help='measure the launcher of a plan of these runs alone (see above)')
   parser.add_argument('--plan_here', help=argparse.SUPPRESS)
@@ -106,6 +109,7 @@ def main(argv=None) -> None:
   with postgres_with_pgvector() as url:
     targets = {'pgvector': f'{url}?table=photos',
                'milvus-lite': f'milvus-lite:{os.path.join(work, "photos.db")}?collection=photos'}
+    targets = {name: targets[name] for name in args.targets}
     for name, to in targets.items():
       full = _export(night1, to)
       print(f'{name} full export: {args.count} rows in {full["seconds"]:.1f} s = '
