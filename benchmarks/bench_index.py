@@ -15,9 +15,8 @@ exact truth and of the index's results alike (the exact top 10 of the other vect
 exhaustive index scores 1.000. Plain FAISS: the same index_factory string (`PCAR` first when the
 plan has a PCA), trained on a random sample of the same size with FAISS's defaults (but no
 polysemous training: it serves comparing codes with each other, which neither index does), every
-vector added in memory
-(streamed shard by shard: at 1M the float32 vectors alone would be 17 GB), searched with the same
-depth; "with re-rank": FAISS's IndexRefine over 100 candidates, its vectors float32
+vector added in memory (streamed shard by shard: at 1M the float32 vectors alone would be 17 GB),
+searched at the same depths; "with re-rank": FAISS's IndexRefine over 100 candidates, its vectors float32
 (`--plain_refine flat`, RefineFlat) or float16 (`fp16`, what fits at 1M). An index directory that
 exists is reused (build it with /usr/bin/time -v for its build figures); --add_run is added to a
 copy of it.
@@ -124,7 +123,7 @@ def _plain_faiss(runs, index, queries: np.ndarray, own, truth, refine: str,
   built = time.perf_counter() - started
   size = faiss.serialize_index(plain).nbytes
   own_of = {u: n for n, u in enumerate(uris)}
-  units = unit_rows_of(queries)
+  units = _unit_rows_of(queries)
 
   def recall_of(search) -> float:
     found = search(units, K + 1)[1]
@@ -149,20 +148,19 @@ def _plain_faiss(runs, index, queries: np.ndarray, own, truth, refine: str,
   for depth in depths:
     set_depth(depth)
     without = recall_of(plain.search)
+    with_refine = recall_of(refined.search) if refined is not None else None
     faiss.omp_set_num_threads(1)
     latencies = _timed(lambda q: plain.search(q, K), units)
     line = (f'  plain FAISS, depth {depth}: recall@10 {without:.3f} without re-rank; query '
             f'{_percentiles(latencies)}')
     if refined is not None:
-      refine_latencies = _timed(lambda q: refined.search(q, K), units)
-      faiss.omp_set_num_threads(os.cpu_count() or 1)
-      line += (f'; with {refine_how} of {RERANK} candidates: recall@10 '
-               f'{recall_of(refined.search):.3f}, query {_percentiles(refine_latencies)}')
+      line += (f'; with {refine_how} of {RERANK} candidates: recall@10 {with_refine:.3f}, '
+               f'query {_percentiles(_timed(lambda q: refined.search(q, K), units))}')
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     print(line)
 
 
-def unit_rows_of(queries: np.ndarray) -> np.ndarray:
+def _unit_rows_of(queries: np.ndarray) -> np.ndarray:
   from embeddings.similarity import unit_rows
   return np.ascontiguousarray(unit_rows(np.asarray(queries, np.float32)))
 
