@@ -1,20 +1,25 @@
 """Figures for the neighbour index over a synthetic collection (benchmarks/synthetic_collection.py),
-side by side with plain FAISS on the same vectors in the same run: build time and peak memory,
-bytes a vector, single-threaded query latency p50/p99, recall@10 against exact search with and
-without re-rank; `add` time and its health figures.
+side by side with plain FAISS on the same vectors and queries in the same run: build time and
+peak memory, bytes a vector, single-threaded query latency p50/p99, recall@10 against exact search
+with and without re-rank, and for a PQ plan the curve of nprobe against recall and latency;
+`add` time and its health figures.
 
-    python -m benchmarks.synthetic_collection --output /work/bench-data/synthetic-100k \
-        --count 100000                                                           # once
-    python -m benchmarks.bench_index --runs /work/bench-data/synthetic-100k \
-        --index /work/bench-data/index-100k [--memory_budget 4GB] [--add_run DIR] [--queries 100]
+    python -m benchmarks.synthetic_collection --output /work/bench-data/syn-100k \
+        --count 100000 --embedding_dtype float16                                  # once
+    python -m benchmarks.bench_index --runs /work/bench-data/syn-100k \
+        --index /work/bench-data/index-100k [--memory_budget 4GB] [--add_run DIR] [--queries 100] \
+        [--plain_refine flat|fp16|none]
 
 Recall: each query is a stored vector of the collection, and its own URI is left out of the
 exact truth and of the index's results alike (the exact top 10 of the other vectors), so an
-exhaustive index scores 1.000. Plain FAISS: the same index_factory string (a PCA with random
-rotation first when the plan has one), trained on a sample of the same size, every vector added
-in memory, searched with the same depth; "with re-rank": FAISS's IndexRefineFlat over float32
-vectors, 100 candidates. An index directory that exists is reused (its build figures are those
-of the earlier run); --add_run is added to a copy of it.
+exhaustive index scores 1.000. Plain FAISS: the same index_factory string (`PCAR` first when the
+plan has a PCA), trained on a random sample of the same size with FAISS's defaults (but no
+polysemous training: it serves comparing codes with each other, which neither index does), every
+vector added in memory (streamed shard by shard: at 1M the float32 vectors alone would be 17 GB),
+searched at the same depths; "with re-rank": FAISS's IndexRefine over 100 candidates, its vectors float32
+(`--plain_refine flat`, RefineFlat) or float16 (`fp16`, what fits at 1M). An index directory that
+exists is reused (build it with /usr/bin/time -v for its build figures); --add_run is added to a
+copy of it.
 """
 
 import argparse
@@ -59,7 +64,7 @@ def _queries(index, count: int) -> tuple:
   from embeddings.faiss_util import read_rows
   rng = np.random.default_rng(QUERY_SEED)
   picked = np.sort(rng.choice(index.count, min(count, index.count), replace=False))
-  table = index.ids.take(picked)
+  table = index.table_rows(picked)
   vectors = np.stack([read_rows(shard, [row])[0] for shard, row in zip(
       table.column('shard').to_pylist(), table.column('row').to_pylist())])
   return table.column('id').to_numpy(), table.column('uri').to_pylist(), vectors
@@ -75,57 +80,89 @@ def _exact(runs, queries: np.ndarray, own) -> tuple:
   return [[n.uri for n in row] for row in found], time.perf_counter() - started
 
 
-def _plain_faiss(runs, index, queries: np.ndarray, own, truth) -> None:
+def _plain_vectors(runs, sample_size: int) -> tuple:
+  """(URIs, a random sample of unit vectors to train on, a function yielding the unit vectors
+  shard by shard): two streamed passes, never every float32 vector at once."""
+  import embeddings
+  from embeddings.similarity import unit_rows
+  uris = []
+  for shard in embeddings.iter_shards(runs):  # pass 1: the URIs, to draw the sample
+    uris += shard.uris
+  chosen = np.sort(np.random.default_rng(0).permutation(len(uris))[:sample_size])
+  sample, start = [], 0
+  for shard in embeddings.iter_shards(runs):
+    mine = chosen[(chosen >= start) & (chosen < start + len(shard.uris))] - start
+    sample.append(unit_rows(shard.vectors[mine]))
+    start += len(shard.uris)
+  return uris, np.concatenate(sample), lambda: (unit_rows(shard.vectors)
+                                                for shard in embeddings.iter_shards(runs))
+
+
+def _plain_faiss(runs, index, queries: np.ndarray, own, truth, refine: str,
+                 depths) -> None:
   """The same plan in plain FAISS, every vector in memory, on the same queries."""
   import faiss
-  import embeddings
-  from embeddings.neighbour_index import HNSW_EF_SEARCH
-  from embeddings.similarity import unit_rows
   plan = index.description['plan']
   factory = (f'PCAR{plan["pca_dimension"]},' if plan['pca_dimension'] else '') + plan['factory']
   started = time.perf_counter()
-  uris, parts = [], []
-  for shard in embeddings.iter_shards(runs):
-    uris += shard.uris
-    parts.append(unit_rows(shard.vectors))
-  vectors = np.concatenate(parts)
-  del parts
-  plain = faiss.index_factory(vectors.shape[1], factory)
+  plain = faiss.index_factory(index.dimension, factory)
+  uris, sample, shards = _plain_vectors(runs, max(plan['train_sample'], 20_000))
   if not plain.is_trained:
-    sample = np.random.default_rng(0).permutation(len(vectors))[:max(plan['train_sample'],
-                                                                     20_000)]
-    plain.train(vectors[np.sort(sample)])
-  plain.add(vectors)
+    if plan['kind'] == 'ivf_pq':
+      faiss.downcast_index(faiss.extract_index_ivf(plain)).do_polysemous_training = False
+    plain.train(sample)
+  del sample
+  refined = None
+  if plan['kind'] == 'ivf_pq' and refine != 'none':
+    stored = (faiss.IndexFlatL2(index.dimension) if refine == 'flat' else
+              faiss.IndexScalarQuantizer(index.dimension, faiss.ScalarQuantizer.QT_fp16))
+    refined = faiss.IndexRefine(plain, stored)
+    refined.k_factor = RERANK / K
+  for vectors in shards():
+    (refined or plain).add(vectors)
   built = time.perf_counter() - started
-  if plan['kind'] == 'hnsw':
-    faiss.downcast_index(plain).hnsw.efSearch = plan['nprobe'] or HNSW_EF_SEARCH
-  else:
-    faiss.extract_index_ivf(plain).nprobe = plan['nprobe']
   size = faiss.serialize_index(plain).nbytes
   own_of = {u: n for n, u in enumerate(uris)}
-  units = unit_rows(queries)
+  units = _unit_rows_of(queries)
 
-  def found_uris(result_ids, query_number):
-    return [uris[i] for i in result_ids if i >= 0 and i != own_of[own[query_number]]][:K]
+  def recall_of(search) -> float:
+    found = search(units, K + 1)[1]
+    return _recall([[uris[i] for i in row if i >= 0 and i != own_of[own[n]]][:K]
+                    for n, row in enumerate(found)], truth)
 
-  plain_found = [found_uris(row, n) for n, row in enumerate(plain.search(units, K + 1)[1])]
-  if plan['kind'] == 'ivf_pq':
-    refined = faiss.IndexRefineFlat(plain, faiss.swig_ptr(vectors))
-    refined.k_factor = RERANK / K
-    how = f'IndexRefineFlat over {RERANK} candidates'
-    deeper = lambda q, k: refined.search(q, k)  # pylint: disable=unnecessary-lambda-assignment
-  else:  # exact distances already: re-ranking is searching deeper
-    how = f'{RERANK} candidates searched'
-    deeper = lambda q, k: tuple(part[:, :k] for part in plain.search(q, RERANK))  # pylint: disable=unnecessary-lambda-assignment
-  refined_found = [found_uris(row, n) for n, row in enumerate(deeper(units, K + 1)[1])]
-  faiss.omp_set_num_threads(1)
-  latencies = _timed(lambda q: plain.search(q, K), units)
-  refine_latencies = _timed(lambda q: deeper(q, K), units)
+  def set_depth(depth):
+    if plan['kind'] == 'hnsw':
+      faiss.downcast_index(plain).hnsw.efSearch = depth
+    else:
+      faiss.extract_index_ivf(plain).nprobe = depth
+      if '_HNSW' in plan['factory']:  # as this index's search_parameters: efSearch 2 x nprobe
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(plain).quantizer)
+        quantizer.hnsw.efSearch = max(2 * depth, 16)
+
+  refine_how = {'flat': 'IndexRefine over float32', 'fp16': 'IndexRefine over float16'}.get(
+      refine)
   print(f'plain FAISS {factory}: build (read, train, add) {built:.1f} s; '
-        f'{size / len(vectors):.1f} bytes a vector serialized; query {_percentiles(latencies)}; '
-        f'with {how} {_percentiles(refine_latencies)}; '
-        f'recall@10 {_recall(plain_found, truth):.3f} without re-rank, '
-        f'{_recall(refined_found, truth):.3f} with')
+        f'{size / len(uris):.1f} bytes a vector serialized'
+        + (f' (+{faiss.serialize_index(refined.refine_index).nbytes / len(uris):.0f} for the '
+           f'refine vectors)' if refined is not None else ''))
+  for depth in depths:
+    set_depth(depth)
+    without = recall_of(plain.search)
+    with_refine = recall_of(refined.search) if refined is not None else None
+    faiss.omp_set_num_threads(1)
+    latencies = _timed(lambda q: plain.search(q, K), units)
+    line = (f'  plain FAISS, depth {depth}: recall@10 {without:.3f} without re-rank; query '
+            f'{_percentiles(latencies)}')
+    if refined is not None:
+      line += (f'; with {refine_how} of {RERANK} candidates: recall@10 {with_refine:.3f}, '
+               f'query {_percentiles(_timed(lambda q: refined.search(q, K), units))}')
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    print(line)
+
+
+def _unit_rows_of(queries: np.ndarray) -> np.ndarray:
+  from embeddings.similarity import unit_rows
+  return np.ascontiguousarray(unit_rows(np.asarray(queries, np.float32)))
 
 
 def _build(args) -> None:
@@ -145,8 +182,35 @@ def _sizes(index, directory: str) -> str:
 
   searched = per_vector(neighbour_index.FAISS_FILE) + per_vector(neighbour_index.IVFDATA_FILE)
   return (f'index.faiss + index.ivfdata {searched:.1f} bytes a vector; refine store '
-          f'{per_vector(neighbour_index.VECTORS_FILE):.1f}; ids.parquet '
+          f'{per_vector(neighbour_index.VECTORS_FILE):.1f}; {neighbour_index.IDS_FILE} '
           f'{per_vector(neighbour_index.IDS_FILE):.1f}')
+
+
+def _depths(index, chosen: int) -> list:
+  """Search depths for the curve: powers of two around the index's (IVF lists, or efSearch)."""
+  plan = index.description['plan']
+  if plan['kind'] == 'hnsw':
+    return [16, 32, 64, 128, 256]
+  if plan['kind'] == 'exhaustive':
+    return [1]
+  return [2 ** n for n in range(int(np.log2(plan['lists'])) + 1)
+          if 2 ** n <= max(4 * chosen, 64)]
+
+
+def _index_at(index, depth: int, queries, exclude, truth) -> str:
+  import faiss
+  plain = index.search(queries, K, nprobe=depth, exclude_uris=exclude)
+  reranked = index.search(queries, K, rerank=RERANK, nprobe=depth, exclude_uris=exclude)
+  faiss.omp_set_num_threads(1)
+  latencies = _timed(lambda q: index.search_ids(q, K, depth), queries)
+  whole = _timed(lambda q: index.search(q, K, rerank=RERANK, nprobe=depth), queries)
+  faiss.omp_set_num_threads(os.cpu_count() or 1)
+  return (f'  this index, depth {depth}{" (its own)" if depth == index.nprobe else ""}: '
+          f'recall@10 {_recall([[n.uri for n in r] for r in plain], truth):.3f} without re-rank '
+          f'({"exact" if index.exact_scores(K, 0) else "approximate"} scores), '
+          f'{_recall([[n.uri for n in r] for r in reranked], truth):.3f} with re-rank of '
+          f'{RERANK}; FAISS search {_percentiles(latencies)}; the whole search with re-rank '
+          f'(URIs, metadata) {_percentiles(whole)}')
 
 
 def main(argv=None) -> None:
@@ -158,32 +222,33 @@ def main(argv=None) -> None:
   parser.add_argument('--queries', type=int, default=100)
   parser.add_argument('--nprobe', type=int, help="lists searched (default: the index's)")
   parser.add_argument('--no_plain', action='store_true', help='skip plain FAISS')
+  parser.add_argument('--plain_refine', choices=('flat', 'fp16', 'none'), default='flat',
+                      help="plain FAISS's re-rank vectors: float32, float16, none")
   args = parser.parse_args(argv)
+  print(f'load average at start {os.getloadavg()[0]:.1f}')
   if not os.path.exists(os.path.join(args.index, 'index.json')):
     _build(args)
-  import faiss
   from embeddings.neighbour_index import NeighbourIndex
+  started = time.perf_counter()
   index = NeighbourIndex(args.index)
+  opened = time.perf_counter() - started
   index.nprobe = args.nprobe or index.nprobe
-  print(f'{index.count} vectors, plan {index.description["plan"]}; {_sizes(index, args.index)}')
+  print(f'{index.count} vectors, plan {index.description["plan"]}; {_sizes(index, args.index)}; '
+        f'opened in {opened * 1e3:.0f} ms')
+  for point in index.description.get('nprobe_curve') or ():
+    print(f'  at build, nprobe {point["nprobe"]}: probes\' recall@10 {point["recall_at_10"]:.3f} '
+          f'without re-rank, {point["reranked_recall_at_10"]:.3f} with; {point["ms"]:.2f} ms a '
+          f'probe')
   _, own, queries = _queries(index, args.queries)
   exclude = [[o] for o in own]
   truth, seconds = _exact(args.runs, queries, own)
   print(f'exact streamed search of {len(queries)} queries: {seconds:.1f} s')
-  plain = index.search(queries, K, exclude_uris=exclude)
-  reranked = index.search(queries, K, rerank=RERANK, exclude_uris=exclude)
-  faiss.omp_set_num_threads(1)
-  latencies = _timed(lambda q: index.search_ids(q, K), queries)
-  whole = _timed(lambda q: index.search(q, K, rerank=RERANK), queries)
-  print(f'this index, 1 thread, k={K}, depth {index.nprobe}: FAISS search '
-        f'{_percentiles(latencies)}; the whole search with re-rank of {RERANK} (URIs, '
-        f'metadata) {_percentiles(whole)}; recall@10 '
-        f'{_recall([[n.uri for n in r] for r in plain], truth):.3f} without re-rank '
-        f'({"exact" if index.exact_scores(K, 0) else "approximate"} scores), '
-        f'{_recall([[n.uri for n in r] for r in reranked], truth):.3f} with')
-  faiss.omp_set_num_threads(os.cpu_count() or 1)
+  depths = _depths(index, index.nprobe)
+  print(f'{len(queries)} queries, 1 thread, k={K}, their own URI left out of truth and results:')
+  for depth in depths:
+    print(_index_at(index, depth, queries, exclude, truth), flush=True)
   if not args.no_plain:
-    _plain_faiss(args.runs, index, queries, own, truth)
+    _plain_faiss(args.runs, index, queries, own, truth, args.plain_refine, depths)
   if args.add_run:
     copy = args.index.rstrip('/') + '-added'
     shutil.rmtree(copy, ignore_errors=True)
@@ -192,6 +257,7 @@ def main(argv=None) -> None:
     subprocess.run([sys.executable, '-m', 'embeddings.index', 'add', '--index', copy, '--runs',
                     args.add_run], check=True)
     print(f'add: {time.perf_counter() - started:.1f} s')
+  print(f'load average at end {os.getloadavg()[0]:.1f}')
 
 
 if __name__ == '__main__':

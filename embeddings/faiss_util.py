@@ -9,7 +9,6 @@ from typing import Sequence
 
 import numpy as np
 
-from embeddings import storage
 from embeddings.shards import ParquetVectors, is_parquet, read_shard
 from embeddings.similarity import unit_rows
 

@@ -1,7 +1,7 @@
 """An approximate-neighbour index over runs (FAISS), built and extended by a Beam pipeline.
 
     python -m embeddings.index build --runs RUN_DIR_OR_GLOB... --output INDEX_DIR \
-        [--memory_budget 4GB] [--model MODEL_ID] [Beam flags: --runner, --direct_num_workers ...]
+        [--memory_budget 4GB] [--recall_target 0.95] [--model MODEL_ID] [Beam flags: --runner, --direct_num_workers ...]
     python -m embeddings.index add --index INDEX_DIR --runs NEW_RUNS... [--recall_drop 0.05]
 
 The command: the index itself (plan, directory, reader) is embeddings/neighbour_index.py, the
@@ -16,7 +16,8 @@ import sys
 from typing import Optional, Sequence
 
 from embeddings import storage
-from embeddings.neighbour_index import INDEX_FILE, IndexError_, read_description
+from embeddings.neighbour_index import (DEFAULT_RECALL_TARGET, INDEX_FILE, TUNING_RERANK,
+                                        IndexError_, read_description)
 from embeddings.runs import (MixedModelsError, NoRunsError, find_runs, parse_job_command,
                              select_model)
 
@@ -53,6 +54,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   build.add_argument('--memory_budget', default=DEFAULT_MEMORY_BUDGET,
                      help=f'memory the index may take when searched (default '
                      f'{DEFAULT_MEMORY_BUDGET})')
+  build.add_argument('--recall_target', type=float, default=DEFAULT_RECALL_TARGET,
+                     help=f'a PQ plan searches the fewest lists (a power of two) giving this '
+                     f'recall@10 on the probes with {TUNING_RERANK} candidates re-ranked; '
+                     f'--nprobe overrides it at query time (default {DEFAULT_RECALL_TARGET})')
   build.add_argument('--model', help='the model id to index when the runs hold several')
   build.add_argument('--seed', type=int, default=0, help='samples and training (default 0)')
   add = commands.add_parser('add', help='add newer runs to an index, without retraining')
@@ -67,13 +72,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   try:
     if args.command == 'build':
       budget = _memory_budget(args.memory_budget, build)
+      if not 0 < args.recall_target <= 1:
+        build.error('--recall_target must be above 0 and at most 1')
       if storage.is_remote(args.output):
         raise IndexError_(f'--output {args.output}: the index directory must be local')
       if os.path.exists(os.path.join(args.output, INDEX_FILE)):
         raise IndexError_(f'--output {args.output} already holds an index: use `add`, or '
                           f'another directory')
       runs = select_model(find_runs(args.runs), args.model)
-      description = index_build.build_index(runs, args.output, budget, args.seed, beam_flags)
+      description = index_build.build_index(runs, args.output, budget, args.seed, beam_flags,
+                                            args.recall_target)
     else:
       if not 0 <= args.recall_drop <= 1:
         add.error('--recall_drop must be between 0 and 1')
@@ -98,6 +106,11 @@ def summary_line(description: dict) -> str:
           f'({plan["factory"]}), {plan["bytes_per_vector"]} bytes a vector in memory; recall@10 '
           f'on {description["probes"]} probe vectors: {description["probe_recall_at_10"]:.3f}'
           f'{imbalance}')
+  if description.get('nprobe_curve'):
+    point = next(p for p in description['nprobe_curve'] if p['nprobe'] == plan['nprobe'])
+    text += (f'; nprobe {plan["nprobe"]} of {plan["lists"]} lists: recall@10 '
+             f'{point["reranked_recall_at_10"]:.3f} with re-rank of {TUNING_RERANK} (target '
+             f'{description["recall_target"]})')
   last = description.get('last_add')
   if last:
     text += (f' (at build {build["probe_recall_at_10"]:.3f})\nadded {last["added"]} '

@@ -23,12 +23,20 @@ among that run's vectors), and the lists' imbalance.
 
 The index directory (see INDEX_FILE, FAISS_FILE, ...):
     index.json     model id, embedding size, runs covered, the plan and its parameters, counts,
-                   probe recall and list imbalance at build and after the last add, FAISS version
+                   probe recall and list imbalance at build and after the last add, the
+                   nprobe chosen at build and the probes' recall and latency at each nprobe
+                   tried, FAISS version
     index.faiss    the FAISS index (unit vectors, L2: 2 - 2 cosine); IVF lists in index.ivfdata
     index.ivfdata  the IVF lists, memory-mapped (FAISS OnDiskInvertedLists)
     trained.faiss  the trained index with no vectors (what `add` encodes with)
-    ids.parquet    FAISS id -> uri, its row in vectors.f16, the shard and row of its stored
-                   vector, and the shard metadata columns (sha256, width, height, run, ...)
+    ids.arrow      FAISS id -> uri, its row in vectors.f16, the shard and row of its stored
+                   vector, and the shard metadata columns (sha256, width, height, run, ...):
+                   an Arrow IPC file sorted by id, in uncompressed record batches of
+                   IDS_BATCH_ROWS rows, memory-mapped: a result's row is read in place (a Parquet
+                   row group of 4,096 rows took 14 ms to decode here, an LZ4 batch 0.4-0.7 ms); about
+                   390 bytes a row, 5% of the refine store's 8,640
+    faiss_ids.i64  the FAISS id of each ids.arrow row (int64, raw, sorted, memory-mapped)
+    vector_rows.i64  each ids.arrow row's row in vectors.f16 (int64, raw, memory-mapped)
     vectors.f16    the refine store: float16 unit vectors [rows, dimension], raw, memory-mapped
     probes.npz     the probe vectors, their ids and their exact nearest ids and cosines
 """
@@ -37,6 +45,7 @@ import contextlib
 import datetime
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
@@ -50,10 +59,13 @@ INDEX_FILE = 'index.json'
 FAISS_FILE = 'index.faiss'
 IVFDATA_FILE = 'index.ivfdata'
 TRAINED_FILE = 'trained.faiss'
-IDS_FILE = 'ids.parquet'
+IDS_FILE = 'ids.arrow'
 VECTORS_FILE = 'vectors.f16'
 PROBES_FILE = 'probes.npz'
-FORMAT_VERSION = 2
+FAISS_IDS_FILE = 'faiss_ids.i64'
+VECTOR_ROWS_FILE = 'vector_rows.i64'
+FORMAT_VERSION = 3
+IDS_BATCH_ROWS = 1024  # ids.arrow rows a record batch: what a result costs to look up
 
 EXHAUSTIVE_BELOW = 10_000  # vectors: one list scanned whole, i.e. exact search
 HNSW_LINKS = 32  # M: links a node, 2M on the bottom layer
@@ -67,6 +79,8 @@ PROBES = 100  # held back at build (a tenth of the sampled vectors when fewer th
 PROBES_PER_ADDED_RUN = 100  # drawn from each added run (a tenth of its vectors when fewer)
 PROBE_NEIGHBOURS = 50  # exact neighbours kept per probe: enough to survive replaced URIs
 RECALL_K = 10
+TUNING_RERANK = 100  # candidates re-ranked while choosing nprobe: the query's default --rerank
+DEFAULT_RECALL_TARGET = 0.95  # recall@10 with re-rank the chosen nprobe reaches on the probes
 ROW_BITS = 24  # ids are shard number << ROW_BITS | row: up to 16M rows a shard
 
 
@@ -233,13 +247,30 @@ def open_vectors(directory: str, dimension: int) -> np.ndarray:
   return np.memmap(path, np.float16, 'r', shape=(rows, dimension))
 
 
+def open_int64(path: str) -> np.ndarray:
+  """A raw int64 file, memory-mapped (faiss_ids.i64, vector_rows.i64)."""
+  rows = os.path.getsize(path) // 8
+  return np.memmap(path, np.int64, 'r', shape=(rows,)) if rows else np.zeros(0, np.int64)
+
+
+def open_ids(directory: str):
+  """ids.arrow, memory-mapped: its footer read, no batch yet."""
+  import pyarrow as pa
+  return pa.ipc.open_file(pa.memory_map(os.path.join(directory, IDS_FILE)))
+
+
+def ids_rows(reader) -> int:
+  last = reader.num_record_batches - 1
+  return last * IDS_BATCH_ROWS + reader.get_batch(last).num_rows if last >= 0 else 0
+
+
 class NeighbourIndex:
-  """An index directory opened for queries: the IVF lists and the refine store are
-  memory-mapped, as are an HNSW index's vectors (its graph is read), so opening is cheap and a
-  query reads only what it visits: the lists it probes, the rows of its candidates."""
+  """An index directory opened for queries: the IVF lists, the refine store and the id tables
+  are memory-mapped, as are an HNSW index's vectors (its graph is read), and of ids.arrow only
+  the footer is read, so opening is cheap and a query reads only what it visits: the lists it
+  probes, the rows of its candidates, the record batches of its results."""
 
   def __init__(self, directory: str):
-    import pyarrow.parquet as pq
     self.directory = directory
     self.description = read_description(directory)
     self.model = self.description['model']
@@ -247,18 +278,26 @@ class NeighbourIndex:
     self.plan = self.description['plan']
     self.kind = self.plan['kind']
     self.index = read_index(directory, self.kind)
-    # One chunk: a row looked up by position costs a search through the chunks otherwise.
-    self.ids = pq.read_table(os.path.join(directory, IDS_FILE)).combine_chunks()
-    self._id_column = self.ids.column('id').to_numpy()
-    self._vector_rows = self.ids.column('vector_row').to_numpy()
-    if len(self._id_column) > 1 and np.any(np.diff(self._id_column) <= 0):
-      raise IndexError_(f'{directory}: {IDS_FILE} is not sorted by id')
+    self._ids_file = open_ids(directory)
+    self._faiss_ids = open_int64(os.path.join(directory, FAISS_IDS_FILE))
+    self._vector_rows = open_int64(os.path.join(directory, VECTOR_ROWS_FILE))
+    if len(self._faiss_ids) != ids_rows(self._ids_file):
+      raise IndexError_(f'{directory}: {FAISS_IDS_FILE} and {IDS_FILE} differ in length')
     self.vectors = open_vectors(directory, self.dimension)
     self.nprobe = self.description['plan']['nprobe']
+    self._whole = None
 
   @property
   def count(self) -> int:
     return self.index.ntotal
+
+  @property
+  def ids(self):
+    """The whole ids table, read on first use (e.g. a catalogue of every URI); `search` never
+    needs it: at 100M vectors it is GBs of strings."""
+    if self._whole is None:
+      self._whole = self._ids_file.read_all().combine_chunks()
+    return self._whole
 
   def check_model(self, model: Optional[str]) -> None:
     if model is not None and model != self.model:
@@ -267,19 +306,31 @@ class NeighbourIndex:
                              f'mean nothing')
 
   def rows(self, ids: np.ndarray) -> np.ndarray:
-    """Positions in the ids table of FAISS ids."""
-    positions = np.searchsorted(self._id_column, ids)
-    positions = np.minimum(positions, len(self._id_column) - 1)
-    if len(ids) and not np.array_equal(self._id_column[positions], ids):
+    """Positions in the ids table of FAISS ids (a binary search of the memory-mapped ids)."""
+    ids = np.asarray(ids, np.int64)
+    positions = np.searchsorted(self._faiss_ids, ids)
+    positions = np.minimum(positions, len(self._faiss_ids) - 1)
+    if len(ids) and not np.array_equal(self._faiss_ids[positions], ids):
       raise IndexError_(f'{self.directory}: ids in {FAISS_FILE} missing from {IDS_FILE}')
     return positions
+
+  def table_rows(self, positions: np.ndarray, columns: Optional[Sequence[str]] = None):
+    """The ids table's rows at `positions`, in that order, from the record batches that hold
+    them (each batch read in place; a slice a row costs less than a take across batches)."""
+    import pyarrow as pa
+    positions = np.asarray(positions, np.int64)
+    batches = {int(b): self._ids_file.get_batch(int(b))
+               for b in np.unique(positions // IDS_BATCH_ROWS)}
+    found = pa.Table.from_batches([batches[int(p) // IDS_BATCH_ROWS].slice(
+        int(p) % IDS_BATCH_ROWS, 1) for p in positions], self._ids_file.schema)
+    return found.select(columns) if columns else found
 
   def stored_vectors(self, ids: np.ndarray) -> np.ndarray:
     """The runs' stored float32 vectors of `ids` (e.g. a query's own), reading only the row
     groups that hold them, READERS shards at a time (Arrow decodes without the GIL)."""
-    positions = self.rows(ids)
-    shards = np.array(self.ids.column('shard').take(positions).to_pylist(), dtype=object)
-    rows = self.ids.column('row').to_numpy()[positions]
+    located = self.table_rows(self.rows(ids), ['shard', 'row'])
+    shards = np.array(located.column('shard').to_pylist(), dtype=object)
+    rows = located.column('row').to_numpy()
     vectors = np.zeros((len(ids), self.dimension), np.float32)
     places = [np.flatnonzero(shards == shard) for shard in sorted(set(shards))]
     with ThreadPoolExecutor(READERS) as pool:
@@ -290,11 +341,8 @@ class NeighbourIndex:
 
   def refine_vectors(self, ids: np.ndarray) -> np.ndarray:
     """The unit vectors of `ids` from the refine store, as float32 (float16 precision)."""
-    rows = self._vector_rows[self.rows(np.asarray(ids, np.int64))]
-    order = np.argsort(rows, kind='stable')  # the file read forwards
-    vectors = np.empty((len(rows), self.dimension), np.float32)
-    vectors[order] = self.vectors[rows[order]]
-    return vectors
+    rows = self._vector_rows[self.rows(ids)]
+    return gather_rows(self.vectors, rows)
 
   def exact_scores(self, k: int, rerank: int) -> bool:
     """Whether search(k, rerank) returns exact cosines: the PQ codes' scores are approximate
@@ -317,7 +365,8 @@ class NeighbourIndex:
     """The k nearest neighbours of each query row. `model`: the queries' model id, refused if it
     is not the index's. `rerank`: when > k, that many candidates are taken and (for a PQ index)
     rescored from the refine store; see exact_scores. `nprobe`: see search_ids.
-    `exclude_uris`: per query, URIs to leave out (e.g. the query itself)."""
+    `exclude_uris`: per query, URIs to leave out (e.g. the query itself): the candidates are
+    that many more, and only the rows of the first k + that many are looked up."""
     self.check_model(model)
     queries = np.atleast_2d(np.asarray(queries, np.float32))
     if queries.shape[1] != self.dimension:
@@ -325,40 +374,48 @@ class NeighbourIndex:
                              f'{self.dimension}-d vectors')
     extra = max((len(e) for e in exclude_uris), default=0)
     scores, ids = self.search_ids(queries, max(k, rerank) + extra, nprobe)
-    uris = self.ids.column('uri')
-    kept = []
-    for number, (row_scores, row_ids) in enumerate(zip(scores, ids)):
-      keep = row_ids >= 0
-      if number < len(exclude_uris) and exclude_uris[number]:
-        excluded = set(exclude_uris[number])
-        keep &= np.array([i < 0 or uris[int(p)].as_py() not in excluded
-                          for i, p in zip(row_ids, self.rows(np.maximum(row_ids, 0)))], bool)
-      kept.append((row_scores[keep], row_ids[keep]))
+    kept = [(row_scores[row_ids >= 0], row_ids[row_ids >= 0])
+            for row_scores, row_ids in zip(scores, ids)]
     if rerank > k and self.kind == 'ivf_pq':
-      kept = self._rerank(queries, kept)
-    results = []
-    for row_scores, row_ids in kept:
-      rows = self.ids.take(self.rows(row_ids[:k])).to_pylist()
+      kept = rerank_candidates(unit_rows(queries), kept, self.refine_vectors)
+    kept = [(row_scores[:k + extra], row_ids[:k + extra]) for row_scores, row_ids in kept]
+    every = np.concatenate([row_ids for _, row_ids in kept] + [np.zeros(0, np.int64)])
+    rows = self.table_rows(self.rows(every)).to_pylist()
+    results, start = [], 0
+    for number, (row_scores, row_ids) in enumerate(kept):
+      mine, start = rows[start:start + len(row_ids)], start + len(row_ids)
+      excluded = set(exclude_uris[number]) if number < len(exclude_uris) else set()
+      found = [(score, row) for score, row in zip(row_scores, mine)
+               if row['uri'] not in excluded][:k]
       results.append([Neighbour(rank, cosine_value(score), row['uri'], row)
-                      for rank, (score, row) in enumerate(zip(row_scores[:k], rows), 1)])
+                      for rank, (score, row) in enumerate(found, 1)])
     return results
-
-  def _rerank(self, queries: np.ndarray, candidates: List[tuple]) -> List[tuple]:
-    """Cosines of every query's candidates from the refine store, each row read once for the
-    whole batch."""
-    every = np.unique(np.concatenate([ids for _, ids in candidates] + [np.zeros(0, np.int64)]))
-    stored = self.refine_vectors(every)
-    unit_queries = unit_rows(queries)
-    reranked = []
-    for query, (_, ids) in zip(unit_queries, candidates):
-      exact = stored[np.searchsorted(every, ids)] @ query
-      order = np.argsort(-exact, kind='stable')
-      reranked.append((exact[order], ids[order]))
-    return reranked
 
   def runs(self) -> List[Run]:
     """The covered runs (e.g. to embed a new query with their model)."""
     return find_runs([c['path'] for c in self.description['runs']])
+
+
+def gather_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """vectors[rows] as float32, the memory-mapped file read forwards."""
+  rows = np.asarray(rows, np.int64)
+  order = np.argsort(rows, kind='stable')
+  gathered = np.empty((len(rows), vectors.shape[1]), np.float32)
+  gathered[order] = vectors[rows[order]]
+  return gathered
+
+
+def rerank_candidates(unit_queries: np.ndarray, candidates: List[tuple], vectors_of) -> list:
+  """Each query's (scores, ids) candidates rescored by cosine with `vectors_of(ids)` (the refine
+  store's), best first; each row read once for the whole batch."""
+  every = np.unique(np.concatenate([ids for _, ids in candidates] + [np.zeros(0, np.int64)]))
+  stored = vectors_of(every)
+  reranked = []
+  for query, (_, ids) in zip(unit_queries, candidates):
+    exact = stored[np.searchsorted(every, ids)] @ query
+    order = np.argsort(-exact, kind='stable')
+    reranked.append((exact[order], ids[order]))
+  return reranked
 
 
 def recall_at(found: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
@@ -381,6 +438,46 @@ def probe_recall(index, probes: Dict[str, np.ndarray], plan: dict, nprobe: int,
                           params=search_parameters(plan, depth, selector))
   found = [row[row != own][:RECALL_K] for row, own in zip(found, probes['ids'])]
   return recall_at(np.array(found), probes['exact_ids'])
+
+
+def nprobe_curve(index, probes: Dict[str, np.ndarray], plan: dict, vectors_of,
+                 target: float) -> tuple:
+  """(the smallest power-of-two nprobe whose recall@10 on the probes, re-ranking
+  TUNING_RERANK candidates with `vectors_of(ids)`, reaches `target` (else the best one), the
+  curve: nprobe, recall@10 without and with re-rank, ms a probe searched alone on one thread)."""
+  faiss = faiss_util.faiss()
+  curve = []
+  threads = faiss.omp_get_max_threads()
+  faiss.omp_set_num_threads(1)
+  try:
+    for nprobe in 2 ** np.arange(int(np.log2(plan['lists'])) + 1):
+      parameters = search_parameters(plan, int(nprobe))
+      started = time.perf_counter()
+      found = [index.search(np.ascontiguousarray(vector[None], np.float32),
+                            TUNING_RERANK + 1, params=parameters) for vector in probes['vectors']]
+      seconds = time.perf_counter() - started
+      candidates = [(None, ids[0][(ids[0] != own) & (ids[0] >= 0)])
+                    for (_, ids), own in zip(found, probes['ids'])]
+      reranked = rerank_candidates(unit_rows(np.asarray(probes['vectors'], np.float32)),
+                                   candidates, vectors_of)
+      curve.append({'nprobe': int(nprobe), 'recall_at_10': recall_at(
+          _padded([ids for _, ids in candidates]), probes['exact_ids']),
+                    'reranked_recall_at_10': recall_at(
+                        _padded([ids for _, ids in reranked]), probes['exact_ids']),
+                    'ms': 1e3 * seconds / max(len(found), 1)})
+      if curve[-1]['reranked_recall_at_10'] >= target:
+        break
+  finally:
+    faiss.omp_set_num_threads(threads)
+  if curve[-1]['reranked_recall_at_10'] >= target:
+    return curve[-1]['nprobe'], curve
+  top = max(point['reranked_recall_at_10'] for point in curve)
+  return min(p['nprobe'] for p in curve if p['reranked_recall_at_10'] == top), curve
+
+
+def _padded(rows: List[np.ndarray], width: int = RECALL_K) -> np.ndarray:
+  return np.array([np.pad(row[:width], (0, width - len(row[:width])), constant_values=-1)
+                   for row in rows], np.int64).reshape(len(rows), width)
 
 
 def utc_now() -> str:

@@ -9,7 +9,7 @@
 
 Workers never hold more than one shard. The merge holds one piece's metadata and vectors at a
 time: the IVF lists are merged on disk (FAISS OnDiskInvertedLists.merge_from_multiple over the
-pieces' memory-mapped lists), `ids.parquet` and the refine store are written as they come (in
+pieces' memory-mapped lists), `ids.arrow` and the refine store are written as they come (in
 shard order, which is id order), and the probes keep their 50 best neighbours. An HNSW index is
 built in this process (it is chosen only when it fits the memory budget).
 
@@ -348,7 +348,9 @@ class _BestNeighbours:
 
 class _Directory:
   """The files of an index directory being written: each under a temporary name, renamed when
-  all are complete (a reader never sees half an index); the refine store is appended to."""
+  all are complete (a reader never sees half an index); the refine store is appended to. The ids
+  table is written in id order in record batches of IDS_BATCH_ROWS rows, its ids and refine-store
+  rows beside it as raw int64 files (what a reader memory-maps to find a result's row)."""
 
   def __init__(self, directory: str, dimension: int, ids_schema: Optional[pa.Schema] = None):
     """`ids_schema`: the existing ids table's, to append to the refine store (`add`); None
@@ -358,6 +360,10 @@ class _Directory:
     self.dimension = dimension
     self._ids_writer = None
     self._ids_schema = ids_schema
+    self._pending: List[pa.Table] = []  # ids rows not yet a full record batch
+    self._last_id = -1
+    self._faiss_ids = open(self.temporary(neighbour_index.FAISS_IDS_FILE), 'wb')
+    self._vector_rows_file = open(self.temporary(neighbour_index.VECTOR_ROWS_FILE), 'wb')
     path = os.path.join(directory, neighbour_index.VECTORS_FILE)
     if ids_schema is None or not os.path.exists(path):
       open(path, 'wb').close()
@@ -369,11 +375,31 @@ class _Directory:
     return os.path.join(self.directory, name + '.tmp')
 
   def write_ids(self, table: pa.Table) -> None:
+    """Appends rows to the ids table; their ids must follow the rows written before."""
+    ids = table.column('id').to_numpy()
+    if len(ids) and (ids[0] <= self._last_id or np.any(np.diff(ids) <= 0)):
+      raise neighbour_index.IndexError_('ids table rows out of id order')
     if self._ids_writer is None:
       self._ids_schema = self._ids_schema or table.schema
-      self._ids_writer = pq.ParquetWriter(self.temporary(neighbour_index.IDS_FILE),
-                                          self._ids_schema)
-    self._ids_writer.write_table(table.select(self._ids_schema.names).cast(self._ids_schema))
+      self._ids_writer = pa.ipc.new_file(self.temporary(neighbour_index.IDS_FILE),
+                                         self._ids_schema)
+    self._last_id = ids[-1] if len(ids) else self._last_id
+    self._faiss_ids.write(np.ascontiguousarray(ids, np.int64).tobytes())
+    self._vector_rows_file.write(np.ascontiguousarray(
+        table.column('vector_row').to_numpy(), np.int64).tobytes())
+    self._pending.append(table.select(self._ids_schema.names).cast(self._ids_schema))
+    self._write_batches(final=False)
+
+  def _write_batches(self, final: bool) -> None:
+    pending = pa.concat_tables(self._pending) if self._pending else None
+    if pending is None:
+      return
+    whole = pending.num_rows if final else (
+        pending.num_rows // neighbour_index.IDS_BATCH_ROWS * neighbour_index.IDS_BATCH_ROWS)
+    if whole:  # one chunk: write_table cuts batches at chunk boundaries too
+      self._ids_writer.write_table(pending.slice(0, whole).combine_chunks(),
+                                   max_chunksize=neighbour_index.IDS_BATCH_ROWS)
+    self._pending = [pending.slice(whole)] if whole < pending.num_rows else []
 
   def append_vectors(self, vectors: np.ndarray) -> np.ndarray:
     """Writes float16 rows to the refine store; returns their row numbers."""
@@ -382,12 +408,24 @@ class _Directory:
     self.vector_rows += len(vectors)
     return rows
 
+  def refine_vectors(self, ids: np.ndarray) -> np.ndarray:
+    """The unit vectors of ids written so far, from the refine store (to choose nprobe)."""
+    for f in (self._vectors, self._faiss_ids, self._vector_rows_file):
+      f.flush()
+    faiss_ids = neighbour_index.open_int64(self.temporary(neighbour_index.FAISS_IDS_FILE))
+    rows = neighbour_index.open_int64(self.temporary(neighbour_index.VECTOR_ROWS_FILE))
+    stored = neighbour_index.open_vectors(self.directory, self.dimension)
+    return neighbour_index.gather_rows(stored, rows[np.searchsorted(faiss_ids, ids)])
+
   def finish(self, index, trained: bytes, probes: dict, description: dict) -> None:
     faiss = faiss_util.faiss()
     self._vectors.truncate()
     self._vectors.close()
+    self._faiss_ids.close()
+    self._vector_rows_file.close()
     if self._ids_writer is None:
       raise neighbour_index.IndexError_('the runs hold no vector the collection keeps')
+    self._write_batches(final=True)
     self._ids_writer.close()
     lists = neighbour_index.ivf_lists(index)
     if lists is not None:  # the lists' file is referred to by its final name
@@ -397,7 +435,8 @@ class _Directory:
       f.write(trained)
     with open(self.temporary(neighbour_index.PROBES_FILE), 'wb') as f:
       f.write(_npz(probes))
-    names = [neighbour_index.IDS_FILE, neighbour_index.TRAINED_FILE,
+    names = [neighbour_index.IDS_FILE, neighbour_index.FAISS_IDS_FILE,
+             neighbour_index.VECTOR_ROWS_FILE, neighbour_index.TRAINED_FILE,
              neighbour_index.PROBES_FILE, neighbour_index.FAISS_FILE]
     if lists is not None:
       names.insert(0, neighbour_index.IVFDATA_FILE)
@@ -546,8 +585,10 @@ def _health(index, plan: dict, probe_file: dict) -> dict:
 
 
 def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: int,
-                beam_flags: Sequence[str]) -> dict:
-  """Builds a new index over `runs` (one model, newest first) into `directory`."""
+                beam_flags: Sequence[str],
+                recall_target: float = neighbour_index.DEFAULT_RECALL_TARGET) -> dict:
+  """Builds a new index over `runs` (one model, newest first) into `directory`; a PQ plan's
+  nprobe is the smallest reaching `recall_target` on the probes with re-rank."""
   dimension = runs[0].embedding_size
   wanted = collection_rule(runs)
   count = _count_vectors(runs, wanted)
@@ -571,6 +612,12 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
     del sources
   probe_file = {'ids': probes['ids'], 'vectors': probes['vectors'], 'exact_ids': best.ids,
                 'exact_scores': best.scores}
+  curve = None
+  if plan.kind == 'ivf_pq':
+    nprobe, curve = neighbour_index.nprobe_curve(index, probe_file, plan.to_json(),
+                                                 output.refine_vectors, recall_target)
+    plan = plan._replace(nprobe=nprobe)
+    _LOG.info('nprobe %d: %s', nprobe, curve)
   health = _health(index, plan.to_json(), probe_file)
   description = {
       'format_version': neighbour_index.FORMAT_VERSION, 'directory': directory,
@@ -580,7 +627,8 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
       'probe_recall_at_10': health['probe_recall_at_10'],
       'list_imbalance': health['list_imbalance'], 'build': health,
       'built_at': neighbour_index.utc_now(), 'faiss_version': faiss_util.faiss().__version__,
-      'seed': seed, 'memory_budget': memory_budget,
+      'seed': seed, 'memory_budget': memory_budget, 'recall_target': recall_target,
+      'nprobe_curve': curve,
   }
   output.finish(index, trained, probe_file, description)
   _remove_pieces(pieces, directory)
@@ -624,10 +672,10 @@ class _OldRows(NamedTuple):
 def _copy_old_rows(directory: str, wanted: Wanted, output: _Directory, hnsw: bool) -> _OldRows:
   """Streams the old ids table into the new one, leaving out the rows the collection no longer
   keeps."""
-  table = pq.ParquetFile(os.path.join(directory, neighbour_index.IDS_FILE))
+  table = neighbour_index.open_ids(directory)
   removed, kept_ids, kept_rows = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [
       np.zeros(0, np.int64)]
-  for batch in table.iter_batches(batch_size=65_536):
+  for batch in (table.get_batch(b) for b in range(table.num_record_batches)):
     runs = batch.column('run').to_pylist()
     keep = np.array([wanted is None or u in wanted.get(r, ())
                      for u, r in zip(batch.column('uri').to_pylist(), runs)], bool)
@@ -685,7 +733,7 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
   _run_pipeline(refs, pieces, beam_flags, plan['kind'], wanted, trained=trained,
                 probes=all_probes)
   output = _Directory(directory, description['embedding_size'],
-                      pq.read_schema(os.path.join(directory, neighbour_index.IDS_FILE)))
+                      neighbour_index.open_ids(directory).schema)
   index = faiss_util.from_bytes(trained)
   old_rows = _copy_old_rows(directory, wanted, output, plan['kind'] == 'hnsw')
   if plan['kind'] == 'hnsw':

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -58,7 +59,7 @@ def test_index_directory_records_model_runs_plan_and_maps_ids_to_uris(tmp_path):
   assert description['model'] == run.model_id
   assert [r['path'] for r in description['runs']] == [run.directory]
   assert description['embedding_size'] == DIMENSION and description['count'] == 300
-  ids = pq.read_table(os.path.join(directory, neighbour_index.IDS_FILE))
+  ids = pa.ipc.open_file(os.path.join(directory, neighbour_index.IDS_FILE)).read_all()
   assert sorted(ids.column('uri').to_pylist()) == sorted(uri_of(n) for n in range(300))
   index = neighbour_index.NeighbourIndex(directory)
   positions = index.rows(ids.column('id').to_numpy()[[5, 250]])
@@ -149,6 +150,10 @@ def test_a_budget_too_small_for_any_index_is_refused(tmp_path, capsys):
     _build(tmp_path, [run.directory], memory_budget='nonsense')
   assert refused.value.code == 2
   assert '--memory_budget' in capsys.readouterr().err
+  with pytest.raises(SystemExit) as refused:
+    _build(tmp_path, [run.directory], recall_target=1.5)
+  assert refused.value.code == 2 and not os.path.exists(tmp_path / 'index')
+  assert '--recall_target' in capsys.readouterr().err
   with pytest.raises(ValueError, match='raise --memory_budget'):
     neighbour_index.choose_plan(1_000_000, 4320, 1_000_000)
 
@@ -192,8 +197,8 @@ def test_a_collection_over_the_budget_gets_a_pca_and_product_codes_and_keeps_its
   assert type(projection).__name__ == 'LinearTransform'
   assert sorted(os.listdir(directory)) == sorted([
       neighbour_index.INDEX_FILE, neighbour_index.FAISS_FILE, neighbour_index.IVFDATA_FILE,
-      neighbour_index.TRAINED_FILE, neighbour_index.IDS_FILE, neighbour_index.VECTORS_FILE,
-      neighbour_index.PROBES_FILE])
+      neighbour_index.TRAINED_FILE, neighbour_index.IDS_FILE, neighbour_index.FAISS_IDS_FILE,
+      neighbour_index.VECTOR_ROWS_FILE, neighbour_index.VECTORS_FILE, neighbour_index.PROBES_FILE])
   collection = embeddings.load(run.directory)
   queries = collection.vectors[::500]
   found = index.search(queries, 10, rerank=100)

@@ -108,6 +108,44 @@ def test_rerank_reads_the_refine_store_not_the_runs(pq_index, tmp_path):
   assert index.exact_scores(10, 100) and not index.exact_scores(10, 0)
 
 
+def test_the_pq_plan_searches_the_fewest_lists_reaching_the_recall_target(pq_index):
+  """nprobe is chosen at build from the probes' exact neighbours: the curve recorded is what
+  `search` gives on the probes (re-ranked, each probe left out), and --nprobe overrides it."""
+  _, directory = pq_index
+  index = neighbour_index.NeighbourIndex(directory)
+  curve = index.description['nprobe_curve']
+  target = index.description['recall_target']
+  assert [p['nprobe'] for p in curve] == [2 ** n for n in range(len(curve))]
+  assert all(p['reranked_recall_at_10'] < target for p in curve[:-1])
+  assert curve[-1]['reranked_recall_at_10'] >= target and index.nprobe == curve[-1]['nprobe'] > 1
+  probes = np.load(os.path.join(directory, neighbour_index.PROBES_FILE))
+  uri_of_id = lambda ids: index.table_rows(index.rows(ids)).column('uri').to_pylist()
+  own = [[u] for u in uri_of_id(probes['ids'])]
+  truth = [uri_of_id(row[:10]) for row in probes['exact_ids']]
+  for nprobe, point in ((None, curve[-1]), (1, curve[0])):
+    found = index.search(probes['vectors'], 10, rerank=100, nprobe=nprobe, exclude_uris=own)
+    assert _recall(found, truth) == pytest.approx(point['reranked_recall_at_10'])
+
+
+def test_a_query_decodes_the_record_batches_of_its_results_not_the_ids_table(pq_index):
+  """ids.arrow is sorted by id in record batches of IDS_BATCH_ROWS; opening the index and
+  searching leave no ids table in memory, and the rows found are the table's rows."""
+  _, directory = pq_index
+  ids_file = pa.ipc.open_file(os.path.join(directory, neighbour_index.IDS_FILE))
+  sizes = [ids_file.get_batch(b).num_rows for b in range(ids_file.num_record_batches)]
+  assert sizes[:-1] == [neighbour_index.IDS_BATCH_ROWS] * (len(sizes) - 1) and len(sizes) == 11
+  whole = ids_file.read_all()
+  assert np.all(np.diff(whole.column('id').to_numpy()) > 0)
+  before = pa.total_allocated_bytes()
+  index = neighbour_index.NeighbourIndex(directory)
+  found = index.search(embeddings.load(pq_index[0].directory).vectors[::1000], 10)
+  assert pa.total_allocated_bytes() - before < whole.nbytes / 10
+  by_id = {row['id']: row for row in whole.to_pylist()}
+  positions = index.rows(np.array([n.metadata['id'] for row in found for n in row]))
+  assert len(set(positions // neighbour_index.IDS_BATCH_ROWS)) > 1
+  assert all(n.metadata == by_id[n.metadata['id']] for row in found for n in row)
+
+
 def test_approximate_scores_are_labelled_and_nprobe_is_a_flag(pq_index, capsys):
   run, directory = pq_index
   index = neighbour_index.NeighbourIndex(directory)
@@ -223,6 +261,7 @@ def test_the_benchmark_leaves_the_query_out_of_truth_and_results_alike(tmp_path,
   directory = _build(str(tmp_path / 'index'), [run.directory])  # here, not in a subprocess
   capsys.readouterr()
   bench_index.main(['--runs', run.directory, '--index', directory, '--queries', '20'])
-  this, plain = capsys.readouterr().out.splitlines()[-2:]
-  assert this.startswith('this index') and 'recall@10 1.000 without re-rank' in this
-  assert plain.startswith('plain FAISS IVF1,Flat') and 'recall@10 1.000 without' in plain
+  out = capsys.readouterr().out
+  assert '\n  this index, depth 1 (its own): recall@10 1.000 without re-rank' in out
+  assert '\nplain FAISS IVF1,Flat: build' in out
+  assert '\n  plain FAISS, depth 1: recall@10 1.000 without re-rank' in out

@@ -61,15 +61,18 @@ def test_an_empty_collection_keeps_the_vector_width():
 
 
 def test_neighbours_through_an_index_give_the_table_and_the_exact_ranking(tmp_path, capsys):
-  run = write_synthetic_run(str(tmp_path / 'run'), 300, seed=11, dimension=DIMENSION,
-                            clusters=3, shard_rows=100)
+  """Local URIs of files that are gone: the query is looked up by URI at once (a synthetic
+  gs:// URI would be tried on storage.googleapis.com, 2 minutes of retries here)."""
+  run = str(tmp_path / 'run')
+  write_run(run, rows([str(tmp_path / 'gone' / f'{i:03d}.jpg') for i in range(300)], DIMENSION,
+                      seed=11), output_format='parquet', shard_rows=100)
   directory = str(tmp_path / 'index')
-  index_command.main(['build', '--runs', run.directory, '--output', directory])
-  collection = embeddings.load(run.directory)
+  index_command.main(['build', '--runs', run, '--output', directory])
+  collection = embeddings.load(run)
   query_uri = collection.uris[7]
   through_index = neighbours.main(['--index', directory, '--query', query_uri, '--k', '5'])
   table = capsys.readouterr().out
-  exact = neighbours.main(['--runs', run.directory, '--query', query_uri, '--k', '5'])
+  exact = neighbours.main(['--runs', run, '--query', query_uri, '--k', '5'])
   assert [n.uri for n in through_index] == [n.uri for n in exact]
   assert [n.score for n in through_index] == pytest.approx([n.score for n in exact], abs=1e-6)
   assert f'query: {query_uri} (embedded)' in table and exact[0].uri in table
