@@ -112,8 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       help='compact even while a run among --runs is still going')
   args, beam_flags = parse_job_command(parser, argv)
   output = args.output.rstrip('/')
-  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+  from apache_beam.options.pipeline_options import PipelineOptions
   from pipeline.output_dir import OutputExistsError, OutputNotWritableError, claim_output
+  from pipeline.runners import default_runner, runner_name
   options = PipelineOptions(list(beam_flags))
   started_at, started = utc_now(), time.monotonic()
   try:
@@ -122,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     shards = args.num_shards or default_shards(runs, SHARD_ROWS)
     dtype = runs[0].summary.embedding_dtype
     claim_output(output, {'compact': [run.path for run in runs], 'started_at': started_at,
-                          'runner': options.view_as(StandardOptions).runner or 'DirectRunner'},
+                          'runner': runner_name(options)},
                  options)
   except RUN_ERRORS + (CompactError, OutputExistsError, OutputNotWritableError) as exc:
     print(f'error: {exc}', file=sys.stderr)
@@ -130,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   import apache_beam as beam
   from jobs.compact import build_compaction
   from transforms.heartbeat import keep_alive
-  pipeline = beam.Pipeline(options=options)
+  pipeline = beam.Pipeline(runner=default_runner(options), options=options)
   build_compaction(pipeline, runs, output, shards, dtype)
   beating = keep_alive(output)  # a night launched meanwhile sees this run alive, and waits
   try:
@@ -142,8 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f'{SUMMARY_FILE}', file=sys.stderr)
     sys.exit(1)
   found = sorted(info.path for info in storage.match(storage.join(output, '*.parquet')))
-  summary = summary_of(runs, output, args.runs, options.view_as(StandardOptions).runner or
-                       'DirectRunner', started_at, started, found)
+  summary = summary_of(runs, output, args.runs, runner_name(options), started_at, started, found)
   storage.write_bytes(storage.join(output, SUMMARY_FILE), summary.to_json().encode())
   print(f'{output}: {summary.embedded} vectors and {summary.failed} undecodable file(s) from '
         f'{len(runs)} run(s), in {len(found)} files; every run it consolidated may now be '

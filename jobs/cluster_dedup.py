@@ -54,6 +54,7 @@ from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
 from jobs import work_folder
 from jobs.collection_sources import CollectionSources, LocateInShards
+from pipeline.runners import default_runner
 
 MAX_CLUSTERS = 4096  # k-means is trained on one worker: 40 x 4096 sample rows
 SAMPLE_PER_CLUSTER = 40  # FAISS wants at least 39 training rows per centroid
@@ -421,7 +422,7 @@ def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str]
   options = PipelineOptions(list(beam_flags))
   directory, local = work_folder.work_directory(options, 'duplicates')
   try:
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=default_runner(options), options=options)
     _ = (build(pipeline, runs, run_plan, directory)
          | 'WriteGroups' >> beam.io.WriteToText(storage.join(directory, 'groups'),
                                                 file_name_suffix='.jsonl'))

@@ -37,6 +37,7 @@ from jobs import work_folder
 from jobs.collection_sources import CollectionSources, LocateInShards
 from jobs.export_target import (IN_PROGRESS, METRICS_NAMESPACE, BatchFailed, ExportRow,
                                 ExportState, Target, TargetError, now, parse_name)
+from pipeline.runners import default_runner
 
 _LOG = logging.getLogger(__name__)
 DELETE_BATCH = 1000
@@ -113,7 +114,7 @@ class _PlanLines(beam.DoFn):
 
 def plan(runs: Sequence[Run], target: Target, folder: str, options: PipelineOptions) -> Plan:
   """Runs the plan pipeline: its change lists into `folder`, its counts returned."""
-  pipeline = beam.Pipeline(options=options)
+  pipeline = beam.Pipeline(runner=default_runner(options), options=options)
   current = pipeline | 'CurrentRows' >> target.current_rows_transform()
   decided = pipeline | 'Sources' >> CollectionSources(runs, beside=current)
   planned = decided.beside | 'Plan' >> beam.ParDo(_Plan()).with_outputs('delete', main='write')
@@ -247,7 +248,7 @@ def _cause(exc: BaseException) -> str:
 def _apply(target: Target, folder: str, models: Dict[str, str],
            options: PipelineOptions) -> None:
   """The apply pipeline: the plan's deletions, then its writes, each shard read once."""
-  with beam.Pipeline(options=options) as pipeline:
+  with beam.Pipeline(runner=default_runner(options), options=options) as pipeline:
     planned = (pipeline
                | 'PlanFiles' >> beam.Create([f.path for f in storage.match(_plan_files(folder))],
                                           reshuffle=False)

@@ -16,7 +16,7 @@ MAY_IMPORT = {
     'transforms': {'models', 'run_format', 'pnasnet'},
     'pipeline': {'transforms', 'embeddings', 'models', 'run_format', 'pnasnet'},
     'embeddings': {'run_format'},
-    'jobs': {'embeddings', 'run_format'},
+    'jobs': {'embeddings', 'run_format', 'pipeline'},  # pipeline.runners: the local runner
 }
 # Imported inside functions only, where a command needs them (embedding a query image, checking
 # the flags it hands to Beam, running the Beam job over a collection).
