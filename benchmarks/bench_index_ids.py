@@ -1,12 +1,16 @@
 """The index's ids table at scale: opening it and looking up a query's 10 result rows, the old way
 (ids.parquet read whole into memory) against the index's (ids.arrow memory-mapped, its footer
 read; the memory-mapped FAISS ids binary-searched), from an index's ids table repeated with new
-ids. Each way runs in a process of its own, for its peak RSS.
+ids; and finding a URI's row (`--query` by URI, the browse page's catalogue), the old way (the
+whole uri column as Python strings) against NeighbourIndex.find_row (a scan of the
+memory-mapped batches compared by Arrow). Each way runs in a process of its own, for its peak RSS.
 
     python -m benchmarks.bench_index_ids write --index /work/bench-data/index-100k-1GB \
         --copies 10 --scratch /work/bench-data/ids-1m
     python -m benchmarks.bench_index_ids old --scratch /work/bench-data/ids-1m
     python -m benchmarks.bench_index_ids new --scratch /work/bench-data/ids-1m
+    python -m benchmarks.bench_index_ids find_old --scratch /work/bench-data/ids-1m
+    python -m benchmarks.bench_index_ids find_new --scratch /work/bench-data/ids-1m
 """
 
 import argparse
@@ -21,6 +25,7 @@ import pyarrow.parquet as pq
 from embeddings import neighbour_index
 
 LOOKUPS = 100
+FINDS = 3
 
 
 def _write(index: str, copies: int, scratch: str) -> None:
@@ -63,9 +68,32 @@ def _measure(way: str, scratch: str) -> None:
         f'{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1e3:.0f} MB')
 
 
+def _find(way: str, scratch: str) -> None:
+  """The last row's URI (a whole scan) and a URI not in the table, each looked up FINDS times."""
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  reader = neighbour_index.open_ids(scratch)
+  last = reader.get_batch(reader.num_record_batches - 1)
+  wanted = [last.column('uri')[last.num_rows - 1].as_py(), 'gs://nowhere/not-an-image.jpg']
+  if way == 'find_old':
+    def find(uri):
+      uris = reader.read_all().column('uri').to_pylist()
+      hits = np.flatnonzero(np.array(uris, dtype=object) == uri)
+      return int(hits[0]) if len(hits) else None
+  else:
+    holder = type('Opened', (), {'_ids_file': reader})()  # NeighbourIndex.find_row's own code
+    find = lambda uri: neighbour_index.NeighbourIndex.find_row(holder, 'uri', uri)  # pylint: disable=unnecessary-lambda-assignment
+  for uri, name in zip(wanted, ('the last row', 'a missing URI')):
+    started = time.perf_counter()
+    for _ in range(FINDS):
+      find(uri)
+    print(f'{way}: {name} found in {(time.perf_counter() - started) / FINDS * 1e3:.0f} ms')
+  print(f'{way}: {neighbour_index.ids_rows(reader)} rows, peak RSS growth '
+        f'{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1e3:.0f} MB')
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('way', choices=('write', 'old', 'new'))
+  parser.add_argument('way', choices=('write', 'old', 'new', 'find_old', 'find_new'))
   parser.add_argument('--scratch', required=True, help='where the repeated tables are written')
   parser.add_argument('--index', help='write: the index whose ids table is repeated')
   parser.add_argument('--copies', type=int, default=10)
@@ -74,6 +102,8 @@ def main(argv=None) -> None:
     if not args.index:
       parser.error('write needs --index')
     _write(args.index, args.copies, args.scratch)
+  elif args.way.startswith('find'):
+    _find(args.way, args.scratch)
   else:
     _measure(args.way, args.scratch)
 

@@ -5,7 +5,8 @@ clicking a result, and look at its duplicate groups.
         [--duplicates dups.csv] [--port 8000] [--k 24] [--model MODEL_ID] [Beam options]
 
 The page listens on 127.0.0.1 only. At start-up it reads the collection's URIs, sizes and
-SHA-256s (no vectors) and loads the runs' model once, so a query by a new image costs one
+SHA-256s (no vectors; with --index none: they are looked up in the index's ids table when asked)
+and loads the runs' model once, so a query by a new image costs one
 embedding and one search; an image whose bytes the collection holds, a URI of it, or a click
 costs one stored-vector read and one search. Search is exact (embeddings/neighbours.py, a pass
 over the shards) or, with --index, through the FAISS index re-ranked exactly. Thumbnails are read
@@ -14,6 +15,7 @@ served, whatever the request asks for.
 """
 
 import base64
+import collections
 import csv
 import functools
 import hashlib
@@ -37,6 +39,7 @@ from embeddings.similarity import Neighbour
 HOST = '127.0.0.1'
 DEFAULT_K = 24
 THUMBNAILS_CACHED = 4096  # JPEG thumbnails kept in memory, about 10 kB each
+LOOKUPS_CACHED = 4096  # an index's URI and SHA-256 lookups, and result URIs, remembered
 THUMBNAIL_QUALITY = 85
 DUPLICATE_COLUMNS = ('group', 'kind', 'role', 'uri', 'cosine_to_kept', 'same_bytes_as')
 DUPLICATE_GROUPS_SHOWN = 200
@@ -54,7 +57,7 @@ class Entry(NamedTuple):
 class Catalogue:
   """Every URI the collection keeps (newest run wins), without vectors: what the page may serve
   and where to read a URI's stored vector. About 530 bytes an image in memory (45-character
-  URIs)."""
+  URIs): the page over runs alone; over an index, IndexCatalogue holds none."""
 
   def __init__(self, entries: Sequence[Entry]):
     self.entries = {e.uri: e for e in entries}
@@ -73,18 +76,51 @@ class Catalogue:
                   for uri, sha in zip(shard.uris, shard.metadata.column('sha256').to_pylist())]
     return cls(entries)
 
-  @classmethod
-  def of_index(cls, index) -> 'Catalogue':
-    """The URIs the index holds; `row` is then the FAISS id."""
-    table = index.ids.select(['uri', 'sha256', 'shard', 'id']).to_pydict()
-    return cls([Entry(u, s or '', shard, i) for u, s, shard, i in
-                zip(table['uri'], table['sha256'], table['shard'], table['id'])])
-
   def __len__(self) -> int:
     return len(self.entries)
 
   def __contains__(self, uri: str) -> bool:
     return uri in self.entries
+
+  def entry(self, uri: str) -> Optional[Entry]:
+    return self.entries.get(uri)
+
+  def uri_of_sha256(self, sha256: str) -> Optional[str]:
+    return self.by_sha256.get(sha256)
+
+
+class IndexCatalogue:
+  """The URIs an index holds, as Catalogue answers for them, looked up in the index's
+  memory-mapped ids table when asked (NeighbourIndex.find_row), the answers cached: the page
+  holds no list of the collection's URIs. The URIs of the latest results are remembered, so the
+  thumbnails of a results page cost no lookup. `row` is the FAISS id."""
+
+  def __init__(self, index):
+    self._index = index
+    self._find = functools.lru_cache(LOOKUPS_CACHED)(index.find_row)
+    self._shown: 'collections.OrderedDict[str, None]' = collections.OrderedDict()
+
+  def __len__(self) -> int:
+    return self._index.count
+
+  def __contains__(self, uri: str) -> bool:
+    return uri in self._shown or self.entry(uri) is not None
+
+  def remember(self, uris: Sequence[str]) -> None:
+    """URIs the index has just given as results: members, up to LOOKUPS_CACHED of them."""
+    for uri in uris:
+      self._shown[uri] = None
+      self._shown.move_to_end(uri)
+    while len(self._shown) > LOOKUPS_CACHED:
+      self._shown.popitem(last=False)
+
+  def entry(self, uri: str) -> Optional[Entry]:
+    row = self._find('uri', uri)
+    return Entry(uri, row['sha256'] or '', row['shard'], row['id']) if row else None
+
+  def uri_of_sha256(self, sha256: str) -> Optional[str]:
+    row = self._find('sha256', sha256)
+    return row['uri'] if row else None
 
 
 class ImageEmbedder:
@@ -155,7 +191,7 @@ class Browser:
                embedder_problem: str = '', k: int = DEFAULT_K):
     self.runs = list(runs)
     self.index = index
-    self.catalogue = Catalogue.of_index(index) if index is not None else Catalogue.of_runs(runs)
+    self.catalogue = IndexCatalogue(index) if index is not None else Catalogue.of_runs(runs)
     self.duplicates = list(duplicates)
     self.embedder = embedder
     self.embedder_problem = embedder_problem
@@ -164,7 +200,7 @@ class Browser:
     self.thumbnail = functools.lru_cache(THUMBNAILS_CACHED)(self._thumbnail)
 
   def stored_vector(self, uri: str) -> np.ndarray:
-    entry = self.catalogue.entries[uri]
+    entry = self.catalogue.entry(uri)
     if self.index is not None:
       return self.index.stored_vectors(np.array([entry.row]))[0]
     from embeddings.faiss_util import read_rows
@@ -172,8 +208,10 @@ class Browser:
 
   def neighbours(self, vector: np.ndarray, exclude: Sequence[str] = ()) -> List[Neighbour]:
     if self.index is not None:
-      return self.index.search(vector, self.k, rerank=RERANK,  # PQ codes' cosines re-scored
-                               exclude_uris=[list(exclude)])[0]
+      found = self.index.search(vector, self.k, rerank=RERANK,  # PQ codes' cosines re-scored
+                                exclude_uris=[list(exclude)])[0]
+      self.catalogue.remember([n.uri for n in found])
+      return found
     return search_vectors(self.runs, vector, self.k, [set(exclude)])[0]
 
   def search_uri(self, uri: str) -> Result:
@@ -187,7 +225,7 @@ class Browser:
     """The neighbours of an uploaded image: the stored vector of the same bytes if the
     collection has them, else its embedding now."""
     check_image('upload', data)
-    same = self.catalogue.by_sha256.get(hashlib.sha256(data).hexdigest())
+    same = self.catalogue.uri_of_sha256(hashlib.sha256(data).hexdigest())
     if same is not None:
       vector, source = self.stored_vector(same), f'same bytes as {same}'
     elif self.embedder is None:

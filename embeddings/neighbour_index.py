@@ -293,11 +293,23 @@ class NeighbourIndex:
 
   @property
   def ids(self):
-    """The whole ids table, read on first use (e.g. a catalogue of every URI); `search` never
-    needs it: at 100M vectors it is GBs of strings."""
+    """The whole ids table, read on first use (tests, benchmarks); the commands never need it:
+    at 100M vectors it is GBs of strings."""
     if self._whole is None:
       self._whole = self._ids_file.read_all().combine_chunks()
     return self._whole
+
+  def find_row(self, column: str, value: str) -> Optional[dict]:
+    """The first ids-table row whose `column` (uri, sha256) equals `value`, or None: a scan of
+    the memory-mapped record batches, compared by Arrow (no Python string a row), so its memory
+    stays one batch whatever the index's size; its time grows with the index."""
+    import pyarrow.compute as pc
+    for number in range(self._ids_file.num_record_batches):
+      batch = self._ids_file.get_batch(number)
+      found = pc.index(batch.column(column), value).as_py()
+      if found >= 0:
+        return batch.slice(found, 1).to_pylist()[0]
+    return None
 
   def check_model(self, model: Optional[str]) -> None:
     if model is not None and model != self.model:

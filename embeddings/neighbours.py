@@ -135,9 +135,8 @@ def find_query_in_index(index, query: str) -> Query:
   check_image(query, data)
   column, value = ('sha256', hashlib.sha256(data).hexdigest()) if data is not None else (
       'uri', uri)
-  hits = np.flatnonzero(np.array(index.ids.column(column).to_pylist(), dtype=object) == value)
-  if len(hits):
-    row = index.ids.slice(int(hits[0]), 1).to_pylist()[0]
+  row = index.find_row(column, value)
+  if row is not None:
     vector = index.stored_vectors(np.array([row['id']]))[0]
     source = 'embedded' if row['uri'] == uri else f'same bytes as {row["uri"]}'
     return Query(uri, vector, data, source, row['uri'])

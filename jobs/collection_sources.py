@@ -1,14 +1,16 @@
 """Which run holds each URI's vector, decided inside Beam: the collection's rule
 (embeddings/collection.py `SourceRule`) over the runs' indexes, grouped by URI, so that no one
 process holds the collection's URIs. Shared by the compaction (jobs/compact.py), the export
-(jobs/export.py) and the duplicates by clustering (jobs/cluster_dedup.py).
+(jobs/export.py), the duplicates by clustering (jobs/cluster_dedup.py) and the neighbour index
+(jobs/index_build.py).
 
     index files ─ ReadIndexRows ─ (uri, row) ─┬ GroupByKey ─ Decide (side input: the folders each
     (beside: (uri, value), e.g. a target's rows) ┘  run could not list) ─ kept: ((source run,
        uri), newest row); decode: (uri, newest row); beside: (uri, (source run, [values]))
 
     (run, uri) ─ LocateInShards: the `uri` column of the shards of those runs only (Parquet reads
-       that column alone) ─ CoGroupByKey ─ ((run, shard number), uri)
+       that column alone) ─ CoGroupByKey ─ ((run, shard number), uri), or with `every_row`
+       ((run, shard number), row) for each row holding the URI (the neighbour index's rows)
 
 Only URIs, small index rows and shard numbers are shuffled, never a vector.
 """
@@ -154,41 +156,56 @@ class CollectionSources(beam.PTransform):
 
 
 class _ShardUris(beam.DoFn):
-  """(run, shard number, path) -> ((run, uri), shard number) for each row of the shard: the uri
-  column alone of a Parquet shard; a TFRecord shard is read whole."""
+  """(run, shard number, path) -> ((run, uri), shard number), or (shard number, row) with
+  `rows`, for each row of the shard: the uri column alone of a Parquet shard; a TFRecord shard is
+  read whole."""
+
+  def __init__(self, rows: bool):
+    self._rows = rows
 
   def process(self, shard: Tuple[str, int, str]):
     run, number, path = shard
     if is_parquet(path):
       with storage.open_file(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS, columns=['uri']):
-          for uri in batch.column('uri').to_pylist():
-            yield (run, uri), number
+        uris = (uri for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS,
+                                                                  columns=['uri'])
+                for uri in batch.column('uri').to_pylist())
+        yield from self._keyed(run, number, uris)
     else:
-      for uri in read_shard(path, run).uris:
-        yield (run, uri), number
+      yield from self._keyed(run, number, read_shard(path, run).uris)
+
+  def _keyed(self, run: str, number: int, uris: Iterable[str]):
+    for row, uri in enumerate(uris):
+      yield (run, uri), ((number, row) if self._rows else number)
 
 
-def _located(keyed):
-  """((run, uri), {'wanted': [...], 'shards': [numbers]}) -> ((run, shard number), uri)."""
+def _located(keyed, every_row: bool):
+  """((run, uri), {'wanted': [...], 'shards': [places]}) -> ((run, shard number), uri), the
+  first shard's; with `every_row`, ((run, shard number), row) for every place."""
   (run, uri), parts = keyed
   if not parts['wanted']:
     return
-  shards = list(parts['shards'])
-  if not shards:
+  places = list(parts['shards'])
+  if not places:
     beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'vectors_not_in_shards').inc()
     return
-  yield (run, shards[0]), uri
+  if not every_row:
+    yield (run, places[0]), uri
+    return
+  for number, row in places:
+    yield (run, number), row
 
 
 class LocateInShards(beam.PTransform):
   """(run directory, uri) keys -> ((run directory, shard number in `shard_paths[run]`), uri),
-  reading the uri column of the shards of the runs that appear only. A key whose URI is in no
-  shard of its run is counted (vectors_not_in_shards) and dropped."""
+  reading the uri column of the shards of the runs that appear only; with `every_row`,
+  ((run directory, shard number), row) for each row of the run's shards holding the URI. A key
+  whose URI is in no shard of its run is counted (vectors_not_in_shards) and dropped."""
 
-  def __init__(self, shard_paths: Dict[str, List[str]]):
+  def __init__(self, shard_paths: Dict[str, List[str]], every_row: bool = False):
     super().__init__()
     self._shard_paths = shard_paths
+    self._every_row = every_row
 
   def expand(self, keys):
     shard_paths = self._shard_paths
@@ -198,8 +215,8 @@ class LocateInShards(beam.PTransform):
               | 'Shards' >> beam.FlatMap(lambda run: [(run, number, path) for number, path in
                                                       enumerate(shard_paths[run])])
               | 'SpreadShards' >> beam.Reshuffle()
-              | 'ShardUris' >> beam.ParDo(_ShardUris()))
+              | 'ShardUris' >> beam.ParDo(_ShardUris(self._every_row)))
     wanted = keys | 'Wanted' >> beam.Map(lambda key: (key, None))
     return ({'wanted': wanted, 'shards': shards}
             | 'JoinShards' >> beam.CoGroupByKey()
-            | 'Located' >> beam.FlatMap(_located))
+            | 'Located' >> beam.FlatMap(_located, self._every_row))

@@ -1,4 +1,9 @@
-"""The Beam job behind `python -m embeddings.index`: sample, train, encode on workers, merge.
+"""The Beam jobs behind `python -m embeddings.index`: sample, train, encode on workers, merge.
+
+With several runs, a first pipeline decides which rows the index holds, by the collection's rule
+(embeddings/collection.py, as `embeddings.load` applies it) over the runs' indexes, grouped by URI
+on workers (jobs/collection_sources.py); it writes each shard's kept rows as a file beside the
+pieces and counts them, so that no one process holds the collection's URIs. Then:
 
     shards ─ SampleForTraining ─ Train (one worker: PCA, then on a second, PCA-reduced sample
        │                           when the plan has one, IVF + PQ) ─┐ trained index
@@ -13,16 +18,13 @@ pieces' memory-mapped lists), `ids.arrow` and the refine store are written as th
 shard order, which is id order), and the probes keep their 50 best neighbours. An HNSW index is
 built in this process (it is chosen only when it fits the memory budget).
 
-Which rows an index holds is the collection's rule (embeddings/collection.py `vector_sources`,
-as `embeddings.load` applies it); over several runs it is decided here, from the runs' indexes,
-before the pipeline starts.
 """
 
 import io
 import logging
 import os
 import shutil
-from typing import Dict, List, NamedTuple, Optional, Sequence, Set
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -32,10 +34,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from embeddings import faiss_util, neighbour_index, storage
-from embeddings.collection import vector_sources
 from embeddings.runs import MixedModelsError, Run, find_runs
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
+from jobs import work_folder
+from jobs.collection_sources import CollectionSources, LocateInShards
+from pipeline.runners import default_runner
 
 _LOG = logging.getLogger(__name__)
 PIECES_DIR = '.pieces'
@@ -52,9 +56,7 @@ class ShardRef(NamedTuple):
   run: str  # the run directory
   path: str
   number: int  # ids of its rows are number << ROW_BITS | row
-
-
-Wanted = Optional[Dict[str, Set[str]]]  # run -> the URIs whose vector is that run's; None: all
+  kept: Optional[str] = None  # the file of the rows the collection keeps; None: every row
 
 
 def shard_refs(runs: Sequence[Run], first_number: int = 0) -> List[ShardRef]:
@@ -66,16 +68,57 @@ def shard_refs(runs: Sequence[Run], first_number: int = 0) -> List[ShardRef]:
   return refs
 
 
-def collection_rule(runs: Sequence[Run]) -> Wanted:
-  """Which URIs each run supplies, as `embeddings.load` decides (None: one run supplies all)."""
-  return vector_sources(runs) if len(runs) > 1 else None
+def with_kept_files(refs: Sequence[ShardRef], pieces: str) -> List[ShardRef]:
+  """The refs, each naming the file its kept rows are written to (KeepRows)."""
+  return [ref._replace(kept=storage.join(pieces, f'kept-{position:06d}.npy'))
+          for position, ref in enumerate(refs)]
 
 
-def _kept_rows(ref: ShardRef, uris: Sequence[str], wanted: Wanted) -> np.ndarray:
-  if wanted is None:
-    return np.ones(len(uris), bool)
-  mine = wanted.get(ref.run, set())
-  return np.array([u in mine for u in uris], bool)
+def kept_rows(ref: ShardRef) -> np.ndarray:
+  """The shard's rows the collection keeps, ascending (the ref must name its kept file)."""
+  return np.load(io.BytesIO(storage.read_bytes(ref.kept)))
+
+
+class _WriteKeptRows(beam.DoFn):
+  """((run, shard number), {'ref': [ShardRef], 'rows': [kept rows]}) -> the ref's kept file,
+  written for every shard (empty when the collection keeps none of its rows)."""
+
+  def process(self, keyed):
+    _, parts = keyed
+    ref, = parts['ref']
+    rows = np.sort(np.fromiter(parts['rows'], np.int64))
+    buffer = io.BytesIO()
+    np.save(buffer, rows)
+    _put(ref.kept, buffer.getvalue())
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'kept').inc(len(rows))
+
+
+def keep_rows(runs: Sequence[Run], refs: Sequence[ShardRef], beam_flags: Sequence[str]) -> int:
+  """Writes the kept file of each ref (the shards of `runs`, newest first) by the collection's
+  rule over the runs; returns the rows kept."""
+  shard_paths = {run.path: run.shard_paths() for run in runs}
+  number = {path: n for paths in shard_paths.values() for n, path in enumerate(paths)}
+  local = {(ref.run, number[ref.path]): ref for ref in refs}
+  options = PipelineOptions(list(beam_flags))
+  pipeline = beam.Pipeline(runner=default_runner(options), options=options)
+  rows = ((pipeline | 'Sources' >> CollectionSources(runs)).kept
+          | 'SourceKeys' >> beam.Keys()
+          | 'Locate' >> LocateInShards(shard_paths, every_row=True))
+  shards = pipeline | 'ShardRefs' >> beam.Create(sorted(local.items()))
+  _ = ({'ref': shards, 'rows': rows}
+       | 'ByShard' >> beam.CoGroupByKey()
+       | 'WriteKeptRows' >> beam.ParDo(_WriteKeptRows()))
+  result = pipeline.run()
+  result.wait_until_finish()
+  return work_folder.counter(result, 'kept', METRICS_NAMESPACE)
+
+
+def _kept_mask(ref: ShardRef, rows: int) -> np.ndarray:
+  keep = np.ones(rows, bool)
+  if ref.kept is not None:
+    keep[:] = False
+    keep[kept_rows(ref)] = True
+  return keep
 
 
 def _ids(ref: ShardRef, rows: np.ndarray) -> np.ndarray:
@@ -92,11 +135,10 @@ class _SampleShard(beam.DoFn):
     self._seed = seed
     self._samples = samples
 
-  def process(self, ref: ShardRef, wanted: Wanted, pca_bytes: Optional[bytes] = None):
+  def process(self, ref: ShardRef, pca_bytes: Optional[bytes] = None):
     rows, vectors = faiss_util.sample_rows(ref.path, self._fraction, self._seed + ref.number)
-    if len(rows) and wanted is not None:
-      uris = read_shard(ref.path, ref.run, ['uri']).uris
-      keep = _kept_rows(ref, [uris[r] for r in rows], wanted)
+    if len(rows) and ref.kept is not None:
+      keep = np.isin(rows, kept_rows(ref))
       rows, vectors = rows[keep], vectors[keep]
     if not len(rows):
       return
@@ -198,13 +240,12 @@ class _EncodeShard(beam.DoFn):
     self._pieces = pieces
     self._kind = kind
 
-  def process(self, ref: ShardRef, trained: bytes, probes: Dict[str, np.ndarray],
-              wanted: Wanted):
+  def process(self, ref: ShardRef, trained: bytes, probes: Dict[str, np.ndarray]):
     if not hasattr(self, '_trained'):
       self._trained = trained
       self._probe_vectors = unit_rows(probes['vectors'])
     shard = read_shard(ref.path, ref.run)
-    keep = _kept_rows(ref, shard.uris, wanted)
+    keep = _kept_mask(ref, len(shard.uris))
     rows = np.flatnonzero(keep)
     vectors = unit_rows(shard.vectors[keep])
     ids = _ids(ref, rows)
@@ -261,25 +302,24 @@ def read_piece(pieces: str, number: int) -> tuple:
 
 
 def _run_pipeline(refs: List[ShardRef], pieces: str, beam_flags: Sequence[str], kind: str,
-                  wanted: Wanted, train: Optional[dict] = None, trained: Optional[bytes] = None,
+                  train: Optional[dict] = None, trained: Optional[bytes] = None,
                   probes: Optional[dict] = None) -> tuple:
   """Runs the pipeline; returns (trained index bytes, probes) (for `add`: the ones given)."""
   options = PipelineOptions(list(beam_flags))
-  with beam.Pipeline(options=options) as pipeline:
+  with beam.Pipeline(runner=default_runner(options), options=options) as pipeline:
     shards = pipeline | 'Shards' >> beam.Create(refs) | 'Spread' >> beam.Reshuffle()
-    wanted_side = beam.pvalue.AsSingleton(pipeline | 'Rule' >> beam.Create([wanted]))
     if train is not None:
       plan, dimension, seed = train['plan'], train['dimension'], train['seed']
       samples = (shards
                  | 'SampleForTraining' >> beam.ParDo(_SampleShard(train['fraction'], seed,
-                                                                 pieces), wanted_side)
+                                                                 pieces))
                  | 'Sample' >> beam.combiners.ToList())
       if plan.pca_dimension:
         pca = samples | 'TrainPCA' >> beam.Map(_train_pca, plan, dimension, seed)
         reduced = (shards
                    | 'SampleReduced' >> beam.ParDo(_SampleShard(train['reduced_fraction'],
                                                                 seed + 1, pieces),
-                                                   wanted_side, beam.pvalue.AsSingleton(pca))
+                                                   beam.pvalue.AsSingleton(pca))
                    | 'Reduced' >> beam.combiners.ToList())
         trained_index = samples | 'Train' >> beam.Map(
             _train, beam.pvalue.AsSingleton(reduced), beam.pvalue.AsSingleton(pca), plan,
@@ -297,7 +337,7 @@ def _run_pipeline(refs: List[ShardRef], pieces: str, beam_flags: Sequence[str], 
       trained_side = beam.pvalue.AsSingleton(pipeline | 'Trained' >> beam.Create([trained]))
       probes_side = beam.pvalue.AsSingleton(pipeline | 'ProbeSet' >> beam.Create([probes]))
     _ = shards | 'EncodeShard' >> beam.ParDo(_EncodeShard(pieces, kind), trained_side,
-                                             probes_side, wanted_side)
+                                             probes_side)
   if train is None:
     return trained, probes
   return (storage.read_bytes(storage.join(pieces, neighbour_index.TRAINED_FILE)),
@@ -548,12 +588,6 @@ def _covered(refs: List[ShardRef], runs: Sequence[Run]) -> List[dict]:
   return covered
 
 
-def _count_vectors(runs: Sequence[Run], wanted: Wanted) -> int:
-  if wanted is not None:
-    return sum(len(uris) for uris in wanted.values())
-  return sum(run.summary.embedded for run in runs)
-
-
 def _pieces_location(directory: str, beam_flags: Sequence[str]) -> str:
   """Where workers write their pieces: beside the index for local runners, else under the
   pipeline's --temp_location (which every worker can reach)."""
@@ -590,18 +624,21 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
   """Builds a new index over `runs` (one model, newest first) into `directory`; a PQ plan's
   nprobe is the smallest reaching `recall_target` on the probes with re-rank."""
   dimension = runs[0].embedding_size
-  wanted = collection_rule(runs)
-  count = _count_vectors(runs, wanted)
-  plan = neighbour_index.choose_plan(count, dimension, memory_budget)
-  _LOG.info('index plan for %d vectors: %s', count, plan)
   refs = shard_refs(runs)
   pieces = _pieces_location(directory, beam_flags)
+  if len(runs) > 1:
+    refs = with_kept_files(refs, pieces)
+    count = keep_rows(runs, refs, beam_flags)
+  else:
+    count = runs[0].summary.embedded
+  plan = neighbour_index.choose_plan(count, dimension, memory_budget)
+  _LOG.info('index plan for %d vectors: %s', count, plan)
   first_sample = neighbour_index.PCA_SAMPLE if plan.pca_dimension else plan.train_sample
   first_sample = max(first_sample, 20 * neighbour_index.PROBES)  # probes: a tenth at most
   train = {'plan': plan, 'dimension': dimension, 'seed': seed,
            'fraction': min(1.0, (first_sample + neighbour_index.PROBES) * 1.2 / max(count, 1)),
            'reduced_fraction': min(1.0, plan.train_sample * 1.2 / max(count, 1))}
-  trained, probes = _run_pipeline(refs, pieces, beam_flags, plan.kind, wanted, train=train)
+  trained, probes = _run_pipeline(refs, pieces, beam_flags, plan.kind, train=train)
   index = faiss_util.from_bytes(trained)
   output = _Directory(directory, dimension)
   best = _no_neighbours(len(probes['ids']))
@@ -635,18 +672,14 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
   return description
 
 
-def _added_run_probes(new: Sequence[Run], refs: List[ShardRef], wanted: Wanted,
-                      seed: int) -> dict:
+def _added_run_probes(new: Sequence[Run], refs: List[ShardRef], seed: int) -> dict:
   """Up to PROBES_PER_ADDED_RUN vectors the collection keeps from each added run (a tenth of
-  them when fewer than 1,000), drawn uniformly: the URI columns say which rows are kept, then
+  them when fewer than 1,000), drawn uniformly: the kept files say which rows are kept, then
   only the row groups holding the chosen rows are read."""
   rng = np.random.default_rng(seed)
   ids, vectors = [], []
   for run in new:
-    candidates = []  # (ref, kept row positions)
-    for ref in (r for r in refs if r.run == run.path):
-      uris = read_shard(ref.path, ref.run, ['uri']).uris
-      candidates.append((ref, np.flatnonzero(_kept_rows(ref, uris, wanted))))
+    candidates = [(ref, kept_rows(ref)) for ref in refs if ref.run == run.path]
     kept = sum(len(rows) for _, rows in candidates)
     chosen = np.sort(rng.permutation(kept)[:min(neighbour_index.PROBES_PER_ADDED_RUN,
                                                 kept // 10)])
@@ -669,16 +702,35 @@ class _OldRows(NamedTuple):
   kept_vector_rows: np.ndarray
 
 
-def _copy_old_rows(directory: str, wanted: Wanted, output: _Directory, hnsw: bool) -> _OldRows:
+class _KeptOfShard:
+  """A shard path -> its kept rows, by the kept files of `refs` (a shard of a run no longer
+  among them keeps none); the last shard's are held, the ids table coming shard by shard."""
+
+  def __init__(self, refs: Sequence[ShardRef]):
+    self._refs = {ref.path: ref for ref in refs}
+    self._path, self._rows = None, None
+
+  def __call__(self, path: str) -> np.ndarray:
+    if path != self._path:
+      ref = self._refs.get(path)
+      self._path, self._rows = path, kept_rows(ref) if ref else np.zeros(0, np.int64)
+    return self._rows
+
+
+def _copy_old_rows(directory: str, kept_of_shard: _KeptOfShard, output: _Directory,
+                   hnsw: bool) -> _OldRows:
   """Streams the old ids table into the new one, leaving out the rows the collection no longer
-  keeps."""
+  keeps (each row names its shard and its row there)."""
   table = neighbour_index.open_ids(directory)
-  removed, kept_ids, kept_rows = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [
+  removed, kept_ids, kept_vector_rows = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [
       np.zeros(0, np.int64)]
   for batch in (table.get_batch(b) for b in range(table.num_record_batches)):
-    runs = batch.column('run').to_pylist()
-    keep = np.array([wanted is None or u in wanted.get(r, ())
-                     for u, r in zip(batch.column('uri').to_pylist(), runs)], bool)
+    shards = np.array(batch.column('shard').to_pylist(), object)
+    rows = batch.column('row').to_numpy()
+    keep = np.zeros(batch.num_rows, bool)
+    for path in dict.fromkeys(shards):
+      here = shards == path
+      keep[here] = np.isin(rows[here], kept_of_shard(path))
     ids = batch.column('id').to_numpy()
     removed.append(ids[~keep])
     kept = pa.Table.from_batches([batch]).filter(pa.array(keep))
@@ -686,8 +738,9 @@ def _copy_old_rows(directory: str, wanted: Wanted, output: _Directory, hnsw: boo
       output.write_ids(kept)
       if hnsw:
         kept_ids.append(ids[keep])
-        kept_rows.append(kept.column('vector_row').to_numpy())
-  return _OldRows(np.concatenate(removed), np.concatenate(kept_ids), np.concatenate(kept_rows))
+        kept_vector_rows.append(kept.column('vector_row').to_numpy())
+  return _OldRows(np.concatenate(removed), np.concatenate(kept_ids),
+                  np.concatenate(kept_vector_rows))
 
 
 def _rebuild_hnsw(index, old: _OldRows, stored: np.ndarray) -> None:
@@ -719,23 +772,25 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
   if not new:
     raise neighbour_index.IndexError_('no run to add: every run given is already in the index')
   every_run = find_runs(sorted(covered) + [r.path for r in new])
-  wanted = vector_sources(every_run)
-  refs = shard_refs(new, description['next_shard'])
+  pieces = _pieces_location(directory, beam_flags)
+  every_shard = with_kept_files(shard_refs(every_run), pieces)
+  keep_rows(every_run, every_shard, beam_flags)
+  kept_of_shard = _KeptOfShard(every_shard)
+  kept_files = {ref.path: ref.kept for ref in every_shard}
+  refs = [ref._replace(kept=kept_files[ref.path])
+          for ref in shard_refs(new, description['next_shard'])]
   with open(os.path.join(directory, neighbour_index.TRAINED_FILE), 'rb') as f:
     trained = f.read()
   probes = dict(np.load(os.path.join(directory, neighbour_index.PROBES_FILE)))
-  added_probes = _added_run_probes(new, refs, wanted, description['seed'] + len(description[
-      'runs']))
+  added_probes = _added_run_probes(new, refs, description['seed'] + len(description['runs']))
   all_probes = {'ids': np.concatenate([probes['ids'], added_probes['ids']]),
                 'vectors': np.concatenate([probes['vectors'],
                                            added_probes['vectors']]).astype(np.float32)}
-  pieces = _pieces_location(directory, beam_flags)
-  _run_pipeline(refs, pieces, beam_flags, plan['kind'], wanted, trained=trained,
-                probes=all_probes)
+  _run_pipeline(refs, pieces, beam_flags, plan['kind'], trained=trained, probes=all_probes)
   output = _Directory(directory, description['embedding_size'],
                       neighbour_index.open_ids(directory).schema)
   index = faiss_util.from_bytes(trained)
-  old_rows = _copy_old_rows(directory, wanted, output, plan['kind'] == 'hnsw')
+  old_rows = _copy_old_rows(directory, kept_of_shard, output, plan['kind'] == 'hnsw')
   if plan['kind'] == 'hnsw':
     _rebuild_hnsw(index, old_rows, neighbour_index.open_vectors(
         directory, description['embedding_size']))

@@ -190,7 +190,11 @@ def test_the_index_gives_the_exact_order_on_a_small_collection(collection, brows
   directory = str(tmp_path / 'index')
   index_command.main(['build', '--runs', collection.run, '--output', directory])
   through_index = browse.Browser(collection.runs, NeighbourIndex(directory))
-  assert set(through_index.catalogue.entries) == set(browser.catalogue.entries)
+  assert len(through_index.catalogue) == len(browser.catalogue)
+  for uri, entry in browser.catalogue.entries.items():
+    assert uri in through_index.catalogue
+    assert through_index.catalogue.uri_of_sha256(entry.sha256) in browser.catalogue
+  assert collection.uri('not-in-the-collection.png') not in through_index.catalogue
   query = collection.uri('camera.png')
   found = through_index.search_uri(query).neighbours
   exact = browser.search_uri(query).neighbours

@@ -14,6 +14,7 @@ import numpy as np
 import pymilvus  # noqa: F401
 import pytest
 
+from tests.bundle_spy import calls_by_place
 from tests.export_servers import free_port
 from tests.run_writer import rows, write_run
 from tests.test_export_pgvector import (_refused, assert_equal_rows, collection_rows, export,
@@ -169,18 +170,10 @@ def _assert_planned_by_workers(monkeypatch, export_is_a_no_op) -> None:
   """Spies on the collection's rule and on the target's read of its rows: every call is made in
   a Beam bundle (a worker's work, however many there are), none by the launcher's own code,
   where either would grow with the collection in one process."""
-  import inspect
   from embeddings.collection import SourceRule
   from jobs.export_vertex import VertexTarget
-  calls = {'in a bundle': 0, 'in the launcher': 0}
-
-  def spy(method):
-    def called(*args):
-      in_bundle = any(frame.filename.endswith('bundle_processor.py') for frame in inspect.stack())
-      calls['in a bundle' if in_bundle else 'in the launcher'] += 1
-      return method(*args)
-    return called
-  monkeypatch.setattr(SourceRule, 'decide', spy(SourceRule.decide))
-  monkeypatch.setattr(VertexTarget, 'current_rows', spy(VertexTarget.current_rows))
+  rule_calls = calls_by_place(monkeypatch, SourceRule, 'decide')
+  read_calls = calls_by_place(monkeypatch, VertexTarget, 'current_rows')
   assert export_is_a_no_op()
-  assert calls['in the launcher'] == 0 and calls['in a bundle'] > 0, calls
+  for calls in (rule_calls, read_calls):
+    assert calls['in the launcher'] == 0 and calls['in a bundle'] > 0, calls

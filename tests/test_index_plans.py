@@ -13,7 +13,9 @@ import pytest
 import embeddings
 from benchmarks import bench_index
 from benchmarks.synthetic_collection import uri_of, write_synthetic_run
+from tests.bundle_spy import calls_by_place
 from embeddings import index as index_command, neighbour_index, neighbours
+from embeddings.collection import SourceRule
 from embeddings.similarity import unit_rows
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs')
@@ -218,9 +220,11 @@ def _fail_in_index(run_directory: str, uri: str) -> None:
       pq.write_table(table, path)
 
 
-def test_the_index_follows_loads_rule_deleted_and_failed_files_have_no_vector(tmp_path):
+def test_the_index_follows_loads_rule_deleted_and_failed_files_have_no_vector(tmp_path,
+                                                                              monkeypatch):
   """Issue 26 item 1: night 2 lists the same inputs, five files deleted and one failing to
-  decode; `build` over both nights and `add` of night 2 hold what `load` holds."""
+  decode; `build` over both nights and `add` of night 2 (on two workers) hold what `load`
+  holds. Issue 28 item 6: the rule is applied by workers, never by the launcher."""
   night1 = write_synthetic_run(str(tmp_path / 'night1'), 400, seed=1, dimension=32, clusters=4,
                                shard_rows=150, finished_at='2026-01-01T00:00:00Z')
   night2 = write_synthetic_run(str(tmp_path / 'night2'), 395, seed=2, dimension=32, clusters=4,
@@ -229,9 +233,12 @@ def test_the_index_follows_loads_rule_deleted_and_failed_files_have_no_vector(tm
   latest = embeddings.load([night1.directory, night2.directory])
   gone = {uri_of(n) for n in (10, 395, 396, 397, 398, 399)}
   assert not gone & set(latest.uris) and len(latest.uris) == 394
+  rule_calls = calls_by_place(monkeypatch, SourceRule, 'decide')
   both = _build(str(tmp_path / 'both'), [night1.directory, night2.directory])
   added = _build(str(tmp_path / 'added'), [night1.directory])
-  index_command.main(['add', '--index', added, '--runs', night2.directory])
+  index_command.main(['add', '--index', added, '--runs', night2.directory,
+                      '--direct_running_mode=multi_processing', '--direct_num_workers=2'])
+  assert rule_calls['in the launcher'] == 0 and rule_calls['in a bundle'] > 0, rule_calls
   for directory in (both, added):
     index = neighbour_index.NeighbourIndex(directory)
     assert index.count == 394 and sorted(index.ids.column('uri').to_pylist()) == sorted(
