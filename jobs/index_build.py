@@ -17,7 +17,6 @@ time: the IVF lists are merged on disk (FAISS OnDiskInvertedLists.merge_from_mul
 pieces' memory-mapped lists), `ids.arrow` and the refine store are written as they come (in
 shard order, which is id order), and the probes keep their 50 best neighbours. An HNSW index is
 built in this process (it is chosen only when it fits the memory budget).
-
 """
 
 import io
@@ -69,7 +68,7 @@ def shard_refs(runs: Sequence[Run], first_number: int = 0) -> List[ShardRef]:
 
 
 def with_kept_files(refs: Sequence[ShardRef], pieces: str) -> List[ShardRef]:
-  """The refs, each naming the file its kept rows are written to (KeepRows)."""
+  """The refs, each naming the file its kept rows are written to (keep_rows)."""
   return [ref._replace(kept=storage.join(pieces, f'kept-{position:06d}.npy'))
           for position, ref in enumerate(refs)]
 
@@ -114,10 +113,10 @@ def keep_rows(runs: Sequence[Run], refs: Sequence[ShardRef], beam_flags: Sequenc
 
 
 def _kept_mask(ref: ShardRef, rows: int) -> np.ndarray:
-  keep = np.ones(rows, bool)
-  if ref.kept is not None:
-    keep[:] = False
-    keep[kept_rows(ref)] = True
+  if ref.kept is None:
+    return np.ones(rows, bool)
+  keep = np.zeros(rows, bool)
+  keep[kept_rows(ref)] = True
   return keep
 
 
@@ -703,16 +702,17 @@ class _OldRows(NamedTuple):
 
 
 class _KeptOfShard:
-  """A shard path -> its kept rows, by the kept files of `refs` (a shard of a run no longer
-  among them keeps none); the last shard's are held, the ids table coming shard by shard."""
+  """A shard path -> its kept rows, by the kept files of the runs' shards (a shard of a run no
+  longer among them keeps none); the last shard's are held, the ids table coming shard by
+  shard."""
 
   def __init__(self, refs: Sequence[ShardRef]):
-    self._refs = {ref.path: ref for ref in refs}
+    self.refs = {ref.path: ref for ref in refs}
     self._path, self._rows = None, None
 
   def __call__(self, path: str) -> np.ndarray:
     if path != self._path:
-      ref = self._refs.get(path)
+      ref = self.refs.get(path)
       self._path, self._rows = path, kept_rows(ref) if ref else np.zeros(0, np.int64)
     return self._rows
 
@@ -776,8 +776,7 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
   every_shard = with_kept_files(shard_refs(every_run), pieces)
   keep_rows(every_run, every_shard, beam_flags)
   kept_of_shard = _KeptOfShard(every_shard)
-  kept_files = {ref.path: ref.kept for ref in every_shard}
-  refs = [ref._replace(kept=kept_files[ref.path])
+  refs = [ref._replace(kept=kept_of_shard.refs[ref.path].kept)
           for ref in shard_refs(new, description['next_shard'])]
   with open(os.path.join(directory, neighbour_index.TRAINED_FILE), 'rb') as f:
     trained = f.read()
