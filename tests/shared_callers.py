@@ -3,6 +3,7 @@
 No TensorFlow here: the processes start in a moment.
 """
 
+import os
 import threading
 import time
 
@@ -34,6 +35,14 @@ def shared(tag, constructor=fingerprint_server, spawn_process=False):
 def images(seed: int, count: int, size: int = 331) -> list:
   rng = np.random.default_rng(seed)
   return [rng.random((size, size, 3), dtype=np.float32) for _ in range(count)]
+
+
+def shm_files() -> set:
+  """/dev/shm besides multiprocessing's semaphores (test queues and Beam's runner make some) and
+  PostgreSQL's segments (the export tests' server, in the other test process, makes and drops
+  them): what a shared-memory batch would leave behind if it had a name."""
+  return {name for name in os.listdir('/dev/shm')
+          if not name.startswith(('sem.mp-', 'PostgreSQL.'))}
 
 
 def segment_inodes(pid='self') -> set:

@@ -12,7 +12,8 @@ import pytest
 
 from tests import shared_callers
 from tests.shared_callers import (call_from_threads, call_undumpable, counting_server,
-                                  grow_then_wait, images, segment_inodes, shared)
+                                  grow_then_wait, images, segment_inodes, shared,
+                                  shm_files)
 from models.loading import load_embedding_model
 from models.shared_batches import embed_batch
 from transforms.embed import ImageEmbeddingModelHandler
@@ -29,11 +30,6 @@ print('serving', flush=True)
 time.sleep(600)
 '''
 NO_PTRACE = ['setpriv', '--bounding-set', '-sys_ptrace'] if os.geteuid() == 0 else []
-
-
-def _shm_files() -> set:
-  """What /dev/shm holds besides the semaphores of this test's own queues and events."""
-  return {name for name in os.listdir('/dev/shm') if not name.startswith('sem.mp-')}
 
 
 def test_shared_path_is_bit_identical_to_in_process_path():
@@ -72,7 +68,7 @@ def test_mismatched_images_fail_the_batch_like_the_in_process_path():
 def test_replaced_exited_and_killed_callers_leave_no_segment_behind():
   """Nothing ever in /dev/shm; the model's process unmaps a segment at its first call after the
   caller replaced it, exited or was killed, and the kernel then frees the memory file."""
-  shm_before = _shm_files()
+  shm_before = shm_files()
   tag = f'cleanup_{uuid.uuid4().hex}'
   model = shared(tag)  # the model's process is this one: its maps are /proc/self/maps
   reports, leave, never = SPAWN.Queue(), SPAWN.Event(), SPAWN.Event()
@@ -94,7 +90,7 @@ def test_replaced_exited_and_killed_callers_leave_no_segment_behind():
   killed.join(timeout=60)
   embed_batch(model, images(10, 1))
   assert not {small, large, killed_segment} & segment_inodes()
-  assert _shm_files() == shm_before
+  assert shm_files() == shm_before
 
 
 def test_two_callers_never_run_two_batches_at_once():

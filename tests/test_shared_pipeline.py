@@ -1,7 +1,5 @@
 """End to end with a model shared across worker processes: the same features, bit for bit."""
 
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,16 +7,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from models.loading import load_embedding_model
 from pipeline.launcher import run
+from tests.shared_callers import shm_files
 from transforms.decode import decode_and_resize
 
 MULTI_PROCESSING = ['--direct_running_mode=multi_processing', '--direct_num_workers=2']
-
-
-def _shm_files() -> set:
-  """/dev/shm besides multiprocessing's semaphores (Beam's runner makes some) and PostgreSQL's
-  segments (the export tests' server, in the other test process, makes and drops them)."""
-  return {name for name in os.listdir('/dev/shm')
-          if not name.startswith(('sem.mp-', 'PostgreSQL.'))}
 
 
 def _embeddings(output: str) -> dict:
@@ -35,7 +27,7 @@ def _embeddings(output: str) -> dict:
                          ids=['large_model', 'model_copies_2'])
 def test_shared_model_features_are_bit_identical_to_in_process(sharing, image_folder, tmp_path):
   """Batches of one, so that each feature comes from the same computation in both paths."""
-  shm_before = _shm_files()
+  shm_before = shm_files()
   output = str(tmp_path / 'out')
   summary = run([f'--input={image_folder}/*', f'--output={output}',
                  '--model=builtin:pnasnet_tiny', '--max_batch_size=1'] + MULTI_PROCESSING +
@@ -47,7 +39,7 @@ def test_shared_model_features_are_bit_identical_to_in_process(sharing, image_fo
     with open(uri, 'rb') as f:
       _, _, pixels = decode_and_resize(f.read(), 64, 64)
     np.testing.assert_array_equal(embedding, in_process.embed(pixels[np.newaxis])[0])
-  assert _shm_files() == shm_before  # batches travel in memory files, which have no name there
+  assert shm_files() == shm_before  # batches travel in memory files, which have no name there
 
 
 def test_jit_compile_through_the_pipeline(image_folder, tmp_path):
