@@ -143,8 +143,8 @@ def _plain_faiss(runs, index, queries: np.ndarray, own, truth, refine: str,
       refine)
   print(f'plain FAISS {factory}: build (read, train, add) {built:.1f} s; '
         f'{size / len(uris):.1f} bytes a vector serialized'
-        + (f' (+{faiss.serialize_index(refined.refine_index).nbytes / len(uris):.0f} for the '
-           f'refine vectors)' if refined is not None else ''))
+        + (f' (+{refined.refine_index.sa_code_size()} for the refine vectors, held in memory)'
+           if refined is not None else ''))
   for depth in depths:
     set_depth(depth)
     without = recall_of(plain.search)
@@ -181,9 +181,11 @@ def _sizes(index, directory: str) -> str:
     return os.path.getsize(path) / index.count if os.path.exists(path) else 0.0
 
   searched = per_vector(neighbour_index.FAISS_FILE) + per_vector(neighbour_index.IVFDATA_FILE)
+  lookups = sum(per_vector(neighbour_index.lookup_file(column))
+                for column in neighbour_index.LOOKUP_COLUMNS)
   return (f'index.faiss + index.ivfdata {searched:.1f} bytes a vector; refine store '
           f'{per_vector(neighbour_index.VECTORS_FILE):.1f}; {neighbour_index.IDS_FILE} '
-          f'{per_vector(neighbour_index.IDS_FILE):.1f}')
+          f'{per_vector(neighbour_index.IDS_FILE):.1f}; lookup files {lookups:.1f}')
 
 
 def _depths(index, chosen: int) -> list:

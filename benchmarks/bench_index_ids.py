@@ -1,16 +1,17 @@
 """The index's ids table at scale: opening it and looking up a query's 10 result rows, the old way
 (ids.parquet read whole into memory) against the index's (ids.arrow memory-mapped, its footer
 read; the memory-mapped FAISS ids binary-searched), from an index's ids table repeated with new
-ids; and finding a URI's row (`--query` by URI, the browse page's catalogue), the old way (the
-whole uri column as Python strings) against NeighbourIndex.find_row (a scan of the
-memory-mapped batches compared by Arrow). Each way runs in a process of its own, for its peak RSS.
+ids; and finding a URI's or a SHA-256's row in an index (`--query` by URI or bytes, the browse
+page's catalogue), a scan of the memory-mapped batches compared by Arrow (the way before the
+lookup files) against NeighbourIndex.find_row (a binary search of the lookup file). Each way
+runs in a process of its own, for its peak RSS.
 
     python -m benchmarks.bench_index_ids write --index /work/bench-data/index-100k-1GB \
         --copies 10 --scratch /work/bench-data/ids-1m
     python -m benchmarks.bench_index_ids old --scratch /work/bench-data/ids-1m
     python -m benchmarks.bench_index_ids new --scratch /work/bench-data/ids-1m
-    python -m benchmarks.bench_index_ids find_old --scratch /work/bench-data/ids-1m
-    python -m benchmarks.bench_index_ids find_new --scratch /work/bench-data/ids-1m
+    python -m benchmarks.bench_index_ids find_scan --index /work/bench-data/index-1m
+    python -m benchmarks.bench_index_ids find_lookup --index /work/bench-data/index-1m
 """
 
 import argparse
@@ -68,42 +69,57 @@ def _measure(way: str, scratch: str) -> None:
         f'{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1e3:.0f} MB')
 
 
-def _find(way: str, scratch: str) -> None:
-  """The last row's URI (a whole scan) and a URI not in the table, each looked up FINDS times."""
+def _scan(reader, column: str, value: str):
+  """The first row whose column equals value, by a scan of the batches (the old find_row)."""
+  import pyarrow.compute as pc
+  for number in range(reader.num_record_batches):
+    batch = reader.get_batch(number)
+    found = pc.index(batch.column(column), value).as_py()
+    if found >= 0:
+      return batch.slice(found, 1).to_pylist()[0]
+  return None
+
+
+def _find(way: str, index_directory: str) -> None:
+  """The last row's URI and SHA-256 (unique in a synthetic collection: a whole scan) and a URI
+  not in the index, each looked up FINDS times after one untimed lookup (imports)."""
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  reader = neighbour_index.open_ids(scratch)
-  last = reader.get_batch(reader.num_record_batches - 1)
-  wanted = [last.column('uri')[last.num_rows - 1].as_py(), 'gs://nowhere/not-an-image.jpg']
-  if way == 'find_old':
-    def find(uri):
-      uris = reader.read_all().column('uri').to_pylist()
-      hits = np.flatnonzero(np.array(uris, dtype=object) == uri)
-      return int(hits[0]) if len(hits) else None
+  reader = neighbour_index.open_ids(index_directory)
+  if way == 'find_scan':
+    find = lambda column, value: _scan(reader, column, value)  # pylint: disable=unnecessary-lambda-assignment
   else:
-    holder = type('Opened', (), {'_ids_file': reader})()  # NeighbourIndex.find_row's own code
-    find = lambda uri: neighbour_index.NeighbourIndex.find_row(holder, 'uri', uri)  # pylint: disable=unnecessary-lambda-assignment
-  for uri, name in zip(wanted, ('the last row', 'a missing URI')):
+    find = neighbour_index.NeighbourIndex(index_directory).find_row
+  last = reader.get_batch(reader.num_record_batches - 1)
+  wanted = [('uri', last.column('uri')[last.num_rows - 1].as_py(), 'the last row by URI'),
+            ('sha256', last.column('sha256')[last.num_rows - 1].as_py(),
+             'the last row by SHA-256'),
+            ('uri', 'gs://nowhere/not-an-image.jpg', 'a missing URI')]
+  find('uri', wanted[0][1])
+  for column, value, name in wanted:
     started = time.perf_counter()
     for _ in range(FINDS):
-      find(uri)
-    print(f'{way}: {name} found in {(time.perf_counter() - started) / FINDS * 1e3:.0f} ms')
+      assert (find(column, value) is None) == (name == 'a missing URI')
+    print(f'{way}: {name} found in {(time.perf_counter() - started) / FINDS * 1e3:.2f} ms')
   print(f'{way}: {neighbour_index.ids_rows(reader)} rows, peak RSS growth '
         f'{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1e3:.0f} MB')
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('way', choices=('write', 'old', 'new', 'find_old', 'find_new'))
-  parser.add_argument('--scratch', required=True, help='where the repeated tables are written')
-  parser.add_argument('--index', help='write: the index whose ids table is repeated')
+  parser.add_argument('way', choices=('write', 'old', 'new', 'find_scan', 'find_lookup'))
+  parser.add_argument('--scratch', help='where the repeated tables are written (write, old, new)')
+  parser.add_argument('--index', help='write: the index whose ids table is repeated; find_*: '
+                      'the index to look values up in')
   parser.add_argument('--copies', type=int, default=10)
   args = parser.parse_args(argv)
-  if args.way == 'write':
+  if args.way.startswith('find'):
     if not args.index:
-      parser.error('write needs --index')
+      parser.error(f'{args.way} needs --index')
+    _find(args.way, args.index)
+  elif not args.scratch or (args.way == 'write' and not args.index):
+    parser.error(f'{args.way} needs --scratch' + (' and --index' if args.way == 'write' else ''))
+  elif args.way == 'write':
     _write(args.index, args.copies, args.scratch)
-  elif args.way.startswith('find'):
-    _find(args.way, args.scratch)
   else:
     _measure(args.way, args.scratch)
 

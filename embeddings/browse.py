@@ -4,9 +4,9 @@ clicking a result, and look at its duplicate groups.
     python -m embeddings.browse --runs RUN_DIR_OR_GLOB... [--index INDEX_DIR] \
         [--duplicates dups.csv] [--port 8000] [--k 24] [--model MODEL_ID] [Beam options]
 
-The page listens on 127.0.0.1 only. At start-up it reads the collection's URIs, sizes and
-SHA-256s (no vectors; with --index none: they are looked up in the index's ids table when asked)
-and loads the runs' model once, so a query by a new image costs one
+The page listens on 127.0.0.1 only. At start-up it reads the collection's URIs and SHA-256s
+(no vectors), or with --index none of them (each is looked up in the index's lookup files when
+asked), and loads the runs' model once, so a query by a new image costs one
 embedding and one search; an image whose bytes the collection holds, a URI of it, or a click
 costs one stored-vector read and one search. Search is exact (embeddings/neighbours.py, a pass
 over the shards) or, with --index, through the FAISS index re-ranked exactly. Thumbnails are read
@@ -90,29 +90,34 @@ class Catalogue:
 
 
 class IndexCatalogue:
-  """The URIs an index holds, as Catalogue answers for them, looked up in the index's
-  memory-mapped ids table when asked (NeighbourIndex.find_row), the answers cached: the page
-  holds no list of the collection's URIs. The URIs of the latest results are remembered, so the
-  thumbnails of a results page cost no lookup. `row` is the FAISS id."""
+  """The URIs an index holds, as Catalogue answers for them, looked up in the index when asked
+  (NeighbourIndex.find_row: a binary search of a memory-mapped lookup file), the answers cached:
+  the page holds no list of the collection's URIs. The URIs of the latest results are
+  remembered, so the thumbnails of a results page cost no lookup. `row` is the FAISS id."""
 
   def __init__(self, index):
     self._index = index
     self._find = functools.lru_cache(LOOKUPS_CACHED)(index.find_row)
     self._shown: 'collections.OrderedDict[str, None]' = collections.OrderedDict()
+    self._shown_lock = threading.Lock()  # the page's handlers run in a thread pool
 
   def __len__(self) -> int:
     return self._index.count
 
   def __contains__(self, uri: str) -> bool:
-    return uri in self._shown or self.entry(uri) is not None
+    with self._shown_lock:
+      if uri in self._shown:
+        return True
+    return self.entry(uri) is not None
 
   def remember(self, uris: Sequence[str]) -> None:
     """URIs the index has just given as results: members, up to LOOKUPS_CACHED of them."""
-    for uri in uris:
-      self._shown[uri] = None
-      self._shown.move_to_end(uri)
-    while len(self._shown) > LOOKUPS_CACHED:
-      self._shown.popitem(last=False)
+    with self._shown_lock:
+      for uri in uris:
+        self._shown[uri] = None
+        self._shown.move_to_end(uri)
+      while len(self._shown) > LOOKUPS_CACHED:
+        self._shown.popitem(last=False)
 
   def entry(self, uri: str) -> Optional[Entry]:
     row = self._find('uri', uri)

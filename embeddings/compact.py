@@ -129,15 +129,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
   import apache_beam as beam
+  from jobs.collection_sources import warn_of_gaps
   from jobs.compact import build_compaction
   from transforms.heartbeat import keep_alive
   pipeline = beam.Pipeline(runner=default_runner(options), options=options)
   build_compaction(pipeline, runs, output, shards, dtype)
   beating = keep_alive(output)  # a night launched meanwhile sees this run alive, and waits
   try:
-    state = pipeline.run().wait_until_finish()
+    result = pipeline.run()
+    state = result.wait_until_finish()
   finally:
     beating.stop()
+  warn_of_gaps(result)
   if state != 'DONE':
     print(f'error: the compaction job ended in state {state}; {output} holds no '
           f'{SUMMARY_FILE}', file=sys.stderr)

@@ -64,9 +64,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   add.add_argument('--index', required=True, help='an index directory')
   add.add_argument('--runs', nargs='+', required=True, help='the new run directories or globs')
   add.add_argument('--recall_drop', type=float, default=DEFAULT_RECALL_DROP,
-                   help=f'say to rebuild when recall@10 on the build\'s probes, or on probes '
-                   f'drawn from the added runs, falls more than this below the build\'s '
-                   f'(default {DEFAULT_RECALL_DROP})')
+                   help=f'say to rebuild when recall@10 on the build\'s probes falls more '
+                   f'than this below the build\'s (default {DEFAULT_RECALL_DROP}); it also says '
+                   f'so when probes drawn from the added runs lie far from the trained lists, '
+                   f'or the lists grow uneven')
   args, beam_flags = parse_job_command(parser, argv)
   from jobs import index_build
   try:
@@ -116,7 +117,11 @@ def summary_line(description: dict) -> str:
     text += (f' (at build {build["probe_recall_at_10"]:.3f})\nadded {last["added"]} '
              f'vector(s), removed {last["removed"]} that newer runs re-embedded, did not match '
              f'or failed on; recall@10 on {last["added_probes"]} probe vectors of the added runs '
-             f'(among their vectors): {last["added_probe_recall_at_10"]:.3f}')
+             f'(among their vectors alone: lower the smaller their share of the index) '
+             f'{last["added_probe_recall_at_10"]:.3f}')
+    if last.get('added_probe_quantization_error') is not None:
+      text += (f', their quantization error {last["added_probe_quantization_error"]:.3f} '
+               f'(the build\'s probes\' {build["probe_quantization_error"]:.3f})')
     if last['rebuild']:
       text += (f'\n{"; ".join(last["rebuild"])}: rebuild the index '
                f'(python -m embeddings.index build)')

@@ -16,10 +16,10 @@ candidate, not a Parquet row group).
 
 Every index follows the collection's rule (`embeddings.load`: the newest run wins; a file the
 newest run did not match, or failed on, has no vector). `add` encodes a night's runs with the
-trained quantizers and removes what the new runs superseded or dropped (IVF: FAISS remove_ids;
-HNSW: the graph is rebuilt from the refine store, which holds every vector). It checks its health
-against the build: recall@10 on the build's probes, on probes drawn from each added run (searched
-among that run's vectors), and the lists' imbalance.
+trained quantizers and removes what the new runs superseded or dropped (IVF: from the on-disk
+lists; HNSW: the graph is rebuilt from the refine store, which holds every vector). It checks
+its health against the build, like for like: recall@10 on the build's probes, the quantization
+error of probes drawn from each added run against the build probes', and the lists' imbalance.
 
 The index directory (see INDEX_FILE, FAISS_FILE, ...):
     index.json     model id, embedding size, runs covered, the plan and its parameters, counts,
@@ -37,12 +37,16 @@ The index directory (see INDEX_FILE, FAISS_FILE, ...):
                    390 bytes a row, 5% of the refine store's 8,640
     faiss_ids.i64  the FAISS id of each ids.arrow row (int64, raw, sorted, memory-mapped)
     vector_rows.i64  each ids.arrow row's row in vectors.f16 (int64, raw, memory-mapped)
+    lookup-uri.u64, lookup-sha256.u64  a URI's (a SHA-256's) ids.arrow rows: the values' 64-bit
+                   keys sorted, then the rows in the same order (raw, memory-mapped), so finding
+                   a value is a binary search whatever the index's size
     vectors.f16    the refine store: float16 unit vectors [rows, dimension], raw, memory-mapped
     probes.npz     the probe vectors, their ids and their exact nearest ids and cosines
 """
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import time
@@ -64,7 +68,8 @@ VECTORS_FILE = 'vectors.f16'
 PROBES_FILE = 'probes.npz'
 FAISS_IDS_FILE = 'faiss_ids.i64'
 VECTOR_ROWS_FILE = 'vector_rows.i64'
-FORMAT_VERSION = 3
+LOOKUP_COLUMNS = ('uri', 'sha256')  # ids.arrow columns found by value (lookup_file)
+FORMAT_VERSION = 4
 IDS_BATCH_ROWS = 1024  # ids.arrow rows a record batch: what a result costs to look up
 
 EXHAUSTIVE_BELOW = 10_000  # vectors: one list scanned whole, i.e. exact search
@@ -239,6 +244,24 @@ def list_imbalance(index) -> Optional[float]:
   return None if lists is None else float(lists.imbalance_factor())
 
 
+def quantization_error(index, vectors: np.ndarray) -> float:
+  """The mean squared distance of unit `vectors` to the points their nearest IVF centroids stand
+  for in the input space: what the PCA leaves out (its rows are orthonormal) plus the residual
+  to the centroid. It grows as new vectors drift from what the PCA and the lists were trained
+  on, whatever the number of vectors searched among (a recall among a night's vectors alone
+  falls with the night's share of the index)."""
+  faiss = faiss_util.faiss()
+  x = np.ascontiguousarray(unit_rows(np.asarray(vectors, np.float32)))
+  left_out = np.zeros(len(x), np.float32)
+  outer = faiss.downcast_index(index)
+  if isinstance(outer, faiss.IndexPreTransform):
+    projection = faiss.downcast_VectorTransform(outer.chain.at(0))
+    x = projection.apply(x)
+    left_out = 1 - ((x - faiss.vector_to_array(projection.b)) ** 2).sum(1)
+  residual, _ = ivf_of(index).quantizer.search(np.ascontiguousarray(x), 1)
+  return float(np.mean(left_out + residual[:, 0]))
+
+
 def open_vectors(directory: str, dimension: int) -> np.ndarray:
   path = os.path.join(directory, VECTORS_FILE)
   rows = os.path.getsize(path) // (2 * dimension)
@@ -257,6 +280,25 @@ def open_ids(directory: str):
   """ids.arrow, memory-mapped: its footer read, no batch yet."""
   import pyarrow as pa
   return pa.ipc.open_file(pa.memory_map(os.path.join(directory, IDS_FILE)))
+
+
+def lookup_file(column: str) -> str:
+  return f'lookup-{column}.u64'
+
+
+def lookup_key(value: str) -> int:
+  """A value's 64-bit key in a lookup file: the same in every process (blake2b, not hash())."""
+  return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), 'little')
+
+
+def open_lookup(directory: str, column: str) -> tuple:
+  """(sorted keys, ids.arrow rows in the same order), memory-mapped."""
+  path = os.path.join(directory, lookup_file(column))
+  rows = os.path.getsize(path) // 16
+  if not rows:
+    return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+  both = np.memmap(path, np.uint64, 'r', shape=(2 * rows,))
+  return both[:rows], both[rows:].view(np.int64)
 
 
 def ids_rows(reader) -> int:
@@ -284,6 +326,7 @@ class NeighbourIndex:
     if len(self._faiss_ids) != ids_rows(self._ids_file):
       raise IndexError_(f'{directory}: {FAISS_IDS_FILE} and {IDS_FILE} differ in length')
     self.vectors = open_vectors(directory, self.dimension)
+    self._lookups = {column: open_lookup(directory, column) for column in LOOKUP_COLUMNS}
     self.nprobe = self.description['plan']['nprobe']
     self._whole = None
 
@@ -300,15 +343,15 @@ class NeighbourIndex:
     return self._whole
 
   def find_row(self, column: str, value: str) -> Optional[dict]:
-    """The first ids-table row whose `column` (uri, sha256) equals `value`, or None: a scan of
-    the memory-mapped record batches, compared by Arrow (no Python string a row), so its memory
-    stays one batch whatever the index's size; its time grows with the index."""
-    import pyarrow.compute as pc
-    for number in range(self._ids_file.num_record_batches):
-      batch = self._ids_file.get_batch(number)
-      found = pc.index(batch.column(column), value).as_py()
-      if found >= 0:
-        return batch.slice(found, 1).to_pylist()[0]
+    """The first ids-table row (in id order) whose `column` (uri, sha256) equals `value`, or
+    None: a binary search of the column's memory-mapped lookup file, then the record batch of
+    each row with the value's key (one, unless two values share a 64-bit key)."""
+    keys, rows = self._lookups[column]
+    key = np.uint64(lookup_key(value))
+    for position in rows[np.searchsorted(keys, key, 'left'):np.searchsorted(keys, key, 'right')]:
+      row = self.table_rows(np.array([position]))
+      if row.column(column)[0].as_py() == value:
+        return row.to_pylist()[0]
     return None
 
   def check_model(self, model: Optional[str]) -> None:

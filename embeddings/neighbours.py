@@ -129,7 +129,7 @@ def search(runs: Sequence[Run], query: Query, k: int) -> List[Neighbour]:
 
 
 def find_query_in_index(index, query: str) -> Query:
-  """As find_query, looking the bytes (else the URI) up in the index's ids table."""
+  """As find_query, looking the bytes (else the URI) up in the index's lookup files."""
   uri = query if storage.is_remote(query) else os.path.abspath(query)
   data = _readable(uri)
   check_image(query, data)

@@ -53,7 +53,7 @@ from embeddings.runs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
 from jobs import work_folder
-from jobs.collection_sources import CollectionSources, LocateInShards
+from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
 from pipeline.runners import default_runner
 
 MAX_CLUSTERS = 4096  # k-means is trained on one worker: 40 x 4096 sample rows
@@ -428,6 +428,7 @@ def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str]
                                                 file_name_suffix='.jsonl'))
     result = pipeline.run()
     result.wait_until_finish()
+    warn_of_gaps(result)
     groups = []
     for info in storage.match(storage.join(directory, 'groups*.jsonl')):
       for line in storage.read_bytes(info.path).decode().splitlines():

@@ -12,9 +12,11 @@ process holds the collection's URIs. Shared by the compaction (jobs/compact.py),
        that column alone) ─ CoGroupByKey ─ ((run, shard number), uri), or with `every_row`
        ((run, shard number), row) for each row holding the URI (the neighbour index's rows)
 
-Only URIs, small index rows and shard numbers are shuffled, never a vector.
+Only URIs, small index rows and shard numbers are shuffled, never a vector. What the rule could
+not place is counted, and `warn_of_gaps` says it after the job, as `embeddings.load` does.
 """
 
+import logging
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import apache_beam as beam
@@ -25,8 +27,10 @@ from embeddings import storage
 from embeddings.collection import GONE, UNDECIDED, SourceRule
 from embeddings.runs import Run
 from embeddings.shards import is_parquet, read_shard
+from jobs import work_folder
 from run_format import DECODE, READ, SKIPPED
 
+_LOG = logging.getLogger(__name__)
 METRICS_NAMESPACE = 'collection'
 _BATCH_ROWS = 65_536
 _INDEX_COLUMNS = ('uri', 'outcome', 'done_outcome', 'vector_run', 'size_bytes', 'last_modified',
@@ -220,3 +224,18 @@ class LocateInShards(beam.PTransform):
     return ({'wanted': wanted, 'shards': shards}
             | 'JoinShards' >> beam.CoGroupByKey()
             | 'Located' >> beam.FlatMap(_located, self._every_row))
+
+
+def warn_of_gaps(result) -> None:
+  """Logs the files the job's rule kept without a vector to give them (collection.warn_of_missing
+  in one process): skipped files whose embedding run was not given, and files absent from the
+  shards of the run that holds their vector."""
+  missing = work_folder.counter(result, 'vectors_missing', METRICS_NAMESPACE)
+  if missing:
+    _LOG.warning('%d skipped file(s) have no vector: the runs that embedded them (their index\'s '
+                 'vector_run) are not among those given, deleted or not named; the next night '
+                 're-embeds them, or give those runs too', missing)
+  absent = work_folder.counter(result, 'vectors_not_in_shards', METRICS_NAMESPACE)
+  if absent:
+    _LOG.warning('%d file(s) are in the index of the run that holds their vector but in none of '
+                 'its shards (a shard deleted or rewritten?): left out', absent)

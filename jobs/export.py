@@ -34,7 +34,7 @@ from embeddings import storage
 from embeddings.runs import Run
 from embeddings.shards import read_shard
 from jobs import work_folder
-from jobs.collection_sources import CollectionSources, LocateInShards
+from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
 from jobs.export_target import (IN_PROGRESS, METRICS_NAMESPACE, BatchFailed, ExportRow,
                                 ExportState, Target, TargetError, now, parse_name)
 from pipeline.runners import default_runner
@@ -133,6 +133,7 @@ def plan(runs: Sequence[Run], target: Target, folder: str, options: PipelineOpti
                                             file_name_suffix='.jsonl'))
   result = pipeline.run()
   result.wait_until_finish()
+  warn_of_gaps(result)
   return Plan(*(work_folder.counter(result, name, PLAN_NAMESPACE)
                 for name in ('writes', 'deletes', 'unchanged', 'rows')))
 

@@ -15,7 +15,8 @@ pieces and counts them, so that no one process holds the collection's URIs. Then
 Workers never hold more than one shard. The merge holds one piece's metadata and vectors at a
 time: the IVF lists are merged on disk (FAISS OnDiskInvertedLists.merge_from_multiple over the
 pieces' memory-mapped lists), `ids.arrow` and the refine store are written as they come (in
-shard order, which is id order), and the probes keep their 50 best neighbours. An HNSW index is
+shard order, which is id order), the URI and SHA-256 lookup files are sorted a key range at a
+time (_LookupWriter), and the probes keep their 50 best neighbours. An HNSW index is
 built in this process (it is chosen only when it fits the memory budget).
 """
 
@@ -37,7 +38,7 @@ from embeddings.runs import MixedModelsError, Run, find_runs
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
 from jobs import work_folder
-from jobs.collection_sources import CollectionSources, LocateInShards
+from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
 from pipeline.runners import default_runner
 
 _LOG = logging.getLogger(__name__)
@@ -47,35 +48,41 @@ TRAINING_ITERATIONS = 10
 PQ_POINTS_PER_CENTROID = 64
 DEFAULT_RECALL_DROP = 0.05  # recall@10 below the build's by more than this: rebuild
 IMBALANCE_GROWTH = 2.0  # lists this much more imbalanced than at build: rebuild
+# Added runs' probes this much farther from their lists than the build's probes: rebuild. At 1M
+# 4320-d vectors (2026-12-07), samples of 100 from a night of the same collection gave 0.96-1.07
+# times the build's; another collection's 3.0.
+QUANTIZATION_ERROR_GROWTH = 1.2
 RESIDUAL_TABLES_MAX = 256_000_000  # bytes
 HNSW_ADD_ROWS = 20_000  # vectors read from the refine store at a time when rebuilding HNSW
+LOOKUP_BUCKETS = 256  # key ranges of a lookup file, each sorted alone (1/256 of the rows)
+LOOKUP_BUFFER_ROWS = 1 << 20  # keys held before they are appended to their buckets' files
 
 
 class ShardRef(NamedTuple):
   run: str  # the run directory
   path: str
   number: int  # ids of its rows are number << ROW_BITS | row
-  kept: Optional[str] = None  # the file of the rows the collection keeps; None: every row
+  kept_file: Optional[str] = None  # the rows the collection keeps (an .npy); None: every row
 
 
-def shard_refs(runs: Sequence[Run], first_number: int = 0) -> List[ShardRef]:
-  """Runs -> their shards, numbered from `first_number`."""
+def shard_refs(runs: Sequence[Run]) -> List[ShardRef]:
+  """Runs -> their shards, numbered from 0 (listed once: every later step takes these)."""
   refs = []
   for run in runs:
     for path in run.shard_paths():
-      refs.append(ShardRef(run.path, path, first_number + len(refs)))
+      refs.append(ShardRef(run.path, path, len(refs)))
   return refs
 
 
 def with_kept_files(refs: Sequence[ShardRef], pieces: str) -> List[ShardRef]:
-  """The refs, each naming the file its kept rows are written to (keep_rows)."""
-  return [ref._replace(kept=storage.join(pieces, f'kept-{position:06d}.npy'))
+  """The refs, each naming the file its kept rows are written to (write_kept_files)."""
+  return [ref._replace(kept_file=storage.join(pieces, f'kept-{position:06d}.npy'))
           for position, ref in enumerate(refs)]
 
 
 def kept_rows(ref: ShardRef) -> np.ndarray:
   """The shard's rows the collection keeps, ascending (the ref must name its kept file)."""
-  return np.load(io.BytesIO(storage.read_bytes(ref.kept)))
+  return np.load(io.BytesIO(storage.read_bytes(ref.kept_file)))
 
 
 class _WriteKeptRows(beam.DoFn):
@@ -88,16 +95,19 @@ class _WriteKeptRows(beam.DoFn):
     rows = np.sort(np.fromiter(parts['rows'], np.int64))
     buffer = io.BytesIO()
     np.save(buffer, rows)
-    _put(ref.kept, buffer.getvalue())
+    _put(ref.kept_file, buffer.getvalue())
     beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'kept').inc(len(rows))
 
 
-def keep_rows(runs: Sequence[Run], refs: Sequence[ShardRef], beam_flags: Sequence[str]) -> int:
-  """Writes the kept file of each ref (the shards of `runs`, newest first) by the collection's
-  rule over the runs; returns the rows kept."""
-  shard_paths = {run.path: run.shard_paths() for run in runs}
-  number = {path: n for paths in shard_paths.values() for n, path in enumerate(paths)}
-  local = {(ref.run, number[ref.path]): ref for ref in refs}
+def write_kept_files(runs: Sequence[Run], refs: Sequence[ShardRef],
+                     beam_flags: Sequence[str]) -> int:
+  """Writes the kept file of each ref (every shard of `runs`, newest first, as shard_refs
+  listed them) by the collection's rule over the runs; returns the rows kept."""
+  shard_paths: Dict[str, List[str]] = {run.path: [] for run in runs}
+  local = {}
+  for ref in refs:
+    local[(ref.run, len(shard_paths[ref.run]))] = ref
+    shard_paths[ref.run].append(ref.path)
   options = PipelineOptions(list(beam_flags))
   pipeline = beam.Pipeline(runner=default_runner(options), options=options)
   rows = ((pipeline | 'Sources' >> CollectionSources(runs)).kept
@@ -109,11 +119,12 @@ def keep_rows(runs: Sequence[Run], refs: Sequence[ShardRef], beam_flags: Sequenc
        | 'WriteKeptRows' >> beam.ParDo(_WriteKeptRows()))
   result = pipeline.run()
   result.wait_until_finish()
-  return work_folder.counter(result, 'kept', METRICS_NAMESPACE)
+  warn_of_gaps(result)
+  return work_folder.counter(result, 'kept', METRICS_NAMESPACE, required=True)
 
 
 def _kept_mask(ref: ShardRef, rows: int) -> np.ndarray:
-  if ref.kept is None:
+  if ref.kept_file is None:
     return np.ones(rows, bool)
   keep = np.zeros(rows, bool)
   keep[kept_rows(ref)] = True
@@ -136,7 +147,7 @@ class _SampleShard(beam.DoFn):
 
   def process(self, ref: ShardRef, pca_bytes: Optional[bytes] = None):
     rows, vectors = faiss_util.sample_rows(ref.path, self._fraction, self._seed + ref.number)
-    if len(rows) and ref.kept is not None:
+    if len(rows) and ref.kept_file is not None:
       keep = np.isin(rows, kept_rows(ref))
       rows, vectors = rows[keep], vectors[keep]
     if not len(rows):
@@ -385,6 +396,66 @@ class _BestNeighbours:
     self.offer(np.zeros((len(self.ids), 0), np.int64), np.zeros((len(self.ids), 0), np.float32))
 
 
+class _LookupWriter:
+  """One column's lookup file (neighbour_index.open_lookup) written with bounded memory: each
+  value's key and ids-table row are appended, by the key's top byte, to one of LOOKUP_BUCKETS
+  bucket files as rows come; at the end each bucket is sorted alone into its place in the file
+  (the buckets are key ranges in order, so the file is sorted whole)."""
+
+  def __init__(self, directory: str, column: str):
+    self.column = column
+    self._buckets = os.path.join(directory, f'.lookup-{column}')
+    shutil.rmtree(self._buckets, ignore_errors=True)  # an interrupted build's
+    os.makedirs(self._buckets)
+    self._keys: List[int] = []
+    self._rows: List[int] = []
+    self.count = 0
+
+  def add(self, values: list, first_row: int) -> None:
+    """`values`: the column of ids-table rows first_row, first_row + 1, ... (None: no key)."""
+    for offset, value in enumerate(values):
+      if value is not None:
+        self._keys.append(neighbour_index.lookup_key(value))
+        self._rows.append(first_row + offset)
+    if len(self._keys) >= LOOKUP_BUFFER_ROWS:
+      self._spill()
+
+  def _bucket(self, number: int) -> str:
+    return os.path.join(self._buckets, f'{number:03d}')
+
+  def _spill(self) -> None:
+    keys, rows = np.array(self._keys, np.uint64), np.array(self._rows, np.int64)
+    self._keys, self._rows = [], []
+    buckets = (keys >> np.uint64(56)).astype(np.int64)
+    order = np.argsort(buckets, kind='stable')
+    bounds = np.searchsorted(buckets[order], np.arange(LOOKUP_BUCKETS + 1))
+    for number in np.flatnonzero(np.diff(bounds)):
+      mine = order[bounds[number]:bounds[number + 1]]
+      with open(self._bucket(number), 'ab') as f:
+        f.write(np.stack([keys[mine], rows[mine].view(np.uint64)], axis=1).tobytes())
+    self.count += len(keys)
+
+  def finish(self, path: str) -> None:
+    """Writes the sorted keys, then their rows, to `path`."""
+    self._spill()
+    with open(path, 'wb') as f:
+      f.truncate(16 * self.count)
+    if self.count:
+      both = np.memmap(path, np.uint64, 'r+', shape=(2 * self.count,))
+      start = 0
+      for number in range(LOOKUP_BUCKETS):
+        if not os.path.exists(self._bucket(number)):
+          continue
+        pairs = np.fromfile(self._bucket(number), np.uint64).reshape(-1, 2)
+        order = np.lexsort((pairs[:, 1], pairs[:, 0]))  # by key, then row: the first row first
+        both[start:start + len(pairs)] = pairs[order, 0]
+        both[self.count + start:self.count + start + len(pairs)] = pairs[order, 1]
+        start += len(pairs)
+      both.flush()
+      del both
+    shutil.rmtree(self._buckets)
+
+
 class _Directory:
   """The files of an index directory being written: each under a temporary name, renamed when
   all are complete (a reader never sees half an index); the refine store is appended to. The ids
@@ -401,6 +472,9 @@ class _Directory:
     self._ids_schema = ids_schema
     self._pending: List[pa.Table] = []  # ids rows not yet a full record batch
     self._last_id = -1
+    self._ids_written = 0
+    self._lookups = [_LookupWriter(directory, column)
+                     for column in neighbour_index.LOOKUP_COLUMNS]
     self._faiss_ids = open(self.temporary(neighbour_index.FAISS_IDS_FILE), 'wb')
     self._vector_rows_file = open(self.temporary(neighbour_index.VECTOR_ROWS_FILE), 'wb')
     path = os.path.join(directory, neighbour_index.VECTORS_FILE)
@@ -426,6 +500,9 @@ class _Directory:
     self._faiss_ids.write(np.ascontiguousarray(ids, np.int64).tobytes())
     self._vector_rows_file.write(np.ascontiguousarray(
         table.column('vector_row').to_numpy(), np.int64).tobytes())
+    for lookup in self._lookups:
+      lookup.add(table.column(lookup.column).to_pylist(), self._ids_written)
+    self._ids_written += table.num_rows
     self._pending.append(table.select(self._ids_schema.names).cast(self._ids_schema))
     self._write_batches(final=False)
 
@@ -474,8 +551,11 @@ class _Directory:
       f.write(trained)
     with open(self.temporary(neighbour_index.PROBES_FILE), 'wb') as f:
       f.write(_npz(probes))
+    lookup_names = [neighbour_index.lookup_file(lookup.column) for lookup in self._lookups]
+    for lookup, name in zip(self._lookups, lookup_names):
+      lookup.finish(self.temporary(name))
     names = [neighbour_index.IDS_FILE, neighbour_index.FAISS_IDS_FILE,
-             neighbour_index.VECTOR_ROWS_FILE, neighbour_index.TRAINED_FILE,
+             neighbour_index.VECTOR_ROWS_FILE, *lookup_names, neighbour_index.TRAINED_FILE,
              neighbour_index.PROBES_FILE, neighbour_index.FAISS_FILE]
     if lists is not None:
       names.insert(0, neighbour_index.IVFDATA_FILE)
@@ -612,9 +692,15 @@ def _no_neighbours(count: int) -> _BestNeighbours:
 
 
 def _health(index, plan: dict, probe_file: dict) -> dict:
-  return {'probe_recall_at_10': neighbour_index.probe_recall(index, probe_file, plan,
-                                                             plan['nprobe']),
-          'list_imbalance': neighbour_index.list_imbalance(index)}
+  """Recall@10 on the probes and the lists' imbalance; for a PQ plan, the probes' quantization
+  error (what `add` compares the added runs' probes with)."""
+  health = {'probe_recall_at_10': neighbour_index.probe_recall(index, probe_file, plan,
+                                                               plan['nprobe']),
+            'list_imbalance': neighbour_index.list_imbalance(index)}
+  if plan['kind'] == 'ivf_pq':
+    health['probe_quantization_error'] = neighbour_index.quantization_error(
+        index, probe_file['vectors'])
+  return health
 
 
 def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: int,
@@ -627,7 +713,7 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
   pieces = _pieces_location(directory, beam_flags)
   if len(runs) > 1:
     refs = with_kept_files(refs, pieces)
-    count = keep_rows(runs, refs, beam_flags)
+    count = write_kept_files(runs, refs, beam_flags)
   else:
     count = runs[0].summary.embedded
   plan = neighbour_index.choose_plan(count, dimension, memory_budget)
@@ -774,10 +860,10 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
   every_run = find_runs(sorted(covered) + [r.path for r in new])
   pieces = _pieces_location(directory, beam_flags)
   every_shard = with_kept_files(shard_refs(every_run), pieces)
-  keep_rows(every_run, every_shard, beam_flags)
+  write_kept_files(every_run, every_shard, beam_flags)
   kept_of_shard = _KeptOfShard(every_shard)
-  refs = [ref._replace(kept=kept_of_shard.refs[ref.path].kept)
-          for ref in shard_refs(new, description['next_shard'])]
+  refs = [ref._replace(number=description['next_shard'] + number) for number, ref in enumerate(
+      ref for run in new for ref in every_shard if ref.run == run.path)]
   with open(os.path.join(directory, neighbour_index.TRAINED_FILE), 'rb') as f:
     trained = f.read()
   probes = dict(np.load(os.path.join(directory, neighbour_index.PROBES_FILE)))
@@ -818,17 +904,24 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
               'exact_ids': new_best.ids}, plan, plan['nprobe'], added_range)
   build = description['build']
   reasons = []
-  for name, recall in (('the build\'s probes', health['probe_recall_at_10']),
-                       ('the added runs\' probes', added_recall)):
-    if recall < build['probe_recall_at_10'] - recall_drop:
-      reasons.append(f'recall@10 on {name} {recall:.3f}, below the build\'s '
-                     f'{build["probe_recall_at_10"]:.3f} by more than {recall_drop}')
+  if health['probe_recall_at_10'] < build['probe_recall_at_10'] - recall_drop:
+    reasons.append(f'recall@10 on the build\'s probes {health["probe_recall_at_10"]:.3f}, below '
+                   f'the build\'s {build["probe_recall_at_10"]:.3f} by more than {recall_drop}')
+  added_error = None
+  if plan['kind'] == 'ivf_pq' and len(added_probes['ids']):
+    added_error = neighbour_index.quantization_error(index, added_probes['vectors'])
+    if added_error > QUANTIZATION_ERROR_GROWTH * build['probe_quantization_error']:
+      reasons.append(f'the added runs\' probes are {added_error:.3f} from their lists (squared '
+                     f'distance), over {QUANTIZATION_ERROR_GROWTH}x the build\'s probes\' '
+                     f'{build["probe_quantization_error"]:.3f}: the lists and the PCA were '
+                     f'trained on other vectors')
   if health['list_imbalance'] and health['list_imbalance'] > IMBALANCE_GROWTH * build[
       'list_imbalance']:
     reasons.append(f'list imbalance {health["list_imbalance"]:.2f}, over {IMBALANCE_GROWTH}x '
                    f'the build\'s {build["list_imbalance"]:.2f}')
   description = dict(description)
   description.update({
+      'directory': directory,  # where it is now (a copy names its own)
       'count': index.ntotal, 'runs': description['runs'] + _covered(refs, new),
       'next_shard': description['next_shard'] + len(refs), 'probes': len(probe_file['ids']),
       'probe_recall_at_10': health['probe_recall_at_10'],
@@ -836,7 +929,8 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
       'last_add': {'at': neighbour_index.utc_now(), 'runs': [r.path for r in new],
                    'added': added, 'removed': int(len(removed)),
                    'added_probes': len(added_probes['ids']),
-                   'added_probe_recall_at_10': added_recall, 'recall_drop': recall_drop,
+                   'added_probe_recall_at_10': added_recall,
+                   'added_probe_quantization_error': added_error, 'recall_drop': recall_drop,
                    'rebuild': reasons},
   })
   output.finish(index, trained, probe_file, description)

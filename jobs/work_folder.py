@@ -47,8 +47,14 @@ def remove(directory: str, local: bool) -> None:
     FileSystems.delete(written)
 
 
-def counter(result, name: str, namespace: str) -> int:
-  """A counter's committed value (attempted where the runner commits none) after the job."""
+def counter(result, name: str, namespace: str, required: bool = False) -> int:
+  """A counter's committed value (attempted where the runner commits none) after the job;
+  `required`: the job always increments it, so a runner reporting none is refused rather than
+  read as 0."""
   found = result.metrics().query(MetricsFilter().with_namespace(namespace).with_name(name)
                                  )['counters']
+  if required and not found:
+    raise RuntimeError(f'the runner reported no {namespace}/{name} counter, which this job '
+                       f'needs: run it on a runner that reports Beam metrics (the local '
+                       f'FnApiRunner, Dataflow)')
   return int(sum(c.committed or c.attempted or 0 for c in found))

@@ -198,7 +198,8 @@ def test_a_collection_over_the_budget_gets_a_pca_and_product_codes_and_keeps_its
   assert sorted(os.listdir(directory)) == sorted([
       neighbour_index.INDEX_FILE, neighbour_index.FAISS_FILE, neighbour_index.IVFDATA_FILE,
       neighbour_index.TRAINED_FILE, neighbour_index.IDS_FILE, neighbour_index.FAISS_IDS_FILE,
-      neighbour_index.VECTOR_ROWS_FILE, neighbour_index.VECTORS_FILE, neighbour_index.PROBES_FILE])
+      neighbour_index.VECTOR_ROWS_FILE, neighbour_index.VECTORS_FILE, neighbour_index.PROBES_FILE,
+      *(neighbour_index.lookup_file(column) for column in neighbour_index.LOOKUP_COLUMNS)])
   collection = embeddings.load(run.directory)
   queries = collection.vectors[::500]
   found = index.search(queries, 10, rerank=100)

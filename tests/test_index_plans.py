@@ -4,6 +4,7 @@ and failed files have no vector) and the benchmark's recall (issues 26 and 28)."
 
 import json
 import os
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +18,7 @@ from tests.bundle_spy import calls_by_place
 from embeddings import index as index_command, neighbour_index, neighbours
 from embeddings.collection import SourceRule
 from embeddings.similarity import unit_rows
+from jobs import index_build
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs')
 PQ_ROWS = 10_500  # above EXHAUSTIVE_BELOW
@@ -183,11 +185,14 @@ def test_add_checks_its_health_against_the_build_with_probes_of_each_added_run(p
   last = description['last_add']
   assert last['added_probes'] == 100 and last['added_probe_recall_at_10'] > 0.6
   assert last['rebuild'] == [] and description['list_imbalance'] >= 1.0
+  assert last['added_probe_quantization_error'] < 1.2 * build['probe_quantization_error']
+  assert description['directory'] == directory  # the copy's own, not the index it came from
   # Another collection altogether: all of it lands in a few of the lists trained on the first.
   drift = write_synthetic_run(str(tmp_path / 'night3'), 6_000, seed=99, dimension=PQ_DIMENSION,
                               clusters=3, first_row=20_000, finished_at='2026-01-03T00:00:00Z')
   description = index_command.main(['add', '--index', directory, '--runs', drift.directory])
-  assert description['last_add']['rebuild'], description['last_add']
+  assert any('from their lists' in reason for reason in description['last_add']['rebuild']), \
+      description['last_add']
   assert 'rebuild the index' in index_command.summary_line(description)
 
 
@@ -246,8 +251,66 @@ def test_the_index_follows_loads_rule_deleted_and_failed_files_have_no_vector(tm
     found = index.search(latest.vectors, 10)
     assert not gone & {n.uri for row in found for n in row}
     assert [row[0].uri for row in found] == latest.uris  # each vector is the newest run's
+    # The lookup files follow the rule too: `add` rewrote them with the rows it kept.
+    assert [index.find_row('uri', uri)['id'] for uri in latest.uris] == [
+        row[0].metadata['id'] for row in found]
+    assert all(index.find_row('uri', uri) is None for uri in gone)
   assert neighbour_index.read_description(both)['probe_recall_at_10'] == 1.0
   assert neighbour_index.read_description(added)['last_add']['added_probe_recall_at_10'] == 1.0
+
+
+def test_a_kept_file_missing_from_its_runs_shards_is_left_out_with_a_warning(tmp_path, caplog):
+  """The rule runs on workers, so what it cannot place is counted there and said after the job
+  (as embeddings.load says it): here night 2's index names a file its shards do not hold."""
+  night1 = write_synthetic_run(str(tmp_path / 'night1'), 60, seed=1, dimension=8, clusters=2,
+                               finished_at='2026-01-01T00:00:00Z')
+  night2 = write_synthetic_run(str(tmp_path / 'night2'), 60, seed=2, dimension=8, clusters=2,
+                               finished_at='2026-01-02T00:00:00Z')
+  [name] = [n for n in os.listdir(night2.directory) if n.startswith('index-')]
+  table = pq.read_table(os.path.join(night2.directory, name))
+  uris = table.column('uri').to_pylist()
+  uris[5] = 'gs://synthetic-photos/ghost.jpg'
+  pq.write_table(table.set_column(table.schema.get_field_index('uri'), table.schema.field('uri'),
+                                  pa.array(uris, table.schema.field('uri').type)),
+                 os.path.join(night2.directory, name))
+  with caplog.at_level('WARNING'):
+    index = neighbour_index.NeighbourIndex(_build(str(tmp_path / 'index'),
+                                                  [night1.directory, night2.directory]))
+  assert '1 file(s) are in the index of the run that holds their vector but in none of its ' \
+         'shards' in caplog.text
+  assert index.count == 59 and index.find_row('uri', 'gs://synthetic-photos/ghost.jpg') is None
+
+
+def _finds_every_row_by_its_lookup_files(index) -> None:
+  """Every URI finds its row, a SHA-256 the first row holding it, a value not held none."""
+  whole = index.ids.to_pylist()
+  first_of_sha256 = {}
+  for row in whole:
+    first_of_sha256.setdefault(row['sha256'], row)
+  assert len(first_of_sha256) == len(whole) - 5  # the byte copies share their original's
+  keys, rows = neighbour_index.open_lookup(index.directory, 'uri')
+  assert len(keys) == len(whole) and np.all(keys[1:] >= keys[:-1])
+  assert sorted(rows.tolist()) == list(range(len(whole)))
+  assert all(index.find_row('uri', row['uri']) == row for row in whole[::7])
+  assert all(index.find_row('sha256', sha256) == row for sha256, row in first_of_sha256.items())
+  assert index.find_row('uri', 'gs://nowhere/not-an-image.jpg') is None
+  assert index.find_row('sha256', '0' * 64) is None
+  assert not [name for name in os.listdir(index.directory) if name.startswith('.lookup')]
+
+
+def test_a_uri_or_sha256_is_found_by_its_lookup_file_even_when_keys_collide(tmp_path,
+                                                                            monkeypatch):
+  """find_row is a binary search of a sorted key file, not a scan of ids.arrow; with keys that
+  collide (300 keys for 1,200 values) the rows' values decide."""
+  run = write_synthetic_run(str(tmp_path / 'run1'), 1_200, seed=13, dimension=16, clusters=3,
+                            shard_rows=400, exact_duplicates=5)
+  monkeypatch.setattr(index_build, 'LOOKUP_BUFFER_ROWS', 500)  # spilled to buckets mid-shard
+  _finds_every_row_by_its_lookup_files(neighbour_index.NeighbourIndex(
+      _build(str(tmp_path / 'plain'), [run.directory])))
+  monkeypatch.setattr(neighbour_index, 'lookup_key',
+                      lambda value: zlib.crc32(value.encode()) % 300 << 54)
+  _finds_every_row_by_its_lookup_files(neighbour_index.NeighbourIndex(
+      _build(str(tmp_path / 'colliding'), [run.directory])))
 
 
 def test_probe_count_is_what_the_docs_say(tmp_path):
