@@ -148,11 +148,14 @@ class SourceRule:
     return UNDECIDED
 
 
-def warn_of_missing(waiting: Dict[str, '_Version']) -> None:
-  if waiting:
-    _LOG.warning('%d skipped file(s) (e.g. %s) have no vector: the runs that embedded them (their '
+def warn_of_missing(count: int, example: Optional[str] = None) -> None:
+  """Says that `count` skipped files have no vector among the runs given (here, or counted by a
+  Beam job's workers: jobs/collection_sources.py)."""
+  if count:
+    _LOG.warning('%d skipped file(s)%s have no vector: the runs that embedded them (their '
                  'index\'s vector_run) are not among those given, deleted or not named; the next '
-                 'night re-embeds them, or give those runs too', len(waiting), min(waiting))
+                 'night re-embeds them, or give those runs too', count,
+                 f' (e.g. {example})' if example else '')
 
 
 def vector_sources(runs: Sequence, history: bool = False) -> Dict[str, Set[str]]:
@@ -179,5 +182,5 @@ def vector_sources(runs: Sequence, history: bool = False) -> Dict[str, Set[str]]
         if source is not None and source is not GONE:
           sources[paths[source]].add(uri)
     rule.unlisted.append(failed_folders)
-  warn_of_missing(waiting)
+  warn_of_missing(len(waiting), min(waiting, default=None))
   return sources

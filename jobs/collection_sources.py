@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embeddings import storage
-from embeddings.collection import GONE, UNDECIDED, SourceRule
+from embeddings.collection import GONE, UNDECIDED, SourceRule, warn_of_missing
 from embeddings.runs import Run
 from embeddings.shards import is_parquet, read_shard
 from jobs import work_folder
@@ -227,14 +227,10 @@ class LocateInShards(beam.PTransform):
 
 
 def warn_of_gaps(result) -> None:
-  """Logs the files the job's rule kept without a vector to give them (collection.warn_of_missing
-  in one process): skipped files whose embedding run was not given, and files absent from the
-  shards of the run that holds their vector."""
-  missing = work_folder.counter(result, 'vectors_missing', METRICS_NAMESPACE)
-  if missing:
-    _LOG.warning('%d skipped file(s) have no vector: the runs that embedded them (their index\'s '
-                 'vector_run) are not among those given, deleted or not named; the next night '
-                 're-embeds them, or give those runs too', missing)
+  """Logs the files the job's rule kept without a vector to give them, as `embeddings.load`
+  does: skipped files whose embedding run was not given, and files absent from the shards of
+  the run that holds their vector."""
+  warn_of_missing(work_folder.counter(result, 'vectors_missing', METRICS_NAMESPACE))
   absent = work_folder.counter(result, 'vectors_not_in_shards', METRICS_NAMESPACE)
   if absent:
     _LOG.warning('%d file(s) are in the index of the run that holds their vector but in none of '

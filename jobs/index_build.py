@@ -692,15 +692,9 @@ def _no_neighbours(count: int) -> _BestNeighbours:
 
 
 def _health(index, plan: dict, probe_file: dict) -> dict:
-  """Recall@10 on the probes and the lists' imbalance; for a PQ plan, the probes' quantization
-  error (what `add` compares the added runs' probes with)."""
-  health = {'probe_recall_at_10': neighbour_index.probe_recall(index, probe_file, plan,
-                                                               plan['nprobe']),
-            'list_imbalance': neighbour_index.list_imbalance(index)}
-  if plan['kind'] == 'ivf_pq':
-    health['probe_quantization_error'] = neighbour_index.quantization_error(
-        index, probe_file['vectors'])
-  return health
+  return {'probe_recall_at_10': neighbour_index.probe_recall(index, probe_file, plan,
+                                                             plan['nprobe']),
+          'list_imbalance': neighbour_index.list_imbalance(index)}
 
 
 def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: int,
@@ -741,6 +735,9 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
     plan = plan._replace(nprobe=nprobe)
     _LOG.info('nprobe %d: %s', nprobe, curve)
   health = _health(index, plan.to_json(), probe_file)
+  if plan.kind == 'ivf_pq':  # what `add` compares the added runs' probes with
+    health['probe_quantization_error'] = neighbour_index.quantization_error(
+        index, probe_file['vectors'])
   description = {
       'format_version': neighbour_index.FORMAT_VERSION, 'directory': directory,
       'model': runs[0].model, 'embedding_size': dimension, 'metric': 'cosine (L2 on unit rows)',
