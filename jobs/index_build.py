@@ -407,25 +407,28 @@ class _LookupWriter:
     self._buckets = os.path.join(directory, f'.lookup-{column}')
     shutil.rmtree(self._buckets, ignore_errors=True)  # an interrupted build's
     os.makedirs(self._buckets)
-    self._keys: List[int] = []
-    self._rows: List[int] = []
+    self._keys: List[np.ndarray] = []  # buffered, as arrays: 16 bytes a value
+    self._rows: List[np.ndarray] = []
+    self._buffered = 0
     self.count = 0
 
   def add(self, values: list, first_row: int) -> None:
     """`values`: the column of ids-table rows first_row, first_row + 1, ... (None: no key)."""
-    for offset, value in enumerate(values):
-      if value is not None:
-        self._keys.append(neighbour_index.lookup_key(value))
-        self._rows.append(first_row + offset)
-    if len(self._keys) >= LOOKUP_BUFFER_ROWS:
+    present = [offset for offset, value in enumerate(values) if value is not None]
+    self._keys.append(np.fromiter((neighbour_index.lookup_key(values[offset])
+                                   for offset in present), np.uint64, len(present)))
+    self._rows.append(first_row + np.array(present, np.int64))
+    self._buffered += len(present)
+    if self._buffered >= LOOKUP_BUFFER_ROWS:
       self._spill()
 
   def _bucket(self, number: int) -> str:
     return os.path.join(self._buckets, f'{number:03d}')
 
   def _spill(self) -> None:
-    keys, rows = np.array(self._keys, np.uint64), np.array(self._rows, np.int64)
-    self._keys, self._rows = [], []
+    keys = np.concatenate(self._keys) if self._keys else np.zeros(0, np.uint64)
+    rows = np.concatenate(self._rows) if self._rows else np.zeros(0, np.int64)
+    self._keys, self._rows, self._buffered = [], [], 0
     buckets = (keys >> np.uint64(56)).astype(np.int64)
     order = np.argsort(buckets, kind='stable')
     bounds = np.searchsorted(buckets[order], np.arange(LOOKUP_BUCKETS + 1))
