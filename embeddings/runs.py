@@ -30,7 +30,7 @@ _LOG = logging.getLogger(__name__)
 
 
 class NoRunsError(ValueError):
-  """A path or glob names no finished run."""
+  """A path or glob names no finished run, or cannot be listed."""
 
 
 class MixedModelsError(ValueError):
@@ -151,15 +151,22 @@ class RunScan(NamedTuple):
 
 
 def _scan_directory(pattern: str) -> tuple:
-  """(summaries as FileInfos, unfinished runs) of one run directory or glob of them."""
+  """(summaries as FileInfos, unfinished runs) of one run directory or glob of them; a pattern
+  its FileSystem cannot list (no such bucket, no access, no network) is NoRunsError."""
+  from apache_beam.io.filesystem import BeamIOError
   directory = pattern.rstrip('/')
   if storage.basename(directory) == SUMMARY_FILE:
     directory = storage.dirname(directory)
-  summaries = storage.match(storage.join(directory, SUMMARY_FILE))
+  try:
+    summaries = storage.match(storage.join(directory, SUMMARY_FILE))
+    claims = {storage.dirname(c.path)
+              for c in storage.match(storage.join(directory, CLAIM_FILE))}
+    shards = storage.match(storage.join(directory, EMBEDDINGS_GLOB))
+  except BeamIOError as exc:
+    raise NoRunsError(f'{pattern}: cannot be listed ({exc}): check the bucket\'s name, your '
+                      f'credentials and the network') from exc
   finished = {storage.dirname(s.path) for s in summaries}
-  claims = {storage.dirname(c.path) for c in storage.match(storage.join(directory, CLAIM_FILE))}
-  started = claims | {storage.dirname(f.path)
-                      for f in storage.match(storage.join(directory, EMBEDDINGS_GLOB))}
+  started = claims | {storage.dirname(f.path) for f in shards}
   return summaries, [Unfinished(path, _read_claim(path) if path in claims else {})
                      for path in sorted(started - finished)]
 

@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
                                                   TestOptions, WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
-from embeddings.runs import scan_runs, warn_of_failed
+from embeddings.runs import NoRunsError, scan_runs, warn_of_failed
 from models.description import ModelDescription, describe_model
 from models.handles import ModelLoadError
 from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
@@ -159,7 +159,10 @@ def incremental_runs(patterns: List[str], output: str, allow_empty: bool,
     return [], []
   runs, empty, live, dead = {}, [], {}, {}
   for pattern in patterns:
-    scan = scan_runs([pattern], missing_ok=True)
+    try:
+      scan = scan_runs([pattern], missing_ok=True)
+    except NoRunsError as exc:  # it cannot be listed: no state to skip by, so no run
+      raise OptionsError(f'--incremental_from {exc}') from exc
     warn_of_failed(scan.failed)
     found = [run for run in scan.finished if run.path != output]
     runs.update((run.path, run) for run in found)

@@ -81,6 +81,26 @@ def test_a_run_older_than_0_2_is_refused_before_any_work(photos, tmp_path, capsy
   assert not os.path.exists(f'{tmp_path}/runs/new')  # nothing claimed
 
 
+def test_state_that_cannot_be_listed_stops_the_run_and_the_index_with_one_line(
+    gcs_server, photos, tmp_path, capsys):
+  """A bucket that does not exist (or cannot be read) is not "no earlier run": even with
+  --allow_no_earlier_runs the night would embed everything again. Exit 2, nothing claimed."""
+  from embeddings import index as index_command
+  missing = 'gs://no-such-state-bucket/runs/*'
+  with pytest.raises(SystemExit) as exit_info:
+    main([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1',
+          f'--incremental_from={missing}', '--allow_no_earlier_runs'])
+  error = capsys.readouterr().err.strip().splitlines()
+  assert exit_info.value.code == 2 and error[-1].startswith(
+      f'error: --incremental_from {missing}: cannot be listed (')
+  assert not os.path.exists(f'{tmp_path}/runs/1')
+  with pytest.raises(SystemExit) as exit_info:
+    index_command.main(['build', '--runs', missing, '--output', str(tmp_path / 'index')])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+      "check the bucket's name, your credentials and the network")
+
+
 def test_an_unfinished_run_and_another_model_do_not_count(photos, tmp_path):
   run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1'])
   os.remove(tmp_path / 'runs' / '1' / 'run_summary.json')  # as if it died before finishing
