@@ -26,7 +26,7 @@ import requests
 
 from benchmarks.synthetic_collection import uri_of, write_synthetic_run
 from embeddings import browse
-from embeddings.runs import find_runs
+from storage.run_dirs import find_runs
 
 SAMPLE_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'sample_images')

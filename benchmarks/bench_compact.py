@@ -32,7 +32,7 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _index_cost(runs) -> tuple:
   import pyarrow.parquet as pq
-  from embeddings import storage
+  import storage
   rows = size = files = 0
   for run in runs:
     for info in storage.match(run.index_glob):

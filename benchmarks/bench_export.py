@@ -47,7 +47,7 @@ def _export(runs: str, to: str) -> dict:
 def _plan_here(runs_glob: str, beam_flags) -> None:
   """The plan alone, in this process (the launcher), its counts printed."""
   from apache_beam.options.pipeline_options import PipelineOptions
-  from embeddings.runs import find_runs
+  from storage.run_dirs import find_runs
   from jobs import export
   runs = find_runs(runs_glob)
   with tempfile.TemporaryDirectory() as folder:

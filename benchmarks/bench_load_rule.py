@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embeddings.collection import vector_sources
-from embeddings.runs import find_runs
+from storage.run_dirs import find_runs
 from run_format import EMBEDDED, INDEX_SCHEMA, SKIPPED, SUMMARY_FILE
 from tests.run_writer import RECIPE, run_summary
 

@@ -7,8 +7,8 @@
 No Beam needed to import this package; gs:// and s3:// paths go through Beam's FileSystems.
 """
 
-from embeddings.runs import (Embeddings, MixedModelsError, NoRunsError, Run, find_runs,
-                             iter_shards, load, select_model)
+from embeddings.runs import Embeddings, iter_shards, load
+from storage.run_dirs import MixedModelsError, NoRunsError, Run, find_runs, select_model
 from embeddings.shards import CorruptShardError, Shard
 from run_format import METADATA_SCHEMA, IncompatibleRunError
 

@@ -28,11 +28,12 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from embeddings import sheet, storage
+import storage
+from embeddings import sheet
 from embeddings.neighbours import RERANK, QueryError, check_image, search_vectors
 from embeddings.query import embed_image
-from embeddings.runs import (RUN_ERRORS, Run, command_parser, find_runs, iter_run_shards,
-                             parse_command, select_model)
+from embeddings.runs import command_parser, iter_run_shards, parse_command
+from storage.run_dirs import RUN_ERRORS, Run, find_runs, select_model
 from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour
 

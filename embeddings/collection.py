@@ -1,7 +1,7 @@
 """Which run holds each URI's vector, over many finished runs: decided from the runs' indexes
 (a few small columns of `index-*.parquet`, never a vector) before any embedding shard is read.
 
-Runs are of one model, finished with outcome `finished` (embeddings.runs.find_runs leaves out the
+Runs are of one model, finished with outcome `finished` (storage.run_dirs.find_runs leaves out the
 others), and newest first (by `finished_at`). Per URI:
 - the newest run whose index has a row for it decides: `embedded`, that run's vector; a failure
   (`read`, `decode`, `inference`), no vector; `skipped` with `done_outcome` decode, no vector;
@@ -22,7 +22,7 @@ compaction, the export, the duplicates by clustering).
 import logging
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from embeddings import storage
+import storage
 from run_format import DECODE, EMBEDDED, READ, SKIPPED
 from run_format.patterns import Inputs
 

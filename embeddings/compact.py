@@ -22,9 +22,9 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from embeddings import storage
-from embeddings.runs import (RUN_ERRORS, Run, parse_job_command, scan_runs, select_model,
-                             warn_of_failed)
+import storage
+from embeddings.runs import parse_job_command
+from storage.run_dirs import RUN_ERRORS, Run, scan_runs, select_model, warn_of_failed
 from run_format import (CLAIM_STALE_SECONDS, DECODE, EMBEDDED, FINISHED, INDEX_GLOB, STAGES,
                         SUMMARY_FILE, RunSummary, utc_now)
 

@@ -32,10 +32,11 @@ import re
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from embeddings import sheet, storage
+import storage
+from embeddings import sheet
 from embeddings.duplicate_groups import BLOCK_SCORES, Group, Member, find_groups
-from embeddings.runs import (RUN_ERRORS, command_parser, concatenate, find_runs, iter_run_shards,
-                             parse_job_command, select_model)
+from embeddings.runs import command_parser, concatenate, iter_run_shards, parse_job_command
+from storage.run_dirs import RUN_ERRORS, find_runs, select_model
 
 # Between the copies' lowest and the other photos' highest cosine, seeds 0 and 1 (mobile: 0).
 MEASURED_THRESHOLDS = {'builtin:pnasnet_large': 0.986, 'builtin:pnasnet_mobile': 0.972,

@@ -15,7 +15,8 @@ work (exit 2); an export that failed part way says what the target holds (exit 1
 import sys
 from typing import Optional, Sequence
 
-from embeddings.runs import RUN_ERRORS, find_runs, parse_job_command, select_model
+from embeddings.runs import parse_job_command
+from storage.run_dirs import RUN_ERRORS, find_runs, select_model
 
 
 def main(argv: Optional[Sequence[str]] = None):

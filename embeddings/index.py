@@ -15,11 +15,11 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from embeddings import storage
+import storage
 from embeddings.neighbour_index import (DEFAULT_RECALL_TARGET, INDEX_FILE, TUNING_RERANK,
                                         IndexError_, read_description)
-from embeddings.runs import (MixedModelsError, NoRunsError, find_runs, parse_job_command,
-                             select_model)
+from embeddings.runs import parse_job_command
+from storage.run_dirs import MixedModelsError, NoRunsError, find_runs, select_model
 
 DEFAULT_MEMORY_BUDGET = '4GB'
 DEFAULT_RECALL_DROP = 0.05

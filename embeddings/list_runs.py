@@ -8,7 +8,7 @@ failures than its --max_failed_fraction allowed, 1 when one is unfinished (claim
 running, interrupted or failed), 2 when the arguments name no run directory at all; so a
 scheduler can check a night's run with the run's directory as the argument.
 
-An unfinished run is `running` or `dead` by the launcher's rule (embeddings.runs.Unfinished). A finished run whose index names, for skipped files, a `vector_run` that is no longer
+An unfinished run is `running` or `dead` by the launcher's rule (storage.run_dirs.Unfinished). A finished run whose index names, for skipped files, a `vector_run` that is no longer
 a finished run (deleted by a retention rule, say) counts those files as `lost`: `load` has no
 vector for them until the next night embeds them again.
 """
@@ -18,8 +18,9 @@ import json
 import sys
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
-from embeddings import storage
-from embeddings.runs import Unfinished, parse_command
+import storage
+from embeddings.runs import parse_command
+from storage.run_dirs import Unfinished
 from run_format import (CLAIM_FILE, EMBEDDED, FINISHED, INDEX_GLOB, SKIPPED, SUMMARY_FILE,
                         TOO_MANY_FAILURES)
 

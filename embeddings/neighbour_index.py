@@ -55,8 +55,9 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from embeddings import faiss_util, storage
-from embeddings.runs import MixedModelsError, Run, find_runs
+import storage
+from embeddings import faiss_util
+from storage.run_dirs import MixedModelsError, Run, find_runs
 from embeddings.similarity import READERS, Neighbour, cosine_value, unit_rows
 
 INDEX_FILE = 'index.json'

@@ -22,9 +22,10 @@ from typing import Collection, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from embeddings import sheet, storage
-from embeddings.runs import (RUN_ERRORS, Run, command_parser, find_runs, iter_run_shards,
-                             iter_run_vectors, parse_command, select_model)
+import storage
+from embeddings import sheet
+from embeddings.runs import command_parser, iter_run_shards, iter_run_vectors, parse_command
+from storage.run_dirs import RUN_ERRORS, Run, find_runs, select_model
 from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour, nearest_many
 

@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-from embeddings.runs import Run
+from storage.run_dirs import Run
 
 
 class UndecodableImage(ValueError):

@@ -17,7 +17,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from embeddings import storage
+import storage
 from run_format import (EMBEDDING, GZIP_SUFFIX, METADATA_COLUMNS, METADATA_SCHEMA, PARQUET_SUFFIX,
                         RUN_COLUMN, example_vectors, from_example_batch)
 

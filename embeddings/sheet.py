@@ -7,7 +7,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from embeddings import storage
+import storage
 
 THUMBNAIL = 192  # pixels, the longer side
 PADDING = 8

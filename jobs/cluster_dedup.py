@@ -47,9 +47,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsList, AsSingleton, TaggedOutput
 
-from embeddings import storage
+import storage
 from embeddings.duplicate_groups import Candidate, Group, Member, components, grouped, sort_groups
-from embeddings.runs import Run
+from storage.run_dirs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
 from jobs import work_folder

@@ -23,9 +23,9 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embeddings import storage
+import storage
 from embeddings.collection import GONE, UNDECIDED, SourceRule, warn_of_missing
-from embeddings.runs import Run
+from storage.run_dirs import Run
 from embeddings.shards import is_parquet, read_shard
 from jobs import work_folder
 from run_format import DECODE, READ, SKIPPED

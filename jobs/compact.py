@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embeddings import storage
-from embeddings.runs import Run
+import storage
+from storage.run_dirs import Run
 from embeddings.shards import ParquetVectors, is_parquet, read_shard
 from jobs.collection_sources import CollectionSources, IndexRow
 from run_format import (DECODE, EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX, INDEX_PREFIX,

@@ -30,8 +30,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from embeddings import storage
-from embeddings.runs import Run
+import storage
+from storage.run_dirs import Run
 from embeddings.shards import read_shard
 from jobs import work_folder
 from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps

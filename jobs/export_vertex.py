@@ -22,7 +22,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 
-from embeddings import storage
+import storage
 from jobs.export_target import (COMPLETE, IN_PROGRESS, ExportRow, ExportState, Target,
                                 TargetError)
 

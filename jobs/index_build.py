@@ -33,8 +33,9 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from embeddings import faiss_util, neighbour_index, storage
-from embeddings.runs import MixedModelsError, Run, find_runs
+import storage
+from embeddings import faiss_util, neighbour_index
+from storage.run_dirs import MixedModelsError, Run, find_runs
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
 from jobs import work_folder

@@ -11,7 +11,7 @@ from apache_beam.metrics import MetricsFilter
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
                                                   StandardOptions)
 
-from embeddings import storage
+import storage
 
 
 class WorkDirectoryError(ValueError):

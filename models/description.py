@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from models.handles import ModelLoadError, builtin_config, is_builtin, is_remote, model_id
+from models.handles import ModelLoadError, builtin_config, is_builtin, is_remote_directory, model_id
 from models.staging import check_checkpoint, resolve_model_dir
 from pnasnet.config import EXPORT_MARK
 
@@ -175,5 +175,5 @@ def describe_model(model_handle: str, checkpoint: Optional[str] = None, seed: in
       check_checkpoint(checkpoint)
       check_checkpoint_fits(model_handle, checkpoint)
     return describe_builtin(model_handle, checkpoint, seed, compute_dtype)
-  model_dir = model_handle if is_remote(model_handle) else resolve_model_dir(model_handle)
+  model_dir = model_handle if is_remote_directory(model_handle) else resolve_model_dir(model_handle)
   return describe_module(model_dir, model_handle).description

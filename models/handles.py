@@ -8,6 +8,7 @@ with a TF-Slim checkpoint or seeded untrained weights.
 
 from typing import Optional
 
+import storage
 from pnasnet import PUBLIC_NAMES, PNASNetConfig
 
 DEFAULT_MODEL_HANDLE = 'https://tfhub.dev/google/imagenet/pnasnet_large/feature_vector/1'
@@ -26,9 +27,10 @@ def is_builtin(model_handle: str) -> bool:
   return model_handle.startswith(BUILTIN_PREFIX)
 
 
-def is_remote(path: str) -> bool:
-  """On a Beam FileSystem other than the local disk (TF-Hub URLs are handles, not files)."""
-  return '://' in path and not path.startswith(('file://', 'http://', 'https://'))
+def is_remote_directory(model_handle: str) -> bool:
+  """A model directory on a Beam FileSystem other than the local disk (TF-Hub URLs are handles,
+  not files)."""
+  return storage.is_remote(model_handle) and not model_handle.startswith(('http://', 'https://'))
 
 
 def builtin_config(model_handle: str) -> PNASNetConfig:

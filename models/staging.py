@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
-from models.handles import ModelLoadError, is_remote
+from models.handles import ModelLoadError, is_remote_directory
 
 STAGING_DIR = os.path.join(tempfile.gettempdir(), 'pnasnet-embeddings-staging')
 
@@ -87,7 +87,7 @@ def resolve_model_dir(model_handle: str) -> str:
           f'({type(exc).__name__}: {exc}); nothing was cached, so the next run downloads it '
           f'again. Bake the model into the worker image (docs/dataflow.md) to stop depending on '
           f'the download.') from exc
-  if is_remote(model_handle):
+  if is_remote_directory(model_handle):
     try:
       return _stage_directory(model_handle)
     except ModelLoadError:
@@ -109,7 +109,7 @@ def check_checkpoint(prefix: str) -> None:
 def resolve_checkpoint(prefix: str) -> str:
   """A local path for a TF-Slim checkpoint prefix (staged when remote)."""
   check_checkpoint(prefix)
-  if is_remote(prefix):
+  if is_remote_directory(prefix):
     files = FileSystems.match([prefix + '.*'])[0].metadata_list
     return os.path.join(_stage(prefix, files, os.path.basename), os.path.basename(prefix))
   return prefix

@@ -25,7 +25,6 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
                                                   TestOptions, WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
-from embeddings.runs import NoRunsError, scan_runs, warn_of_failed
 from models.description import ModelDescription, describe_model
 from models.handles import ModelLoadError
 from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
@@ -38,6 +37,8 @@ from pipeline.versions import (LaunchOptions, current_versions, format_versions,
 from run_format import (CLAIM_FILE, CLAIM_STALE_SECONDS, FAILURES_PREFIX, FAILURES_SUFFIX,
                         FINISHED, SUMMARY_FILE, TEMP_FOLDERS, IncompatibleRunError, RunLaunch,
                         RunSummary, shard_glob, utc_now)
+import storage
+from storage.run_dirs import NoRunsError, scan_runs, warn_of_failed
 from transforms import quiet_logs
 from transforms.incremental import state_runs
 from transforms.provenance import Provenance, project_version, recipe
@@ -325,7 +326,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   started_at = utc_now()
   embedding.output = expand_output(embedding.output,
                                    datetime.datetime.fromisoformat(started_at)).rstrip('/')
-  if '://' not in embedding.output:
+  if not storage.is_remote(embedding.output):
     embedding.output = normalize_input(embedding.output)
   FileSystems.set_options(options)  # the checks below read storage with the run's credentials
   embedding.input = [normalize_input(p) for p in embedding.input or []]

@@ -6,7 +6,7 @@ A claim is a small object created only if it does not exist yet (`ifGenerationMa
 (interrupted or failed) run: reported, and cleaned only with `--clean_unfinished`, which deletes
 only what such a run writes: names of exactly the run's shard pattern (RUN_FILE_NAME) and Beam's
 own temporary folders (TEMP_FOLDER_NAME). A user's `index-01.jpg` beside them stays. A run that
-is still alive by the readers' rule (embeddings.runs.Unfinished.alive: its local launcher runs,
+is still alive by the readers' rule (storage.run_dirs.Unfinished.alive: its local launcher runs,
 or its job's heartbeat is recent) is never cleaned: it is still writing there.
 """
 
@@ -18,9 +18,10 @@ from typing import List, NamedTuple
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
-from embeddings.runs import Unfinished
 from run_format import (CLAIM_FILE, CLAIM_STALE_SECONDS, RUN_FILES, SUMMARY_FILE,
                         TEMP_FOLDER_NAME, TEMP_FOLDERS, run_file_name)
+import storage
+from storage.run_dirs import Unfinished
 
 
 class OutputExistsError(ValueError):
@@ -66,9 +67,10 @@ class TempLeftovers(NamedTuple):
 
 
 def stale_temp_files(output: str) -> TempLeftovers:
-  if '://' not in output:
-    folders = sorted(entry.path for entry in os.scandir(output) if entry.is_dir() and
-                     TEMP_FOLDER_NAME.fullmatch(entry.name)) if os.path.isdir(output) else []
+  if not storage.is_remote(output):
+    local = storage.local_path(output)
+    folders = sorted(entry.path for entry in os.scandir(local) if entry.is_dir() and
+                     TEMP_FOLDER_NAME.fullmatch(entry.name)) if os.path.isdir(local) else []
     files = sum(len(names) for folder in folders for _, _, names in os.walk(folder))
     return TempLeftovers(folders, files, folders)
   try:
@@ -149,8 +151,8 @@ def _create_claim(path: str, body: bytes, options: PipelineOptions) -> None:
     _claim_gcs(path, body)
   elif path.startswith('s3://'):
     _claim_s3(path, body, options)
-  elif '://' not in path:
-    _claim_local(path, body)
+  elif not storage.is_remote(path):
+    _claim_local(storage.local_path(path), body)
   else:  # another FileSystem: no atomic create, so check-then-write
     if FileSystems.exists(path):
       raise _AlreadyClaimed()
@@ -241,7 +243,7 @@ def claim_output(output: str, run_description: dict, options: PipelineOptions,
   The claim comes first, so of two runs only one gets past it, and a missing bucket or a file in
   the way is reported by the store itself.
   """
-  if '://' not in output and os.path.isfile(output):
+  if not storage.is_remote(output) and os.path.isfile(storage.local_path(output)):
     raise OutputNotWritableError(f'--output {output} is a file, not a directory')
   body = json.dumps(dict(run_description, host=socket.gethostname(), pid=os.getpid())).encode()
   claim = _join(output, CLAIM_FILE)

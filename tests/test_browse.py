@@ -21,7 +21,7 @@ from embeddings import index as index_command
 from embeddings.neighbour_index import NeighbourIndex
 from embeddings.neighbours import search_vectors
 from embeddings.query import embed_image
-from embeddings.runs import find_runs
+from storage.run_dirs import find_runs
 from pipeline.launcher import run as run_pipeline
 from tests.conftest import SAMPLE_IMAGES
 from tests.run_writer import rows, write_run
@@ -206,7 +206,7 @@ def test_the_index_gives_the_exact_order_on_a_small_collection(collection, brows
 def test_a_collection_on_s3_is_searched_and_its_thumbnails_read_through_beam(s3_server):
   """Runs and photos in an S3 bucket (moto on loopback), read by Beam's FileSystems; the runs'
   model cannot be loaded here, so only images of the collection can be searched."""
-  from embeddings import storage
+  import storage
   s3_server.create_bucket('browse-photos')
   storage.set_filesystem_options(s3_server.options)
   names = ['rocket.jpg', 'coffee.png', 'camera.png']

@@ -26,7 +26,8 @@ from PIL import Image
 
 import embeddings
 from benchmarks.near_duplicates import copies_of
-from embeddings import duplicate_groups, duplicates, neighbours, sheet, storage
+import storage
+from embeddings import duplicate_groups, duplicates, neighbours, sheet
 from embeddings.shards import CorruptShardError, read_shard
 from embeddings.similarity import nearest
 from pipeline.launcher import run as run_pipeline

@@ -13,7 +13,7 @@ import pytest
 import embeddings
 from benchmarks.synthetic_collection import uri_of, write_synthetic_run
 from embeddings import index as index_command, neighbour_index
-from embeddings.runs import MixedModelsError
+from storage.run_dirs import MixedModelsError
 from embeddings.similarity import unit_rows
 
 DIMENSION = 48

@@ -115,7 +115,7 @@ def test_an_output_is_claimed_by_exactly_one_run(store, tmp_path, gcs_server, s3
 
 
 def test_clean_unfinished_refuses_a_run_still_going_and_cleans_it_once_dead(tmp_path):
-  """Alive by the readers' rule (embeddings.runs.Unfinished.alive): a local-runner run while its
+  """Alive by the readers' rule (storage.run_dirs.Unfinished.alive): a local-runner run while its
   launcher's process runs, any other while its heartbeat is under an hour old."""
   from apache_beam.options.pipeline_options import PipelineOptions
   options = PipelineOptions([])

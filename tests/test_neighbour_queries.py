@@ -208,7 +208,7 @@ def test_runs_and_an_index_together_are_refused_as_not_both(tmp_path, capsys):
 
 def test_embedding_query_images_builds_the_network_once_a_process(tmp_path):
   """A second image, or an undecodable one (refused before any build), costs no build."""
-  from embeddings.runs import find_runs
+  from storage.run_dirs import find_runs
   run = str(tmp_path / 'run')
   write_run(run, rows(['a.jpg'], 8, seed=0), model='builtin:pnasnet_tiny@untrained-seed0')
   [tiny_run] = find_runs(run)

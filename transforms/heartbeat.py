@@ -1,6 +1,6 @@
 """Beside the matching: the job rewrites its run's claim every HEARTBEAT_SECONDS while it runs, so
 that a later launch can tell a live run from a dead one by when the store last wrote the claim
-(embeddings.runs.Unfinished.alive), on any runner and with no launcher left waiting.
+(storage.run_dirs.Unfinished.alive), on any runner and with no launcher left waiting.
 
 The first DoFn instance's `setup` in a worker process beats once, then starts one thread per
 process and output that beats every HEARTBEAT_SECONDS; it stops when the run's summary exists (the

@@ -6,7 +6,7 @@ embedded, or decode when the file could not be decoded) and the run that holds i
 (`vector_run`), so the newest finished run's index is the state of everything that run matched.
 A run therefore reads only the earlier runs that no newer one superseded (`state_runs`): on a
 nightly schedule over the same inputs, last night's index, about one collection's rows however
-many nights there were. Only runs with outcome `finished` are state (embeddings.runs.scan_runs);
+many nights there were. Only runs with outcome `finished` are state (storage.run_dirs.scan_runs);
 a done row whose `vector_run` is not among the finished runs --incremental_from names (deleted by
 a retention rule, say) is not done: its file is embedded again. Rows are filtered as Arrow batches
 (this model and recipe, a done outcome) before any Python object is made, and the listing joins
@@ -51,7 +51,7 @@ class SkippedFile(NamedTuple):
 
 
 def state_runs(runs: Iterable, model: str, recipe: str) -> List:
-  """The earlier finished runs (embeddings.runs.Run) a run must read: of those with this model and
+  """The earlier finished runs (storage.run_dirs.Run) a run must read: of those with this model and
   recipe (no other can make a file skippable), newest first, each that no newer one superseded.
 
   A run supersedes a run it read itself (and, through it, what that one superseded) only when

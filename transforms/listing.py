@@ -37,6 +37,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
+import storage
 from run_format import (CLAIM_FILE, EMBEDDINGS_PREFIX, FAILURES_PREFIX, FAILURES_SUFFIX,
                         INDEX_PREFIX, PARQUET_SUFFIX, SUMMARY_FILE, TEMP_FOLDERS,
                         TFRECORD_SUFFIXES)
@@ -111,10 +112,6 @@ class UnlistableError(OSError):
     self.denied = denied
 
 
-def is_local(path: str) -> bool:
-  return '://' not in path or path.startswith('file://')
-
-
 def _escapes_as_classes(pattern: str) -> str:
   """`\\[` -> `[[]`: Beam's pattern syntax has no escape, but a one-character class works."""
   return re.sub(r'\\(.)', lambda m: m.group(1) if m.group(1) == ']' else f'[{m.group(1)}]',
@@ -170,7 +167,7 @@ def plan_listing(pattern: str, excludes: Tuple[str, ...] = ()) -> Listing:
   rest = pattern[len(pattern[:first_glob(pattern)]):]
   levels = None if '**' in rest else rest.count('/')
   # Remote stores list by name prefix, so `gs://b/img_*` lists only names starting `img_`.
-  prefix = folder if is_local(pattern) else fixed
+  prefix = folder if not storage.is_remote(pattern) else fixed
   return Listing(folder, prefix, pattern_regex(pattern), levels, excludes)
 
 
@@ -390,7 +387,7 @@ def store_for(uri: str):
 
   One client per process and set of options (a client fetches bucket metadata when it starts).
   """
-  if is_local(uri):
+  if not storage.is_remote(uri):
     return _Local()
   kind = {'gs://': _Gcs, 's3://': _S3}.get(uri[:5])
   if kind is None:

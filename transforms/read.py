@@ -30,9 +30,10 @@ from apache_beam.coders import BytesCoder
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+import storage
 from transforms.failures import FAILURES_TAG, READ, Failure
 from transforms.listing import (PIECE_PAGES, FileRef, Listed, UnlistableError, exclude_regexes,
-                                is_local, list_piece, list_sequentially, plan_listing,
+                                list_piece, list_sequentially, plan_listing,
                                 read_object, say_once, stat, unlistable)
 from transforms.manifests import (CSV, Inventory, check_inventory, csv_rows, inventory,
                                   row_object, suffix_kind, wanted_columns)
@@ -73,7 +74,7 @@ class ManifestError(NoInputError):
 
 def normalize_input(pattern: str) -> str:
   """Local patterns made absolute (so image/uri names one file) with `~` expanded."""
-  if not is_local(pattern):
+  if storage.is_remote(pattern):
     return pattern
   return os.path.abspath(os.path.expanduser(pattern[len('file://'):]
                                             if pattern.startswith('file://') else pattern))

@@ -13,10 +13,12 @@ class FileInfo(NamedTuple):
 
 
 def is_remote(path: str) -> bool:
+  """On a Beam FileSystem other than the local disk: a scheme other than file://."""
   return '://' in path and not path.startswith('file://')
 
 
-def _local(path: str) -> str:
+def local_path(path: str) -> str:
+  """A local path without its file:// scheme."""
   return path[len('file://'):] if path.startswith('file://') else path
 
 
@@ -50,7 +52,7 @@ def match(pattern: str) -> List[FileInfo]:
              for result in FileSystems.match([pattern]) for m in result.metadata_list]
   else:
     found = []
-    for path in glob.glob(_local(pattern), recursive=True):
+    for path in glob.glob(local_path(pattern), recursive=True):
       if os.path.isfile(path):
         stat = os.stat(path)
         found.append(FileInfo(path, stat.st_size, datetime.datetime.fromtimestamp(
@@ -64,7 +66,7 @@ def open_file(path: str) -> BinaryIO:
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-  return open(_local(path), 'rb')
+  return open(local_path(path), 'rb')
 
 
 def create(path: str) -> BinaryIO:
@@ -73,7 +75,7 @@ def create(path: str) -> BinaryIO:
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
     return FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
-  return open(_local(path), 'wb')
+  return open(local_path(path), 'wb')
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -90,4 +92,4 @@ def exists(path: str) -> bool:
   if is_remote(path):
     from apache_beam.io.filesystems import FileSystems
     return FileSystems.exists(path)
-  return os.path.isfile(_local(path))
+  return os.path.isfile(local_path(path))
