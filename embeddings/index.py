@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import storage
 from embeddings.neighbour_index import (DEFAULT_RECALL_TARGET, INDEX_FILE, TUNING_RERANK,
-                                        IndexError_, read_description)
+                                        IndexDirectoryError, read_description)
 from embeddings.runs import parse_job_command
 from storage.run_dirs import MixedModelsError, NoRunsError, find_runs, select_model
 
@@ -76,9 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       if not 0 < args.recall_target <= 1:
         build.error('--recall_target must be above 0 and at most 1')
       if storage.is_remote(args.output):
-        raise IndexError_(f'--output {args.output}: the index directory must be local')
+        raise IndexDirectoryError(f'--output {args.output}: the index directory must be local')
       if os.path.exists(os.path.join(args.output, INDEX_FILE)):
-        raise IndexError_(f'--output {args.output} already holds an index: use `add`, or '
+        raise IndexDirectoryError(f'--output {args.output} already holds an index: use `add`, or '
                           f'another directory')
       runs = select_model(find_runs(args.runs), args.model)
       description = index_build.build_index(runs, args.output, budget, args.seed, beam_flags,
@@ -90,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       runs = find_runs(args.runs)
       description = index_build.add_runs(args.index, description, runs, args.recall_drop,
                                          beam_flags)
-  except (NoRunsError, MixedModelsError, IndexError_, ValueError) as exc:
+  except (NoRunsError, MixedModelsError, IndexDirectoryError, ValueError) as exc:
     print(f'error: {exc}', file=sys.stderr)
     sys.exit(2)
   print(summary_line(description))

@@ -90,7 +90,7 @@ DEFAULT_RECALL_TARGET = 0.95  # recall@10 with re-rank the chosen nprobe reaches
 ROW_BITS = 24  # ids are shard number << ROW_BITS | row: up to 16M rows a shard
 
 
-class IndexError_(ValueError):  # pylint: disable=invalid-name; IndexError is Python's
+class IndexDirectoryError(ValueError):  # pylint: disable=invalid-name; IndexError is Python's
   """The index directory is missing, of another model, or cannot take these runs."""
 
 
@@ -183,15 +183,15 @@ def write_json(path: str, content: dict) -> None:
 def read_description(directory: str) -> dict:
   path = os.path.join(directory, INDEX_FILE)
   if storage.is_remote(directory):
-    raise IndexError_(f'{directory}: the index directory must be on the local disk (FAISS '
+    raise IndexDirectoryError(f'{directory}: the index directory must be on the local disk (FAISS '
                       f'memory-maps it); copy it here first')
   if not os.path.isfile(path):
-    raise IndexError_(f'{directory}: no {INDEX_FILE}, so not an index directory written by '
+    raise IndexDirectoryError(f'{directory}: no {INDEX_FILE}, so not an index directory written by '
                       f'`python -m embeddings.index build`')
   with open(path) as f:
     description = json.load(f)
   if description.get('format_version') != FORMAT_VERSION:
-    raise IndexError_(f'{directory}: an index of format {description.get("format_version")}, '
+    raise IndexDirectoryError(f'{directory}: an index of format {description.get("format_version")}, '
                       f'this version reads {FORMAT_VERSION}: build it again '
                       f'(python -m embeddings.index build)')
   return description
@@ -325,7 +325,7 @@ class NeighbourIndex:
     self._faiss_ids = open_int64(os.path.join(directory, FAISS_IDS_FILE))
     self._vector_rows = open_int64(os.path.join(directory, VECTOR_ROWS_FILE))
     if len(self._faiss_ids) != ids_rows(self._ids_file):
-      raise IndexError_(f'{directory}: {FAISS_IDS_FILE} and {IDS_FILE} differ in length')
+      raise IndexDirectoryError(f'{directory}: {FAISS_IDS_FILE} and {IDS_FILE} differ in length')
     self.vectors = open_vectors(directory, self.dimension)
     self._lookups = {column: open_lookup(directory, column) for column in LOOKUP_COLUMNS}
     self.nprobe = self.description['plan']['nprobe']
@@ -367,7 +367,7 @@ class NeighbourIndex:
     positions = np.searchsorted(self._faiss_ids, ids)
     positions = np.minimum(positions, len(self._faiss_ids) - 1)
     if len(ids) and not np.array_equal(self._faiss_ids[positions], ids):
-      raise IndexError_(f'{self.directory}: ids in {FAISS_FILE} missing from {IDS_FILE}')
+      raise IndexDirectoryError(f'{self.directory}: ids in {FAISS_FILE} missing from {IDS_FILE}')
     return positions
 
   def table_rows(self, positions: np.ndarray, columns: Optional[Sequence[str]] = None):

@@ -214,12 +214,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
     parser.error(sheet_problem)
   try:
     if args.index:
-      from embeddings.neighbour_index import IndexError_, NeighbourIndex
+      from embeddings.neighbour_index import IndexDirectoryError, NeighbourIndex
       try:
         index = NeighbourIndex(args.index)
         index.check_model(args.model)
         query = find_query_in_index(index, args.query)
-      except IndexError_ as exc:
+      except IndexDirectoryError as exc:
         raise QueryError(str(exc)) from exc
       neighbours = index.search(query.vector, args.k, rerank=max(args.rerank, 0),
                                 nprobe=args.nprobe, exclude_uris=[[query.uri]])[0]

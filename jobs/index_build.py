@@ -495,7 +495,7 @@ class _Directory:
     """Appends rows to the ids table; their ids must follow the rows written before."""
     ids = table.column('id').to_numpy()
     if len(ids) and (ids[0] <= self._last_id or np.any(np.diff(ids) <= 0)):
-      raise neighbour_index.IndexError_('ids table rows out of id order')
+      raise neighbour_index.IndexDirectoryError('ids table rows out of id order')
     if self._ids_writer is None:
       self._ids_schema = self._ids_schema or table.schema
       self._ids_writer = pa.ipc.new_file(self.temporary(neighbour_index.IDS_FILE),
@@ -544,7 +544,7 @@ class _Directory:
     self._faiss_ids.close()
     self._vector_rows_file.close()
     if self._ids_writer is None:
-      raise neighbour_index.IndexError_('the runs hold no vector the collection keeps')
+      raise neighbour_index.IndexDirectoryError('the runs hold no vector the collection keeps')
     self._write_batches(final=True)
     self._ids_writer.close()
     lists = neighbour_index.ivf_lists(index)
@@ -857,7 +857,7 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
     if run.path in covered:
       print(f'{run.path}: already in the index, left as is')
   if not new:
-    raise neighbour_index.IndexError_('no run to add: every run given is already in the index')
+    raise neighbour_index.IndexDirectoryError('no run to add: every run given is already in the index')
   every_run = find_runs(sorted(covered) + [r.path for r in new])
   pieces = _pieces_location(directory, beam_flags)
   every_shard = with_kept_files(shard_refs(every_run), pieces)
