@@ -90,7 +90,7 @@ DEFAULT_RECALL_TARGET = 0.95  # recall@10 with re-rank the chosen nprobe reaches
 ROW_BITS = 24  # ids are shard number << ROW_BITS | row: up to 16M rows a shard
 
 
-class IndexDirectoryError(ValueError):  # pylint: disable=invalid-name; IndexError is Python's
+class IndexDirectoryError(ValueError):
   """The index directory is missing, of another model, or cannot take these runs."""
 
 
