@@ -1,10 +1,6 @@
-"""Embeds images with PNASNet-5 Large: `python run_pipeline.py --help` lists every flag."""
+"""`python run_pipeline.py FLAGS` is `pnasnet-embeddings embed FLAGS` (commands/embed.py)."""
 
-import os
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # keep TensorFlow's start-up chatter out
-
-from pipeline.launcher import main  # noqa: E402  (after the environment is set)
+from commands.embed import main
 
 if __name__ == '__main__':
   main()

@@ -13,12 +13,12 @@ REQUIRED = [
     # libjpeg-turbo with tf.io.decode_jpeg's settings: decoding without TensorFlow (no GPU).
     'simplejpeg==1.9.0',
     'google-cloud-storage==3.17.1',
-    'faiss-cpu==1.15.1',  # the neighbour index (embeddings.index) and k-means for duplicates
+    'faiss-cpu==1.15.1',  # the neighbour index and k-means for duplicates
     'threadpoolctl==3.6.0',  # one BLAS thread while exact search's readers decode
     # Noto Sans for contact sheet labels (Latin, Greek, Cyrillic, Vietnamese, Devanagari).
     'fontpkg==0.2.2',
     'fontpkg-noto-sans==2.15',
-    # embeddings.browse: the local web page (FastAPI on uvicorn, Jinja2 pages, uploads)
+    # pnasnet-embeddings browse: the local web page (FastAPI on uvicorn, Jinja2 pages, uploads)
     'fastapi==0.163.2',
     'starlette==1.10.0',
     'uvicorn==0.54.0',
@@ -28,7 +28,7 @@ REQUIRED = [
     'setuptools==80.9.0',
 ]
 
-# The export's targets (python -m embeddings.export; docs/exporting.md): `pip install -e ".[export]"`.
+# The export's targets (pnasnet-embeddings export; docs/exporting.md): `pip install -e ".[export]"`.
 EXPORT = [
     'psycopg[binary]==3.3.9',  # pgvector through PostgreSQL's binary COPY
     'pymilvus==2.6.17',  # Beam 2.77's Milvus writer asks for pymilvus < 3
@@ -52,9 +52,11 @@ setuptools.setup(
     version='0.2.0',
     description='PNASNet-5 Large image embeddings at scale with Apache Beam',
     python_requires='>=3.10,<3.13',
-    packages=setuptools.find_packages(include=['pipeline', 'transforms', 'models', 'pnasnet',
-                                               'embeddings', 'run_format', 'jobs']),
+    packages=setuptools.find_packages(include=['commands', 'pipeline', 'jobs', 'transforms',
+                                               'embeddings', 'models', 'storage', 'run_format',
+                                               'pnasnet']),
     package_data={'embeddings': ['templates/*.html']},  # the browse page
     install_requires=REQUIRED,
     extras_require={'test': TEST, 'export': EXPORT},
+    entry_points={'console_scripts': ['pnasnet-embeddings = commands.cli:main']},
 )

@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     measure(browser, 'exact', uris, photos)
     print(f'peak RSS after the exact queries {_peak_rss_gb():.2f} GB')
     if args.index:
-      from embeddings import index as index_command
+      from commands import index as index_command
       from embeddings.neighbour_index import NeighbourIndex
       directory = os.path.join(scratch, 'index')
       start = time.perf_counter()

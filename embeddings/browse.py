@@ -1,8 +1,5 @@
 """A local web page to look at a collection: search it by an uploaded image, by a URI or by
-clicking a result, and look at its duplicate groups.
-
-    python -m embeddings.browse --runs RUN_DIR_OR_GLOB... [--index INDEX_DIR] \
-        [--duplicates dups.csv] [--port 8000] [--k 24] [--model MODEL_ID] [Beam options]
+clicking a result, and look at its duplicate groups (`pnasnet-embeddings browse`).
 
 The page listens on 127.0.0.1 only. At start-up it reads the collection's URIs and SHA-256s
 (no vectors), or with --index none of them (each is looked up in the index's lookup files when
@@ -21,7 +18,6 @@ import functools
 import hashlib
 import io
 import socket
-import sys
 import threading
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
@@ -32,8 +28,8 @@ import storage
 from embeddings import sheet
 from embeddings.neighbours import RERANK, QueryError, check_image, search_vectors
 from embeddings.query import embed_image
-from embeddings.runs import command_parser, iter_run_shards, parse_command
-from storage.run_dirs import RUN_ERRORS, Run, find_runs, select_model
+from embeddings.runs import iter_run_shards
+from storage.run_dirs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour
 
@@ -178,7 +174,7 @@ def read_duplicates(path: str) -> List[DuplicateGroup]:
     missing = [c for c in DUPLICATE_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
       raise ValueError(f'--duplicates {path}: no column {", ".join(missing)}, so not a CSV of '
-                       f'python -m embeddings.duplicates --csv')
+                       f'pnasnet-embeddings duplicates --csv')
     groups: Dict[int, DuplicateGroup] = {}
     for line in reader:
       number = int(line['group'])
@@ -411,46 +407,3 @@ def load_embedder(run: Run):
     return ImageEmbedder(run), ''
   except Exception as exc:  # pylint: disable=broad-except; uploads of stored bytes still work
     return None, f'{type(exc).__name__}: {exc}'
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = command_parser('python -m embeddings.browse', __doc__.split('\n\n')[0])
-  parser.add_argument('--index', help='an index directory (python -m embeddings.index build) of '
-                      'these runs: search it instead of a pass over the shards')
-  parser.add_argument('--duplicates', help='a CSV of python -m embeddings.duplicates --csv, '
-                      'shown as rows of thumbnails')
-  parser.add_argument('--port', type=int, default=8000,
-                      help=f'port on {HOST} (default 8000; 0: any free port, printed)')
-  parser.add_argument('--k', type=int, default=DEFAULT_K,
-                      help=f'neighbours shown per query (default {DEFAULT_K})')
-  args = parse_command(parser, argv)
-  if args.k < 1:
-    parser.error('--k must be at least 1')
-  if not 0 <= args.port <= 65535:
-    parser.error(f'--port {args.port}: a port from 1 to 65535, or 0 for any free one')
-  try:
-    duplicates = read_duplicates(args.duplicates) if args.duplicates else []
-    runs = select_model(find_runs(args.runs), args.model)
-    index = None
-    if args.index:
-      from embeddings.neighbour_index import NeighbourIndex
-      index = NeighbourIndex(args.index)
-      if index.model != runs[0].model:
-        raise ValueError(f'--index {args.index} holds {index.model} embeddings, the runs '
-                         f'{runs[0].model}: build the index from these runs')
-    sock = listening_socket(args.port)
-  except RUN_ERRORS + (OSError, ValueError) as exc:
-    print(f'error: {exc}', file=sys.stderr)
-    sys.exit(2)
-  embedder, embedder_problem = load_embedder(runs[0])
-  if embedder is None:
-    print(f'warning: new images cannot be embedded ({embedder_problem}); images of the '
-          f'collection can still be searched', file=sys.stderr)
-  browser = Browser(runs, index, duplicates, embedder, embedder_problem, args.k)
-  print(f'browse {len(browser.catalogue)} images of {browser.model} at '
-        f'http://{HOST}:{sock.getsockname()[1]}/ (Ctrl-C stops)', flush=True)
-  server(create_app(browser)).run(sockets=[sock])
-
-
-if __name__ == '__main__':
-  main()

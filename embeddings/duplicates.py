@@ -1,8 +1,5 @@
-"""Exact duplicates (same SHA-256) and near duplicates (cosine >= a threshold) in runs.
-
-    python -m embeddings.duplicates --runs RUN_DIR_OR_GLOB... --csv dups.csv \
-        [--threshold T] [--sheet dups.png] [--model MODEL_ID] \
-        [--method auto|all_pairs|clusters] [--memory_budget 4GB] [Beam options]
+"""Exact duplicates (same SHA-256) and near duplicates (cosine >= a threshold) in runs
+(`pnasnet-embeddings duplicates`).
 
 Images joined by same bytes or by a cosine at or above the threshold form a group (transitively).
 Each group keeps its largest image (most pixels, then most bytes); the CSV lists every member with
@@ -24,19 +21,15 @@ and their resized and re-encoded copies, per built-in untrained network: copies 
 weights above all) measure with that command and pass --threshold.
 """
 
-import argparse
 import csv
 import logging
 import math
 import re
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 import storage
 from embeddings import sheet
-from embeddings.duplicate_groups import BLOCK_SCORES, Group, Member, find_groups
-from embeddings.runs import command_parser, concatenate, iter_run_shards, parse_job_command
-from storage.run_dirs import RUN_ERRORS, find_runs, select_model
+from embeddings.duplicate_groups import BLOCK_SCORES, Group, Member
 
 # Between the copies' lowest and the other photos' highest cosine, seeds 0 and 1 (mobile: 0).
 MEASURED_THRESHOLDS = {'builtin:pnasnet_large': 0.986, 'builtin:pnasnet_mobile': 0.972,
@@ -117,15 +110,6 @@ def draw(groups: Sequence[Group]):
   return sheet.draw_sheet(rows, max([len(r) for r in rows] + [1]))
 
 
-def parse_bytes(text: str) -> int:
-  """'4GB', '512MB', '1.5GiB' or a plain count of bytes."""
-  match = re.fullmatch(r'\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*', text, re.IGNORECASE)
-  if not match:
-    raise argparse.ArgumentTypeError(f'{text!r} is not a size such as 4GB or 512MB')
-  power = ' KMGT'.index(match[2].upper() or ' ')
-  return int(float(match[1]) * (1024 if match[3] and match[3].lower() == 'ib' else 1000) ** power)
-
-
 def all_pairs_bytes(rows: int, dimension: int) -> int:
   """Memory all pairs needs: the vectors and their unit copy (float32), one block of scores."""
   return 2 * rows * dimension * 4 + BLOCK_SCORES * 4
@@ -157,74 +141,3 @@ def choose_method(method: str, rows: int, dimension: int, memory_budget: int) ->
   faster = (estimated_seconds('all_pairs', rows, dimension)
             <= estimated_seconds('clusters', rows, dimension))
   return 'all_pairs' if faster else 'clusters'
-
-
-def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
-  parser = command_parser('python -m embeddings.duplicates', __doc__.split('\n\n')[0])
-  parser.add_argument('--csv', required=True, help='write the groups here (a local file)')
-  parser.add_argument('--threshold', type=float,
-                      help='cosine at or above which two images are near duplicates, above 0 and '
-                      'at most 1 (default: measured per built-in network, see the module '
-                      'docstring)')
-  parser.add_argument('--sheet', help='write a contact sheet PNG of the largest groups here')
-  parser.add_argument('--method', choices=['auto', 'all_pairs', 'clusters'], default='auto',
-                      help='all_pairs: every vector in memory, every pair compared; clusters: '
-                      'a Beam pipeline, k-means then exact pairs inside clusters (Beam options '
-                      'such as --runner go with the other flags); auto (default): all_pairs when '
-                      'it fits in --memory_budget and is estimated faster (below about 18,000 '
-                      '4320-d images)')
-  parser.add_argument('--memory_budget', type=parse_bytes, default='4GB',
-                      help='memory all pairs may use (vectors and their unit copy, 8 bytes per '
-                      'dimension per image), for --method auto (default 4GB)')
-  args, beam_flags = parse_job_command(parser, argv)
-  problems = [p for p in (sheet.output_problem('--csv', args.csv),
-                          sheet.output_problem('--sheet', args.sheet),
-                          check_threshold(args.threshold) if args.threshold is not None else None)
-              if p]
-  if problems:
-    parser.error('; '.join(problems))
-  try:
-    runs = select_model(find_runs(args.runs), args.model)
-  except RUN_ERRORS as exc:
-    print(f'error: {exc}', file=sys.stderr)
-    sys.exit(2)
-  model = runs[0].model
-  threshold = args.threshold
-  if threshold is None:
-    threshold, measured = default_threshold(model)
-    if not measured:
-      _LOG.warning('no measured threshold for %s: using %.3f, measured for untrained weights; '
-                   'measure yours with python -m benchmarks.near_duplicates and pass --threshold',
-                   model, threshold)
-  rows = sum(r.summary.embedded for r in runs)  # at most: runs may share URIs
-  method = choose_method(args.method, rows, runs[0].embedding_size or 0, args.memory_budget)
-  if method == 'clusters':
-    from jobs import cluster_dedup  # Beam and FAISS: only when clustering
-    try:
-      cluster_dedup.check_options(beam_flags)
-    except cluster_dedup.WorkDirectoryError as exc:
-      print(f'error: {exc}', file=sys.stderr)
-      sys.exit(2)
-  if method == 'all_pairs':
-    collection = concatenate(iter_run_shards(runs), model)
-    rows = len(collection.uris)
-    groups = find_groups(collection, threshold)
-  else:
-    groups, stats = cluster_dedup.find_groups(runs, threshold, beam_flags)
-    rows = stats.rows
-    print(f'clustering: {stats}')
-  write_csv(groups, args.csv)
-  members = [m for g in groups for m in g.members[1:]]
-  copies = sum(bool(m.same_bytes_as) for m in members)
-  print(f'{rows} images, {model}, threshold {threshold}, {method.replace("_", " ")}: groups: '
-        f'{len(groups)} (exact copies only: {sum(g.kind == "exact" for g in groups)}); images '
-        f'to drop: {len(members)} (byte-identical copies: {copies}, near duplicates: '
-        f'{len(members) - copies}); CSV: {args.csv}')
-  if args.sheet:
-    sheet.save_png(draw(groups), args.sheet)
-    print(f'contact sheet: {args.sheet}')
-  return groups
-
-
-if __name__ == '__main__':
-  main()

@@ -1,25 +1,21 @@
-"""Lists run directories and their state: finished (and its outcome) or unfinished (and who holds
-the claim), with the counts and the model.
+"""Run directories and their state: finished (and its outcome) or unfinished (and who holds the
+claim), with the counts and the model (`pnasnet-embeddings runs`).
 
-    python -m embeddings.list_runs "gs://bucket/embeddings/*" [--json]
-
-Exit 0 when every listed run finished with outcome "finished", 3 when one finished with more
-failures than its --max_failed_fraction allowed, 1 when one is unfinished (claimed, no summary:
-running, interrupted or failed), 2 when the arguments name no run directory at all; so a
+`exit_code`: 0 when every listed run finished with outcome "finished", 3 when one finished with
+more failures than its --max_failed_fraction allowed, 1 when one is unfinished (claimed, no
+summary: running, interrupted or failed), 2 when the arguments name no run directory at all; so a
 scheduler can check a night's run with the run's directory as the argument.
 
-An unfinished run is `running` or `dead` by the launcher's rule (storage.run_dirs.Unfinished). A finished run whose index names, for skipped files, a `vector_run` that is no longer
-a finished run (deleted by a retention rule, say) counts those files as `lost`: `load` has no
-vector for them until the next night embeds them again.
+An unfinished run is `running` or `dead` by the launcher's rule (storage.run_dirs.Unfinished). A
+finished run whose index names, for skipped files, a `vector_run` that is no longer a finished run
+(deleted by a retention rule, say) counts those files as `lost`: `load` has no vector for them
+until the next night embeds them again.
 """
 
-import argparse
 import json
-import sys
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import storage
-from embeddings.runs import parse_command
 from storage.run_dirs import Unfinished
 from run_format import (CLAIM_FILE, EMBEDDED, FINISHED, INDEX_GLOB, SKIPPED, SUMMARY_FILE,
                         TOO_MANY_FAILURES)
@@ -115,26 +111,3 @@ def exit_code(states: Sequence[RunState]) -> int:
     return 2
   codes = {EXIT_CODES.get(s.state, EXIT_CODES[UNFINISHED]) for s in states}
   return next((code for code in (1, 3) if code in codes), 0)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m embeddings.list_runs', description=__doc__.split('\n\n')[0],
-      epilog='Other --flags go to Beam\'s FileSystems, e.g. --s3_endpoint_url=URL.')
-  parser.add_argument('runs', nargs='+', help='run directories or globs of them (local, gs://, '
-                      's3://), e.g. "gs://bucket/embeddings/*"')
-  parser.add_argument('--json', action='store_true', help='one JSON list instead of a table')
-  args = parse_command(parser, argv)
-  states = list_runs(args.runs)
-  if not states:
-    print(f'error: no run directory (no {CLAIM_FILE} or {SUMMARY_FILE}) in '
-          f'{" ".join(args.runs)}', file=sys.stderr)
-  elif args.json:
-    print(json.dumps([s.as_dict() for s in states], indent=2))
-  else:
-    print(format_table(states))
-  return exit_code(states)
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -1,10 +1,6 @@
 """The k images nearest a query by cosine similarity: exactly, streaming the runs' shards, or
-through an index (`python -m embeddings.index build`), its candidates re-ranked exactly.
-
-    python -m embeddings.neighbours --runs RUN_DIR_OR_GLOB... --query IMAGE_OR_URI [--k 8] \
-        [--sheet neighbours.png] [--model MODEL_ID]
-    python -m embeddings.neighbours --index INDEX_DIR --query IMAGE_OR_URI [--k 8] [--rerank 100] \
-        [--nprobe N]
+through an index (`pnasnet-embeddings index build`), its candidates re-ranked exactly
+(`pnasnet-embeddings neighbours`).
 
 The query is an image file or URI. Its vector is the stored one of any embedded image with the
 same bytes (or, for a URI that cannot be read any more, the one stored for that URI); otherwise
@@ -17,15 +13,14 @@ rows. From Python, `search_vectors(runs, queries, k)` answers a batch of query v
 
 import hashlib
 import os
-import sys
 from typing import Collection, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 import storage
 from embeddings import sheet
-from embeddings.runs import command_parser, iter_run_shards, iter_run_vectors, parse_command
-from storage.run_dirs import RUN_ERRORS, Run, find_runs, select_model
+from embeddings.runs import iter_run_shards, iter_run_vectors
+from storage.run_dirs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour, nearest_many
 
@@ -62,17 +57,18 @@ def check_image(query: str, data: Optional[bytes]) -> None:
   if data is None:
     return
   import io
+  import warnings
   from PIL import Image
-  from transforms import quiet_logs  # the limit is ours to tell, not a warning's
-  quiet_logs.ignore_pillow_bomb_warnings()
   try:
-    with Image.open(io.BytesIO(data)) as image:
-      pixels = image.width * image.height
-      if pixels > MAX_QUERY_PIXELS:
-        raise Image.DecompressionBombError(
-            f'{image.width}x{image.height} = {pixels} pixels, over the limit of '
-            f'{MAX_QUERY_PIXELS}; query with a smaller copy')
-      image.load()
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # the limit is ours to tell
+      with Image.open(io.BytesIO(data)) as image:
+        pixels = image.width * image.height
+        if pixels > MAX_QUERY_PIXELS:
+          raise Image.DecompressionBombError(
+              f'{image.width}x{image.height} = {pixels} pixels, over the limit of '
+              f'{MAX_QUERY_PIXELS}; query with a smaller copy')
+        image.load()
   except Image.UnidentifiedImageError as exc:
     raise QueryError(f'--query {query}: not an image that can be read ({len(data)} bytes, '
                      f'starting {data[:16]!r})') from exc
@@ -182,62 +178,3 @@ def draw(query: Query, neighbours: Sequence[Neighbour]):
                   f'{n.metadata["width"]}x{n.metadata["height"]}'])
       for n in neighbours]
   return sheet.draw_sheet([tiles], sheet.balanced_columns(len(tiles), SHEET_COLUMNS))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
-  parser = command_parser('python -m embeddings.neighbours', __doc__.split('\n\n')[0],
-                          runs_required=False)
-  parser.add_argument('--index', help='an index directory (python -m embeddings.index build) '
-                      'to search instead of --runs')
-  parser.add_argument('--rerank', type=int, default=RERANK,
-                      help=f'with --index: candidates re-ranked from the index\'s refine store '
-                      f'of float16 vectors (default {RERANK}; 0: the index\'s own scores, '
-                      f'approximate for a PQ index)')
-  parser.add_argument('--nprobe', type=int,
-                      help='with --index: IVF lists searched, or HNSW\'s efSearch (default: the '
-                      'index\'s, in its index.json plan); more is slower and finds more')
-  parser.add_argument('--query', required=True,
-                      help='an image file or URI, embedded or not')
-  parser.add_argument('--k', type=int, default=8, help='how many neighbours (default 8)')
-  parser.add_argument('--sheet', help='write a contact sheet PNG here')
-  args = parse_command(parser, argv)
-  if args.k < 1:
-    parser.error('--k must be at least 1')
-  if args.nprobe is not None and (args.nprobe < 1 or args.index is None):
-    parser.error('--nprobe: a number of at least 1, with --index')
-  if args.index is None and args.runs is None:
-    parser.error('give --runs or --index')
-  if args.index is not None and args.runs is not None:
-    parser.error('give --runs or --index, not both')
-  sheet_problem = sheet.output_problem('--sheet', args.sheet)
-  if sheet_problem:
-    parser.error(sheet_problem)
-  try:
-    if args.index:
-      from embeddings.neighbour_index import IndexDirectoryError, NeighbourIndex
-      try:
-        index = NeighbourIndex(args.index)
-        index.check_model(args.model)
-        query = find_query_in_index(index, args.query)
-      except IndexDirectoryError as exc:
-        raise QueryError(str(exc)) from exc
-      neighbours = index.search(query.vector, args.k, rerank=max(args.rerank, 0),
-                                nprobe=args.nprobe, exclude_uris=[[query.uri]])[0]
-      exact = index.exact_scores(args.k, max(args.rerank, 0))
-    else:
-      runs = select_model(find_runs(args.runs), args.model)
-      query = find_query(runs, args.query)
-      neighbours = search(runs, query, args.k)
-      exact = True
-  except RUN_ERRORS + (QueryError,) as exc:
-    print(f'error: {exc}', file=sys.stderr)
-    sys.exit(2)
-  print(format_table(query, neighbours, exact))
-  if args.sheet:
-    sheet.save_png(draw(query, neighbours), args.sheet)
-    print(f'contact sheet: {args.sheet}')
-  return neighbours
-
-
-if __name__ == '__main__':
-  main()

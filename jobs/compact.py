@@ -1,5 +1,12 @@
-"""The Beam job behind `python -m embeddings.compact`: every URI's vector by the load rule over
-many runs (embeddings/collection.py), written as one consolidated run.
+"""The Beam job behind `pnasnet-embeddings compact`: every URI's vector by the load rule over many
+runs (embeddings/collection.py), written as one consolidated run, whose summary says what it
+consolidated.
+
+The consolidated run is a finished run like a night's: Parquet shards of the vectors `load`
+returns, an index (each URI embedded, or decode for a file done as undecodable) and a summary
+whose inputs are all the runs' and whose `incremental_runs` are the runs consolidated, so `load`
+over it alone returns the same vectors and the next night with `--incremental_from` over the
+prefix reads its index alone and skips everything it holds.
 
     CollectionSources (jobs/collection_sources.py: index files ─ (uri, row) ─ GroupByKey ─ the
        │   SourceRule) ─ ((source run, uri), newest row) ──────────────────┐
@@ -13,8 +20,11 @@ carried as `decode` rows (still done for later nights, no vector); files whose v
 run given are left out (the next night embeds them again).
 """
 
+import dataclasses
+import math
+import time
 import zlib
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -22,11 +32,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import storage
-from storage.run_dirs import Run
 from embeddings.shards import ParquetVectors, is_parquet, read_shard
-from jobs.collection_sources import CollectionSources, IndexRow
-from run_format import (DECODE, EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX, INDEX_PREFIX,
-                        INDEX_SCHEMA, METADATA_COLUMNS, PARQUET_SUFFIX, embeddings_schema)
+from jobs.collection_sources import CollectionSources, IndexRow, warn_of_gaps
+from pipeline.output_dir import claim_output
+from pipeline.runners import default_runner, runner_name
+from run_format import (CLAIM_STALE_SECONDS, DECODE, EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX,
+                        FINISHED, INDEX_GLOB, INDEX_PREFIX, INDEX_SCHEMA, METADATA_COLUMNS,
+                        PARQUET_SUFFIX, STAGES, SUMMARY_FILE, RunSummary, embeddings_schema,
+                        utc_now)
+from storage.run_dirs import Run, scan_runs, select_model, warn_of_failed
+from transforms.heartbeat import keep_alive
 
 METRICS_NAMESPACE = 'compact'
 SHARD_ROWS = 100_000  # about 1.7 GB of 4320-d float32 vectors a shard
@@ -144,3 +159,100 @@ def build_compaction(pipeline: beam.Pipeline, runs: Sequence[Run], output: str, 
           | 'AllRows' >> beam.Flatten()
           | 'ByShard' >> beam.GroupByKey()
           | 'WriteShards' >> beam.ParDo(_WriteShard(output, shards, dimension, embedding_dtype)))
+
+
+class CompactError(ValueError):
+  """Refused before any work."""
+
+
+def consolidated_inputs(runs: Sequence[Run]) -> Dict[str, List[str]]:
+  """Inputs that cover every run's (collection.Inputs.covers_all): the union of their patterns
+  and manifests, the excludes they all share."""
+  excludes = set.intersection(*(set(run.summary.exclude) for run in runs))
+  return {'input': sorted({p for run in runs for p in run.summary.input}),
+          'input_manifest': sorted({m for run in runs for m in run.summary.input_manifest}),
+          'exclude': sorted(excludes)}
+
+
+def default_shards(runs: Sequence[Run], shard_rows: int) -> int:
+  """From the newest run's index rows (its footers): about one collection on a schedule."""
+  rows = 0
+  for info in storage.match(runs[0].index_glob):
+    with storage.open_file(info.path) as f:
+      rows += pq.ParquetFile(f).metadata.num_rows
+  return max(1, math.ceil(rows / shard_rows))
+
+
+def _counts(output: str) -> Dict[str, int]:
+  counts = {EMBEDDED: 0, DECODE: 0}
+  for info in storage.match(storage.join(output, INDEX_GLOB)):
+    with storage.open_file(info.path) as f:
+      for outcome in pq.read_table(f, columns=['outcome']).column('outcome').to_pylist():
+        counts[outcome] += 1
+  return counts
+
+
+def summary_of(runs: Sequence[Run], output: str, patterns: Sequence[str], runner: str,
+               started_at: str, started: float, files: List[str]) -> RunSummary:
+  newest = runs[0].summary
+  counts = _counts(output)
+  return dataclasses.replace(
+      newest, **consolidated_inputs(runs), incremental_from=list(patterns),
+      incremental_runs=[run.path for run in runs], index_carries_forward=True, source_runs=[],
+      output=output, output_format='parquet', max_failed_fraction=1.0, runner=runner,
+      started_at=started_at, outcome=FINISHED, matched=counts[EMBEDDED] + counts[DECODE],
+      skipped=0, embedded=counts[EMBEDDED], failed=counts[DECODE],
+      failed_by_stage=dict(dict.fromkeys(STAGES, 0), **{DECODE: counts[DECODE]}),
+      example_failures=[], files=sorted(files), finished_at=utc_now(),
+      wall_time_seconds=round(time.monotonic() - started, 3), images_per_second=None)
+
+
+def runs_to_compact(patterns: Sequence[str], model: Optional[str], output: str,
+                    allow_concurrent: bool) -> List[Run]:
+  """The finished runs of one model under `patterns`, newest first; CompactError while a run
+  among them is still going, unless `allow_concurrent`."""
+  scan = scan_runs(list(patterns))
+  warn_of_failed(scan.failed)
+  live = [u for u in scan.unfinished if u.alive() and u.path != output]
+  if live and not allow_concurrent:
+    raise CompactError(
+        f'{", ".join(u.describe() for u in live)}: a run still going; compacting now would '
+        'leave out what it embeds, and deleting older runs after it could lose vectors. Wait '
+        f'for it, or add --allow_concurrent (a claim not rewritten for '
+        f'{CLAIM_STALE_SECONDS // 60} min counts as dead)')
+  runs = [run for run in scan.finished if run.path != output]
+  if not runs:
+    raise CompactError(f'no finished run in {" ".join(patterns)}')
+  return select_model(runs, model)
+
+
+class CompactionFailed(RuntimeError):
+  """The job ended without finishing: the output holds no summary."""
+
+
+def compact(runs: Sequence[Run], output: str, patterns: Sequence[str], shards: int,
+            beam_flags: Sequence[str]) -> RunSummary:
+  """Claims `output`, runs the job while beating in its claim (a night launched meanwhile sees
+  this run alive, and waits), then writes the summary; OutputExistsError or
+  OutputNotWritableError before any work, CompactionFailed after."""
+  from apache_beam.options.pipeline_options import PipelineOptions
+  options = PipelineOptions(list(beam_flags))
+  started_at, started = utc_now(), time.monotonic()
+  claim_output(output, {'compact': [run.path for run in runs], 'started_at': started_at,
+                        'runner': runner_name(options)}, options)
+  pipeline = beam.Pipeline(runner=default_runner(options), options=options)
+  build_compaction(pipeline, runs, output, shards, runs[0].summary.embedding_dtype)
+  beating = keep_alive(output)
+  try:
+    result = pipeline.run()
+    state = result.wait_until_finish()
+  finally:
+    beating.stop()
+  warn_of_gaps(result)
+  if state != 'DONE':
+    raise CompactionFailed(f'the compaction job ended in state {state}; {output} holds no '
+                           f'{SUMMARY_FILE}')
+  found = sorted(info.path for info in storage.match(storage.join(output, '*.parquet')))
+  summary = summary_of(runs, output, patterns, runner_name(options), started_at, started, found)
+  storage.write_bytes(storage.join(output, SUMMARY_FILE), summary.to_json().encode())
+  return summary

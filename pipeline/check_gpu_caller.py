@@ -1,4 +1,4 @@
-"""A decoding SDK process of the GPU self-check (`python -m models.check_gpu` starts several).
+"""A decoding SDK process of the GPU self-check (pipeline/gpu_check.py starts several).
 
 It does what an SDK process of the GPU step does on a Dataflow VM while another process holds the
 shared model: decode JPEGs, resize them, hand the batches over through shared memory; no

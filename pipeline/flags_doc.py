@@ -5,7 +5,8 @@ docs/flags.md` (tests/test_docs.py fails when the page, `--help` or the template
 import argparse
 from typing import Dict, List, NamedTuple
 
-from pipeline.options import EmbeddingOptions, all_flags_parser
+from pipeline.beam_flags import all_flags_parser
+from pipeline.options import EmbeddingOptions
 
 
 class FlagNotes(NamedTuple):

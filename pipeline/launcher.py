@@ -1,20 +1,16 @@
 """Checks everything it can before any work, claims the output, submits the pipeline, and (unless
 told not to wait) reads back the run_summary.json that the job itself writes.
 
-Exit codes: 0 the run finished (some images may be in its failures, within
---max_failed_fraction); 1 the run did not work (the job failed: no run_summary.json);
-2 refused before any work; 3 the run finished but too many images failed (its summary says
-"too_many_failures"); 130 interrupted (Ctrl-C, SIGTERM).
+`run(argv)` returns the summary, or raises a typed error for each way a launch ends without one;
+the `embed` verb (commands/embed.py) turns those into one line and the exit code.
 """
 
-import argparse
 import dataclasses
 import datetime
 import errno
 import json
 import logging
 import os
-import signal
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -26,33 +22,27 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
 from apache_beam.runners.runner import PipelineState
 
 from models.description import ModelDescription, describe_model
-from models.handles import ModelLoadError
-from pipeline.options import (EmbeddingOptions, OptionsError, all_flags_parser,
-                              check_known_flags, expand_output, one_model_per_gpu, validate)
-from pipeline.output_dir import (OutputExistsError, OutputNotWritableError, check_output_is_new,
+from pipeline.beam_flags import OptionsError, check_known_flags
+from pipeline.options import EmbeddingOptions, expand_output, one_model_per_gpu, validate
+from pipeline.output_dir import (OutputExistsError, check_output_is_new,
                                  claim_output, delete_temp_folders, stale_temp_files)
 from pipeline.runners import default_runner, runner_name
 from pipeline.versions import (LaunchOptions, current_versions, format_versions,
                                version_mismatch)
 from run_format import (CLAIM_FILE, CLAIM_STALE_SECONDS, FAILURES_PREFIX, FAILURES_SUFFIX,
-                        FINISHED, SUMMARY_FILE, TEMP_FOLDERS, IncompatibleRunError, RunLaunch,
+                        FINISHED, SUMMARY_FILE, TEMP_FOLDERS, RunLaunch,
                         RunSummary, shard_glob, utc_now)
 import storage
 from storage.run_dirs import NoRunsError, scan_runs, warn_of_failed
-from transforms import quiet_logs
 from transforms.incremental import state_runs
 from transforms.provenance import Provenance, project_version, recipe
-from transforms.read import (NoInputError, check_inputs_match, check_manifests_exist,
+from transforms.read import (check_inputs_match, check_manifests_exist,
                              normalize_input)
 
 PROJECT_SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   'setup.py')
 RESOURCE_HINT_NAMES = {'beam:resources:accelerator:v1': 'accelerator',
                        'beam:resources:min_ram_bytes:v1': 'min_ram_bytes'}
-# Beam's chatter that reads like a problem on every run (see docs/running.md, "Log messages").
-QUIET_LOGGERS = ('apache_beam.io.iobase',)
-
-
 class PipelineFailedError(RuntimeError):
   """The job ended without finishing; its output holds no run_summary.json."""
 
@@ -94,30 +84,6 @@ class TooManyFailuresError(RuntimeError):
 
 class NoCredentialsError(ValueError):
   """gs:// paths and no Google credentials: fail at once instead of after minutes of retries."""
-
-
-class _NoStopTracebacks(logging.Filter):
-  """Beam logs the KeyboardInterrupt that stops a step (some 60 lines), a full disk's OSError
-  (some 250) or a worker's version mismatch with its whole traceback before the launcher says in one line what was left
-  where."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if not record.exc_info:
-      return True
-    error = record.exc_info[1]
-    return not (isinstance(error, KeyboardInterrupt) or out_of_space(error) or
-                version_mismatch(error))
-
-
-def _quiet_unraisable(hook):
-  """A writer closed by the garbage collector after the disk filled (pyarrow's
-  `ParquetWriter.__del__`) reports its own OSError as "Exception ignored in": the launcher says
-  what happened once."""
-
-  def unraisable(report):
-    if not out_of_space(report.exc_value):
-      hook(report)
-  return unraisable
 
 
 def _prepare_remote_workers(options: PipelineOptions) -> None:
@@ -425,18 +391,6 @@ def _run_pipeline(options, embedding, model_description, provenance, launch, ind
   return check_outcome(read_summary(embedding.output))
 
 
-def print_help(show_beam_options: bool) -> None:
-  """This project's flags; Beam's many options only with --help_beam."""
-  if show_beam_options:
-    parser = all_flags_parser()
-  else:
-    parser = argparse.ArgumentParser(prog='run_pipeline.py', add_help=False, description=(
-        'Embeds images with PNASNet-5. Beam\'s own options (--runner, --project, --region, '
-        '--temp_location, ...) pass through: python run_pipeline.py --help_beam lists them.'))
-    EmbeddingOptions._add_argparse_args(parser)  # pylint: disable=protected-access
-  parser.print_help()
-
-
 def _unfinished(output: str, first: str = '') -> str:
   """What was left where, and what to do (after `first`, e.g. "free some space, then ")."""
   temp = stale_temp_files(output)
@@ -447,44 +401,3 @@ def _unfinished(output: str, first: str = '') -> str:
 
 def _interrupted(output: str) -> str:
   return f'interrupted: {_unfinished(output)}'
-
-
-def _terminate(signum, frame):
-  raise KeyboardInterrupt()
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-  argv = sys.argv[1:] if argv is None else argv
-  if '-h' in argv or '--help' in argv or '--help_beam' in argv:
-    print_help('--help_beam' in argv)
-    return
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-  for name in QUIET_LOGGERS:
-    logging.getLogger(name).setLevel(logging.WARNING)
-  quiet_logs.install()
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(_NoStopTracebacks())
-  sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
-  for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too when inherited as ignored (`cmd &`)
-    signal.signal(signum, _terminate)
-  try:
-    summary = run(argv)
-  except (OptionsError, NoInputError, ModelLoadError, OutputExistsError,
-          OutputNotWritableError, IncompatibleRunError, NoCredentialsError) as exc:
-    print(f'error: {exc}', file=sys.stderr)
-    sys.exit(2)
-  except (PipelineFailedError, OutOfSpaceRun) as exc:
-    print(f'error: {exc}', file=sys.stderr)
-    sys.exit(1)
-  except TooManyFailuresError as exc:
-    print(json.dumps(exc.summary, indent=2))
-    print(f'error: {exc}', file=sys.stderr)
-    sys.exit(3)
-  except InterruptedRun as exc:
-    print(f'error: {exc}', file=sys.stderr)
-    sys.exit(130)
-  except KeyboardInterrupt:
-    print('error: interrupted before any work started', file=sys.stderr)
-    sys.exit(130)
-  if not summary.get('dry_run'):  # a dry run printed its own, shorter account
-    print(json.dumps(summary, indent=2))

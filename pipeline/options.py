@@ -2,21 +2,19 @@
 
 import argparse
 import datetime
-import difflib
 import logging
 import re
-from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                  StandardOptions, WorkerOptions,
-                                                  _BeamArgumentParser)
+                                                  StandardOptions, WorkerOptions)
 
 from models.description import check_model_options
 from models.handles import COMPUTE_DTYPES, DEFAULT_MODEL_HANDLE, IMAGE_INPUT, ModelLoadError
 from pipeline.accelerator import EXAMPLE as ACCELERATOR_EXAMPLE
 from pipeline.accelerator import (accelerator_problems, gpu_count, image_problem,
                                   machine_type_unknown)
+from pipeline.beam_flags import OptionsError
 from run_format import EMBEDDING_DTYPES
 from transforms.decode import DEFAULT_MAX_IMAGE_PIXELS
 from transforms.read import DEFAULT_MAX_FILE_BYTES
@@ -26,8 +24,6 @@ MAX_SEED = 2**32 - 1
 OUTPUT_PLACEHOLDERS = {'date': '%Y-%m-%d', 'datetime': '%Y-%m-%dT%H%M%SZ'}
 
 
-class OptionsError(ValueError):
-  """A flag's value cannot work; raised before any work starts."""
 
 
 MIN_CENTER_CROP_FRACTION = 0.1  # a tenth of each side: the crop is already upscaled 10x or more
@@ -161,47 +157,6 @@ class EmbeddingOptions(PipelineOptions):
                        help='Launch even when an --incremental_from run is still going (its job '
                        'rewrote its claim within the last hour): by default refused (exit 2), '
                        'as both would embed the same new images.')
-
-
-class _OneLineErrors(_BeamArgumentParser):
-  """argparse answers a bad value (`--output_format csv`, a flag left without its value) with
-  its usage line, which for Beam's parser lists some 165 options: say the problem in one line,
-  naming the `command` whose --help lists the flags."""
-
-  def __init__(self, command: str, **kwargs):
-    super().__init__(**kwargs)
-    self.command = command
-
-  def error(self, message):
-    raise OptionsError(f'{message} ({self.command} --help lists the flags)')
-
-
-def all_flags_parser(command: str = 'python run_pipeline.py') -> argparse.ArgumentParser:
-  """Every option Beam and this project know, as `PipelineOptions.get_all_options` sees them;
-  `command` is named in its errors."""
-  parser = _OneLineErrors(command, prog='run_pipeline.py', allow_abbrev=False, add_help=False)
-  for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-    cls._add_argparse_args(parser)  # pylint: disable=protected-access
-  return parser
-
-
-def check_known_flags(argv: Sequence[str], command: str = 'python run_pipeline.py',
-                      own_flags: Sequence[str] = ()) -> None:
-  """Beam only logs and drops flags it does not know, so a typo silently becomes a default.
-  `own_flags`: the calling command's flags, offered first as corrections."""
-  parser = all_flags_parser(command)
-  _, unknown = parser.parse_known_args(list(argv))
-  flags = [arg.split('=', 1)[0] for arg in unknown if arg.startswith('-')]
-  if not flags and not unknown:
-    return
-  known = [s for action in parser._actions for s in action.option_strings]  # pylint: disable=protected-access
-  problems = []
-  for flag in flags or unknown:
-    close = difflib.get_close_matches(flag, list(own_flags), n=1) or difflib.get_close_matches(
-        flag, known, n=1)
-    problems.append(f'unknown flag {flag}' + (f'; did you mean {close[0]}?' if close else ''))
-  raise OptionsError('\n'.join(problems) + f'\n({command} --help lists the flags)')
-
 
 
 def expand_output(output: str, now: datetime.datetime) -> str:

@@ -4,18 +4,15 @@ Both carry the TF-Hub image feature-vector interface: signature `image_feature_v
 `default` / `serving_default`), input `images` float32 [batch, H, W, 3] in [0, 1], output
 `default` float32 [batch, D]; so `hub.load` and the pipeline treat them like the published module.
 
-    python -m pnasnet.export --config large --format tf1_hub --output /tmp/pnasnet_large_hub \
-        [--checkpoint pnasnet-5_large_2017_12_13/model.ckpt]
+    pnasnet-embeddings export-model --config large --format tf1_hub \
+        --output /tmp/pnasnet_large_hub [--checkpoint pnasnet-5_large_2017_12_13/model.ckpt]
 """
 
-import argparse
 import json
-import logging
 import os
 
 import tensorflow as tf
 
-from pnasnet import CONFIGS, build_model
 from pnasnet.checkpoint import model_values
 from pnasnet.config import EXPORT_MARK
 from pnasnet.network import PNASNet, zeros_initializer
@@ -76,25 +73,3 @@ def export_tf1_hub_module(model: PNASNet, export_dir: str) -> None:
 
 
 EXPORTERS = {'saved_model': export_saved_model, 'tf1_hub': export_tf1_hub_module}
-
-
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', choices=sorted(CONFIGS), default='large')
-  parser.add_argument('--format', choices=sorted(EXPORTERS), default='tf1_hub')
-  parser.add_argument('--output', required=True, help='directory to create')
-  parser.add_argument('--checkpoint', help='TF-Slim checkpoint prefix; default: seeded weights')
-  parser.add_argument('--seed', type=int, default=0, help='seed of the untrained weights')
-  args = parser.parse_args(argv)
-  if tf.io.gfile.exists(args.output) and tf.io.gfile.listdir(args.output):
-    parser.error(f'--output {args.output} exists and is not empty; name a new directory')
-  if not args.checkpoint:
-    logging.warning('no --checkpoint: exporting UNTRAINED seeded weights (seed %d); their '
-                    'features are not PNASNet embeddings', args.seed)
-  EXPORTERS[args.format](build_model(args.config, args.checkpoint, args.seed), args.output)
-  write_export_mark(args.output, args.config, args.checkpoint, args.seed)
-  print(f'wrote {args.format} of {CONFIGS[args.config].public_name} to {args.output}')
-
-
-if __name__ == '__main__':
-  main()

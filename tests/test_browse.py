@@ -16,8 +16,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
+from commands import browse as browse_command
+from commands import duplicates as duplicates_command
 from embeddings import browse, duplicates
-from embeddings import index as index_command
+from commands import index as index_command
 from embeddings.neighbour_index import NeighbourIndex
 from embeddings.neighbours import search_vectors
 from embeddings.query import embed_image
@@ -50,7 +52,7 @@ class Collection:
     run_pipeline([f'--input={self.folder}/*', f'--output={self.run}',
                   '--model=builtin:pnasnet_tiny'])
     self.csv = str(root / 'dups.csv')
-    self.groups = duplicates.main(['--runs', self.run, '--csv', self.csv])
+    self.groups = duplicates_command.main(['--runs', self.run, '--csv', self.csv])
     self.runs = find_runs(self.run)
     # A photo the collection does not hold: embedded when uploaded.
     self.new_photo = str(root / 'astronaut_crop.jpg')
@@ -243,10 +245,10 @@ def test_a_collection_on_s3_is_searched_and_its_thumbnails_read_through_beam(s3_
 
 def _refusal(capsys, argv):
   with pytest.raises(SystemExit) as refused:
-    browse.main(argv)
+    browse_command.main(argv)
   assert refused.value.code == 2
   error = capsys.readouterr().err.strip().splitlines()
-  assert len(error) == 1 or error[-1].startswith('python -m embeddings.browse: error:')
+  assert len(error) == 1 or error[-1].startswith('pnasnet-embeddings browse: error:')
   return error[-1]
 
 
@@ -255,7 +257,7 @@ def test_bad_options_are_refused_with_one_line_before_the_model_loads(collection
   assert 'no run there' in _refusal(capsys, ['--runs', str(tmp_path / 'nothing')])
   not_csv = tmp_path / 'notes.csv'
   not_csv.write_text('a,b\n1,2\n')
-  assert 'not a CSV of python -m embeddings.duplicates' in _refusal(
+  assert 'not a CSV of pnasnet-embeddings duplicates' in _refusal(
       capsys, ['--runs', collection.run, '--duplicates', str(not_csv)])
   taken = browse.listening_socket(0)
   try:
@@ -268,7 +270,7 @@ def test_bad_options_are_refused_with_one_line_before_the_model_loads(collection
 
 def test_the_command_serves_the_page_on_loopback(collection):
   command = subprocess.Popen(
-      [sys.executable, '-m', 'embeddings.browse', '--runs', collection.run, '--duplicates',
+      [sys.executable, '-m', 'commands', 'browse', '--runs', collection.run, '--duplicates',
        collection.csv, '--port', '0'], cwd=PROJECT, stdout=subprocess.PIPE,
       stderr=subprocess.DEVNULL, text=True)
   try:

@@ -14,7 +14,7 @@ import yaml
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 from packaging.specifiers import SpecifierSet
 
-from models.check_gpu import CheckFailed, check_model_on
+from pipeline.gpu_check import CheckFailed, check_model_on
 from models.loading import load_embedding_model
 from pipeline.options import EmbeddingOptions, OptionsError, validate
 
@@ -238,7 +238,7 @@ def test_docker_copy_sources_exist_and_cloud_build_builds_both_images():
 
 def test_gpu_self_check_without_a_gpu_exits_non_zero_and_says_so():
   env = dict(os.environ, CUDA_VISIBLE_DEVICES='-1', PYTHONPATH=PROJECT)
-  result = subprocess.run([sys.executable, '-m', 'models.check_gpu', '--model',
+  result = subprocess.run([sys.executable, '-m', 'commands', 'check-gpu', '--model',
                            'builtin:pnasnet_tiny'], cwd=PROJECT, env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 1

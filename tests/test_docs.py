@@ -13,7 +13,8 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import flags_doc
-from pipeline.options import all_flags_parser
+import pipeline.options  # noqa: F401  (registers the embedding job's flags beside Beam's)
+from pipeline.beam_flags import all_flags_parser
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(PROJECT, 'docs')

@@ -12,6 +12,7 @@ from PIL import Image
 import embeddings
 from benchmarks import synthetic_collection
 from benchmarks.synthetic_collection import write_synthetic_run
+from commands import duplicates as duplicates_command
 from embeddings import duplicate_groups, duplicates, sheet
 from embeddings.similarity import unit_rows
 from jobs import cluster_dedup
@@ -47,10 +48,10 @@ def test_clustering_gives_the_groups_all_pairs_gives(planted_runs, tmp_path, mon
   pattern, planted = planted_runs
   monkeypatch.setattr(cluster_dedup, 'RANGE_BYTES', 64 << 10)  # several ranges of clusters
   threshold = '0.97'
-  exact = duplicates.main(['--runs', pattern, '--csv', str(tmp_path / 'all.csv'),
+  exact = duplicates_command.main(['--runs', pattern, '--csv', str(tmp_path / 'all.csv'),
                            '--threshold', threshold])
   assert 'all pairs' in capsys.readouterr().out  # 3200 64-d vectors fit the default budget
-  clustered = duplicates.main(['--runs', pattern, '--csv', str(tmp_path / 'clusters.csv'),
+  clustered = duplicates_command.main(['--runs', pattern, '--csv', str(tmp_path / 'clusters.csv'),
                                '--threshold', threshold, '--memory_budget', '100KB'])
   assert ', clusters:' in capsys.readouterr().out  # auto: over the budget
   assert _comparable(_csv(tmp_path / 'clusters.csv')) == _comparable(_csv(tmp_path / 'all.csv'))
@@ -101,7 +102,7 @@ def test_missing_csv_folder_is_refused_before_the_work(tmp_path, capsys, monkeyp
   write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
   monkeypatch.setattr(duplicates, 'find_runs', lambda _: pytest.fail('read the runs first'))
   with pytest.raises(SystemExit) as exit_info:
-    duplicates.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'missing/x.csv')])
+    duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'missing/x.csv')])
   assert exit_info.value.code == 2
   assert f'the folder {tmp_path / "missing"} does not exist' in capsys.readouterr().err
 
@@ -110,7 +111,7 @@ def test_missing_csv_folder_is_refused_before_the_work(tmp_path, capsys, monkeyp
 def test_a_threshold_that_is_no_cosine_is_refused(tmp_path, capsys, threshold):
   write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
   with pytest.raises(SystemExit) as exit_info:
-    duplicates.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
+    duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
                      '--threshold', threshold])
   assert exit_info.value.code == 2
   assert 'above 0 and at most 1' in capsys.readouterr().err
@@ -127,7 +128,7 @@ def test_byte_identical_copies_beside_a_near_duplicate_are_exact(tmp_path, capsy
       Row('photos/photo.jpg', photo * 0.999 + 0.001, jpeg, 200, 300, 40000),
       Row('backup/photo.jpg', photo * 0.999 + 0.001, jpeg, 200, 300, 40000),
       Row('other.jpg', rng.random(32).astype(np.float32), hashlib.sha256(b'o').hexdigest())])
-  groups = duplicates.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
+  groups = duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
                             '--threshold', '0.99'])
   table = {row['uri']: row for row in _csv(tmp_path / 'x.csv')}
   assert [(r['role'], r['kind']) for r in table.values()] == [
@@ -215,7 +216,7 @@ def test_sheet_labels_keep_their_words_and_shorten_only_file_names(tmp_path):
 def test_clustering_on_a_remote_runner_needs_a_temp_location(tmp_path, capsys):
   write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
   with pytest.raises(SystemExit) as exit_info:
-    duplicates.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
+    duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
                      '--method', 'clusters', '--runner', 'DataflowRunner'])
   assert exit_info.value.code == 2
   assert 'needs --temp_location' in capsys.readouterr().err
@@ -229,7 +230,7 @@ def test_clustering_removes_its_work_files_under_the_temp_location_and_nothing_e
   work = tmp_path / 'tmp'
   work.mkdir()
   (work / 'someone-elses.txt').write_text('keep me')
-  groups = duplicates.main(['--runs', pattern, '--csv', str(tmp_path / 'clusters.csv'),
+  groups = duplicates_command.main(['--runs', pattern, '--csv', str(tmp_path / 'clusters.csv'),
                             '--threshold', '0.97', '--method', 'clusters',
                             '--temp_location', str(work)])
   assert groups
@@ -242,7 +243,7 @@ def test_a_mistyped_flag_is_refused_before_the_work(tmp_path, capsys):
   """Flags the command does not know go to Beam, which would drop a typo silently."""
   write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
   with pytest.raises(SystemExit) as exit_info:
-    duplicates.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
+    duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
                      '--metod', 'clusters'])
   assert exit_info.value.code == 2
   assert 'unknown flag --metod; did you mean --method?' in capsys.readouterr().err

@@ -268,11 +268,11 @@ def test_real_gcs_without_credentials_fails_at_once_saying_how_to_provide_them(t
 
 # 17
 def test_gpu_self_check_checks_the_model_first_and_documents_its_flags():
-  wrong = subprocess.run([sys.executable, '-m', 'models.check_gpu', '--model', 'builtin:nope'],
+  wrong = subprocess.run([sys.executable, '-m', 'commands', 'check-gpu', '--model', 'builtin:nope'],
                          cwd=PROJECT, capture_output=True, text=True, timeout=300)
   assert wrong.returncode == 2, wrong.stderr
   assert 'builtin:nope' in wrong.stderr and 'no GPU' not in wrong.stderr
-  usage = subprocess.run([sys.executable, '-m', 'models.check_gpu', '--help'], cwd=PROJECT,
+  usage = subprocess.run([sys.executable, '-m', 'commands', 'check-gpu', '--help'], cwd=PROJECT,
                          capture_output=True, text=True, timeout=300, check=True).stdout
   flat = ' '.join(usage.split('options:', 1)[1].split())  # the options, not the usage line
   for flag, default in (('--seed', '0'), ('--compute_dtype', 'float32'), ('--batch_size', '4'),
@@ -380,7 +380,7 @@ def test_list_runs_shows_each_run_directory_and_its_state(image_folder, tmp_path
        f'--output={runs}/finished'])
   _dead_claim(str(runs / 'died'), host='batch-7', pid=4242)
   (runs / 'not-a-run').mkdir()
-  result = subprocess.run([sys.executable, '-m', 'embeddings.list_runs', f'{runs}/*'],
+  result = subprocess.run([sys.executable, '-m', 'commands', 'runs', f'{runs}/*'],
                           cwd=PROJECT, capture_output=True, text=True, timeout=300)
   lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
   finished, died = lines[str(runs / 'finished')], lines[str(runs / 'died')]
@@ -389,7 +389,7 @@ def test_list_runs_shows_each_run_directory_and_its_state(image_folder, tmp_path
   assert 'unfinished' in died and 'batch-7' in died and '4242' in died
   assert str(runs / 'not-a-run') not in lines
   assert result.returncode == 1  # one run is unfinished
-  only_finished = subprocess.run([sys.executable, '-m', 'embeddings.list_runs',
+  only_finished = subprocess.run([sys.executable, '-m', 'commands', 'runs',
                                   f'{runs}/finished', '--json'], cwd=PROJECT,
                                  capture_output=True, text=True, timeout=300)
   assert only_finished.returncode == 0

@@ -27,6 +27,8 @@ from PIL import Image
 import embeddings
 from benchmarks.near_duplicates import copies_of
 import storage
+from commands import duplicates as duplicates_command
+from commands import neighbours as neighbours_command
 from embeddings import duplicate_groups, duplicates, neighbours, sheet
 from embeddings.shards import CorruptShardError, read_shard
 from embeddings.similarity import nearest
@@ -112,7 +114,7 @@ def test_a_run_older_than_0_2_is_refused_by_name(tmp_path, capsys):
     embeddings.load(str(tmp_path / '*'))
   assert embeddings.load(str(tmp_path / 'new')).uris == ['b']
   with pytest.raises(SystemExit) as exit_info:
-    neighbours.main(['--runs', str(tmp_path / '*'), '--query', 'b'])
+    neighbours_command.main(['--runs', str(tmp_path / '*'), '--query', 'b'])
   assert exit_info.value.code == 2 and '0.2.0 or later' in capsys.readouterr().err
 
 
@@ -305,7 +307,7 @@ def test_neighbours_command_embeds_a_new_query_and_draws_the_sheet(photo_run, tm
   with Image.open(folder / 'rocket.jpg') as image:
     image.save(tmp_path / 'rocket_q50.jpg', quality=50)  # not in the run
   png = tmp_path / 'neighbours.png'
-  found = neighbours.main(['--runs', os.path.dirname(output) + '/*', '--query',
+  found = neighbours_command.main(['--runs', os.path.dirname(output) + '/*', '--query',
                            str(tmp_path / 'rocket_q50.jpg'), '--k', '6', '--sheet', str(png)])
   printed = capsys.readouterr().out
   assert 'embedded now with builtin:pnasnet_tiny@untrained-seed0' in printed
@@ -320,14 +322,14 @@ def test_neighbours_command_embeds_a_new_query_and_draws_the_sheet(photo_run, tm
 def test_neighbours_command_refuses_an_unknown_query(photo_run, tmp_path, capsys):
   _, output = photo_run
   with pytest.raises(SystemExit) as exit_info:
-    neighbours.main(['--runs', output, '--query', str(tmp_path / 'missing.jpg')])
+    neighbours_command.main(['--runs', output, '--query', str(tmp_path / 'missing.jpg')])
   assert exit_info.value.code == 2
   assert 'not embedded in the runs, and cannot be read' in capsys.readouterr().err
 
 
 def test_duplicates_command_groups_copies_and_identical_bytes(photo_run, tmp_path):
   folder, output = photo_run
-  groups = duplicates.main(['--runs', output, '--csv', str(tmp_path / 'dups.csv'),
+  groups = duplicates_command.main(['--runs', output, '--csv', str(tmp_path / 'dups.csv'),
                             '--sheet', str(tmp_path / 'dups.png')])  # tiny's measured default
   with open(tmp_path / 'dups.csv', newline='') as f:
     table = list(csv.DictReader(f))
@@ -361,7 +363,7 @@ def test_exact_duplicates_alone_form_an_exact_group(tmp_path):
 
 def test_the_package_imports_without_beam_or_tensorflow():
   code = ('import sys, embeddings, embeddings.neighbours, embeddings.duplicates, '
-          'embeddings.index; '
+          'embeddings.neighbour_index, embeddings.list_runs, embeddings.browse; '
           'print(sorted({"apache_beam", "tensorflow"} & set(sys.modules)))')
   imported = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                             check=True, cwd=PROJECT).stdout
@@ -374,7 +376,7 @@ def test_runs_on_s3_with_the_filesystem_flags(s3_server, tmp_path, capsys):
   run_rows = rows(['s3://s3-runs/photos/a.jpg', 's3://s3-runs/photos/b.jpg'], 8, seed=6)
   write_run('s3://s3-runs/runs/one', run_rows, compression='gzip')
   FileSystems.set_options(PipelineOptions([]))  # the command's own flags must reach the server
-  found = neighbours.main(['--runs', 's3://s3-runs/runs/*', '--query', run_rows[0].uri, '--k', '1']
+  found = neighbours_command.main(['--runs', 's3://s3-runs/runs/*', '--query', run_rows[0].uri, '--k', '1']
                           + s3_server.options)
   assert [n.uri for n in found] == [run_rows[1].uri]
   assert f'query: {run_rows[0].uri} (embedded)' in capsys.readouterr().out
@@ -457,7 +459,7 @@ def test_float16_runs_in_both_formats_read_back_as_the_float32_run_rounded(tmp_p
     assert all(shard.vectors.dtype == np.float32 for shard in shards)
     np.testing.assert_array_equal(np.concatenate([s.vectors for s in shards]), collection.vectors)
     query = collection.uris[0]
-    found = neighbours.main(['--runs', run, '--query', query, '--k', '3'])
+    found = neighbours_command.main(['--runs', run, '--query', query, '--k', '3'])
     assert f'query: {query} (embedded)' in capsys.readouterr().out
     units = collection.vectors / np.linalg.norm(collection.vectors, axis=1, keepdims=True)
     cosines = np.delete(units @ units[0], 0)

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 import embeddings
-from embeddings.export import main as export_main
+from commands.export import main as export_main
 from tests.export_servers import free_port, postgres_with_pgvector
 from tests.run_writer import rows, write_run
 

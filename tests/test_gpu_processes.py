@@ -75,9 +75,9 @@ def test_devices_initialised_tells_a_process_that_ran_an_op():
 
 
 def test_gpu_self_check_starts_the_vms_processes_and_reports_each():
-  """`python -m models.check_gpu`'s process check, on the CPU here: this process holds the
+  """`pnasnet-embeddings check-gpu`'s process check, on the CPU here: this process holds the
   model, two fresh ones decode photos and embed them through shared memory."""
-  from models.check_gpu import check_processes  # pylint: disable=import-outside-toplevel
+  from pipeline.gpu_check import check_processes  # pylint: disable=import-outside-toplevel
   lines = check_processes(3, 'builtin:pnasnet_tiny', batch_size=3, device_type='CPU')
   assert lines[0] == f'model process {os.getpid()}: the model runs on the CPU'
   assert len(lines) == 3

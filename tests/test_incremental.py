@@ -9,7 +9,8 @@ import shutil
 import duckdb
 import pytest
 
-from pipeline.launcher import main, read_summary, run
+from commands.embed import main
+from pipeline.launcher import read_summary, run
 from run_format import IncompatibleRunError
 from tests.outputs import read_examples, read_failures
 from tests.run_writer import rows, write_run, write_summary_of_0_1
@@ -85,7 +86,7 @@ def test_state_that_cannot_be_listed_stops_the_run_and_the_index_with_one_line(
     gcs_server, photos, tmp_path, capsys):
   """A bucket that does not exist (or cannot be read) is not "no earlier run": even with
   --allow_no_earlier_runs the night would embed everything again. Exit 2, nothing claimed."""
-  from embeddings import index as index_command
+  from commands import index as index_command
   missing = 'gs://no-such-state-bucket/runs/*'
   with pytest.raises(SystemExit) as exit_info:
     main([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1',

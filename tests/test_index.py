@@ -12,7 +12,8 @@ import pytest
 
 import embeddings
 from benchmarks.synthetic_collection import uri_of, write_synthetic_run
-from embeddings import index as index_command, neighbour_index
+from commands import index as index_command
+from embeddings import neighbour_index
 from storage.run_dirs import MixedModelsError
 from embeddings.similarity import unit_rows
 

@@ -15,7 +15,9 @@ import embeddings
 from benchmarks import bench_index
 from benchmarks.synthetic_collection import uri_of, write_synthetic_run
 from tests.bundle_spy import calls_by_place
-from embeddings import index as index_command, neighbour_index, neighbours
+from commands import index as index_command
+from commands import neighbours as neighbours_command
+from embeddings import neighbour_index, neighbours
 from embeddings.collection import SourceRule
 from embeddings.similarity import unit_rows
 from jobs import index_build
@@ -166,7 +168,7 @@ def test_approximate_scores_are_labelled_and_nprobe_is_a_flag(pq_index, capsys):
   assert _recall(every, _exact_top(collection, collection.vectors[:5], 10)) == 1.0
   for bad in (['--index', directory, '--nprobe', '0'], ['--runs', run.directory, '--nprobe', '4']):
     with pytest.raises(SystemExit) as refused:
-      neighbours.main([*bad, '--query', collection.uris[0]])
+      neighbours_command.main([*bad, '--query', collection.uris[0]])
     assert refused.value.code == 2
   assert '--nprobe' in capsys.readouterr().err
 

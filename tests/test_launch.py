@@ -225,7 +225,7 @@ def test_every_provenance_option_is_recorded(image_folder, tmp_path):
 
 
 def test_an_exported_untrained_module_is_labelled(tmp_path, image_folder, capsys):
-  from pnasnet.export import main as export
+  from commands.export_model import main as export
   module = str(tmp_path / 'module')
   export(['--config=tiny', '--format=tf1_hub', f'--output={module}', '--seed=4'])
   summary = run([f'--input={image_folder}/camera.png', f'--model={module}',

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from pipeline.launcher import main
+from commands.embed import main
 from tests.conftest import SAMPLE_IMAGES
 
 

@@ -122,7 +122,7 @@ def test_remote_model_is_described_without_copying(gcs_server, tf1_hub_module):
 
 
 def test_export_command_writes_a_loadable_module(tmp_path, capsys):
-  from pnasnet.export import main
+  from commands.export_model import main
   output = str(tmp_path / 'module')
   main(['--config', 'tiny', '--format', 'tf1_hub', '--output', output, '--seed', '2'])
   assert 'wrote tf1_hub of pnasnet_tiny' in capsys.readouterr().out

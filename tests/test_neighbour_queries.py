@@ -10,7 +10,8 @@ import pytest
 
 import embeddings
 from benchmarks.synthetic_collection import write_synthetic_run
-from embeddings import index as index_command
+from commands import index as index_command
+from commands import neighbours as neighbours_command
 from embeddings import neighbours, query as query_module
 from embeddings.runs import concatenate, iter_run_vectors
 from embeddings.similarity import nearest, nearest_many, unit_rows
@@ -35,7 +36,7 @@ def test_a_query_that_is_not_an_image_is_refused_before_the_network_is_built(tmp
   not_an_image.write_text('hello, I am text')
   monkeypatch.setattr(query_module, 'embed_image', _never_embed)
   with pytest.raises(SystemExit) as refused:
-    neighbours.main(['--runs', run, '--query', str(not_an_image)])
+    neighbours_command.main(['--runs', run, '--query', str(not_an_image)])
   assert refused.value.code == 2
   error = capsys.readouterr().err
   assert error.count('\n') == 1 and 'not_an_image.jpg: not an image' in error
@@ -70,14 +71,14 @@ def test_neighbours_through_an_index_give_the_table_and_the_exact_ranking(tmp_pa
   index_command.main(['build', '--runs', run, '--output', directory])
   collection = embeddings.load(run)
   query_uri = collection.uris[7]
-  through_index = neighbours.main(['--index', directory, '--query', query_uri, '--k', '5'])
+  through_index = neighbours_command.main(['--index', directory, '--query', query_uri, '--k', '5'])
   table = capsys.readouterr().out
-  exact = neighbours.main(['--runs', run, '--query', query_uri, '--k', '5'])
+  exact = neighbours_command.main(['--runs', run, '--query', query_uri, '--k', '5'])
   assert [n.uri for n in through_index] == [n.uri for n in exact]
   assert [n.score for n in through_index] == pytest.approx([n.score for n in exact], abs=1e-6)
   assert f'query: {query_uri} (embedded)' in table and exact[0].uri in table
   with pytest.raises(SystemExit) as refused:
-    neighbours.main(['--index', directory, '--query', query_uri, '--model', 'builtin:other'])
+    neighbours_command.main(['--index', directory, '--query', query_uri, '--model', 'builtin:other'])
   assert refused.value.code == 2
   assert 'builtin:other' in capsys.readouterr().err
 
@@ -172,7 +173,7 @@ def test_a_query_that_cannot_be_decoded_is_refused_in_one_line_naming_it(tmp_pat
   query.write_bytes(_undecodable(name))
   monkeypatch.setattr(query_module, 'embed_image', _never_embed)
   with pytest.raises(SystemExit) as refused:
-    neighbours.main(['--runs', run, '--query', str(query)])
+    neighbours_command.main(['--runs', run, '--query', str(query)])
   assert refused.value.code == 2
   error = capsys.readouterr().err
   assert error.count('\n') == 1 and error.startswith(f'error: --query {query}: ')
@@ -193,7 +194,7 @@ def test_a_sheet_into_a_missing_folder_is_refused_before_the_search(tmp_path, mo
   write_run(run, rows(['a.jpg', 'b.jpg'], 8, seed=0))
   monkeypatch.setattr(neighbours, 'find_runs', lambda _: pytest.fail('read the runs first'))
   with pytest.raises(SystemExit) as refused:
-    neighbours.main(['--runs', run, '--query', 'a.jpg', '--sheet',
+    neighbours_command.main(['--runs', run, '--query', 'a.jpg', '--sheet',
                      str(tmp_path / 'missing' / 'n.png')])
   assert refused.value.code == 2
   assert f'the folder {tmp_path / "missing"} does not exist' in capsys.readouterr().err
@@ -201,7 +202,7 @@ def test_a_sheet_into_a_missing_folder_is_refused_before_the_search(tmp_path, mo
 
 def test_runs_and_an_index_together_are_refused_as_not_both(tmp_path, capsys):
   with pytest.raises(SystemExit) as refused:
-    neighbours.main(['--runs', str(tmp_path), '--index', str(tmp_path), '--query', 'a.jpg'])
+    neighbours_command.main(['--runs', str(tmp_path), '--index', str(tmp_path), '--query', 'a.jpg'])
   assert refused.value.code == 2
   assert 'give --runs or --index, not both' in capsys.readouterr().err
 

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 import embeddings
-from embeddings import compact, list_runs
-from pipeline.launcher import TooManyFailuresError, main, read_summary, run
+from commands import compact as compact_command
+from embeddings import list_runs
+from commands.embed import main
+from pipeline.launcher import TooManyFailuresError, read_summary, run
 from run_format import CLAIM_FILE, SUMMARY_FILE
 
 TINY = '--model=builtin:pnasnet_tiny'
@@ -157,7 +159,7 @@ def test_compact_then_delete_every_older_run(photos, image_folder, tmp_path, cap
   _night(photos, runs, '2')
   before = _vectors(embeddings.load(f'{runs}/*'))
   assert sorted(before) == [str(photos / 'camera.png'), str(photos / 'coffee.png')]
-  summary = compact.main(['--runs', f'{runs}/*', '--output', f'{tmp_path}/compacted/1'])
+  summary = compact_command.main(['--runs', f'{runs}/*', '--output', f'{tmp_path}/compacted/1'])
   assert (summary['embedded'], summary['failed'], summary['outcome']) == (2, 1, 'finished')
   assert 'may now be deleted' in capsys.readouterr().out
   shutil.rmtree(runs)
@@ -175,7 +177,7 @@ def test_compact_refuses_beside_a_live_run(photos, tmp_path, capsys):
   _night(photos, runs, '1', '--allow_no_earlier_runs')
   _claim(runs / 'going', _ago(0.1))
   with pytest.raises(SystemExit) as exit_info:
-    compact.main(['--runs', f'{runs}/*', '--output', f'{tmp_path}/compacted'])
+    compact_command.main(['--runs', f'{runs}/*', '--output', f'{tmp_path}/compacted'])
   assert exit_info.value.code == 2 and f'{runs}/going' in capsys.readouterr().err
   assert not os.path.exists(tmp_path / 'compacted')
 

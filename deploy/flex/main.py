@@ -21,7 +21,8 @@ def switch_flags() -> set:
   """Every on/off flag the launcher accepts: this project's and Beam's (`--name`)."""
   import argparse
 
-  from pipeline.options import all_flags_parser
+  import pipeline.options  # noqa: F401  (registers the embedding job's flags beside Beam's)
+  from pipeline.beam_flags import all_flags_parser
   parser = all_flags_parser()
   return {option for action in parser._actions  # pylint: disable=protected-access
           if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
@@ -49,5 +50,5 @@ def template_argv(argv: List[str], environ: Mapping[str, str], switches: set) ->
 
 
 if __name__ == '__main__':
-  from pipeline.launcher import main
+  from commands.embed import main
   main(template_argv(sys.argv[1:], os.environ, switch_flags()))

@@ -1,6 +1,7 @@
-"""GPU self-check: run it inside the worker container before paying for a GPU job.
+"""GPU self-check (`pnasnet-embeddings check-gpu`): run it inside the worker container before
+paying for a GPU job.
 
-    docker run --gpus all --rm --entrypoint python IMAGE -m models.check_gpu \
+    docker run --gpus all --rm --entrypoint pnasnet-embeddings IMAGE check-gpu \
         --model /opt/pnasnet/model
 
 Checks, in order, and stops at the first that fails (exit 1, with what to do):
@@ -13,7 +14,6 @@ says what it holds). Exit 2 when the model handle itself is wrong, as for the pi
 first, so a wrong model says so on a machine without a GPU too.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -31,9 +31,9 @@ from apache_beam.utils.multi_process_shared import MultiProcessShared  # noqa: E
 
 from models.description import check_model_options, describe_model  # noqa: E402
 from models.gpus import configure_gpus  # noqa: E402
-from models.handles import COMPUTE_DTYPES, DEFAULT_MODEL_HANDLE, ModelLoadError  # noqa: E402
 from models.loading import load_embedding_model  # noqa: E402
 from models.shared_batches import SharedBatchModel  # noqa: E402
+from pipeline import check_gpu_caller  # noqa: E402
 
 
 class CheckFailed(RuntimeError):
@@ -113,10 +113,9 @@ def gpu_memory_by_process() -> Optional[Dict[int, int]]:
 
 def _decoding_process(tag: str, height: int, width: int, batch_size: int, seed: int):
   """A fresh interpreter, as Dataflow starts an SDK process: it imports only what a decoding
-  process of the GPU step imports (pipeline/check_gpu_caller.py: it runs the decode stage, which the
-  model runtime may not import)."""
+  process of the GPU step imports (pipeline/check_gpu_caller.py)."""
   return subprocess.Popen(
-      [sys.executable, '-m', 'pipeline.check_gpu_caller', tag, str(height), str(width),
+      [sys.executable, '-m', check_gpu_caller.__name__, tag, str(height), str(width),
        str(batch_size), str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -168,64 +167,3 @@ def _model_memory(device_type: str, used: Optional[Dict[int, int]]) -> str:
   listed = (f'{sum(used.values())} MiB of GPU memory (nvidia-smi)' if used
             else 'nvidia-smi not found')
   return f'{listed}, TensorFlow\'s allocator peaked at {peak} MiB'
-
-
-def _positive_int(text: str) -> int:
-  if not text.isdigit() or int(text) < 1:
-    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of 1 or more')
-  return int(text)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m models.check_gpu',
-                                   description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--model', default=DEFAULT_MODEL_HANDLE,
-                      help='the model handle the job will use: a TF-Hub handle, a module or '
-                      'SavedModel directory, or builtin:pnasnet_large')
-  parser.add_argument('--checkpoint', default=None,
-                      help='the TF-Slim checkpoint prefix the job will use with a builtin: model')
-  parser.add_argument('--seed', type=int, default=0,
-                      help='seed of the untrained builtin weights, as the job would use it '
-                      '(without a checkpoint)')
-  parser.add_argument('--compute_dtype', choices=COMPUTE_DTYPES, default='float32',
-                      help='compute dtype of a builtin: model, as the job will use it '
-                      '(float16 or bfloat16 for mixed precision on GPUs)')
-  parser.add_argument('--batch_size', type=_positive_int, default=4,
-                      help='images in the one test batch run on the GPU (the job\'s '
-                      'max_batch_size shows whether its batches fit in GPU memory)')
-  parser.add_argument('--processes', type=_positive_int, default=os.cpu_count(),
-                      help='SDK processes to start, as Dataflow starts one per vCPU (one holds '
-                      'the model, the others decode)')
-  return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  try:  # a wrong model is the user's to fix (exit 2) whether or not this machine has a GPU
-    check_model_options(args.model, args.checkpoint, args.compute_dtype)
-    describe_model(args.model, args.checkpoint, args.seed)
-  except ModelLoadError as exc:
-    print(f'error: {exc}', file=sys.stderr)
-    return 2
-  try:
-    print(f'ok: {check_cuda_build()}')
-    for gpu in check_visible_gpus():
-      print(f'ok: sees {gpu}')
-    print('ok: ' + check_model_on('GPU', args.model, args.checkpoint, args.seed,
-                                  args.compute_dtype, args.batch_size))
-    for line in check_processes(args.processes, args.model, args.checkpoint, args.seed,
-                                args.compute_dtype, args.batch_size):
-      print(f'ok: {line}')
-  except CheckFailed as exc:
-    print(f'FAILED: {exc}', file=sys.stderr)
-    return 1
-  except ModelLoadError as exc:
-    print(f'error: {exc}', file=sys.stderr)
-    return 2
-  print('GPU self-check passed')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m commands VERB ...`: the same as `pnasnet-embeddings VERB ...`."""
+
+import sys
+
+from commands.cli import main
+
+sys.exit(main())

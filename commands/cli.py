@@ -1,0 +1,61 @@
+"""`pnasnet-embeddings VERB [flags]`: the one command. `--help` lists the verbs; `VERB --help`, the
+verb's flags with their defaults.
+
+Only the chosen verb's module is imported, so `--help` and a misspelt verb cost no TensorFlow or
+Beam import. A verb's `main(argv)` returns its result to Python callers; an int is its exit code
+(`runs`, `check-gpu`), anything else means done (0).
+"""
+
+import difflib
+import importlib
+import sys
+from typing import List, Optional
+
+from commands.common import DONE, PROGRAM, REFUSED
+
+# verb: (module, what it does, in one line)
+VERBS = {
+    'embed': ('commands.embed', 'embed images from files, folders, globs or manifests into a '
+              'run directory (the Beam pipeline)'),
+    'runs': ('commands.runs', 'list run directories: finished, failed or unfinished, with counts'),
+    'neighbours': ('commands.neighbours', 'the images nearest a query image, exactly or through '
+                   'an index'),
+    'duplicates': ('commands.duplicates', 'exact and near duplicates, as a CSV and a contact '
+                   'sheet'),
+    'index': ('commands.index', 'build an approximate-neighbour index over runs, or add newer '
+              'runs to it'),
+    'compact': ('commands.compact', 'consolidate many runs into one'),
+    'export': ('commands.export', 'put the collection into pgvector, Milvus, Qdrant or Vertex AI '
+               'files, and keep it equal'),
+    'browse': ('commands.browse', 'a local web page to search the collection and look at its '
+               'duplicates'),
+    'check-gpu': ('commands.check_gpu', 'check a worker container\'s GPU, model and process '
+                  'layout before paying for a GPU job'),
+    'export-model': ('commands.export_model', 'write the built-in network (seeded or from a '
+                     'TF-Slim checkpoint) as a TF1 Hub module or SavedModel'),
+}
+
+
+def usage() -> str:
+  width = max(map(len, VERBS))
+  lines = [f'usage: {PROGRAM} VERB [flags]   ({PROGRAM} VERB --help: the verb\'s flags)', '',
+           'PNASNet-5 image embeddings at scale with Apache Beam.', '', 'verbs:']
+  lines += [f'  {verb.ljust(width)}  {text}' for verb, (_, text) in VERBS.items()]
+  lines += ['', 'Exit codes: 0 done, 1 the job failed, 2 refused before any work, 3 finished with '
+            'too many failures, 130 interrupted.']
+  return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ('-h', '--help'):
+    print(usage(), file=sys.stdout if argv else sys.stderr)
+    return DONE if argv else REFUSED
+  verb, rest = argv[0], argv[1:]
+  if verb not in VERBS:
+    close = difflib.get_close_matches(verb, list(VERBS), n=1)
+    print(f'error: unknown verb {verb}' + (f'; did you mean {close[0]}?' if close else '') +
+          f' ({PROGRAM} --help lists the verbs)', file=sys.stderr)
+    return REFUSED
+  result = importlib.import_module(VERBS[verb][0]).main(rest)
+  return result if isinstance(result, int) and not isinstance(result, bool) else DONE

@@ -1,0 +1,99 @@
+"""`pnasnet-embeddings index build|add`: an approximate-neighbour index over runs (FAISS), built
+and extended by a Beam job (jobs/index_build.py); read by embeddings/neighbour_index.py.
+
+    pnasnet-embeddings index build --runs RUN_DIR_OR_GLOB... --output INDEX_DIR \
+        [--memory_budget 4GB] [--recall_target 0.95] [--model MODEL_ID] [Beam flags]
+    pnasnet-embeddings index add --index INDEX_DIR --runs NEW_RUNS... [--recall_drop 0.05]
+"""
+
+import os
+from typing import Optional, Sequence
+
+import storage
+from commands.common import exits, parse, parse_size, verb_parser
+from embeddings.neighbour_index import (DEFAULT_RECALL_TARGET, INDEX_FILE, TUNING_RERANK,
+                                        IndexDirectoryError, read_description)
+from storage.run_dirs import RUN_ERRORS, find_runs, select_model
+
+DEFAULT_MEMORY_BUDGET = '4GB'
+DEFAULT_RECALL_DROP = 0.05
+REFUSALS = RUN_ERRORS + (IndexDirectoryError,)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  parser = verb_parser('index', __doc__.split('\n\n')[0])
+  commands = parser.add_subparsers(dest='command', required=True)
+  build = commands.add_parser('build', help='a new index over runs', epilog=parser.epilog,
+                              formatter_class=parser.formatter_class)
+  build.add_argument('--runs', nargs='+', required=True,
+                     help='run directories or globs of them (local, gs://, s3://)')
+  build.add_argument('--output', required=True, help='the index directory to create (local)')
+  build.add_argument('--memory_budget', type=parse_size, default=DEFAULT_MEMORY_BUDGET,
+                     help='memory the index may take when searched')
+  build.add_argument('--recall_target', type=float, default=DEFAULT_RECALL_TARGET,
+                     help=f'a PQ plan searches the fewest lists (a power of two) giving this '
+                     f'recall@10 on the probes with {TUNING_RERANK} candidates re-ranked; '
+                     f'--nprobe overrides it at query time')
+  build.add_argument('--model', help='the model id to index when the runs hold several')
+  build.add_argument('--seed', type=int, default=0, help='samples and training')
+  add = commands.add_parser('add', help='add newer runs to an index, without retraining',
+                            epilog=parser.epilog, formatter_class=parser.formatter_class)
+  add.add_argument('--index', required=True, help='an index directory')
+  add.add_argument('--runs', nargs='+', required=True, help='the new run directories or globs')
+  add.add_argument('--recall_drop', type=float, default=DEFAULT_RECALL_DROP,
+                   help='say to rebuild when recall@10 on the build\'s probes falls more than '
+                   'this below the build\'s; it also says so when probes drawn from the added '
+                   'runs lie far from the trained lists, or the lists grow uneven')
+  args, beam_flags = parse(parser, argv)
+  from jobs import index_build  # Beam: once the flags are checked
+  if args.command == 'build':
+    if not 0 < args.recall_target <= 1:
+      build.error('--recall_target must be above 0 and at most 1')
+    with exits(refused=REFUSALS):
+      if storage.is_remote(args.output):
+        raise IndexDirectoryError(f'--output {args.output}: the index directory must be local')
+      if os.path.exists(os.path.join(args.output, INDEX_FILE)):
+        raise IndexDirectoryError(f'--output {args.output} already holds an index: use `add`, '
+                                  'or another directory')
+      runs = select_model(find_runs(args.runs), args.model)
+      description = index_build.build_index(runs, args.output, args.memory_budget, args.seed,
+                                            beam_flags, args.recall_target)
+  else:
+    if not 0 <= args.recall_drop <= 1:
+      add.error('--recall_drop must be between 0 and 1')
+    with exits(refused=REFUSALS):
+      description = index_build.add_runs(args.index, read_description(args.index),
+                                         find_runs(args.runs), args.recall_drop, beam_flags)
+  print(summary_line(description))
+  return description
+
+
+def summary_line(description: dict) -> str:
+  plan = description['plan']
+  build = description['build']
+  imbalance = (f', list imbalance {description["list_imbalance"]:.2f}'
+               if description.get('list_imbalance') else '')
+  text = (f'{description["directory"]}: {description["count"]} vectors of '
+          f'{description["model"]} from {len(description["runs"])} run(s); {plan["kind"]} '
+          f'({plan["factory"]}), {plan["bytes_per_vector"]} bytes a vector in memory; recall@10 '
+          f'on {description["probes"]} probe vectors: {description["probe_recall_at_10"]:.3f}'
+          f'{imbalance}')
+  if description.get('nprobe_curve'):
+    point = next(p for p in description['nprobe_curve'] if p['nprobe'] == plan['nprobe'])
+    text += (f'; nprobe {plan["nprobe"]} of {plan["lists"]} lists: recall@10 '
+             f'{point["reranked_recall_at_10"]:.3f} with re-rank of {TUNING_RERANK} (target '
+             f'{description["recall_target"]})')
+  last = description.get('last_add')
+  if last:
+    text += (f' (at build {build["probe_recall_at_10"]:.3f})\nadded {last["added"]} '
+             f'vector(s), removed {last["removed"]} that newer runs re-embedded, did not match '
+             f'or failed on; recall@10 on {last["added_probes"]} probe vectors of the added runs '
+             f'(among their vectors alone: lower the smaller their share of the index) '
+             f'{last["added_probe_recall_at_10"]:.3f}')
+    if last.get('added_probe_quantization_error') is not None:
+      text += (f', their quantization error {last["added_probe_quantization_error"]:.3f} '
+               f'(the build\'s probes\' {build["probe_quantization_error"]:.3f})')
+    if last['rebuild']:
+      text += (f'\n{"; ".join(last["rebuild"])}: rebuild the index '
+               f'(pnasnet-embeddings index build)')
+  return text
