@@ -3,25 +3,32 @@ modules or packages import each other, even through others."""
 
 import ast
 import os
+import re
 
 import pytest
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ('pnasnet', 'run_format', 'models', 'transforms', 'pipeline', 'embeddings', 'jobs')
-# What each package may import of the project at module level (itself always).
+# The floors, top first: what each package may import of the project at module level (itself
+# always). docs/architecture.md draws the same table (test_the_architecture_page_draws_this_table).
 MAY_IMPORT = {
-    'pnasnet': set(),
+    'commands': {'pipeline', 'jobs', 'embeddings', 'transforms', 'models', 'storage',
+                 'run_format', 'pnasnet'},
+    'jobs': {'pipeline', 'transforms', 'embeddings', 'storage', 'run_format'},
+    'pipeline': {'transforms', 'models', 'storage', 'run_format', 'pnasnet'},
+    'embeddings': {'storage', 'run_format'},
+    'transforms': {'models', 'storage', 'run_format', 'pnasnet'},
+    'models': {'storage', 'pnasnet'},
+    'storage': {'run_format'},
     'run_format': set(),
-    'models': {'pnasnet'},
-    'transforms': {'models', 'run_format', 'pnasnet'},
-    'pipeline': {'transforms', 'embeddings', 'models', 'run_format', 'pnasnet'},
-    'embeddings': {'run_format'},
-    'jobs': {'embeddings', 'run_format', 'pipeline'},  # pipeline.runners: the local runner
+    'pnasnet': set(),
 }
-# Imported inside functions only, where a command needs them (embedding a query image, checking
-# the flags it hands to Beam, running the Beam job over a collection).
-MAY_IMPORT_LAZILY = {'embeddings': {'models', 'transforms', 'pipeline', 'jobs'}}
-NO_BEAM = ('pnasnet', 'run_format', 'embeddings')
+PACKAGES = tuple(MAY_IMPORT)
+# Imported inside functions only, by one module: embedding a query image with the runs' model.
+MAY_IMPORT_LAZILY = {'embeddings/query.py': {'models', 'transforms'}}
+# No Beam at module level (a command's --help, the reading library, the network).
+NO_BEAM = ('commands', 'embeddings', 'storage', 'run_format', 'pnasnet')
+# No Beam even lazily: the reading library reaches storage through storage/ alone.
+NEVER_BEAM = {'embeddings': {'embeddings/query.py'}}  # package: the modules excepted
 
 
 def _imports(path: str):
@@ -51,7 +58,8 @@ def test_no_import_runs_back_up(package):
     for name, module_level in _imports(path):
       if name not in PACKAGES or name == package:
         continue
-      allowed = MAY_IMPORT[package] | (set() if module_level else MAY_IMPORT_LAZILY.get(package, set()))
+      lazily = MAY_IMPORT_LAZILY.get(os.path.relpath(path, PROJECT), set())
+      allowed = MAY_IMPORT[package] | (set() if module_level else lazily)
       if name not in allowed:
         wrong.append(f'{os.path.relpath(path, PROJECT)} imports {name}')
   assert not wrong
@@ -61,6 +69,29 @@ def test_no_import_runs_back_up(package):
 def test_packages_that_must_not_need_beam_do_not_import_it(package):
   assert not [path for path in _sources(package) for name, module_level in _imports(path)
               if name == 'apache_beam' and module_level]
+
+
+@pytest.mark.parametrize('package', sorted(NEVER_BEAM))
+def test_the_reading_library_imports_beam_nowhere_but_where_it_embeds(package):
+  excepted = NEVER_BEAM[package]
+  assert not [path for path in _sources(package) for name, _ in _imports(path)
+              if name == 'apache_beam' and os.path.relpath(path, PROJECT) not in excepted]
+
+
+def test_the_architecture_page_draws_this_table():
+  """docs/architecture.md's arrows, `name/ ──> a/ b/; lazily, in FILE only: c/ d/`, are this
+  test's tables."""
+  page = open(os.path.join(PROJECT, 'docs', 'architecture.md')).read()
+  drawn, lazily = {}, {}
+  for match in re.finditer(r'^(\w+)/ +──> (.*)$', page, re.M):
+    eager, _, lazy = match[2].partition('; lazily, in ')
+    drawn[match[1]] = set(re.findall(r'(\w+)/', eager))
+    if lazy:
+      where, _, names = lazy.partition(' only: ')
+      lazily[where] = set(re.findall(r'(\w+)/', names))
+  assert drawn == MAY_IMPORT
+  assert lazily == MAY_IMPORT_LAZILY
+  assert list(drawn) == list(MAY_IMPORT), 'the page draws the floors top first'
 
 
 def _module_name(path: str) -> str:
