@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.launcher import run
 from run_format import (CLAIM_FILE, EMBEDDED, INDEX_SCHEMA, SKIPPED, SUMMARY_FILE, RunSummary)
-from transforms.listing import stat
+from transforms.listing import stat_object
 
 TINY = '--model=builtin:pnasnet_tiny'
 
@@ -38,7 +38,7 @@ def _collection(folder: str, count: int):
   for number in range(count):
     with open(os.path.join(folder, f'img{number:07d}.jpg'), 'wb') as f:
       f.write(b'not decoded: every night skips it' + str(number).encode())
-  return [stat(os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
+  return [stat_object(os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
 
 
 def _write_night(path: str, refs, template: RunSummary, night: int, earlier: list) -> None:

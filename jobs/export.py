@@ -21,10 +21,11 @@ counts and, for pgvector's first load, a sample; a worker holds one URI's rows, 
 rows and wanted URIs.
 """
 
+import importlib
 import json
 import logging
 import time
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -36,8 +37,9 @@ from embeddings.shards import read_shard
 from jobs import work_folder
 from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
 from jobs.export_target import (IN_PROGRESS, METRICS_NAMESPACE, BatchFailed, ExportRow,
-                                ExportState, Target, TargetError, now, parse_name)
+                                ExportState, Target, TargetError)
 from pipeline.runners import default_runner
+from run_format import utc_now
 
 _LOG = logging.getLogger(__name__)
 DELETE_BATCH = 1000
@@ -54,7 +56,7 @@ def check_options(beam_flags: Sequence[str]) -> None:
   work_folder.check_options(beam_flags, 'the plan\'s change lists')
 
 
-class Plan(NamedTuple):
+class ExportPlan(NamedTuple):
   """The plan pipeline's counts; the change lists are files in its folder."""
   writes: int  # rows the collection's vector replaces or adds
   deletes: int  # URIs the target holds and the collection no longer does
@@ -69,7 +71,7 @@ class ShardWrites(NamedTuple):
   uris: List[str]
 
 
-class _Plan(beam.DoFn):
+class _PlanChanges(beam.DoFn):
   """(uri, (its source run or None, [the run the target holds it from])) -> (source run, uri) to
   write, or its URI (tag 'delete'); unchanged rows are counted only."""
 
@@ -112,12 +114,14 @@ class _PlanLines(beam.DoFn):
       yield beam.pvalue.TaggedOutput(kind, tuple(value) if kind == ROW else value)
 
 
-def plan(runs: Sequence[Run], target: Target, folder: str, options: PipelineOptions) -> Plan:
+def plan(runs: Sequence[Run], target: Target, folder: str,
+         options: PipelineOptions) -> ExportPlan:
   """Runs the plan pipeline: its change lists into `folder`, its counts returned."""
   pipeline = beam.Pipeline(runner=default_runner(options), options=options)
   current = pipeline | 'CurrentRows' >> target.current_rows_transform()
   decided = pipeline | 'Sources' >> CollectionSources(runs, beside=current)
-  planned = decided.beside | 'Plan' >> beam.ParDo(_Plan()).with_outputs('delete', main='write')
+  planned = decided.beside | 'Plan' >> beam.ParDo(_PlanChanges()).with_outputs(
+      'delete', main='write')
   shard_paths = {run.path: run.shard_paths() for run in runs}
   lines = [planned.write
            | 'Locate' >> LocateInShards(shard_paths)
@@ -134,8 +138,8 @@ def plan(runs: Sequence[Run], target: Target, folder: str, options: PipelineOpti
   result = pipeline.run()
   result.wait_until_finish()
   warn_of_gaps(result)
-  return Plan(*(work_folder.counter(result, name, PLAN_NAMESPACE)
-                for name in ('writes', 'deletes', 'unchanged', 'rows')))
+  return ExportPlan(*(work_folder.counter(result, name, PLAN_NAMESPACE)
+                      for name in ('writes', 'deletes', 'unchanged', 'rows')))
 
 
 class _ReadRows(beam.DoFn):
@@ -216,8 +220,8 @@ def export(runs: Sequence[Run], target: Target, beam_flags: Sequence[str]) -> Ex
                           None)
     last_complete = (previous.last_complete if unfinished else
                      previous.describe() if previous is not None else None)
-    state = ExportState(IN_PROGRESS, tuple(run.path for run in runs), changes.rows, now(), None,
-                        last_complete)
+    state = ExportState(IN_PROGRESS, tuple(run.path for run in runs), changes.rows, utc_now(),
+                        None, last_complete)
     target.begin(runs[0].model, runs[0].embedding_size, state, _sample(folder))
     try:
       _apply(target, folder, {run.path: run.model for run in runs}, options)
@@ -230,7 +234,7 @@ def export(runs: Sequence[Run], target: Target, beam_flags: Sequence[str]) -> Ex
           f'to finish') from exc
   finally:
     work_folder.remove(folder, local)
-  finished = state._replace(finished_at=now())
+  finished = state._replace(finished_at=utc_now())
   target.finish(finished)
   return ExportReport(changes.writes, changes.deletes, changes.unchanged, changes.rows,
                       time.perf_counter() - start, finished)
@@ -281,57 +285,25 @@ FORMS = ('postgresql://USER@HOST:PORT/DB?table=NAME', 'milvus://HOST:PORT/COLLEC
          'qdrant-local:DIRECTORY?collection=NAME', 'vertex:FOLDER (gs://, s3:// or local)')
 
 
-def _path_and_collection(rest: str, scheme: str) -> Tuple[str, str]:
-  import urllib.parse
-  path, _, query = rest.partition('?')
-  names = urllib.parse.parse_qs(query).get('collection', [])
-  if not path or len(names) != 1:
-    raise TargetError(f'--to {scheme}:{rest}: give a path and one collection, as '
-                      f'{scheme}:PATH?collection=NAME')
-  return path, parse_name(names[0], 'collection')
-
-
-def _host_port_name(url, default_port: int, text: str) -> Tuple[str, int, str]:
-  try:
-    port = url.port or default_port
-  except ValueError as exc:
-    raise TargetError(f'--to {text}: {exc}') from exc
-  if not url.hostname:
-    raise TargetError(f'--to {text}: no host')
-  return url.hostname, port, parse_name(url.path.strip('/'), 'collection')
+# --to's scheme -> the module and class of its target, imported only when named (a pgvector
+# export needs no pymilvus).
+_TARGETS = {
+    'postgresql': ('jobs.export_pgvector', 'PgvectorTarget'),
+    'postgres': ('jobs.export_pgvector', 'PgvectorTarget'),
+    'milvus': ('jobs.export_milvus', 'MilvusTarget'),
+    'milvus-lite': ('jobs.export_milvus', 'MilvusTarget'),
+    'qdrant': ('jobs.export_qdrant', 'QdrantTarget'),
+    'qdrant-local': ('jobs.export_qdrant', 'QdrantTarget'),
+    'vertex': ('jobs.export_vertex', 'VertexTarget'),
+}
 
 
 def open_target(text: str, batch_size: int = 0) -> Target:
-  """The target `--to` names (not yet contacted); TargetError if it names none."""
-  import urllib.parse
-  scheme, colon, rest = text.partition(':')
-  scheme = scheme.lower()
-  if not colon:
-    scheme = ''
-  if scheme in ('postgresql', 'postgres'):
-    from jobs.export_pgvector import PgvectorTarget
-    return PgvectorTarget.from_url(text, batch_size)
-  if scheme == 'milvus':
-    from jobs.export_milvus import MilvusTarget
-    host, port, name = _host_port_name(urllib.parse.urlsplit(text), 19530, text)
-    return MilvusTarget(text, f'http://{host}:{port}', name, batch_size)
-  if scheme == 'milvus-lite':
-    from jobs.export_milvus import MilvusTarget
-    path, name = _path_and_collection(rest, scheme)
-    if not path.endswith('.db'):
-      raise TargetError(f'--to {text}: a Milvus Lite file name ends in .db')
-    return MilvusTarget(text, path, name, batch_size)
-  if scheme == 'qdrant':
-    from jobs.export_qdrant import QdrantTarget
-    host, port, name = _host_port_name(urllib.parse.urlsplit(text), 6333, text)
-    return QdrantTarget(text, name, batch_size, host=host, port=port)
-  if scheme == 'qdrant-local':
-    from jobs.export_qdrant import QdrantTarget
-    path, name = _path_and_collection(rest, scheme)
-    return QdrantTarget(text, name, batch_size, path=path)
-  if scheme == 'vertex':
-    from jobs.export_vertex import VertexTarget
-    if not rest:
-      raise TargetError('--to vertex: give the folder, as vertex:gs://BUCKET/FOLDER')
-    return VertexTarget(text, rest.rstrip('/'), batch_size)
-  raise TargetError(f'--to {text}: not a target; use one of ' + ', '.join(FORMS))
+  """The target `--to` names (not yet contacted), parsed by its class; TargetError if it names
+  none."""
+  scheme, colon, _ = text.partition(':')
+  found = _TARGETS.get(scheme.lower()) if colon else None
+  if found is None:
+    raise TargetError(f'--to {text}: not a target; use one of ' + ', '.join(FORMS))
+  module, name = found
+  return getattr(importlib.import_module(module), name).from_url(text, batch_size)

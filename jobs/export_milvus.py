@@ -13,7 +13,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import apache_beam as beam
 
 from jobs.export_target import (COMPLETE, METRICS_NAMESPACE, DeleteBatches, ExportState, Target,
-                                TargetError, embeddable_item)
+                                TargetError, embeddable_item, host_port_collection,
+                                path_and_collection, scheme_and_rest)
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 200  # rows of 4320 Python floats: about 20 MB a batch
@@ -28,6 +29,17 @@ class MilvusTarget(Target):
     self.uri = uri  # http://HOST:PORT, or the Milvus Lite file
     self.collection = collection
     self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+
+  @classmethod
+  def from_url(cls, text: str, batch_size: int = 0) -> 'MilvusTarget':
+    """milvus://HOST:PORT/COLLECTION, or milvus-lite:FILE.db?collection=NAME."""
+    if scheme_and_rest(text)[0] == 'milvus-lite':
+      path, name = path_and_collection(text)
+      if not path.endswith('.db'):
+        raise TargetError(f'--to {text}: a Milvus Lite file name ends in .db')
+      return cls(text, path, name, batch_size)
+    host, port, name = host_port_collection(text, 19530)
+    return cls(text, f'http://{host}:{port}', name, batch_size)
 
   @contextlib.contextmanager
   def client(self):

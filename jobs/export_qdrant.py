@@ -16,7 +16,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import apache_beam as beam
 
 from jobs.export_target import (COMPLETE, DeleteBatches, ExportState, Target, TargetError,
-                                embeddable_item)
+                                embeddable_item, host_port_collection, path_and_collection,
+                                scheme_and_rest)
 
 DEFAULT_BATCH_SIZE = 256
 VECTOR = 'dense'  # the named vector Beam's writer fills
@@ -36,6 +37,15 @@ class QdrantTarget(Target):
     self.collection = collection
     self.batch_size = batch_size or DEFAULT_BATCH_SIZE
     self.host, self.port, self.path = host, port, path
+
+  @classmethod
+  def from_url(cls, text: str, batch_size: int = 0) -> 'QdrantTarget':
+    """qdrant://HOST:PORT/COLLECTION, or qdrant-local:DIRECTORY?collection=NAME."""
+    if scheme_and_rest(text)[0] == 'qdrant-local':
+      path, name = path_and_collection(text)
+      return cls(text, name, batch_size, path=path)
+    host, port, name = host_port_collection(text, 6333)
+    return cls(text, name, batch_size, host=host, port=port)
 
   @contextlib.contextmanager
   def client(self):

@@ -1,6 +1,6 @@
 """What every export target shares: the row it receives, the export's state it keeps and retries
-(one module per kind: export_pgvector.py, export_milvus.py, export_qdrant.py, export_vertex.py;
-jobs/export.py parses `--to` into one).
+(one module per kind, whose target parses its own `--to`: export_pgvector.py, export_milvus.py,
+export_qdrant.py, export_vertex.py; jobs/export.py picks one by the URL's scheme).
 
 A target keeps, beside the vectors, a small record of the export itself (`ExportState`): the
 model and dimension it holds, and whether the last export finished. The export writes it
@@ -8,10 +8,10 @@ model and dimension it holds, and whether the last export finished. The export w
 by the next one, and its message can name the last complete state.
 """
 
-import datetime
 import json
 import logging
 import time
+import urllib.parse
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, TypeVar
 
 import apache_beam as beam
@@ -66,10 +66,6 @@ class ExportState(NamedTuple):
     when = self.finished_at or self.started_at
     return (f'{self.status} export of {when} ({self.rows} rows from {len(self.runs)} run(s): '
             f'{", ".join(self.runs)})')
-
-
-def now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 
 def with_retries(action: Callable[[], T], what: str, retry_on: Tuple[type, ...] = (Exception,),
@@ -160,6 +156,35 @@ def parse_name(text: str, what: str) -> str:
     raise TargetError(f'--to: {what} {text!r} must be letters, digits and _ (at most 48, not '
                       f'starting with a digit)')
   return text
+
+
+def scheme_and_rest(text: str) -> Tuple[str, str]:
+  """`--to`'s scheme, in lower case, and what follows its colon."""
+  scheme, _, rest = text.partition(':')
+  return scheme.lower(), rest
+
+
+def path_and_collection(text: str) -> Tuple[str, str]:
+  """SCHEME:PATH?collection=NAME (a local file or folder) -> PATH, NAME."""
+  scheme, rest = scheme_and_rest(text)
+  path, _, query = rest.partition('?')
+  names = urllib.parse.parse_qs(query).get('collection', [])
+  if not path or len(names) != 1:
+    raise TargetError(f'--to {scheme}:{rest}: give a path and one collection, as '
+                      f'{scheme}:PATH?collection=NAME')
+  return path, parse_name(names[0], 'collection')
+
+
+def host_port_collection(text: str, default_port: int) -> Tuple[str, int, str]:
+  """SCHEME://HOST[:PORT]/COLLECTION (a server) -> HOST, PORT, COLLECTION."""
+  url = urllib.parse.urlsplit(text)
+  try:
+    port = url.port or default_port
+  except ValueError as exc:
+    raise TargetError(f'--to {text}: {exc}') from exc
+  if not url.hostname:
+    raise TargetError(f'--to {text}: no host')
+  return url.hostname, port, parse_name(url.path.strip('/'), 'collection')
 
 
 class DeleteBatches(beam.DoFn):

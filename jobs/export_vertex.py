@@ -24,7 +24,7 @@ import apache_beam as beam
 
 import storage
 from jobs.export_target import (COMPLETE, IN_PROGRESS, ExportRow, ExportState, Target,
-                                TargetError)
+                                TargetError, scheme_and_rest)
 
 _STATE = re.compile(r'state-(\d{8}T\d{12}Z)\.parquet$')
 _ROWS = 'rows'  # the state file's metadata key: its rows' glob in the folder, when not in it
@@ -52,6 +52,14 @@ class VertexTarget(Target):
     self.name = name
     self.folder = folder
     self.export_folder: Optional[str] = None  # set by begin
+
+  @classmethod
+  def from_url(cls, text: str, batch_size: int = 0) -> 'VertexTarget':
+    """vertex:FOLDER, the folder gs://, s3:// or local."""
+    folder = scheme_and_rest(text)[1]
+    if not folder:
+      raise TargetError('--to vertex: give the folder, as vertex:gs://BUCKET/FOLDER')
+    return cls(text, folder.rstrip('/'), batch_size)
 
   def _states(self) -> List[str]:
     return sorted(f.path for f in storage.match(storage.join(self.folder, 'state-*.parquet'))

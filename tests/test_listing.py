@@ -23,6 +23,7 @@ from pipeline.options import EmbeddingOptions
 from tests.fault_proxy import FaultProxy, FaultRule
 from tests.synthetic_bucket import SyntheticBuckets, SyntheticNames
 from tests.outputs import read_failures as _read_failures
+from transforms.listing import is_run_file
 from transforms.read import CHECK_PAGES, MatchFiles, match_input
 
 TINY = '--model=builtin:pnasnet_tiny'
@@ -147,6 +148,14 @@ def test_runs_never_read_their_own_or_other_runs_outputs(image_folder, tmp_path,
   said = [r.getMessage() for r in caplog.records if 'a run directory of this tool' in
           r.getMessage()]
   assert said and len(said) == len(set(said))
+
+
+def test_a_run_of_more_than_99999_shards_is_still_a_run():
+  """Beam numbers shards with at least five digits: a sixth one is still a run's file."""
+  assert is_run_file('/photos/night1/embeddings-100000-of-123456.tfrecord.gz')
+  assert is_run_file('/photos/night1/index-000007-of-100000.parquet')
+  assert is_run_file('/photos/night1/embeddings-00001-of-00002.parquet')
+  assert not is_run_file('/photos/index-01.jpg')
 
 
 def test_a_manifest_that_is_not_utf8(image_folder, tmp_path):

@@ -38,9 +38,7 @@ from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 import storage
-from run_format import (CLAIM_FILE, EMBEDDINGS_PREFIX, FAILURES_PREFIX, FAILURES_SUFFIX,
-                        INDEX_PREFIX, PARQUET_SUFFIX, SUMMARY_FILE, TEMP_FOLDERS,
-                        TFRECORD_SUFFIXES)
+from run_format import TEMP_FOLDERS, run_file_name
 from run_format.patterns import first_glob, has_glob, unescape
 
 PAGE_SIZE = 1000
@@ -51,13 +49,9 @@ PIECE_PAGES = 100
 FIRST_CUT_DIVISOR = 10  # a whole prefix (no piece cut yet) is cut after 10 pages
 CUT_WAYS = 16
 PAGE_ATTEMPTS = 3
-# Names this tool writes into a run directory (run_format's shard names: prefix, Beam's
-# -SSSSS-of-NNNNN, suffix) and its sinks' temporary folders: never images.
-_RUN_FILE = re.compile(
-    '|'.join(re.escape(name) for name in (CLAIM_FILE, SUMMARY_FILE)) + '|(?:' +
-    '|'.join(re.escape(prefix) for prefix in (EMBEDDINGS_PREFIX, FAILURES_PREFIX, INDEX_PREFIX)) +
-    r')-\d{5}-of-\d{5}(?:' + '|'.join(re.escape(suffix) for suffix in (
-        TFRECORD_SUFFIXES + (PARQUET_SUFFIX, FAILURES_SUFFIX))) + ')')
+# Names this tool writes into a run directory (run_format's) and its sinks' temporary folders:
+# never images.
+_RUN_FILE = run_file_name()
 _RUN_TEMP_FOLDER = TEMP_FOLDERS.rstrip('*')
 _EXTENSION_ALIASES = ({'jpg', 'jpeg'}, {'tif', 'tiff'})
 _EXTENSION = re.compile(r'\.([A-Za-z0-9]+)$')
@@ -441,9 +435,9 @@ class Listed(NamedTuple):
   bad_names: List[str] = []
 
 
-def escaped(uri: str) -> Optional[str]:
-  """None for a UTF-8 name; else the name with its undecodable bytes as \\xNN (local file names
-  are bytes: Python keeps the ones that are not UTF-8 as lone surrogates)."""
+def name_if_undecodable(uri: str) -> Optional[str]:
+  """The name with its undecodable bytes as \\xNN, to show in messages; None for a UTF-8 name
+  (local file names are bytes: Python keeps the ones that are not UTF-8 as lone surrogates)."""
   try:
     uri.encode('utf-8')
     return None
@@ -465,8 +459,9 @@ def _keep(listing: Listing, page: Page, regex: 're.Pattern', excludes,
     if is_run_file(ref.uri):
       run_files.append(ref.uri)
     elif not any(e.fullmatch(ref.uri) for e in excludes):
-      if escaped(ref.uri):
-        bad_names.append(escaped(ref.uri))
+      undecodable = name_if_undecodable(ref.uri)
+      if undecodable:
+        bad_names.append(undecodable)
       else:
         refs.append(ref)
   pieces = []
@@ -477,8 +472,9 @@ def _keep(listing: Listing, page: Page, regex: 're.Pattern', excludes,
           any(e.fullmatch(prefix.rstrip('/')) for e in excludes) or \
           prefix.rstrip('/').rsplit('/', 1)[-1].startswith(_RUN_TEMP_FOLDER):
         continue
-      if escaped(prefix):
-        bad_names.append(escaped(prefix))
+      undecodable = name_if_undecodable(prefix)
+      if undecodable:
+        bad_names.append(undecodable)
       else:
         pieces.append(listing._replace(prefix=prefix, levels=levels, by_level=levels is not None,
                                        after=None, upto=None))
@@ -581,7 +577,7 @@ def list_piece(listing: Listing) -> Iterator[Listed]:
       time.sleep(0.5 * failures)
 
 
-def stat(uri: str) -> Optional[FileRef]:
+def stat_object(uri: str) -> Optional[FileRef]:
   """One request: the file's FileRef, or None when nothing (or a folder) is there."""
   return store_for(uri).stat(uri)
 

@@ -34,7 +34,7 @@ import storage
 from transforms.failures import FAILURES_TAG, READ, Failure
 from transforms.listing import (PIECE_PAGES, FileRef, Listed, UnlistableError, exclude_regexes,
                                 list_piece, list_sequentially, plan_listing,
-                                read_object, say_once, stat, unlistable)
+                                read_object, say_once, stat_object, unlistable)
 from transforms.manifests import (CSV, Inventory, check_inventory, csv_rows, inventory,
                                   row_object, suffix_kind, wanted_columns)
 from run_format.patterns import unescape
@@ -83,7 +83,7 @@ def normalize_input(pattern: str) -> str:
 def _literal_file(pattern: str) -> Optional[FileRef]:
   """The file a pattern names exactly, if any: one request."""
   try:
-    return stat(unescape(pattern))
+    return stat_object(unescape(pattern))
   except Exception:  # an unlistable bucket is reported by the listing that follows
     return None
 
@@ -326,7 +326,7 @@ class _StatUri(beam.DoFn):
 
   def process(self, uri: str):
     try:
-      ref = stat(uri)
+      ref = stat_object(uri)
       if ref is None:
         raise FileNotFoundError(f'{uri} does not exist')
       yield ref
