@@ -22,6 +22,7 @@ import resource
 import time
 
 import embeddings
+from commands.common import parse_size
 from embeddings import duplicate_groups, duplicates
 from embeddings.similarity import unit_rows
 from jobs import cluster_dedup
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
   print(f'estimated (duplicates --method auto): all pairs '
         f'{duplicates.estimated_seconds("all_pairs", rows, dimension):.1f} s, clusters '
         f'{duplicates.estimated_seconds("clusters", rows, dimension):.1f} s; auto takes '
-        f'{duplicates.choose_method("auto", rows, dimension, duplicates.parse_bytes("4GB"))} '
+        f'{duplicates.choose_method("auto", rows, dimension, parse_size("4GB"))} '
         f'(all pairs faster below {duplicates.all_pairs_faster_below(dimension)} images)')
   start = time.perf_counter()
   groups, stats = cluster_dedup.find_groups(runs, args.threshold, max_visits=args.max_visits)

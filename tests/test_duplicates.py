@@ -13,6 +13,7 @@ import embeddings
 from benchmarks import synthetic_collection
 from benchmarks.synthetic_collection import write_synthetic_run
 from commands import duplicates as duplicates_command
+from commands.common import parse_size
 from embeddings import duplicate_groups, duplicates, sheet
 from embeddings.similarity import unit_rows
 from jobs import cluster_dedup
@@ -67,13 +68,13 @@ def test_clustering_gives_the_groups_all_pairs_gives(planted_runs, tmp_path, mon
 def test_auto_takes_clustering_where_it_is_faster_though_all_pairs_fits():
   """At 100,000 4320-d images all pairs fits 4GB but took 375 s against clustering's 97 s; the
   estimates follow benchmarks/bench_duplicates.py's times at 10,000 and 20,000 (26.11)."""
-  budget = duplicates.parse_bytes('4GB')
+  budget = parse_size('4GB')
   assert duplicates.all_pairs_bytes(100_000, 4320) <= budget
   assert duplicates.choose_method('auto', 100_000, 4320, budget) == 'clusters'
   assert duplicates.choose_method('auto', 10_000, 4320, budget) == 'all_pairs'  # 28.5 s, 90.3 s
   assert duplicates.choose_method('auto', 20_000, 4320, budget) == 'clusters'  # 128.9 s, 99.1 s
   assert 10_000 < duplicates.all_pairs_faster_below(4320) < 20_000
-  assert duplicates.choose_method('auto', 5_000, 4320, duplicates.parse_bytes('100MB')) == (
+  assert duplicates.choose_method('auto', 5_000, 4320, parse_size('100MB')) == (
       'clusters')  # memory first
   assert duplicates.choose_method('all_pairs', 100_000, 4320, budget) == 'all_pairs'
 
@@ -100,7 +101,7 @@ def test_the_visits_reach_every_cell_a_near_pair_can_straddle():
 
 def test_missing_csv_folder_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
   write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
-  monkeypatch.setattr(duplicates, 'find_runs', lambda _: pytest.fail('read the runs first'))
+  monkeypatch.setattr(duplicates_command, 'find_runs', lambda _: pytest.fail('read the runs first'))
   with pytest.raises(SystemExit) as exit_info:
     duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'missing/x.csv')])
   assert exit_info.value.code == 2

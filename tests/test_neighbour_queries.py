@@ -192,7 +192,7 @@ def test_a_sheet_into_a_missing_folder_is_refused_before_the_search(tmp_path, mo
                                                                     capsys):
   run = str(tmp_path / 'run')
   write_run(run, rows(['a.jpg', 'b.jpg'], 8, seed=0))
-  monkeypatch.setattr(neighbours, 'find_runs', lambda _: pytest.fail('read the runs first'))
+  monkeypatch.setattr(neighbours_command, 'find_runs', lambda _: pytest.fail('read the runs first'))
   with pytest.raises(SystemExit) as refused:
     neighbours_command.main(['--runs', run, '--query', 'a.jpg', '--sheet',
                      str(tmp_path / 'missing' / 'n.png')])
