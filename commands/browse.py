@@ -5,6 +5,7 @@ URI or a click, and look at its duplicate groups (embeddings/browse.py).
         [--duplicates dups.csv] [--port 8000] [--k 24] [--model MODEL_ID] [Beam flags]
 """
 
+import argparse
 import sys
 from typing import Optional, Sequence
 
@@ -15,7 +16,7 @@ from embeddings.neighbour_index import NeighbourIndex
 from storage.run_dirs import RUN_ERRORS, find_runs, select_model
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('browse', __doc__.split('\n\n')[0], FILESYSTEM_EPILOG)
   add_runs_flags(parser)
   parser.add_argument('--index', help='an index directory (pnasnet-embeddings index build) of '
@@ -25,6 +26,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--port', type=int, default=8000,
                       help=f'port on {HOST} (0: any free port, printed)')
   parser.add_argument('--k', type=int, default=DEFAULT_K, help='neighbours shown per query')
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = build_parser()
   args, _ = parse(parser, argv)
   if args.k < 1:
     parser.error('--k must be at least 1')

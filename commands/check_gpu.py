@@ -24,7 +24,7 @@ def _positive_int(text: str) -> int:
   return int(text)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
   from models.handles import COMPUTE_DTYPES, DEFAULT_MODEL_HANDLE
   parser = verb_parser('check-gpu', __doc__.split('\n\n')[0], epilog=None)
   parser.add_argument('--model', default=DEFAULT_MODEL_HANDLE,
@@ -44,11 +44,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--processes', type=_positive_int, default=os.cpu_count(),
                       help='SDK processes to start, as Dataflow starts one per vCPU (one holds '
                       'the model, the others decode)')
-  return parser.parse_args(argv)
+  return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = parse_args(argv)
+  args = build_parser().parse_args(argv)
   from models.description import check_model_options, describe_model
   from models.handles import ModelLoadError
   from pipeline import gpu_check  # TensorFlow: once the flags are read

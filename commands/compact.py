@@ -10,6 +10,7 @@ Exit 0 done, 2 refused before any work (no runs, an output that holds a run, a r
 among --runs), 1 the job failed.
 """
 
+import argparse
 import json
 from typing import Optional, Sequence
 
@@ -17,7 +18,7 @@ from commands.common import exits, parse, verb_parser
 from storage.run_dirs import RUN_ERRORS
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('compact', __doc__.split('\n\n')[0])
   parser.add_argument('--runs', nargs='+', required=True,
                       help='run directories or globs of them (local, gs://, s3://)')
@@ -28,6 +29,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       help='output shards (0: one per 100,000 rows of the newest index)')
   parser.add_argument('--allow_concurrent', action='store_true',
                       help='compact even while a run among --runs is still going')
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  parser = build_parser()
   args, beam_flags = parse(parser, argv)
   output = args.output.rstrip('/')
   from jobs import compact  # Beam: once the flags are checked

@@ -7,6 +7,7 @@ jobs/cluster_dedup.py).
         [--memory_budget 4GB] [Beam flags]
 """
 
+import argparse
 import logging
 from typing import List, Optional, Sequence
 
@@ -21,7 +22,7 @@ from storage.run_dirs import RUN_ERRORS, find_runs, select_model
 _LOG = logging.getLogger(__name__)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
+def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('duplicates', __doc__.split('\n\n')[0])
   add_runs_flags(parser)
   parser.add_argument('--csv', required=True, help='write the groups here (a local file)')
@@ -39,6 +40,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
   parser.add_argument('--memory_budget', type=parse_size, default='4GB',
                       help='memory all pairs may use (vectors and their unit copy, 8 bytes per '
                       'dimension per image), for --method auto')
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
+  parser = build_parser()
   args, beam_flags = parse(parser, argv)
   problems = [p for p in (sheet.output_problem('--csv', args.csv),
                           sheet.output_problem('--sheet', args.sheet),

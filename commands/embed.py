@@ -60,20 +60,17 @@ def _quiet_unraisable(hook):
   return unraisable
 
 
-def print_help(show_beam_options: bool) -> None:
-  """This project's flags; Beam's many options only with --help_beam."""
-  if show_beam_options:
-    parser = all_flags_parser(VERB)
-  else:
-    parser = argparse.ArgumentParser(
-        prog=VERB, add_help=False, formatter_class=HelpWithDefaults, description=(
-            'Embeds images with PNASNet-5. Beam\'s own options (--runner, --project, --region, '
-            f'--temp_location, ...) pass through: {VERB} --help_beam lists them.'))
-    EmbeddingOptions._add_argparse_args(parser)  # pylint: disable=protected-access
-    parser.add_argument(JSON_FLAG, action='store_true',
-                        help=f'print the whole run summary (the run directory\'s {SUMMARY_FILE}) '
-                        'as JSON instead of one line')
-  parser.print_help()
+def build_parser() -> argparse.ArgumentParser:
+  """The embedding job's own flags and --json; Beam's many options are listed by --help_beam."""
+  parser = argparse.ArgumentParser(
+      prog=VERB, add_help=False, formatter_class=HelpWithDefaults, description=(
+          'Embeds images with PNASNet-5. Beam\'s own options (--runner, --project, --region, '
+          f'--temp_location, ...) pass through: {VERB} --help_beam lists them.'))
+  EmbeddingOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  parser.add_argument(JSON_FLAG, action='store_true',
+                      help=f'print the whole run summary (the run directory\'s {SUMMARY_FILE}) as '
+                      'JSON instead of one line')
+  return parser
 
 
 def summary_line(summary: Dict) -> str:
@@ -95,7 +92,7 @@ def _terminate(signum, frame):
 def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
   argv = list(sys.argv[1:] if argv is None else argv)
   if '-h' in argv or '--help' in argv or '--help_beam' in argv:
-    print_help('--help_beam' in argv)
+    (all_flags_parser(VERB) if '--help_beam' in argv else build_parser()).print_help()
     return None
   as_json = JSON_FLAG in argv
   argv = [arg for arg in argv if arg != JSON_FLAG]

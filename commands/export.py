@@ -12,13 +12,14 @@ A target that cannot be used is refused before any work (exit 2); an export that
 says what the target holds (exit 1).
 """
 
+import argparse
 from typing import Optional, Sequence
 
 from commands.common import BEAM_EPILOG, exits, parse, verb_parser
 from storage.run_dirs import RUN_ERRORS, find_runs, select_model
 
 
-def main(argv: Optional[Sequence[str]] = None):
+def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('export', __doc__.split('\n\n')[0], BEAM_EPILOG + ' A PostgreSQL '
                        'password comes from PGPASSWORD or ~/.pgpass, as for psql.')
   parser.add_argument('--runs', nargs='+', required=True,
@@ -27,6 +28,11 @@ def main(argv: Optional[Sequence[str]] = None):
   parser.add_argument('--model', help='the model id to export when the runs hold several')
   parser.add_argument('--batch_size', type=int, default=0,
                       help='rows a write sends at once (0: the target\'s own)')
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None):
+  parser = build_parser()
   args, beam_flags = parse(parser, argv)
   if args.batch_size < 0:
     parser.error('--batch_size must be positive')

@@ -6,13 +6,14 @@ checkpoint or from seeded untrained weights (labelled as such).
         --output /tmp/pnasnet_large_hub [--checkpoint pnasnet-5_large_2017_12_13/model.ckpt]
 """
 
+import argparse
 import logging
 from typing import Optional, Sequence
 
 from commands.common import verb_parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
   from pnasnet import CONFIGS
   from pnasnet.export import EXPORTERS
   parser = verb_parser('export-model', __doc__.split('\n\n')[0], epilog=None)
@@ -24,10 +25,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--checkpoint',
                       help='TF-Slim checkpoint prefix (default: seeded untrained weights)')
   parser.add_argument('--seed', type=int, default=0, help='seed of the untrained weights')
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = build_parser()
   args = parser.parse_args(argv)
   import tensorflow as tf
-  from pnasnet import build_model
-  from pnasnet.export import write_export_mark
+  from pnasnet import CONFIGS, build_model
+  from pnasnet.export import EXPORTERS, write_export_mark
   if tf.io.gfile.exists(args.output) and tf.io.gfile.listdir(args.output):
     parser.error(f'--output {args.output} exists and is not empty; name a new directory')
   if not args.checkpoint:

@@ -6,6 +6,7 @@ and extended by a Beam job (jobs/index_build.py); read by embeddings/neighbour_i
     pnasnet-embeddings index add --index INDEX_DIR --runs NEW_RUNS... [--recall_drop 0.05]
 """
 
+import argparse
 import os
 from typing import Optional, Sequence
 
@@ -20,10 +21,10 @@ DEFAULT_RECALL_DROP = 0.05
 REFUSALS = RUN_ERRORS + (IndexDirectoryError,)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('index', __doc__.split('\n\n')[0])
-  commands = parser.add_subparsers(dest='command', required=True)
-  build = commands.add_parser('build', help='a new index over runs', epilog=parser.epilog,
+  verbs = parser.add_subparsers(dest='command', required=True)
+  build = verbs.add_parser('build', help='a new index over runs', epilog=parser.epilog,
                               formatter_class=parser.formatter_class)
   build.add_argument('--runs', nargs='+', required=True,
                      help='run directories or globs of them (local, gs://, s3://)')
@@ -36,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      f'--nprobe overrides it at query time')
   build.add_argument('--model', help='the model id to index when the runs hold several')
   build.add_argument('--seed', type=int, default=0, help='samples and training')
-  add = commands.add_parser('add', help='add newer runs to an index, without retraining',
+  add = verbs.add_parser('add', help='add newer runs to an index, without retraining',
                             epilog=parser.epilog, formatter_class=parser.formatter_class)
   add.add_argument('--index', required=True, help='an index directory')
   add.add_argument('--runs', nargs='+', required=True, help='the new run directories or globs')
@@ -44,11 +45,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    help='say to rebuild when recall@10 on the build\'s probes falls more than '
                    'this below the build\'s; it also says so when probes drawn from the added '
                    'runs lie far from the trained lists, or the lists grow uneven')
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  parser = build_parser()
   args, beam_flags = parse(parser, argv)
   from jobs import index_build  # Beam: once the flags are checked
   if args.command == 'build':
     if not 0 < args.recall_target <= 1:
-      build.error('--recall_target must be above 0 and at most 1')
+      parser.error('build --recall_target must be above 0 and at most 1')
     with exits(refused=REFUSALS):
       if storage.is_remote(args.output):
         raise IndexDirectoryError(f'--output {args.output}: the index directory must be local')
@@ -60,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                             beam_flags, args.recall_target)
   else:
     if not 0 <= args.recall_drop <= 1:
-      add.error('--recall_drop must be between 0 and 1')
+      parser.error('add --recall_drop must be between 0 and 1')
     with exits(refused=REFUSALS):
       description = index_build.add_runs(args.index, read_description(args.index),
                                          find_runs(args.runs), args.recall_drop, beam_flags)

@@ -7,6 +7,7 @@ through an index, its candidates re-ranked exactly (embeddings/neighbours.py).
         [--nprobe N]
 """
 
+import argparse
 from typing import List, Optional, Sequence
 
 from commands.common import FILESYSTEM_EPILOG, add_runs_flags, exits, parse, verb_parser
@@ -18,7 +19,7 @@ from embeddings.similarity import Neighbour
 from storage.run_dirs import RUN_ERRORS, find_runs, select_model
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
+def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('neighbours', __doc__.split('\n\n')[0], FILESYSTEM_EPILOG)
   add_runs_flags(parser, required=False)
   parser.add_argument('--index', help='an index directory (pnasnet-embeddings index build) to '
@@ -32,6 +33,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
   parser.add_argument('--query', required=True, help='an image file or URI, embedded or not')
   parser.add_argument('--k', type=int, default=8, help='how many neighbours')
   parser.add_argument('--sheet', help='write a contact sheet PNG here')
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
+  parser = build_parser()
   args, _ = parse(parser, argv)
   if args.k < 1:
     parser.error('--k must be at least 1')

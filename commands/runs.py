@@ -7,6 +7,7 @@ running, interrupted or failed), 2 when the arguments name no run directory at a
 scheduler can check a night's run with the run's directory as the argument.
 """
 
+import argparse
 import json
 import sys
 from typing import Optional, Sequence
@@ -16,11 +17,16 @@ from embeddings.list_runs import exit_code, format_table, list_runs
 from run_format import CLAIM_FILE, SUMMARY_FILE
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('runs', __doc__.split('\n\n')[0], FILESYSTEM_EPILOG)
   parser.add_argument('runs', nargs='+', help='run directories or globs of them (local, gs://, '
                       's3://), e.g. "gs://bucket/embeddings/*"')
   parser.add_argument('--json', action='store_true', help='one JSON list instead of a table')
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = build_parser()
   args, _ = parse(parser, argv)
   states = list_runs(args.runs)
   if not states:
