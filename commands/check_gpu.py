@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from commands.common import DONE, FAILED, REFUSED, verb_parser
+from commands.common import DONE, FAILED, REFUSED, parse, verb_parser
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # keep TensorFlow's start-up chatter out
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(argv)
+  args, _ = parse(build_parser(), argv, beam=False)
   from models.description import check_model_options, describe_model
   from models.handles import ModelLoadError
   from pipeline import gpu_check  # TensorFlow: once the flags are read

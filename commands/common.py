@@ -12,6 +12,7 @@ import sys
 from typing import Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
 
 import storage
+from pipeline.beam_flags import OptionsError, check_known_flags, unknown_flags
 
 PROGRAM = 'pnasnet-embeddings'
 # The exit codes every verb and the docs share; schedulers act on them.
@@ -49,14 +50,16 @@ def add_runs_flags(parser: argparse.ArgumentParser, required: bool = True,
   parser.add_argument('--model', help=model_help)
 
 
-def parse(parser: argparse.ArgumentParser,
-          argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, List[str]]:
+def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+          beam: bool = True) -> Tuple[argparse.Namespace, List[str]]:
   """(the verb's options, the other flags, for Beam): a flag neither the verb nor Beam knows is
-  refused (exit 2) with the closest match, since Beam would only log and drop it."""
+  refused (exit 2) with the closest match, since Beam would only log and drop it. A verb that
+  hands nothing to Beam (`beam` False) refuses every other flag, also with the closest match."""
   args, beam_flags = parser.parse_known_args(argv)
+  own = [flag for action in parser._actions for flag in action.option_strings]  # pylint: disable=protected-access
+  if beam_flags and not beam:
+    parser.error(unknown_flags(beam_flags, parser.prog, own))
   if beam_flags:
-    from pipeline.beam_flags import OptionsError, check_known_flags  # Beam's options, no more
-    own = [flag for action in parser._actions for flag in action.option_strings]  # pylint: disable=protected-access
     try:
       check_known_flags(beam_flags, parser.prog, own)
     except OptionsError as exc:

@@ -10,7 +10,7 @@ import argparse
 import logging
 from typing import Optional, Sequence
 
-from commands.common import verb_parser
+from commands.common import parse, verb_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args, _ = parse(parser, argv, beam=False)
   import tensorflow as tf
   from pnasnet import CONFIGS, build_model
   from pnasnet.export import EXPORTERS, write_export_mark

@@ -1,0 +1,120 @@
+"""`pnasnet-embeddings VERB`: one command, its verbs' help, their refusals of misspelt flags, and
+the exit codes schedulers act on."""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from commands import cli
+from commands.common import parse_size
+from tests.conftest import SAMPLE_IMAGES
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = '--model=builtin:pnasnet_tiny'
+
+
+def _command(*args):
+  return subprocess.run([sys.executable, '-m', 'commands', *args], cwd=PROJECT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_the_installed_command_lists_every_verb():
+  script = os.path.join(os.path.dirname(sys.executable), 'pnasnet-embeddings')
+  assert os.path.exists(script), 'pip install -e . installs the console script'
+  listed = subprocess.run([script, '--help'], capture_output=True, text=True, check=True).stdout
+  for verb in cli.VERBS:
+    assert re.search(rf'^  {re.escape(verb)} +\S', listed, re.M), verb
+
+
+def test_help_and_a_misspelt_verb_import_neither_tensorflow_nor_beam():
+  code = ('import sys\nfrom commands import cli\n'
+          'codes = [cli.main(["--help"]), cli.main(["idnex"])]\n'
+          'print(codes, sorted({"apache_beam", "tensorflow"} & set(sys.modules)))')
+  result = subprocess.run([sys.executable, '-c', code], cwd=PROJECT, capture_output=True,
+                          text=True, check=True)
+  assert result.stdout.strip().splitlines()[-1] == '[0, 2] []'
+  assert 'unknown verb idnex; did you mean index?' in result.stderr
+
+
+def _parsers():
+  for verb, (module, _) in cli.VERBS.items():
+    parser = importlib.import_module(module).build_parser()
+    subparsers = [a for a in parser._actions if isinstance(a.choices, dict)]  # pylint: disable=protected-access
+    if subparsers:
+      for name, sub in subparsers[0].choices.items():
+        yield f'{verb} {name}', sub
+    else:
+      yield verb, parser
+
+
+def test_every_verbs_help_shows_each_flags_default():
+  seen = 0
+  for verb, parser in _parsers():
+    text = ' '.join(parser.format_help().split())
+    for action in parser._actions:  # pylint: disable=protected-access
+      if action.option_strings and action.default not in (None, False, '==SUPPRESS=='):
+        seen += 1
+        assert re.search(rf'{action.option_strings[0]}[^-]*?default[: ]', text) or (
+            f'default: {action.default}' in text), f'{verb} {action.option_strings[0]}'
+  assert seen > 20
+
+
+@pytest.mark.parametrize('argv, suggestion', [
+    (['browse', '--runs', 'r', '--prot', '8766'], '--port'),
+    (['neighbours', '--runs', 'r', '--query', 'q.jpg', '--kk', '3'], '--k'),
+    (['runs', 'r', '--jsno'], '--json'),
+    (['duplicates', '--runs', 'r', '--csv', 'x.csv', '--treshold', '0.9'], '--threshold'),
+    (['index', 'build', '--runs', 'r', '--output', 'i', '--memory_budjet', '1GB'],
+     '--memory_budget'),
+    (['compact', '--runs', 'r', '--output', 'o', '--num_shard', '2'], '--num_shards'),
+    (['export', '--runs', 'r', '--to', 'vertex:v', '--bacth_size', '2'], '--batch_size'),
+    (['check-gpu', '--proceses', '2'], '--processes'),
+    (['export-model', '--output', 'o', '--sed', '2'], '--seed'),
+    (['embed', '--input', 'x', '--outptu', 'o'], '--output'),
+])
+def test_every_verb_refuses_a_misspelt_flag_before_any_work(argv, suggestion, tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'commands', *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=PROJECT))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f'did you mean {suggestion}?' in result.stderr, result.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path)) == []  # nothing written
+
+
+def test_sizes_in_decimal_and_binary_units_mean_the_same_everywhere():
+  assert parse_size('4GB') == 4_000_000_000
+  assert parse_size('4GiB') == 4 * 1024 ** 3
+  assert parse_size('512mb') == 512_000_000 and parse_size('1000') == 1000
+  from commands import duplicates, index
+  for parser in (index.build_parser()._subparsers._group_actions[0].choices['build'],  # pylint: disable=protected-access
+                 duplicates.build_parser()):
+    budget = next(a for a in parser._actions if '--memory_budget' in a.option_strings)  # pylint: disable=protected-access
+    assert budget.type('4GiB') == 4 * 1024 ** 3
+
+
+def test_embed_ends_with_one_line_and_json_on_request(tmp_path):
+  output = tmp_path / 'run'
+  plain = _command('embed', f'--input={SAMPLE_IMAGES}/chelsea.png', TINY, f'--output={output}')
+  assert plain.returncode == 0, plain.stderr[-2000:]
+  assert plain.stdout.strip().splitlines() == [plain.stdout.strip()]
+  assert re.fullmatch(rf'{re.escape(str(output))}: 1 embedded, 0 skipped \(unchanged since '
+                      r'earlier runs\), 0 failed of 1 matched, in \d+ s \([0-9.]+ images/s\); '
+                      r'details: run_summary.json', plain.stdout.strip()), plain.stdout
+  as_json = _command('embed', f'--input={SAMPLE_IMAGES}/chelsea.png', TINY,
+                     f'--output={tmp_path / "again"}', '--json')
+  assert as_json.returncode == 0, as_json.stderr[-2000:]
+  assert json.loads(as_json.stdout)['embedded'] == 1
+
+
+def test_a_refused_launch_and_a_missing_run_exit_2_with_one_error_line(tmp_path):
+  refused = _command('embed', '--input', str(tmp_path / 'nothing' / '*.jpg'), TINY,
+                     f'--output={tmp_path / "out"}')
+  assert refused.returncode == 2
+  assert [line for line in refused.stderr.splitlines() if line.startswith('error:')]
+  missing = _command('runs', str(tmp_path / 'nowhere'))
+  assert missing.returncode == 2 and missing.stderr.startswith('error: no run directory')
