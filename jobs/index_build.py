@@ -40,6 +40,7 @@ from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
 from jobs import work_folder
 from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
+from jobs.shard_refs import ShardRef, shard_refs
 from pipeline.runners import default_runner
 
 _LOG = logging.getLogger(__name__)
@@ -57,22 +58,6 @@ RESIDUAL_TABLES_MAX = 256_000_000  # bytes
 HNSW_ADD_ROWS = 20_000  # vectors read from the refine store at a time when rebuilding HNSW
 LOOKUP_BUCKETS = 256  # key ranges of a lookup file, each sorted alone (1/256 of the rows)
 LOOKUP_BUFFER_ROWS = 1 << 20  # keys held before they are appended to their buckets' files
-
-
-class ShardRef(NamedTuple):
-  run: str  # the run directory
-  path: str
-  number: int  # ids of its rows are number << ROW_BITS | row
-  kept_file: Optional[str] = None  # the rows the collection keeps (an .npy); None: every row
-
-
-def shard_refs(runs: Sequence[Run]) -> List[ShardRef]:
-  """Runs -> their shards, numbered from 0 (listed once: every later step takes these)."""
-  refs = []
-  for run in runs:
-    for path in run.shard_paths():
-      refs.append(ShardRef(run.path, path, len(refs)))
-  return refs
 
 
 def with_kept_files(refs: Sequence[ShardRef], pieces: str) -> List[ShardRef]:
