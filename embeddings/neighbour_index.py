@@ -45,7 +45,6 @@ The index directory (see INDEX_FILE, FAISS_FILE, ...):
 """
 
 import contextlib
-import datetime
 import hashlib
 import json
 import os
@@ -534,7 +533,3 @@ def nprobe_curve(index, probes: Dict[str, np.ndarray], plan: dict, vectors_of,
 def _padded(rows: List[np.ndarray], width: int = RECALL_K) -> np.ndarray:
   return np.array([np.pad(row[:width], (0, width - len(row[:width])), constant_values=-1)
                    for row in rows], np.int64).reshape(len(rows), width)
-
-
-def utc_now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')

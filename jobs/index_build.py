@@ -42,6 +42,7 @@ from jobs import work_folder
 from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
 from jobs.shard_refs import ShardRef, shard_refs
 from pipeline.runners import default_runner
+from run_format import utc_now
 
 _LOG = logging.getLogger(__name__)
 PIECES_DIR = '.pieces'
@@ -734,7 +735,7 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
       'next_shard': len(refs), 'probes': len(probes['ids']),
       'probe_recall_at_10': health['probe_recall_at_10'],
       'list_imbalance': health['list_imbalance'], 'build': health,
-      'built_at': neighbour_index.utc_now(), 'faiss_version': faiss_util.faiss().__version__,
+      'built_at': utc_now(), 'faiss_version': faiss_util.faiss().__version__,
       'seed': seed, 'memory_budget': memory_budget, 'recall_target': recall_target,
       'nprobe_curve': curve,
   }
@@ -912,7 +913,7 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
       'next_shard': description['next_shard'] + len(refs), 'probes': len(probe_file['ids']),
       'probe_recall_at_10': health['probe_recall_at_10'],
       'list_imbalance': health['list_imbalance'],
-      'last_add': {'at': neighbour_index.utc_now(), 'runs': [r.path for r in new],
+      'last_add': {'at': utc_now(), 'runs': [r.path for r in new],
                    'added': added, 'removed': int(len(removed)),
                    'added_probes': len(added_probes['ids']),
                    'added_probe_recall_at_10': added_recall,
