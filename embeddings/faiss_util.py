@@ -1,8 +1,9 @@
-"""FAISS helpers shared by the neighbour index and clustering dedup: samples of shards, k-means,
-nearest centroids, and indexes as bytes (to travel as Beam side inputs).
+"""Helpers of the neighbour index (its build, its reader) and the browse page: FAISS imported on
+first use, stored vectors read by row, samples of shards, and indexes as bytes (to travel as Beam
+side inputs).
 
-Vectors are compared by cosine: every helper works on rows scaled to length 1, where the squared
-L2 distance is 2 - 2 cosine, so FAISS's L2 indexes (PCA centring included) rank by cosine.
+Vectors are compared by cosine: on rows scaled to length 1 the squared L2 distance is
+2 - 2 cosine, so FAISS's L2 indexes (PCA centring included) rank by cosine.
 """
 
 from typing import Sequence
@@ -10,7 +11,6 @@ from typing import Sequence
 import numpy as np
 
 from embeddings.shards import ParquetVectors, is_parquet, read_shard
-from embeddings.similarity import unit_rows
 
 
 def faiss():
@@ -47,29 +47,6 @@ def sample_rows(path: str, fraction: float, seed: int) -> tuple:
   vectors = read_shard(path, '').vectors
   rows = np.flatnonzero(rng.random(len(vectors)) < fraction)
   return rows, vectors[rows]
-
-
-def kmeans(sample: np.ndarray, clusters: int, seed: int = 0, iterations: int = 20,
-           spherical: bool = True) -> np.ndarray:
-  """Centroids [clusters, dimension] of unit rows of `sample` (spherical: unit centroids)."""
-  module = faiss()
-  data = np.ascontiguousarray(unit_rows(np.asarray(sample, np.float32)))
-  clustering = module.Kmeans(data.shape[1], clusters, niter=iterations, seed=seed,
-                             spherical=spherical, verbose=False,
-                             max_points_per_centroid=max(256, -(-len(data) // clusters)))
-  clustering.train(data)
-  return clustering.centroids
-
-
-def nearest_centroids(vectors: np.ndarray, centroids: np.ndarray, count: int = 1,
-                      unit: bool = False) -> tuple:
-  """(cosine [rows, count], centroid numbers [rows, count]) of each row's `count` nearest
-  centroids; `unit` says the rows are already of length 1."""
-  module = faiss()
-  flat = module.IndexFlatIP(centroids.shape[1])
-  flat.add(np.ascontiguousarray(unit_rows(np.asarray(centroids, np.float32))))
-  rows = vectors if unit else unit_rows(np.asarray(vectors, np.float32))
-  return flat.search(np.ascontiguousarray(rows, np.float32), count)
 
 
 def to_bytes(index) -> bytes:

@@ -1,25 +1,13 @@
-"""The approximate-neighbour index over runs (FAISS): its plan, its directory and its reader.
+"""The approximate-neighbour index over runs (FAISS): its directory and its reader.
 
-`python -m embeddings.index` builds and extends it (the Beam job: jobs/index_build.py);
-`NeighbourIndex` opens it for queries.
+`python -m embeddings.index` builds and extends it (the Beam job: jobs/index_build.py, its plan
+jobs/index_plan.py); `NeighbourIndex` opens it for queries.
 
-The index type follows the number of vectors and the memory budget, as autofaiss chooses: an
-exhaustive list below 10k vectors (results equal exact search); HNSW32 over the full vectors
-(float16-rounded, as the pieces carry them) while they and the graph fit the budget (no
-training, no lists to probe);
-above that IVF-PQ with the largest code that fits (after a PCA to 4m dimensions with a random
-rotation, which spreads the variance evenly over the PQ's sub-vectors, as OPQ does at a small
-fraction of OPQ's training time at 4320 dimensions), its coarse quantizer an HNSW graph from
-1,024 lists on. Beside every index, a refine store: each vector in float16, memory-mapped by id,
-from which the candidates of a PQ index are re-ranked (a read of 2 x dimension bytes a
-candidate, not a Parquet row group).
-
-Every index follows the collection's rule (`embeddings.load`: the newest run wins; a file the
-newest run did not match, or failed on, has no vector). `add` encodes a night's runs with the
-trained quantizers and removes what the new runs superseded or dropped (IVF: from the on-disk
-lists; HNSW: the graph is rebuilt from the refine store, which holds every vector). It checks
-its health against the build, like for like: recall@10 on the build's probes, the quantization
-error of probes drawn from each added run against the build probes', and the lists' imbalance.
+An index is an exhaustive list (exact search), HNSW32 over the full vectors, or IVF-PQ after a
+PCA. Beside every index, a refine store: each vector in float16, memory-mapped by id, from which
+the candidates of a PQ index are re-ranked (a read of 2 x dimension bytes a candidate, not a
+Parquet row group). Every index follows the collection's rule (`embeddings.load`: the newest run
+wins; a file the newest run did not match, or failed on, has no vector), after an `add` too.
 
 The index directory (see INDEX_FILE, FAISS_FILE, ...):
     index.json     model id, embedding size, runs covered, the plan and its parameters, counts,
@@ -45,13 +33,11 @@ The index directory (see INDEX_FILE, FAISS_FILE, ...):
 """
 
 import contextlib
-import datetime
 import hashlib
 import json
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -73,81 +59,12 @@ LOOKUP_COLUMNS = ('uri', 'sha256')  # ids.arrow columns found by value (lookup_f
 FORMAT_VERSION = 4
 IDS_BATCH_ROWS = 1024  # ids.arrow rows a record batch: what a result costs to look up
 
-EXHAUSTIVE_BELOW = 10_000  # vectors: one list scanned whole, i.e. exact search
-HNSW_LINKS = 32  # M: links a node, 2M on the bottom layer
-HNSW_EF_SEARCH = 128  # candidates kept while walking the graph (the HNSW plan's "nprobe")
-HNSW_QUANTIZER_FROM = 1_024  # lists: from here the coarse quantizer is an HNSW graph
-PQ_BYTES = (256, 192, 128, 96, 64, 48, 32, 16, 8)  # bytes a vector, best first; 4 PCA dims a byte
-ID_BYTES = 8
-PCA_SAMPLE = 20_000  # vectors to train the PCA on
-TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39
-PROBES = 100  # held back at build (a tenth of the sampled vectors when fewer than 1,000)
-PROBES_PER_ADDED_RUN = 100  # drawn from each added run (a tenth of its vectors when fewer)
-PROBE_NEIGHBOURS = 50  # exact neighbours kept per probe: enough to survive replaced URIs
-RECALL_K = 10
 TUNING_RERANK = 100  # candidates re-ranked while choosing nprobe: the query's default --rerank
 DEFAULT_RECALL_TARGET = 0.95  # recall@10 with re-rank the chosen nprobe reaches on the probes
-ROW_BITS = 24  # ids are shard number << ROW_BITS | row: up to 16M rows a shard
 
 
 class IndexDirectoryError(ValueError):
   """The index directory is missing, of another model, or cannot take these runs."""
-
-
-class IndexPlan(NamedTuple):
-  kind: str  # 'exhaustive', 'hnsw' or 'ivf_pq'
-  factory: str  # FAISS index_factory string, after the PCA if any
-  pca_dimension: Optional[int]  # PCA output size, None for no PCA
-  lists: int  # IVF lists (0 for HNSW)
-  nprobe: int  # searched by default: IVF lists, or HNSW's efSearch
-  bytes_per_vector: int  # codes (or vector and links) plus id, as held in memory
-  train_sample: int  # vectors to train the lists and codes on
-
-  def to_json(self) -> dict:
-    return self._asdict()
-
-
-def _power_of_two_near(value: float) -> int:
-  return int(2 ** round(np.log2(max(value, 1))))
-
-
-def hnsw_bytes(dimension: int) -> int:
-  """A vector in an HNSW32 index: the float32 vector, 2M bottom-layer links, its id, its level."""
-  return 4 * dimension + 2 * HNSW_LINKS * 4 + ID_BYTES + 4
-
-
-def choose_plan(count: int, dimension: int, memory_budget: int) -> IndexPlan:
-  """The index for `count` vectors of `dimension` that fits `memory_budget` bytes."""
-  if count < EXHAUSTIVE_BELOW:
-    return IndexPlan('exhaustive', 'IVF1,Flat', None, 1, 1, 4 * dimension + ID_BYTES, count)
-  if count * hnsw_bytes(dimension) <= memory_budget:
-    return IndexPlan('hnsw', f'HNSW{HNSW_LINKS},Flat', None, 0, HNSW_EF_SEARCH,
-                     hnsw_bytes(dimension), 0)
-  lists = min(65_536, max(256, _power_of_two_near(4 * np.sqrt(count))))
-  quantizer = f'_HNSW{HNSW_LINKS}' if lists >= HNSW_QUANTIZER_FROM else ''
-  for pq_bytes in PQ_BYTES:
-    centroids = lists * 4 * pq_bytes * 4 + (hnsw_bytes(4 * pq_bytes) if quantizer else 0)
-    if count * (pq_bytes + ID_BYTES) + centroids <= memory_budget and 4 * pq_bytes <= dimension:
-      return IndexPlan('ivf_pq', f'IVF{lists}{quantizer},PQ{pq_bytes}', 4 * pq_bytes, lists,
-                       max(1, lists // 32), pq_bytes + ID_BYTES,
-                       min(count, TRAIN_POINTS_PER_LIST * lists))
-  raise ValueError(f'{count} vectors need at least {count * (PQ_BYTES[-1] + ID_BYTES)} bytes; '
-                   f'raise --memory_budget')
-
-
-def new_index(plan: IndexPlan, dimension: int, pca=None):
-  """An untrained index for the plan (`pca`: the trained PCA's projection when the plan has one).
-  HNSW holds vectors by position: an IndexIDMap gives them the index's ids."""
-  faiss = faiss_util.faiss()
-  inner_dimension = plan.pca_dimension or dimension
-  inner = faiss.index_factory(inner_dimension, plan.factory, faiss.METRIC_L2)
-  if plan.kind == 'hnsw':
-    return faiss.IndexIDMap(inner)
-  return faiss.IndexPreTransform(pca, inner) if pca is not None else inner
-
-
-def ivf_of(index):
-  return faiss_util.faiss().extract_index_ivf(index)
 
 
 def search_parameters(plan: dict, depth: int, selector=None):
@@ -160,24 +77,6 @@ def search_parameters(plan: dict, depth: int, selector=None):
   if '_HNSW' in plan['factory']:
     parameters.quantizer_params = faiss.SearchParametersHNSW(efSearch=max(2 * depth, 16))
   return parameters
-
-
-def shard_id_base(number: int) -> int:
-  return number << ROW_BITS
-
-
-class Covered(NamedTuple):
-  """A run the index holds, and the shard numbers its ids were made from."""
-  path: str
-  finished_at: str
-  first_shard: int
-  shards: int
-
-
-def write_json(path: str, content: dict) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump(content, f, indent=2)
-  os.replace(path + '.tmp', path)
 
 
 def read_description(directory: str) -> dict:
@@ -236,31 +135,6 @@ def ivf_lists(index):
   except RuntimeError:
     return None
   return faiss.downcast_InvertedLists(ivf.invlists)
-
-
-def list_imbalance(index) -> Optional[float]:
-  """FAISS's imbalance factor of the IVF lists (1.0: all equal; the cost of a search over
-  uneven lists against even ones); None for HNSW."""
-  lists = ivf_lists(index)
-  return None if lists is None else float(lists.imbalance_factor())
-
-
-def quantization_error(index, vectors: np.ndarray) -> float:
-  """The mean squared distance of unit `vectors` to the points their nearest IVF centroids stand
-  for in the input space: what the PCA leaves out (its rows are orthonormal) plus the residual
-  to the centroid. It grows as new vectors drift from what the PCA and the lists were trained
-  on, whatever the number of vectors searched among (a recall among a night's vectors alone
-  falls with the night's share of the index)."""
-  faiss = faiss_util.faiss()
-  x = np.ascontiguousarray(unit_rows(np.asarray(vectors, np.float32)))
-  left_out = np.zeros(len(x), np.float32)
-  outer = faiss.downcast_index(index)
-  if isinstance(outer, faiss.IndexPreTransform):
-    projection = faiss.downcast_VectorTransform(outer.chain.at(0))
-    x = projection.apply(x)
-    left_out = 1 - ((x - faiss.vector_to_array(projection.b)) ** 2).sum(1)
-  residual, _ = ivf_of(index).quantizer.search(np.ascontiguousarray(x), 1)
-  return float(np.mean(left_out + residual[:, 0]))
 
 
 def open_vectors(directory: str, dimension: int) -> np.ndarray:
@@ -472,69 +346,3 @@ def rerank_candidates(unit_queries: np.ndarray, candidates: List[tuple], vectors
     order = np.argsort(-exact, kind='stable')
     reranked.append((exact[order], ids[order]))
   return reranked
-
-
-def recall_at(found: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
-  """Mean over queries of |found top-k ∩ exact top-k| / k (ids; -1 never counts)."""
-  hits = [len(set(f[:k].tolist()) & (set(e[:k].tolist()) - {-1})) for f, e in zip(found, exact)]
-  return float(np.mean(hits) / k) if hits else float('nan')
-
-
-def probe_recall(index, probes: Dict[str, np.ndarray], plan: dict, nprobe: int,
-                 id_range: Optional[tuple] = None) -> float:
-  """recall@10 of the index on a probe set, against the probes' exact neighbours (each probe's
-  own vector left out); `id_range` (first, end): search among those ids only, as the probes'
-  neighbours were found (e.g. those of one added run)."""
-  faiss = faiss_util.faiss()
-  if not len(probes['ids']):
-    return float('nan')
-  selector = faiss.IDSelectorRange(*id_range) if id_range else None
-  depth = max(nprobe, RECALL_K + 1) if plan['kind'] == 'hnsw' else nprobe
-  _, found = index.search(np.ascontiguousarray(probes['vectors'], np.float32), RECALL_K + 1,
-                          params=search_parameters(plan, depth, selector))
-  found = [row[row != own][:RECALL_K] for row, own in zip(found, probes['ids'])]
-  return recall_at(np.array(found), probes['exact_ids'])
-
-
-def nprobe_curve(index, probes: Dict[str, np.ndarray], plan: dict, vectors_of,
-                 target: float) -> tuple:
-  """(the smallest power-of-two nprobe whose recall@10 on the probes, re-ranking
-  TUNING_RERANK candidates with `vectors_of(ids)`, reaches `target` (else the best one), the
-  curve: nprobe, recall@10 without and with re-rank, ms a probe searched alone on one thread)."""
-  faiss = faiss_util.faiss()
-  curve = []
-  threads = faiss.omp_get_max_threads()
-  faiss.omp_set_num_threads(1)
-  try:
-    for nprobe in 2 ** np.arange(int(np.log2(plan['lists'])) + 1):
-      parameters = search_parameters(plan, int(nprobe))
-      started = time.perf_counter()
-      found = [index.search(np.ascontiguousarray(vector[None], np.float32),
-                            TUNING_RERANK + 1, params=parameters) for vector in probes['vectors']]
-      seconds = time.perf_counter() - started
-      candidates = [(None, ids[0][(ids[0] != own) & (ids[0] >= 0)])
-                    for (_, ids), own in zip(found, probes['ids'])]
-      reranked = rerank_candidates(unit_rows(np.asarray(probes['vectors'], np.float32)),
-                                   candidates, vectors_of)
-      curve.append({'nprobe': int(nprobe), 'recall_at_10': recall_at(
-          _padded([ids for _, ids in candidates]), probes['exact_ids']),
-                    'reranked_recall_at_10': recall_at(
-                        _padded([ids for _, ids in reranked]), probes['exact_ids']),
-                    'ms': 1e3 * seconds / max(len(found), 1)})
-      if curve[-1]['reranked_recall_at_10'] >= target:
-        break
-  finally:
-    faiss.omp_set_num_threads(threads)
-  if curve[-1]['reranked_recall_at_10'] >= target:
-    return curve[-1]['nprobe'], curve
-  top = max(point['reranked_recall_at_10'] for point in curve)
-  return min(p['nprobe'] for p in curve if p['reranked_recall_at_10'] == top), curve
-
-
-def _padded(rows: List[np.ndarray], width: int = RECALL_K) -> np.ndarray:
-  return np.array([np.pad(row[:width], (0, width - len(row[:width])), constant_values=-1)
-                   for row in rows], np.int64).reshape(len(rows), width)
-
-
-def utc_now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')

@@ -37,7 +37,7 @@ import io
 import json
 import math
 import uuid
-from typing import Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -54,6 +54,7 @@ from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
 from jobs import work_folder
 from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
+from jobs.shard_refs import ShardRef, shard_refs
 from pipeline.runners import default_runner
 
 MAX_CLUSTERS = 4096  # k-means is trained on one worker: 40 x 4096 sample rows
@@ -67,13 +68,6 @@ REACH_SLACK = 1e-4  # float32 distances to centroids are not exact
 # float32 one (relative rounding 2^-11 per factor, Cauchy-Schwarz), so pairs this much below
 # the threshold are candidates, decided on float32 vectors once the candidates are grouped.
 FLOAT16_MARGIN = 2e-3
-
-
-class ShardRef(NamedTuple):
-  path: str
-  run: str  # the run directory
-  # This shard's URIs whose vector is this run's (decided in Beam: Shards), None with one run.
-  vector_uris: Optional[FrozenSet[str]]
 
 
 class ShardRows(NamedTuple):
@@ -365,15 +359,14 @@ class Shards(beam.PTransform):
   def expand(self, pbegin):
     runs = self._runs
     if len(runs) == 1:
-      return pbegin | 'Refs' >> beam.Create(
-          [ShardRef(path, runs[0].path, None) for path in runs[0].shard_paths()])
+      return pbegin | 'Refs' >> beam.Create(shard_refs(runs))
     shard_paths = {run.path: run.shard_paths() for run in runs}
     return ((pbegin | 'Sources' >> CollectionSources(runs)).kept
             | 'SourceKeys' >> beam.Keys()
             | 'Locate' >> LocateInShards(shard_paths)
             | 'ByShard' >> beam.GroupByKey()
             | 'Refs' >> beam.MapTuple(lambda shard, uris: ShardRef(
-                shard_paths[shard[0]][shard[1]], shard[0], frozenset(uris))))
+                shard[0], shard_paths[shard[0]][shard[1]], vector_uris=frozenset(uris))))
 
 
 def build(root, runs: Sequence[Run], run_plan: Plan, work_directory: str):

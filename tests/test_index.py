@@ -16,6 +16,7 @@ from commands import index as index_command
 from embeddings import neighbour_index
 from storage.run_dirs import MixedModelsError
 from embeddings.similarity import unit_rows
+from jobs import index_plan
 
 DIMENSION = 48
 OTHER_MODEL = 'builtin:pnasnet_mobile@synthetic-seed0'
@@ -139,7 +140,7 @@ def test_plan_is_hnsw_while_it_fits_then_the_largest_product_code_that_fits(coun
                                                                             factory):
   """As autofaiss plans (issue 28): HNSW while vectors and graph fit the budget, then IVF-PQ
   with the largest code that fits, its quantizer an HNSW graph from 1,024 lists on."""
-  plan = neighbour_index.choose_plan(count, 4320, int(budget))
+  plan = index_plan.choose_plan(count, 4320, int(budget))
   assert (plan.kind, plan.factory) == (kind, factory)
   assert count * plan.bytes_per_vector <= budget or kind == 'exhaustive'
 
@@ -156,7 +157,7 @@ def test_a_budget_too_small_for_any_index_is_refused(tmp_path, capsys):
   assert refused.value.code == 2 and not os.path.exists(tmp_path / 'index')
   assert '--recall_target' in capsys.readouterr().err
   with pytest.raises(ValueError, match='raise --memory_budget'):
-    neighbour_index.choose_plan(1_000_000, 4320, 1_000_000)
+    index_plan.choose_plan(1_000_000, 4320, 1_000_000)
 
 
 def test_float16_runs_are_read_back_as_float32_everywhere(tmp_path):

@@ -20,7 +20,7 @@ from commands import neighbours as neighbours_command
 from embeddings import neighbour_index, neighbours
 from embeddings.collection import SourceRule
 from embeddings.similarity import unit_rows
-from jobs import index_build
+from jobs import index_directory
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs')
 PQ_ROWS = 10_500  # above EXHAUSTIVE_BELOW
@@ -306,7 +306,7 @@ def test_a_uri_or_sha256_is_found_by_its_lookup_file_even_when_keys_collide(tmp_
   collide (300 keys for 1,200 values) the rows' values decide."""
   run = write_synthetic_run(str(tmp_path / 'run1'), 1_200, seed=13, dimension=16, clusters=3,
                             shard_rows=400, exact_duplicates=5)
-  monkeypatch.setattr(index_build, 'LOOKUP_BUFFER_ROWS', 500)  # spilled to buckets mid-shard
+  monkeypatch.setattr(index_directory, 'LOOKUP_BUFFER_ROWS', 500)  # spilled to buckets mid-shard
   _finds_every_row_by_its_lookup_files(neighbour_index.NeighbourIndex(
       _build(str(tmp_path / 'plain'), [run.directory])))
   monkeypatch.setattr(neighbour_index, 'lookup_key',
