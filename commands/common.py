@@ -28,19 +28,42 @@ FILESYSTEM_EPILOG = ('Other --flags go to Beam\'s FileSystems, e.g. --s3_endpoin
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
-  """Each flag's default in --help, unless its help already says it."""
+  """Each flag's default in --help, unless its help already says it ("(default ...", "Default
+  ...")."""
 
   def _get_help_string(self, action: argparse.Action) -> str:
     text = action.help or ''
-    if (action.required or not action.option_strings or 'default' in text or
-        action.default in (None, False, argparse.SUPPRESS)):
+    if (action.required or not action.option_strings or
+        action.default in (None, False, argparse.SUPPRESS) or
+        re.search(r'\(default[ :]|Default[ :]|%\(default\)', text)):
       return text
     return text + ' (default: %(default)s)'
 
 
 def verb_parser(verb: str, description: str, epilog: str = BEAM_EPILOG) -> argparse.ArgumentParser:
+  """Abbreviated flags are refused, as Beam's parser refuses them for `embed`: every verb reads
+  its flags the same way."""
   return argparse.ArgumentParser(prog=f'{PROGRAM} {verb}', description=description,
-                                 epilog=epilog, formatter_class=HelpWithDefaults)
+                                 epilog=epilog, formatter_class=HelpWithDefaults,
+                                 allow_abbrev=False)
+
+
+def sub_verb(parser: argparse.ArgumentParser, verbs, name: str,
+             description: str) -> argparse.ArgumentParser:
+  """A verb's own verb (`index build`), read as the verb is."""
+  return verbs.add_parser(name, help=description, description=description,
+                          epilog=parser.epilog, formatter_class=HelpWithDefaults,
+                          allow_abbrev=False)
+
+
+def _own_flags(parser: argparse.ArgumentParser) -> List[str]:
+  """The parser's flags and its sub-verbs', offered first as corrections."""
+  flags = []
+  for action in parser._actions:  # pylint: disable=protected-access
+    flags += action.option_strings
+    if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
+      flags += [flag for sub in action.choices.values() for flag in _own_flags(sub)]
+  return flags
 
 
 def add_runs_flags(parser: argparse.ArgumentParser, required: bool = True,
@@ -56,7 +79,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
   refused (exit 2) with the closest match, since Beam would only log and drop it. A verb that
   hands nothing to Beam (`beam` False) refuses every other flag, also with the closest match."""
   args, beam_flags = parser.parse_known_args(argv)
-  own = [flag for action in parser._actions for flag in action.option_strings]  # pylint: disable=protected-access
+  own = _own_flags(parser)
   if beam_flags and not beam:
     parser.error(unknown_flags(beam_flags, parser.prog, own))
   if beam_flags:

@@ -11,21 +11,19 @@ import os
 from typing import Optional, Sequence
 
 import storage
-from commands.common import exits, parse, parse_size, verb_parser
+from commands.common import exits, parse, parse_size, sub_verb, verb_parser
 from embeddings.neighbour_index import (DEFAULT_RECALL_TARGET, INDEX_FILE, TUNING_RERANK,
                                         IndexDirectoryError, read_description)
 from storage.run_dirs import RUN_ERRORS, find_runs, select_model
 
 DEFAULT_MEMORY_BUDGET = '4GB'
 DEFAULT_RECALL_DROP = 0.05
-REFUSALS = RUN_ERRORS + (IndexDirectoryError,)
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('index', __doc__.split('\n\n')[0])
   verbs = parser.add_subparsers(dest='command', required=True)
-  build = verbs.add_parser('build', help='a new index over runs', epilog=parser.epilog,
-                              formatter_class=parser.formatter_class)
+  build = sub_verb(parser, verbs, 'build', 'a new index over runs')
   build.add_argument('--runs', nargs='+', required=True,
                      help='run directories or globs of them (local, gs://, s3://)')
   build.add_argument('--output', required=True, help='the index directory to create (local)')
@@ -37,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                      f'--nprobe overrides it at query time')
   build.add_argument('--model', help='the model id to index when the runs hold several')
   build.add_argument('--seed', type=int, default=0, help='samples and training')
-  add = verbs.add_parser('add', help='add newer runs to an index, without retraining',
-                            epilog=parser.epilog, formatter_class=parser.formatter_class)
+  add = sub_verb(parser, verbs, 'add', 'add newer runs to an index, without retraining')
   add.add_argument('--index', required=True, help='an index directory')
   add.add_argument('--runs', nargs='+', required=True, help='the new run directories or globs')
   add.add_argument('--recall_drop', type=float, default=DEFAULT_RECALL_DROP,
@@ -51,11 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = build_parser()
   args, beam_flags = parse(parser, argv)
-  from jobs import index_build  # Beam: once the flags are checked
+  from jobs import index_build, index_plan  # Beam: once the flags are checked
+  refusals = RUN_ERRORS + (IndexDirectoryError, index_plan.BudgetTooSmallError)
   if args.command == 'build':
     if not 0 < args.recall_target <= 1:
       parser.error('build --recall_target must be above 0 and at most 1')
-    with exits(refused=REFUSALS):
+    with exits(refused=refusals):
       if storage.is_remote(args.output):
         raise IndexDirectoryError(f'--output {args.output}: the index directory must be local')
       if os.path.exists(os.path.join(args.output, INDEX_FILE)):
@@ -67,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   else:
     if not 0 <= args.recall_drop <= 1:
       parser.error('add --recall_drop must be between 0 and 1')
-    with exits(refused=REFUSALS):
+    with exits(refused=refusals):
       description = index_build.add_runs(args.index, read_description(args.index),
                                          find_runs(args.runs), args.recall_drop, beam_flags)
   print(summary_line(description))

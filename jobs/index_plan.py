@@ -25,6 +25,10 @@ ID_BYTES = 8
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39
 
 
+class BudgetTooSmallError(ValueError):
+  """No index of these vectors fits --memory_budget: refused before any vector is encoded."""
+
+
 class IndexPlan(NamedTuple):
   kind: str  # 'exhaustive', 'hnsw' or 'ivf_pq'
   factory: str  # FAISS index_factory string, after the PCA if any
@@ -62,8 +66,8 @@ def choose_plan(count: int, dimension: int, memory_budget: int) -> IndexPlan:
       return IndexPlan('ivf_pq', f'IVF{lists}{quantizer},PQ{pq_bytes}', 4 * pq_bytes, lists,
                        max(1, lists // 32), pq_bytes + ID_BYTES,
                        min(count, TRAIN_POINTS_PER_LIST * lists))
-  raise ValueError(f'{count} vectors need at least {count * (PQ_BYTES[-1] + ID_BYTES)} bytes; '
-                   f'raise --memory_budget')
+  raise BudgetTooSmallError(f'{count} vectors need at least '
+                            f'{count * (PQ_BYTES[-1] + ID_BYTES)} bytes; raise --memory_budget')
 
 
 def new_index(plan: IndexPlan, dimension: int, pca=None):
