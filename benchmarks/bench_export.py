@@ -47,8 +47,8 @@ def _export(runs: str, to: str) -> dict:
 def _plan_here(runs_glob: str, beam_flags) -> None:
   """The plan alone, in this process (the launcher), its counts printed."""
   from apache_beam.options.pipeline_options import PipelineOptions
-  from storage.run_dirs import find_runs
   from jobs import export
+  from storage.run_dirs import find_runs
   runs = find_runs(runs_glob)
   with tempfile.TemporaryDirectory() as folder:
     target = export.open_target(f'vertex:{folder}/vertex')

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embeddings.collection import vector_sources
-from storage.run_dirs import find_runs
 from run_format import EMBEDDED, INDEX_SCHEMA, SKIPPED, SUMMARY_FILE
+from storage.run_dirs import find_runs
 from tests.run_writer import RECIPE, run_summary
 
 MODEL = 'builtin:pnasnet_large@untrained-seed0'

@@ -14,17 +14,15 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from commands.common import exits, parse, verb_parser
+from commands.common import add_runs_flags, exits, parse, verb_parser
 from storage.run_dirs import RUN_ERRORS
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('compact', __doc__.split('\n\n')[0])
-  parser.add_argument('--runs', nargs='+', required=True,
-                      help='run directories or globs of them (local, gs://, s3://)')
+  add_runs_flags(parser, model_help='the model id to keep when the runs hold several')
   parser.add_argument('--output', required=True,
                       help='the consolidated run directory to create, e.g. beside the nights')
-  parser.add_argument('--model', help='the model id to keep when the runs hold several')
   parser.add_argument('--num_shards', type=int, default=0,
                       help='output shards (0: one per 100,000 rows of the newest index)')
   parser.add_argument('--allow_concurrent', action='store_true',

@@ -15,17 +15,15 @@ says what the target holds (exit 1).
 import argparse
 from typing import Optional, Sequence
 
-from commands.common import BEAM_EPILOG, exits, parse, verb_parser
+from commands.common import BEAM_EPILOG, add_runs_flags, exits, parse, verb_parser
 from storage.run_dirs import RUN_ERRORS, find_runs, select_model
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('export', __doc__.split('\n\n')[0], BEAM_EPILOG + ' A PostgreSQL '
                        'password comes from PGPASSWORD or ~/.pgpass, as for psql.')
-  parser.add_argument('--runs', nargs='+', required=True,
-                      help='run directories or globs of them (local, gs://, s3://)')
+  add_runs_flags(parser, model_help='the model id to export when the runs hold several')
   parser.add_argument('--to', required=True, help='the target (see above)')
-  parser.add_argument('--model', help='the model id to export when the runs hold several')
   parser.add_argument('--batch_size', type=int, default=0,
                       help='rows a write sends at once (0: the target\'s own)')
   return parser

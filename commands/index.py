@@ -11,7 +11,7 @@ import os
 from typing import Optional, Sequence
 
 import storage
-from commands.common import exits, parse, parse_size, sub_verb, verb_parser
+from commands.common import add_runs_flags, exits, parse, parse_size, sub_verb, verb_parser
 from embeddings.neighbour_index import (DEFAULT_RECALL_TARGET, INDEX_FILE, TUNING_RERANK,
                                         IndexDirectoryError, read_description)
 from storage.run_dirs import RUN_ERRORS, find_runs, select_model
@@ -24,8 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('index', __doc__.split('\n\n')[0])
   verbs = parser.add_subparsers(dest='command', required=True)
   build = sub_verb(parser, verbs, 'build', 'a new index over runs')
-  build.add_argument('--runs', nargs='+', required=True,
-                     help='run directories or globs of them (local, gs://, s3://)')
+  add_runs_flags(build, model_help='the model id to index when the runs hold several')
   build.add_argument('--output', required=True, help='the index directory to create (local)')
   build.add_argument('--memory_budget', type=parse_size, default=DEFAULT_MEMORY_BUDGET,
                      help='memory the index may take when searched')
@@ -33,7 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f'a PQ plan searches the fewest lists (a power of two) giving this '
                      f'recall@10 on the probes with {TUNING_RERANK} candidates re-ranked; '
                      f'--nprobe overrides it at query time')
-  build.add_argument('--model', help='the model id to index when the runs hold several')
   build.add_argument('--seed', type=int, default=0, help='samples and training')
   add = sub_verb(parser, verbs, 'add', 'add newer runs to an index, without retraining')
   add.add_argument('--index', required=True, help='an index directory')

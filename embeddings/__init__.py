@@ -8,9 +8,9 @@ No Beam needed to import this package; gs:// and s3:// paths go through Beam's F
 """
 
 from embeddings.runs import Embeddings, iter_shards, load
-from storage.run_dirs import MixedModelsError, NoRunsError, Run, find_runs, select_model
 from embeddings.shards import CorruptShardError, Shard
 from run_format import METADATA_SCHEMA, IncompatibleRunError
+from storage.run_dirs import MixedModelsError, NoRunsError, Run, find_runs, select_model
 
 __all__ = ['CorruptShardError', 'Embeddings', 'IncompatibleRunError', 'METADATA_SCHEMA',
            'MixedModelsError', 'NoRunsError', 'Run', 'Shard', 'find_runs', 'iter_shards', 'load',

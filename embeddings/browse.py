@@ -29,9 +29,9 @@ from embeddings import sheet
 from embeddings.neighbours import RERANK, QueryError, check_image, search_vectors
 from embeddings.query import embed_image
 from embeddings.runs import iter_run_shards
-from storage.run_dirs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour
+from storage.run_dirs import Run
 
 HOST = '127.0.0.1'
 DEFAULT_K = 24

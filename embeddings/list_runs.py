@@ -16,9 +16,9 @@ import json
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import storage
-from storage.run_dirs import Unfinished
 from run_format import (CLAIM_FILE, EMBEDDED, FINISHED, INDEX_GLOB, SKIPPED, SUMMARY_FILE,
                         TOO_MANY_FAILURES)
+from storage.run_dirs import Unfinished
 
 UNFINISHED = 'unfinished'
 COUNTS = ('matched', 'embedded', 'skipped', 'failed', 'lost')

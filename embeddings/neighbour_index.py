@@ -1,6 +1,6 @@
 """The approximate-neighbour index over runs (FAISS): its directory and its reader.
 
-`python -m embeddings.index` builds and extends it (the Beam job: jobs/index_build.py, its plan
+`pnasnet-embeddings index` builds and extends it (the Beam job: jobs/index_build.py, its plan
 jobs/index_plan.py); `NeighbourIndex` opens it for queries.
 
 An index is an exhaustive list (exact search), HNSW32 over the full vectors, or IVF-PQ after a
@@ -43,8 +43,8 @@ import numpy as np
 
 import storage
 from embeddings import faiss_util
-from storage.run_dirs import MixedModelsError, Run, find_runs
 from embeddings.similarity import READERS, Neighbour, cosine_value, unit_rows
+from storage.run_dirs import MixedModelsError, Run, find_runs
 
 INDEX_FILE = 'index.json'
 FAISS_FILE = 'index.faiss'
@@ -86,13 +86,13 @@ def read_description(directory: str) -> dict:
                       f'memory-maps it); copy it here first')
   if not os.path.isfile(path):
     raise IndexDirectoryError(f'{directory}: no {INDEX_FILE}, so not an index directory written by '
-                      f'`python -m embeddings.index build`')
+                      f'`pnasnet-embeddings index build`')
   with open(path) as f:
     description = json.load(f)
   if description.get('format_version') != FORMAT_VERSION:
     raise IndexDirectoryError(f'{directory}: an index of format {description.get("format_version")}, '
                       f'this version reads {FORMAT_VERSION}: build it again '
-                      f'(python -m embeddings.index build)')
+                      f'(pnasnet-embeddings index build)')
   return description
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import storage
 from embeddings import sheet
 from embeddings.runs import iter_run_shards, iter_run_vectors
-from storage.run_dirs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour, nearest_many
+from storage.run_dirs import Run
 
 SHEET_COLUMNS = 6
 RERANK = 100

@@ -1,6 +1,6 @@
 """Near duplicates of collections too large for all pairs: k-means clusters, exact cosine inside.
 
-The Beam job of `python -m embeddings.duplicates --method clusters` (the DirectRunner on one
+The Beam job of `pnasnet-embeddings duplicates --method clusters` (the DirectRunner on one
 machine, Dataflow for 100M vectors):
 
   1. every shard is read; a seeded sample of its unit vectors is written to a file (float16);
@@ -49,13 +49,13 @@ from apache_beam.pvalue import AsList, AsSingleton, TaggedOutput
 
 import storage
 from embeddings.duplicate_groups import Candidate, Group, Member, components, grouped, sort_groups
-from storage.run_dirs import Run
 from embeddings.shards import read_shard
 from embeddings.similarity import unit_rows
 from jobs import work_folder
 from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
 from jobs.shard_refs import ShardRef, shard_refs
 from pipeline.runners import default_runner
+from storage.run_dirs import Run
 
 MAX_CLUSTERS = 4096  # k-means is trained on one worker: 40 x 4096 sample rows
 SAMPLE_PER_CLUSTER = 40  # FAISS wants at least 39 training rows per centroid

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 
 import storage
 from embeddings.collection import GONE, UNDECIDED, SourceRule, warn_of_missing
-from storage.run_dirs import Run
 from embeddings.shards import is_parquet, read_shard
 from jobs import work_folder
 from run_format import DECODE, READ, SKIPPED
+from storage.run_dirs import Run
 
 _LOG = logging.getLogger(__name__)
 METRICS_NAMESPACE = 'collection'

@@ -1,4 +1,4 @@
-"""The Beam job behind `python -m embeddings.export`: the collection `embeddings.load` returns,
+"""The Beam job behind `pnasnet-embeddings export`: the collection `embeddings.load` returns,
 put into a vector database or files, and kept equal to it night after night.
 
     plan pipeline:  the target's current_rows_transform: (uri, run), read in pages, beside
@@ -32,7 +32,6 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import storage
-from storage.run_dirs import Run
 from embeddings.shards import read_shard
 from jobs import work_folder
 from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
@@ -40,6 +39,7 @@ from jobs.export_target import (IN_PROGRESS, METRICS_NAMESPACE, BatchFailed, Exp
                                 ExportState, Target, TargetError)
 from pipeline.runners import default_runner
 from run_format import utc_now
+from storage.run_dirs import Run
 
 _LOG = logging.getLogger(__name__)
 DELETE_BATCH = 1000

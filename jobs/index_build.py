@@ -1,4 +1,4 @@
-"""The Beam jobs behind `python -m embeddings.index`: sample, train, encode on workers, merge.
+"""The Beam jobs behind `pnasnet-embeddings index build|add`: sample, train, encode on workers, merge.
 
 With several runs, a first pipeline decides which rows the index holds, by the collection's rule
 (embeddings/collection.py, as `embeddings.load` applies it) over the runs' indexes, grouped by URI
@@ -32,7 +32,6 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from embeddings import faiss_util, neighbour_index
-from storage.run_dirs import MixedModelsError, Run, find_runs
 from jobs import index_quality
 from jobs.index_directory import (DirectoryWriter, copy_old_rows, merge_lists, merge_pieces,
                                   rebuild_hnsw, remove_ids)
@@ -46,6 +45,7 @@ from jobs.index_train import (SampleShard, split_probes, train_index, train_pca,
 from jobs.shard_refs import ShardRef, shard_refs
 from pipeline.runners import default_runner
 from run_format import utc_now
+from storage.run_dirs import MixedModelsError, Run, find_runs
 
 _LOG = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import storage
-from storage.run_dirs import Run
 from jobs import work_folder
 from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
 from jobs.index_pieces import METRICS_NAMESPACE, put_file
 from jobs.shard_refs import ShardRef
 from pipeline.runners import default_runner
+from storage.run_dirs import Run
 
 ROW_BITS = 24  # ids are shard number << ROW_BITS | row: up to 16M rows a shard
 

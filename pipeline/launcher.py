@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
                                                   TestOptions, WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
+import storage
 from models.description import ModelDescription, describe_model
 from pipeline.beam_flags import OptionsError, check_known_flags
 from pipeline.options import EmbeddingOptions, expand_output, one_model_per_gpu, validate
@@ -32,7 +33,6 @@ from pipeline.versions import (LaunchOptions, current_versions, format_versions,
 from run_format import (CLAIM_FILE, CLAIM_STALE_SECONDS, FAILURES_PREFIX, FAILURES_SUFFIX,
                         FINISHED, SUMMARY_FILE, TEMP_FOLDERS, RunLaunch,
                         RunSummary, shard_glob, utc_now)
-import storage
 from storage.run_dirs import NoRunsError, scan_runs, warn_of_failed
 from transforms.incremental import state_runs
 from transforms.provenance import Provenance, project_version, recipe
@@ -146,8 +146,8 @@ def incremental_runs(patterns: List[str], output: str, allow_empty: bool,
         f'not rewritten for {CLAIM_STALE_SECONDS // 60} min counts as a dead run)')
   for unfinished in dead.values():
     logging.warning('--incremental_from: %s is a dead run (no %s, claim not rewritten for %d '
-                    'min): not read; its files are embedded again. `python -m '
-                    'embeddings.list_runs` lists it; --clean_unfinished with it as --output '
+                    'min): not read; its files are embedded again. `pnasnet-embeddings runs` '
+                    'lists it; --clean_unfinished with it as --output '
                     'deletes what it wrote', unfinished.describe(), SUMMARY_FILE,
                     CLAIM_STALE_SECONDS // 60)
   if live:

@@ -18,9 +18,9 @@ from typing import List, NamedTuple
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
+import storage
 from run_format import (CLAIM_FILE, CLAIM_STALE_SECONDS, RUN_FILES, SUMMARY_FILE,
                         TEMP_FOLDER_NAME, TEMP_FOLDERS, run_file_name)
-import storage
 from storage.run_dirs import Unfinished
 
 

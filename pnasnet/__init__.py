@@ -1,7 +1,7 @@
 """PNASNet-5 in TensorFlow 2, as TF-Slim defines it; no Beam here.
 
 The configurations import without TensorFlow; the network (and TensorFlow) loads when first
-asked for, so `run_pipeline.py --help` and the option checks start in a second."""
+asked for, so `pnasnet-embeddings embed --help` and the option checks start in a second."""
 
 from typing import Optional
 

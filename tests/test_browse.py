@@ -18,13 +18,13 @@ from PIL import Image
 
 from commands import browse as browse_command
 from commands import duplicates as duplicates_command
-from embeddings import browse, duplicates
 from commands import index as index_command
+from embeddings import browse, duplicates
 from embeddings.neighbour_index import NeighbourIndex
 from embeddings.neighbours import search_vectors
 from embeddings.query import embed_image
-from storage.run_dirs import find_runs
 from pipeline.launcher import run as run_pipeline
+from storage.run_dirs import find_runs
 from tests.conftest import SAMPLE_IMAGES
 from tests.run_writer import rows, write_run
 

@@ -25,8 +25,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
 import embeddings
-from benchmarks.near_duplicates import copies_of
 import storage
+from benchmarks.near_duplicates import copies_of
 from commands import duplicates as duplicates_command
 from commands import neighbours as neighbours_command
 from embeddings import duplicate_groups, duplicates, neighbours, sheet

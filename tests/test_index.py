@@ -14,9 +14,9 @@ import embeddings
 from benchmarks.synthetic_collection import uri_of, write_synthetic_run
 from commands import index as index_command
 from embeddings import neighbour_index
-from storage.run_dirs import MixedModelsError
 from embeddings.similarity import unit_rows
 from jobs import index_plan
+from storage.run_dirs import MixedModelsError
 
 DIMENSION = 48
 OTHER_MODEL = 'builtin:pnasnet_mobile@synthetic-seed0'

@@ -14,13 +14,13 @@ import pytest
 import embeddings
 from benchmarks import bench_index
 from benchmarks.synthetic_collection import uri_of, write_synthetic_run
-from tests.bundle_spy import calls_by_place
 from commands import index as index_command
 from commands import neighbours as neighbours_command
 from embeddings import neighbour_index, neighbours
 from embeddings.collection import SourceRule
 from embeddings.similarity import unit_rows
 from jobs import index_directory
+from tests.bundle_spy import calls_by_place
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs')
 PQ_ROWS = 10_500  # above EXHAUSTIVE_BELOW

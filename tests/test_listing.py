@@ -21,8 +21,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline.launcher import run
 from pipeline.options import EmbeddingOptions
 from tests.fault_proxy import FaultProxy, FaultRule
-from tests.synthetic_bucket import SyntheticBuckets, SyntheticNames
 from tests.outputs import read_failures as _read_failures
+from tests.synthetic_bucket import SyntheticBuckets, SyntheticNames
 from transforms.listing import is_run_file
 from transforms.read import CHECK_PAGES, MatchFiles, match_input
 

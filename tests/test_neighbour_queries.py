@@ -14,8 +14,8 @@ from commands import index as index_command
 from commands import neighbours as neighbours_command
 from embeddings import neighbours, query as query_module
 from embeddings.runs import concatenate, iter_run_vectors
-from embeddings.similarity import nearest, nearest_many, unit_rows
 from embeddings.shards import ParquetVectors, Shard
+from embeddings.similarity import nearest, nearest_many, unit_rows
 from run_format import METADATA_SCHEMA
 from tests.png_chunks import png_declaring
 from tests.run_writer import rows, write_run

@@ -14,8 +14,8 @@ import pytest
 
 import embeddings
 from commands import compact as compact_command
-from embeddings import list_runs
 from commands.embed import main
+from embeddings import list_runs
 from pipeline.launcher import TooManyFailuresError, read_summary, run
 from run_format import CLAIM_FILE, SUMMARY_FILE
 

@@ -64,7 +64,7 @@ class _Beating:
 
 
 def keep_alive(output: str, interval: float = HEARTBEAT_SECONDS) -> _Beating:
-  """For a command that waits for its job (embeddings.compact): beats from this process until
+  """For a command that waits for its job (`pnasnet-embeddings compact`): beats from this process until
   `stop()`."""
   return _Beating(output, interval)
 

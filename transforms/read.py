@@ -31,13 +31,13 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 import storage
+from run_format.patterns import unescape
 from transforms.failures import FAILURES_TAG, READ, Failure
 from transforms.listing import (PIECE_PAGES, FileRef, Listed, UnlistableError, exclude_regexes,
                                 list_piece, list_sequentially, plan_listing,
                                 read_object, say_once, stat_object, unlistable)
 from transforms.manifests import (CSV, Inventory, check_inventory, csv_rows, inventory,
                                   row_object, suffix_kind, wanted_columns)
-from run_format.patterns import unescape
 
 METRICS_NAMESPACE = 'read'
 DEFAULT_MAX_FILE_BYTES = 256 << 20
