@@ -15,8 +15,8 @@ from commands.common import DONE, PROGRAM, REFUSED
 
 # verb: (module, what it does, in one line)
 VERBS = {
-    'embed': ('commands.embed', 'embed images from files, folders, globs or manifests into a '
-              'run directory (the Beam pipeline)'),
+    'embed': ('commands.embed', 'embed images (files, folders, globs, manifests) into a run '
+              'directory'),
     'runs': ('commands.runs', 'list run directories: finished, failed or unfinished, with counts'),
     'neighbours': ('commands.neighbours', 'the images nearest a query image, exactly or through '
                    'an index'),
@@ -25,14 +25,14 @@ VERBS = {
     'index': ('commands.index', 'build an approximate-neighbour index over runs, or add newer '
               'runs to it'),
     'compact': ('commands.compact', 'consolidate many runs into one'),
-    'export': ('commands.export', 'put the collection into pgvector, Milvus, Qdrant or Vertex AI '
-               'files, and keep it equal'),
+    'export': ('commands.export', 'keep the collection in pgvector, Milvus, Qdrant or Vertex AI '
+               'files'),
     'browse': ('commands.browse', 'a local web page to search the collection and look at its '
                'duplicates'),
     'check-gpu': ('commands.check_gpu', 'check a worker container\'s GPU, model and process '
                   'layout before paying for a GPU job'),
-    'export-model': ('commands.export_model', 'write the built-in network (seeded or from a '
-                     'TF-Slim checkpoint) as a TF1 Hub module or SavedModel'),
+    'export-model': ('commands.export_model', 'write the built-in network as a TF1 Hub module '
+                     'or a SavedModel'),
 }
 
 
@@ -41,8 +41,8 @@ def usage() -> str:
   lines = [f'usage: {PROGRAM} VERB [flags]   ({PROGRAM} VERB --help: the verb\'s flags)', '',
            'PNASNet-5 image embeddings at scale with Apache Beam.', '', 'verbs:']
   lines += [f'  {verb.ljust(width)}  {text}' for verb, (_, text) in VERBS.items()]
-  lines += ['', 'Exit codes: 0 done, 1 the job failed, 2 refused before any work, 3 finished with '
-            'too many failures, 130 interrupted.']
+  lines += ['', 'Exit codes: 0 done, 1 the job failed, 2 refused before any work,',
+            '3 finished with too many failures, 130 interrupted.']
   return '\n'.join(lines)
 
 
