@@ -175,8 +175,13 @@ def _option_strings(parser) -> set:
   return {s for a in parser._actions for s in a.option_strings if s.startswith('--')}  # pylint: disable=protected-access
 
 
+# Verbs that take their own flags only; the others hand Beam the flags Beam knows.
+OWN_FLAGS_ONLY = ('check-gpu', 'export-model')
+
+
 def _beam_flags() -> set:
-  """Beam's own options, which every verb passes through (not the embedding job's)."""
+  """Beam's own options, which the verbs that run Beam or read runs pass through (not the
+  embedding job's)."""
   parser = argparse.ArgumentParser(add_help=False)
   for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
     if cls.__module__.startswith('apache_beam.'):
@@ -187,14 +192,14 @@ def _beam_flags() -> set:
 def _verb_flags(verb: str, line: str) -> set:
   """The flags `pnasnet-embeddings VERB` accepts: for `embed` the job's and Beam's
   (`all_flags_parser`), --json and --help_beam; for the others the verb's own (for `index`, those
-  of its `build` or `add`) and Beam's, which pass through."""
+  of its `build` or `add`) and, but for OWN_FLAGS_ONLY, Beam's, which pass through."""
   if verb == 'embed':
     return _option_strings(all_flags_parser()) | {JSON_FLAG, '--help_beam', '--help'}
   parser = importlib.import_module(VERBS[verb][0]).build_parser()
   if verb == 'index':
     sub = line.split()[2]
     parser = parser._subparsers._group_actions[0].choices[sub]  # pylint: disable=protected-access
-  return _option_strings(parser) | _beam_flags()
+  return _option_strings(parser) | (set() if verb in OWN_FLAGS_ONLY else _beam_flags())
 
 
 def test_the_manuals_commands_use_verbs_and_flags_that_exist():
