@@ -1,4 +1,4 @@
-"""Compaction (`python -m embeddings.compact`): what night 11 and the readers read before and
+"""Compaction (`pnasnet-embeddings compact`): what night 11 and the readers read before and
 after it, and what the job costs as the rows grow.
 
 1. Ten nights of NIGHT_ROWS synthetic rows each (benchmarks/synthetic_collection.py: night 1
@@ -58,7 +58,7 @@ def _compact(runs: str, output: str) -> tuple:
   """(wall seconds, CPU seconds, peak RSS in MB) of the command in its own process: on a shared
   machine the CPU time is the steadier figure."""
   started = time.monotonic()
-  process = subprocess.Popen([sys.executable, '-m', 'embeddings.compact', '--runs', runs,
+  process = subprocess.Popen([sys.executable, '-m', 'commands', 'compact', '--runs', runs,
                               '--output', output], cwd=PROJECT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
   _, status, usage = os.wait4(process.pid, 0)

@@ -1,4 +1,4 @@
-"""What `python -m embeddings.export` costs: rows/s and peak memory of a full export of a synthetic
+"""What `pnasnet-embeddings export` costs: rows/s and peak memory of a full export of a synthetic
 collection to pgvector (a real PostgreSQL with pgvector, pgserver, on 127.0.0.1) and to Milvus
 Lite (in the exporting process), then a nightly re-export after a second night embedded 5% new
 rows: rows written and time, against the full export.
@@ -7,7 +7,7 @@ rows: rows written and time, against the full export.
         [--targets pgvector milvus-lite]
     python -m benchmarks.bench_export --plan_only RUNS_GLOB
 
-Each export runs as its own process (`python -m embeddings.export`, DirectRunner, one worker),
+Each export runs as its own process (`pnasnet-embeddings export`, DirectRunner, one worker),
 so its peak RSS is its own (Milvus Lite runs inside it; PostgreSQL's server does not count).
 
 `--plan_only`: the launcher's own peak RSS while it plans a first export of RUNS_GLOB (into an
@@ -31,7 +31,7 @@ def _export(runs: str, to: str) -> dict:
   """One export as a child process: wall seconds, its own peak RSS, its summary line."""
   start = time.perf_counter()
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
-    child = subprocess.Popen([sys.executable, '-m', 'embeddings.export', '--runs', runs,
+    child = subprocess.Popen([sys.executable, '-m', 'commands', 'export', '--runs', runs,
                               '--to', to], stdout=out, stderr=err, text=True)
     _, status, usage = os.wait4(child.pid, 0)  # this child's rusage alone
     child.returncode = os.waitstatus_to_exitcode(status)

@@ -167,7 +167,7 @@ def _unit_rows_of(queries: np.ndarray) -> np.ndarray:
 
 def _build(args) -> None:
   started = time.perf_counter()
-  subprocess.run([sys.executable, '-m', 'embeddings.index', 'build', '--runs', *args.runs,
+  subprocess.run([sys.executable, '-m', 'commands', 'index', 'build', '--runs', *args.runs,
                   '--output', args.index, '--memory_budget', args.memory_budget], check=True)
   print(f'build: {time.perf_counter() - started:.1f} s, peak RSS '
         f'{_peak_rss_gb_of_children():.2f} GB')
@@ -256,7 +256,7 @@ def main(argv=None) -> None:
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(args.index, copy)
     started = time.perf_counter()
-    subprocess.run([sys.executable, '-m', 'embeddings.index', 'add', '--index', copy, '--runs',
+    subprocess.run([sys.executable, '-m', 'commands', 'index', 'add', '--index', copy, '--runs',
                     args.add_run], check=True)
     print(f'add: {time.perf_counter() - started:.1f} s')
   print(f'load average at end {os.getloadavg()[0]:.1f}')

@@ -1,7 +1,8 @@
 """Peak memory of a run as the input grows: 1,000 and 5,000 small images, the null model.
 
-Each run is `run_pipeline.py` in a subprocess; the peak resident set (the kernel's VmHWM) of the
-launcher and of every worker process it starts is sampled from /proc until the run ends. With
+Each run is `pnasnet-embeddings embed` (started as `run_pipeline.py`) in a subprocess; the peak
+resident set (the kernel's VmHWM) of the launcher and of every worker process it starts is sampled
+from /proc until the run ends. With
 the null model the figures are the pipeline's own memory, not a network's.
 
     python -m benchmarks.bench_memory [--sizes 1000 5000] [--runners in_memory multi_processing]

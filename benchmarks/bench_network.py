@@ -62,7 +62,7 @@ def main() -> None:
 
   with tempfile.TemporaryDirectory() as tmp:
     export_dir = os.path.join(tmp, 'module')
-    subprocess.run([sys.executable, '-m', 'pnasnet.export', '--config', args.config,
+    subprocess.run([sys.executable, '-m', 'commands', 'export-model', '--config', args.config,
                     '--format', 'tf1_hub', '--output', export_dir], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print(f'PNASNet {args.config}, CPU: {os.cpu_count()} cores, repeats {args.repeats}')

@@ -4,7 +4,8 @@ Embeds the sample photos and two copies of each (half size, Lanczos, same format
 re-encoded as JPEG quality 75) with a model (any handle `--model` takes), then prints per photo
 the cosine to each copy, the best cosine to any other photo, and the copies' ranks among the
 original's neighbours.
-The near-duplicate default threshold of `embeddings.duplicates` was chosen from these figures.
+The near-duplicate default threshold of `pnasnet-embeddings duplicates` (embeddings/duplicates.py)
+was chosen from these figures.
 
     python -m benchmarks.near_duplicates [--model builtin:pnasnet_large] [--seed 0] \
         [--checkpoint PATH/model.ckpt]

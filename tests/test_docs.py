@@ -1,7 +1,9 @@
-"""The manual against the code: docs/flags.md, `run_pipeline.py --help` and the Flex Template's
-deploy/flex/metadata.json name the same flags with the same defaults and choices; the commands the
-pages show use flags that exist; links between the pages lead somewhere."""
+"""The manual against the code: docs/flags.md, `pnasnet-embeddings embed --help` and the Flex
+Template's deploy/flex/metadata.json name the same flags with the same defaults and choices; the
+commands the pages show use verbs and flags that exist; links between the pages lead somewhere."""
 
+import argparse
+import importlib
 import json
 import os
 import re
@@ -12,6 +14,9 @@ import sys
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from commands.cli import VERBS
+from commands.common import PROGRAM
+from commands.embed import JSON_FLAG
 from pipeline import flags_doc
 import pipeline.options  # noqa: F401  (registers the embedding job's flags beside Beam's)
 from pipeline.beam_flags import all_flags_parser
@@ -62,17 +67,21 @@ def _page_flags() -> dict:
 
 
 def _help_flags() -> dict:
-  """`run_pipeline.py --help` as a user sees it: {name: choices or None}, and its stated defaults."""
+  """`pnasnet-embeddings embed --help` as a user sees it: {name: choices or None} of the job's
+  flags (not --json, which only chooses what the command prints), and their stated defaults."""
   wide = dict(os.environ, COLUMNS='10000')  # argparse would wrap long defaults mid-word
-  text = subprocess.run([sys.executable, 'run_pipeline.py', '--help'], cwd=PROJECT, check=True,
-                        capture_output=True, text=True, env=wide).stdout
+  text = subprocess.run([sys.executable, '-m', 'commands', 'embed', '--help'], cwd=PROJECT,
+                        check=True, capture_output=True, text=True, env=wide).stdout
   flags, stated = {}, {}
   for entry in re.split(r'\n(?=  --)', text)[1:]:  # one entry per flag: its line and its help
     name, choices = re.match(r'  --([a-z0-9_]+)(?: \{([^}]*)\})?', entry).groups()
+    if f'--{name}' == JSON_FLAG:
+      continue
     flags[name] = choices.split(',') if choices else None
-    default = re.search(r'Default: (\S+)', ' '.join(entry.split()))
+    entry = entry.split('\n\n')[0]  # not the next group's title
+    default = re.search(r'\(default: (\S+)\)|Default: (\S+)', ' '.join(entry.split()))
     if default:
-      stated[name] = default.group(1)
+      stated[name] = default.group(1) or default.group(2)
   return flags, stated
 
 
@@ -148,23 +157,65 @@ def test_every_flag_has_an_example_the_parser_accepts():
     assert parser.parse_args(args) is not None
 
 
-def _commands(text: str, program: str):
-  """Each `program ...` command in the page's shell blocks, continuation lines joined."""
+def _commands(text: str):
+  """Each `pnasnet-embeddings VERB ...` command in the page's shell blocks, continuation lines
+  joined, as (verb, the command), also as a container's entry point (`docker run ...
+  --entrypoint pnasnet-embeddings IMAGE VERB ...`, the command from the program on)."""
   for block in re.findall(r'```bash\n(.*?)```', text, re.S):
-    for command in block.replace('\\\n', ' ').splitlines():
-      if command.strip().startswith(program):
-        yield command
+    for line in block.replace('\\\n', ' ').splitlines():
+      in_container = re.search(rf'--entrypoint {PROGRAM} \S+ (.*)', line)
+      if in_container:
+        line = f'{PROGRAM} {in_container.group(1)}'
+      words = line.split()
+      if words and words[0] == PROGRAM:
+        yield (words[1] if len(words) > 1 else ''), line
 
 
-def test_the_manuals_pipeline_commands_use_flags_that_exist():
-  known = {s.lstrip('-') for a in all_flags_parser()._actions for s in a.option_strings}  # pylint: disable=protected-access
-  seen = 0
+def _option_strings(parser) -> set:
+  return {s for a in parser._actions for s in a.option_strings if s.startswith('--')}  # pylint: disable=protected-access
+
+
+# Verbs that take their own flags only; the others hand Beam the flags Beam knows.
+OWN_FLAGS_ONLY = ('check-gpu', 'export-model')
+
+
+def _beam_flags() -> set:
+  """Beam's own options, which the verbs that run Beam or read runs pass through (not the
+  embedding job's)."""
+  parser = argparse.ArgumentParser(add_help=False)
+  for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+    if cls.__module__.startswith('apache_beam.'):
+      cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  return _option_strings(parser)
+
+
+def _verb_flags(verb: str, line: str) -> set:
+  """The flags `pnasnet-embeddings VERB` accepts: for `embed` the job's and Beam's
+  (`all_flags_parser`), --json and --help_beam; for the others the verb's own (for `index`, those
+  of its `build` or `add`) and, but for OWN_FLAGS_ONLY, Beam's, which pass through."""
+  if verb == 'embed':
+    return _option_strings(all_flags_parser()) | {JSON_FLAG, '--help_beam', '--help'}
+  parser = importlib.import_module(VERBS[verb][0]).build_parser()
+  if verb == 'index':
+    sub = line.split()[2]
+    parser = parser._subparsers._group_actions[0].choices[sub]  # pylint: disable=protected-access
+  return _option_strings(parser) | (set() if verb in OWN_FLAGS_ONLY else _beam_flags())
+
+
+def test_the_manuals_commands_use_verbs_and_flags_that_exist():
+  seen = {}
   for page, text in _manual_pages().items():
-    for command in _commands(text, 'python run_pipeline.py'):
-      seen += 1
-      for flag in re.findall(r'(?:^|\s)--([a-z0-9_]+)', command):
-        assert flag in known, f'{page}: {command[:60]}... uses unknown flag --{flag}'
-  assert seen >= 5, 'found too few run_pipeline.py commands: the block parsing broke'
+    for verb, line in _commands(text):
+      assert verb in VERBS, f'{page}: {line[:60]}... names no verb of {PROGRAM}'
+      seen[verb] = seen.get(verb, 0) + 1
+      known = _verb_flags(verb, line)
+      for flag in re.findall(r'(?:^|[\s\[])(--[a-z0-9_]+)', line):
+        assert flag in known, f'{page}: {line[:60]}... uses unknown flag {flag} of {verb}'
+  # the block parsing broke if the pages seem to show fewer commands than they do
+  least = {'embed': 8, 'runs': 2, 'neighbours': 4, 'duplicates': 1, 'index': 2, 'compact': 1,
+           'export': 1, 'browse': 1, 'check-gpu': 1, 'export-model': 2}
+  for verb, count in least.items():
+    assert seen.get(verb, 0) >= count, f'found {seen.get(verb, 0)} `{PROGRAM} {verb}` commands'
 
 
 @pytest.mark.parametrize('page', sorted(_manual_pages()))

@@ -120,8 +120,9 @@ def test_the_documented_backfill_loop_can_be_run_again_as_printed(gcs_server, im
   died = f'gs://my-bucket/embeddings/backfill-{chunks[1]}'
   gcs_server.upload(f'{died}/{CLAIM}', json.dumps({'pid': 999999, 'host': 'elsewhere'}).encode())
   gcs_server.upload(f'{died}/beam-temp-embeddings-5f0c3e1aed6911f1826502fc00000001/part-0', b'partial')
+  assert 'pnasnet-embeddings embed ' in loop, loop
   script = loop.replace('builtin:pnasnet_large', 'builtin:pnasnet_tiny').replace(
-      'python run_pipeline.py', f'{shlex.quote(sys.executable)} run_pipeline.py')
+      'pnasnet-embeddings embed ', f'{shlex.quote(sys.executable)} -m commands embed ')
   finished = {}
   for attempt in range(2):
     result = subprocess.run(['bash', '-c', script], cwd=PROJECT, capture_output=True, text=True,
@@ -317,10 +318,12 @@ def test_a_bad_whole_number_is_reported_in_words(image_folder, tmp_path):
 
 
 def _command_writing(text: str, output: str) -> str:
-  """The documented run_pipeline.py command (continuation lines joined) that writes `output`."""
+  """The documented `pnasnet-embeddings embed` command (continuation lines joined) that writes
+  `output`."""
   for block in re.findall(r'```bash\n(.*?)```', text, re.S):
     for command in block.replace('\\\n', ' ').splitlines():
-      if command.startswith('python run_pipeline.py') and f'--output {output} ' in command + ' ':
+      if (command.startswith('pnasnet-embeddings embed ') and
+          f'--output {output} ' in command + ' '):
         return command
   raise AssertionError(f'no documented command writes {output}')
 
@@ -336,10 +339,14 @@ def test_the_documented_duckdb_examples_read_a_run_the_docs_create(tmp_path):
   os.symlink(os.path.join(PROJECT, 'sample_images'), tmp_path / 'sample_images')
   for output in runs:
     command = _command_writing(text, output)
-    args = shlex.split(command)[2:]
+    args = shlex.split(command)[2:]  # after `pnasnet-embeddings embed`
     assert any(a in ('parquet', 'both') for a in args), command
-    created = _cli([a.replace('builtin:pnasnet_large', 'builtin:pnasnet_tiny') for a in args],
-                   cwd=str(tmp_path))
+    created = subprocess.run(
+        [sys.executable, '-m', 'commands', 'embed'] +
+        [a.replace('builtin:pnasnet_large', 'builtin:pnasnet_tiny') for a in args],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [PROJECT, os.environ.get('PYTHONPATH')]))))
     assert created.returncode == 0, created.stderr[-2000:]
   for query in queries:
     result = subprocess.run(['bash', '-c', query.replace('python -c', f'{sys.executable} -c', 1)],

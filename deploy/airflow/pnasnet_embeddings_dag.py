@@ -9,9 +9,9 @@ earlier nights makes each night embed only new and changed images. The launch ta
 (the template never waits); the next task waits for the job without holding a worker slot; then one
 waits for its run_summary.json, which the pipeline writes last, after every output file, and the
 last one reads the summary's outcome: "finished" passes, "too_many_failures" (more than
---max_failed_fraction of the matched images were dead-lettered, the launcher's exit 3) fails the
-DAG run, as a failed job does. A few bad images in a night do not fail it; they are listed in the
-run's failures-*.jsonl.
+--max_failed_fraction of the matched images were dead-lettered: `pnasnet-embeddings embed`'s exit
+3) fails the DAG run, as a failed job does. A few bad images in a night do not fail it; they are
+listed in the run's failures-*.jsonl.
 
 The sensor waits as long as the documented estimate says a job of at most IMAGES_PER_NIGHT new
 images takes (docs/dataflow.md, "Which GPU and machine": 0.42 hours per 1M images on 8 L4
