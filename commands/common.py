@@ -84,7 +84,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
     parser.error(unknown_flags(beam_flags, parser.prog, own))
   if beam_flags:
     try:
-      check_known_flags(beam_flags, parser.prog, own)
+      check_known_flags(beam_flags, parser.prog, own, beam_only=True)
     except OptionsError as exc:
       parser.error(str(exc))
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')

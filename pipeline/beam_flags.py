@@ -22,11 +22,12 @@ def unknown_flags(unknown: Sequence[str], command: str, own_flags: Sequence[str]
   return '\n'.join(problems) + f'\n({command} --help lists the flags)'
 
 
-def all_flags_parser(command: str = 'pnasnet-embeddings embed') -> argparse.ArgumentParser:
-  """Every option Beam and this project know, as `PipelineOptions.get_all_options` sees them;
-  `command` is named in its errors, in one line: argparse would answer a bad value
-  (`--output_format csv`, a flag left without its value) with a usage line listing some 165
-  options."""
+def all_flags_parser(command: str = 'pnasnet-embeddings embed',
+                     beam_only: bool = False) -> argparse.ArgumentParser:
+  """Every option Beam and this project know, as `PipelineOptions.get_all_options` sees them
+  (`beam_only`: Beam's own, not the embedding job's); `command` is named in its errors, in one
+  line: argparse would answer a bad value (`--output_format csv`, a flag left without its value)
+  with a usage line listing some 165 options."""
   from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
   class OneLineErrors(_BeamArgumentParser):
@@ -36,15 +37,17 @@ def all_flags_parser(command: str = 'pnasnet-embeddings embed') -> argparse.Argu
 
   parser = OneLineErrors(prog=command, allow_abbrev=False, add_help=False)
   for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+    if beam_only and not cls.__module__.startswith('apache_beam.'):
+      continue
     cls._add_argparse_args(parser)  # pylint: disable=protected-access
   return parser
 
 
 def check_known_flags(argv: Sequence[str], command: str = 'pnasnet-embeddings embed',
-                      own_flags: Sequence[str] = ()) -> None:
+                      own_flags: Sequence[str] = (), beam_only: bool = False) -> None:
   """OptionsError naming each flag neither the command (`own_flags`, offered first as
-  corrections) nor Beam knows."""
-  parser = all_flags_parser(command)
+  corrections) nor Beam knows (`beam_only`: nor the embedding job, for the other verbs)."""
+  parser = all_flags_parser(command, beam_only)
   _, unknown = parser.parse_known_args(list(argv))
   if unknown:
     known = [s for action in parser._actions for s in action.option_strings]  # pylint: disable=protected-access

@@ -2,7 +2,6 @@
 Template's deploy/flex/metadata.json name the same flags with the same defaults and choices; the
 commands the pages show use verbs and flags that exist; links between the pages lead somewhere."""
 
-import argparse
 import importlib
 import json
 import os
@@ -182,11 +181,7 @@ OWN_FLAGS_ONLY = ('check-gpu', 'export-model')
 def _beam_flags() -> set:
   """Beam's own options, which the verbs that run Beam or read runs pass through (not the
   embedding job's)."""
-  parser = argparse.ArgumentParser(add_help=False)
-  for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-    if cls.__module__.startswith('apache_beam.'):
-      cls._add_argparse_args(parser)  # pylint: disable=protected-access
-  return _option_strings(parser)
+  return _option_strings(all_flags_parser(beam_only=True))
 
 
 def _verb_flags(verb: str, line: str) -> set:
