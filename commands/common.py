@@ -33,8 +33,8 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
   def _get_help_string(self, action: argparse.Action) -> str:
     text = action.help or ''
-    if (action.required or not action.option_strings or
-        action.default in (None, False, argparse.SUPPRESS) or
+    if (action.required or not action.option_strings or action.default is None or
+        action.default is False or action.default == argparse.SUPPRESS or
         re.search(r'\(default[ :]|Default[ :]|%\(default\)', text)):
       return text
     return text + ' (default: %(default)s)'

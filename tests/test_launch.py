@@ -254,7 +254,7 @@ def test_documented_read_back_works_for_any_model_and_gzip(image_folder, tmp_pat
 
 def test_help_shows_the_project_flags_briefly():
   short = _cli(['--help'], check=True).stdout
-  assert len(short.splitlines()) < 150 and '--input_manifest' in short
+  assert len(short.splitlines()) < 200 and '--input_manifest' in short  # with Beam's: 980
   assert '--runner RUNNER' not in short and '--help_beam' in short
   assert '--runner RUNNER' in _cli(['--help_beam'], check=True).stdout
 

@@ -61,7 +61,8 @@ def test_a_default_local_run_downloads_nothing(image_folder, tmp_path):
   FnApiRunner the tests run."""
   result = subprocess.run(
       [sys.executable, 'run_pipeline.py', f'--input={image_folder}/camera.png', TINY,
-       f'--output={tmp_path}/out'], cwd=PROJECT, capture_output=True, text=True, timeout=600)
+       f'--output={tmp_path}/out', '--json'], cwd=PROJECT, capture_output=True, text=True,
+      timeout=600)
   assert result.returncode == 0, result.stderr
   assert 'prism' not in result.stderr.lower() and 'Downloading' not in result.stderr
   assert '"runner": "FnApiRunner"' in result.stdout
