@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args, _ = parse(build_parser(), argv, beam=False)
+  args, _ = parse(build_parser(), argv, passes_to_beam=False)
   from models.description import check_model_options, describe_model
   from models.handles import ModelLoadError
   from pipeline import gpu_check  # TensorFlow: once the flags are read

@@ -74,13 +74,14 @@ def add_runs_flags(parser: argparse.ArgumentParser, required: bool = True,
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
-          beam: bool = True) -> Tuple[argparse.Namespace, List[str]]:
+          passes_to_beam: bool = True) -> Tuple[argparse.Namespace, List[str]]:
   """(the verb's options, the other flags, for Beam): a flag neither the verb nor Beam knows is
   refused (exit 2) with the closest match, since Beam would only log and drop it. A verb that
-  hands nothing to Beam (`beam` False) refuses every other flag, also with the closest match."""
+  hands nothing to Beam (`passes_to_beam` False) refuses every other flag, also with the closest
+  match."""
   args, beam_flags = parser.parse_known_args(argv)
   own = _own_flags(parser)
-  if beam_flags and not beam:
+  if beam_flags and not passes_to_beam:
     parser.error(unknown_flags(beam_flags, parser.prog, own))
   if beam_flags:
     try:

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = build_parser()
-  args, _ = parse(parser, argv, beam=False)
+  args, _ = parse(parser, argv, passes_to_beam=False)
   import tensorflow as tf
   from pnasnet import CONFIGS, build_model
   from pnasnet.export import EXPORTERS, write_export_mark
