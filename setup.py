@@ -15,9 +15,10 @@ REQUIRED = [
     'google-cloud-storage==3.17.1',
     'faiss-cpu==1.15.1',  # the neighbour index and k-means for duplicates
     'threadpoolctl==3.6.0',  # one BLAS thread while exact search's readers decode
-    # Noto Sans for contact sheet labels (Latin, Greek, Cyrillic, Vietnamese, Devanagari).
-    'fontpkg==0.2.2',
-    'fontpkg-noto-sans==2.15',
+    # Contact sheet labels (embeddings/sheet.py), each character in the first font that has it:
+    # Noto Sans, Noto Sans for 19 other scripts, Noto Sans Symbols and Noto Emoji (SIL OFL 1.1).
+    'manimgx-fonts==2026.9.26.post1',
+    'manimgx-fonts-cjk==2026.9.26.post1',  # Noto Sans CJK (Japanese, Chinese, Korean; 33 MB)
     # pnasnet-embeddings browse: the local web page (FastAPI on uvicorn, Jinja2 pages, uploads)
     'fastapi==0.163.2',
     'starlette==1.10.0',
