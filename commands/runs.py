@@ -12,7 +12,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from commands.common import FILESYSTEM_EPILOG, parse, verb_parser
+import storage
+from commands.common import FILESYSTEM_EPILOG, PROGRAM, parse, verb_parser
 from embeddings.list_runs import exit_code, format_table, list_runs
 from run_format import CLAIM_FILE, SUMMARY_FILE
 
@@ -25,13 +26,24 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _glob_hint(patterns: Sequence[str]) -> str:
+  """What to type when a folder holds run directories rather than being one: its `/*`."""
+  parents = [p.rstrip('/') for p in patterns
+             if any(storage.match(storage.join(storage.join(p, '*'), name))
+                    for name in (CLAIM_FILE, SUMMARY_FILE))]
+  if not parents:
+    return ''
+  return (f'; {", ".join(parents)} holds run directories: add /* to list them: {PROGRAM} runs '
+          + ' '.join(f'"{p}/*"' for p in parents))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = build_parser()
   args, _ = parse(parser, argv)
   states = list_runs(args.runs)
   if not states:
     print(f'error: no run directory (no {CLAIM_FILE} or {SUMMARY_FILE}) in '
-          f'{" ".join(args.runs)}', file=sys.stderr)
+          f'{" ".join(args.runs)}{_glob_hint(args.runs)}', file=sys.stderr)
   elif args.json:
     print(json.dumps([s.as_dict() for s in states], indent=2))
   else:

@@ -29,6 +29,7 @@ import storage
 from benchmarks.near_duplicates import copies_of
 from commands import duplicates as duplicates_command
 from commands import neighbours as neighbours_command
+from commands import runs as runs_command
 from embeddings import duplicate_groups, duplicates, neighbours, sheet
 from embeddings.shards import CorruptShardError, read_shard
 from embeddings.similarity import nearest
@@ -145,6 +146,19 @@ def test_a_run_without_summary_is_ignored_and_no_run_at_all_is_an_error(tmp_path
     embeddings.load(str(tmp_path / 'running'))
   with pytest.raises(embeddings.NoRunsError, match='no run there'):
     embeddings.load(str(tmp_path / 'nothing'))
+
+
+def test_runs_of_a_folder_holding_runs_says_to_add_a_glob(tmp_path, capsys):
+  """`runs PARENT` named no run and left the user to guess the `/*`."""
+  parent = tmp_path / 'embeddings'
+  write_run(str(parent / 'night1'), rows(['a'], 4, seed=1))
+  assert runs_command.main([str(parent)]) == 2
+  assert capsys.readouterr().err.strip().endswith(
+      f'{parent} holds run directories: add /* to list them: pnasnet-embeddings runs '
+      f'"{parent}/*"')
+  assert runs_command.main([f'{parent}/*']) == 0
+  assert runs_command.main([str(tmp_path / 'nothing')]) == 2
+  assert 'add /*' not in capsys.readouterr().err
 
 
 def test_mixed_models_or_sizes_are_refused_unless_one_is_chosen(tmp_path):
