@@ -9,7 +9,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from commands.common import FILESYSTEM_EPILOG, add_runs_flags, exits, parse, verb_parser
+from commands.common import (FILESYSTEM_EPILOG, INTERRUPTED, add_runs_flags, exits, parse,
+                             verb_parser)
 from embeddings.browse import (DEFAULT_K, HOST, Browser, create_app, listening_socket,
                                load_embedder, read_duplicates, server)
 from embeddings.neighbour_index import NeighbourIndex
@@ -30,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+  """Ctrl-C ends the page with one line and exit 130, whether it comes while the model loads or
+  after uvicorn has shut the server down and raised it again."""
+  try:
+    serve(argv)
+  except KeyboardInterrupt:
+    print('browse: stopped', file=sys.stderr)
+    sys.exit(INTERRUPTED)
+
+
+def serve(argv: Optional[Sequence[str]]) -> None:
   parser = build_parser()
   args, _ = parse(parser, argv)
   if args.k < 1:
@@ -51,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f'warning: new images cannot be embedded ({embedder_problem}); images of the '
           f'collection can still be searched', file=sys.stderr)
   browser = Browser(runs, index, duplicates, embedder, embedder_problem, args.k)
+  app = create_app(browser)
   print(f'browse {len(browser.catalogue)} images of {browser.model} at '
         f'http://{HOST}:{sock.getsockname()[1]}/ (Ctrl-C stops)', flush=True)
-  server(create_app(browser)).run(sockets=[sock])
+  server(app).run(sockets=[sock])

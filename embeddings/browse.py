@@ -3,12 +3,13 @@ clicking a result, and look at its duplicate groups (`pnasnet-embeddings browse`
 
 The page listens on 127.0.0.1 only. At start-up it reads the collection's URIs and SHA-256s
 (no vectors), or with --index none of them (each is looked up in the index's lookup files when
-asked), and loads the runs' model once, so a query by a new image costs one
-embedding and one search; an image whose bytes the collection holds, a URI of it, or a click
-costs one stored-vector read and one search. Search is exact (embeddings/neighbours.py, a pass
-over the shards) or, with --index, through the FAISS index re-ranked exactly. Thumbnails are read
-through Beam's FileSystems (local, gs://, s3://) and cached; only URIs of the collection are
-served, whatever the request asks for.
+asked), and loads the runs' model once, so a query by a new image costs one embedding and one
+search; an image whose bytes the collection holds, a URI of it, or a click costs one
+stored-vector read and one search. The first page shows a sample of the collection, spread over
+it, to click and start from. Search is exact (embeddings/neighbours.py, a pass over the shards)
+or, with --index, through the FAISS index (an IVF-PQ index's candidates re-ranked exactly).
+Thumbnails are read through Beam's FileSystems (local, gs://, s3://) and cached; only URIs of the
+collection are served, whatever the request asks for.
 """
 
 import base64
@@ -40,6 +41,7 @@ LOOKUPS_CACHED = 4096  # an index's URI and SHA-256 lookups, and result URIs, re
 THUMBNAIL_QUALITY = 85
 DUPLICATE_COLUMNS = ('group', 'kind', 'role', 'uri', 'cosine_to_kept', 'same_bytes_as')
 DUPLICATE_GROUPS_SHOWN = 200
+SAMPLE_SHOWN = 24  # images of the collection on the first page
 _PACKAGE = __name__.rsplit('.', 1)[0]
 
 
@@ -49,6 +51,12 @@ class Entry(NamedTuple):
   sha256: str
   shard: str  # the shard file holding its vector
   row: int  # its position in that file
+
+
+def spread(count: int, wanted: int) -> List[int]:
+  """Up to `wanted` positions among `count`, evenly apart: a sample across the collection's
+  folders and runs, the same at every start."""
+  return [int(p) for p in np.linspace(0, count - 1, min(wanted, count))]
 
 
 class Catalogue:
@@ -84,6 +92,10 @@ class Catalogue:
 
   def uri_of_sha256(self, sha256: str) -> Optional[str]:
     return self.by_sha256.get(sha256)
+
+  def sample(self, wanted: int) -> List[str]:
+    uris = list(self.entries)
+    return [uris[p] for p in spread(len(uris), wanted)]
 
 
 class IndexCatalogue:
@@ -123,6 +135,13 @@ class IndexCatalogue:
   def uri_of_sha256(self, sha256: str) -> Optional[str]:
     row = self._find('sha256', sha256)
     return row['uri'] if row else None
+
+  def sample(self, wanted: int) -> List[str]:
+    """URIs of rows spread over the ids table: a record batch read each, remembered."""
+    positions = spread(len(self), wanted)
+    uris = self._index.table_rows(np.array(positions, np.int64), ['uri']).column('uri')
+    self.remember(uris.to_pylist())
+    return uris.to_pylist()
 
 
 class ImageEmbedder:
@@ -168,20 +187,27 @@ class DuplicateGroup(NamedTuple):
 
 
 def read_duplicates(path: str) -> List[DuplicateGroup]:
-  """The groups of an `embeddings.duplicates` CSV, in its order (kept image first)."""
-  with storage.open_file(path) as f:
-    reader = csv.DictReader(io.TextIOWrapper(f, encoding='utf-8', newline=''))
-    missing = [c for c in DUPLICATE_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-      raise ValueError(f'--duplicates {path}: no column {", ".join(missing)}, so not a CSV of '
-                       f'pnasnet-embeddings duplicates --csv')
-    groups: Dict[int, DuplicateGroup] = {}
-    for line in reader:
-      number = int(line['group'])
-      group = groups.setdefault(number, DuplicateGroup(number, line['kind'], []))
-      group.members.append(DuplicateMember(line['uri'], line['role'],
-                                            float(line['cosine_to_kept']),
-                                            line['same_bytes_as']))
+  """The groups of an `embeddings.duplicates` CSV, in its order (kept image first); any other
+  file (a sheet PNG given by mistake, say) is a ValueError naming the flag and the file."""
+  not_ours = f'--duplicates {path}: not a CSV of pnasnet-embeddings duplicates --csv'
+  try:
+    with storage.open_file(path) as f:
+      reader = csv.DictReader(io.TextIOWrapper(f, encoding='utf-8', newline=''))
+      missing = [c for c in DUPLICATE_COLUMNS if c not in (reader.fieldnames or [])]
+      if missing:
+        raise ValueError(f'{not_ours} (no column {", ".join(missing)})')
+      groups: Dict[int, DuplicateGroup] = {}
+      for line in reader:
+        number = int(line['group'])
+        group = groups.setdefault(number, DuplicateGroup(number, line['kind'], []))
+        group.members.append(DuplicateMember(line['uri'], line['role'],
+                                              float(line['cosine_to_kept']),
+                                              line['same_bytes_as']))
+  except UnicodeDecodeError as exc:
+    raise ValueError(f'{not_ours} (not text: byte {exc.object[exc.start]:#04x} at '
+                     f'{exc.start} is not UTF-8)') from exc
+  except csv.Error as exc:
+    raise ValueError(f'{not_ours} ({exc})') from exc
   return list(groups.values())
 
 
@@ -200,6 +226,17 @@ class Browser:
     self.k = k
     self.model = index.model if index is not None else self.runs[0].model
     self.thumbnail = functools.lru_cache(THUMBNAILS_CACHED)(self._thumbnail)
+    self.sample = self.catalogue.sample(SAMPLE_SHOWN)
+
+  def search_words(self) -> str:
+    """How a query is answered, for the page's header."""
+    if self.index is None:
+      return 'exact search (a pass over the shards)'
+    if not self.index.exact_scores(self.k, RERANK):
+      return f'{self.index.kind} index search (approximate cosines)'
+    if self.index.kind == 'ivf_pq':
+      return f'ivf_pq index search, its {RERANK} best candidates re-ranked exactly'
+    return f'{self.index.kind} index search (exact cosines)'
 
   def stored_vector(self, uri: str) -> np.ndarray:
     entry = self.catalogue.entry(uri)
@@ -223,10 +260,10 @@ class Browser:
     return Result(uri, None, 'embedded in the runs',
                   self.neighbours(self.stored_vector(uri), [uri]))
 
-  def search_image(self, data: bytes) -> Result:
-    """The neighbours of an uploaded image: the stored vector of the same bytes if the
-    collection has them, else its embedding now."""
-    check_image('upload', data)
+  def search_image(self, data: bytes, name: str = '') -> Result:
+    """The neighbours of an uploaded image (`name`: its file name, for a refusal): the stored
+    vector of the same bytes if the collection has them, else its embedding now."""
+    check_image(f'the upload {name}'.strip(), data)
     same = self.catalogue.uri_of_sha256(hashlib.sha256(data).hexdigest())
     if same is not None:
       vector, source = self.stored_vector(same), f'same bytes as {same}'
@@ -281,8 +318,7 @@ def create_app(browser: Browser):
   templates = Jinja2Templates(env=Environment(loader=PackageLoader(_PACKAGE, 'templates'),
                                               autoescape=select_autoescape()))
   about = {'model': browser.model, 'images': len(browser.catalogue), 'k': browser.k,
-           'search': 'the FAISS index, re-ranked exactly' if browser.index is not None
-           else 'exact', 'runs': [r.path for r in browser.runs],
+           'search': browser.search_words(), 'runs': [r.path for r in browser.runs],
            'duplicates': len(browser.duplicates), 'can_embed': browser.embedder is not None,
            'embedder_problem': browser.embedder_problem}
 
@@ -291,7 +327,7 @@ def create_app(browser: Browser):
                                       status_code=status)
 
   def problem(request: Request, status: int, message: str) -> HTMLResponse:
-    return page(request, 'index.html', status, error=message)
+    return page(request, 'index.html', status, error=message, sample=browser.sample)
 
   async def uploaded(image: UploadFile) -> bytes:
     data = await image.read()
@@ -301,7 +337,7 @@ def create_app(browser: Browser):
 
   @app.get('/', response_class=HTMLResponse)
   def home(request: Request):
-    return page(request, 'index.html')
+    return page(request, 'index.html', sample=browser.sample)
 
   @app.get('/search', response_class=HTMLResponse)
   def search_by_uri(request: Request, uri: str = Query('')):
@@ -316,7 +352,7 @@ def create_app(browser: Browser):
   async def search_by_image(request: Request, image: UploadFile = File(...)):
     try:
       data = await uploaded(image)
-      result = await _in_thread(browser.search_image, data)
+      result = await _in_thread(browser.search_image, data, image.filename or '')
     except QueryError as exc:
       return problem(request, 400, str(exc))
     return page(request, 'results.html', result=result, upload_name=image.filename)
@@ -347,7 +383,8 @@ def create_app(browser: Browser):
   @app.post('/api/search')
   async def api_search_by_image(image: UploadFile = File(...)):
     try:
-      return _result_json(await _in_thread(browser.search_image, await uploaded(image)))
+      return _result_json(await _in_thread(browser.search_image, await uploaded(image),
+                                           image.filename or ''))
     except QueryError as exc:
       return JSONResponse({'error': str(exc)}, 400)
 

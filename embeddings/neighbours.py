@@ -50,10 +50,11 @@ def _readable(uri: str) -> Optional[bytes]:
     return None
 
 
-def check_image(query: str, data: Optional[bytes]) -> None:
+def check_image(source: str, data: Optional[bytes]) -> None:
   """Readable bytes that cannot be decoded into an image are refused before any run is read or
   model built: not an image, over MAX_QUERY_PIXELS, or truncated or corrupt (Pillow decodes them
-  in full to see)."""
+  in full to see). `source` names them in the refusal as the user gave them: `--query PATH` on
+  the command line, `the upload NAME` on the browse page."""
   if data is None:
     return
   import io
@@ -70,10 +71,10 @@ def check_image(query: str, data: Optional[bytes]) -> None:
               f'{MAX_QUERY_PIXELS}; query with a smaller copy')
         image.load()
   except Image.UnidentifiedImageError as exc:
-    raise QueryError(f'--query {query}: not an image that can be read ({len(data)} bytes, '
+    raise QueryError(f'{source}: not an image that can be read ({len(data)} bytes, '
                      f'starting {data[:16]!r})') from exc
   except Exception as exc:  # pylint: disable=broad-except; Pillow raises many kinds
-    raise QueryError(f'--query {query}: an image that cannot be decoded '
+    raise QueryError(f'{source}: an image that cannot be decoded '
                      f'({type(exc).__name__}: {exc})') from exc
 
 
@@ -81,7 +82,7 @@ def find_query(runs: Sequence[Run], query: str) -> Query:
   """The query's vector: stored (same bytes, else same URI), or embedded now."""
   uri = query if storage.is_remote(query) else os.path.abspath(query)
   data = _readable(uri)
-  check_image(query, data)
+  check_image(f'--query {query}', data)
   sha256 = hashlib.sha256(data).hexdigest() if data is not None else None
   for shard in iter_run_shards(runs, columns=['uri', 'sha256', 'model']):
     if sha256 is not None:
@@ -129,7 +130,7 @@ def find_query_in_index(index, query: str) -> Query:
   """As find_query, looking the bytes (else the URI) up in the index's lookup files."""
   uri = query if storage.is_remote(query) else os.path.abspath(query)
   data = _readable(uri)
-  check_image(query, data)
+  check_image(f'--query {query}', data)
   column, value = ('sha256', hashlib.sha256(data).hexdigest()) if data is not None else (
       'uri', uri)
   row = index.find_row(column, value)

@@ -2,10 +2,13 @@
 uvicorn on loopback (the model loaded once for the module)."""
 
 import hashlib
+import html
 import http.client
 import io
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -130,11 +133,33 @@ def test_an_upload_of_a_new_image_is_embedded_by_the_model_loaded_at_start(colle
 
 
 def test_a_bad_upload_gets_a_clear_400(served):
+  """It names the upload, not the command line's --query."""
   answer = requests.post(f'{served}/api/search', files={'image': ('n.jpg', b'not an image')},
                          timeout=60)
-  assert answer.status_code == 400 and 'not an image' in answer.json()['error']
+  assert answer.status_code == 400
+  assert answer.json()['error'].startswith('the upload n.jpg: not an image that can be read')
+  page = requests.post(f'{served}/search', files={'image': ('n.jpg', b'not an image')},
+                       timeout=60)
+  assert page.status_code == 400 and 'the upload n.jpg: not an image' in page.text
+  assert '--query' not in page.text
   page = requests.post(f'{served}/search', files={'image': ('e.jpg', b'')}, timeout=60)
   assert page.status_code == 400 and 'the upload is empty' in page.text
+
+
+def _sample(page: str) -> list:
+  return [html.unescape(uri) for uri in re.findall(r'class="tile sample" data-uri="([^"]*)"',
+                                                   page)]
+
+
+def test_the_first_page_shows_a_sample_of_the_collection_to_start_from(browser, served):
+  page = requests.get(f'{served}/', timeout=60).text
+  assert sorted(_sample(page)) == sorted(browser.catalogue.entries)  # fewer than SAMPLE_SHOWN
+  assert 'exact search (a pass over the shards)' in page
+  many = browse.Catalogue([browse.Entry(f'/photos/{n:03}.jpg', '', '/run/shard', n)
+                           for n in range(100)])
+  sample = many.sample(browse.SAMPLE_SHOWN)
+  assert len(set(sample)) == browse.SAMPLE_SHOWN
+  assert (sample[0], sample[-1]) == ('/photos/000.jpg', '/photos/099.jpg')
 
 
 @pytest.mark.parametrize('name', ['hubble_deep_field.jpg', ODD_NAME])
@@ -203,6 +228,14 @@ def test_the_index_gives_the_exact_order_on_a_small_collection(collection, brows
   assert [n.uri for n in found] == [n.uri for n in exact]
   assert [n.score for n in found] == pytest.approx([n.score for n in exact], abs=1e-5)
   np.testing.assert_allclose(through_index.stored_vector(query), browser.stored_vector(query))
+  server = browse.BackgroundServer(through_index)
+  try:
+    page = requests.get(f'{server.url}/', timeout=60).text
+  finally:
+    server.stop()
+  assert sorted(_sample(page)) == sorted(browser.catalogue.entries)
+  header = re.search(r'<span class="about">([^<]*)</span>', page).group(1)
+  assert header.endswith(f'· {through_index.index.kind} index search (exact cosines)'), header
 
 
 def test_a_collection_on_s3_is_searched_and_its_thumbnails_read_through_beam(s3_server):
@@ -259,6 +292,10 @@ def test_bad_options_are_refused_with_one_line_before_the_model_loads(collection
   not_csv.write_text('a,b\n1,2\n')
   assert 'not a CSV of pnasnet-embeddings duplicates' in _refusal(
       capsys, ['--runs', collection.run, '--duplicates', str(not_csv)])
+  sheet_png = collection.uri('coffee.png')  # the duplicates command's --sheet, given by mistake
+  assert _refusal(capsys, ['--runs', collection.run, '--duplicates', sheet_png]) == (
+      f'error: --duplicates {sheet_png}: not a CSV of pnasnet-embeddings duplicates --csv (not '
+      f'text: byte 0x89 at 0 is not UTF-8)')
   taken = browse.listening_socket(0)
   try:
     assert 'choose another port' in _refusal(
@@ -268,22 +305,29 @@ def test_bad_options_are_refused_with_one_line_before_the_model_loads(collection
   assert '--k must be at least 1' in _refusal(capsys, ['--runs', collection.run, '--k', '0'])
 
 
-def test_the_command_serves_the_page_on_loopback(collection):
-  command = subprocess.Popen(
-      [sys.executable, '-m', 'commands', 'browse', '--runs', collection.run, '--duplicates',
-       collection.csv, '--port', '0'], cwd=PROJECT, stdout=subprocess.PIPE,
-      stderr=subprocess.DEVNULL, text=True)
-  try:
-    line = command.stdout.readline()
-    assert f'browse {len(os.listdir(collection.folder))} images of ' in line
-    url = line.split(' at ')[1].split()[0]
-    assert url.startswith('http://127.0.0.1:')
-    page = requests.get(url, timeout=60)
-    assert page.status_code == 200 and 'Search by image' in page.text
-    assert 'duplicates (' in page.text
-  finally:
-    command.terminate()
-    command.wait(30)
+def test_the_command_serves_the_page_on_loopback_and_ctrl_c_ends_it_in_one_line(collection,
+                                                                               tmp_path):
+  with open(tmp_path / 'stderr', 'w+') as stderr:
+    command = subprocess.Popen(
+        [sys.executable, '-m', 'commands', 'browse', '--runs', collection.run, '--duplicates',
+         collection.csv, '--port', '0'], cwd=PROJECT, stdout=subprocess.PIPE, stderr=stderr,
+        text=True)
+    try:
+      line = command.stdout.readline()
+      assert f'browse {len(os.listdir(collection.folder))} images of ' in line
+      url = line.split(' at ')[1].split()[0]
+      assert url.startswith('http://127.0.0.1:')
+      page = requests.get(url, timeout=60)
+      assert page.status_code == 200 and 'Search by image' in page.text
+      assert 'duplicates (' in page.text
+      command.send_signal(signal.SIGINT)  # Ctrl-C
+      assert command.wait(30) == 130
+    finally:
+      command.kill()
+      command.wait(30)
+    stderr.seek(0)
+    said = stderr.read()
+  assert 'Traceback' not in said and said.splitlines()[-1] == 'browse: stopped'
 
 
 CHROMIUM = '/usr/bin/chromium'
