@@ -224,3 +224,49 @@ def test_links_between_the_pages_lead_somewhere(page):
       headings = re.findall(r'^#+ (.*)$', _read(path), re.M)
       slugs = {re.sub(r'[^\w\- ]', '', h.lower()).replace(' ', '-') for h in headings}
       assert anchor in slugs, f'{page} links to {target}#{anchor}, a heading that does not exist'
+
+
+def _section(page: str, heading: str) -> str:
+  """The text under `## heading` of docs/PAGE, up to the next `## ` heading."""
+  return _read(os.path.join(DOCS, page)).split(f'\n## {heading}\n', 1)[1].split('\n## ', 1)[0]
+
+
+def test_the_models_page_says_where_the_checkpoint_is_and_that_the_default_needs_the_network():
+  section = _section('models.md', 'Where the weights come from')
+  default = PipelineOptions([]).get_all_options()['model']
+  assert f'`{default}`' in section and 'network access' in section
+  assert ('https://storage.googleapis.com/download.tensorflow.org/models/'
+          'pnasnet-5_large_2017_12_13.tar.gz') in section
+  assert [line for verb, line in _commands(section) if verb == 'embed' and
+          '--model builtin:pnasnet_large --checkpoint pnasnet-5_large_2017_12_13/model.ckpt' in line]
+
+
+def test_the_dataflow_page_names_the_gpu_quotas_and_zones_for_its_first_launch():
+  section = _section('dataflow.md', 'GPU quota and zones, before the first job')
+  for said in ('NVIDIA_L4_GPUS', 'NVIDIA_T4_GPUS', 'GPUS_ALL_REGIONS',
+               'gcloud compute accelerator-types list'):
+    assert said in section, said
+  assert '--max-workers 8' in section and '--max-workers 8' in _section('dataflow.md',
+                                                                       'First launch')
+  beam_flags = _beam_flags()
+  for flag in ('--max_num_workers', '--worker_zone'):
+    assert f'`{flag}' in section and flag in beam_flags, flag
+
+
+def test_the_dataflow_page_gives_cloud_builds_account_the_model_and_the_repository():
+  section = _section('dataflow.md', "Cloud Build's service account")
+  assert 'gcloud builds get-default-service-account' in section
+  assert '--role=roles/storage.objectViewer' in section
+  assert '--role=roles/artifactregistry.writer' in section
+  build = _read(os.path.join(PROJECT, 'deploy', 'cloudbuild.yaml'))
+  assert 'id: fetch-model' in build and '${_MODEL_URI}' in build  # what needs the read access
+
+
+def test_the_exporting_page_starts_a_local_pgvector_the_export_accepts():
+  from jobs.export_pgvector import PgvectorTarget
+  section = _section('exporting.md', 'A PostgreSQL with pgvector on your machine')
+  assert 'docker run' in section and 'pgvector/pgvector:pg17' in section
+  [export] = [shlex.split(line) for verb, line in _commands(section) if verb == 'export']
+  target = PgvectorTarget.from_url(export[export.index('--to') + 1])
+  assert target.table == 'photos'
+  assert target.conninfo == 'postgresql://postgres@127.0.0.1:5432/postgres'

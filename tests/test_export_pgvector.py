@@ -6,6 +6,8 @@ the PCA column and the query of docs/exporting.md re-ranks by the full vector.""
 
 import os
 import re
+import subprocess
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -213,15 +215,16 @@ def test_a_failed_batch_is_retried_and_one_that_keeps_failing_names_the_last_com
                               ).fetchone()[0] == 'complete'
 
 
-def docs_query() -> str:
-  """The query SQL of docs/exporting.md, as printed there."""
+def docs_query(language: str = 'sql') -> str:
+  """The query SQL (or the Python script) of docs/exporting.md, as printed there."""
   text = open(DOCS).read()
   section = text[text.index('## Querying pgvector'):]
-  return re.search(r'```sql\n(.*?)```', section, re.S)[1]
+  return re.search(rf'```{language}\n(.*?)```', section, re.S)[1]
 
 
 def test_above_2000_dimensions_the_index_is_on_the_pca_column_and_the_docs_query_reranks(
     postgres, tmp_path):
+  """The SQL of docs/exporting.md, and its Python script run as printed with the export's --to."""
   from benchmarks.synthetic_collection import write_synthetic_run
   run = write_synthetic_run(str(tmp_path / 'synthetic'), 600, shard_rows=250, clusters=20)
   report = export(run.directory, f'{postgres}?table=photos')
@@ -247,3 +250,10 @@ def test_above_2000_dimensions_the_index_is_on_the_pca_column_and_the_docs_query
         'EXPLAIN ' + query_sql, {'query': str(collection.vectors[0].tolist()), 'k': 10}
     ).fetchall())
     assert 'Index Scan using photos_hnsw' in plan, plan
+  row = 17
+  script = subprocess.run([sys.executable, '-c', docs_query('python'), f'{postgres}?table=photos',
+                           collection.uris[row]], capture_output=True, text=True, check=True)
+  printed = [line.split('  ', 1) for line in script.stdout.splitlines()]
+  exact = np.argsort(-(unit @ unit[row]), kind='stable')[:10]
+  assert [uri for _, uri in printed] == [collection.uris[i] for i in exact]
+  assert float(printed[0][0]) == pytest.approx(1, abs=1e-4)
