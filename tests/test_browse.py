@@ -22,7 +22,7 @@ from PIL import Image
 from commands import browse as browse_command
 from commands import duplicates as duplicates_command
 from commands import index as index_command
-from embeddings import browse, duplicates
+from embeddings import browse
 from embeddings.neighbour_index import NeighbourIndex
 from embeddings.neighbours import search_vectors
 from embeddings.query import embed_image
@@ -381,7 +381,7 @@ def test_in_a_browser_upload_then_click_then_duplicates(collection, browser, ser
       'return document.querySelector("#query img").naturalWidth') > 0
 
   clicked = uris[0]
-  chromium.find_element(By.CSS_SELECTOR, f'.tile.neighbour[data-rank="1"] a').click()
+  chromium.find_element(By.CSS_SELECTOR, '.tile.neighbour[data-rank="1"] a').click()
   uris, decoded = _shown(chromium, '.tile.neighbour')
   chromium.save_screenshot(str(tmp_path / 'clicked.png'))
   assert uris == collection.exact(browser.stored_vector(clicked), [clicked]) and all(decoded)

@@ -237,8 +237,8 @@ def test_the_models_page_says_where_the_checkpoint_is_and_that_the_default_needs
   assert f'`{default}`' in section and 'network access' in section
   assert ('https://storage.googleapis.com/download.tensorflow.org/models/'
           'pnasnet-5_large_2017_12_13.tar.gz') in section
-  assert [line for verb, line in _commands(section) if verb == 'embed' and
-          '--model builtin:pnasnet_large --checkpoint pnasnet-5_large_2017_12_13/model.ckpt' in line]
+  checkpoint = '--model builtin:pnasnet_large --checkpoint pnasnet-5_large_2017_12_13/model.ckpt'
+  assert [line for verb, line in _commands(section) if verb == 'embed' and checkpoint in line]
 
 
 def test_the_dataflow_page_names_the_gpu_quotas_and_zones_for_its_first_launch():

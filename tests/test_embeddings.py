@@ -30,7 +30,7 @@ from benchmarks.near_duplicates import copies_of
 from commands import duplicates as duplicates_command
 from commands import neighbours as neighbours_command
 from commands import runs as runs_command
-from embeddings import duplicate_groups, duplicates, neighbours, sheet
+from embeddings import duplicate_groups, neighbours, sheet
 from embeddings.shards import CorruptShardError, read_shard
 from embeddings.similarity import nearest
 from pipeline.launcher import run as run_pipeline
