@@ -210,7 +210,7 @@ def test_sheet_labels_keep_their_words_and_shorten_only_file_names(tmp_path):
   roles = {lines[1] for lines in drawn}
   assert {lines[0] for lines in drawn} == {'group 1 (exact)', 'group 2 (exact)'}
   assert 'keep' in roles and 'same bytes as img_001.jpg' in roles
-  [shortened] = [r for r in roles if r.startswith('same bytes as h')]
+  [shortened] = [r for r in roles if r.startswith('same bytes as …')]
   assert '…' in shortened and shortened.endswith('001.jpg')
 
 
