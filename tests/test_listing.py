@@ -23,7 +23,8 @@ from tests.fault_proxy import FaultProxy, FaultRule
 from tests.outputs import read_failures as _read_failures
 from tests.synthetic_bucket import SyntheticBuckets, SyntheticNames
 from transforms.listing import NOT_IMAGE_EXTENSIONS, is_run_file
-from transforms.read import CHECK_PAGES, MatchFiles, match_input
+from transforms.read import (CHECK_PAGES, MatchFiles, NoInputError, check_inputs_match,
+                             match_input)
 
 TINY = '--model=builtin:pnasnet_tiny'
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,7 +258,8 @@ def test_folders_and_globs_skip_names_that_are_not_images(bucket, tmp_path):
 
   local = tmp_path / 'local'
   names = ['.DS_Store', 'notes.TXT', 'clip.mp4', 'Thumbs.db', '._IMG_1.jpg', '.thumbnails/t.jpg',
-           'trip/.git/config', 'IMG_1.jpg', 'IMG_2.jfif', 'scan', 'trip/IMG_3.heic']
+           'trip/.git/config', 'notes/readme.md', 'IMG_1.jpg', 'IMG_2.jfif', 'scan',
+           'trip/IMG_3.heic']
   for name in names:
     (local / name).parent.mkdir(parents=True, exist_ok=True)
     (local / name).write_bytes(b'x')
@@ -270,6 +272,10 @@ def test_folders_and_globs_skip_names_that_are_not_images(bucket, tmp_path):
   assert found_locally(f'{local}/**.jpg') == ['IMG_1.jpg']
   assert found_locally(f'{local}/.thumbnails/*') == ['.thumbnails/t.jpg']
   assert found_locally(f'{local}/.*') == ['.DS_Store', '._IMG_1.jpg']
+  with pytest.raises(NoInputError, match=r'Skipped by name as hidden or not images: '
+                     r'\S*/notes/readme\.md; --include_all_files reads them'):
+    check_inputs_match([f'{local}/notes'])
+  check_inputs_match([f'{local}/notes'], include_all_files=True)
 
 
 def test_the_inputs_page_lists_the_extensions_skipped():
