@@ -4,6 +4,7 @@ step) -> write, dead letters, the index and the run summary beside."""
 from typing import Dict, Sequence
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from models.description import ModelDescription
 from pipeline.options import EmbeddingOptions
@@ -14,8 +15,9 @@ from transforms.embed import EmbedImages, ImageEmbeddingModelHandler
 from transforms.failures import FAILURES_TAG
 from transforms.heartbeat import Heartbeat
 from transforms.incremental import SkipUnchanged
+from transforms.progress import CountFailed, StartProgress
 from transforms.provenance import Provenance
-from transforms.read import MatchFiles, ReadImages
+from transforms.read import SKIPPED_BY_NAME_TAG, MatchFiles, ReadImages
 from transforms.summary import WriteRunSummary
 from transforms.write import (WriteEmbeddings, WriteFailures, WriteIndex, embedded_index_row,
                               failed_index_row, skipped_index_row)
@@ -28,17 +30,23 @@ class DecodeAndEmbed(beam.PTransform):
   """FileRef -> Embedding (read, decode, embed), as one step, so that on Dataflow right fitting
   only file references (about 120 bytes each) cross to the GPU workers, not the files' bytes
   (380 KB on average for the sample photos) nor the decoded float32 pixels (1.3 MB each at
-  331x331): the GPU workers' own CPUs read and decode (benchmarks/bench_boundary.py)."""
+  331x331): the GPU workers' own CPUs read and decode (benchmarks/bench_boundary.py).
+  `to_embed`: how many files it is given (a side input), for the progress lines."""
 
-  def __init__(self, options: EmbeddingOptions, model_description: ModelDescription):
+  def __init__(self, options: EmbeddingOptions, model_description: ModelDescription,
+               to_embed: beam.pvalue.AsSingleton):
     super().__init__()
     self._options = options
     self._model_description = model_description
+    self._to_embed = to_embed
 
   def expand(self, refs):
     options = self._options
-    refs = refs | 'CheckWorkerVersions' >> CheckWorkerVersions(
-        options.view_as(LaunchOptions).launch_versions)
+    refs = (refs
+            | 'CheckWorkerVersions' >> CheckWorkerVersions(
+                options.view_as(LaunchOptions).launch_versions)
+            | 'StartProgress' >> beam.ParDo(
+                StartProgress(options.output, _one_process_embeds(options)), self._to_embed))
     read = refs | 'ReadImages' >> ReadImages(options.max_file_bytes)
     decoded = read.images | 'DecodeImages' >> DecodeImages(
         self._model_description.height, self._model_description.width,
@@ -53,7 +61,16 @@ class DecodeAndEmbed(beam.PTransform):
     embedded = decoded.decoded | 'EmbedImages' >> EmbedImages(handler)
     failures = ((read[FAILURES_TAG], decoded[FAILURES_TAG], embedded[FAILURES_TAG])
                 | 'Failures' >> beam.Flatten())
+    _ = failures | 'CountFailed' >> beam.ParDo(CountFailed())
     return {'embeddings': embedded['embeddings'], FAILURES_TAG: failures}
+
+
+def _one_process_embeds(options: EmbeddingOptions) -> bool:
+  """Whether one process does all of the run's work, so that its progress is the run's: the local
+  runner (no --runner) runs the pipeline in the launching process, but in its multi_processing
+  mode."""
+  return not options.view_as(StandardOptions).runner and \
+      options.view_as(DirectOptions).direct_running_mode != 'multi_processing'
 
 
 def _resource_hints(options: EmbeddingOptions) -> Dict[str, str]:
@@ -68,7 +85,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
   # With earlier runs, the join on URI also keeps one of each URI: one shuffle, not two.
   matched = pipeline | 'MatchFiles' >> MatchFiles(
       options.input or (), options.input_manifest or (), options.exclude or (), options.output,
-      deduplicate=not incremental_indexes)
+      deduplicate=not incremental_indexes, include_all_files=options.include_all_files)
   refs = matched['refs'] | 'CheckWorkerVersions' >> CheckWorkerVersions(
       options.view_as(LaunchOptions).launch_versions)  # the CPU workers; the GPU step's its own
   _ = refs | 'Heartbeat' >> Heartbeat(options.output)
@@ -80,8 +97,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
         | 'UniqueRefs' >> beam.Flatten()
   else:
     to_read, skipped = refs, pipeline | 'NothingSkipped' >> beam.Create([])
+  to_embed = beam.pvalue.AsSingleton(to_read | 'CountToEmbed' >> beam.combiners.Count.Globally())
   embedded = to_read | GPU_STEP >> DecodeAndEmbed(
-      options, model_description).with_resource_hints(**_resource_hints(options))
+      options, model_description, to_embed).with_resource_hints(**_resource_hints(options))
   embeddings = embedded['embeddings']
   failures = ((matched[FAILURES_TAG], embedded[FAILURES_TAG])
               | 'AllFailures' >> beam.Flatten())
@@ -101,6 +119,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
   all_matched = ((refs | 'MatchedUris' >> beam.Map(lambda ref: ref.uri),
                   matched[FAILURES_TAG] | 'UnstatedUris' >> beam.Map(lambda failure: failure.uri))
                  | 'Matched' >> beam.Flatten())
-  _ = ({'matched': all_matched, 'skipped': skipped, 'embeddings': embeddings, 'failures': failures,
+  _ = ({'matched': all_matched, 'skipped': skipped,
+        'skipped_by_name': matched[SKIPPED_BY_NAME_TAG], 'embeddings': embeddings,
+        'failures': failures,
         'files': (embedding_files, failure_files, index_files) | 'Written' >> beam.Flatten()}
        | 'WriteRunSummary' >> WriteRunSummary(options.output, summary_fields))

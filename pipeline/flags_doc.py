@@ -22,6 +22,9 @@ NOTES: Dict[str, FlagNotes] = {
                        'What matches: [inputs](running.md#inputs). This or `--input_manifest` '
                        'is required.'),
     'exclude': FlagNotes('--exclude "*.md" thumbnails', 'See [inputs](running.md#inputs).'),
+    'include_all_files': FlagNotes('--include_all_files',
+                                   'Which names are skipped: [inputs](running.md#inputs). A path '
+                                   'that names one file, and manifests, are read either way.'),
     'input_manifest': FlagNotes('--input_manifest gs://bucket/lists/part-*.txt.gz',
                                 'See [inputs](running.md#inputs).'),
     'output': FlagNotes('--output "gs://bucket/embeddings/{date}"',

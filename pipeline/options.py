@@ -157,6 +157,11 @@ class EmbeddingOptions(PipelineOptions):
                        help='Launch even when an --incremental_from run is still going (its job '
                        'rewrote its claim within the last hour): by default refused (exit 2), '
                        'as both would embed the same new images.')
+    group.add_argument('--include_all_files', action='store_true', default=False,
+                       help='Read every file that folders and globs hold: without it, hidden '
+                       'files (.DS_Store, .git/) and files whose extension is never an image\'s '
+                       '(.txt, .json, .mp4...) are skipped, and counted in run_summary.json as '
+                       'skipped_by_name.')
 
 
 def expand_output(output: str, now: datetime.datetime) -> str:

@@ -8,7 +8,10 @@ run). `layout` names the files and outcomes, `columns` the embeddings' columns a
 
 Compatibility: this version reads runs written by pnasnet-embeddings 0.2.0 and later. Those always
 have an index and a summary with `finished_at` and the model's options; a summary without them
-(0.1.0) is refused with IncompatibleRunError. Needs only pyarrow and the standard library.
+(0.1.0) is refused with IncompatibleRunError. A summary field added since (`outcome`,
+`embedding_dtype`, `skipped_by_name`, ...) has a default, which an older summary reads as (for
+`skipped_by_name`, 0: those runs skipped nothing by name). Needs only pyarrow and the standard
+library.
 """
 
 from run_format.columns import (COLUMNS, EMBEDDING, EMBEDDING_DTYPES, EMBEDDING_FLOAT16,

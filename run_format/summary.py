@@ -63,6 +63,9 @@ class RunSummary(RunLaunch):
   outcome: str = FINISHED  # or TOO_MANY_FAILURES; absent before 0.3.0
   matched: int
   skipped: int
+  # Files that folder and glob inputs left out by name (hidden, or an extension that is never an
+  # image's): not matched. Absent before --include_all_files (those runs skipped none).
+  skipped_by_name: int = 0
   embedded: int
   failed: int
   failed_by_stage: Dict[str, int]  # every one of layout.STAGES
@@ -77,7 +80,8 @@ class RunSummary(RunLaunch):
 
   @classmethod
   def from_json(cls, text: Union[str, bytes], source: str = SUMMARY_FILE) -> 'RunSummary':
-    """Fields a later version added are ignored; missing ones are refused."""
+    """Fields a later version added are ignored; missing ones are refused, but for those with a
+    default (added since 0.2.0), which take it."""
     fields = json.loads(text)
     known = {f.name for f in dataclasses.fields(cls)}
     required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING

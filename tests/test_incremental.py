@@ -3,6 +3,7 @@
 
 import collections
 import gzip
+import json
 import os
 import shutil
 
@@ -36,11 +37,15 @@ def photos(image_folder, tmp_path):
 
 def test_a_second_run_embeds_only_the_new_half(photos, image_folder, tmp_path):
   first = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1'])
+  _as_written_before_skipped_by_name(f'{tmp_path}/runs/1/run_summary.json')
   for name in PHOTOS[3:]:
     shutil.copy(image_folder / name, photos / name)
+  (photos / '.DS_Store').write_bytes(b'\0\0\0\1Bud1')
   second = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/2',
                 f'--incremental_from={tmp_path}/runs/*'])
+  assert read_summary(f'{tmp_path}/runs/1').skipped_by_name == 0
   assert (first['embedded'], second['embedded'], second['skipped']) == (3, 3, 3)
+  assert second['skipped_by_name'] == 1  # .DS_Store: neither matched nor in the index
   assert second['matched'] == second['embedded'] + second['failed'] + second['skipped']
   assert _embedded(f'{tmp_path}/runs/2', tmp_path) == sorted(PHOTOS[3:])
   union = _embedded(first['output'], tmp_path) + _embedded(second['output'], tmp_path)
@@ -50,6 +55,14 @@ def test_a_second_run_embeds_only_the_new_half(photos, image_folder, tmp_path):
   outcomes = collections.Counter(outcome for _, outcome, _ in index)
   assert outcomes == {'embedded': 3, 'skipped': 3}
   assert all(size == os.path.getsize(uri) for uri, _, size in index)
+
+
+def _as_written_before_skipped_by_name(summary_path):
+  with open(summary_path) as f:
+    fields = json.load(f)
+  del fields['skipped_by_name']
+  with open(summary_path, 'w') as f:
+    json.dump(fields, f)
 
 
 def test_changed_files_broken_files_and_retry_failed(photos, image_folder, tmp_path):

@@ -117,3 +117,27 @@ def test_a_file_name_that_is_not_utf8_is_a_read_failure_and_the_rest_embeds(imag
   assert (failure['uri'], failure['stage']) == (f'{photos}/bad_\\xff_name.png', 'read')
   assert 'not UTF-8' in failure['message']
   assert not [name for name in os.listdir(output) if name.startswith('beam-temp')]
+
+
+def test_a_folder_skips_files_named_as_not_images_and_counts_them(image_folder, tmp_path):
+  photos = tmp_path / 'photos'
+  (photos / '.thumbnails').mkdir(parents=True)
+  for name in ('camera.png', 'rocket.jpg'):
+    shutil.copy(image_folder / name, photos / name)
+  shutil.copy(image_folder / 'coffee.png', photos / 'scan')  # an image without an extension
+  shutil.copy(image_folder / 'rocket.jpg', photos / '.thumbnails' / 'rocket.jpg')
+  (photos / '.DS_Store').write_bytes(b'\0\0\0\1Bud1')
+  (photos / 'notes.txt').write_text('taken in 2024\n')
+  output = str(tmp_path / 'out')
+  summary = run([f'--input={photos}', f'--input={photos}/notes.txt', TINY, f'--output={output}'])
+  # .DS_Store, .thumbnails/rocket.jpg and notes.txt are skipped by the folder's listing, and
+  # notes.txt, named exactly too, is read all the same (and fails).
+  assert (summary['matched'], summary['embedded'], summary['failed'],
+          summary['skipped_by_name']) == (4, 3, 1, 3)
+  assert [os.path.basename(u) for u in _uris(output, tmp_path)] == ['camera.png', 'rocket.jpg',
+                                                                    'scan']
+  assert [f['uri'] for f in read_failures(output)] == [str(photos / 'notes.txt')]
+
+  every = run([f'--input={photos}', TINY, f'--output={tmp_path}/all', '--include_all_files'])
+  assert (every['matched'], every['embedded'], every['failed'], every['skipped_by_name']) == (
+      6, 4, 2, 0)

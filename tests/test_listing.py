@@ -4,7 +4,6 @@ folders that cannot be listed, run directories inside inputs, manifests, --exclu
 
 import glob
 import gzip
-import json
 import os
 import re
 import shutil
@@ -23,8 +22,9 @@ from pipeline.options import EmbeddingOptions
 from tests.fault_proxy import FaultProxy, FaultRule
 from tests.outputs import read_failures as _read_failures
 from tests.synthetic_bucket import SyntheticBuckets, SyntheticNames
-from transforms.listing import is_run_file
-from transforms.read import CHECK_PAGES, MatchFiles, match_input
+from transforms.listing import NOT_IMAGE_EXTENSIONS, is_run_file
+from transforms.read import (CHECK_PAGES, MatchFiles, NoInputError, check_inputs_match,
+                             match_input)
 
 TINY = '--model=builtin:pnasnet_tiny'
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,11 +61,12 @@ def bucket(request):
   return _Bucket(request.param, server)
 
 
-def _matched_in_a_pipeline(patterns, options, expected):
+def _matched_in_a_pipeline(patterns, options, expected, skipped_by_name=()):
   """equal_to compares as multisets: each URI exactly once."""
   with beam.Pipeline(options=PipelineOptions(options)) as pipeline:
     matched = pipeline | MatchFiles(patterns)
     assert_that(matched['refs'] | beam.Map(lambda ref: ref.uri), equal_to(expected))
+    assert_that(matched['skipped_by_name'], equal_to(list(skipped_by_name)), label='Skipped')
 
 
 def test_a_split_listing_equals_the_plain_listing(bucket):
@@ -73,7 +74,9 @@ def test_a_split_listing_equals_the_plain_listing(bucket):
   assert len(plain) == len(NAMES)
   jpegs = [uri for uri in plain if re.search(r'\.(jpe?g)$', uri, re.IGNORECASE)]
   _matched_in_a_pipeline([f'{bucket.root}/**.jpg'], bucket.options, jpegs)
-  _matched_in_a_pipeline([bucket.root, f'{bucket.root}/'], bucket.options, plain)
+  notes = f'{bucket.root}/b/notes.txt'  # the same folder named twice: skipped, and counted, once
+  _matched_in_a_pipeline([bucket.root, f'{bucket.root}/'], bucket.options,
+                         [uri for uri in plain if uri != notes], [notes])
   _matched_in_a_pipeline([f'{bucket.root}/*/*.jpg'], bucket.options,
                          [f'{bucket.root}/a/one.JPG', f'{bucket.root}/a/two.jpeg',
                           f'{bucket.root}/b/four.jpg'])
@@ -237,3 +240,46 @@ def test_a_missing_uri_named_twice_by_manifests_is_counted_once(image_folder, tm
   index = pq.read_table(glob.glob(f'{output}/index-*')).column('uri').to_pylist()
   assert sorted(index) == sorted([f'{image_folder}/camera.png', missing,
                                   f'{image_folder}/rocket.jpg'])
+
+
+def test_folders_and_globs_skip_names_that_are_not_images(bucket, tmp_path):
+  """Hidden files and folders and known non-image extensions are skipped in folder and glob
+  listings only: an exact name, a pattern that asks for them, or --include_all_files reads them."""
+  beam.io.filesystems.FileSystems.set_options(PipelineOptions(bucket.options))
+
+  def found(pattern, include_all_files=False):
+    return sorted(ref.uri[len(bucket.root) + 1:] for ref in match_input(
+        pattern, include_all_files=include_all_files))
+
+  assert 'b/notes.txt' not in found(bucket.root)
+  assert found(f'{bucket.root}/b/*') == ['b/four.jpg']
+  assert found(f'{bucket.root}/**.txt') == found(f'{bucket.root}/b/notes.txt') == ['b/notes.txt']
+  assert found(bucket.root, include_all_files=True) == sorted(NAMES)
+
+  local = tmp_path / 'local'
+  names = ['.DS_Store', 'notes.TXT', 'clip.mp4', 'Thumbs.db', '._IMG_1.jpg', '.thumbnails/t.jpg',
+           'trip/.git/config', 'notes/readme.md', 'IMG_1.jpg', 'IMG_2.jfif', 'scan',
+           'trip/IMG_3.heic']
+  for name in names:
+    (local / name).parent.mkdir(parents=True, exist_ok=True)
+    (local / name).write_bytes(b'x')
+
+  def found_locally(pattern):
+    return sorted(ref.uri[len(str(local)) + 1:] for ref in match_input(pattern))
+
+  images = ['IMG_1.jpg', 'IMG_2.jfif', 'scan', 'trip/IMG_3.heic']
+  assert found_locally(str(local)) == found_locally(f'{local}/**') == images
+  assert found_locally(f'{local}/**.jpg') == ['IMG_1.jpg']
+  assert found_locally(f'{local}/.thumbnails/*') == ['.thumbnails/t.jpg']
+  assert found_locally(f'{local}/.*') == ['.DS_Store', '._IMG_1.jpg']
+  with pytest.raises(NoInputError, match=r'Skipped by name as hidden or not images: '
+                     r'\S*/notes/readme\.md; --include_all_files reads them'):
+    check_inputs_match([f'{local}/notes'])
+  check_inputs_match([f'{local}/notes'], include_all_files=True)
+
+
+def test_the_inputs_page_lists_the_extensions_skipped():
+  with open(os.path.join(PROJECT, 'docs', 'running.md')) as f:
+    text = ' '.join(f.read().split())
+  listed = re.search(r'these extensions, in any case: `([^`]*)`', text).group(1).split()
+  assert listed == list(NOT_IMAGE_EXTENSIONS)

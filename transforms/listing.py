@@ -20,6 +20,9 @@ lists on any worker:
   memory is one page (1,000 objects). All spellings of an extension (`.jpg`/`.jpeg`, any case) are
   one regular expression applied to one listing.
 
+Folder and glob listings also skip files whose names say they are not images (`names_to_skip`),
+and say which; a pattern that names a file exactly, and manifests, are never filtered by name.
+
 The clients are the ones Beam's own FileSystems build from the pipeline options
 (google-cloud-storage through `GcsIO`, boto3 through Beam's S3 client), so credentials, endpoints
 and retries are the same as for every other read and write of the run. Local folders have no
@@ -54,6 +57,18 @@ PAGE_ATTEMPTS = 3
 _RUN_FILE = run_file_name()
 _RUN_TEMP_FOLDER = TEMP_FOLDERS.rstrip('*')
 _EXTENSION_ALIASES = ({'jpg', 'jpeg'}, {'tif', 'tiff'})
+# Extensions that never name an image, skipped in folder and glob listings: documents, data,
+# archives, code, video and sound, sidecar metadata (.xmp, .aae), system files. A deny list, not an
+# allow list: an image without an extension or with a rare one (.jfif, .heic, a camera's raw) is
+# still tried, and fails with its reason if it cannot be decoded.
+NOT_IMAGE_EXTENSIONS = (
+    'txt', 'md', 'rst', 'rtf', 'pdf', 'doc', 'docx', 'xls', 'xlsx', 'ppt', 'pptx', 'odt',
+    'json', 'jsonl', 'csv', 'tsv', 'xml', 'html', 'htm', 'yaml', 'yml', 'toml', 'ini', 'cfg',
+    'log', 'db', 'sqlite', 'parquet', 'tfrecord', 'npy', 'npz', 'pkl', 'h5',
+    'zip', 'tar', 'gz', 'tgz', 'bz2', 'xz', 'zst', '7z', 'rar',
+    'py', 'ipynb', 'js', 'css', 'sh', 'bat', 'exe', 'dll', 'so',
+    'mp4', 'mov', 'avi', 'mkv', 'wmv', 'm4v', 'webm', 'mts', 'mp3', 'wav', 'flac', 'aac', 'm4a',
+    'ogg', 'xmp', 'aae', 'lnk', 'url')
 _EXTENSION = re.compile(r'\.([A-Za-z0-9]+)$')
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -85,6 +100,7 @@ class Listing(NamedTuple):
   regex: str
   levels: Optional[int]
   excludes: Tuple[str, ...] = ()  # regexes: a URI, or one of its folder names, to leave out
+  skip_names: Optional[str] = None  # a regex of paths below `root` that are not images
   by_level: bool = True
   after: Optional[str] = None
   upto: Optional[str] = None
@@ -151,18 +167,33 @@ def exclude_regexes(excludes: Sequence[str]) -> Tuple[str, ...]:
   return tuple(regexes)
 
 
-def plan_listing(pattern: str, excludes: Tuple[str, ...] = ()) -> Listing:
+def names_to_skip(rest: str) -> Optional[str]:
+  """What a folder or glob listing skips by name, below where it starts: a file or folder whose name
+  starts with '.' (`.DS_Store`, `.git/`, `._IMG_1.jpg`), unless `rest` (the pattern's part below
+  that) asks for one; and NOT_IMAGE_EXTENSIONS, unless `rest` names an extension itself (`**.jpg`,
+  or `**.json`: then it is what was asked for). None: nothing."""
+  rules = [] if re.search(r'(?:^|/)\.', rest) else [r'(?:.*/)?\..*']
+  if not _EXTENSION.search(rest):
+    rules.append(r'.*\.(?:' + '|'.join(map(re.escape, NOT_IMAGE_EXTENSIONS)) + ')')
+  return f'(?is:{"|".join(rules)})' if rules else None
+
+
+def plan_listing(pattern: str, excludes: Tuple[str, ...] = (),
+                 include_all_files: bool = False) -> Listing:
   """Where a glob or folder input starts listing, and what it keeps (see transforms/read.py)."""
   if not has_glob(pattern):
     folder = unescape(pattern).rstrip('/') + '/'
-    return Listing(folder, folder, re.escape(folder) + '.*', None, excludes)
-  fixed = unescape(pattern[:first_glob(pattern)])
+    return Listing(folder, folder, re.escape(folder) + '.*', None, excludes,
+                   None if include_all_files else names_to_skip(''))
+  head = pattern[:first_glob(pattern)]
+  fixed = unescape(head)
   folder = fixed[:fixed.rfind('/') + 1]
-  rest = pattern[len(pattern[:first_glob(pattern)]):]
+  rest = pattern[len(head):]
   levels = None if '**' in rest else rest.count('/')
   # Remote stores list by name prefix, so `gs://b/img_*` lists only names starting `img_`.
   prefix = folder if not storage.is_remote(pattern) else fixed
-  return Listing(folder, prefix, pattern_regex(pattern), levels, excludes)
+  return Listing(folder, prefix, pattern_regex(pattern), levels, excludes,
+                 None if include_all_files else names_to_skip(pattern[head.rfind('/') + 1:]))
 
 
 def is_run_file(uri: str) -> bool:
@@ -426,13 +457,15 @@ def read_object(uri: str) -> Optional[bytes]:
 
 class Listed(NamedTuple):
   """What one page of a listing gives: files kept, sub-listings to spread, folders that failed,
-  run files left out, and names that are not UTF-8 (escaped: no output can hold them)."""
+  run files left out, names that are not UTF-8 (escaped: no output can hold them), and files
+  skipped because their names say they are not images (escaped likewise)."""
   refs: List[FileRef]
   pieces: List[Listing]
   unlistable: List[Tuple[str, BaseException]]
   run_files: List[str]
   seen: int  # objects and sub-folders the page held before filtering
   bad_names: List[str] = []
+  skipped_by_name: List[str] = []
 
 
 def name_if_undecodable(uri: str) -> Optional[str]:
@@ -450,15 +483,19 @@ def _in_range(entry: str, after: Optional[str], upto: Optional[str]) -> bool:
 
 
 def _keep(listing: Listing, page: Page, regex: 're.Pattern', excludes,
-          after: Optional[str]) -> Listed:
-  refs, run_files, bad_names = [], [], []
+          skip: Optional['re.Pattern'], after: Optional[str]) -> Listed:
+  refs, run_files, bad_names, skipped = [], [], [], []
   for ref in page.refs:
     if ref.uri.endswith('/') or not _in_range(ref.uri, after, listing.upto) or \
         not regex.fullmatch(ref.uri):  # '/': a "folder" placeholder
       continue
     if is_run_file(ref.uri):
       run_files.append(ref.uri)
-    elif not any(e.fullmatch(ref.uri) for e in excludes):
+    elif any(e.fullmatch(ref.uri) for e in excludes):
+      continue  # --exclude: left out as the user said, not counted
+    elif skip and skip.fullmatch(ref.uri[len(listing.root):]):
+      skipped.append(name_if_undecodable(ref.uri) or ref.uri)
+    else:
       undecodable = name_if_undecodable(ref.uri)
       if undecodable:
         bad_names.append(undecodable)
@@ -479,7 +516,7 @@ def _keep(listing: Listing, page: Page, regex: 're.Pattern', excludes,
         pieces.append(listing._replace(prefix=prefix, levels=levels, by_level=levels is not None,
                                        after=None, upto=None))
   return Listed(refs, pieces, page.unlistable, run_files, len(page.refs) + len(page.prefixes),
-                bad_names)
+                bad_names, skipped)
 
 
 def _text_at_or_after(raw: bytes) -> Optional[str]:
@@ -541,6 +578,7 @@ def list_piece(listing: Listing) -> Iterator[Listed]:
   the pieces the rest is cut into. A page that fails after the client's retries is asked again,
   from the last page listed, up to PAGE_ATTEMPTS times; then the runner retries the piece."""
   regex, excludes = re.compile(listing.regex), [re.compile(e) for e in listing.excludes]
+  skip = re.compile(listing.skip_names) if listing.skip_names else None
   store = store_for(listing.prefix)
   cursor, first, pages, failures = listing.after, None, 0, 0
   # A whole prefix that turns out large is cut early, so that other workers start on it soon.
@@ -552,7 +590,7 @@ def list_piece(listing: Listing) -> Iterator[Listed]:
         pages += 1
         # Local walks are not in name order: only remote pages are kept from the cursor on.
         lower = cursor if store.resumable else listing.after
-        listed = _keep(listing, page, regex, excludes, lower)
+        listed = _keep(listing, page, regex, excludes, skip, lower)
         last = _last_entry(page, lower, listing.upto)
         beyond = listing.upto is not None and any(
             e > listing.upto for e in [ref.uri for ref in page.refs] + page.prefixes)
@@ -598,8 +636,10 @@ def list_sequentially(listing: Listing, max_pages: Optional[int] = None) -> Iter
 _said = set()
 
 
-def say_once(message: str, *args) -> None:
-  """Logs a warning once per process (a listing of many pages says a thing once)."""
-  if message % args not in _said:
-    _said.add(message % args)
+def say_once(message: str, *args, key: Optional[str] = None) -> None:
+  """Logs a warning once per process (a listing of many pages says a thing once): once per
+  `key` when given, else per text."""
+  key = key or message % args
+  if key not in _said:
+    _said.add(key)
     logging.warning(message, *args)

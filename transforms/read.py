@@ -14,7 +14,11 @@ FileSystem:
   leads nowhere is reported as a `read` failure instead of vanishing;
 - a folder that cannot be listed (permissions) is a `read` failure, not a silent gap;
 - files a run of this tool wrote (claims, summaries, shards, beam-temp-*) are never read as
-  images, so an output inside an input folder is left out, and said once.
+  images, so an output inside an input folder is left out, and said once;
+- folders and globs skip files whose names say they are not images: hidden ones (a name, or a
+  folder's below the input's fixed part, starting with '.') and a deny list of extensions
+  (transforms/listing.py NOT_IMAGE_EXTENSIONS), unless the pattern asks for them; the summary
+  counts them (`skipped_by_name`). `include_all_files` turns this off.
 
 Listing streams, one page at a time, and spreads over workers (transforms/listing.py).
 """
@@ -50,6 +54,7 @@ CHECK_PAGES = 3
 LISTING_ROUNDS = 3
 _PIECES_TAG = 'pieces'
 _LOOK_UP_TAG = 'look_up'
+SKIPPED_BY_NAME_TAG = 'skipped_by_name'
 
 
 class ImageFile(NamedTuple):
@@ -93,44 +98,51 @@ def _excludes(excludes: Sequence[str], output: Optional[str]) -> Tuple[str, ...]
   return exclude_regexes(excludes) + own
 
 
-def match_input(pattern: str, excludes: Sequence[str] = ()) -> Iterator[FileRef]:
+def match_input(pattern: str, excludes: Sequence[str] = (),
+                include_all_files: bool = False) -> Iterator[FileRef]:
   """Every file one `--input` names (see the module docstring), listed in this process."""
   literal = _literal_file(pattern)
   if literal is not None:
     yield literal
     return
-  for listed in list_sequentially(plan_listing(pattern, exclude_regexes(excludes))):
+  for listed in list_sequentially(plan_listing(pattern, exclude_regexes(excludes),
+                                               include_all_files)):
     yield from listed.refs
 
 
-def _first_match(pattern: str, excludes: Tuple[str, ...]) -> Optional[bool]:
+def _first_match(pattern: str, excludes: Tuple[str, ...],
+                 include_all_files: bool) -> Tuple[Optional[bool], List[str]]:
   """True: the input names a file; False: it names none; None: no match within CHECK_PAGES
-  pages, which are not all (the job lists the rest)."""
+  pages, which are not all (the job lists the rest). Beside it, the files skipped by name."""
   if _literal_file(pattern) is not None:
-    return True
-  pages, seen, denied = 0, 0, []
-  for listed in list_sequentially(plan_listing(pattern, excludes), max_pages=CHECK_PAGES):
+    return True, []
+  pages, seen, denied, skipped = 0, 0, [], []
+  for listed in list_sequentially(plan_listing(pattern, excludes, include_all_files),
+                                  max_pages=CHECK_PAGES):
     if listed.refs or listed.bad_names:
-      return True
+      return True, []
     pages, seen = pages + 1, seen + listed.seen
     denied.extend(unlistable(folder, exc) for folder, exc in listed.unlistable)
+    skipped.extend(listed.skipped_by_name)
   if denied:
     raise denied[0]
-  return None if pages >= CHECK_PAGES and seen else False
+  return (None if pages >= CHECK_PAGES and seen else False), skipped
 
 
 def check_inputs_match(patterns: Sequence[str], excludes: Sequence[str] = (),
-                       output: Optional[str] = None) -> None:
+                       output: Optional[str] = None, include_all_files: bool = False) -> None:
   """Fails before the pipeline starts when an input names nothing, in a bounded number of
   requests per input (the launch must not list a bucket)."""
   empty: List[str] = []
+  skipped: List[str] = []
   for pattern in patterns:
     try:
-      found = _first_match(pattern, _excludes(excludes, output))
+      found, skipped_here = _first_match(pattern, _excludes(excludes, output), include_all_files)
     except Exception as exc:  # a bad bucket, scheme or permission: say which pattern
       raise NoInputError(f'--input {pattern!r} cannot be listed: {exc}') from exc
     if found is False:
       empty.append(pattern)
+      skipped.extend(skipped_here)
     elif found is None:
       logging.warning('--input %r: no match among its first %d pages of listing; the job lists '
                       'the rest', pattern, CHECK_PAGES)
@@ -139,7 +151,9 @@ def check_inputs_match(patterns: Sequence[str], excludes: Sequence[str] = (),
         'no file matches --input ' + ', '.join(repr(p) for p in empty) +
         '; check the path (and --exclude). A folder means every file under it; patterns use * '
         '(one folder level), ** (any depth) and ?, e.g. "gs://bucket/images/**.jpg" (quoted, so '
-        'that the shell does not expand it)')
+        'that the shell does not expand it)' + (
+            '. Skipped by name as hidden or not images: ' + ', '.join(skipped[:3]) +
+            '; --include_all_files reads them' if skipped else ''))
 
 
 def manifest_uri(line: str) -> Optional[str]:
@@ -226,6 +240,11 @@ class _ListingDoFn(beam.DoFn):
         yield from _unlistable_failures(listed)
         yield from _bad_name_failures(listed)
         _say_run_files(listed.run_files, self._run_files)
+        for uri in listed.skipped_by_name:
+          say_once('skipped %s by its name, as every hidden file and file whose extension is '
+                   'not an image\'s (.txt, .json, ...): run_summary.json counts them as '
+                   'skipped_by_name; --include_all_files reads them', uri, key=SKIPPED_BY_NAME_TAG)
+          yield beam.pvalue.TaggedOutput(SKIPPED_BY_NAME_TAG, uri)
     except UnlistableError as exc:
       if not exc.denied:
         raise  # the runner retries this listing alone
@@ -238,17 +257,19 @@ class _PlanListing(_ListingDoFn):
   """An input -> the file it names, or its first folder level: files, and one piece per
   sub-folder, for the runner to spread."""
 
-  def __init__(self, excludes: Tuple[str, ...], piece_pages: int):
+  def __init__(self, excludes: Tuple[str, ...], piece_pages: int, include_all_files: bool):
     super().__init__()
     self._excludes = excludes
     self._piece_pages = piece_pages
+    self._include_all_files = include_all_files
 
   def process(self, pattern: str):
     literal = _literal_file(pattern)
     if literal is not None:
       yield literal
       return
-    listing = plan_listing(pattern, self._excludes)._replace(piece_pages=self._piece_pages)
+    listing = plan_listing(pattern, self._excludes, self._include_all_files)._replace(
+        piece_pages=self._piece_pages)
     yield from self._emit(list_piece(listing), listing.prefix)
 
 
@@ -348,35 +369,42 @@ class MatchFiles(beam.PTransform):
   that runners spread the reads over workers. Manifest lines are read in parallel ranges; rows of
   inventory reports that carry the object's metadata are FileRefs at once, the other URIs are
   made distinct (a URI named twice is looked up, and counted, once) and looked up in parallel.
-  `output`: this run's own directory, never listed.
+  `output`: this run's own directory, never listed. Also returns, under SKIPPED_BY_NAME_TAG, the
+  URIs that folder and glob listings skipped by name, each once (unless `include_all_files`).
   """
 
   def __init__(self, patterns: Sequence[str], manifests: Sequence[str] = (),
                excludes: Sequence[str] = (), output: Optional[str] = None,
-               deduplicate: bool = True, piece_pages: int = PIECE_PAGES):
+               deduplicate: bool = True, piece_pages: int = PIECE_PAGES,
+               include_all_files: bool = False):
     super().__init__()
     self._patterns = list(patterns)
     self._manifests = list(manifests)
     self._excludes = _excludes(excludes, output)
     self._deduplicate = deduplicate
     self._piece_pages = piece_pages
+    self._include_all_files = include_all_files
 
-  def _listed(self, pbegin, sources: List, failures: List) -> None:
+  def _listed(self, pbegin, sources: List, failures: List, skipped: List) -> None:
+    tags = (_PIECES_TAG, FAILURES_TAG, SKIPPED_BY_NAME_TAG)
     planned = (pbegin
                | 'Patterns' >> beam.Create(self._patterns)
-               | 'Plan' >> beam.ParDo(_PlanListing(self._excludes, self._piece_pages))
-               .with_outputs(_PIECES_TAG, FAILURES_TAG, main='refs'))
+               | 'Plan' >> beam.ParDo(_PlanListing(self._excludes, self._piece_pages,
+                                                   self._include_all_files))
+               .with_outputs(*tags, main='refs'))
     sources.append(planned.refs)
     failures.append(planned[FAILURES_TAG])
+    skipped.append(planned[SKIPPED_BY_NAME_TAG])
     pieces = planned[_PIECES_TAG]
     for number in range(1, LISTING_ROUNDS + 1):
       suffix = '' if number == 1 else str(number)
       listed = (pieces
                 | f'SpreadPieces{suffix}' >> beam.Reshuffle()
                 | f'ListPieces{suffix}' >> beam.ParDo(_ListPiece(drain=number == LISTING_ROUNDS))
-                .with_outputs(_PIECES_TAG, FAILURES_TAG, main='refs'))
+                .with_outputs(*tags, main='refs'))
       sources.append(listed.refs)
       failures.append(listed[FAILURES_TAG])
+      skipped.append(listed[SKIPPED_BY_NAME_TAG])
       pieces = listed[_PIECES_TAG]
 
   def _from_manifests(self, pbegin, sources: List, failures: List) -> None:
@@ -412,19 +440,21 @@ class MatchFiles(beam.PTransform):
       failures.append(stated[FAILURES_TAG])
 
   def expand(self, pbegin):
-    sources, failures = [], []
-    self._listed(pbegin, sources, failures)
+    sources, failures, skipped = [], [], []
+    self._listed(pbegin, sources, failures, skipped)
     if self._manifests:
       self._from_manifests(pbegin, sources, failures)
     refs = tuple(sources) | 'AllRefs' >> beam.Flatten()
     failures = tuple(failures) | 'ListFailures' >> beam.Flatten()
-    if not self._deduplicate:  # the caller's own shuffle on the URI keeps one of each
-      return {'refs': refs, FAILURES_TAG: failures}
-    refs = (refs
-            | 'KeyByUri' >> beam.Map(lambda ref: (ref.uri, ref))
-            | 'OnePerUri' >> beam.CombinePerKey(_first)
-            | 'Values' >> beam.Values())
-    return {'refs': refs, FAILURES_TAG: failures}
+    skipped = tuple(skipped) | 'SkippedByName' >> beam.Flatten()
+    if len(self._patterns) > 1:  # one input lists each name once; several may name it again
+      skipped = skipped | 'DistinctSkipped' >> beam.Distinct()
+    if self._deduplicate:  # else the caller's own shuffle on the URI keeps one of each
+      refs = (refs
+              | 'KeyByUri' >> beam.Map(lambda ref: (ref.uri, ref))
+              | 'OnePerUri' >> beam.CombinePerKey(_first)
+              | 'Values' >> beam.Values())
+    return {'refs': refs, FAILURES_TAG: failures, SKIPPED_BY_NAME_TAG: skipped}
 
 
 class _ReadFile(beam.DoFn):

@@ -23,7 +23,8 @@ class _WriteSummary(beam.DoFn):
     self._path = FileSystems.join(output_dir, SUMMARY_FILE)
     self._launch = launch
 
-  def process(self, _, matched, skipped, embedded, failed_by_stage, examples, files):
+  def process(self, _, matched, skipped, skipped_by_name, embedded, failed_by_stage, examples,
+              files):
     failed = dict.fromkeys(STAGES, 0)
     failed.update(dict(failed_by_stage))
     finished_at = utc_now()
@@ -32,7 +33,7 @@ class _WriteSummary(beam.DoFn):
     summary = RunSummary(
         **self._launch.to_dict(),
         outcome=outcome(matched, sum(failed.values()), self._launch.max_failed_fraction),
-        matched=matched, skipped=skipped, embedded=embedded,
+        matched=matched, skipped=skipped, skipped_by_name=skipped_by_name, embedded=embedded,
         failed=sum(failed.values()), failed_by_stage=failed,
         example_failures=sorted(examples, key=lambda f: f['uri']),
         files=sorted(files), finished_at=finished_at, wall_time_seconds=wall_time,
@@ -47,8 +48,9 @@ class _WriteSummary(beam.DoFn):
 
 
 class WriteRunSummary(beam.PTransform):
-  """{'matched', 'skipped', 'embeddings', 'failures', 'files': PCollection} -> the summary's
-  path, written once every file in 'files' exists (the sinks' outputs, known after finalizing)."""
+  """{'matched', 'skipped', 'skipped_by_name', 'embeddings', 'failures', 'files': PCollection}
+  -> the summary's path, written once every file in 'files' exists (the sinks' outputs, known
+  after finalizing)."""
 
   def __init__(self, output_dir: str, launch: RunLaunch):
     super().__init__()
@@ -70,5 +72,6 @@ class WriteRunSummary(beam.PTransform):
             | 'Once' >> beam.Create([None])
             | 'Write' >> beam.ParDo(
                 _WriteSummary(self._output_dir, self._launch), count('matched'),
-                count('skipped'), count('embeddings'), beam.pvalue.AsList(by_stage),
-                beam.pvalue.AsList(examples), beam.pvalue.AsList(parts['files'])))
+                count('skipped'), count('skipped_by_name'), count('embeddings'),
+                beam.pvalue.AsList(by_stage), beam.pvalue.AsList(examples),
+                beam.pvalue.AsList(parts['files'])))
