@@ -277,25 +277,33 @@ def test_real_gcs_without_credentials_fails_at_once_saying_how_to_provide_them(t
   assert 'GOOGLE_APPLICATION_CREDENTIALS' in result.stderr
 
 
-@pytest.mark.parametrize('paths, words', [
-    (['--temp_location', 'dftmp', '--input', 'photos/*.jpg', '--output', 'out1'],
-     ["cannot read this machine's disk: --temp_location dftmp, --input photos/*.jpg, --output "
-      'out1 must be in a bucket']),
-    (['--input', 's3://my-bucket/photos/*.jpg', '--output', 's3://my-bucket/emb/run1'],
-     ['--runner DataflowRunner: no Google Cloud credentials found',
-      'gcloud auth application-default login']),
+@pytest.mark.parametrize('store, words', [
+    ('local', ["cannot read this machine's disk: --temp_location dftmp, --input photos/*.jpg, "
+               '--output out1 must be in a bucket']),
+    ('s3', ['--runner DataflowRunner: no Google Cloud credentials found',
+            'gcloud auth application-default login']),
 ])
 def test_a_dataflow_dry_run_from_a_laptop_is_refused_in_one_line_before_any_retry(
-    paths, words, tmp_path):
+    store, words, image_folder, s3_server, tmp_path):
   """Local paths (Dataflow's workers cannot read them), or no Google credentials even without a
   gs:// path (Dataflow's runner needs them): exit 2 at once, not Beam's retries for minutes."""
-  result = _cli(DATAFLOW_DRY_RUN + paths, env=_laptop_without_google_credentials(tmp_path),
-                cwd=str(tmp_path), timeout=100)
+  env = _laptop_without_google_credentials(tmp_path)
+  if store == 'local':
+    (tmp_path / 'photos').mkdir()
+    (tmp_path / 'photos' / 'rocket.jpg').write_bytes((image_folder / 'rocket.jpg').read_bytes())
+    paths = ['--temp_location', 'dftmp', '--input', 'photos/*.jpg', '--output', 'out1']
+  else:  # the S3 server answers (the proxies pass it by), so only Google's side is missing
+    s3_server.create_bucket('laptop')
+    s3_server.upload('s3://laptop/photos/a.jpg', (image_folder / 'rocket.jpg').read_bytes())
+    env.update(NO_PROXY='127.0.0.1', no_proxy='127.0.0.1')
+    paths = ['--input', 's3://laptop/photos/*.jpg', '--output', 's3://laptop/emb/run1'
+             ] + s3_server.options
+  result = _cli(DATAFLOW_DRY_RUN + paths, env=env, cwd=str(tmp_path), timeout=100)
   assert result.returncode == 2, result.stderr[-2000:]
   [line] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert all(word in line for word in words), line
   assert 'Retry' not in result.stderr and 'Traceback' not in result.stderr
-  assert os.listdir(tmp_path) == []  # nothing written
+  assert sorted(os.listdir(tmp_path)) == ['images'] + ['photos'] * (store == 'local')
 
 
 # 17

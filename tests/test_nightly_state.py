@@ -130,10 +130,10 @@ def test_a_night_beside_a_live_run_is_refused_and_beside_a_dead_one_it_runs(phot
   warnings = {name: [r.getMessage() for r in caplog.records if f'{runs}/{name} ' in
                      r.getMessage() and 'dead run' in r.getMessage()]
               for name in ('elsewhere', 'here')}
-  assert 'no sign of life for 60 min or more' in warnings['elsewhere'][0]
   [here] = warnings['here']  # dead because its launcher's process is gone, not for an hour
   assert 'its launcher is no longer running on this host' in here
   assert 'last sign of life' not in here and '60 min' not in here
+  assert 'no sign of life for 60 min or more' in warnings['elsewhere'][0]
   [dead] = [s for s in list_runs.list_runs([f'{runs}/*']) if s.run == f'{runs}/elsewhere']
   assert dead.state == 'unfinished' and dead.note.endswith('dead (interrupted or failed)')
 
