@@ -11,7 +11,6 @@ import subprocess
 import sys
 import uuid
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image

@@ -18,7 +18,7 @@ from commands import compact as compact_command
 from commands.embed import main
 from embeddings import list_runs
 from pipeline.launcher import TooManyFailuresError, read_summary, run
-from run_format import CLAIM_FILE, SUMMARY_FILE
+from run_format import CLAIM_FILE
 
 TINY = '--model=builtin:pnasnet_tiny'
 PHOTOS = ('astronaut.png', 'camera.png', 'chelsea.png')
