@@ -20,7 +20,8 @@ from commands.common import (FAILED, INTERRUPTED, PROGRAM, REFUSED,  # noqa: E40
 from models.handles import ModelLoadError  # noqa: E402
 from pipeline.beam_flags import OptionsError, all_flags_parser  # noqa: E402
 from pipeline.launcher import (InterruptedRun, NoCredentialsError, OutOfSpaceRun,  # noqa: E402
-                               PipelineFailedError, TooManyFailuresError, out_of_space, run)
+                               PipelineFailedError, TooManyFailuresError, one_line_error,
+                               out_of_space, run)
 from pipeline.options import EmbeddingOptions  # noqa: E402
 from pipeline.output_dir import OutputExistsError, OutputNotWritableError  # noqa: E402
 from pipeline.versions import version_mismatch  # noqa: E402
@@ -37,16 +38,20 @@ REFUSALS = (OptionsError, NoInputError, ModelLoadError, OutputExistsError, Outpu
 
 
 class _NoStopTracebacks(logging.Filter):
-  """Beam logs the KeyboardInterrupt that stops a step (some 60 lines), a full disk's OSError
-  (some 250) or a worker's version mismatch with its whole traceback before the launcher says in
-  one line what was left where."""
+  """Beam logs the error that stops a step with its whole traceback (80 lines and more) before
+  the launcher says in one line what failed, what was left where, and what to do: the
+  KeyboardInterrupt of Ctrl-C, a full disk's OSError and a worker's version mismatch are left
+  out, any other error is logged in its one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if not record.exc_info:
       return True
     error = record.exc_info[1]
-    return not (isinstance(error, KeyboardInterrupt) or out_of_space(error) or
-                version_mismatch(error))
+    if isinstance(error, KeyboardInterrupt) or out_of_space(error) or version_mismatch(error):
+      return False
+    record.msg, record.args = one_line_error(error), ()
+    record.exc_info = record.exc_text = None
+    return True
 
 
 def _quiet_unraisable(hook):

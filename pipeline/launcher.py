@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -43,6 +44,10 @@ PROJECT_SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
                                   'setup.py')
 RESOURCE_HINT_NAMES = {'beam:resources:accelerator:v1': 'accelerator',
                        'beam:resources:min_ram_bytes:v1': 'min_ram_bytes'}
+# How much of a failed job's error its one line keeps.
+MAX_ERROR_CHARS = 300
+
+
 class PipelineFailedError(RuntimeError):
   """The job ended without finishing; its output holds no run_summary.json."""
 
@@ -96,11 +101,12 @@ def _prepare_remote_workers(options: PipelineOptions) -> None:
     logging.info('--setup_file %s: workers install the project from it', PROJECT_SETUP_FILE)
 
 
-def check_google_credentials(paths: List[Optional[str]]) -> None:
-  """Without credentials Beam's GCS client retries finding them, then goes on anonymously and
-  retries every request: offline, minutes pass before anything fails. Look once, now."""
+def check_google_credentials(paths: List[Optional[str]], dataflow: bool = False) -> None:
+  """Without credentials Beam's GCS client (and Dataflow's runner, even for a dry run) retries
+  finding them, then goes on anonymously and retries every request: offline, minutes pass before
+  anything fails. Look once, now."""
   gcs = [path for path in paths if path and path.startswith('gs://')]
-  if not gcs or os.environ.get('STORAGE_EMULATOR_HOST'):
+  if not (gcs or dataflow) or os.environ.get('STORAGE_EMULATOR_HOST'):
     return
   import google.auth
   from google.auth.exceptions import DefaultCredentialsError
@@ -108,10 +114,32 @@ def check_google_credentials(paths: List[Optional[str]]) -> None:
     google.auth.default()
   except DefaultCredentialsError as exc:
     raise NoCredentialsError(
-        f'{gcs[0]}: no Google Cloud credentials found. Provide them with `gcloud auth '
+        f'{"--runner DataflowRunner" if dataflow else gcs[0]}: no Google Cloud credentials '
+        'found. Provide them with `gcloud auth '
         'application-default login` (your account), or GOOGLE_APPLICATION_CREDENTIALS=KEY.json '
         '(a service account key), or run where a service account is attached (Compute Engine, '
         'Cloud Composer, Cloud Run); public buckets need them too') from exc
+
+
+def check_dataflow_paths(embedding: EmbeddingOptions, options: PipelineOptions) -> None:
+  """Dataflow's workers cannot read the launcher's disk, and its runner takes a local
+  --temp_location for a bucket's name (it warns, then looks for a default bucket with retries).
+  A local --model or --checkpoint may be baked into the worker image (docs/dataflow.md)."""
+  if not _is_dataflow(options):
+    return
+  cloud = options.view_as(GoogleCloudOptions)
+  local = [f'--{flag} {path}' for flag, path in (('temp_location', cloud.temp_location),
+                                                  ('staging_location', cloud.staging_location))
+           if path and not path.startswith('gs://')]
+  for flag in ('input', 'input_manifest', 'output', 'incremental_from'):
+    paths = getattr(embedding, flag) or []
+    local += [f'--{flag} {path}' for path in ([paths] if isinstance(paths, str) else paths)
+              if not storage.is_remote(path)]
+  if local:
+    raise OptionsError(
+        f'--runner {runner_name(options)} runs on Google\'s workers, which cannot read this '
+        f'machine\'s disk: {", ".join(local)} must be in a bucket (gs://BUCKET/...). '
+        'Without --runner the run is local')
 
 
 def incremental_runs(patterns: List[str], output: str, allow_empty: bool,
@@ -145,11 +173,10 @@ def incremental_runs(patterns: List[str], output: str, allow_empty: bool,
         'it is embedding. Wait for it to finish, or add --allow_concurrent (a claim its job has '
         f'not rewritten for {CLAIM_STALE_SECONDS // 60} min counts as a dead run)')
   for unfinished in dead.values():
-    logging.warning('--incremental_from: %s is a dead run (no %s, claim not rewritten for %d '
-                    'min): not read; its files are embedded again. `pnasnet-embeddings runs` '
-                    'lists it; --clean_unfinished with it as --output '
-                    'deletes what it wrote', unfinished.describe(), SUMMARY_FILE,
-                    CLAIM_STALE_SECONDS // 60)
+    logging.warning('--incremental_from: %s is a dead run (no %s; %s): not read; its files are '
+                    'embedded again. `pnasnet-embeddings runs` lists it; --clean_unfinished with '
+                    'it as --output deletes what it wrote', unfinished.describe(), SUMMARY_FILE,
+                    unfinished.dead_because())
   if live:
     logging.warning('--allow_concurrent: %s still going', ', '.join(live))
   if empty and not allow_empty:
@@ -285,6 +312,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   options = PipelineOptions(argv)
   embedding = options.view_as(EmbeddingOptions)
   validate(embedding, options)
+  check_dataflow_paths(embedding, options)
   one_model_per_gpu(embedding, options)
   launch_versions = options.view_as(LaunchOptions)
   launch_versions.launch_versions = (launch_versions.launch_versions or
@@ -297,7 +325,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   FileSystems.set_options(options)  # the checks below read storage with the run's credentials
   embedding.input = [normalize_input(p) for p in embedding.input or []]
   embedding.input_manifest = [normalize_input(p) for p in embedding.input_manifest or []]
-  check_google_credentials(_storage_paths(embedding, options))
+  check_google_credentials(_storage_paths(embedding, options), _is_dataflow(options))
   model_description = describe_model(embedding.model, embedding.checkpoint, embedding.seed,
                                      embedding.compute_dtype)
   provenance = Provenance(
@@ -323,7 +351,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
       source_runs=[run.path for run in named])
   dry_run = options.view_as(TestOptions).dry_run
   if dry_run:
-    check_output_is_new(embedding.output)
+    check_output_is_new(embedding.output, embedding.clean_unfinished)
   else:
     deleted = claim_output(embedding.output, launch.to_dict(), options,
                            embedding.clean_unfinished)
@@ -344,17 +372,6 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     return _run_pipeline(options, embedding, model_description, provenance, launch, indexes)
   except KeyboardInterrupt as exc:
     raise InterruptedRun(_interrupted(embedding.output)) from exc
-  except (RuntimeError, OSError) as exc:
-    if str(exc).startswith('KeyboardInterrupt'):  # how Beam's runners pass Ctrl-C on
-      raise InterruptedRun(_interrupted(embedding.output)) from exc
-    mismatch = version_mismatch(exc)
-    if mismatch:
-      raise PipelineFailedError(mismatch) from exc
-    full = out_of_space(exc)
-    if full:
-      raise OutOfSpaceRun(f'no room left to write ({full}): '
-                          f'{_unfinished(embedding.output, "free some space, then ")}') from exc
-    raise
 
 
 def _storage_paths(embedding: EmbeddingOptions, options: PipelineOptions) -> List[Optional[str]]:
@@ -379,16 +396,51 @@ def _run_pipeline(options, embedding, model_description, provenance, launch, ind
     description = describe_job(proto, options)
     _print_dry_run(description, options.view_as(DebugOptions).dataflow_job_file)
     return description
-  result = pipeline.run()
-  if embedding.no_wait:
-    job_id = result.job_id() if hasattr(result, 'job_id') else None
-    return {'submitted': True, 'job_id': job_id, 'output': embedding.output,
-            'summary': FileSystems.join(embedding.output, SUMMARY_FILE)}
-  state = result.wait_until_finish()
+  try:
+    result = pipeline.run()
+    if embedding.no_wait:
+      job_id = result.job_id() if hasattr(result, 'job_id') else None
+      return {'submitted': True, 'job_id': job_id, 'output': embedding.output,
+              'summary': FileSystems.join(embedding.output, SUMMARY_FILE)}
+    state = result.wait_until_finish()
+  except Exception as exc:  # pylint: disable=broad-except; however a job fails, one line says it
+    raise _job_failure(exc, embedding.output) from exc
   if state != PipelineState.DONE:
-    raise PipelineFailedError(f'the job ended in state {state}; {embedding.output} holds no '
-                              f'{SUMMARY_FILE} and counts as unfinished')
+    raise PipelineFailedError(f'the job ended in state {state}: {_unfinished(embedding.output)}')
   return check_outcome(read_summary(embedding.output))
+
+
+def _job_failure(exc: Exception, output: str) -> RuntimeError:
+  """The typed error a job's failure ends in: one line of what went wrong, what it left where,
+  and what to do."""
+  if str(exc).startswith('KeyboardInterrupt'):  # how Beam's runners pass Ctrl-C on
+    return InterruptedRun(_interrupted(output))
+  mismatch = version_mismatch(exc)
+  if mismatch:
+    return PipelineFailedError(f'{mismatch}; {_unfinished(output)}')
+  full = out_of_space(exc)
+  if full:
+    return OutOfSpaceRun(f'no room left to write ({full}): '
+                         f'{_unfinished(output, "free some space, then ")}')
+  return PipelineFailedError(f'the job failed: {one_line_error(exc)}; {_unfinished(output)}')
+
+
+def one_line_error(exc: BaseException) -> str:
+  """A job's error as one line: the last exception named in its text (Beam passes a worker's
+  error on as the text of a RuntimeError, Dataflow with its traceback) and its message, without
+  stack frames (indented lines, TensorFlow's "Detected at node ..." header), shortened, and the
+  step it stopped in."""
+  text = str(exc)
+  step = re.search(r"\[while running '([^']+)'\]", text)
+  text = re.sub(r"\s*\[while running '[^']+'\]", '', text)
+  named = list(re.finditer(r'^[\w.]+(?:Error|Exception|Exit): ', text, re.M))
+  text = text[named[-1].start():] if named else f'{type(exc).__name__}: {text}'
+  kept = [line for line in text.splitlines() if line.strip() and not line[0].isspace() and
+          not line.endswith('(most recent call last):') and line != '<stack traces unavailable>']
+  text = re.sub(r'^(?:\w+\.)+', '', ' '.join(kept))  # the error's name, not its module's
+  if len(text) > MAX_ERROR_CHARS:
+    text = text[:MAX_ERROR_CHARS - 3] + '...'
+  return text + (f' (in step {step[1]})' if step else '')
 
 
 def _unfinished(output: str, first: str = '') -> str:

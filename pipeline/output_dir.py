@@ -190,49 +190,55 @@ def delete_temp_folders(run_directory: str) -> List[str]:
   return [folder + '/' for folder in temp.folders]
 
 
-def _claim_holder(output: str) -> str:
-  claim = _read_claim(output)
-  if not claim:
-    return ''
-  return f' (started {claim.get("started_at")} on {claim.get("host")}, pid {claim.get("pid")})'
-
-
-def _refuse_existing(output: str, found: List[str]) -> None:
+def _refuse_existing(output: str, found: List[str], cleaning: bool = False) -> None:
   if any(path.endswith(SUMMARY_FILE) for path in found):
     raise OutputExistsError(f'--output {output} already holds a finished run; choose a new '
-                            '--output directory (e.g. with {date} in it)')
+                            '--output directory (e.g. with {datetime} in it: {date} names one '
+                            'directory a day)')
   if any(path.endswith(CLAIM_FILE) for path in found):
-    temp = stale_temp_files(output)
-    raise OutputExistsError(
-        f'--output {output} is claimed by a run that has not finished{_claim_holder(output)}: '
-        'it is still running, or was interrupted' + (f' and left {temp}' if temp.folders else '') +
-        '. Choose a new --output, or, if that run is dead, rerun with --clean_unfinished to '
-        'delete what it left (an unfinished run)')
-  if found:
+    _refuse_unfinished(output, _read_claim(output), cleaning)
+  elif found:
     raise OutputExistsError(f'--output {output} already holds run files ({found[0]} and '
                             f'{len(found) - 1} more); choose a new --output directory')
 
 
-def _refuse_live(output: str, claimed: dict) -> None:
-  """--clean_unfinished deletes a dead run's files only: a live one is still writing them."""
+def _refuse_unfinished(output: str, claimed: dict, cleaning: bool) -> None:
+  """An unfinished run: a live one is still writing there, so it is never cleaned; a dead one's
+  files go only when asked (`cleaning`, --clean_unfinished), by the readers' rule of liveness."""
   unfinished = Unfinished(output, claimed)
-  if unfinished.alive():
+  dead_because = unfinished.dead_because()
+  if dead_because and cleaning:
+    return
+  temp = stale_temp_files(output)
+  left = f'; it left {temp}' if temp.folders else ''
+  if not claimed:
     raise OutputExistsError(
-        f'--clean_unfinished: --output holds a run still going, {unfinished.describe()}: its '
-        'files are not deleted. Wait for it to finish, stop it, or choose a new --output (a run '
-        'on a local runner is dead once its launcher exits, any other once its claim has not '
-        f'been rewritten for {CLAIM_STALE_SECONDS // 60} min)')
+        f'--output {output} holds a run that has not finished, whose {CLAIM_FILE} cannot be '
+        f'read: still running, or dead{left}. Choose a new --output, or, if that run is dead, '
+        'rerun with --clean_unfinished to delete what it left')
+  if dead_because:
+    raise OutputExistsError(
+        f'--output holds a run that has not finished and is dead, {unfinished.describe()}: '
+        f'{dead_because}{left}. Rerun with --clean_unfinished to delete what it left, or choose '
+        'a new --output')
+  raise OutputExistsError(
+      f'--output holds a run that has not finished and is still going, {unfinished.describe()}'
+      f'{left}' + ('; its files are not deleted' if cleaning else '') +
+      '. Wait for it to finish, stop it, or choose a new --output (a run on a local runner is '
+      'dead once its launcher exits, any other once its claim has not been rewritten for '
+      f'{CLAIM_STALE_SECONDS // 60} min)')
 
 
-def check_output_is_new(output: str) -> None:
-  """Refuses an output that holds a run; reads only (a dry run claims nothing)."""
+def check_output_is_new(output: str, clean_unfinished: bool = False) -> None:
+  """Refuses an output that holds a run (a dead unfinished one unless `clean_unfinished`); reads
+  only (a dry run claims nothing)."""
   try:
     found = _run_files(output)
   except Exception as exc:  # pylint: disable=broad-except; a missing bucket, no permission
     reason = 'its bucket does not exist' if 'NotFound' in str(exc) or 'NoSuchBucket' in str(
         exc) else str(exc)[:300]
     raise OutputNotWritableError(f'--output {output} cannot be read: {reason}') from exc
-  _refuse_existing(output, found)
+  _refuse_existing(output, found, clean_unfinished)
 
 
 def claim_output(output: str, run_description: dict, options: PipelineOptions,
@@ -251,12 +257,8 @@ def claim_output(output: str, run_description: dict, options: PipelineOptions,
   try:
     _create_claim(claim, body, options)
   except _AlreadyClaimed:
-    found = _run_files(output)
-    if not clean_unfinished or any(path.endswith(SUMMARY_FILE) for path in found):
-      _refuse_existing(output, found)
-    claimed = _read_claim(output)
-    _refuse_live(output, claimed)
-    deleted = _delete_unfinished(output, claimed)
+    _refuse_existing(output, _run_files(output), clean_unfinished)
+    deleted = _delete_unfinished(output, _read_claim(output))
     try:
       _create_claim(claim, body, options)
     except _AlreadyClaimed as exc:

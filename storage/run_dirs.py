@@ -64,9 +64,9 @@ class Run(NamedTuple):
 
 
 # Runners whose job runs inside the launcher's process (or its children): alive exactly while
-# that process is.
-LOCAL_RUNNERS = ('DirectRunner', 'SwitchingDirectRunner', 'BundleBasedDirectRunner',
-                 'FnApiRunner', 'PrismRunner')
+# that process is. Lower case: Beam reads `--runner direct` or `directrunner` as DirectRunner.
+LOCAL_RUNNERS = ('directrunner', 'switchingdirectrunner', 'bundlebaseddirectrunner',
+                 'fnapirunner', 'prismrunner')
 
 
 def _timestamp(text) -> Optional[datetime.datetime]:
@@ -100,24 +100,41 @@ class Unfinished(NamedTuple):
                                                                        'heartbeat_at')) if t]
     return max(times) if times else None
 
-  def alive(self, now: Optional[datetime.datetime] = None) -> bool:
-    """A run launched here on a local runner lives as long as its launcher process (and not in
-    this one, which is launching another); any other, while its job keeps rewriting its claim:
-    a sign of life less than CLAIM_STALE_SECONDS old (transforms/heartbeat.py)."""
-    if (self.claim.get('runner') in LOCAL_RUNNERS and
-        self.claim.get('host') == socket.gethostname()):
-      return self.claim.get('pid') != os.getpid() and _process_running(self.claim.get('pid'))
+  def _runs_in_its_launcher(self) -> bool:
+    """Launched from this host on a local runner: the job is its launcher's process."""
+    runner = str(self.claim.get('runner')).lower()
+    return ((runner in LOCAL_RUNNERS or runner + 'runner' in LOCAL_RUNNERS) and
+            self.claim.get('host') == socket.gethostname())
+
+  def dead_because(self, now: Optional[datetime.datetime] = None) -> Optional[str]:
+    """None while the run is alive; else why it counts as dead. A run launched here on a local
+    runner lives as long as its launcher process (and not in this one, which is launching
+    another); any other while its job keeps rewriting its claim: a sign of life less than
+    CLAIM_STALE_SECONDS old (transforms/heartbeat.py)."""
+    if self._runs_in_its_launcher():
+      if self.claim.get('pid') == os.getpid():
+        return 'launched earlier by this process'
+      return None if _process_running(self.claim.get('pid')) else (
+          'its launcher is no longer running on this host')
     last = self.last_sign_of_life()
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    return last is not None and (now - last).total_seconds() < CLAIM_STALE_SECONDS
+    if last is None:
+      return 'no sign of life recorded'
+    if (now - last).total_seconds() < CLAIM_STALE_SECONDS:
+      return None
+    return f'no sign of life for {CLAIM_STALE_SECONDS // 60} min or more'
+
+  def alive(self, now: Optional[datetime.datetime] = None) -> bool:
+    return self.dead_because(now) is None
 
   def describe(self, now: Optional[datetime.datetime] = None) -> str:
+    """Where, who, and (when its heartbeat decides) how long ago it last showed life."""
     if not self.claim:
       return f'{self.path} (no readable {CLAIM_FILE})'
     last = self.last_sign_of_life()
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    age = '' if last is None else (f', last sign of life '
-                                   f'{(now - last).total_seconds() / 60:.0f} min ago')
+    age = '' if last is None or self._runs_in_its_launcher() else (
+        f', last sign of life {(now - last).total_seconds() / 60:.0f} min ago')
     return (f'{self.path} (claimed by {self.claim.get("host", "?")} pid '
             f'{self.claim.get("pid", "?")}, runner {self.claim.get("runner", "?")}{age})')
 
@@ -234,6 +251,6 @@ def select_model(runs: Sequence[Run], model: Optional[str] = None) -> List[Run]:
                                                       if (r.model, r.embedding_size) == (m, s))
                         for m, s in kinds)
     raise MixedModelsError(f'the runs hold embeddings of different models or sizes, whose '
-                           f'similarities mean nothing: {listing}. Choose one with model=... '
-                           f'(--model on the command line)')
+                           f'similarities mean nothing: {listing}. Choose one with --model '
+                           'MODEL_ID')
   return list(runs)

@@ -249,22 +249,61 @@ def test_dataflow_dry_run_prints_a_summary_and_writes_the_description_to_the_job
   assert '--dataflow_job_file' in plain.stdout  # where the whole description can go
 
 
-# 16
-def test_real_gcs_without_credentials_fails_at_once_saying_how_to_provide_them(tmp_path):
+def _laptop_without_google_credentials(home) -> dict:
+  """An environment with an empty HOME and no Google credentials anywhere; nothing leaves this
+  machine, whatever the code tries."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(('GOOGLE_', 'STORAGE_EMULATOR',
                                                                   'CLOUDSDK_'))}
-  closed = 'http://127.0.0.1:9'  # nothing leaves this machine, whatever the code tries
-  env.update(HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / 'gcloud'),
+  closed = 'http://127.0.0.1:9'
+  env.update(HOME=str(home), CLOUDSDK_CONFIG=str(home / 'gcloud'),
              GCE_METADATA_HOST='127.0.0.1:9', GCE_METADATA_IP='127.0.0.1:9',
              HTTPS_PROXY=closed, HTTP_PROXY=closed, https_proxy=closed, http_proxy=closed)
-  result = _cli(['--runner=DataflowRunner', '--dry_run=True', '--project=p',
-                 '--region=us-central1', '--temp_location=gs://my-bucket/tmp',
-                 '--input=gs://my-bucket/photos/*.jpg', '--output=gs://my-bucket/emb/run1', TINY,
-                 '--sdk_container_image=img'], env=env, cwd=str(tmp_path), timeout=100)
+  return env
+
+
+DATAFLOW_DRY_RUN = ['--runner=DataflowRunner', '--dry_run=True', '--project=p',
+                    '--region=us-central1', TINY, '--sdk_container_image=img']
+
+
+# 16
+def test_real_gcs_without_credentials_fails_at_once_saying_how_to_provide_them(tmp_path):
+  result = _cli(DATAFLOW_DRY_RUN + ['--temp_location=gs://my-bucket/tmp',
+                                    '--input=gs://my-bucket/photos/*.jpg',
+                                    '--output=gs://my-bucket/emb/run1'],
+                env=_laptop_without_google_credentials(tmp_path), cwd=str(tmp_path), timeout=100)
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'credentials' in result.stderr
   assert 'gcloud auth application-default login' in result.stderr
   assert 'GOOGLE_APPLICATION_CREDENTIALS' in result.stderr
+
+
+@pytest.mark.parametrize('store, words', [
+    ('local', ["cannot read this machine's disk: --temp_location dftmp, --input photos/*.jpg, "
+               '--output out1 must be in a bucket']),
+    ('s3', ['--runner DataflowRunner: no Google Cloud credentials found',
+            'gcloud auth application-default login']),
+])
+def test_a_dataflow_dry_run_from_a_laptop_is_refused_in_one_line_before_any_retry(
+    store, words, image_folder, s3_server, tmp_path):
+  """Local paths (Dataflow's workers cannot read them), or no Google credentials even without a
+  gs:// path (Dataflow's runner needs them): exit 2 at once, not Beam's retries for minutes."""
+  env = _laptop_without_google_credentials(tmp_path)
+  if store == 'local':
+    (tmp_path / 'photos').mkdir()
+    (tmp_path / 'photos' / 'rocket.jpg').write_bytes((image_folder / 'rocket.jpg').read_bytes())
+    paths = ['--temp_location', 'dftmp', '--input', 'photos/*.jpg', '--output', 'out1']
+  else:  # the S3 server answers (the proxies pass it by), so only Google's side is missing
+    s3_server.create_bucket('laptop')
+    s3_server.upload('s3://laptop/photos/a.jpg', (image_folder / 'rocket.jpg').read_bytes())
+    env.update(NO_PROXY='127.0.0.1', no_proxy='127.0.0.1')
+    paths = ['--input', 's3://laptop/photos/*.jpg', '--output', 's3://laptop/emb/run1'
+             ] + s3_server.options
+  result = _cli(DATAFLOW_DRY_RUN + paths, env=env, cwd=str(tmp_path), timeout=100)
+  assert result.returncode == 2, result.stderr[-2000:]
+  [line] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert all(word in line for word in words), line
+  assert 'Retry' not in result.stderr and 'Traceback' not in result.stderr
+  assert sorted(os.listdir(tmp_path)) == ['images'] + ['photos'] * (store == 'local')
 
 
 # 17
@@ -378,6 +417,18 @@ def test_the_documented_inventory_reports_become_manifests_the_pipeline_reads(tm
   gs = (tmp_path / 'manifest-gs.txt').read_text().splitlines()
   assert sorted(s3) == ['s3://photos/cam/IMG 001.JPG', 's3://photos/cam/b+c.png']
   assert sorted(gs) == ['gs://shots/a/x.jpg', 'gs://shots/b/y.png']
+
+
+def test_runs_of_two_models_are_refused_naming_the_flag_that_chooses(tmp_path):
+  from storage.run_dirs import MixedModelsError, find_runs, select_model
+  from tests.run_writer import rows, write_run
+  for seed in (0, 1):
+    write_run(str(tmp_path / f'seed{seed}'), rows(['a'], 4, seed=seed),
+              model=f'builtin:m@untrained-seed{seed}')
+  with pytest.raises(MixedModelsError) as refused:
+    select_model(find_runs(f'{tmp_path}/*'))
+  assert str(refused.value).endswith('Choose one with --model MODEL_ID')
+  assert 'model=' not in str(refused.value)
 
 
 # Also expected: a command that lists run directories and their state

@@ -5,18 +5,19 @@ cause them."""
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import uuid
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from models.shared_batches import embed_batch
 from pipeline.launcher import run
+from pipeline.output_dir import OutputExistsError
 from tests.shared_callers import images, shared
 from transforms.embed import ImageEmbeddingModelHandler
 
@@ -86,15 +87,28 @@ def _run_out_of_memory(flags) -> subprocess.CompletedProcess:
 
 
 def test_out_of_memory_fails_the_run_and_dead_letters_nothing(image_folder, tmp_path):
+  """The failed job ends in one line, last (TensorFlow's own C++ log lines aside), with the error,
+  the unfinished output and what to do; a rerun into that output is told its run is dead."""
   model = _save(tmp_path / 'oom_model', _impossible_allocation)
   output = tmp_path / 'run'
-  result = _run_out_of_memory([f'--input={image_folder}/*', f'--output={output}',
-                               f'--model={model}', '--max_batch_size=4'])
-  assert result.returncode != 0
-  assert 'ResourceExhaustedError' in result.stderr
+  argv = [f'--input={image_folder}/*', f'--output={output}', f'--model={model}',
+          '--max_batch_size=4']
+  result = _run_out_of_memory(argv)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  python_lines = [line for line in result.stderr.splitlines()
+                  if line.strip() and not re.match(r'[IWEF]\d{4} |\s', line)]
+  last = python_lines[-1]
+  assert last.startswith('error: the job failed: ResourceExhaustedError: '), last
+  assert 'OOM when allocating' in last and 'in step DecodeAndEmbed/' in last
+  assert f'{output} holds an unfinished run' in last and '--clean_unfinished' in last
   assert not (output / 'run_summary.json').exists()  # nothing claims the run finished
   assert '"embedded"' not in result.stdout
   assert not [f for f in _failures(output) if f['stage'] == 'inference']
+  with pytest.raises(OutputExistsError) as rerun:
+    run(argv)
+  assert 'is dead' in str(rerun.value) and 'no longer running on this host' in str(rerun.value)
+  assert 'Rerun with --clean_unfinished' in str(rerun.value)
 
 
 def test_batches_out_of_memory_are_halved_until_they_fit(image_folder, tmp_path):

@@ -160,7 +160,7 @@ def test_two_runs_started_at_once_do_not_mix(image_folder, tmp_path):
   codes = sorted(code for _, _, code in results)
   assert codes == [0, 2]
   refused = next(err for _, err, code in results if code == 2)
-  assert 'Choose a new --output' in refused and 'still running' in refused
+  assert 'choose a new --output' in refused and 'is still going' in refused
   assert len([n for n in os.listdir(output) if n.startswith('embeddings-')]) == 1
 
 
@@ -181,7 +181,8 @@ def test_ctrl_c_says_in_one_line_what_was_left(image_folder, tmp_path):
   assert last.startswith('error: interrupted: ') and '--clean_unfinished' in last
   assert not (output / 'run_summary.json').exists()
   rerun = _cli([f'--input={image_folder}/camera.png', TINY, f'--output={output}'])
-  assert rerun.returncode == 2 and 'has not finished' in rerun.stderr
+  assert rerun.returncode == 2 and 'has not finished and is dead' in rerun.stderr
+  assert 'its launcher is no longer running on this host' in rerun.stderr
   cleaned = _cli([f'--input={image_folder}/camera.png', TINY, f'--output={output}',
                   '--clean_unfinished'])
   assert cleaned.returncode == 0, cleaned.stderr
@@ -197,7 +198,7 @@ def test_output_dates_expand_once_at_launch(image_folder, tmp_path):
   summary = run([f'--input={image_folder}/camera.png', TINY,
                  f'--output={tmp_path}/emb/{{date}}'])
   assert summary['output'] == str(tmp_path / 'emb' / summary['started_at'][:10])
-  with pytest.raises(OutputExistsError, match='already holds a finished run'):
+  with pytest.raises(OutputExistsError, match=r'already holds a finished run.*\{datetime\}'):
     run([f'--input={image_folder}/camera.png', TINY, f'--output={summary["output"]}'])
 
 

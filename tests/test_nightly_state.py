@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from commands import compact as compact_command
 from commands.embed import main
 from embeddings import list_runs
 from pipeline.launcher import TooManyFailuresError, read_summary, run
-from run_format import CLAIM_FILE, SUMMARY_FILE
+from run_format import CLAIM_FILE
 
 TINY = '--model=builtin:pnasnet_tiny'
 PHOTOS = ('astronaut.png', 'camera.png', 'chelsea.png')
@@ -104,8 +105,9 @@ def test_a_night_beside_a_live_run_is_refused_and_beside_a_dead_one_it_runs(phot
                                                                           capsys, caplog):
   """Item 4: a run launched elsewhere a minute ago is alive, so a second night exits 2 before any
   work, naming it (unless --allow_concurrent); once neither its launch nor its job's heartbeat is
-  within the hour it is dead: the night runs and names it. A finished run's claim carries the
-  heartbeat its job wrote."""
+  within the hour it is dead: the night runs and names it, as it names a local run launched here
+  a moment ago whose launcher is gone. A finished run's claim carries the heartbeat its job
+  wrote."""
   runs = tmp_path / 'runs'
   _night(photos, runs, '1', '--allow_no_earlier_runs')
   with open(runs / '1' / CLAIM_FILE) as f:
@@ -120,10 +122,18 @@ def test_a_night_beside_a_live_run_is_refused_and_beside_a_dead_one_it_runs(phot
   beside = run(argv[:2] + [f'--output={runs}/2b', argv[3], '--allow_concurrent'])
   assert (beside['embedded'], beside['skipped']) == (0, 3)
   _claim(runs / 'elsewhere', _ago(2), heartbeat_at=_ago(1.5))
+  exited = subprocess.Popen([sys.executable, '-c', 'pass'])
+  exited.wait()
+  _claim(runs / 'here', _ago(0), host=socket.gethostname(), pid=exited.pid, runner='FnApiRunner')
   night = run(argv)
   assert (night['embedded'], night['skipped']) == (0, 3)
-  assert any(f'{runs}/elsewhere' in r.getMessage() and 'dead run' in r.getMessage()
-             for r in caplog.records)
+  warnings = {name: [r.getMessage() for r in caplog.records if f'{runs}/{name} ' in
+                     r.getMessage() and 'dead run' in r.getMessage()]
+              for name in ('elsewhere', 'here')}
+  [here] = warnings['here']  # dead because its launcher's process is gone, not for an hour
+  assert 'its launcher is no longer running on this host' in here
+  assert 'last sign of life' not in here and '60 min' not in here
+  assert 'no sign of life for 60 min or more' in warnings['elsewhere'][0]
   [dead] = [s for s in list_runs.list_runs([f'{runs}/*']) if s.run == f'{runs}/elsewhere']
   assert dead.state == 'unfinished' and dead.note.endswith('dead (interrupted or failed)')
 
