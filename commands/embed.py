@@ -84,9 +84,12 @@ def summary_line(summary: Dict) -> str:
     return (f'submitted job {summary.get("job_id") or "(no id)"}; it writes {summary["summary"]} '
             'when it finishes')
   rate = summary.get('images_per_second')
+  by_name = summary.get('skipped_by_name')
   return (f'{summary["output"]}: {summary["embedded"]} embedded, {summary["skipped"]} skipped '
           f'(unchanged since earlier runs), {summary["failed"]} failed of '
-          f'{summary["matched"]} matched, in {summary["wall_time_seconds"]:.0f} s'
+          f'{summary["matched"]} matched'
+          + (f', {by_name} not images by name (--include_all_files takes them)' if by_name else '')
+          + f', in {summary["wall_time_seconds"]:.0f} s'
           + (f' ({rate:.1f} images/s)' if rate else '') + f'; details: {SUMMARY_FILE}')
 
 

@@ -337,7 +337,8 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     finished = _finished_earlier(embedding, provenance.model)
     if finished:
       return check_outcome(finished)
-  check_inputs_match(embedding.input, embedding.exclude or (), embedding.output)
+  check_inputs_match(embedding.input, embedding.exclude or (), embedding.output,
+                     embedding.include_all_files)
   check_manifests_exist(embedding.input_manifest)
   named, dead = incremental_runs(embedding.incremental_from or [], embedding.output,
                                  embedding.allow_no_earlier_runs, embedding.allow_concurrent)

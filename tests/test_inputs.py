@@ -7,9 +7,10 @@ import shutil
 
 import pytest
 
+from commands.embed import summary_line
 from pipeline.launcher import run
 from tests.outputs import read_examples, read_failures
-from transforms.read import match_input
+from transforms.read import NoInputError, match_input
 
 TINY = '--model=builtin:pnasnet_tiny'
 
@@ -141,3 +142,15 @@ def test_a_folder_skips_files_named_as_not_images_and_counts_them(image_folder, 
   every = run([f'--input={photos}', TINY, f'--output={tmp_path}/all', '--include_all_files'])
   assert (every['matched'], every['embedded'], every['failed'], every['skipped_by_name']) == (
       6, 4, 2, 0)
+
+
+def test_a_folder_of_names_that_are_not_images_is_read_with_include_all_files(tmp_path, capsys):
+  notes = tmp_path / 'notes'
+  notes.mkdir()
+  (notes / 'notes.txt').write_text('taken in 2024\n')
+  with pytest.raises(NoInputError, match='--include_all_files'):
+    run([f'--input={notes}', TINY, f'--output={tmp_path}/refused'])
+  summary = run([f'--input={notes}', TINY, f'--output={tmp_path}/read', '--include_all_files',
+                 '--max_failed_fraction=1'])
+  assert (summary['matched'], summary['failed'], summary['skipped_by_name']) == (1, 1, 0)
+  assert 'not images by name' in summary_line(dict(summary, skipped_by_name=2))
