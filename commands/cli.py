@@ -72,23 +72,23 @@ def run() -> NoReturn:
   (pyarrow's, after reading Parquet through a Python file: apache/arrow#34314). Once the
   interpreter finalizes, that thread's wait for the GIL ends it with pthread_exit inside a C++
   destructor: `terminate called without an active exception`, exit 134 after a correct answer
-  (`compact` 3 runs in 30, `runs` 1 in 60). So the process ends with os._exit after the exit
-  handlers (Milvus Lite's servers, temporary files, logging), before finalization. Not in `main`:
-  tests call it in-process."""
-  code = []
-  atexit.register(_exit_now, code)  # registered first, so it runs after every other handler
+  (`compact` 3 runs in 30 here). So the process ends with os._exit after the exit handlers
+  (Milvus Lite's servers, temporary files, logging), before finalization. Not in `main`: tests
+  call it in-process."""
+  exit_code = []
+  atexit.register(_exit_now, exit_code)  # before the verb registers any: runs after all of them
   try:
-    code.append(main())
+    exit_code.append(main())
   except SystemExit as stop:  # a refusal or a failure (commands.common.fail), --help
-    code.append(0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1)
+    exit_code.append(0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1)
     raise
-  sys.exit(code[0])
+  sys.exit(exit_code[0])
 
 
-def _exit_now(code: List[int]) -> None:
+def _exit_now(exit_code: List[int]) -> None:
   """An uncaught exception (no code) ends as Python ends it: its traceback, exit 1 or 130."""
-  if code:
+  if exit_code:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code[0])
+    os._exit(exit_code[0])
