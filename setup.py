@@ -59,5 +59,5 @@ setuptools.setup(
     package_data={'embeddings': ['templates/*.html']},  # the browse page
     install_requires=REQUIRED,
     extras_require={'test': TEST, 'export': EXPORT},
-    entry_points={'console_scripts': ['pnasnet-embeddings = commands.cli:main']},
+    entry_points={'console_scripts': ['pnasnet-embeddings = commands.cli:run']},
 )

@@ -1,7 +1,5 @@
 """`python -m commands VERB ...`: the same as `pnasnet-embeddings VERB ...`."""
 
-import sys
+from commands.cli import run
 
-from commands.cli import main
-
-sys.exit(main())
+run()

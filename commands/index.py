@@ -7,6 +7,7 @@ and extended by a Beam job (jobs/index_build.py); read by embeddings/neighbour_i
 """
 
 import argparse
+import math
 import os
 from typing import Optional, Sequence
 
@@ -77,9 +78,8 @@ def summary_line(description: dict) -> str:
                if description.get('list_imbalance') else '')
   text = (f'{description["directory"]}: {description["count"]} vectors of '
           f'{description["model"]} from {len(description["runs"])} run(s); {plan["kind"]} '
-          f'({plan["factory"]}), {plan["bytes_per_vector"]} bytes a vector in memory; recall@10 '
-          f'on {description["probes"]} probe vectors: {description["probe_recall_at_10"]:.3f}'
-          f'{imbalance}')
+          f'({plan["factory"]}), {plan["bytes_per_vector"]} bytes a vector in memory; '
+          f'{_recall(description["probes"], description["probe_recall_at_10"])}{imbalance}')
   if description.get('nprobe_curve'):
     point = next(p for p in description['nprobe_curve'] if p['nprobe'] == plan['nprobe'])
     text += (f'; nprobe {plan["nprobe"]} of {plan["lists"]} lists: recall@10 '
@@ -87,11 +87,12 @@ def summary_line(description: dict) -> str:
              f'{description["recall_target"]})')
   last = description.get('last_add')
   if last:
-    text += (f' (at build {build["probe_recall_at_10"]:.3f})\nadded {last["added"]} '
-             f'vector(s), removed {last["removed"]} that newer runs re-embedded, did not match '
-             f'or failed on; recall@10 on {last["added_probes"]} probe vectors of the added runs '
-             f'(among their vectors alone: lower the smaller their share of the index) '
-             f'{last["added_probe_recall_at_10"]:.3f}')
+    if not math.isnan(build['probe_recall_at_10']):
+      text += f' (at build {build["probe_recall_at_10"]:.3f})'
+    text += (f'\nadded {last["added"]} vector(s), removed {last["removed"]} that newer runs '
+             f're-embedded, did not match or failed on; '
+             + _recall(last['added_probes'], last['added_probe_recall_at_10'], ' of the added runs',
+                       ' (among their vectors alone: lower the smaller their share of the index)'))
     if last.get('added_probe_quantization_error') is not None:
       text += (f', their quantization error {last["added_probe_quantization_error"]:.3f} '
                f'(the build\'s probes\' {build["probe_quantization_error"]:.3f})')
@@ -99,3 +100,10 @@ def summary_line(description: dict) -> str:
       text += (f'\n{"; ".join(last["rebuild"])}: rebuild the index '
                f'(pnasnet-embeddings index build)')
   return text
+
+
+def _recall(probes: int, recall: float, of: str = '', note: str = '') -> str:
+  """Without probes there is no recall to show: fewer than 10 vectors hold none back."""
+  if not probes:
+    return f'recall@10{of} not measured (too few vectors to hold probes back)'
+  return f'recall@10 on {probes} probe vectors{of}{note}: {recall:.3f}'

@@ -15,6 +15,7 @@ import apache_beam as beam
 from jobs.export_target import (COMPLETE, METRICS_NAMESPACE, DeleteBatches, ExportState, Target,
                                 TargetError, embeddable_item, host_port_collection,
                                 path_and_collection, scheme_and_rest)
+from transforms import quiet_logs
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 200  # rows of 4320 Python floats: about 20 MB a batch
@@ -45,6 +46,8 @@ class MilvusTarget(Target):
   def client(self):
     from pymilvus import MilvusClient
     from pymilvus.exceptions import MilvusException
+    if self.uri.endswith('.db'):
+      quiet_logs.drop_messages(quiet_logs.MILVUS_LITE_HARMLESS)
     try:
       client = MilvusClient(uri=self.uri, timeout=10)
     except MilvusException as exc:

@@ -256,8 +256,9 @@ def _set_total(index, total: int) -> None:
 def remove_ids(index, removed: np.ndarray) -> None:
   """Takes the `removed` ids out of the index's on-disk IVF lists."""
   if len(removed):
-    _set_total(index, ivf_of(index).ntotal - _remove_from_lists(
-        neighbour_index.ivf_lists(index), removed))
+    with neighbour_index.quiet_stdout():  # a list given its kept entries back may grow the file
+      count = _remove_from_lists(neighbour_index.ivf_lists(index), removed)
+    _set_total(index, ivf_of(index).ntotal - count)
 
 
 def _remove_from_lists(lists, removed: np.ndarray) -> int:

@@ -131,6 +131,8 @@ def _quick_training(index) -> None:
   faiss = faiss_util.faiss()
   ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
   ivf.cp.niter = TRAINING_ITERATIONS
+  if ivf.nlist == 1:  # the exhaustive plan: one list, any count of points (FAISS warns below 39)
+    ivf.cp.min_points_per_centroid = 1
   if isinstance(ivf, faiss.IndexIVFPQ):
     ivf.pq.cp.niter = TRAINING_ITERATIONS
     ivf.pq.cp.max_points_per_centroid = PQ_POINTS_PER_CENTROID

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from benchmarks.synthetic_collection import write_synthetic_run
 from commands import cli, embed
 from commands.common import parse_size
 from tests.conftest import SAMPLE_IMAGES
@@ -122,3 +123,66 @@ def test_a_refused_launch_and_a_missing_run_exit_2_with_one_error_line(tmp_path)
   assert [line for line in refused.stderr.splitlines() if line.startswith('error:')]
   missing = _command('runs', str(tmp_path / 'nowhere'))
   assert missing.returncode == 2 and missing.stderr.startswith('error: no run directory')
+
+
+# A pyarrow IO thread inside a Python file's read() until the interpreter exits, made certain: a
+# thread of apache/arrow#34314, which ended `compact` and `runs` with exit 134 after their answer.
+# What lets it go is an exit handler registered before the command's, so one that runs after it;
+# once the interpreter finalizes, the thread's call into Python aborts the process.
+_LIBRARY_THREAD_AT_EXIT = '''
+import atexit, io, runpy, sys, threading
+import pyarrow as pa, pyarrow.parquet as pq
+parquet = io.BytesIO()
+pq.write_table(pa.table({'row': list(range(10_000))}), parquet, row_group_size=1000)
+reading, released = threading.Event(), threading.Event()
+atexit.register(released.set)
+
+class HeldFile(io.BytesIO):
+  def read(self, *size):
+    reading.set()
+    released.wait()
+    return super().read(*size)
+
+threading.Thread(target=pq.read_table, args=(HeldFile(parquet.getvalue()),), daemon=True).start()
+reading.wait()
+sys.argv = ['pnasnet-embeddings', *sys.argv[1:]]
+runpy.run_module('commands', run_name='__main__', alter_sys=True)
+'''
+
+
+def test_a_library_thread_left_running_does_not_change_the_exit_code(tmp_path):
+  run = write_synthetic_run(str(tmp_path / 'run'), 20, dimension=16).directory
+  result = subprocess.run([sys.executable, '-c', _LIBRARY_THREAD_AT_EXIT, 'runs', run],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=120)
+  assert (result.returncode, result.stderr) == (0, '')
+  assert result.stdout.splitlines()[1].startswith(f'{run}  finished')
+
+
+def test_runs_and_compact_exit_0_run_after_run(tmp_path):
+  """`compact` aborted after its success line in 2 runs of 15, `runs` after its table in 1 of
+  about 22 (issue 38): the exit code is what schedulers and the morning check read."""
+  run = write_synthetic_run(str(tmp_path / 'run'), 20, dimension=16).directory
+  codes = {'runs': [_command('runs', run).returncode for _ in range(5)],
+           'compact': [_command('compact', '--runs', run, '--output',
+                                str(tmp_path / f'compact{n}')).returncode for n in range(5)]}
+  assert codes == {'runs': [0] * 5, 'compact': [0] * 5}
+
+
+# What a successful run printed on stderr every time (issue 38): TensorFlow's native start-up
+# notes and CUDA probes on a CPU machine, Beam's routine reports, tensorflow_hub's pkg_resources
+# warning, TensorFlow's notes on a module without a fingerprint.
+NOISE = ('absl::InitializeLog', 'oneDNN custom operations', 'Could not find cuda drivers',
+         'failed call to cuInit', 'This TensorFlow binary is optimized', 'Creating state cache',
+         'BatchElements statistics', 'Renamed ', 'pkg_resources', 'Fingerprint not found',
+         'path_and_singleprint')
+
+
+def test_a_successful_embed_says_on_stderr_what_a_user_needs_and_nothing_else(tmp_path,
+                                                                               tf1_hub_module):
+  result = _command('embed', f'--input={SAMPLE_IMAGES}/c*', f'--model={tf1_hub_module}',
+                    f'--output={tmp_path / "run"}')
+  assert result.returncode == 0, result.stderr
+  lines = result.stderr.splitlines()
+  assert [line for line in lines if any(noise in line for noise in NOISE)] == []
+  assert len(lines) <= 4, lines
+  assert f'embedding [\'{SAMPLE_IMAGES}/c*\'] with {tf1_hub_module}' in lines[0]

@@ -209,3 +209,24 @@ def test_a_collection_over_the_budget_gets_a_pca_and_product_codes_and_keeps_its
   recall = np.mean([len({n.uri for n in row} & set(truth)) / 10
                     for row, truth in zip(found, exact)])
   assert recall >= 0.9
+
+
+def test_a_tiny_index_prints_its_summary_alone_without_nan_or_faiss_notes(tmp_path, capfd):
+  """FAISS's clustering warning below 39 vectors a list, its `resizing ... ivfdata.tmp` on
+  stdout when `add` gives a list its kept entries back (7 entries, 1 removed: a bigger slot),
+  and `recall@10 on 0 probe vectors: nan` (issue 38)."""
+  first = write_synthetic_run(str(tmp_path / 'night1'), 4, seed=3, dimension=DIMENSION,
+                              clusters=1, finished_at='2026-01-01T00:00:00Z')
+  directory = _build(tmp_path, [first.directory])
+  second = write_synthetic_run(str(tmp_path / 'night2'), 3, seed=4, dimension=DIMENSION,
+                               clusters=1, first_row=3, finished_at='2026-01-02T00:00:00Z')
+  description = index_command.main(['add', '--index', directory, '--runs', second.directory])
+  assert description['last_add']['removed'] == 1 and description['count'] == 6
+  out, err = capfd.readouterr()
+  assert [line.split(';')[0] for line in out.splitlines()] == [
+      f'{directory}: 4 vectors of {first.model_id} from 1 run(s)',
+      f'{directory}: 6 vectors of {first.model_id} from 2 run(s)',
+      'added 3 vector(s), removed 1 that newer runs re-embedded, did not match or failed on']
+  assert 'nan' not in out and out.count('recall@10 not measured') == 2
+  assert 'recall@10 of the added runs not measured' in out
+  assert 'WARNING clustering' not in err
