@@ -1,6 +1,8 @@
 """`python run_pipeline.py FLAGS` is `pnasnet-embeddings embed FLAGS` (commands/embed.py)."""
 
-from commands.embed import main
+import sys
+
+from commands.cli import run
 
 if __name__ == '__main__':
-  main()
+  run(['embed'] + sys.argv[1:])

@@ -65,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   return result if isinstance(result, int) and not isinstance(result, bool) else DONE
 
 
-def run() -> NoReturn:
+def run(argv: Optional[List[str]] = None) -> NoReturn:
   """`main` as a process: its exit code, whatever native threads are still running.
 
   A library's pool thread can still be releasing a Python object when the command is done
@@ -78,7 +78,7 @@ def run() -> NoReturn:
   exit_code = []
   atexit.register(_exit_now, exit_code)  # before the verb registers any: runs after all of them
   try:
-    exit_code.append(main())
+    exit_code.append(main(argv))
   except SystemExit as stop:  # a refusal or a failure (commands.common.fail), --help
     exit_code.append(0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1)
     raise

@@ -187,7 +187,10 @@ def _counts(output: str) -> Dict[str, int]:
   counts = {EMBEDDED: 0, DECODE: 0}
   for info in storage.match(storage.join(output, INDEX_GLOB)):
     with storage.open_file(info.path) as f:
-      for outcome in pq.read_table(f, columns=['outcome']).column('outcome').to_pylist():
+      # One thread: a pool thread would still hold the Python file after the read
+      # (apache/arrow#34314), which aborts a command ending meanwhile.
+      outcomes = pq.read_table(f, columns=['outcome'], use_threads=False).column('outcome')
+      for outcome in outcomes.to_pylist():
         counts[outcome] += 1
   return counts
 
