@@ -154,3 +154,12 @@ def test_a_folder_of_names_that_are_not_images_is_read_with_include_all_files(tm
                  '--max_failed_fraction=1'])
   assert (summary['matched'], summary['failed'], summary['skipped_by_name']) == (1, 1, 0)
   assert 'not images by name' in summary_line(dict(summary, skipped_by_name=2))
+
+
+def test_an_empty_folder_is_named_as_empty(tmp_path):
+  (tmp_path / 'photos' / 'later').mkdir(parents=True)
+  with pytest.raises(NoInputError, match='is a folder with no file in it or under it'):
+    run([f'--input={tmp_path / "photos"}', TINY, f'--output={tmp_path}/out'])
+  (tmp_path / 'photos' / 'later' / 'a.jpg').write_bytes(b'x')
+  with pytest.raises(NoInputError, match='no file matches --input'):
+    run([f'--input={tmp_path / "photos"}', '--exclude=**.jpg', TINY, f'--output={tmp_path}/o2'])

@@ -35,7 +35,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 import storage
-from run_format.patterns import unescape
+from run_format.patterns import has_glob, unescape
 from transforms.failures import FAILURES_TAG, READ, Failure
 from transforms.listing import (PIECE_PAGES, FileRef, Listed, UnlistableError, exclude_regexes,
                                 list_piece, list_sequentially, plan_listing,
@@ -129,6 +129,14 @@ def _first_match(pattern: str, excludes: Tuple[str, ...],
   return (None if pages >= CHECK_PAGES and seen else False), skipped
 
 
+def _is_empty_local_folder(pattern: str) -> bool:
+  """A local folder with no file in it or under it (a walk that stops at the first file)."""
+  if has_glob(pattern) or storage.is_remote(pattern):
+    return False
+  folder = storage.local_path(unescape(pattern))
+  return os.path.isdir(folder) and not any(files for _, _, files in os.walk(folder))
+
+
 def check_inputs_match(patterns: Sequence[str], excludes: Sequence[str] = (),
                        output: Optional[str] = None, include_all_files: bool = False) -> None:
   """Fails before the pipeline starts when an input names nothing, in a bounded number of
@@ -140,6 +148,9 @@ def check_inputs_match(patterns: Sequence[str], excludes: Sequence[str] = (),
       found, skipped_here = _first_match(pattern, _excludes(excludes, output), include_all_files)
     except Exception as exc:  # a bad bucket, scheme or permission: say which pattern
       raise NoInputError(f'--input {pattern!r} cannot be listed: {exc}') from exc
+    if found is False and not skipped_here and _is_empty_local_folder(pattern):
+      raise NoInputError(f'--input {pattern!r} is a folder with no file in it or under it: '
+                         'nothing to embed; check that it is the folder you meant')
     if found is False:
       empty.append(pattern)
       skipped.extend(skipped_here)
