@@ -1,6 +1,7 @@
 """`python -m embeddings.duplicates`: clustering against all pairs, what the CSV and the summary
 say about exact and near copies, checks before any work, and the contact sheet."""
 
+import collections
 import csv
 import hashlib
 import io
@@ -26,8 +27,14 @@ def _csv(path):
 
 
 def _comparable(table):
-  """The CSV rows, cosines rounded: float32 sums in another order differ in the last bits."""
-  return [{**row, 'cosine_to_kept': round(float(row['cosine_to_kept']), 4)} for row in table]
+  """The CSV's groups, each its rows in order, cosines rounded: float32 sums in another order
+  differ in the last bits, so two groups of one size and nearly one cosine may be numbered
+  either way."""
+  groups = collections.defaultdict(list)
+  for row in table:
+    groups[row['group']].append(tuple(sorted(
+        {**row, 'cosine_to_kept': round(float(row['cosine_to_kept']), 4), 'group': ''}.items())))
+  return sorted(groups.values())
 
 
 @pytest.fixture(scope='module')
