@@ -12,10 +12,10 @@ import json
 import sys
 from typing import Optional, Sequence
 
-import storage
 from commands.common import FILESYSTEM_EPILOG, PROGRAM, parse, verb_parser
 from embeddings.list_runs import exit_code, format_table, list_runs
 from run_format import CLAIM_FILE, SUMMARY_FILE
+from storage.run_dirs import holds_run_directories
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _glob_hint(patterns: Sequence[str]) -> str:
   """What to type when a folder holds run directories rather than being one: its `/*`."""
-  parents = [p.rstrip('/') for p in patterns
-             if any(storage.match(storage.join(storage.join(p, '*'), name))
-                    for name in (CLAIM_FILE, SUMMARY_FILE))]
+  parents = [p.rstrip('/') for p in patterns if holds_run_directories(p)]
   if not parents:
     return ''
   return (f'; {", ".join(parents)} holds run directories: add /* to list them: {PROGRAM} runs '

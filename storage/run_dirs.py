@@ -174,6 +174,12 @@ def _scan_directory(pattern: str) -> tuple:
                      for path in sorted(started - finished)]
 
 
+def holds_run_directories(folder: str) -> bool:
+  """Whether `folder` holds run directories rather than being one (what `folder/*` names)."""
+  return any(storage.match(storage.join(storage.join(folder, '*'), name))
+             for name in (CLAIM_FILE, SUMMARY_FILE))
+
+
 def scan_runs(paths_or_globs: Sequence[str], missing_ok: bool = False) -> RunScan:
   """Every run under the patterns, sorted into finished, failed and unfinished; a pattern that
   names no run at all is NoRunsError unless `missing_ok`."""
@@ -184,8 +190,10 @@ def scan_runs(paths_or_globs: Sequence[str], missing_ok: bool = False) -> RunSca
     summaries, started = _scan_directory(pattern)
     unfinished.update((u.path, u) for u in started)
     if not summaries and not started and not missing_ok:
+      below = (f'; it holds run directories: add /* ("{pattern.rstrip("/")}/*")'
+               if holds_run_directories(pattern) else '')
       raise NoRunsError(f'{pattern}: no run there (no {SUMMARY_FILE}, {CLAIM_FILE} or '
-                        f'{EMBEDDINGS_GLOB} shard)')
+                        f'{EMBEDDINGS_GLOB} shard){below}')
     for info in summaries:
       directory = storage.dirname(info.path)
       run = Run(directory, RunSummary.from_json(storage.read_bytes(info.path), info.path))

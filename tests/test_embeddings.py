@@ -546,3 +546,16 @@ def test_shards_with_optional_embedding_elements_read_as_the_required_ones(tmp_p
            for name in ('now', 'before')]
   assert [[n.uri for n in q] for q in found[0]] == [[n.uri for n in q] for q in found[1]]
   assert [q[0].uri for q in found[0]] == [r.uri for r in written[:3]]
+
+
+def test_every_verb_over_runs_says_to_add_a_glob_to_a_folder_of_runs(tmp_path, capsys):
+  parent = tmp_path / 'embeddings'
+  write_run(str(parent / 'night1'), rows(['a'], 4, seed=1))
+  with pytest.raises(SystemExit) as refused:
+    neighbours_command.main(['--runs', str(parent), '--query', 'a'])
+  assert refused.value.code == 2
+  assert capsys.readouterr().err.strip().endswith(
+      f'it holds run directories: add /* ("{parent}/*")')
+  with pytest.raises(embeddings.NoRunsError, match='no run there') as nothing:
+    embeddings.load(str(tmp_path / 'nothing'))
+  assert 'add /*' not in str(nothing.value)
