@@ -15,6 +15,7 @@ REQUIRED = [
     'google-cloud-storage==3.17.1',
     'faiss-cpu==1.15.1',  # the neighbour index and k-means for duplicates
     'threadpoolctl==3.6.0',  # one BLAS thread while exact search's readers decode
+    'pylance==14.0.2',  # the collection: one versioned Lance table (collection/)
     # Contact sheet labels (embeddings/sheet.py), each character in the first font that has it:
     # Noto Sans, Noto Sans for 19 other scripts, Noto Sans Symbols and Noto Emoji (SIL OFL 1.1).
     'manimgx-fonts==2026.9.26.post1',
@@ -40,6 +41,7 @@ EXPORT = [
 TEST = [
     'pytest==9.2.0',
     'pytest-xdist==3.8.0',  # two test processes (pytest.ini)
+    'hypothesis==6.170.29',  # the collection's model-based test
     'gcp-storage-emulator==2026.7.19',
     'moto[server]==5.2.5',  # a local S3-protocol server for the s3:// tests
     'duckdb==2.0.1',  # reads the Parquet outputs as a warehouse would
@@ -54,7 +56,7 @@ setuptools.setup(
     description='PNASNet-5 Large image embeddings at scale with Apache Beam',
     python_requires='>=3.10,<3.13',
     packages=setuptools.find_packages(include=['commands', 'pipeline', 'jobs', 'transforms',
-                                               'embeddings', 'models', 'storage', 'run_format',
+                                               'embeddings', 'collection', 'models', 'storage', 'run_format',
                                                'pnasnet']),
     package_data={'embeddings': ['templates/*.html']},  # the browse page
     install_requires=REQUIRED,

@@ -11,6 +11,7 @@ import re
 import sys
 from typing import Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
 
+import collection
 import storage
 from pipeline.beam_flags import OptionsError, check_known_flags, unknown_flags
 
@@ -73,6 +74,15 @@ def add_runs_flags(parser: argparse.ArgumentParser, required: bool = True,
   parser.add_argument('--model', help=model_help)
 
 
+def add_collection_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--collection', required=True,
+                      help='the collection to read (a local folder, gs://, s3://): what '
+                           '`embed --collection` commits to')
+  parser.add_argument('--version', type=int,
+                      help='read this version of the collection (`collection history` lists '
+                           'them); default: the latest')
+
+
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
           passes_to_beam: bool = True) -> Tuple[argparse.Namespace, List[str]]:
   """(the verb's options, the other flags, for Beam): a flag neither the verb nor Beam knows is
@@ -90,6 +100,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
       parser.error(str(exc))
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
   storage.set_filesystem_options(beam_flags)
+  collection.set_store_options(beam_flags)
   return args, beam_flags
 
 

@@ -11,12 +11,13 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The floors, top first: what each package may import of the project at module level (itself
 # always). docs/architecture.md draws the same table (test_the_architecture_page_draws_this_table).
 MAY_IMPORT = {
-    'commands': {'pipeline', 'jobs', 'embeddings', 'transforms', 'models', 'storage',
-                 'run_format', 'pnasnet'},
-    'jobs': {'pipeline', 'transforms', 'embeddings', 'storage', 'run_format'},
-    'pipeline': {'transforms', 'models', 'storage', 'run_format', 'pnasnet'},
-    'embeddings': {'storage', 'run_format'},
-    'transforms': {'models', 'storage', 'run_format', 'pnasnet'},
+    'commands': {'pipeline', 'jobs', 'embeddings', 'transforms', 'collection', 'models',
+                 'storage', 'run_format', 'pnasnet'},
+    'jobs': {'pipeline', 'transforms', 'embeddings', 'collection', 'storage', 'run_format'},
+    'pipeline': {'transforms', 'collection', 'models', 'storage', 'run_format', 'pnasnet'},
+    'embeddings': {'collection', 'storage', 'run_format'},
+    'transforms': {'collection', 'models', 'storage', 'run_format', 'pnasnet'},
+    'collection': {'storage', 'run_format'},
     'models': {'storage', 'pnasnet'},
     'storage': {'run_format'},
     'run_format': set(),
@@ -26,9 +27,9 @@ PACKAGES = tuple(MAY_IMPORT)
 # Imported inside functions only, by one module: embedding a query image with the runs' model.
 MAY_IMPORT_LAZILY = {'embeddings/query.py': {'models', 'transforms'}}
 # No Beam at module level (a command's --help, the reading library, the network).
-NO_BEAM = ('commands', 'embeddings', 'storage', 'run_format', 'pnasnet')
+NO_BEAM = ('commands', 'embeddings', 'collection', 'storage', 'run_format', 'pnasnet')
 # No Beam even lazily: the reading library reaches storage through storage/ alone.
-NEVER_BEAM = {'embeddings': {'embeddings/query.py'}}  # package: the modules excepted
+NEVER_BEAM = {'embeddings': {'embeddings/query.py'}, 'collection': set()}  # package: excepted
 
 
 def _imports(path: str):
