@@ -30,7 +30,11 @@ COLLECTION_COLUMNS = ([column.name for column in COLUMNS] +
 STATE_COLUMNS = ['uri', 'size_bytes', 'last_modified', CONTENT_ID, 'model', 'recipe']
 URI_INDEX = 'BTREE'
 _METADATA_PREFIX = 'pnasnet_embeddings.'
-_ROWS_PER_BATCH = 8_192
+_ROWS_PER_BATCH = 4_096
+# A scan reads ahead one batch and one fragment, through a 16 MB buffer: Lance's defaults read
+# ahead far enough that a scan of every vector grew from 1.1 GB at 100k rows to 1.6 GB at 300k
+# (benchmarks/bench_collection.py); with these it stays near 1 GB.
+_SCAN_READAHEAD = {'batch_readahead': 1, 'fragment_readahead': 1, 'io_buffer_size': 16 << 20}
 _ROW_ID_CHUNK = 50_000  # row ids taken or deleted per request
 
 
@@ -199,7 +203,7 @@ class Collection:
     """Every row, streamed in batches: memory that does not grow with the collection."""
     scanner = self.dataset.scanner(columns=None if columns is None else list(columns),
                                    batch_size=batch_rows, with_row_id=with_row_id,
-                                   filter=filter)
+                                   filter=filter, **_SCAN_READAHEAD)
     for batch in scanner.to_batches():
       if batch.num_rows:
         yield batch
