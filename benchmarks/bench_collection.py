@@ -14,7 +14,6 @@ commit that removes rows by id.
 import argparse
 import datetime
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -61,7 +60,13 @@ def _du(path: str) -> int:
 
 
 def _peak_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  """This process's peak RSS (VmHWM: unlike ru_maxrss, not carried over from the parent that
+  forked it)."""
+  with open('/proc/self/status') as status:
+    for line in status:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) / 1024
+  raise OSError('no VmHWM in /proc/self/status')
 
 
 def _in_child(argv) -> str:
