@@ -74,7 +74,8 @@ def commit(uri: str, night_rows: Sequence[Row], run: str, gone: Sequence[str] = 
       for batch in snapshot.fragment_batches(fragment_id, ['uri']):
         removed += [(fragment_id, row_id) for row_id in batch.column('_rowid').to_pylist()
                     if row_id in ids]
-  fragments = (collection.write_fragment(uri, table(night_rows, run, model, embedding_dtype), {})
+  fragments = (collection.write_fragment(uri, table(night_rows, run, model, embedding_dtype),
+                                         collection.storage_options(uri))
                if night_rows else [])
   return collection.commit_night(uri, collection.NightChanges(run, snapshot.version, fragments,
                                                               removed))
