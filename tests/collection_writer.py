@@ -70,7 +70,7 @@ def commit(uri: str, night_rows: Sequence[Row], run: str, gone: Sequence[str] = 
   if replaced and snapshot.num_rows:
     found = snapshot.lookup(replaced, ['uri'])
     ids = set(found.column('_rowid').to_pylist())
-    for fragment_id in snapshot.fragment_ids():
+    for fragment_id in (snapshot.fragment_ids() if ids else []):
       for batch in snapshot.fragment_batches(fragment_id, ['uri']):
         removed += [(fragment_id, row_id) for row_id in batch.column('_rowid').to_pylist()
                     if row_id in ids]
