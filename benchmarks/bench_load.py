@@ -14,7 +14,6 @@ promise: memory bounded by a batch, not the collection.
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,12 +44,19 @@ def write_synthetic_collection(uri: str, rows: int, dimension: int, fragment_row
   return version
 
 
+def _peak_rss_mb() -> float:
+  """This process's high-water mark (VmHWM: unlike getrusage's ru_maxrss, not inherited from
+  the parent that forked it)."""
+  with open('/proc/self/status') as f:
+    return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:')) / 1e3
+
+
 def _child(uri: str, what: str) -> dict:
   """Runs in a fresh process: one pass of `what`, its seconds and the peak RSS."""
   import embeddings
   from embeddings.neighbours import search_vectors
   from embeddings.runs import open_snapshot
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+  before = _peak_rss_mb()
   start = time.perf_counter()
   if what == 'iter_shards':
     rows = sum(len(shard.uris) for shard in embeddings.iter_shards(uri))
@@ -60,7 +66,7 @@ def _child(uri: str, what: str) -> dict:
     rows = snapshot.num_rows
     search_vectors(snapshot, query, 8)
   return {'rows': rows, 'seconds': time.perf_counter() - start, 'rss_before_mb': before,
-          'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}
+          'peak_rss_mb': _peak_rss_mb()}
 
 
 def main(argv=None) -> None:
