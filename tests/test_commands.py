@@ -76,8 +76,7 @@ def test_every_verbs_help_shows_each_flags_default():
     (['duplicates', '--collection', 'c', '--csv', 'x.csv', '--treshold', '0.9'], '--threshold'),
     (['index', 'build', '--runs', 'r', '--output', 'i', '--memory_budjet', '1GB'],
      '--memory_budget'),
-    (['collection', 'cleanup', '--collection', 'c', '--older_tha', '7d'], '--older_than'),  # a prefix
-    (['collection', 'import', '--runs', 'r', '--collection', 'c', '--modle', 'm'], '--model'),
+    (['collection', 'import', '--runs', 'r', '--collection', 'c', '--mode', 'm'], '--model'),
     (['export', '--runs', 'r', '--to', 'vertex:v', '--bacth_size', '2'], '--batch_size'),
     (['check-gpu', '--proceses', '2'], '--processes'),
     (['export-model', '--output', 'o', '--sed', '2'], '--seed'),
