@@ -53,6 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Neighbour]:
     parser.error('give --collection or --index (one of them)')
   if args.version is not None and args.collection is None:
     parser.error('--version: a version of --collection')
+  if args.model is not None and args.index is None:
+    parser.error('--model: with --index (a collection holds one model)')
   sheet_problem = sheet.output_problem('--sheet', args.sheet)
   if sheet_problem:
     parser.error(sheet_problem)

@@ -383,13 +383,13 @@ def build(root, snapshot: Collection, run_plan: Plan, work_directory: str,
   Reads the snapshot's pieces three times (sample, spill, members), so that no stage holds more
   than a piece or a range of clusters; vectors cross stages as files in `work_directory` only."""
   options = tuple(sorted(snapshot.storage_options.items()))
-  shards = (root | 'Pieces' >> beam.Create(pieces(snapshot, piece_rows))
-            | 'Spread' >> beam.Reshuffle())
-  centroids = (shards
+  parts = (root | 'Pieces' >> beam.Create(pieces(snapshot, piece_rows))
+           | 'Spread' >> beam.Reshuffle())
+  centroids = (parts
                | 'Sample' >> beam.FlatMap(write_sample, options, run_plan, work_directory)
                | 'AllSamples' >> beam.combiners.ToList()
                | 'KMeans' >> beam.Map(_kmeans, run_plan))
-  spilled = shards | 'Spill' >> beam.FlatMap(spill, options, AsSingleton(centroids), run_plan,
+  spilled = parts | 'Spill' >> beam.FlatMap(spill, options, AsSingleton(centroids), run_plan,
                                              work_directory).with_outputs(DIGESTS, main='spills')
   near = (root
           | 'Ranges' >> beam.Create(list(range(run_plan.ranges)))
@@ -400,7 +400,7 @@ def build(root, snapshot: Collection, run_plan: Plan, work_directory: str,
   membership = ((near, same_bytes) | 'Pairs' >> beam.Flatten()
                 | 'AllPairs' >> beam.combiners.ToList()
                 | 'Components' >> beam.Map(_membership))
-  return (shards
+  return (parts
           | 'Members' >> beam.FlatMap(_members, options, AsSingleton(membership))
           | 'ByComponent' >> beam.GroupByKey()
           | 'Groups' >> beam.FlatMap(_groups_json, run_plan.threshold))
