@@ -16,6 +16,7 @@ from benchmarks.synthetic_collection import write_synthetic_run
 from commands import duplicates as duplicates_command
 from commands.common import parse_size
 from embeddings import duplicate_groups, duplicates, sheet
+from embeddings.runs import open_snapshot
 from embeddings.similarity import unit_rows
 from jobs import cluster_dedup
 from commands import collection as collection_command
@@ -263,3 +264,22 @@ def test_a_mistyped_flag_is_refused_before_the_work(tmp_path, capsys):
   assert exit_info.value.code == 2
   assert 'unknown flag --metod; did you mean --method?' in capsys.readouterr().err
   assert not (tmp_path / 'x.csv').exists()
+
+
+def test_the_pieces_of_fragments_with_deleted_rows_read_every_row_once(tmp_path):
+  """Clustering's workers read a snapshot in pieces (offsets among a fragment's live rows)."""
+  uri = str(tmp_path / 'c')
+  commit(uri, rows([f'/u/{i:03d}' for i in range(100)], 4, seed=1), '/runs/1')
+  commit(uri, rows([f'/u/{i:03d}' for i in range(10, 30)], 4, seed=2), '/runs/2',
+         gone=['/u/050', '/u/051'])
+  snapshot = open_snapshot(uri)
+  pieces = cluster_dedup.pieces(snapshot, 16)
+  assert [(p.offset, p.rows) for p in pieces if p.fragment_id == pieces[0].fragment_id] == [
+      (0, 16), (16, 16), (32, 16), (48, 16), (64, 14)]  # 100 rows, 22 replaced or gone
+  read = [cluster_dedup.read_rows(piece, ()) for piece in pieces]
+  uris = [u for rows_read in read for u in rows_read.uris]
+  loaded = embeddings.load(uri)
+  assert sorted(uris) == sorted(loaded.uris) and len(uris) == 98
+  units = {u: v for rows_read in read for u, v in zip(rows_read.uris, rows_read.units)}
+  np.testing.assert_allclose(units['/u/020'], unit_rows(loaded.vectors)[loaded.uris.index(
+      '/u/020')], rtol=1e-6)
