@@ -24,7 +24,7 @@ import storage
 from collection import Collection as Snapshot
 from collection.table import ROW_ID
 from embeddings import sheet
-from embeddings.runs import embedding_run, metadata_of
+from embeddings.runs import embedding_run, metadata_of, vectors_by_row_id
 from embeddings.shards import embedding_block
 from embeddings.similarity import BLOCK_ROWS, Block, Neighbour, nearest_many
 from run_format import EMBEDDING, METADATA_COLUMNS, RUN_COLUMN
@@ -86,8 +86,7 @@ def check_image(source: str, data: Optional[bytes]) -> None:
 
 def stored_vector(snapshot: Snapshot, row_id: int) -> np.ndarray:
   """The float32 vector of the row with this id."""
-  return embedding_block(snapshot.take([row_id], [EMBEDDING]).column(EMBEDDING),
-                         snapshot.uri)[0]
+  return vectors_by_row_id(snapshot, [row_id])[0]
 
 
 def row_of_sha256(snapshot: Snapshot, sha256: str) -> Optional[dict]:

@@ -53,6 +53,13 @@ def metadata_of(batch: Union[pa.RecordBatch, pa.Table]) -> pa.Table:
                               schema=METADATA_SCHEMA)
 
 
+def vectors_by_row_id(snapshot: Collection, row_ids: Sequence[int]) -> np.ndarray:
+  """float32 [rows, dimension] of the rows with these ids, in this order (random access: a
+  query's stored vector, a re-rank's candidates)."""
+  return embedding_block(snapshot.take(list(row_ids), [EMBEDDING]).column(EMBEDDING),
+                         snapshot.uri)
+
+
 def _shard(batch: pa.RecordBatch, path: str) -> Shard:
   metadata = metadata_of(batch)
   return Shard(path, metadata.column('uri').to_pylist(),
