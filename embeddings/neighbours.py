@@ -38,7 +38,7 @@ MAX_QUERY_PIXELS = 89_478_485
 
 
 class QueryError(ValueError):
-  """The query is neither embedded in the runs nor readable."""
+  """The query is neither in the collection (or index) nor readable, or cannot be decoded."""
 
 
 class Query(NamedTuple):
