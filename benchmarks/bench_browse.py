@@ -1,13 +1,13 @@
 """Latency of the browse page's queries (embeddings/browse.py), through its real server on loopback.
 
-Writes a synthetic collection (benchmarks/synthetic_collection.py, labelled with the untrained
-large network's model id so that new images can be embedded), starts the page's server in this
-process on a free port, then times, from the client's side (requests): start-up (catalogue read,
-model loaded), queries by URI (stored vector read plus exact search), queries by image (an upload
+Writes a synthetic run (benchmarks/synthetic_collection.py, labelled with the untrained large
+network's model id so that new images can be embedded) and imports it as a collection, starts the page's server in this
+process on a free port, then times, from the client's side (requests): start-up (collection
+opened, model loaded), queries by URI (stored vector read plus exact search), queries by image (an upload
 of a sample photo the collection does not hold: one embedding plus exact search), and the same
 two through the FAISS index (`--index`, built first with the plan `choose_plan` gives at this
 count, named in its figures); then the same work without the page (search alone, embedding
-alone). Prints p50 and p90 of each, and the peak RSS after start-up (model and catalogue), after
+alone). Prints p50 and p90 of each, and the peak RSS after start-up (model and snapshot), after
 the exact queries and at the end (the index built in this process).
 
     python -m benchmarks.bench_browse [--count 10000] [--uri_queries 20] [--image_queries 6] \
@@ -26,7 +26,8 @@ import requests
 
 from benchmarks.synthetic_collection import uri_of, write_synthetic_run
 from embeddings import browse
-from storage.run_dirs import find_runs
+from embeddings.runs import embedding_run, open_snapshot
+from jobs.collection_import import run_import
 
 SAMPLE_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'sample_images')
@@ -103,13 +104,15 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     run = write_synthetic_run(os.path.join(scratch, 'run'), args.count, model_id=MODEL_ID)
     print(f'{args.count} synthetic vectors written in {time.perf_counter() - start:.1f} s')
-    runs = find_runs(run.directory)
+    uri = os.path.join(scratch, 'collection')
+    run_import(uri, [run.directory])
+    snapshot = open_snapshot(uri)
     start = time.perf_counter()
-    embedder = browse.ImageEmbedder(runs[0])
+    embedder = browse.ImageEmbedder(embedding_run(snapshot))
     print(f'start-up: model {MODEL_ID} loaded in {time.perf_counter() - start:.1f} s')
     start, before = time.perf_counter(), _rss_mb()
-    browser = browse.Browser(runs, None, (), embedder)
-    print(f'start-up: catalogue of {len(browser.catalogue)} images read in '
+    browser = browse.Browser(snapshot, None, (), embedder)
+    print(f'start-up: collection of {len(browser.catalogue)} images opened in '
           f'{time.perf_counter() - start:.2f} s, RSS +{_rss_mb() - before:.0f} MB; peak RSS so '
           f'far {_peak_rss_gb():.2f} GB')
     rng = np.random.default_rng(0)
@@ -122,12 +125,12 @@ def main(argv=None) -> None:
       from embeddings.neighbour_index import NeighbourIndex
       directory = os.path.join(scratch, 'index')
       start = time.perf_counter()
-      index_command.main(['build', '--runs', run.directory, '--output', directory])
+      index_command.main(['build', '--collection', uri, '--output', directory])
       print(f'index built in {time.perf_counter() - start:.1f} s')
       index = NeighbourIndex(directory)
       label = (f'index ({index.kind}, {index.plan["factory"]}, '
                f'{"efSearch" if index.kind == "hnsw" else "nprobe"} {index.nprobe})')
-      measure(browse.Browser(runs, index, (), embedder), label, uris, photos)
+      measure(browse.Browser(snapshot, index, (), embedder), label, uris, photos)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   print(f'peak RSS {_peak_rss_gb():.2f} GB')

@@ -1,27 +1,29 @@
 """`pnasnet-embeddings browse`: a local web page to search the collection by an uploaded image, a
 URI or a click, and look at its duplicate groups (embeddings/browse.py).
 
-    pnasnet-embeddings browse --runs RUN_DIR_OR_GLOB... [--index INDEX_DIR] \
-        [--duplicates dups.csv] [--port 8000] [--k 24] [--model MODEL_ID] [Beam flags]
+    pnasnet-embeddings browse --collection URI [--version N] [--index INDEX_DIR] \
+        [--duplicates dups.csv] [--port 8000] [--k 24] [Beam flags]
 """
 
 import argparse
 import sys
 from typing import Optional, Sequence
 
-from commands.common import (FILESYSTEM_EPILOG, INTERRUPTED, add_runs_flags, exits, parse,
+from collection import CollectionError
+from commands.common import (FILESYSTEM_EPILOG, INTERRUPTED, add_collection_flags, exits, parse,
                              verb_parser)
 from embeddings.browse import (DEFAULT_K, HOST, Browser, create_app, listening_socket,
                                load_embedder, read_duplicates, server)
 from embeddings.neighbour_index import NeighbourIndex
-from storage.run_dirs import RUN_ERRORS, find_runs, select_model
+from embeddings.runs import embedding_run, open_snapshot
+from storage.run_dirs import RUN_ERRORS, NoRunsError
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('browse', __doc__.split('\n\n')[0], FILESYSTEM_EPILOG)
-  add_runs_flags(parser)
+  add_collection_flags(parser)
   parser.add_argument('--index', help='an index directory (pnasnet-embeddings index build) of '
-                      'these runs: search it instead of a pass over the shards')
+                      'this collection: search it instead of a pass over the collection')
   parser.add_argument('--duplicates', help='a CSV of pnasnet-embeddings duplicates --csv, shown '
                       'as rows of thumbnails')
   parser.add_argument('--port', type=int, default=8000,
@@ -47,21 +49,24 @@ def serve(argv: Optional[Sequence[str]]) -> None:
     parser.error('--k must be at least 1')
   if not 0 <= args.port <= 65535:
     parser.error(f'--port {args.port}: a port from 1 to 65535, or 0 for any free one')
-  with exits(refused=RUN_ERRORS + (OSError, ValueError)):
+  with exits(refused=RUN_ERRORS + (CollectionError, OSError, ValueError)):
     duplicates = read_duplicates(args.duplicates) if args.duplicates else []
-    runs = select_model(find_runs(args.runs), args.model)
+    snapshot = open_snapshot(args.collection, args.version)
     index = None
     if args.index:
       index = NeighbourIndex(args.index)
-      if index.model != runs[0].model:
-        raise ValueError(f'--index {args.index} holds {index.model} embeddings, the runs '
-                         f'{runs[0].model}: build the index from these runs')
+      if index.model != snapshot.model:
+        raise ValueError(f'--index {args.index} holds {index.model} embeddings, the collection '
+                         f'{snapshot.model}: build the index from this collection')
     sock = listening_socket(args.port)
-  embedder, embedder_problem = load_embedder(runs[0])
+  try:
+    embedder, embedder_problem = load_embedder(embedding_run(snapshot))
+  except NoRunsError as exc:
+    embedder, embedder_problem = None, str(exc)
   if embedder is None:
     print(f'warning: new images cannot be embedded ({embedder_problem}); images of the '
           f'collection can still be searched', file=sys.stderr)
-  browser = Browser(runs, index, duplicates, embedder, embedder_problem, args.k)
+  browser = Browser(snapshot, index, duplicates, embedder, embedder_problem, args.k)
   app = create_app(browser)
   print(f'browse {len(browser.catalogue)} images of {browser.model} at '
         f'http://{HOST}:{sock.getsockname()[1]}/ (Ctrl-C stops)', flush=True)

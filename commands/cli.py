@@ -28,7 +28,8 @@ VERBS = {
                    'sheet'),
     'index': ('commands.index', 'build an approximate-neighbour index over runs, or add newer '
               'runs to it'),
-    'compact': ('commands.compact', 'consolidate many runs into one'),
+    'collection': ('commands.collection', 'the collection: import run directories once, '
+                   'compact, clean up old versions, list its history'),
     'export': ('commands.export', 'keep the collection in pgvector, Milvus, Qdrant or Vertex AI '
                'files'),
     'browse': ('commands.browse', 'a local web page to search the collection and look at its '

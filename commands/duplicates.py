@@ -1,9 +1,9 @@
 """`pnasnet-embeddings duplicates`: exact duplicates (same SHA-256) and near duplicates (cosine >=
-a threshold) in runs, as a CSV and a contact sheet (embeddings/duplicates.py; by clustering,
+a threshold) in a collection, as a CSV and a contact sheet (embeddings/duplicates.py; by clustering,
 jobs/cluster_dedup.py).
 
-    pnasnet-embeddings duplicates --runs RUN_DIR_OR_GLOB... --csv dups.csv [--threshold T] \
-        [--sheet dups.png] [--model MODEL_ID] [--method auto|all_pairs|clusters] \
+    pnasnet-embeddings duplicates --collection URI [--version N] --csv dups.csv \
+        [--threshold T] [--sheet dups.png] [--method auto|all_pairs|clusters] \
         [--memory_budget 4GB] [Beam flags]
 """
 
@@ -11,20 +11,21 @@ import argparse
 import logging
 from typing import List, Optional, Sequence
 
-from commands.common import add_runs_flags, exits, parse, parse_size, verb_parser
+from collection import CollectionError
+from commands.common import add_collection_flags, exits, parse, parse_size, verb_parser
 from embeddings import sheet
 from embeddings.duplicate_groups import Group, find_groups
 from embeddings.duplicates import (check_threshold, choose_method, default_threshold, draw,
                                    write_csv)
-from embeddings.runs import concatenate, iter_run_shards
-from storage.run_dirs import RUN_ERRORS, find_runs, select_model
+from embeddings.runs import load, open_snapshot
+from storage.run_dirs import RUN_ERRORS
 
 _LOG = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = verb_parser('duplicates', __doc__.split('\n\n')[0])
-  add_runs_flags(parser)
+  add_collection_flags(parser)
   parser.add_argument('--csv', required=True, help='write the groups here (a local file)')
   parser.add_argument('--threshold', type=float,
                       help='cosine at or above which two images are near duplicates, above 0 and '
@@ -52,9 +53,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
               if p]
   if problems:
     parser.error('; '.join(problems))
-  with exits(refused=RUN_ERRORS):
-    runs = select_model(find_runs(args.runs), args.model)
-  model = runs[0].model
+  with exits(refused=RUN_ERRORS + (CollectionError,)):
+    snapshot = open_snapshot(args.collection, args.version)
+  model = snapshot.model
   threshold = args.threshold
   if threshold is None:
     threshold, measured = default_threshold(model)
@@ -62,26 +63,24 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Group]:
       _LOG.warning('no measured threshold for %s: using %.3f, measured for untrained weights; '
                    'measure yours with python -m benchmarks.near_duplicates and pass --threshold',
                    model, threshold)
-  rows = sum(r.summary.embedded for r in runs)  # at most: runs may share URIs
-  method = choose_method(args.method, rows, runs[0].embedding_size or 0, args.memory_budget)
+  rows = snapshot.num_rows
+  method = choose_method(args.method, rows, snapshot.feature_size, args.memory_budget)
   if method == 'all_pairs':
-    collection = concatenate(iter_run_shards(runs), model)
-    rows = len(collection.uris)
-    groups = find_groups(collection, threshold)
+    groups = find_groups(load(snapshot.uri, snapshot.version), threshold)
   else:
     from jobs import cluster_dedup  # Beam and FAISS: only when clustering
     with exits(refused=(cluster_dedup.WorkDirectoryError,)):
       cluster_dedup.check_options(beam_flags)
-    groups, stats = cluster_dedup.find_groups(runs, threshold, beam_flags)
-    rows = stats.rows
+    groups, stats = cluster_dedup.find_groups(snapshot, threshold, beam_flags)
     print(f'clustering: {stats}')
   write_csv(groups, args.csv)
   members = [m for g in groups for m in g.members[1:]]
   copies = sum(bool(m.same_bytes_as) for m in members)
-  print(f'{rows} images, {model}, threshold {threshold}, {method.replace("_", " ")}: groups: '
-        f'{len(groups)} (exact copies only: {sum(g.kind == "exact" for g in groups)}); images '
-        f'to drop: {len(members)} (byte-identical copies: {copies}, near duplicates: '
-        f'{len(members) - copies}); CSV: {args.csv}')
+  print(f'{rows} images, {model}, {snapshot.uri} version {snapshot.version}, threshold '
+        f'{threshold}, {method.replace("_", " ")}: groups: {len(groups)} (exact copies only: '
+        f'{sum(g.kind == "exact" for g in groups)}); images to drop: {len(members)} '
+        f'(byte-identical copies: {copies}, near duplicates: {len(members) - copies}); CSV: '
+        f'{args.csv}')
   if args.sheet:
     sheet.save_png(draw(groups), args.sheet)
     print(f'contact sheet: {args.sheet}')

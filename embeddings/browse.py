@@ -1,14 +1,16 @@
 """A local web page to look at a collection: search it by an uploaded image, by a URI or by
 clicking a result, and look at its duplicate groups (`pnasnet-embeddings browse`).
 
-The page listens on 127.0.0.1 only. At start-up it reads the collection's URIs and SHA-256s
-(no vectors), or with --index none of them (each is looked up in the index's lookup files when
-asked), and loads the runs' model once, so a query by a new image costs one embedding and one
-search; an image whose bytes the collection holds, a URI of it, or a click costs one
-stored-vector read and one search. The first page shows a sample of the collection, spread over
-it, to click and start from. Search is exact (embeddings/neighbours.py, a pass over the shards)
-or, with --index, through the FAISS index (an IVF-PQ index's candidates re-ranked exactly).
-Thumbnails are read through Beam's FileSystems (local, gs://, s3://) and cached; only URIs of the
+The page listens on 127.0.0.1 only and reads one snapshot (version) of the collection, holding
+none of its URIs: a URI is looked up through the collection's index on `uri` (or, with --index,
+in the index's lookup files), an uploaded image's bytes by a scan of the sha256 column, the
+answers cached. It loads the collection's model once (as a run that committed to it recorded),
+so a query by a new image costs one embedding and one search; an image whose bytes the
+collection holds, a URI of it, or a click costs one stored-vector read (by row id) and one
+search. The first page shows a sample of the collection, spread over it, to click and start
+from. Search is exact (embeddings/neighbours.py, a pass over the snapshot's vectors) or, with
+--index, through the FAISS index (an IVF-PQ index's candidates re-ranked exactly). Thumbnails
+are read through Beam's FileSystems (local, gs://, s3://) and cached; only URIs of the
 collection are served, whatever the request asks for.
 """
 
@@ -26,11 +28,12 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 
 import storage
+from collection import Collection
+from collection.table import ROW_ID
 from embeddings import sheet
-from embeddings.neighbours import RERANK, QueryError, check_image, search_vectors
+from embeddings.neighbours import (RERANK, QueryError, check_image, row_of_sha256, search_vectors,
+                                   stored_vector)
 from embeddings.query import embed_image
-from embeddings.runs import iter_run_shards
-from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour
 from storage.run_dirs import Run
 
@@ -49,8 +52,7 @@ class Entry(NamedTuple):
   """An image of the collection, and where its stored vector is."""
   uri: str
   sha256: str
-  shard: str  # the shard file holding its vector
-  row: int  # its position in that file
+  row: int  # its row id in the collection (with --index: its id in the index)
 
 
 def spread(count: int, wanted: int) -> List[int]:
@@ -60,42 +62,42 @@ def spread(count: int, wanted: int) -> List[int]:
 
 
 class Catalogue:
-  """Every URI the collection keeps (newest run wins), without vectors: what the page may serve
-  and where to read a URI's stored vector. About 530 bytes an image in memory (45-character
-  URIs): the page over runs alone; over an index, IndexCatalogue holds none."""
+  """The URIs of one snapshot of a collection, looked up when asked (its BTREE index on `uri`;
+  bytes by a scan of the sha256 column), the answers cached: the page holds no list of the
+  collection's URIs, whatever its size."""
 
-  def __init__(self, entries: Sequence[Entry]):
-    self.entries = {e.uri: e for e in entries}
-    self.by_sha256: Dict[str, str] = {}
-    for entry in entries:
-      if entry.sha256:
-        self.by_sha256.setdefault(entry.sha256, entry.uri)
-
-  @classmethod
-  def of_runs(cls, runs: Sequence[Run]) -> 'Catalogue':
-    entries = []
-    for shard in iter_run_shards(runs, columns=['uri', 'sha256']):
-      run = shard.metadata.column('run')[0].as_py()
-      position = {u: i for i, u in enumerate(read_shard(shard.path, run, ['uri']).uris)}
-      entries += [Entry(uri, sha or '', shard.path, position[uri])
-                  for uri, sha in zip(shard.uris, shard.metadata.column('sha256').to_pylist())]
-    return cls(entries)
+  def __init__(self, snapshot: Collection):
+    self._snapshot = snapshot
+    self._count = snapshot.num_rows
+    self._lookup = functools.lru_cache(LOOKUPS_CACHED)(self._entry)
+    self._by_sha256 = functools.lru_cache(LOOKUPS_CACHED)(self._uri_of_sha256)
 
   def __len__(self) -> int:
-    return len(self.entries)
+    return self._count
 
   def __contains__(self, uri: str) -> bool:
-    return uri in self.entries
+    return self.entry(uri) is not None
+
+  def _entry(self, uri: str) -> Optional[Entry]:
+    rows = self._snapshot.lookup([uri], ['sha256']).to_pylist()
+    return Entry(uri, rows[0]['sha256'] or '', rows[0][ROW_ID]) if rows else None
 
   def entry(self, uri: str) -> Optional[Entry]:
-    return self.entries.get(uri)
+    return self._lookup(uri)
+
+  def _uri_of_sha256(self, sha256: str) -> Optional[str]:
+    row = row_of_sha256(self._snapshot, sha256)
+    return row['uri'] if row else None
 
   def uri_of_sha256(self, sha256: str) -> Optional[str]:
-    return self.by_sha256.get(sha256)
+    return self._by_sha256(sha256)
 
   def sample(self, wanted: int) -> List[str]:
-    uris = list(self.entries)
-    return [uris[p] for p in spread(len(uris), wanted)]
+    """URIs at positions spread over the snapshot (one read each)."""
+    positions = spread(self._count, wanted)
+    if not positions:
+      return []
+    return self._snapshot.dataset.take(positions, columns=['uri']).column('uri').to_pylist()
 
 
 class IndexCatalogue:
@@ -130,7 +132,7 @@ class IndexCatalogue:
 
   def entry(self, uri: str) -> Optional[Entry]:
     row = self._find('uri', uri)
-    return Entry(uri, row['sha256'] or '', row['shard'], row['id']) if row else None
+    return Entry(uri, row['sha256'] or '', row['id']) if row else None
 
   def uri_of_sha256(self, sha256: str) -> Optional[str]:
     row = self._find('sha256', sha256)
@@ -145,7 +147,7 @@ class IndexCatalogue:
 
 
 class ImageEmbedder:
-  """The runs' model, built and traced at start-up (embeddings.query keeps it for the process):
+  """The collection's model (as `run` recorded it), built and traced at start-up (embeddings.query keeps it for the process):
   a query by a new image then costs one embedding, not a network build."""
 
   def __init__(self, run: Run):
@@ -212,26 +214,27 @@ def read_duplicates(path: str) -> List[DuplicateGroup]:
 
 
 class Browser:
-  """The collection the page searches: runs or an index, the model, the duplicate groups."""
+  """What the page searches: one snapshot of a collection or an index, the model, the duplicate
+  groups."""
 
-  def __init__(self, runs: Sequence[Run], index=None,
+  def __init__(self, snapshot: Collection, index=None,
                duplicates: Sequence[DuplicateGroup] = (), embedder: Optional[ImageEmbedder] = None,
                embedder_problem: str = '', k: int = DEFAULT_K):
-    self.runs = list(runs)
+    self.snapshot = snapshot
     self.index = index
-    self.catalogue = IndexCatalogue(index) if index is not None else Catalogue.of_runs(runs)
+    self.catalogue = IndexCatalogue(index) if index is not None else Catalogue(snapshot)
     self.duplicates = list(duplicates)
     self.embedder = embedder
     self.embedder_problem = embedder_problem
     self.k = k
-    self.model = index.model if index is not None else self.runs[0].model
+    self.model = index.model if index is not None else snapshot.model
     self.thumbnail = functools.lru_cache(THUMBNAILS_CACHED)(self._thumbnail)
     self.sample = self.catalogue.sample(SAMPLE_SHOWN)
 
   def search_words(self) -> str:
     """How a query is answered, for the page's header."""
     if self.index is None:
-      return 'exact search (a pass over the shards)'
+      return 'exact search (a pass over the collection)'
     if not self.index.exact_scores(self.k, RERANK):
       return f'{self.index.kind} index search (approximate cosines)'
     if self.index.kind == 'ivf_pq':
@@ -242,8 +245,7 @@ class Browser:
     entry = self.catalogue.entry(uri)
     if self.index is not None:
       return self.index.stored_vectors(np.array([entry.row]))[0]
-    from embeddings.faiss_util import read_rows
-    return read_rows(entry.shard, [entry.row])[0]
+    return stored_vector(self.snapshot, entry.row)
 
   def neighbours(self, vector: np.ndarray, exclude: Sequence[str] = ()) -> List[Neighbour]:
     if self.index is not None:
@@ -251,13 +253,13 @@ class Browser:
                                 exclude_uris=[list(exclude)])[0]
       self.catalogue.remember([n.uri for n in found])
       return found
-    return search_vectors(self.runs, vector, self.k, [set(exclude)])[0]
+    return search_vectors(self.snapshot, vector, self.k, [set(exclude)])[0]
 
   def search_uri(self, uri: str) -> Result:
     """The neighbours of a collection image (itself left out)."""
     if uri not in self.catalogue:
       raise KeyError(uri)
-    return Result(uri, None, 'embedded in the runs',
+    return Result(uri, None, 'in the collection',
                   self.neighbours(self.stored_vector(uri), [uri]))
 
   def search_image(self, data: bytes, name: str = '') -> Result:
@@ -318,7 +320,8 @@ def create_app(browser: Browser):
   templates = Jinja2Templates(env=Environment(loader=PackageLoader(_PACKAGE, 'templates'),
                                               autoescape=select_autoescape()))
   about = {'model': browser.model, 'images': len(browser.catalogue), 'k': browser.k,
-           'search': browser.search_words(), 'runs': [r.path for r in browser.runs],
+           'search': browser.search_words(),
+           'collection': f'{browser.snapshot.uri} version {browser.snapshot.version}',
            'duplicates': len(browser.duplicates), 'can_embed': browser.embedder is not None,
            'embedder_problem': browser.embedder_problem}
 
@@ -345,7 +348,7 @@ def create_app(browser: Browser):
       result = browser.search_uri(uri.strip())
     except KeyError:
       return problem(request, 404, f'{uri}: not an image of this collection (give a URI as the '
-                     f'runs list it)')
+                     f'collection holds it)')
     return page(request, 'results.html', result=result)
 
   @app.post('/search', response_class=HTMLResponse)

@@ -1,4 +1,4 @@
-"""Exact duplicates (same SHA-256) and near duplicates (cosine >= a threshold) in runs
+"""Exact duplicates (same SHA-256) and near duplicates (cosine >= a threshold) in a collection
 (`pnasnet-embeddings duplicates`).
 
 Images joined by same bytes or by a cosine at or above the threshold form a group (transitively).
@@ -9,8 +9,8 @@ Two methods. `all_pairs` holds the vectors in memory (images x dimension x 8 byt
 and their unit copy) and compares every pair exactly, block by block. `clusters`
 (jobs/cluster_dedup.py) is a Beam pipeline for collections beyond that: k-means on a
 sample, exact pairs inside clusters, each vector also visiting the clusters a near pair of it can
-fall in. `auto` takes all_pairs when its memory fits --memory_budget (counted from the runs'
-summaries before reading: up to 111,857 4320-d images for the default 4GB) and it is estimated
+fall in. `auto` takes all_pairs when its memory fits --memory_budget (counted from the
+collection's row count before reading: up to 111,857 4320-d images for the default 4GB) and it is estimated
 faster: below about 18,000 4320-d images, where clustering's start-up outweighs all pairs'
 square growth (measured with benchmarks/bench_duplicates.py).
 

@@ -16,12 +16,11 @@ import json
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import storage
-from run_format import (CLAIM_FILE, EMBEDDED, FINISHED, INDEX_GLOB, SKIPPED, SUMMARY_FILE,
-                        TOO_MANY_FAILURES)
+from run_format import CLAIM_FILE, FINISHED, SUMMARY_FILE, TOO_MANY_FAILURES
 from storage.run_dirs import Unfinished
 
 UNFINISHED = 'unfinished'
-COUNTS = ('matched', 'embedded', 'skipped', 'failed', 'lost')
+COUNTS = ('matched', 'embedded', 'skipped', 'failed')
 EXIT_CODES = {FINISHED: 0, TOO_MANY_FAILURES: 3, UNFINISHED: 1}
 
 
@@ -44,39 +43,12 @@ def _read_json(path: str) -> dict:
     return {}
 
 
-def lost_vectors(directory: str) -> int:
-  """Skipped rows of the run's index whose vector_run holds no finished run any more."""
-  import pyarrow.compute as pc
-  import pyarrow.parquet as pq
-  lost, present = 0, {}
-  for info in storage.match(storage.join(directory, INDEX_GLOB)):
-    with storage.open_file(info.path) as f:
-      parquet = pq.ParquetFile(f)
-      if 'vector_run' not in parquet.schema_arrow.names:
-        continue
-      # One thread: a pool thread would still hold the Python file after the read
-      # (apache/arrow#34314), which aborts a command ending meanwhile.
-      table = parquet.read(columns=['outcome', 'done_outcome', 'vector_run'], use_threads=False)
-    carried = table.filter(pc.and_(pc.equal(table.column('outcome'), SKIPPED),
-                                   pc.equal(table.column('done_outcome'), EMBEDDED)))
-    for counted in pc.value_counts(carried.column('vector_run')).to_pylist():
-      run, count = counted['values'], counted['counts']
-      if run is None:
-        continue
-      if run not in present:
-        present[run] = storage.exists(storage.join(run, SUMMARY_FILE))
-      lost += 0 if present[run] else count
-  return lost
-
-
 def _state(directory: str, has_summary: bool) -> RunState:
   if has_summary:
     summary = _read_json(storage.join(directory, SUMMARY_FILE))
-    counts = dict({name: summary.get(name) for name in COUNTS}, lost=lost_vectors(directory))
+    counts = {name: summary.get(name) for name in COUNTS}
     return RunState(directory, summary.get('outcome', FINISHED), counts, summary.get('model'),
-                    f'finished {summary.get("finished_at", "?")}' +
-                    (f'; {counts["lost"]} skipped file(s) whose vector_run is gone: the next '
-                     'night embeds them again' if counts['lost'] else ''))
+                    f'finished {summary.get("finished_at", "?")}')
   claim = _read_json(storage.join(directory, CLAIM_FILE))
   alive = Unfinished(directory, claim).alive()
   return RunState(directory, UNFINISHED, dict.fromkeys(COUNTS), claim.get('model'),

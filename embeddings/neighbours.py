@@ -1,28 +1,34 @@
-"""The k images nearest a query by cosine similarity: exactly, streaming the runs' shards, or
-through an index (`pnasnet-embeddings index build`), its candidates re-ranked exactly
-(`pnasnet-embeddings neighbours`).
+"""The k images nearest a query by cosine similarity: exactly, streaming one snapshot of a
+collection, or through an index (`pnasnet-embeddings index build`), its candidates re-ranked
+exactly (`pnasnet-embeddings neighbours`).
 
-The query is an image file or URI. Its vector is the stored one of any embedded image with the
-same bytes (or, for a URI that cannot be read any more, the one stored for that URI); otherwise
-the image is embedded first with the runs' model (TensorFlow's import and the network's build:
-tens of seconds for PNASNet-5 Large, where a stored vector costs none; docs/using-embeddings.md).
-A query that cannot be decoded is refused before any run is read. Exact search reads Parquet
-shards' embedding column alone, by blocks (embeddings/similarity.py); memory: a few blocks plus k
-rows. From Python, `search_vectors(runs, queries, k)` answers a batch of query vectors in one pass.
+The query is an image file or URI. Its vector is the stored one of the same URI with the same
+bytes, else of any image with the same bytes (or, for a URI that cannot be read any more, the one
+stored for that URI); otherwise the image is embedded first with the collection's model, as a run
+that committed to it recorded (TensorFlow's import and the network's build: tens of seconds for
+PNASNet-5 Large, where a stored vector costs none; docs/using-embeddings.md). A query that cannot
+be decoded is refused before the collection is read. Exact search streams the embedding column
+with the rows' ids, and takes the metadata of the k best by row id; memory: one block plus k
+rows. From Python, `search_vectors(collection, queries, k)` answers a batch of query vectors in
+one pass.
 """
 
 import hashlib
 import os
-from typing import Collection, List, NamedTuple, Optional, Sequence
+from typing import Collection, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
 
 import storage
+from collection import Collection as Snapshot
+from collection.table import ROW_ID
 from embeddings import sheet
-from embeddings.runs import iter_run_shards, iter_run_vectors
-from embeddings.shards import read_shard
-from embeddings.similarity import Neighbour, nearest_many
-from storage.run_dirs import Run
+from embeddings.runs import embedding_run, metadata_of, vectors_by_row_id
+from embeddings.shards import embedding_block
+from embeddings.similarity import BLOCK_ROWS, Block, Neighbour, nearest_many
+from run_format import EMBEDDING, METADATA_COLUMNS, RUN_COLUMN
+from storage.run_dirs import NoRunsError, Run
 
 SHEET_COLUMNS = 6
 RERANK = 100
@@ -32,7 +38,7 @@ MAX_QUERY_PIXELS = 89_478_485
 
 
 class QueryError(ValueError):
-  """The query is neither embedded in the runs nor readable."""
+  """The query is neither in the collection (or index) nor readable, or cannot be decoded."""
 
 
 class Query(NamedTuple):
@@ -78,26 +84,41 @@ def check_image(source: str, data: Optional[bytes]) -> None:
                      f'({type(exc).__name__}: {exc})') from exc
 
 
-def find_query(runs: Sequence[Run], query: str) -> Query:
-  """The query's vector: stored (same bytes, else same URI), or embedded now."""
+def stored_vector(snapshot: Snapshot, row_id: int) -> np.ndarray:
+  """The float32 vector of the row with this id."""
+  return vectors_by_row_id(snapshot, [row_id])[0]
+
+
+def row_of_sha256(snapshot: Snapshot, sha256: str) -> Optional[dict]:
+  """A row (uri, `_rowid`) of these bytes, or None: a scan of the sha256 column alone."""
+  table = snapshot.dataset.to_table(columns=['uri'], filter=pc.field('sha256') == sha256,
+                                    with_row_id=True, limit=1)
+  return table.to_pylist()[0] if table.num_rows else None
+
+
+def find_query(snapshot: Snapshot, query: str) -> Query:
+  """The query's vector: stored (this URI with the same bytes, else any image with the same
+  bytes, else this URI when it cannot be read), or embedded now."""
   uri = query if storage.is_remote(query) else os.path.abspath(query)
   data = _readable(uri)
   check_image(f'--query {query}', data)
   sha256 = hashlib.sha256(data).hexdigest() if data is not None else None
-  for shard in iter_run_shards(runs, columns=['uri', 'sha256', 'model']):
-    if sha256 is not None:
-      hits = [i for i, s in enumerate(shard.metadata.column('sha256').to_pylist()) if s == sha256]
-    else:
-      hits = [i for i, u in enumerate(shard.uris) if u == uri]
-    if hits:
-      found_uri = shard.uris[hits[0]]
-      full = read_shard(shard.path, shard.metadata.column('run')[0].as_py())
-      vector = full.vectors[full.uris.index(found_uri)]
-      source = 'embedded' if found_uri == uri else f'same bytes as {found_uri}'
-      return Query(uri, vector, data, source, found_uri)
+  rows = snapshot.lookup([uri], ['sha256']).to_pylist()
+  found = rows[0] if rows and (sha256 is None or rows[0]['sha256'] == sha256) else None
+  if found is None and sha256 is not None:
+    found = row_of_sha256(snapshot, sha256)
+  if found is not None:
+    source = 'embedded' if found['uri'] == uri else f'same bytes as {found["uri"]}'
+    return Query(uri, stored_vector(snapshot, found[ROW_ID]), data, source, found['uri'])
   if data is None:
-    raise QueryError(f'--query {query}: not embedded in the runs, and cannot be read to embed it')
-  return embed_now(query, uri, data, runs[0])
+    raise QueryError(f'--query {query}: not in {snapshot.uri} version {snapshot.version}, and '
+                     'cannot be read to embed it')
+  try:
+    run = embedding_run(snapshot)
+  except NoRunsError as exc:
+    raise QueryError(f'--query {query}: not in the collection, and cannot be embedded: {exc}') \
+        from exc
+  return embed_now(query, uri, data, run)
 
 
 def embed_now(query: str, uri: str, data: bytes, run: Run) -> Query:
@@ -110,20 +131,28 @@ def embed_now(query: str, uri: str, data: bytes, run: Run) -> Query:
   return Query(uri, vector, data, f'embedded now with {run.model}', None)
 
 
-def search_vectors(runs: Sequence[Run], queries: np.ndarray, k: int,
+def vector_blocks(snapshot: Snapshot, block_rows: int = BLOCK_ROWS) -> Iterator[Block]:
+  """The snapshot's vectors with their row ids, a block at a time (no metadata)."""
+  for batch in snapshot.batches([EMBEDDING], block_rows, with_row_id=True):
+    yield Block(batch.column(ROW_ID).to_numpy().astype(np.int64),
+                embedding_block(batch.column(EMBEDDING), snapshot.uri))
+
+
+def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int,
                    exclude_uris: Sequence[Collection[str]] = ()) -> List[List[Neighbour]]:
-  """The k exact nearest neighbours of each row of `queries` [queries, dimension] in the
-  collection of `runs` (one model, newest first: find_runs, select_model), in one pass over the
-  shards; `exclude_uris`: per query, URIs left out of its answer."""
+  """The k exact nearest neighbours of each row of `queries` [queries, dimension] in one
+  snapshot of a collection (collection.open_collection), in one pass over its vectors;
+  `exclude_uris`: per query, URIs left out of its answer."""
   queries = np.atleast_2d(np.asarray(queries, np.float32))
-  if runs and queries.shape[1] != runs[0].embedding_size:
-    raise ValueError(f'queries of {queries.shape[1]} values, but {runs[0].model} embeddings '
-                     f'have {runs[0].embedding_size}')
-  return nearest_many(iter_run_vectors(runs), queries, k, exclude_uris)
+  if queries.shape[1] != snapshot.feature_size:
+    raise ValueError(f'queries of {queries.shape[1]} values, but {snapshot.model} embeddings '
+                     f'have {snapshot.feature_size}')
+  return nearest_many(vector_blocks(snapshot), queries, k, exclude_uris, lambda ids: metadata_of(
+      snapshot.take(ids.tolist(), METADATA_COLUMNS + [RUN_COLUMN])))
 
 
-def search(runs: Sequence[Run], query: Query, k: int) -> List[Neighbour]:
-  return search_vectors(runs, query.vector, k, [{query.uri}])[0]
+def search(snapshot: Snapshot, query: Query, k: int) -> List[Neighbour]:
+  return search_vectors(snapshot, query.vector, k, [{query.uri}])[0]
 
 
 def find_query_in_index(index, query: str) -> Query:

@@ -1,19 +1,25 @@
-"""The rows each finished run holds that a collection of them keeps: per URI, the latest finished
-run that looked at it decides (embeddings/collection.py); the runs themselves are found by
-storage/run_dirs.py."""
+"""Reading vectors back: from a collection (one snapshot of it, streamed in batches, so that
+memory does not grow with the collection), or from one run directory made without a collection.
 
-import logging
-from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+Several run directories are not read together any more: which of their rows is each URI's
+current vector is what a collection says (`pnasnet-embeddings collection import` builds one from
+them).
+"""
+
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 
-from embeddings.collection import vector_sources
-from embeddings.shards import ParquetVectors, Shard, is_parquet, read_shard
-from run_format import METADATA_SCHEMA
-from storage.run_dirs import MixedModelsError, Run, find_runs, select_model
+import storage
+from collection import Collection, CollectionNotFoundError, open_collection
+from embeddings.shards import Shard, embedding_block, read_shard
+from run_format import EMBEDDING, METADATA_COLUMNS, METADATA_SCHEMA, RUN_COLUMN, SUMMARY_FILE
+from storage.run_dirs import MixedModelsError, NoRunsError, Run, find_runs
 
-_LOG = logging.getLogger(__name__)
+BATCH_ROWS = 8_192  # rows a batch: 140 MB of float32 at 4320-d
+IMPORT_HINT = ('`pnasnet-embeddings collection import --runs DIRS... --collection URI` builds '
+               'a collection from run directories')
 
 
 class Embeddings(NamedTuple):
@@ -23,105 +29,52 @@ class Embeddings(NamedTuple):
   model: str
 
 
-def _check_models(path: str, models: set, dimension: int, run: Run) -> None:
-  """`dimension` 0: not known (only metadata columns were read)."""
-  size = run.embedding_size
-  if models - {None, run.model} or (dimension and dimension != size):
-    raise MixedModelsError(f'{path} holds {sorted(models - {None})} {dimension}-d '
-                           f'embeddings, but its run_summary.json says {run.model} {size}-d')
+def open_snapshot(collection_uri: str, version: Optional[int] = None) -> Collection:
+  """The collection at `collection_uri` (its latest version, or `version`); run directories or
+  a list of them are refused with what to do instead."""
+  if not isinstance(collection_uri, str):
+    raise NoRunsError(f'a collection is one URI, not {list(collection_uri)!r}: several runs are '
+                      f'not read together any more; {IMPORT_HINT}')
+  try:
+    return open_collection(collection_uri, version)
+  except CollectionNotFoundError as exc:
+    if any(char in collection_uri for char in '*?[') or storage.exists(
+        storage.join(collection_uri, SUMMARY_FILE)):
+      raise CollectionNotFoundError(
+          f'{collection_uri} names run directories, not a collection: embeddings.load_run reads '
+          f'one run alone; {IMPORT_HINT}') from exc
+    raise
 
 
-def _check_shard(shard: Shard, run: Run) -> None:
-  _check_models(shard.path, set(shard.metadata.column('model').unique().to_pylist()),
-                shard.vectors.shape[1], run)
+def metadata_of(batch: Union[pa.RecordBatch, pa.Table]) -> pa.Table:
+  """A collection's rows -> run_format.METADATA_SCHEMA (RUN_COLUMN: the run that embedded it)."""
+  return pa.Table.from_arrays([batch.column(name).cast(field.type)
+                               for name, field in zip(METADATA_SCHEMA.names, METADATA_SCHEMA)],
+                              schema=METADATA_SCHEMA)
 
 
-def _run_shard_paths(runs: Sequence[Run],
-                     history: bool) -> Iterator[Tuple[Run, str, Optional[Set[str]]]]:
-  """(run, shard path, the URIs still wanted from the run, or None for all of them): the caller
-  removes from that set the URIs it found in the shard."""
-  sources = vector_sources(runs, history) if len(runs) > 1 else None
-  for run in runs:
-    wanted = None if sources is None else sources[run.path]
-    if wanted is not None and not wanted:
-      _LOG.info('not reading %s: none of its embeddings is the latest of its URI', run.path)
-      continue
-    for path in run.shard_paths():
-      yield run, path, wanted
-    if wanted:
-      _LOG.warning('%s: %d URI(s) its index says it embedded are in no shard (e.g. %s)',
-                   run.path, len(wanted), min(wanted))
+def vectors_by_row_id(snapshot: Collection, row_ids: Sequence[int]) -> np.ndarray:
+  """float32 [rows, dimension] of the rows with these ids, in this order (random access: a
+  query's stored vector, a re-rank's candidates)."""
+  return embedding_block(snapshot.take(list(row_ids), [EMBEDDING]).column(EMBEDDING),
+                         snapshot.uri)
 
 
-def _kept(uris: Sequence[str], wanted: Optional[Set[str]]) -> Optional[np.ndarray]:
-  """The rows the collection keeps (None: all), taking them out of `wanted`."""
-  if wanted is None:
-    return None
-  keep = np.array([u in wanted for u in uris], dtype=bool)
-  wanted.difference_update(uris)
-  return None if keep.all() else keep
+def _shard(batch: pa.RecordBatch, path: str) -> Shard:
+  metadata = metadata_of(batch)
+  return Shard(path, metadata.column('uri').to_pylist(),
+               embedding_block(batch.column(EMBEDDING), path), metadata)
 
 
-def iter_run_shards(runs: Sequence[Run], columns: Optional[Sequence[str]] = None,
-                    history: bool = False) -> Iterator[Shard]:
-  """The rows of each shard that the collection keeps (embeddings/collection.py; `history`:
-  each URI's newest embedding); runs must be newest first, as find_runs gives them.
-
-  Holds one shard at a time, plus, over several runs, the URIs each run supplies (decided from
-  the indexes first). A run that supplies none is not read at all.
-  """
-  for run, path, wanted in _run_shard_paths(runs, history):
-    shard = read_shard(path, run.path, columns)
-    _check_shard(shard, run)
-    keep = _kept(shard.uris, wanted)
-    shard = shard.select(keep) if keep is not None else shard
-    if shard.uris:
-      yield shard
-
-
-class KeptVectors(NamedTuple):
-  """A Parquet shard to read by parts, and the rows of it the collection keeps."""
-  shard: ParquetVectors
-  keep: Optional[np.ndarray]  # bool per row; None: every row
-
-
-def iter_run_vectors(runs: Sequence[Run],
-                     history: bool = False) -> Iterator[Union[Shard, KeptVectors]]:
-  """As iter_run_shards, for search: a Parquet shard is not read but opened (its footer checked),
-  and, over several runs, its URI column read to say which rows are kept; a TFRecord shard,
-  which can only be read whole, comes as a Shard."""
-  for run, path, wanted in _run_shard_paths(runs, history):
-    if not is_parquet(path):
-      shard = read_shard(path, run.path)
-      _check_shard(shard, run)
-      keep = _kept(shard.uris, wanted)
-      shard = shard.select(keep) if keep is not None else shard
-      if shard.uris:
-        yield shard
-      continue
-    vectors = ParquetVectors.open(path, run.path)
-    models = vectors.models
-    if models is None:
-      models = set(read_shard(path, run.path, ['model']).metadata.column('model').unique()
-                   .to_pylist())
-    _check_models(path, models, vectors.dimension, run)
-    keep = None if wanted is None else _kept(read_shard(path, run.path, ['uri']).uris, wanted)
-    if vectors.num_rows and (keep is None or keep.any()):
-      yield KeptVectors(vectors, keep)
-
-
-def _as_list(paths_or_globs: Union[str, Sequence[str]]) -> List[str]:
-  return [paths_or_globs] if isinstance(paths_or_globs, str) else list(paths_or_globs)
-
-
-def iter_shards(paths_or_globs: Union[str, Sequence[str]], model: Optional[str] = None,
-                history: bool = False) -> Iterator[Shard]:
-  """Shard by shard (for collections larger than memory): each URI once, with the vector the
-  latest finished run that looked at it decides (none if it failed there or is gone from the
-  inputs); `history`: each URI's newest embedding, whatever later runs found. Refuses runs of
-  different models unless `model` picks one."""
-  return iter_run_shards(select_model(find_runs(_as_list(paths_or_globs)), model),
-                         history=history)
+def iter_shards(collection_uri: str, version: Optional[int] = None,
+                batch_rows: int = BATCH_ROWS) -> Iterator[Shard]:
+  """The collection's rows (one snapshot: `version`, else the latest), `batch_rows` at a time,
+  as Shards: URIs, float32 vectors, metadata. Memory: one batch, whatever the collection's
+  size."""
+  snapshot = open_snapshot(collection_uri, version)
+  path = f'{snapshot.uri}@{snapshot.version}'
+  for batch in snapshot.batches(METADATA_COLUMNS + [RUN_COLUMN, EMBEDDING], batch_rows):
+    yield _shard(batch, path)
 
 
 def concatenate(shards: Iterable[Shard], model: str, embedding_size: int = 0) -> Embeddings:
@@ -137,9 +90,61 @@ def concatenate(shards: Iterable[Shard], model: str, embedding_size: int = 0) ->
   return Embeddings(uris, np.concatenate(vectors), pa.concat_tables(tables), model)
 
 
-def load(paths_or_globs: Union[str, Sequence[str]], model: Optional[str] = None,
-         history: bool = False) -> Embeddings:
-  """The collection of one or many runs, in memory: as iter_shards, at once."""
-  runs = select_model(find_runs(_as_list(paths_or_globs)), model)
-  return concatenate(iter_run_shards(runs, history=history), runs[0].model,
-                     runs[0].embedding_size)
+def load(collection_uri: str, version: Optional[int] = None) -> Embeddings:
+  """The collection (one snapshot), in memory: as iter_shards, at once."""
+  snapshot = open_snapshot(collection_uri, version)
+  return concatenate(iter_shards(collection_uri, snapshot.version), snapshot.model,
+                     snapshot.feature_size)
+
+
+def find_run(path: str) -> Run:
+  """The one finished run at `path`; a glob or folder of several is refused."""
+  runs = find_runs([path])
+  if len(runs) > 1:
+    raise MixedModelsError(f'{path} holds {len(runs)} finished runs: a run directory is read '
+                           f'alone; {IMPORT_HINT}, which says which row of which run is each '
+                           'URI\'s current vector')
+  return runs[0]
+
+
+def iter_run_shards(path: str, columns: Optional[Sequence[str]] = None) -> Iterator[Shard]:
+  """One run directory's shards, every row (a run made without --collection)."""
+  run = find_run(path)
+  for shard_path in run.shard_paths():
+    shard = read_shard(shard_path, run.path, columns)
+    models = set(shard.metadata.column('model').unique().to_pylist()) - {None}
+    dimension = shard.vectors.shape[1]
+    if models - {run.model} or (dimension and dimension != run.embedding_size):
+      raise MixedModelsError(f'{shard_path} holds {sorted(models)} {dimension}-d embeddings, '
+                             f'but its run_summary.json says {run.model} '
+                             f'{run.embedding_size}-d')
+    if shard.uris:
+      yield shard
+
+
+def load_run(path: str) -> Embeddings:
+  """One run directory's rows in memory (a run made without a collection)."""
+  run = find_run(path)
+  return concatenate(iter_run_shards(run.path), run.model, run.embedding_size)
+
+
+def embedding_run(snapshot: Collection) -> Run:
+  """A run directory that committed to the collection and still has its summary, newest first:
+  how to embed a new image as the collection's were (model, weights, crop, dtype). Raises
+  NoRunsError when every one is gone (the collection itself needs none of them)."""
+  from run_format import RunSummary
+  tried = []
+  for entry in sorted(snapshot.dataset.versions(), key=lambda v: v['version'], reverse=True):
+    record = snapshot.record(entry['version'])
+    if record is None or not record.run or record.run in tried:
+      continue
+    tried.append(record.run)
+    summary_path = storage.join(record.run, SUMMARY_FILE)
+    if not storage.exists(summary_path):
+      continue
+    summary = RunSummary.from_json(storage.read_bytes(summary_path), summary_path)
+    if summary.model == snapshot.model:
+      return Run(record.run, summary)
+  raise NoRunsError(f'no run directory that committed to {snapshot.uri} is left '
+                    f'({", ".join(tried[:3]) or "none named"}): their run_summary.json says how '
+                    'to embed a new image as the collection\'s were')

@@ -4,9 +4,8 @@ Both formats come out alike: the metadata is an Arrow table with the columns of
 run_format.METADATA_SCHEMA, null where the writer had no value (an Example then leaves the
 feature out).
 
-For search, a Parquet shard is also read by parts (ParquetVectors): its embedding column alone,
-a block of row groups at a time, straight from Arrow's buffers into a float32 matrix (float16
-columns converted block by block), and the metadata of the few rows asked for afterwards.
+A Parquet shard's vectors are also read by row groups (ParquetVectors): its embedding column
+alone, straight from Arrow's buffers into a float32 matrix (float16 converted by a table look-up).
 """
 
 import contextlib
@@ -169,37 +168,17 @@ def embedding_block(column: pa.Array, path: str) -> np.ndarray:
 
 
 class ParquetVectors(NamedTuple):
-  """A Parquet shard read by parts: vectors by blocks of row groups, metadata by rows."""
+  """A Parquet shard's vectors read by row groups (the neighbour index reads a run's shards)."""
   path: str
   run: str
   row_group_rows: List[int]
-  models: Optional[set]  # model ids from the footer's statistics; None when it has none
-  dimension: int  # from the schema; 0 if the column is a list of any length
 
   @classmethod
   def open(cls, path: str, run: str) -> 'ParquetVectors':
     """Reads the footer only."""
     with _parquet_file(path) as parquet:
-      metadata, schema = parquet.metadata, parquet.schema_arrow
-    kind = schema.field(EMBEDDING).type if EMBEDDING in schema.names else None
-    groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
-    return cls(path, run, [g.num_rows for g in groups], _footer_models(groups, schema),
-               kind.list_size if kind is not None and pa.types.is_fixed_size_list(kind) else 0)
-
-  @property
-  def num_rows(self) -> int:
-    return sum(self.row_group_rows)
-
-  def blocks(self, block_rows: int) -> List[Tuple[int, List[int]]]:
-    """(first row, row groups) of consecutive row groups holding about `block_rows` rows."""
-    blocks, first, groups, rows = [], 0, [], 0
-    for group, size in enumerate(self.row_group_rows):
-      groups.append(group)
-      rows += size
-      if rows >= block_rows:
-        blocks.append((first, groups))
-        first, groups, rows = first + rows, [], 0
-    return blocks + ([(first, groups)] if groups else [])
+      metadata = parquet.metadata
+    return cls(path, run, [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
 
   def vectors(self, row_groups: Sequence[int]) -> np.ndarray:
     """float32 [rows, dimension] of those row groups: the embedding column alone is read."""
@@ -220,35 +199,6 @@ class ParquetVectors(NamedTuple):
     groups holding them are read."""
     groups, local = self._holding(np.asarray(rows, np.int64))
     return self.vectors(groups)[local]
-
-  def metadata(self, rows: np.ndarray) -> pa.Table:
-    """The METADATA_SCHEMA rows at `rows` (positions in the shard, in the order given): only the
-    row groups holding them, without the embedding column."""
-    rows = np.asarray(rows, np.int64)
-    groups, local = self._holding(rows)
-    with _parquet_file(self.path) as parquet:
-      available = set(parquet.schema_arrow.names)
-      table = parquet.read_row_groups(groups,
-                                      columns=[c for c in METADATA_COLUMNS if c in available])
-    table = table.take(pa.array(local))
-    return _metadata({c: table.column(c) for c in table.column_names}, len(rows), self.run)
-
-
-def _footer_models(groups: list, schema: pa.Schema) -> Optional[set]:
-  """The model ids the row groups' statistics of the model column name, if every one has them."""
-  if 'model' not in schema.names or not groups:
-    return set()
-  column = next(i for i in range(groups[0].num_columns)
-                if groups[0].column(i).path_in_schema == 'model')
-  models = set()
-  for group in groups:
-    statistics = group.column(column).statistics
-    if statistics is None or not statistics.has_min_max:
-      if statistics is not None and statistics.null_count == group.num_rows:
-        continue
-      return None
-    models.update({statistics.min, statistics.max})
-  return models
 
 
 def is_parquet(path: str) -> bool:

@@ -3,12 +3,13 @@
 The Beam job of `pnasnet-embeddings duplicates --method clusters` (the DirectRunner on one
 machine, Dataflow for 100M vectors):
 
-  1. every shard is read; a seeded sample of its unit vectors is written to a file (float16);
+  1. the collection's snapshot is read in pieces (a range of rows of one fragment, one worker
+     each); a seeded sample of a piece's unit vectors is written to a file (float16);
   2. k-means centroids are trained on the sample files (FAISS), on one worker;
   3. each vector gets a home, its nearest centroid, and visits every other centroid within
      reach of it (below); the rows are spilled, one Parquet file per shard, a row group per
      range of clusters (the shuffle, kept on disk so that memory holds one range at a time),
-     and the shard's (sha256, uri) pairs go on;
+     and the piece's (sha256, uri) pairs go on;
   4. per range of clusters, every vector that visits a cluster is compared (cosine) with the
      vectors at home there: pairs near or above the threshold are candidates;
   5. candidates and byte copies (same SHA-256) are joined (connected components); the members'
@@ -32,6 +33,7 @@ Cost: with k clusters of about n/k homes and v visits per vector, compares v n^2
 (all pairs: n^2 / 2) plus n k distances to centroids; k = sqrt(n) balances the two.
 """
 
+import functools
 import hashlib
 import io
 import json
@@ -48,14 +50,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsList, AsSingleton, TaggedOutput
 
 import storage
+from collection import Collection, open_collection
 from embeddings.duplicate_groups import Candidate, Group, Member, components, grouped, sort_groups
-from embeddings.shards import read_shard
+from embeddings.shards import embedding_block
 from embeddings.similarity import unit_rows
 from jobs import work_folder
-from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
-from jobs.shard_refs import ShardRef, shard_refs
 from pipeline.runners import default_runner
-from storage.run_dirs import Run
+from run_format import EMBEDDING
 
 MAX_CLUSTERS = 4096  # k-means is trained on one worker: 40 x 4096 sample rows
 SAMPLE_PER_CLUSTER = 40  # FAISS wants at least 39 training rows per centroid
@@ -68,10 +69,41 @@ REACH_SLACK = 1e-4  # float32 distances to centroids are not exact
 # float32 one (relative rounding 2^-11 per factor, Cauchy-Schwarz), so pairs this much below
 # the threshold are candidates, decided on float32 vectors once the candidates are grouped.
 FLOAT16_MARGIN = 2e-3
+PIECE_ROWS = 16_384  # rows a worker reads at once: 280 MB of float32 at 4320-d
+ROW_COLUMNS = ['uri', 'sha256', 'width', 'height', 'size_bytes', EMBEDDING]
+
+
+class Piece(NamedTuple):
+  """Rows `offset` to `offset + rows` of one fragment of one snapshot: what a worker reads."""
+  collection: str
+  version: int
+  fragment_id: int
+  offset: int
+  rows: int
+
+  @property
+  def name(self) -> str:
+    return f'{self.fragment_id}-{self.offset}'
+
+
+def pieces(snapshot: Collection, piece_rows: int = PIECE_ROWS) -> List[Piece]:
+  """The snapshot's fragments cut into pieces (from the manifest and deletion files only)."""
+  found = []
+  for fragment in snapshot.dataset.get_fragments():
+    count = fragment.count_rows()
+    found += [Piece(snapshot.uri, snapshot.version, fragment.fragment_id, offset,
+                    min(piece_rows, count - offset)) for offset in range(0, count, piece_rows)]
+  return found
+
+
+@functools.lru_cache(maxsize=4)
+def _snapshot(uri: str, version: int, options: Tuple[Tuple[str, str], ...]) -> Collection:
+  """One opened snapshot per worker process, whatever the pieces it reads."""
+  return open_collection(uri, version, dict(options))
 
 
 class ShardRows(NamedTuple):
-  """One shard's rows that hold their URI's vector, scaled to length 1."""
+  """One piece's rows, vectors scaled to length 1."""
   path: str
   uris: List[str]
   units: np.ndarray  # float32 [rows, dimension]
@@ -170,32 +202,30 @@ def _sampled(uris: Sequence[str], fraction: float, seed: int) -> np.ndarray:
   return np.array(keep, dtype=bool)
 
 
-def read_rows(ref: ShardRef) -> ShardRows:
-  """The shard's rows that hold their URI's vector (the rule `embeddings.load` follows),
-  vectors scaled to length 1."""
-  shard = read_shard(ref.path, ref.run)
-  if ref.vector_uris is not None:
-    shard = shard.select(np.array([u in ref.vector_uris for u in shard.uris], dtype=bool))
-  metadata = shard.metadata
-  return ShardRows(ref.path, shard.uris, unit_rows(shard.vectors),
-                   metadata.column('sha256').to_pylist(), metadata.column('width').to_pylist(),
-                   metadata.column('height').to_pylist(),
-                   metadata.column('size_bytes').to_pylist())
+def read_rows(piece: Piece, options: Tuple[Tuple[str, str], ...]) -> ShardRows:
+  """The piece's rows, vectors scaled to length 1; `options`: the store's (collection's
+  storage_options, as pairs)."""
+  fragment = _snapshot(piece.collection, piece.version, options).dataset.get_fragment(
+      piece.fragment_id)
+  table = fragment.to_table(columns=ROW_COLUMNS, offset=piece.offset, limit=piece.rows)
+  return ShardRows(piece.name, table.column('uri').to_pylist(),
+                   unit_rows(embedding_block(table.column(EMBEDDING), piece.collection)),
+                   table.column('sha256').to_pylist(), table.column('width').to_pylist(),
+                   table.column('height').to_pylist(), table.column('size_bytes').to_pylist())
 
 
-def write_sample(ref: ShardRef, run_plan: Plan, directory: str) -> Iterator[str]:
-  """ShardRef -> the path of a file holding a seeded sample of its unit vectors (float16). The
+def write_sample(piece: Piece, options, run_plan: Plan, directory: str) -> Iterator[str]:
+  """Piece -> the path of a file holding a seeded sample of its unit vectors (float16). The
   sample goes to the trainer as files: as Beam elements its 0.7 GB at 1M vectors (2.8 GB at
   MAX_CLUSTERS) were copied by every coder and buffer of the runner on the way, in one process
   (7.5 GB peak RSS at 1M)."""
-  rows = read_rows(ref)
+  rows = read_rows(piece, options)
   fraction = min(1.0, 1.1 * run_plan.sample_rows / max(run_plan.rows, 1))
   sample = rows.units[_sampled(rows.uris, fraction, run_plan.seed)].astype(np.float16)
   if not len(sample):
     return
-  # Named by its shard: the trainer's order (and a retried write) does not depend on the runner.
-  name = hashlib.blake2b(ref.path.encode(), digest_size=16).hexdigest()
-  path = storage.join(directory, f'sample-{name}.npy')
+  # Named by its piece: the trainer's order (and a retried write) does not depend on the runner.
+  path = storage.join(directory, f'sample-{piece.name}.npy')
   with storage.create(path) as f:
     np.save(f, sample)
   yield path
@@ -226,12 +256,12 @@ def _count(name: str, value: int) -> None:
 DIGESTS = 'digests'  # spill's second output: (sha256, uri) of each row that has a digest
 
 
-def spill(ref: ShardRef, centroids: Centroids, run_plan: Plan, directory: str):
-  """ShardRef -> the spill file's path: each row once per cluster it visits, ordered by
+def spill(piece: Piece, options, centroids: Centroids, run_plan: Plan, directory: str):
+  """Piece -> the spill file's path: each row once per cluster it visits, ordered by
   range of clusters, one row group per range (listed in the file's metadata); and on DIGESTS
-  the rows' (sha256, uri). Reads the shard itself: a stage waiting for a side input holds its
-  whole main input, so that must be refs."""
-  rows = read_rows(ref)
+  the rows' (sha256, uri). Reads the piece itself: a stage waiting for a side input holds its
+  whole main input, so that must be pieces, not rows."""
+  rows = read_rows(piece, options)
   for digest, uri in zip(rows.sha256, rows.uris):
     if digest:
       yield TaggedOutput(DIGESTS, (digest, uri))
@@ -330,9 +360,9 @@ def _membership(pairs: List[Tuple[str, str]]) -> Dict[str, int]:
   return {names[i]: component for component, members in enumerate(found) for i in members}
 
 
-def _members(ref: ShardRef, membership: Dict[str, int]
+def _members(piece: Piece, options, membership: Dict[str, int]
              ) -> Iterator[Tuple[int, Candidate]]:
-  rows = read_rows(ref)
+  rows = read_rows(piece, options)
   for row, uri in enumerate(rows.uris):
     if uri in membership:
       yield membership[uri], rows.candidate(row)
@@ -347,38 +377,19 @@ def _groups_json(keyed, threshold: float) -> Iterator[str]:
     yield json.dumps({'kind': group.kind, 'members': [m._asdict() for m in group.members]})
 
 
-class Shards(beam.PTransform):
-  """The pipeline's start -> a ShardRef for every shard of the runs (newest first, as find_runs
-  gives) that holds vectors of the collection: with several runs, each with the URIs whose vector
-  is its run's, by the rule `embeddings.load` follows (jobs/collection_sources.py), per shard."""
-
-  def __init__(self, runs: Sequence[Run]):
-    super().__init__()
-    self._runs = list(runs)
-
-  def expand(self, pbegin):
-    runs = self._runs
-    if len(runs) == 1:
-      return pbegin | 'Refs' >> beam.Create(shard_refs(runs))
-    shard_paths = {run.path: run.shard_paths() for run in runs}
-    return ((pbegin | 'Sources' >> CollectionSources(runs)).kept
-            | 'SourceKeys' >> beam.Keys()
-            | 'Locate' >> LocateInShards(shard_paths)
-            | 'ByShard' >> beam.GroupByKey()
-            | 'Refs' >> beam.MapTuple(lambda shard, uris: ShardRef(
-                shard[0], shard_paths[shard[0]][shard[1]], vector_uris=frozenset(uris))))
-
-
-def build(root, runs: Sequence[Run], run_plan: Plan, work_directory: str):
+def build(root, snapshot: Collection, run_plan: Plan, work_directory: str,
+          piece_rows: int = PIECE_ROWS):
   """The pipeline on `root` (a Pipeline) -> the groups (duplicate_groups.Group) as JSON lines.
-  Reads the shards three times (sample, spill, members), so that no stage holds more than a shard
-  or a range of clusters; vectors cross stages as files in `work_directory` only."""
-  shards = root | 'Shards' >> Shards(runs)
-  centroids = (shards
-               | 'Sample' >> beam.FlatMap(write_sample, run_plan, work_directory)
+  Reads the snapshot's pieces three times (sample, spill, members), so that no stage holds more
+  than a piece or a range of clusters; vectors cross stages as files in `work_directory` only."""
+  options = tuple(sorted(snapshot.storage_options.items()))
+  parts = (root | 'Pieces' >> beam.Create(pieces(snapshot, piece_rows))
+           | 'Spread' >> beam.Reshuffle())
+  centroids = (parts
+               | 'Sample' >> beam.FlatMap(write_sample, options, run_plan, work_directory)
                | 'AllSamples' >> beam.combiners.ToList()
                | 'KMeans' >> beam.Map(_kmeans, run_plan))
-  spilled = shards | 'Spill' >> beam.FlatMap(spill, AsSingleton(centroids), run_plan,
+  spilled = parts | 'Spill' >> beam.FlatMap(spill, options, AsSingleton(centroids), run_plan,
                                              work_directory).with_outputs(DIGESTS, main='spills')
   near = (root
           | 'Ranges' >> beam.Create(list(range(run_plan.ranges)))
@@ -389,8 +400,8 @@ def build(root, runs: Sequence[Run], run_plan: Plan, work_directory: str):
   membership = ((near, same_bytes) | 'Pairs' >> beam.Flatten()
                 | 'AllPairs' >> beam.combiners.ToList()
                 | 'Components' >> beam.Map(_membership))
-  return (shards
-          | 'Members' >> beam.FlatMap(_members, AsSingleton(membership))
+  return (parts
+          | 'Members' >> beam.FlatMap(_members, options, AsSingleton(membership))
           | 'ByComponent' >> beam.GroupByKey()
           | 'Groups' >> beam.FlatMap(_groups_json, run_plan.threshold))
 
@@ -406,22 +417,22 @@ def check_options(beam_flags: Sequence[str]) -> None:
   work_folder.check_options(beam_flags, 'the sample and spill files')
 
 
-def find_groups(runs: Sequence[Run], threshold: float, beam_flags: Sequence[str] = (),
-                seed: int = 0, max_visits: int = MAX_VISITS
+def find_groups(snapshot: Collection, threshold: float, beam_flags: Sequence[str] = (),
+                seed: int = 0, max_visits: int = MAX_VISITS, piece_rows: int = PIECE_ROWS
                 ) -> Tuple[List[Group], Stats]:
-  """Groups of two or more, largest first, as duplicate_groups.find_groups gives, by clustering."""
-  rows = sum(r.summary.embedded for r in runs)
-  run_plan = plan(max(rows, 1), runs[0].embedding_size or 1, threshold, seed, max_visits)
+  """Groups of two or more, largest first, as duplicate_groups.find_groups gives, by clustering
+  one snapshot of a collection."""
+  run_plan = plan(max(snapshot.num_rows, 1), snapshot.feature_size or 1, threshold, seed,
+                  max_visits)
   options = PipelineOptions(list(beam_flags))
   directory, local = work_folder.work_directory(options, 'duplicates')
   try:
     pipeline = beam.Pipeline(runner=default_runner(options), options=options)
-    _ = (build(pipeline, runs, run_plan, directory)
+    _ = (build(pipeline, snapshot, run_plan, directory, piece_rows)
          | 'WriteGroups' >> beam.io.WriteToText(storage.join(directory, 'groups'),
                                                 file_name_suffix='.jsonl'))
     result = pipeline.run()
     result.wait_until_finish()
-    warn_of_gaps(result)
     groups = []
     for info in storage.match(storage.join(directory, 'groups*.jsonl')):
       for line in storage.read_bytes(info.path).decode().splitlines():

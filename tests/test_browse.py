@@ -1,5 +1,5 @@
-"""embeddings.browse: the page's endpoints over a real run of the tiny network, served by a real
-uvicorn on loopback (the model loaded once for the module)."""
+"""embeddings.browse: the page's endpoints over a collection imported from a real run of the tiny
+network, served by a real uvicorn on loopback (the model loaded once for the module)."""
 
 import hashlib
 import html
@@ -19,25 +19,26 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
+import collection as collection_package
+import embeddings
 from commands import browse as browse_command
+from commands import collection as collection_command
 from commands import duplicates as duplicates_command
-from commands import index as index_command
 from embeddings import browse
-from embeddings.neighbour_index import NeighbourIndex
 from embeddings.neighbours import search_vectors
 from embeddings.query import embed_image
+from embeddings.runs import embedding_run, open_snapshot
 from pipeline.launcher import run as run_pipeline
-from storage.run_dirs import find_runs
+from tests import collection_writer
 from tests.conftest import SAMPLE_IMAGES
-from tests.run_writer import rows, write_run
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ODD_NAME = 'coffee <grey> & "co" #1 +50% ?.jpg'  # escaped in HTML, quoted in URLs
 
 
-class Collection:
-  """A pipeline run over the sample photos, a byte copy, a resized copy and a grey copy with an
-  awkward name, and its duplicate groups."""
+class Photos:
+  """A collection imported from a pipeline run over the sample photos, a byte copy, a resized
+  copy and a grey copy with an awkward name, and its duplicate groups."""
 
   def __init__(self, root):
     self.folder = root / 'images'
@@ -51,12 +52,15 @@ class Collection:
           self.folder / 'chelsea_small.jpg', quality=90)
     with Image.open(self.folder / 'coffee.png') as coffee:
       coffee.convert('L').save(self.folder / ODD_NAME, quality=90)
-    self.run = str(root / 'run')
-    run_pipeline([f'--input={self.folder}/*', f'--output={self.run}',
-                  '--model=builtin:pnasnet_tiny'])
+    run = str(root / 'run')
+    run_pipeline([f'--input={self.folder}/*', f'--output={run}', '--model=builtin:pnasnet_tiny'])
+    self.collection = str(root / 'collection')
+    collection_command.main(['import', '--runs', run, '--collection', self.collection])
     self.csv = str(root / 'dups.csv')
-    self.groups = duplicates_command.main(['--runs', self.run, '--csv', self.csv])
-    self.runs = find_runs(self.run)
+    self.groups = duplicates_command.main(['--collection', self.collection, '--csv', self.csv])
+    self.snapshot = open_snapshot(self.collection)
+    self.run = embedding_run(self.snapshot)  # how the collection's vectors were made
+    self.uris = embeddings.load(self.collection).uris
     # A photo the collection does not hold: embedded when uploaded.
     self.new_photo = str(root / 'astronaut_crop.jpg')
     with Image.open(self.folder / 'astronaut.png') as astronaut:
@@ -67,18 +71,20 @@ class Collection:
 
   def exact(self, vector, exclude=()):
     """The URIs exact search gives, nearest first."""
-    return [n.uri for n in search_vectors(self.runs, vector, browse.DEFAULT_K, [set(exclude)])[0]]
+    return [n.uri for n in search_vectors(self.snapshot, vector, browse.DEFAULT_K,
+                                          [set(exclude)])[0]]
 
 
 @pytest.fixture(scope='module')
 def collection(tmp_path_factory):
-  return Collection(tmp_path_factory.mktemp('browse'))
+  return Photos(tmp_path_factory.mktemp('browse'))
 
 
 @pytest.fixture(scope='module')
 def browser(collection):
-  embedder = browse.ImageEmbedder(collection.runs[0])
-  return browse.Browser(collection.runs, None, browse.read_duplicates(collection.csv), embedder)
+  embedder = browse.ImageEmbedder(collection.run)
+  return browse.Browser(collection.snapshot, None, browse.read_duplicates(collection.csv),
+                        embedder)
 
 
 @pytest.fixture(scope='module')
@@ -92,7 +98,7 @@ def test_a_search_by_uri_gives_the_exact_neighbours_without_the_query(collection
                                                                         served):
   query = collection.uri('coffee.png')
   answer = requests.get(f'{served}/api/search', params={'uri': query}, timeout=60).json()
-  assert answer['query_uri'] == query and answer['source'] == 'embedded in the runs'
+  assert answer['query_uri'] == query and answer['source'] == 'in the collection'
   uris = [n['uri'] for n in answer['neighbours']]
   assert uris == collection.exact(browser.stored_vector(query), [query])
   assert query not in uris and len(uris) == len(browser.catalogue) - 1
@@ -127,7 +133,7 @@ def test_an_upload_of_a_new_image_is_embedded_by_the_model_loaded_at_start(colle
                          timeout=60).json()
   monkeypatch.undo()
   assert answer['source'] == f'embedded now with {browser.model}'
-  expected = embed_image(data, collection.runs[0])  # the project's one-off embedding
+  expected = embed_image(data, collection.run)  # the project's one-off embedding
   np.testing.assert_allclose(browser.embedder.embed(data), expected, rtol=1e-5, atol=1e-6)
   assert [n['uri'] for n in answer['neighbours']] == collection.exact(expected)
 
@@ -151,13 +157,16 @@ def _sample(page: str) -> list:
                                                    page)]
 
 
-def test_the_first_page_shows_a_sample_of_the_collection_to_start_from(browser, served):
+def test_the_first_page_shows_a_sample_of_the_collection_to_start_from(collection, served,
+                                                                        tmp_path):
   page = requests.get(f'{served}/', timeout=60).text
-  assert sorted(_sample(page)) == sorted(browser.catalogue.entries)  # fewer than SAMPLE_SHOWN
-  assert 'exact search (a pass over the shards)' in page
-  many = browse.Catalogue([browse.Entry(f'/photos/{n:03}.jpg', '', '/run/shard', n)
-                           for n in range(100)])
-  sample = many.sample(browse.SAMPLE_SHOWN)
+  assert sorted(_sample(page)) == sorted(collection.uris)  # fewer than SAMPLE_SHOWN
+  assert 'exact search (a pass over the collection)' in page
+  assert f'Collection: {collection.collection} version {collection.snapshot.version}' in page
+  many = str(tmp_path / 'many')
+  collection_writer.commit(many, collection_writer.rows(
+      [f'/photos/{n:03}.jpg' for n in range(100)], 4, seed=1), '/runs/1')
+  sample = browse.Catalogue(open_snapshot(many)).sample(browse.SAMPLE_SHOWN)
   assert len(set(sample)) == browse.SAMPLE_SHOWN
   assert (sample[0], sample[-1]) == ('/photos/000.jpg', '/photos/099.jpg')
 
@@ -213,54 +222,31 @@ def test_the_duplicates_view_lists_the_groups_of_the_csv(collection, served):
       assert f'data-uri="{member.uri}"' in page
 
 
-def test_the_index_gives_the_exact_order_on_a_small_collection(collection, browser, tmp_path):
-  directory = str(tmp_path / 'index')
-  index_command.main(['build', '--runs', collection.run, '--output', directory])
-  through_index = browse.Browser(collection.runs, NeighbourIndex(directory))
-  assert len(through_index.catalogue) == len(browser.catalogue)
-  for uri, entry in browser.catalogue.entries.items():
-    assert uri in through_index.catalogue
-    assert through_index.catalogue.uri_of_sha256(entry.sha256) in browser.catalogue
-  assert collection.uri('not-in-the-collection.png') not in through_index.catalogue
-  query = collection.uri('camera.png')
-  found = through_index.search_uri(query).neighbours
-  exact = browser.search_uri(query).neighbours
-  assert [n.uri for n in found] == [n.uri for n in exact]
-  assert [n.score for n in found] == pytest.approx([n.score for n in exact], abs=1e-5)
-  np.testing.assert_allclose(through_index.stored_vector(query), browser.stored_vector(query))
-  server = browse.BackgroundServer(through_index)
-  try:
-    page = requests.get(f'{server.url}/', timeout=60).text
-  finally:
-    server.stop()
-  assert sorted(_sample(page)) == sorted(browser.catalogue.entries)
-  header = re.search(r'<span class="about">([^<]*)</span>', page).group(1)
-  assert header.endswith(f'· {through_index.index.kind} index search (exact cosines)'), header
-
-
 def test_a_collection_on_s3_is_searched_and_its_thumbnails_read_through_beam(s3_server):
-  """Runs and photos in an S3 bucket (moto on loopback), read by Beam's FileSystems; the runs'
-  model cannot be loaded here, so only images of the collection can be searched."""
+  """A collection and photos in an S3 bucket (moto on loopback), the photos read by Beam's
+  FileSystems; no run directory that committed is left, so only images of the collection can be
+  searched."""
   import storage
   s3_server.create_bucket('browse-photos')
   storage.set_filesystem_options(s3_server.options)
+  collection_package.set_store_options(s3_server.options)
   names = ['rocket.jpg', 'coffee.png', 'camera.png']
   photos = {f's3://browse-photos/photos/{n}': open(os.path.join(SAMPLE_IMAGES, n), 'rb').read()
             for n in names}
   for uri, data in photos.items():
     s3_server.upload(uri, data)
   run_rows = [row._replace(sha256=hashlib.sha256(photos[row.uri]).hexdigest())
-              for row in rows(list(photos), 8, seed=4)]
-  write_run('s3://browse-photos/runs/one', run_rows)
-  runs = find_runs('s3://browse-photos/runs/*')
-  embedder, problem = browse.load_embedder(runs[0])
-  assert embedder is None and problem
-  server = browse.BackgroundServer(browse.Browser(runs, None, (), embedder, problem))
+              for row in collection_writer.rows(list(photos), 8, seed=4)]
+  collection_writer.commit('s3://browse-photos/collection', run_rows, 's3://browse-photos/gone')
+  snapshot = open_snapshot('s3://browse-photos/collection')
+  with pytest.raises(embeddings.NoRunsError, match='no run directory that committed') as gone:
+    embedding_run(snapshot)
+  server = browse.BackgroundServer(browse.Browser(snapshot, None, (), None, str(gone.value)))
   try:
     query = run_rows[0].uri
     answer = requests.get(f'{server.url}/api/search', params={'uri': query}, timeout=60).json()
     assert [n['uri'] for n in answer['neighbours']] == [
-        n.uri for n in search_vectors(runs, run_rows[0].embedding, 24, [{query}])[0]]
+        n.uri for n in search_vectors(snapshot, run_rows[0].embedding, 24, [{query}])[0]]
     thumbnail = requests.get(f'{server.url}/thumbnail', params={'uri': query}, timeout=60)
     assert thumbnail.status_code == 200
     with Image.open(io.BytesIO(thumbnail.content)) as image:
@@ -274,6 +260,7 @@ def test_a_collection_on_s3_is_searched_and_its_thumbnails_read_through_beam(s3_
   finally:
     server.stop()
     FileSystems.set_options(PipelineOptions([]))  # the next tests' S3 settings are their own
+    collection_package.set_store_options([])
 
 
 def _refusal(capsys, argv):
@@ -287,30 +274,31 @@ def _refusal(capsys, argv):
 
 def test_bad_options_are_refused_with_one_line_before_the_model_loads(collection, tmp_path,
                                                                      capsys):
-  assert 'no run there' in _refusal(capsys, ['--runs', str(tmp_path / 'nothing')])
+  assert 'no collection at' in _refusal(capsys, ['--collection', str(tmp_path / 'nothing')])
   not_csv = tmp_path / 'notes.csv'
   not_csv.write_text('a,b\n1,2\n')
   assert 'not a CSV of pnasnet-embeddings duplicates' in _refusal(
-      capsys, ['--runs', collection.run, '--duplicates', str(not_csv)])
+      capsys, ['--collection', collection.collection, '--duplicates', str(not_csv)])
   sheet_png = collection.uri('coffee.png')  # the duplicates command's --sheet, given by mistake
-  assert _refusal(capsys, ['--runs', collection.run, '--duplicates', sheet_png]) == (
+  assert _refusal(capsys, ['--collection', collection.collection, '--duplicates', sheet_png]) == (
       f'error: --duplicates {sheet_png}: not a CSV of pnasnet-embeddings duplicates --csv (not '
       f'text: byte 0x89 at 0 is not UTF-8)')
   taken = browse.listening_socket(0)
   try:
     assert 'choose another port' in _refusal(
-        capsys, ['--runs', collection.run, '--port', str(taken.getsockname()[1])])
+        capsys, ['--collection', collection.collection, '--port', str(taken.getsockname()[1])])
   finally:
     taken.close()
-  assert '--k must be at least 1' in _refusal(capsys, ['--runs', collection.run, '--k', '0'])
+  assert '--k must be at least 1' in _refusal(capsys, ['--collection', collection.collection,
+                                                       '--k', '0'])
 
 
 def test_the_command_serves_the_page_on_loopback_and_ctrl_c_ends_it_in_one_line(collection,
                                                                                tmp_path):
   with open(tmp_path / 'stderr', 'w+') as stderr:
     command = subprocess.Popen(
-        [sys.executable, '-m', 'commands', 'browse', '--runs', collection.run, '--duplicates',
-         collection.csv, '--port', '0'], cwd=PROJECT, stdout=subprocess.PIPE, stderr=stderr,
+        [sys.executable, '-m', 'commands', 'browse', '--collection', collection.collection,
+         '--duplicates', collection.csv, '--port', '0'], cwd=PROJECT, stdout=subprocess.PIPE, stderr=stderr,
         text=True)
     try:
       line = command.stdout.readline()
@@ -372,7 +360,7 @@ def test_in_a_browser_upload_then_click_then_duplicates(collection, browser, ser
   chromium.find_element(By.ID, 'image').send_keys(collection.new_photo)
   chromium.find_element(By.ID, 'search-image-button').click()
   with open(collection.new_photo, 'rb') as f:
-    expected = collection.exact(embed_image(f.read(), collection.runs[0]))
+    expected = collection.exact(embed_image(f.read(), collection.run))
   uris, decoded = _shown(chromium, '.tile.neighbour')
   chromium.save_screenshot(str(tmp_path / 'upload.png'))
   assert uris == expected and all(decoded)

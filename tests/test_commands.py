@@ -70,13 +70,13 @@ def test_every_verbs_help_shows_each_flags_default():
 
 
 @pytest.mark.parametrize('argv, suggestion', [
-    (['browse', '--runs', 'r', '--prot', '8766'], '--port'),
-    (['neighbours', '--runs', 'r', '--query', 'q.jpg', '--kk', '3'], '--k'),
+    (['browse', '--collection', 'c', '--prot', '8766'], '--port'),
+    (['neighbours', '--collection', 'c', '--query', 'q.jpg', '--kk', '3'], '--k'),
     (['runs', 'r', '--jsno'], '--json'),
-    (['duplicates', '--runs', 'r', '--csv', 'x.csv', '--treshold', '0.9'], '--threshold'),
+    (['duplicates', '--collection', 'c', '--csv', 'x.csv', '--treshold', '0.9'], '--threshold'),
     (['index', 'build', '--runs', 'r', '--output', 'i', '--memory_budjet', '1GB'],
      '--memory_budget'),
-    (['compact', '--runs', 'r', '--output', 'o', '--num_shard', '2'], '--num_shards'),  # a prefix
+    (['collection', 'import', '--runs', 'r', '--collection', 'c', '--mode', 'm'], '--model'),
     (['export', '--runs', 'r', '--to', 'vertex:v', '--bacth_size', '2'], '--batch_size'),
     (['check-gpu', '--proceses', '2'], '--processes'),
     (['export-model', '--output', 'o', '--sed', '2'], '--seed'),
@@ -158,14 +158,15 @@ def test_a_library_thread_left_running_does_not_change_the_exit_code(tmp_path):
   assert result.stdout.splitlines()[1].startswith(f'{run}  finished')
 
 
-def test_runs_and_compact_exit_0_run_after_run(tmp_path):
-  """`compact` aborted after its success line in 2 runs of 15, `runs` after its table in 1 of
-  about 22 (issue 38): the exit code is what schedulers and the morning check read."""
+def test_runs_and_collection_import_exit_0_run_after_run(tmp_path):
+  """`compact` (now `collection import`, which reads the indexes the same way) aborted after its
+  success line in 2 runs of 15, `runs` after its table in 1 of about 22 (issue 38): the exit code
+  is what schedulers and the morning check read."""
   run = write_synthetic_run(str(tmp_path / 'run'), 20, dimension=16).directory
   codes = {'runs': [_command('runs', run).returncode for _ in range(5)],
-           'compact': [_command('compact', '--runs', run, '--output',
-                                str(tmp_path / f'compact{n}')).returncode for n in range(5)]}
-  assert codes == {'runs': [0] * 5, 'compact': [0] * 5}
+           'import': [_command('collection', 'import', '--runs', run, '--collection',
+                               str(tmp_path / f'collection{n}')).returncode for n in range(5)]}
+  assert codes == {'runs': [0] * 5, 'import': [0] * 5}
 
 
 # What a successful run printed on stderr every time (issue 38): TensorFlow's native start-up

@@ -207,7 +207,7 @@ def test_the_manuals_commands_use_verbs_and_flags_that_exist():
       for flag in re.findall(r'(?:^|[\s\[])(--[a-z0-9_]+)', line):
         assert flag in known, f'{page}: {line[:60]}... uses unknown flag {flag} of {verb}'
   # the block parsing broke if the pages seem to show fewer commands than they do
-  least = {'embed': 8, 'runs': 2, 'neighbours': 4, 'duplicates': 1, 'index': 2, 'compact': 1,
+  least = {'embed': 8, 'runs': 2, 'neighbours': 4, 'duplicates': 1, 'index': 2, 'collection': 4,
            'export': 1, 'browse': 1, 'check-gpu': 1, 'export-model': 2}
   for verb, count in least.items():
     assert seen.get(verb, 0) >= count, f'found {seen.get(verb, 0)} `{PROGRAM} {verb}` commands'

@@ -1,4 +1,4 @@
-"""`python -m embeddings.duplicates`: clustering against all pairs, what the CSV and the summary
+"""`pnasnet-embeddings duplicates` over a collection: clustering against all pairs, what the CSV and the summary
 say about exact and near copies, checks before any work, and the contact sheet."""
 
 import collections
@@ -16,9 +16,11 @@ from benchmarks.synthetic_collection import write_synthetic_run
 from commands import duplicates as duplicates_command
 from commands.common import parse_size
 from embeddings import duplicate_groups, duplicates, sheet
+from embeddings.runs import open_snapshot
 from embeddings.similarity import unit_rows
 from jobs import cluster_dedup
-from tests.run_writer import Row, rows, write_run
+from commands import collection as collection_command
+from tests.collection_writer import Row, commit, rows
 
 
 def _csv(path):
@@ -39,8 +41,8 @@ def _comparable(table):
 
 @pytest.fixture(scope='module')
 def planted_runs(tmp_path_factory):
-  """Two runs of one synthetic collection (64-d, 40 clusters, planted near and exact copies):
-  rows 0-2999, and a newer night re-embedding rows 2500-3199."""
+  """A collection imported from two runs of one synthetic collection (64-d, 40 clusters, planted
+  near and exact copies): rows 0-2999, and a newer night re-embedding rows 2500-3199."""
   folder = tmp_path_factory.mktemp('planted')
   old = write_synthetic_run(str(folder / 'night1'), 3000, seed=3, dimension=64, clusters=40,
                             shard_rows=700, near_duplicates=60, exact_duplicates=15,
@@ -48,7 +50,9 @@ def planted_runs(tmp_path_factory):
   new = write_synthetic_run(str(folder / 'night2'), 700, seed=3, dimension=64, clusters=40,
                             shard_rows=300, near_duplicates=20, first_row=2500,
                             finished_at='2026-11-02T00:00:00Z')
-  return str(folder / 'night*'), (old.planted, new.planted)
+  uri = str(folder / 'collection')
+  collection_command.main(['import', '--runs', str(folder / 'night*'), '--collection', uri])
+  return uri, (old.planted, new.planted)
 
 
 def test_clustering_gives_the_groups_all_pairs_gives(planted_runs, tmp_path, monkeypatch,
@@ -56,11 +60,12 @@ def test_clustering_gives_the_groups_all_pairs_gives(planted_runs, tmp_path, mon
   pattern, planted = planted_runs
   monkeypatch.setattr(cluster_dedup, 'RANGE_BYTES', 64 << 10)  # several ranges of clusters
   threshold = '0.97'
-  exact = duplicates_command.main(['--runs', pattern, '--csv', str(tmp_path / 'all.csv'),
-                           '--threshold', threshold])
+  exact = duplicates_command.main(['--collection', pattern, '--csv', str(tmp_path / 'all.csv'),
+                                   '--threshold', threshold])
   assert 'all pairs' in capsys.readouterr().out  # 3200 64-d vectors fit the default budget
-  clustered = duplicates_command.main(['--runs', pattern, '--csv', str(tmp_path / 'clusters.csv'),
-                               '--threshold', threshold, '--memory_budget', '100KB'])
+  clustered = duplicates_command.main(['--collection', pattern, '--csv',
+                                       str(tmp_path / 'clusters.csv'), '--threshold', threshold,
+                                       '--memory_budget', '100KB'])
   assert ', clusters:' in capsys.readouterr().out  # auto: over the budget
   assert _comparable(_csv(tmp_path / 'clusters.csv')) == _comparable(_csv(tmp_path / 'all.csv'))
   assert [g.kind for g in clustered] == [g.kind for g in exact]
@@ -107,20 +112,22 @@ def test_the_visits_reach_every_cell_a_near_pair_can_straddle():
 
 
 def test_missing_csv_folder_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
-  write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
-  monkeypatch.setattr(duplicates_command, 'find_runs', lambda _: pytest.fail('read the runs first'))
+  commit(str(tmp_path / 'c'), rows(['a', 'b'], 8, seed=1), '/runs/1')
+  monkeypatch.setattr(duplicates_command, 'open_snapshot',
+                      lambda *_: pytest.fail('opened the collection first'))
   with pytest.raises(SystemExit) as exit_info:
-    duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'missing/x.csv')])
+    duplicates_command.main(['--collection', str(tmp_path / 'c'), '--csv',
+                             str(tmp_path / 'missing/x.csv')])
   assert exit_info.value.code == 2
   assert f'the folder {tmp_path / "missing"} does not exist' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('threshold', ['2', '0', '-1'])
 def test_a_threshold_that_is_no_cosine_is_refused(tmp_path, capsys, threshold):
-  write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
+  commit(str(tmp_path / 'c'), rows(['a', 'b'], 8, seed=1), '/runs/1')
   with pytest.raises(SystemExit) as exit_info:
-    duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
-                     '--threshold', threshold])
+    duplicates_command.main(['--collection', str(tmp_path / 'c'), '--csv', str(tmp_path / 'x.csv'),
+                             '--threshold', threshold])
   assert exit_info.value.code == 2
   assert 'above 0 and at most 1' in capsys.readouterr().err
   assert not (tmp_path / 'x.csv').exists()
@@ -131,13 +138,14 @@ def test_byte_identical_copies_beside_a_near_duplicate_are_exact(tmp_path, capsy
   rng = np.random.default_rng(2)
   photo = rng.random(32).astype(np.float32)
   jpeg = hashlib.sha256(b'photo.jpg').hexdigest()
-  write_run(str(tmp_path / 'run'), [
+  commit(str(tmp_path / 'c'), [
       Row('photos/photo.png', photo, hashlib.sha256(b'photo.png').hexdigest(), 400, 600, 900000),
       Row('photos/photo.jpg', photo * 0.999 + 0.001, jpeg, 200, 300, 40000),
       Row('backup/photo.jpg', photo * 0.999 + 0.001, jpeg, 200, 300, 40000),
-      Row('other.jpg', rng.random(32).astype(np.float32), hashlib.sha256(b'o').hexdigest())])
-  groups = duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
-                            '--threshold', '0.99'])
+      Row('other.jpg', rng.random(32).astype(np.float32), hashlib.sha256(b'o').hexdigest())],
+         '/runs/1')
+  groups = duplicates_command.main(['--collection', str(tmp_path / 'c'), '--csv',
+                                    str(tmp_path / 'x.csv'), '--threshold', '0.99'])
   table = {row['uri']: row for row in _csv(tmp_path / 'x.csv')}
   assert [(r['role'], r['kind']) for r in table.values()] == [
       ('keep', 'near'), ('duplicate', 'exact'), ('duplicate', 'exact')]
@@ -187,8 +195,8 @@ def test_sheet_rows_say_how_many_more_and_keep_the_folder(tmp_path):
     folder.mkdir()
     members.append(Row(str(_png16(folder / 'inside.png')), vector + number * 1e-4,
                        hashlib.sha256(bytes([number])).hexdigest()))
-  write_run(str(tmp_path / 'run'), members)
-  groups = duplicate_groups.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.99)
+  commit(str(tmp_path / 'c'), members, '/runs/1')
+  groups = duplicate_groups.find_groups(embeddings.load(str(tmp_path / 'c')), threshold=0.99)
   [row] = duplicates.sheet_tiles(groups)
   assert len(row) == duplicates.SHEET_MEMBERS
   assert row[-1].lines[-1] == '+3 more in the CSV'
@@ -205,12 +213,13 @@ def test_sheet_labels_keep_their_words_and_shorten_only_file_names(tmp_path):
   vector, other = np.eye(8, dtype=np.float32)[:2]
   long_name = 'holiday_in_the_mountains_with_the_whole_family_2026_img_001.jpg'
   sha256 = hashlib.sha256(b'same').hexdigest()
-  write_run(str(tmp_path / 'run'), [
+  commit(str(tmp_path / 'c'), [
       Row('photos/img_001.jpg', vector, sha256, 400, 600, 900),
       Row('backup/img_001.jpg', vector, sha256, 400, 600, 900),
       Row(f'photos/{long_name}', other, hashlib.sha256(b'long').hexdigest(), 500, 600, 900),
-      Row('backup/copy.jpg', other, hashlib.sha256(b'long').hexdigest(), 400, 600, 900)])
-  groups = duplicate_groups.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.99)
+      Row('backup/copy.jpg', other, hashlib.sha256(b'long').hexdigest(), 400, 600, 900)],
+         '/runs/1')
+  groups = duplicate_groups.find_groups(embeddings.load(str(tmp_path / 'c')), threshold=0.99)
   font = sheet._font()
   drawn = [sheet.fitted_lines(tile, font) for row in duplicates.sheet_tiles(groups) for tile in row]
   assert all(font.getlength(line) <= sheet.THUMBNAIL for lines in drawn for line in lines)
@@ -222,10 +231,10 @@ def test_sheet_labels_keep_their_words_and_shorten_only_file_names(tmp_path):
 
 
 def test_clustering_on_a_remote_runner_needs_a_temp_location(tmp_path, capsys):
-  write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
+  commit(str(tmp_path / 'c'), rows(['a', 'b'], 8, seed=1), '/runs/1')
   with pytest.raises(SystemExit) as exit_info:
-    duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
-                     '--method', 'clusters', '--runner', 'DataflowRunner'])
+    duplicates_command.main(['--collection', str(tmp_path / 'c'), '--csv', str(tmp_path / 'x.csv'),
+                             '--method', 'clusters', '--runner', 'DataflowRunner'])
   assert exit_info.value.code == 2
   assert 'needs --temp_location' in capsys.readouterr().err
 
@@ -238,9 +247,9 @@ def test_clustering_removes_its_work_files_under_the_temp_location_and_nothing_e
   work = tmp_path / 'tmp'
   work.mkdir()
   (work / 'someone-elses.txt').write_text('keep me')
-  groups = duplicates_command.main(['--runs', pattern, '--csv', str(tmp_path / 'clusters.csv'),
-                            '--threshold', '0.97', '--method', 'clusters',
-                            '--temp_location', str(work)])
+  groups = duplicates_command.main(['--collection', pattern, '--csv',
+                                    str(tmp_path / 'clusters.csv'), '--threshold', '0.97',
+                                    '--method', 'clusters', '--temp_location', str(work)])
   assert groups
   left = sorted(str(p.relative_to(work)) for p in work.rglob('*') if p.is_file())
   assert left == ['someone-elses.txt']
@@ -249,10 +258,28 @@ def test_clustering_removes_its_work_files_under_the_temp_location_and_nothing_e
 
 def test_a_mistyped_flag_is_refused_before_the_work(tmp_path, capsys):
   """Flags the command does not know go to Beam, which would drop a typo silently."""
-  write_run(str(tmp_path / 'run'), rows(['a', 'b'], 8, seed=1))
   with pytest.raises(SystemExit) as exit_info:
-    duplicates_command.main(['--runs', str(tmp_path / 'run'), '--csv', str(tmp_path / 'x.csv'),
-                     '--metod', 'clusters'])
+    duplicates_command.main(['--collection', str(tmp_path / 'c'), '--csv', str(tmp_path / 'x.csv'),
+                             '--metod', 'clusters'])
   assert exit_info.value.code == 2
   assert 'unknown flag --metod; did you mean --method?' in capsys.readouterr().err
   assert not (tmp_path / 'x.csv').exists()
+
+
+def test_the_pieces_of_fragments_with_deleted_rows_read_every_row_once(tmp_path):
+  """Clustering's workers read a snapshot in pieces (offsets among a fragment's live rows)."""
+  uri = str(tmp_path / 'c')
+  commit(uri, rows([f'/u/{i:03d}' for i in range(100)], 4, seed=1), '/runs/1')
+  commit(uri, rows([f'/u/{i:03d}' for i in range(10, 30)], 4, seed=2), '/runs/2',
+         gone=['/u/050', '/u/051'])
+  snapshot = open_snapshot(uri)
+  pieces = cluster_dedup.pieces(snapshot, 16)
+  assert [(p.offset, p.rows) for p in pieces if p.fragment_id == pieces[0].fragment_id] == [
+      (0, 16), (16, 16), (32, 16), (48, 16), (64, 14)]  # 100 rows, 22 replaced or gone
+  read = [cluster_dedup.read_rows(piece, ()) for piece in pieces]
+  uris = [u for rows_read in read for u in rows_read.uris]
+  loaded = embeddings.load(uri)
+  assert sorted(uris) == sorted(loaded.uris) and len(uris) == 98
+  units = {u: v for rows_read in read for u, v in zip(rows_read.uris, rows_read.units)}
+  np.testing.assert_allclose(units['/u/020'], unit_rows(loaded.vectors)[loaded.uris.index(
+      '/u/020')], rtol=1e-6)

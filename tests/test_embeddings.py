@@ -1,8 +1,9 @@
-"""Reading runs back (embeddings.load / iter_shards), neighbours, duplicates, contact sheets.
+"""Reading back: a collection's snapshots (embeddings.load / iter_shards, any version), one run
+directory (load_run), neighbours, duplicates, contact sheets.
 
-Runs come from two sources: `tests.run_writer` writes the output layout directly (Parquet, index,
-features left out, `finished_at`), and `pipeline.launcher.run` with the tiny built-in network
-writes what the pipeline writes.
+Collections come from `tests.collection_writer` (committed directly, as a night commits) or from
+`collection import` of runs; runs from `tests.run_writer` (the output layout written directly)
+or `pipeline.launcher.run` with the tiny built-in network.
 """
 
 import csv
@@ -14,27 +15,28 @@ import os
 import shutil
 import subprocess
 import sys
-import tracemalloc
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
+import collection
 import embeddings
 import storage
 from benchmarks.near_duplicates import copies_of
+from commands import collection as collection_command
 from commands import duplicates as duplicates_command
 from commands import neighbours as neighbours_command
 from commands import runs as runs_command
 from embeddings import duplicate_groups, neighbours, sheet
+from embeddings.runs import open_snapshot
 from embeddings.shards import CorruptShardError, read_shard
 from embeddings.similarity import nearest
 from pipeline.launcher import run as run_pipeline
 from pipeline.options import OptionsError
+from tests import collection_writer
 from tests.conftest import SAMPLE_IMAGES
 from tests.run_writer import RECIPE, rows, write_run, write_summary_of_0_1
 
@@ -42,66 +44,70 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = sorted(n for n in os.listdir(SAMPLE_IMAGES) if not n.endswith('.md'))
 
 
-def _by_uri(collection):
-  return {uri: collection.vectors[i] for i, uri in enumerate(collection.uris)}
+def _by_uri(loaded):
+  return {uri: loaded.vectors[i] for i, uri in enumerate(loaded.uris)}
 
 
-def test_latest_finished_run_wins_per_uri_across_gzip_local_and_plain_gcs(gcs_server, tmp_path,
-                                                                        caplog):
-  gcs_server.create_bucket('load-runs')
-  old = rows(['a', 'b', 'c'], 16, seed=1)
-  new = rows(['b', 'c', 'd'], 16, seed=2)
-  write_run(str(tmp_path / 'old'), old, compression='gzip', full_schema=False,
-            finished_at='2026-03-01T10:00:00Z')
-  write_run('gs://load-runs/runs/new', new, shard_rows=2, finished_at='2026-03-02T10:00:00+00:00')
-  write_run('gs://load-runs/runs/unfinished', rows(['a', 'e'], 16, seed=3), summary=False)
-
-  with caplog.at_level(logging.WARNING):
-    collection = embeddings.load([str(tmp_path / 'old'), 'gs://load-runs/runs/*'])
-  assert 'ignoring gs://load-runs/runs/unfinished' in caplog.text
-  assert sorted(collection.uris) == ['a', 'b', 'c', 'd']
-  vectors = _by_uri(collection)
-  for row in new:
-    np.testing.assert_array_equal(vectors[row.uri], row.embedding)
-  np.testing.assert_array_equal(vectors['a'], old[0].embedding)
-  assert collection.vectors.dtype == np.float32 and collection.vectors.shape == (4, 16)
-  table = {r['uri']: r for r in collection.metadata.to_pylist()}
-  assert table['b']['run'] == 'gs://load-runs/runs/new' and table['a']['run'] == str(
-      tmp_path / 'old')
-  assert table['b']['sha256'] == new[0].sha256 and table['b']['size_bytes'] == 1234
-  assert table['b']['last_modified'] == new[0].last_modified
-  assert table['a']['size_bytes'] is None and table['a']['recipe'] is None  # not in old runs
-
-  shards = list(embeddings.iter_shards([str(tmp_path / 'old'), 'gs://load-runs/runs/*']))
-  assert [len(s.uris) for s in shards] == [2, 1, 1]  # new's two shards, then what old adds
-  assert [u for s in shards for u in s.uris] == collection.uris
+@pytest.fixture(scope='module')
+def nights(tmp_path_factory):
+  """Three nights of a collection: 40 images, then 10 changed and 2 gone, then 5 new."""
+  uri = str(tmp_path_factory.mktemp('nights') / 'collection')
+  first = collection_writer.rows([f'/p/{i:02d}.jpg' for i in range(40)], 16, seed=1)
+  changed = collection_writer.rows([f'/p/{i:02d}.jpg' for i in range(30, 40)], 16, seed=2)
+  added = collection_writer.rows([f'/p/{i:02d}.jpg' for i in range(40, 45)], 16, seed=3)
+  versions = [collection_writer.commit(uri, first, '/runs/1'),
+              collection_writer.commit(uri, changed, '/runs/2', gone=['/p/00.jpg', '/p/01.jpg']),
+              collection_writer.commit(uri, added, '/runs/3')]
+  expected = [{r.uri: r for r in first}]
+  expected.append(dict({u: r for u, r in expected[0].items() if u not in ('/p/00.jpg', '/p/01.jpg')},
+                       **{r.uri: r for r in changed}))
+  expected.append(dict(expected[1], **{r.uri: r for r in added}))
+  return uri, versions, expected
 
 
-def test_pipeline_runs_local_gzip_then_gcs_plain_give_each_uri_once_newest(gcs_server, tmp_path):
-  """The pipeline's own output, ordered by the summaries' `finished_at`."""
-  gcs_server.create_bucket('pipeline-runs')
-  folder = tmp_path / 'photos'
-  folder.mkdir()
-  shutil.copy(os.path.join(SAMPLE_IMAGES, 'chelsea.png'), folder / 'a.png')
-  shutil.copy(os.path.join(SAMPLE_IMAGES, 'camera.png'), folder / 'b.png')
-  first, second = str(tmp_path / 'first'), 'gs://pipeline-runs/second'
-  run_pipeline([f'--input={folder}/*', f'--output={first}', '--compression=gzip',
-                '--model=builtin:pnasnet_tiny'])
-  shutil.copy(os.path.join(SAMPLE_IMAGES, 'coffee.png'), folder / 'b.png')  # b.png changed
-  shutil.copy(os.path.join(SAMPLE_IMAGES, 'rocket.jpg'), folder / 'c.jpg')
-  run_pipeline([f'--input={folder}/*', f'--output={second}', '--model=builtin:pnasnet_tiny'])
+def test_each_version_reads_back_as_it_was_committed_after_later_commits(nights):
+  """Time travel: load and iter_shards of version N give version N's rows, whatever came after."""
+  uri, versions, expected = nights
+  for version, rows_then in zip(versions, expected):
+    loaded = embeddings.load(uri, version)
+    assert sorted(loaded.uris) == sorted(rows_then)
+    for name, vector in _by_uri(loaded).items():
+      np.testing.assert_array_equal(vector, rows_then[name].embedding)
+    shards = list(embeddings.iter_shards(uri, version, batch_rows=16))
+    assert max(len(s.uris) for s in shards) <= 16 and len(shards) >= len(rows_then) // 16
+    assert [u for s in shards for u in s.uris] == loaded.uris
+    np.testing.assert_array_equal(np.concatenate([s.vectors for s in shards]), loaded.vectors)
+  latest = embeddings.load(uri)
+  assert latest.uris == embeddings.load(uri, versions[-1]).uris
+  table = {r['uri']: r for r in latest.metadata.to_pylist()}
+  assert table['/p/35.jpg']['run'] == '/runs/2' and table['/p/02.jpg']['run'] == '/runs/1'
+  assert table['/p/35.jpg']['sha256'] == expected[1]['/p/35.jpg'].sha256
+  assert latest.vectors.dtype == np.float32 and latest.model == collection_writer.MODEL
+  assert latest.metadata.schema == embeddings.METADATA_SCHEMA
 
-  collection = embeddings.load([first, second])
-  assert sorted(collection.uris) == [str(folder / n) for n in ('a.png', 'b.png', 'c.jpg')]
-  newest = _by_uri(embeddings.load(second))
-  for uri, vector in _by_uri(collection).items():
-    np.testing.assert_array_equal(vector, newest[uri])
-  table = {r['uri']: r for r in collection.metadata.to_pylist()}
-  assert table[str(folder / 'b.png')]['sha256'] == hashlib.sha256(
-      (folder / 'b.png').read_bytes()).hexdigest()
-  assert {r['run'] for r in table.values()} == {second}
-  assert not np.array_equal(_by_uri(embeddings.load(first))[str(folder / 'b.png')],
-                            newest[str(folder / 'b.png')])
+
+def test_run_directories_and_lists_of_them_are_refused_naming_the_import(tmp_path):
+  write_run(str(tmp_path / 'runs' / '1'), rows(['a'], 4, seed=1))
+  write_run(str(tmp_path / 'runs' / '2'), rows(['b'], 4, seed=2))
+  with pytest.raises(embeddings.CollectionNotFoundError,
+                     match=r'names run directories.*load_run.*collection import'):
+    embeddings.load(str(tmp_path / 'runs' / '1'))
+  with pytest.raises(embeddings.NoRunsError, match='not read together.*collection import'):
+    embeddings.load([str(tmp_path / 'runs' / '1'), str(tmp_path / 'runs' / '2')])
+  with pytest.raises(embeddings.MixedModelsError, match='holds 2 finished runs.*collection import'):
+    embeddings.load_run(str(tmp_path / 'runs' / '*'))
+  with pytest.raises(embeddings.CollectionNotFoundError, match='no collection at .*nothing'):
+    embeddings.load(str(tmp_path / 'nothing'))
+  assert embeddings.load_run(str(tmp_path / 'runs' / '2')).uris == ['b']
+
+
+def test_a_float16_collection_reads_back_as_float32(tmp_path):
+  written = collection_writer.rows([f'/h/{i}' for i in range(5)], 12, seed=4)
+  collection_writer.commit(str(tmp_path / 'half'), written, '/runs/h', embedding_dtype='float16')
+  loaded = embeddings.load(str(tmp_path / 'half'))
+  assert loaded.vectors.dtype == np.float32
+  np.testing.assert_array_equal(loaded.vectors, np.stack(
+      [r.embedding for r in written]).astype(np.float16).astype(np.float32))
 
 
 def test_a_run_older_than_0_2_is_refused_by_name(tmp_path, capsys):
@@ -112,10 +118,11 @@ def test_a_run_older_than_0_2_is_refused_by_name(tmp_path, capsys):
   with pytest.raises(embeddings.IncompatibleRunError,
                      match=r'old/run_summary.json: not a run summary of pnasnet-embeddings 0.2.0 '
                      r'or later \(no .*finished_at'):
-    embeddings.load(str(tmp_path / '*'))
-  assert embeddings.load(str(tmp_path / 'new')).uris == ['b']
+    embeddings.load_run(str(tmp_path / '*'))
+  assert embeddings.load_run(str(tmp_path / 'new')).uris == ['b']
   with pytest.raises(SystemExit) as exit_info:
-    neighbours_command.main(['--runs', str(tmp_path / '*'), '--query', 'b'])
+    collection_command.main(['import', '--runs', str(tmp_path / '*'), '--collection',
+                             str(tmp_path / 'collection')])
   assert exit_info.value.code == 2 and '0.2.0 or later' in capsys.readouterr().err
 
 
@@ -133,19 +140,19 @@ def test_a_summary_of_the_first_0_2_releases_reads_with_the_later_fields_default
   run, = embeddings.find_runs(str(tmp_path / 'early'))
   assert (run.summary.exclude, run.summary.incremental_runs, run.summary.embedding_dtype,
           run.summary.outcome) == ([], [], 'float32', 'finished')
-  assert embeddings.load(str(tmp_path / 'early')).uris == ['a', 'b']
+  assert embeddings.load_run(str(tmp_path / 'early')).uris == ['a', 'b']
 
 
 def test_a_run_without_summary_is_ignored_and_no_run_at_all_is_an_error(tmp_path, caplog):
   write_run(str(tmp_path / 'done'), rows(['a'], 4, seed=1))
   write_run(str(tmp_path / 'running'), rows(['a', 'b'], 4, seed=2), summary=False)
   with caplog.at_level(logging.WARNING):
-    assert embeddings.load(str(tmp_path / '*')).uris == ['a']
+    assert embeddings.load_run(str(tmp_path / '*')).uris == ['a']
   assert f'ignoring {tmp_path / "running"}' in caplog.text
   with pytest.raises(embeddings.NoRunsError, match='no finished run'):
-    embeddings.load(str(tmp_path / 'running'))
+    embeddings.load_run(str(tmp_path / 'running'))
   with pytest.raises(embeddings.NoRunsError, match='no run there'):
-    embeddings.load(str(tmp_path / 'nothing'))
+    embeddings.load_run(str(tmp_path / 'nothing'))
 
 
 def test_runs_of_a_folder_holding_runs_says_to_add_a_glob(tmp_path, capsys):
@@ -159,40 +166,6 @@ def test_runs_of_a_folder_holding_runs_says_to_add_a_glob(tmp_path, capsys):
   assert runs_command.main([f'{parent}/*']) == 0
   assert runs_command.main([str(tmp_path / 'nothing')]) == 2
   assert 'add /*' not in capsys.readouterr().err
-
-
-def test_mixed_models_or_sizes_are_refused_unless_one_is_chosen(tmp_path):
-  write_run(str(tmp_path / 'large'), rows(['a', 'b'], 8, seed=1), model='builtin:m@untrained-seed0')
-  write_run(str(tmp_path / 'other'), rows(['b', 'c'], 8, seed=2), model='builtin:m@untrained-seed1')
-  with pytest.raises(embeddings.MixedModelsError, match='seed0.*seed1'):
-    embeddings.load(str(tmp_path / '*'))
-  with pytest.raises(embeddings.MixedModelsError):
-    embeddings.iter_shards(str(tmp_path / '*'))  # refused before any shard is read
-  chosen = embeddings.load(str(tmp_path / '*'), model='builtin:m@untrained-seed1')
-  assert sorted(chosen.uris) == ['b', 'c'] and chosen.model == 'builtin:m@untrained-seed1'
-  write_run(str(tmp_path / 'wider'), rows(['d'], 16, seed=3), model='builtin:m@untrained-seed1')
-  with pytest.raises(embeddings.MixedModelsError, match='8-d.*16-d|16-d.*8-d'):
-    embeddings.load(str(tmp_path / '*'), model='builtin:m@untrained-seed1')
-
-
-def test_parquet_shards_and_an_index_that_spares_reading_superseded_runs(tmp_path):
-  new = rows(['a', 'b', 'c'], 8, seed=2)
-  write_run(str(tmp_path / 'new'), new, output_format='both', shard_rows=2,
-            finished_at='2026-02-01T00:00:00Z')
-  [old_shard] = write_run(str(tmp_path / 'old'), rows(['a', 'b'], 8, seed=1),
-                          finished_at='2026-01-01T00:00:00Z')
-  with open(old_shard, 'wb') as f:
-    f.write(b'not a TFRecord file: the index must keep the reader away from it')
-  collection = embeddings.load(str(tmp_path / '*'))
-  assert collection.uris == ['a', 'b', 'c']
-  np.testing.assert_array_equal(collection.vectors, np.stack([r.embedding for r in new]))
-  assert set(collection.metadata.column('recipe').to_pylist()) == {
-      'compute_dtype=float32;center_crop_fraction=1.0;jpeg_draft=0'}
-  # An index saying the old run also embedded 'z', which no newer run has: its shard is read.
-  pq.write_table(pa.table({'uri': ['a', 'b', 'z'], 'outcome': ['embedded'] * 3}),
-                 tmp_path / 'old' / 'index-00000-of-00001.parquet')
-  with pytest.raises(CorruptShardError, match='not a TFRecord file'):
-    embeddings.load(str(tmp_path / '*'))
 
 
 def test_values_the_listing_lacked_read_back_as_null(tmp_path):
@@ -211,11 +184,11 @@ def test_values_the_listing_lacked_read_back_as_null(tmp_path):
   with tf.io.TFRecordWriter(path) as writer:
     for example in RecordBatchToExamplesEncoder().encode(batch):
       writer.write(example)
-  collection = embeddings.load(str(tmp_path / 'run'))
+  loaded = embeddings.load_run(str(tmp_path / 'run'))
   assert [(r['uri'], r['size_bytes'], r['last_modified'], r['recipe'])
-          for r in collection.metadata.to_pylist()] == [('a', None, None, RECIPE),
+          for r in loaded.metadata.to_pylist()] == [('a', None, None, RECIPE),
                                                         ('b', 99, None, RECIPE)]
-  np.testing.assert_array_equal(collection.vectors, np.stack([r.embedding for r in run_rows]))
+  np.testing.assert_array_equal(loaded.vectors, np.stack([r.embedding for r in run_rows]))
 
 
 def test_a_truncated_tfrecord_shard_is_reported(tmp_path):
@@ -225,7 +198,7 @@ def test_a_truncated_tfrecord_shard_is_reported(tmp_path):
   with open(path, 'wb') as f:
     f.write(data[:-10])
   with pytest.raises(CorruptShardError, match='truncated'):
-    embeddings.load(str(tmp_path / 'run'))
+    embeddings.load_run(str(tmp_path / 'run'))
 
 
 def test_a_float16_vector_of_an_odd_number_of_bytes_is_reported(tmp_path):
@@ -239,35 +212,6 @@ def test_a_float16_vector_of_an_odd_number_of_bytes_is_reported(tmp_path):
       })).SerializeToString())
   with pytest.raises(CorruptShardError, match='odd number of bytes'):
     read_shard(path, str(tmp_path))
-
-
-def test_streaming_holds_one_shard_not_the_collection(tmp_path):
-  shard_rows, shards, dimension = 25, 40, 1080
-  write_run(str(tmp_path / 'run'), rows([f'img{i:04d}' for i in range(shard_rows * shards)],
-                                        dimension, seed=5), shard_rows=shard_rows)
-  collection_bytes = shard_rows * shards * dimension * 4
-  query = np.random.default_rng(0).standard_normal(dimension).astype(np.float32)
-
-  everything = embeddings.load(str(tmp_path / 'run'))  # imports everything it needs first
-  tracemalloc.start()
-  found = nearest(embeddings.iter_shards(str(tmp_path / 'run')), query, k=5)
-  _, streaming_peak = tracemalloc.get_traced_memory()
-  tracemalloc.reset_peak()
-  embeddings.load(str(tmp_path / 'run'))
-  _, loading_peak = tracemalloc.get_traced_memory()
-  tracemalloc.stop()
-
-  assert loading_peak > collection_bytes  # tracemalloc sees the vectors
-  shard_bytes = collection_bytes // shards
-  # A shard's records, its matrix and one normalized copy: about three shards at most.
-  assert streaming_peak < 3 * shard_bytes, (streaming_peak, shard_bytes)
-  scores = embeddings_cosines(everything.vectors, query)
-  assert [n.uri for n in found] == [everything.uris[i] for i in np.argsort(-scores)[:5]]
-  np.testing.assert_allclose([n.score for n in found], np.sort(scores)[::-1][:5], rtol=1e-5)
-
-
-def embeddings_cosines(vectors, query):
-  return vectors @ query / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(query))
 
 
 @pytest.fixture(scope='module')
@@ -287,7 +231,9 @@ def photo_run(tmp_path_factory):
   summary = run_pipeline([f'--input={folder}/*', f'--output={output}', '--num_shards=3',
                           '--model=builtin:pnasnet_tiny'])
   assert summary['embedded'] == 3 * len(PHOTOS) + 1
-  return folder, output
+  uri = str(tmp_path_factory.mktemp('collections') / 'tiny')
+  collection_command.main(['import', '--runs', output, '--collection', uri])
+  return folder, uri
 
 
 def _copies(folder, name):
@@ -296,14 +242,14 @@ def _copies(folder, name):
 
 
 def test_resized_and_reencoded_copies_are_each_photos_two_nearest(photo_run):
-  folder, output = photo_run
-  runs = embeddings.select_model(embeddings.find_runs(output))
+  folder, uri = photo_run
+  snapshot = open_snapshot(uri)
   for name in PHOTOS:
     if name == 'camera.png':  # its byte-identical copy comes first, with cosine 1
       continue
-    query = neighbours.find_query(runs, str(folder / name))
+    query = neighbours.find_query(snapshot, str(folder / name))
     assert query.source == 'embedded'
-    found = neighbours.search(runs, query, k=2)
+    found = neighbours.search(snapshot, query, k=2)
     assert {n.uri for n in found} == _copies(folder, name), name
 
 
@@ -317,12 +263,13 @@ def _tiles(png: bytes, columns: int, rows: int) -> int:
 
 
 def test_neighbours_command_embeds_a_new_query_and_draws_the_sheet(photo_run, tmp_path, capsys):
-  folder, output = photo_run
+  folder, uri = photo_run
   with Image.open(folder / 'rocket.jpg') as image:
-    image.save(tmp_path / 'rocket_q50.jpg', quality=50)  # not in the run
+    image.save(tmp_path / 'rocket_q50.jpg', quality=50)  # not in the collection
   png = tmp_path / 'neighbours.png'
-  found = neighbours_command.main(['--runs', os.path.dirname(output) + '/*', '--query',
-                           str(tmp_path / 'rocket_q50.jpg'), '--k', '6', '--sheet', str(png)])
+  found = neighbours_command.main(['--collection', uri, '--query',
+                                   str(tmp_path / 'rocket_q50.jpg'), '--k', '6', '--sheet',
+                                   str(png)])
   printed = capsys.readouterr().out
   assert 'embedded now with builtin:pnasnet_tiny@untrained-seed0' in printed
   assert {n.uri for n in found[:3]} == {str(folder / 'rocket.jpg')} | _copies(folder, 'rocket.jpg')
@@ -334,17 +281,35 @@ def test_neighbours_command_embeds_a_new_query_and_draws_the_sheet(photo_run, tm
 
 
 def test_neighbours_command_refuses_an_unknown_query(photo_run, tmp_path, capsys):
-  _, output = photo_run
+  _, uri = photo_run
   with pytest.raises(SystemExit) as exit_info:
-    neighbours_command.main(['--runs', output, '--query', str(tmp_path / 'missing.jpg')])
+    neighbours_command.main(['--collection', uri, '--query', str(tmp_path / 'missing.jpg')])
   assert exit_info.value.code == 2
-  assert 'not embedded in the runs, and cannot be read' in capsys.readouterr().err
+  assert 'not in ' + uri + ' version' in capsys.readouterr().err
+
+
+def test_a_new_query_cannot_be_embedded_once_every_run_directory_is_gone(photo_run, tmp_path):
+  """The collection still answers for its own images; a new image needs a run's summary."""
+  folder, uri = photo_run
+  copied = str(tmp_path / 'copy')
+  shutil.copytree(uri, copied)
+  snapshot = open_snapshot(copied)
+  assert neighbours.find_query(snapshot, str(folder / 'coffee.png')).source == 'embedded'
+  with Image.open(folder / 'rocket.jpg') as image:
+    image.save(tmp_path / 'new.jpg', quality=40)
+  gone = snapshot.record(snapshot.version).run
+  shutil.move(gone, gone + '.moved')
+  try:
+    with pytest.raises(neighbours.QueryError, match='cannot be embedded: no run directory'):
+      neighbours.find_query(snapshot, str(tmp_path / 'new.jpg'))
+  finally:
+    shutil.move(gone + '.moved', gone)
 
 
 def test_duplicates_command_groups_copies_and_identical_bytes(photo_run, tmp_path):
-  folder, output = photo_run
-  groups = duplicates_command.main(['--runs', output, '--csv', str(tmp_path / 'dups.csv'),
-                            '--sheet', str(tmp_path / 'dups.png')])  # tiny's measured default
+  folder, uri = photo_run
+  groups = duplicates_command.main(['--collection', uri, '--csv', str(tmp_path / 'dups.csv'),
+                                    '--sheet', str(tmp_path / 'dups.png')])  # tiny's default
   with open(tmp_path / 'dups.csv', newline='') as f:
     table = list(csv.DictReader(f))
   members = {}
@@ -366,10 +331,11 @@ def test_duplicates_command_groups_copies_and_identical_bytes(photo_run, tmp_pat
 
 
 def test_exact_duplicates_alone_form_an_exact_group(tmp_path):
-  same = rows(['a', 'b'], 8, seed=1)
+  same = collection_writer.rows(['a', 'b'], 8, seed=1)
   same[1] = same[1]._replace(sha256=same[0].sha256)
-  write_run(str(tmp_path / 'run'), same + rows(['c'], 8, seed=2))
-  groups = duplicate_groups.find_groups(embeddings.load(str(tmp_path / 'run')), threshold=0.999)
+  collection_writer.commit(str(tmp_path / 'c'), same + collection_writer.rows(['c'], 8, seed=2),
+                           '/runs/1')
+  groups = duplicate_groups.find_groups(embeddings.load(str(tmp_path / 'c')), threshold=0.999)
   assert [(g.kind, len(g.members)) for g in groups] == [('exact', 2)]
   assert [m.kind for m in groups[0].members] == ['exact', 'exact']
   assert groups[0].members[1].same_bytes_as == groups[0].members[0].uri
@@ -384,14 +350,15 @@ def test_the_package_imports_without_beam_or_tensorflow():
   assert imported.strip() == '[]'
 
 
-def test_runs_on_s3_with_the_filesystem_flags(s3_server, tmp_path, capsys):
-  s3_server.create_bucket('s3-runs')
-  storage.set_filesystem_options(s3_server.options)
-  run_rows = rows(['s3://s3-runs/photos/a.jpg', 's3://s3-runs/photos/b.jpg'], 8, seed=6)
-  write_run('s3://s3-runs/runs/one', run_rows, compression='gzip')
-  FileSystems.set_options(PipelineOptions([]))  # the command's own flags must reach the server
-  found = neighbours_command.main(['--runs', 's3://s3-runs/runs/*', '--query', run_rows[0].uri, '--k', '1']
-                          + s3_server.options)
+def test_a_collection_on_s3_with_the_store_flags(s3_server, capsys):
+  s3_server.create_bucket('s3-collection')
+  collection.set_store_options(s3_server.options)
+  run_rows = collection_writer.rows(['s3://s3-collection/photos/a.jpg',
+                                     's3://s3-collection/photos/b.jpg'], 8, seed=6)
+  collection_writer.commit('s3://s3-collection/c', run_rows, '/runs/1')
+  collection.set_store_options([])  # the command's own flags must reach the server
+  found = neighbours_command.main(['--collection', 's3://s3-collection/c', '--query',
+                                   run_rows[0].uri, '--k', '1'] + s3_server.options)
   assert [n.uri for n in found] == [run_rows[1].uri]
   assert f'query: {run_rows[0].uri} (embedded)' in capsys.readouterr().out
 
@@ -419,8 +386,8 @@ def test_parquet_output_equals_the_tfrecords_exactly_in_duckdb(image_folder, tmp
     np.testing.assert_array_equal(np.asarray(vector, np.float32), from_tfrecord[uri])
     assert size_bytes == os.path.getsize(uri) and last_modified.tzinfo is not None
     assert (model, recipe) == (summary['model'], summary['recipe'])
-  collection = embeddings.load(output)
-  for uri, vector in _by_uri(collection).items():
+  loaded = embeddings.load_run(output)
+  for uri, vector in _by_uri(loaded).items():
     np.testing.assert_array_equal(vector, from_tfrecord[uri])
   import pyarrow.parquet as pq
   for path in tf.io.gfile.glob(f'{output}/embeddings-*.parquet'):
@@ -457,25 +424,33 @@ def test_float16_runs_in_both_formats_read_back_as_the_float32_run_rounded(tmp_p
     assert summary['recipe'] == reference['recipe'] + ';embedding_dtype=float16'
   assert half_tfrecord['skipped'] == 0 and half_tfrecord['embedded'] == reference['embedded']
   expected = {uri: vector.astype(np.float16).astype(np.float32)
-              for uri, vector in _by_uri(embeddings.load(str(tmp_path / 'float32'))).items()}
+              for uri, vector in _by_uri(embeddings.load_run(str(tmp_path / 'float32'))).items()}
   parquet_shards = storage.match(str(tmp_path / 'parquet16' / 'embeddings-*.parquet'))
   assert pq.read_schema(parquet_shards[0].path).field('embedding').type == pa.list_(
       pa.field('element', pa.float16(), nullable=False), reference['embedding_size'])
 
   for name, summary in (('parquet16', half_parquet), ('tfrecord16', half_tfrecord)):
     run = str(tmp_path / name)
-    collection = embeddings.load(run)
-    assert collection.vectors.dtype == np.float32 and sorted(collection.uris) == sorted(expected)
-    for uri, vector in _by_uri(collection).items():
+    loaded = embeddings.load_run(run)
+    assert loaded.vectors.dtype == np.float32 and sorted(loaded.uris) == sorted(expected)
+    for uri, vector in _by_uri(loaded).items():
       np.testing.assert_array_equal(vector, expected[uri])
-    assert set(collection.metadata.column('recipe').to_pylist()) == {summary['recipe']}
-    shards = list(embeddings.iter_shards(run))
+    assert set(loaded.metadata.column('recipe').to_pylist()) == {summary['recipe']}
+    shards = list(embeddings.iter_run_shards(run))
     assert all(shard.vectors.dtype == np.float32 for shard in shards)
-    np.testing.assert_array_equal(np.concatenate([s.vectors for s in shards]), collection.vectors)
-    query = collection.uris[0]
-    found = neighbours_command.main(['--runs', run, '--query', query, '--k', '3'])
+    np.testing.assert_array_equal(np.concatenate([s.vectors for s in shards]), loaded.vectors)
+    # Imported, the float16 vectors are stored as they are and read back the same.
+    imported = str(tmp_path / f'{name}-collection')
+    collection_command.main(['import', '--runs', run, '--collection', imported])
+    assert collection.open_collection(imported).embedding_dtype == 'float16'
+    collection_vectors = _by_uri(embeddings.load(imported))
+    assert sorted(collection_vectors) == sorted(expected)
+    for uri, vector in collection_vectors.items():
+      np.testing.assert_array_equal(vector, expected[uri])
+    query = loaded.uris[0]
+    found = neighbours_command.main(['--collection', imported, '--query', query, '--k', '3'])
     assert f'query: {query} (embedded)' in capsys.readouterr().out
-    units = collection.vectors / np.linalg.norm(collection.vectors, axis=1, keepdims=True)
+    units = loaded.vectors / np.linalg.norm(loaded.vectors, axis=1, keepdims=True)
     cosines = np.delete(units @ units[0], 0)
     np.testing.assert_allclose([n.score for n in found], np.sort(cosines)[::-1][:3], atol=1e-6)
 
@@ -538,24 +513,25 @@ def test_shards_with_optional_embedding_elements_read_as_the_required_ones(tmp_p
                              table.column(where).cast(pa.list_(pa.float32(), 24)))
     pq.write_table(table, path)
     assert pq.read_schema(path).field('embedding').type.value_field.nullable
-  now, before = embeddings.load(str(tmp_path / 'now')), embeddings.load(str(tmp_path / 'before'))
+  now = embeddings.load_run(str(tmp_path / 'now'))
+  before = embeddings.load_run(str(tmp_path / 'before'))
   assert now.uris == before.uris
   np.testing.assert_array_equal(now.vectors, before.vectors)
-  queries = np.stack([r.embedding for r in written[:3]])
-  found = [neighbours.search_vectors(embeddings.find_runs([str(tmp_path / name)]), queries, 5)
+  found = [nearest(embeddings.iter_run_shards(str(tmp_path / name)), written[0].embedding, 5)
            for name in ('now', 'before')]
-  assert [[n.uri for n in q] for q in found[0]] == [[n.uri for n in q] for q in found[1]]
-  assert [q[0].uri for q in found[0]] == [r.uri for r in written[:3]]
+  assert [n.uri for n in found[0]] == [n.uri for n in found[1]]
+  assert found[0][0].uri == written[0].uri
 
 
 def test_every_verb_over_runs_says_to_add_a_glob_to_a_folder_of_runs(tmp_path, capsys):
   parent = tmp_path / 'embeddings'
   write_run(str(parent / 'night1'), rows(['a'], 4, seed=1))
   with pytest.raises(SystemExit) as refused:
-    neighbours_command.main(['--runs', str(parent), '--query', 'a'])
+    collection_command.main(['import', '--runs', str(parent), '--collection',
+                             str(tmp_path / 'collection')])
   assert refused.value.code == 2
   assert capsys.readouterr().err.strip().endswith(
       f'it holds run directories: add /* ("{parent}/*")')
   with pytest.raises(embeddings.NoRunsError, match='no run there') as nothing:
-    embeddings.load(str(tmp_path / 'nothing'))
+    embeddings.load_run(str(tmp_path / 'nothing'))
   assert 'add /*' not in str(nothing.value)

@@ -11,7 +11,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from embeddings import load
+from embeddings import load_run
 from pipeline.launcher import PROJECT_SETUP_FILE, run
 from tests.outputs import read_failures
 
@@ -22,7 +22,7 @@ PORTABLE = ['--runner=PortableRunner', '--job_endpoint=embed', '--environment_ty
 
 def _outcome(summary, output):
   """What a run produced, independent of how its runner sharded the files."""
-  loaded = load(output)
+  loaded = load_run(output)
   vectors = {uri: np.asarray(vector) for uri, vector in zip(loaded.uris, loaded.vectors)}
   counts = {key: summary[key] for key in ('matched', 'embedded', 'failed', 'skipped',
                                           'failed_by_stage', 'outcome')}
