@@ -29,6 +29,9 @@ COLLECTION_COLUMNS = ([column.name for column in COLUMNS] +
 # What a night reads to skip unchanged files: which version of which file, made how. No vector.
 STATE_COLUMNS = ['uri', 'size_bytes', 'last_modified', CONTENT_ID, 'model', 'recipe']
 URI_INDEX = 'BTREE'
+# Looked up one value at a time: a URI (a query, the browse page), the bytes' sha256 (a query
+# image the collection holds under another name).
+INDEXED_COLUMNS = ('uri', 'sha256')
 _METADATA_PREFIX = 'pnasnet_embeddings.'
 _ROWS_PER_BATCH = 4_096
 # A scan reads ahead one batch and one fragment, through a 16 MB buffer: Lance's defaults read
@@ -268,7 +271,8 @@ def create(uri: str, model: str, feature_size: int, embedding_dtype: str) -> Col
       schema(model, feature_size, embedding_dtype).empty_table(), lance_uri(uri),
       mode='create', enable_stable_row_ids=True, data_storage_version='stable',
       storage_options=options or None, commit_message=CommitRecord('create').message())
-  dataset.create_scalar_index('uri', URI_INDEX)
+  for column in INDEXED_COLUMNS:
+    dataset.create_scalar_index(column, URI_INDEX)
   return Collection(uri, lance.dataset(lance_uri(uri), storage_options=options or None), options)
 
 

@@ -3,7 +3,7 @@ clicking a result, and look at its duplicate groups (`pnasnet-embeddings browse`
 
 The page listens on 127.0.0.1 only and reads one snapshot (version) of the collection, holding
 none of its URIs: a URI is looked up through the collection's index on `uri` (or, with --index,
-in the index's lookup files), an uploaded image's bytes by a scan of the sha256 column, the
+in the index's lookup files), an uploaded image's bytes through its index on `sha256`, the
 answers cached. It loads the collection's model once (as a run that committed to it recorded),
 so a query by a new image costs one embedding and one search; an image whose bytes the
 collection holds, a URI of it, or a click costs one stored-vector read (by row id) and one
@@ -63,7 +63,7 @@ def spread(count: int, wanted: int) -> List[int]:
 
 class Catalogue:
   """The URIs of one snapshot of a collection, looked up when asked (its BTREE index on `uri`;
-  bytes by a scan of the sha256 column), the answers cached: the page holds no list of the
+  bytes through its index on `sha256`), the answers cached: the page holds no list of the
   collection's URIs, whatever its size."""
 
   def __init__(self, snapshot: Collection):

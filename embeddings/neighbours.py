@@ -90,7 +90,7 @@ def stored_vector(snapshot: Snapshot, row_id: int) -> np.ndarray:
 
 
 def row_of_sha256(snapshot: Snapshot, sha256: str) -> Optional[dict]:
-  """A row (uri, `_rowid`) of these bytes, or None: a scan of the sha256 column alone."""
+  """A row (uri, `_rowid`) of these bytes, or None, through the index on `sha256`."""
   table = snapshot.dataset.to_table(columns=['uri'], filter=pc.field('sha256') == sha256,
                                     with_row_id=True, limit=1)
   return table.to_pylist()[0] if table.num_rows else None
