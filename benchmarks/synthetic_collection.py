@@ -256,8 +256,7 @@ class SyntheticCollection(NamedTuple):
 
 
 def collection_table(uris: List[str], vectors: np.ndarray, model_id: str, run: str,
-                     embedding_dtype: str = 'float32', sha256s: Optional[List[str]] = None
-                     ) -> 'pa.Table':
+                     embedding_dtype: str = 'float32', sha256s: Optional[List[str]] = None):
   """Rows of the collection's schema (what a night's workers write) for these URIs and vectors;
   the other columns as a night fills them for a 640 x 480 image."""
   import pyarrow as pa

@@ -77,7 +77,7 @@ def test_every_verbs_help_shows_each_flags_default():
     (['index', 'build', '--runs', 'r', '--output', 'i', '--memory_budjet', '1GB'],
      '--memory_budget'),
     (['compact', '--runs', 'r', '--output', 'o', '--num_shard', '2'], '--num_shards'),  # a prefix
-    (['export', '--runs', 'r', '--to', 'vertex:v', '--bacth_size', '2'], '--batch_size'),
+    (['export', '--collection', 'c', '--to', 'vertex:v', '--bacth_size', '2'], '--batch_size'),
     (['check-gpu', '--proceses', '2'], '--processes'),
     (['export-model', '--output', 'o', '--sed', '2'], '--seed'),
     (['embed', '--input', 'x', '--outptu', 'o'], '--output'),
