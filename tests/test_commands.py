@@ -74,7 +74,7 @@ def test_every_verbs_help_shows_each_flags_default():
     (['neighbours', '--runs', 'r', '--query', 'q.jpg', '--kk', '3'], '--k'),
     (['runs', 'r', '--jsno'], '--json'),
     (['duplicates', '--runs', 'r', '--csv', 'x.csv', '--treshold', '0.9'], '--threshold'),
-    (['index', 'build', '--runs', 'r', '--output', 'i', '--memory_budjet', '1GB'],
+    (['index', 'build', '--collection', 'c', '--output', 'i', '--memory_budjet', '1GB'],
      '--memory_budget'),
     (['compact', '--runs', 'r', '--output', 'o', '--num_shard', '2'], '--num_shards'),  # a prefix
     (['export', '--collection', 'c', '--to', 'vertex:v', '--bacth_size', '2'], '--batch_size'),
