@@ -44,7 +44,7 @@ class ExportFailed(RuntimeError):
 
 
 def check_options(beam_flags: Sequence[str]) -> None:
-  work_folder.check_options(beam_flags, 'the pipeline\'s files')
+  work_folder.check_options(beam_flags, 'the job\'s staged and temporary files')
 
 
 def check_source(target: Target, collection: Collection, replace: bool) -> Optional[ExportState]:
