@@ -1,7 +1,7 @@
 """The FAISS neighbour index over a collection: build (its ids the collection's row ids, its rows
 read from the collection), `add` after nights (only the changes: inserted rows added, deleted
 row ids gone, ids equal to the collection's, nothing new after a compaction), refusals, float16
-collections read back as float32. Its plans, re-rank and health checks:
+collections read back as float32. Its plans (PCA and product codes), re-rank and health checks:
 tests/test_index_plans.py."""
 
 import datetime
@@ -158,32 +158,6 @@ def test_a_float16_collection_is_indexed_and_read_back_as_float32(tmp_path):
   assert stored.dtype == np.float32
   np.testing.assert_array_equal(stored, vectors[:3])
   assert [row[0].uri for row in index.search(vectors[:3], 3)] == uris[:3]
-
-
-def test_a_collection_over_the_budget_gets_a_pca_and_product_codes_and_keeps_its_recall(tmp_path):
-  """The PCA + IVF-PQ plan, trained from sample files: the index keeps only the PCA's projection
-  (not the dimension^2 eigenvector matrix training used), no sample file is left behind, and the
-  directory holds no copy of the rows or vectors."""
-  import faiss
-  made = write_synthetic_collection(str(tmp_path / 'collection'), 10_500, seed=4, dimension=32,
-                                    clusters=40, fragment_rows=1500)
-  directory = build(made.uri, str(tmp_path / 'index'), '--memory_budget', '250KB')
-  index = neighbour_index.NeighbourIndex(directory)
-  plan = index.description['plan']
-  assert (plan['kind'], plan['pca_dimension'], index.count) == ('ivf_pq', 32, 10_500)
-  read = faiss.read_index(os.path.join(directory, neighbour_index.FAISS_FILE))  # owns the rest
-  projection = faiss.downcast_VectorTransform(faiss.downcast_index(read).chain.at(0))
-  assert type(projection).__name__ == 'LinearTransform'
-  assert sorted(os.listdir(directory)) == sorted([
-      neighbour_index.INDEX_FILE, neighbour_index.FAISS_FILE, neighbour_index.IVFDATA_FILE,
-      neighbour_index.TRAINED_FILE, neighbour_index.PROBES_FILE])
-  _, uris, vectors = held(made.uri)
-  queries = vectors[::500]
-  found = index.search(queries, 10, rerank=100)
-  exact = exact_top(uris, vectors, queries, 10)
-  recall = np.mean([len({n.uri for n in row} & set(truth)) / 10
-                    for row, truth in zip(found, exact)])
-  assert recall >= 0.9
 
 
 def test_a_tiny_index_prints_its_summary_alone_without_nan_or_faiss_notes(tmp_path, capfd):

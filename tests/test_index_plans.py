@@ -49,6 +49,30 @@ def test_memory_mapped_lists_are_on_disk_beside_the_index_without_prefetch_threa
   assert index.count == PQ_ROWS == index.description['count']
 
 
+def test_a_collection_over_the_budget_gets_a_pca_and_product_codes_and_keeps_its_recall(pq_index):
+  """The PCA + IVF-PQ plan, trained from sample files: the index keeps only the PCA's projection
+  (not the dimension^2 eigenvector matrix training used), no sample file is left behind, and the
+  directory holds no copy of the rows or vectors."""
+  import faiss
+  made, directory = pq_index
+  index = neighbour_index.NeighbourIndex(directory)
+  plan = index.description['plan']
+  assert (plan['kind'], plan['pca_dimension'], index.count) == ('ivf_pq', 32, 10_500)
+  read = faiss.read_index(os.path.join(directory, neighbour_index.FAISS_FILE))  # owns the rest
+  projection = faiss.downcast_VectorTransform(faiss.downcast_index(read).chain.at(0))
+  assert type(projection).__name__ == 'LinearTransform'
+  assert sorted(os.listdir(directory)) == sorted([
+      neighbour_index.INDEX_FILE, neighbour_index.FAISS_FILE, neighbour_index.IVFDATA_FILE,
+      neighbour_index.TRAINED_FILE, neighbour_index.PROBES_FILE])
+  _, uris, vectors = held(made.uri)
+  queries = vectors[::500]
+  found = index.search(queries, 10, rerank=100)
+  exact = exact_top(uris, vectors, queries, 10)
+  recall = np.mean([len({n.uri for n in row} & set(truth)) / 10
+                    for row, truth in zip(found, exact)])
+  assert recall >= 0.9
+
+
 def test_collections_that_fit_get_hnsw_whose_add_marks_deleted_ids(tmp_path):
   """HNSW cannot remove a vector: `add` adds the inserted rows to the graph and records the
   deleted ids, which searches leave out; the ids found equal the collection's."""
