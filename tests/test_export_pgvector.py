@@ -174,6 +174,24 @@ def test_bad_targets_and_collections_are_refused_before_any_work_with_exit_2_and
   assert_equal_rows(table_rows(postgres, 'nights'), rows_of(uri))  # untouched
 
 
+def test_a_table_of_the_export_of_run_directories_is_replaced_only_when_asked(
+    postgres, nights, capsys):
+  with psycopg.connect(postgres) as connection:  # as the export of run directories left it
+    connection.execute('CREATE TABLE legacy (uri text PRIMARY KEY, run text NOT NULL)')
+    connection.execute('CREATE TABLE legacy_export (name text PRIMARY KEY, value jsonb)')
+    connection.execute(
+        "INSERT INTO legacy_export VALUES ('target', %s), ('state', %s)",
+        ('{"model": "builtin:test@untrained-seed0", "dimension": 8, "reduced_dimension": null}',
+         '{"status": "complete", "runs": ["/runs/night1"], "rows": 1, "started_at": "t", '
+         '"finished_at": "t", "last_complete": null}'))
+  to = f'{postgres}?table=legacy'
+  assert 'holds an export of run directories (before the collection)' in _refused(
+      capsys, nights.uri, to)
+  report = export(nights.uri, to, '--replace')
+  assert (report.whole, report.written) == (True, 6)
+  assert_equal_rows(table_rows(postgres, 'legacy'), rows_of(nights.uri))
+
+
 def test_replace_and_a_cleaned_up_version_sync_whole_and_drop_what_the_collection_lacks(
     postgres, tmp_path, caplog):
   to = f'{postgres}?table=replaced'
