@@ -229,7 +229,9 @@ class NeighbourIndex:
   def sample_uris(self, wanted: int) -> List[str]:
     """URIs of `wanted` rows spread over the collection (positions, not ids)."""
     total = self.collection.num_rows
-    positions = sorted({int(p) for p in np.linspace(0, total - 1, min(wanted, total))}) if total else []
+    if not total:
+      return []
+    positions = sorted({int(p) for p in np.linspace(0, total - 1, min(wanted, total))})
     return self.collection.dataset.take(positions, columns=['uri']).column('uri').to_pylist()
 
   def check_model(self, model: Optional[str]) -> None:

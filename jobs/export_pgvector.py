@@ -1,5 +1,6 @@
-"""pgvector: a table keyed by the collection's row id, written with psycopg 3 in batches (binary COPY into a temporary
-table, then one upsert, in one transaction per batch: a batch lands whole or not at all).
+"""pgvector: a table keyed by the collection's row id, written with psycopg 3 in batches (binary
+COPY into a temporary table, then one upsert, in one transaction per batch: a batch lands whole
+or not at all).
 
     TABLE            id bigint PRIMARY KEY (the collection's _rowid), uri text (indexed),
                      sha256, height, width, model, run,

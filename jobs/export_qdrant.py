@@ -1,7 +1,7 @@
 """Qdrant (a server, or qdrant-client's local mode on a folder): a collection of points whose id
 is the collection's row id (an unsigned integer, as Qdrant takes) and whose payload holds uri,
-sha256, height, width, model and run, written by Beam's own writer (apache_beam.ml.rag.ingestion.qdrant,
-upserts in batches, retried on Qdrant's errors).
+sha256, height, width, model and run, written by Beam's own writer
+(apache_beam.ml.rag.ingestion.qdrant, upserts in batches, retried on Qdrant's errors).
 
 The collection is created with its HNSW graph off (m = 0) and the graph switched on after the
 load (m = 16), Qdrant's recipe for bulk loads; the export's record lives in the collection's

@@ -147,5 +147,5 @@ class _WriteDeletes(beam.PTransform):
   def expand(self, id_arrays):
     return (id_arrays
             | beam.FlatMap(_lines_of_ids)
-            | beam.io.WriteToText(storage.join(storage.join(self._target.export_folder, 'delete'), 'deletes'),
+            | beam.io.WriteToText(storage.join(self._target.export_folder, 'delete/deletes'),
                                   file_name_suffix='.txt'))
