@@ -5,6 +5,7 @@ deleted; a compaction makes the next sync write nothing, a rerun with nothing ne
 nothing; the rows are read by workers; a target of another dimension, an unreachable server and a
 collection this export did not make are refused with exit 2."""
 
+import datetime
 import glob as globbing
 import json
 import os
@@ -89,6 +90,12 @@ def test_two_nights_and_a_compaction_leave_the_target_equal_to_the_collection(
   report = export(uri, to_of(folder))
   assert (report.written, report.deleted, report.state) == (0, 0, None)
   assert 'nothing new' in capsys.readouterr().out
+  # The version it holds cleaned up: a whole sync, the target's ids read to delete the stale one.
+  night(uri, 'night3', {'/photos/f.jpg': vectors_of(['f'], 8, 7)[0]}, gone=['/photos/e.jpg'])
+  collection.cleanup(uri, datetime.timedelta(0))
+  report = export(uri, to_of(folder))
+  assert (report.whole, report.written, report.deleted) == (True, 3, 1)
+  assert sorted(rows_of_target(folder)) == sorted(rows_of(uri))
 
   wide = str(tmp_path / 'wide')
   night(wide, 'run', {'/photos/a.jpg': vectors_of(['a'], 16, 3)[0]}, dimension=16)
