@@ -11,7 +11,8 @@ import numpy as np
 import storage
 from embeddings import faiss_util
 from embeddings.similarity import unit_rows
-from jobs.collection_reads import Snapshot, read_fragment, row_ids, vectors
+from embeddings.neighbour_index import embedding_rows
+from jobs.collection_reads import Snapshot, read_fragment, row_ids
 from jobs.index_pieces import METRICS_NAMESPACE, FragmentRef, npz_bytes, put_file
 from jobs.index_plan import IndexPlan, new_index
 from jobs.index_quality import PROBES
@@ -33,9 +34,10 @@ def training_settings(plan: IndexPlan, dimension: int, seed: int, count: int) ->
 
 
 class SampleFragment(beam.DoFn):
-  """About `fraction` of a fragment's rows as unit vectors (PCA-reduced when given a PCA),
-  written to a file whose path is the output: a sample of 4320-d vectors is hundreds of MB, which
-  as Beam elements would be copied by every coder and consumer on the way to the trainer."""
+  """About `fraction` of a fragment's rows as unit vectors (PCA-reduced when given a PCA): their
+  ids are read, then the chosen rows' vectors alone, by row id. Written to a file whose path is
+  the output: a sample of 4320-d vectors is hundreds of MB, which as Beam elements would be
+  copied by every coder and consumer on the way to the trainer."""
 
   def __init__(self, snapshot: Snapshot, fraction: float, seed: int, samples: str):
     self._snapshot = snapshot
@@ -47,16 +49,12 @@ class SampleFragment(beam.DoFn):
     self._collection = self._snapshot.open()
 
   def process(self, ref: FragmentRef, pca_bytes: Optional[bytes] = None):
-    rng = np.random.default_rng(self._seed + ref.number)
-    ids, parts = [], []
-    for batch in read_fragment(self._collection, ref.fragment_id, ['embedding']):
-      chosen = rng.random(batch.num_rows) < self._fraction
-      if chosen.any():
-        ids.append(row_ids(batch)[chosen])
-        parts.append(vectors(batch)[chosen])
-    if not ids:
+    ids = np.concatenate([np.zeros(0, np.int64)] + [
+        row_ids(batch) for batch in read_fragment(self._collection, ref.fragment_id, [])])
+    ids = ids[np.random.default_rng(self._seed + ref.number).random(len(ids)) < self._fraction]
+    if not len(ids):
       return
-    ids, sample = np.concatenate(ids), unit_rows(np.concatenate(parts))
+    sample = unit_rows(embedding_rows(self._collection, ids))  # the chosen rows' vectors only
     if pca_bytes is not None:
       wrapper = faiss_util.from_bytes(pca_bytes)  # owns the PCA: alive while it is applied
       sample = wrapper.chain.at(0).apply(sample)
