@@ -1,13 +1,14 @@
 """Figures for the neighbour index over a synthetic collection (benchmarks/synthetic_collection.py),
 side by side with plain FAISS on the same vectors and queries in the same run: build time and
-peak memory, bytes a vector, single-threaded query latency p50/p99, recall@10 against exact search
-with and without re-rank, and for a PQ plan the curve of nprobe against recall and latency;
-`add` time and its health figures.
+peak memory, bytes a vector, single-threaded query latency p50/p99 (FAISS alone, and the whole
+search: re-rank vectors and result rows read from the collection by row id), recall@10 against
+exact search with and without re-rank, and for a PQ plan the curve of nprobe against recall and
+latency; `add` time (the changes since the version the index covers) and its health figures.
 
-    python -m benchmarks.synthetic_collection --output /work/bench-data/syn-100k \
-        --count 100000 --embedding_dtype float16                                  # once
-    python -m benchmarks.bench_index --runs /work/bench-data/syn-100k \
-        --index /work/bench-data/index-100k [--memory_budget 4GB] [--add_run DIR] [--queries 100] \
+    python -m benchmarks.synthetic_collection --collection /work/bench-data/col-100k \
+        --count 100000 --embedding_dtype float16 [--churn_nights 10]              # once
+    python -m benchmarks.bench_index --collection /work/bench-data/col-100k [--version 3] \
+        --index /work/bench-data/index-100k [--memory_budget 4GB] [--add] [--queries 100] \
         [--plain_refine flat|fp16|none]
 
 Recall: each query is a stored vector of the collection, and its own URI is left out of the
@@ -15,11 +16,11 @@ exact truth and of the index's results alike (the exact top 10 of the other vect
 exhaustive index scores 1.000. Plain FAISS: the same index_factory string (`PCAR` first when the
 plan has a PCA), trained on a random sample of the same size with FAISS's defaults (but no
 polysemous training: it serves comparing codes with each other, which neither index does), every
-vector added in memory (streamed shard by shard: at 1M the float32 vectors alone would be 17 GB),
+vector added in memory (streamed batch by batch: at 1M the float32 vectors alone would be 17 GB),
 searched at the same depths; "with re-rank": FAISS's IndexRefine over 100 candidates, its vectors float32
 (`--plain_refine flat`, RefineFlat) or float16 (`fp16`, what fits at 1M). An index directory that
-exists is reused (build it with /usr/bin/time -v for its build figures); --add_run is added to a
-copy of it.
+exists is reused (build it with /usr/bin/time -v for its build figures); --add brings a copy of
+it up to the collection's latest version (build it with --version of an earlier one).
 """
 
 import argparse
@@ -60,45 +61,59 @@ def _timed(search, queries) -> list:
 
 
 def _queries(index, count: int) -> tuple:
-  """(ids, URIs, float32 vectors as the runs store them) of `count` rows picked at random."""
-  from embeddings.faiss_util import read_rows
-  rng = np.random.default_rng(QUERY_SEED)
-  picked = np.sort(rng.choice(index.count, min(count, index.count), replace=False))
-  table = index.table_rows(picked)
-  vectors = np.stack([read_rows(shard, [row])[0] for shard, row in zip(
-      table.column('shard').to_pylist(), table.column('row').to_pylist())])
-  return table.column('id').to_numpy(), table.column('uri').to_pylist(), vectors
+  """(ids, URIs, float32 vectors as the collection stores them) of `count` rows at random."""
+  from embeddings.neighbour_index import embedding_rows
+  covered = index.collection
+  every = np.concatenate([b.column('_rowid').to_numpy() for b in covered.batches(
+      [], with_row_id=True)]).astype(np.int64)
+  picked = np.sort(np.random.default_rng(QUERY_SEED).choice(every, min(count, len(every)),
+                                                             replace=False))
+  uris = covered.take(picked.tolist(), ['uri']).column('uri').to_pylist()
+  return picked, uris, embedding_rows(covered, picked)
 
 
-def _exact(runs, queries: np.ndarray, own) -> tuple:
-  """(top K URIs per query, the query's own URI left out; seconds): exact streamed search."""
-  import embeddings
-  from embeddings.neighbours import search_vectors
-  selected = embeddings.select_model(embeddings.find_runs(runs))
-  started = time.perf_counter()
-  found = search_vectors(selected, queries, K, [{o} for o in own])
-  return [[n.uri for n in row] for row in found], time.perf_counter() - started
-
-
-def _plain_vectors(runs, sample_size: int) -> tuple:
-  """(URIs, a random sample of unit vectors to train on, a function yielding the unit vectors
-  shard by shard): two streamed passes, never every float32 vector at once."""
-  import embeddings
+def _batches(covered):
+  """(URIs, unit float32 vectors) of the collection, batch by batch."""
+  from jobs.collection_reads import vectors
   from embeddings.similarity import unit_rows
+  for batch in covered.batches(['uri', 'embedding'], batch_rows=20_000):
+    yield batch.column('uri').to_pylist(), unit_rows(vectors(batch))
+
+
+def _exact(covered, queries: np.ndarray, own) -> tuple:
+  """(top K URIs per query, the query's own URI left out; seconds): exact search streamed over
+  the collection, each query's best K + 1 kept."""
+  started = time.perf_counter()
+  units = _unit_rows_of(queries)
+  best_scores = np.full((len(units), 0), -np.inf, np.float32)
+  best_uris = np.zeros((len(units), 0), object)
+  for uris, vectors in _batches(covered):
+    scores = np.concatenate([best_scores, units @ vectors.T], axis=1)
+    names = np.concatenate([best_uris, np.broadcast_to(np.array(uris, object),
+                                                       (len(units), len(uris)))], axis=1)
+    order = np.argsort(-scores, axis=1, kind='stable')[:, :K + 1]
+    best_scores = np.take_along_axis(scores, order, 1)
+    best_uris = np.take_along_axis(names, order, 1)
+  found = [[u for u in row if u != o][:K] for row, o in zip(best_uris.tolist(), own)]
+  return found, time.perf_counter() - started
+
+
+def _plain_vectors(covered, sample_size: int) -> tuple:
+  """(URIs, a random sample of unit vectors to train on, a function yielding the unit vectors
+  batch by batch): two streamed passes, never every float32 vector at once."""
   uris = []
-  for shard in embeddings.iter_shards(runs):  # pass 1: the URIs, to draw the sample
-    uris += shard.uris
+  for batch in covered.batches(['uri'], batch_rows=100_000):  # pass 1: the URIs, for the sample
+    uris += batch.column('uri').to_pylist()
   chosen = np.sort(np.random.default_rng(0).permutation(len(uris))[:sample_size])
   sample, start = [], 0
-  for shard in embeddings.iter_shards(runs):
-    mine = chosen[(chosen >= start) & (chosen < start + len(shard.uris))] - start
-    sample.append(unit_rows(shard.vectors[mine]))
-    start += len(shard.uris)
-  return uris, np.concatenate(sample), lambda: (unit_rows(shard.vectors)
-                                                for shard in embeddings.iter_shards(runs))
+  for names, vectors in _batches(covered):
+    mine = chosen[(chosen >= start) & (chosen < start + len(names))] - start
+    sample.append(vectors[mine])
+    start += len(names)
+  return uris, np.concatenate(sample), lambda: (vectors for _, vectors in _batches(covered))
 
 
-def _plain_faiss(runs, index, queries: np.ndarray, own, truth, refine: str,
+def _plain_faiss(covered, index, queries: np.ndarray, own, truth, refine: str,
                  depths) -> None:
   """The same plan in plain FAISS, every vector in memory, on the same queries."""
   import faiss
@@ -106,7 +121,7 @@ def _plain_faiss(runs, index, queries: np.ndarray, own, truth, refine: str,
   factory = (f'PCAR{plan["pca_dimension"]},' if plan['pca_dimension'] else '') + plan['factory']
   started = time.perf_counter()
   plain = faiss.index_factory(index.dimension, factory)
-  uris, sample, shards = _plain_vectors(runs, max(plan['train_sample'], 20_000))
+  uris, sample, shards = _plain_vectors(covered, max(plan['train_sample'], 20_000))
   if not plain.is_trained:
     if plan['kind'] == 'ivf_pq':
       faiss.downcast_index(faiss.extract_index_ivf(plain)).do_polysemous_training = False
@@ -167,8 +182,10 @@ def _unit_rows_of(queries: np.ndarray) -> np.ndarray:
 
 def _build(args) -> None:
   started = time.perf_counter()
-  subprocess.run([sys.executable, '-m', 'commands', 'index', 'build', '--runs', *args.runs,
-                  '--output', args.index, '--memory_budget', args.memory_budget], check=True)
+  version = ['--version', str(args.version)] if args.version else []
+  subprocess.run([sys.executable, '-m', 'commands', 'index', 'build', '--collection',
+                  args.collection, *version, '--output', args.index, '--memory_budget',
+                  args.memory_budget], check=True)
   print(f'build: {time.perf_counter() - started:.1f} s, peak RSS '
         f'{_peak_rss_gb_of_children():.2f} GB')
 
@@ -181,11 +198,8 @@ def _sizes(index, directory: str) -> str:
     return os.path.getsize(path) / index.count if os.path.exists(path) else 0.0
 
   searched = per_vector(neighbour_index.FAISS_FILE) + per_vector(neighbour_index.IVFDATA_FILE)
-  lookups = sum(per_vector(neighbour_index.lookup_file(column))
-                for column in neighbour_index.LOOKUP_COLUMNS)
-  return (f'index.faiss + index.ivfdata {searched:.1f} bytes a vector; refine store '
-          f'{per_vector(neighbour_index.VECTORS_FILE):.1f}; {neighbour_index.IDS_FILE} '
-          f'{per_vector(neighbour_index.IDS_FILE):.1f}; lookup files {lookups:.1f}')
+  return (f'index.faiss + index.ivfdata {searched:.1f} bytes a vector (rows, URIs and re-rank '
+          f'vectors: the collection\'s)')
 
 
 def _depths(index, chosen: int) -> list:
@@ -217,10 +231,12 @@ def _index_at(index, depth: int, queries, exclude, truth) -> str:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--runs', nargs='+', required=True)
+  parser.add_argument('--collection', required=True)
+  parser.add_argument('--version', type=int, help='the version to build the index over')
   parser.add_argument('--index', required=True)
   parser.add_argument('--memory_budget', default='4GB')
-  parser.add_argument('--add_run', help='a run to add, e.g. --first_row 100000 --count 5000')
+  parser.add_argument('--add', action='store_true',
+                      help='bring a copy of the index up to the collection\'s latest version')
   parser.add_argument('--queries', type=int, default=100)
   parser.add_argument('--nprobe', type=int, help="lists searched (default: the index's)")
   parser.add_argument('--no_plain', action='store_true', help='skip plain FAISS')
@@ -243,21 +259,21 @@ def main(argv=None) -> None:
           f'probe')
   _, own, queries = _queries(index, args.queries)
   exclude = [[o] for o in own]
-  truth, seconds = _exact(args.runs, queries, own)
+  truth, seconds = _exact(index.collection, queries, own)
   print(f'exact streamed search of {len(queries)} queries: {seconds:.1f} s')
   depths = _depths(index, index.nprobe)
   print(f'{len(queries)} queries, 1 thread, k={K}, their own URI left out of truth and results:')
   for depth in depths:
     print(_index_at(index, depth, queries, exclude, truth), flush=True)
   if not args.no_plain:
-    _plain_faiss(args.runs, index, queries, own, truth, args.plain_refine, depths)
-  if args.add_run:
+    _plain_faiss(index.collection, index, queries, own, truth, args.plain_refine, depths)
+  if args.add:
     copy = args.index.rstrip('/') + '-added'
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(args.index, copy)
     started = time.perf_counter()
-    subprocess.run([sys.executable, '-m', 'commands', 'index', 'add', '--index', copy, '--runs',
-                    args.add_run], check=True)
+    subprocess.run([sys.executable, '-m', 'commands', 'index', 'add', '--index', copy],
+                   check=True)
     print(f'add: {time.perf_counter() - started:.1f} s')
   print(f'load average at end {os.getloadavg()[0]:.1f}')
 

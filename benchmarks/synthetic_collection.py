@@ -1,4 +1,5 @@
-"""Synthetic collections that look like PNASNet features, written as real run directories.
+"""Synthetic collections that look like PNASNet features, written as real run directories or
+as a collection (one Lance table, `collection/`), with nights of churn after it.
 
 Untrained-network features are nearly all alike, so they cannot measure recall or deduplication;
 random Gaussian vectors have no neighbours worth the name. These vectors are built the way
@@ -28,6 +29,13 @@ through the writer's index rows, and `run_summary.json` with the launcher's fiel
     python -m benchmarks.synthetic_collection --output DIR --count 100000 [--seed 0] \
         [--shard_rows 10000] [--embedding_dtype float32] [--near_duplicates 0] \
         [--exact_duplicates 0] [--model MODEL_ID] [--first_row 0]
+    python -m benchmarks.synthetic_collection --collection URI --count 1000000 \
+        [--churn_nights 30 --churn 0.01] [--shard_rows 10000 ...]
+
+`--collection` writes the rows as one commit (a fragment per --shard_rows rows, written as the
+night's workers write them), then `--churn_nights K` commits K nights, each replacing a random
+`--churn` share of the rows by new vectors of the same URIs (a changed file: its old row removed,
+a new row inserted), so that a follower's sync after 1, 10 or 30 nights can be measured.
 """
 
 import argparse
@@ -239,9 +247,109 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
   return SyntheticRun(directory, count, model_id, planted)
 
 
+class SyntheticCollection(NamedTuple):
+  uri: str
+  count: int
+  model_id: str
+  planted: List[PlantedPair]
+  versions: List[int]  # the first commit's, then each churn night's
+
+
+def collection_table(uris: List[str], vectors: np.ndarray, model_id: str, run: str,
+                     embedding_dtype: str = 'float32', sha256s: Optional[List[str]] = None):
+  """Rows of the collection's schema (what a night's workers write) for these URIs and vectors;
+  the other columns as a night fills them for a 640 x 480 image."""
+  import pyarrow as pa
+  from collection.table import schema
+  count, dimension = vectors.shape
+  table_schema = schema(model_id, dimension, embedding_dtype)
+  values = {'uri': uris,
+            'sha256': sha256s if sha256s is not None else [_sha256_of_uri(u) for u in uris],
+            'height': [480] * count, 'width': [640] * count, 'model': [model_id] * count,
+            'run': [run] * count,
+            'embedded_at': [datetime.datetime.now(datetime.timezone.utc)] * count}
+  columns = []
+  for field in table_schema:
+    if field.name == 'embedding':
+      flat = pa.array(np.ascontiguousarray(vectors, embedding_dtype).reshape(-1))
+      columns.append(pa.FixedSizeListArray.from_arrays(flat, type=field.type))
+    elif field.name in values:
+      columns.append(pa.array(values[field.name], field.type))
+    else:
+      columns.append(pa.nulls(count, field.type))
+  return pa.Table.from_arrays(columns, schema=table_schema)
+
+
+def _sha256_of_uri(uri: str) -> str:
+  import hashlib
+  return hashlib.sha256(uri.encode()).hexdigest()
+
+
+def _row_ids_by_fragment(current) -> tuple:
+  """(fragment id, row id) of every row of a collection version: what a night removes by."""
+  fragments, ids = [], []
+  for fragment_id in current.fragment_ids():
+    for batch in current.fragment_batches(fragment_id, []):
+      ids.append(batch.column('_rowid').to_numpy())
+      fragments.append(np.full(batch.num_rows, fragment_id, np.int64))
+  return (np.concatenate(fragments) if fragments else np.zeros(0, np.int64),
+          np.concatenate(ids) if ids else np.zeros(0, np.uint64))
+
+
+def write_synthetic_collection(uri: str, count: int, seed: int = 0, dimension: int = DIMENSION,
+                               clusters: int = CLUSTERS, fragment_rows: int = 10_000,
+                               embedding_dtype: str = 'float32', near_duplicates: int = 0,
+                               exact_duplicates: int = 0, model_id: str = MODEL_ID,
+                               churn_nights: int = 0, churn: float = 0.01
+                               ) -> SyntheticCollection:
+  """Rows 0 .. count of the seed's collection as a new collection at `uri`, in one commit; then
+  `churn_nights` nights, each giving a random `churn` share of the URIs a new vector (new rows
+  of the same seed's collection, past `count`)."""
+  import collection
+  created = collection.create(uri, model_id, dimension, embedding_dtype)
+  planted: List[PlantedPair] = []
+  fragments = []
+  for start, vectors, pairs in synthetic_vectors(count, seed, dimension, clusters,
+                                                 near_duplicates, exact_duplicates):
+    planted += [PlantedPair(uri_of(a), uri_of(b), kind) for a, b, kind in pairs]
+    exact = {b: a for a, b, kind in pairs if kind == 'exact'}
+    for offset in range(0, len(vectors), fragment_rows):
+      rows = range(start + offset, start + min(offset + fragment_rows, len(vectors)))
+      fragments += collection.write_fragment(uri, collection_table(
+          [uri_of(n) for n in rows], vectors[offset:offset + len(rows)], model_id,
+          'synthetic-night-0', embedding_dtype, [_sha256_of(exact.get(n, n)) for n in rows]),
+          created.storage_options)
+  versions = [collection.commit_night(uri, collection.NightChanges(
+      'synthetic-night-0', created.version, fragments, []))]
+  rng = np.random.default_rng([seed, 2**31 + 2])
+  next_row = count
+  for night in range(1, churn_nights + 1):
+    current = collection.open_collection(uri)
+    fragment_of, row_ids = _row_ids_by_fragment(current)
+    chosen = np.sort(rng.permutation(len(row_ids))[:int(round(churn * len(row_ids)))])
+    uris = current.take(row_ids[chosen], ['uri']).column('uri').to_pylist()
+    run = f'synthetic-night-{night}'
+    fragments = []
+    for start, vectors, _ in synthetic_vectors(len(uris), seed, dimension, clusters,
+                                               first_row=next_row):
+      for offset in range(0, len(vectors), fragment_rows):
+        part = uris[start - next_row + offset:start - next_row + offset + fragment_rows]
+        fragments += collection.write_fragment(uri, collection_table(
+            part, vectors[offset:offset + len(part)], model_id, run, embedding_dtype),
+            current.storage_options)
+    next_row += len(uris)
+    versions.append(collection.commit_night(uri, collection.NightChanges(
+        run, current.version, fragments,
+        list(zip(fragment_of[chosen].tolist(), row_ids[chosen].tolist())))))
+  return SyntheticCollection(uri, count, model_id, planted, versions)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--output', required=True, help='the run directory to write (local)')
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument('--output', help='the run directory to write (local)')
+  where.add_argument('--collection', help='the collection to create (a new local folder, '
+                     'gs://, s3://)')
   parser.add_argument('--count', type=int, required=True)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--dimension', type=int, default=DIMENSION)
@@ -253,7 +361,19 @@ def main(argv: Optional[List[str]] = None) -> None:
   parser.add_argument('--model', default=MODEL_ID, help='the model id recorded')
   parser.add_argument('--first_row', type=int, default=0,
                       help='start further into the same collection (a later night)')
+  parser.add_argument('--churn_nights', type=int, default=0,
+                      help='with --collection: nights committed after the first')
+  parser.add_argument('--churn', type=float, default=0.01,
+                      help='the share of the rows each churn night replaces')
   args = parser.parse_args(argv)
+  if args.collection:
+    made = write_synthetic_collection(
+        args.collection, args.count, args.seed, args.dimension, args.clusters, args.shard_rows,
+        args.embedding_dtype, args.near_duplicates, args.exact_duplicates, args.model,
+        args.churn_nights, args.churn)
+    print(f'{made.uri}: {made.count} vectors, versions {made.versions}, '
+          f'{len(made.planted)} planted pairs')
+    return
   run = write_synthetic_run(args.output, args.count, args.seed, args.dimension, args.clusters,
                             args.shard_rows, args.embedding_dtype, args.near_duplicates,
                             args.exact_duplicates, args.model, args.first_row)

@@ -1,70 +1,61 @@
-"""The approximate-neighbour index over runs (FAISS): its directory and its reader.
+"""The approximate-neighbour index over a collection (FAISS): its directory and its reader.
 
-`pnasnet-embeddings index` builds and extends it (the Beam job: jobs/index_build.py, its plan
-jobs/index_plan.py); `NeighbourIndex` opens it for queries.
+`pnasnet-embeddings index` builds it over a version of the collection and follows the collection
+with `add` (the Beam job: jobs/index_build.py, its plan jobs/index_plan.py); `NeighbourIndex`
+opens it for queries.
 
 An index is an exhaustive list (exact search), HNSW32 over the full vectors, or IVF-PQ after a
-PCA. Beside every index, a refine store: each vector in float16, memory-mapped by id, from which
-the candidates of a PQ index are re-ranked (a read of 2 x dimension bytes a candidate, not a
-Parquet row group). Every index follows the collection's rule (`embeddings.load`: the newest run
-wins; a file the newest run did not match, or failed on, has no vector), after an `add` too.
+PCA. Its FAISS ids are the collection's row ids (`_rowid`, stable across compaction), so a
+result's row, its URI and its full vector are read from the collection by id (`Collection.take`)
+at the version the index covers: the index holds no copy of the rows and no refine store, and a
+PQ index's candidates are re-ranked from the collection's vectors.
 
 The index directory (see INDEX_FILE, FAISS_FILE, ...):
-    index.json     model id, embedding size, runs covered, the plan and its parameters, counts,
-                   probe recall and list imbalance at build and after the last add, the
-                   nprobe chosen at build and the probes' recall and latency at each nprobe
-                   tried, FAISS version
+    index.json     model id, embedding size, the collection and the version it covers, the plan
+                   and its parameters, counts, probe recall and list imbalance at build and after
+                   the last add, the nprobe chosen at build and the probes' recall and latency at
+                   each nprobe tried, FAISS version
     index.faiss    the FAISS index (unit vectors, L2: 2 - 2 cosine); IVF lists in index.ivfdata
     index.ivfdata  the IVF lists, memory-mapped (FAISS OnDiskInvertedLists)
     trained.faiss  the trained index with no vectors (what `add` encodes with)
-    ids.arrow      FAISS id -> uri, its row in vectors.f16, the shard and row of its stored
-                   vector, and the shard metadata columns (sha256, width, height, run, ...):
-                   an Arrow IPC file sorted by id, in uncompressed record batches of
-                   IDS_BATCH_ROWS rows, memory-mapped: a result's row is read in place (a Parquet
-                   row group of 4,096 rows took 14 ms to decode here, an LZ4 batch 0.4-0.7 ms); about
-                   390 bytes a row, 5% of the refine store's 8,640
-    faiss_ids.i64  the FAISS id of each ids.arrow row (int64, raw, sorted, memory-mapped)
-    vector_rows.i64  each ids.arrow row's row in vectors.f16 (int64, raw, memory-mapped)
-    lookup-uri.u64, lookup-sha256.u64  a URI's (a SHA-256's) ids.arrow rows: the values' 64-bit
-                   keys sorted, then the rows in the same order (raw, memory-mapped), so finding
-                   a value is a binary search whatever the index's size
-    vectors.f16    the refine store: float16 unit vectors [rows, dimension], raw, memory-mapped
     probes.npz     the probe vectors, their ids and their exact nearest ids and cosines
+    deleted.i64    HNSW only: the ids the collection deleted since the build, sorted (an HNSW
+                   graph cannot remove a vector: searches leave these out)
 """
 
 import contextlib
-import hashlib
 import json
+import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
 import numpy as np
 
+import collection
 import storage
+from collection import Collection, CollectionError
 from embeddings import faiss_util
-from embeddings.similarity import READERS, Neighbour, cosine_value, unit_rows
-from storage.run_dirs import MixedModelsError, Run, find_runs
+from embeddings.similarity import Neighbour, cosine_value, unit_rows
+from storage.run_dirs import MixedModelsError
 
+_LOG = logging.getLogger(__name__)
 INDEX_FILE = 'index.json'
 FAISS_FILE = 'index.faiss'
 IVFDATA_FILE = 'index.ivfdata'
 TRAINED_FILE = 'trained.faiss'
-IDS_FILE = 'ids.arrow'
-VECTORS_FILE = 'vectors.f16'
 PROBES_FILE = 'probes.npz'
-FAISS_IDS_FILE = 'faiss_ids.i64'
-VECTOR_ROWS_FILE = 'vector_rows.i64'
-LOOKUP_COLUMNS = ('uri', 'sha256')  # ids.arrow columns found by value (lookup_file)
-FORMAT_VERSION = 4
-IDS_BATCH_ROWS = 1024  # ids.arrow rows a record batch: what a result costs to look up
+DELETED_FILE = 'deleted.i64'
+FORMAT_VERSION = 5
+# The collection's columns a result carries (beside `id`, its row id).
+ROW_COLUMNS = ('uri', 'sha256', 'height', 'width', 'size_bytes', 'last_modified', 'model', 'run',
+               'embedded_at')
 
 TUNING_RERANK = 100  # candidates re-ranked while choosing nprobe: the query's default --rerank
 DEFAULT_RECALL_TARGET = 0.95  # recall@10 with re-rank the chosen nprobe reaches on the probes
 
 
 class IndexDirectoryError(ValueError):
-  """The index directory is missing, of another model, or cannot take these runs."""
+  """The index directory is missing, of another model, or cannot follow its collection."""
 
 
 def search_parameters(plan: dict, depth: int, selector=None):
@@ -83,16 +74,17 @@ def read_description(directory: str) -> dict:
   path = os.path.join(directory, INDEX_FILE)
   if storage.is_remote(directory):
     raise IndexDirectoryError(f'{directory}: the index directory must be on the local disk (FAISS '
-                      f'memory-maps it); copy it here first')
+                              f'memory-maps it); copy it here first')
   if not os.path.isfile(path):
-    raise IndexDirectoryError(f'{directory}: no {INDEX_FILE}, so not an index directory written by '
-                      f'`pnasnet-embeddings index build`')
+    raise IndexDirectoryError(f'{directory}: no {INDEX_FILE}, so not an index directory written '
+                              f'by `pnasnet-embeddings index build`')
   with open(path) as f:
     description = json.load(f)
   if description.get('format_version') != FORMAT_VERSION:
-    raise IndexDirectoryError(f'{directory}: an index of format {description.get("format_version")}, '
-                      f'this version reads {FORMAT_VERSION}: build it again '
-                      f'(pnasnet-embeddings index build)')
+    raise IndexDirectoryError(f'{directory}: an index of format '
+                              f'{description.get("format_version")}, this version reads '
+                              f'{FORMAT_VERSION}: build it again (pnasnet-embeddings index build '
+                              f'--collection URI)')
   return description
 
 
@@ -137,57 +129,51 @@ def ivf_lists(index):
   return faiss.downcast_InvertedLists(ivf.invlists)
 
 
-def open_vectors(directory: str, dimension: int) -> np.ndarray:
-  path = os.path.join(directory, VECTORS_FILE)
-  rows = os.path.getsize(path) // (2 * dimension)
-  if not rows:
-    return np.zeros((0, dimension), np.float16)
-  return np.memmap(path, np.float16, 'r', shape=(rows, dimension))
+def read_index_whole(directory: str):
+  """index.faiss read into memory, to be added to (HNSW: its graph and vectors)."""
+  return faiss_util.faiss().read_index(os.path.join(directory, FAISS_FILE))
 
 
-def open_int64(path: str) -> np.ndarray:
-  """A raw int64 file, memory-mapped (faiss_ids.i64, vector_rows.i64)."""
-  rows = os.path.getsize(path) // 8
-  return np.memmap(path, np.int64, 'r', shape=(rows,)) if rows else np.zeros(0, np.int64)
+def not_deleted(deleted: np.ndarray):
+  """A FAISS selector of the ids not in `deleted` (an HNSW index's marked ids), or None."""
+  if not len(deleted):
+    return None
+  faiss = faiss_util.faiss()
+  deleted = np.ascontiguousarray(deleted, np.int64)
+  batch = faiss.IDSelectorBatch(len(deleted), faiss.swig_ptr(deleted))
+  selector = faiss.IDSelectorNot(batch)
+  selector.referenced = batch  # IDSelectorNot holds a pointer only
+  return selector
 
 
-def open_ids(directory: str):
-  """ids.arrow, memory-mapped: its footer read, no batch yet."""
-  import pyarrow as pa
-  return pa.ipc.open_file(pa.memory_map(os.path.join(directory, IDS_FILE)))
+def read_deleted(directory: str) -> np.ndarray:
+  path = os.path.join(directory, DELETED_FILE)
+  return np.fromfile(path, np.int64) if os.path.exists(path) else np.zeros(0, np.int64)
 
 
-def lookup_file(column: str) -> str:
-  return f'lookup-{column}.u64'
-
-
-def lookup_key(value: str) -> int:
-  """A value's 64-bit key in a lookup file: the same in every process (blake2b, not hash())."""
-  return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), 'little')
-
-
-def open_lookup(directory: str, column: str) -> tuple:
-  """(sorted keys, ids.arrow rows in the same order), memory-mapped."""
-  path = os.path.join(directory, lookup_file(column))
-  rows = os.path.getsize(path) // 16
-  if not rows:
-    return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-  both = np.memmap(path, np.uint64, 'r', shape=(2 * rows,))
-  return both[:rows], both[rows:].view(np.int64)
-
-
-def ids_rows(reader) -> int:
-  last = reader.num_record_batches - 1
-  return last * IDS_BATCH_ROWS + reader.get_batch(last).num_rows if last >= 0 else 0
+def open_covered(description: dict) -> Collection:
+  """The collection at the version the index covers; its latest version, with a warning, when
+  that one was cleaned up (rows deleted since then are then missing from results)."""
+  uri, version = description['collection'], description['version']
+  try:
+    return collection.open_collection(uri, version)
+  except CollectionError as exc:
+    if isinstance(exc, collection.CollectionNotFoundError):
+      raise
+    latest = collection.open_collection(uri)
+    _LOG.warning('the index covers version %d of %s, which is no longer kept: rows are read from '
+                 'version %d; `pnasnet-embeddings index add` brings the index up to it', version,
+                 uri, latest.version)
+    return latest
 
 
 class NeighbourIndex:
-  """An index directory opened for queries: the IVF lists, the refine store and the id tables
-  are memory-mapped, as are an HNSW index's vectors (its graph is read), and of ids.arrow only
-  the footer is read, so opening is cheap and a query reads only what it visits: the lists it
-  probes, the rows of its candidates, the record batches of its results."""
+  """An index directory opened for queries, with the collection it covers: the IVF lists are
+  memory-mapped, as are an HNSW index's vectors (its graph is read), so opening is cheap and a
+  query reads only the lists it probes, then its candidates' vectors (re-rank) and its results'
+  rows from the collection, by id."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, covered: Optional[Collection] = None):
     self.directory = directory
     self.description = read_description(directory)
     self.model = self.description['model']
@@ -195,39 +181,58 @@ class NeighbourIndex:
     self.plan = self.description['plan']
     self.kind = self.plan['kind']
     self.index = read_index(directory, self.kind)
-    self._ids_file = open_ids(directory)
-    self._faiss_ids = open_int64(os.path.join(directory, FAISS_IDS_FILE))
-    self._vector_rows = open_int64(os.path.join(directory, VECTOR_ROWS_FILE))
-    if len(self._faiss_ids) != ids_rows(self._ids_file):
-      raise IndexDirectoryError(f'{directory}: {FAISS_IDS_FILE} and {IDS_FILE} differ in length')
-    self.vectors = open_vectors(directory, self.dimension)
-    self._lookups = {column: open_lookup(directory, column) for column in LOOKUP_COLUMNS}
-    self.nprobe = self.description['plan']['nprobe']
-    self._whole = None
+    self.nprobe = self.plan['nprobe']
+    self.collection = covered if covered is not None else open_covered(self.description)
+    self._selector = not_deleted(read_deleted(directory))
 
   @property
   def count(self) -> int:
-    return self.index.ntotal
+    return self.description['count']
 
-  @property
-  def ids(self):
-    """The whole ids table, read on first use (tests, benchmarks); the commands never need it:
-    at 100M vectors it is GBs of strings."""
-    if self._whole is None:
-      self._whole = self._ids_file.read_all().combine_chunks()
-    return self._whole
+  def indexed_ids(self) -> np.ndarray:
+    """Every id the index finds, sorted (tests, checks: they equal the collection's row ids)."""
+    faiss = faiss_util.faiss()
+    lists = ivf_lists(self.index)
+    if lists is None:
+      ids = faiss.vector_to_array(faiss.downcast_index(self.index).id_map)
+      ids = ids[~np.isin(ids, read_deleted(self.directory))]
+    else:
+      ids = np.concatenate([np.zeros(0, np.int64)] + [
+          faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+          for number in range(lists.nlist) if lists.list_size(number)])
+    return np.sort(ids)
+
+  def rows_of(self, ids: Sequence[int], columns: Sequence[str] = ROW_COLUMNS) -> List[dict]:
+    """The collection's rows of `ids` (their `columns` and `id`), in that order; None for an id
+    the collection read no longer has (its covered version cleaned up)."""
+    ids = [int(i) for i in ids]
+    found = self.collection.take(ids, list(columns) + ['_rowid']).to_pylist()
+    by_id = {row.pop('_rowid'): row for row in found}
+    return [dict(by_id[i], id=i) if i in by_id else None for i in ids]
 
   def find_row(self, column: str, value: str) -> Optional[dict]:
-    """The first ids-table row (in id order) whose `column` (uri, sha256) equals `value`, or
-    None: a binary search of the column's memory-mapped lookup file, then the record batch of
-    each row with the value's key (one, unless two values share a 64-bit key)."""
-    keys, rows = self._lookups[column]
-    key = np.uint64(lookup_key(value))
-    for position in rows[np.searchsorted(keys, key, 'left'):np.searchsorted(keys, key, 'right')]:
-      row = self.table_rows(np.array([position]))
-      if row.column(column)[0].as_py() == value:
-        return row.to_pylist()[0]
-    return None
+    """The row whose `column` (uri: through the collection's index on it; sha256: a scan of that
+    column) equals `value`, or None."""
+    import pyarrow.compute as pc
+    wanted = list(ROW_COLUMNS)
+    if column == 'uri':
+      found = self.collection.lookup([value], wanted)
+    else:
+      found = self.collection.dataset.to_table(columns=wanted, filter=pc.field(column) == value,
+                                               with_row_id=True, limit=1)
+    if not found.num_rows:
+      return None
+    row = found.slice(0, 1).to_pylist()[0]
+    row['id'] = row.pop('_rowid')
+    return row
+
+  def sample_uris(self, wanted: int) -> List[str]:
+    """URIs of `wanted` rows spread over the collection (positions, not ids)."""
+    total = self.collection.num_rows
+    if not total:
+      return []
+    positions = sorted({int(p) for p in np.linspace(0, total - 1, min(wanted, total))})
+    return self.collection.dataset.take(positions, columns=['uri']).column('uri').to_pylist()
 
   def check_model(self, model: Optional[str]) -> None:
     if model is not None and model != self.model:
@@ -235,48 +240,19 @@ class NeighbourIndex:
                              f'{self.directory} holds {self.model} embeddings: their similarities '
                              f'mean nothing')
 
-  def rows(self, ids: np.ndarray) -> np.ndarray:
-    """Positions in the ids table of FAISS ids (a binary search of the memory-mapped ids)."""
-    ids = np.asarray(ids, np.int64)
-    positions = np.searchsorted(self._faiss_ids, ids)
-    positions = np.minimum(positions, len(self._faiss_ids) - 1)
-    if len(ids) and not np.array_equal(self._faiss_ids[positions], ids):
-      raise IndexDirectoryError(f'{self.directory}: ids in {FAISS_FILE} missing from {IDS_FILE}')
-    return positions
-
-  def table_rows(self, positions: np.ndarray, columns: Optional[Sequence[str]] = None):
-    """The ids table's rows at `positions`, in that order, from the record batches that hold
-    them (each batch read in place; a slice a row costs less than a take across batches)."""
-    import pyarrow as pa
-    positions = np.asarray(positions, np.int64)
-    batches = {int(b): self._ids_file.get_batch(int(b))
-               for b in np.unique(positions // IDS_BATCH_ROWS)}
-    found = pa.Table.from_batches([batches[int(p) // IDS_BATCH_ROWS].slice(
-        int(p) % IDS_BATCH_ROWS, 1) for p in positions], self._ids_file.schema)
-    return found.select(columns) if columns else found
-
   def stored_vectors(self, ids: np.ndarray) -> np.ndarray:
-    """The runs' stored float32 vectors of `ids` (e.g. a query's own), reading only the row
-    groups that hold them, READERS shards at a time (Arrow decodes without the GIL)."""
-    located = self.table_rows(self.rows(ids), ['shard', 'row'])
-    shards = np.array(located.column('shard').to_pylist(), dtype=object)
-    rows = located.column('row').to_numpy()
-    vectors = np.zeros((len(ids), self.dimension), np.float32)
-    places = [np.flatnonzero(shards == shard) for shard in sorted(set(shards))]
-    with ThreadPoolExecutor(READERS) as pool:
-      for mine, found in zip(places, pool.map(
-          lambda mine: faiss_util.read_rows(shards[mine[0]], rows[mine]), places)):
-        vectors[mine] = found
-    return vectors
+    """The collection's float32 vectors of `ids` (e.g. a query's own), in that order (by random
+    access: a re-rank's hundred rows)."""
+    return embedding_rows(self.collection, ids)
 
   def refine_vectors(self, ids: np.ndarray) -> np.ndarray:
-    """The unit vectors of `ids` from the refine store, as float32 (float16 precision)."""
-    rows = self._vector_rows[self.rows(ids)]
-    return gather_rows(self.vectors, rows)
+    """The unit vectors of `ids`, from the collection (what a PQ index's candidates are
+    re-ranked by)."""
+    return unit_rows(self.stored_vectors(ids))
 
   def exact_scores(self, k: int, rerank: int) -> bool:
     """Whether search(k, rerank) returns exact cosines: the PQ codes' scores are approximate
-    (computed in the PCA space, they run high) unless re-ranked from the refine store."""
+    (computed in the PCA space, they run high) unless re-ranked from the collection."""
     return self.kind != 'ivf_pq' or rerank > k
 
   def search_ids(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None) -> tuple:
@@ -286,7 +262,8 @@ class NeighbourIndex:
     depth = nprobe or self.nprobe
     if self.kind == 'hnsw':
       depth = max(depth, k)
-    distances, ids = self.index.search(queries, k, params=search_parameters(self.plan, depth))
+    distances, ids = self.index.search(queries, k, params=search_parameters(
+        self.plan, depth, self._selector))
     return faiss_util.cosine_from_l2(distances), ids
 
   def search(self, queries: np.ndarray, k: int, model: Optional[str] = None,
@@ -294,9 +271,9 @@ class NeighbourIndex:
              exclude_uris: Sequence[Sequence[str]] = ()) -> List[List[Neighbour]]:
     """The k nearest neighbours of each query row. `model`: the queries' model id, refused if it
     is not the index's. `rerank`: when > k, that many candidates are taken and (for a PQ index)
-    rescored from the refine store; see exact_scores. `nprobe`: see search_ids.
+    rescored with the collection's vectors; see exact_scores. `nprobe`: see search_ids.
     `exclude_uris`: per query, URIs to leave out (e.g. the query itself): the candidates are
-    that many more, and only the rows of the first k + that many are looked up."""
+    that many more, and only the rows of the first k + that many are read."""
     self.check_model(model)
     queries = np.atleast_2d(np.asarray(queries, np.float32))
     if queries.shape[1] != self.dimension:
@@ -310,34 +287,29 @@ class NeighbourIndex:
       kept = rerank_candidates(unit_rows(queries), kept, self.refine_vectors)
     kept = [(row_scores[:k + extra], row_ids[:k + extra]) for row_scores, row_ids in kept]
     every = np.concatenate([row_ids for _, row_ids in kept] + [np.zeros(0, np.int64)])
-    rows = self.table_rows(self.rows(every)).to_pylist()
+    rows = self.rows_of(every)
     results, start = [], 0
     for number, (row_scores, row_ids) in enumerate(kept):
       mine, start = rows[start:start + len(row_ids)], start + len(row_ids)
       excluded = set(exclude_uris[number]) if number < len(exclude_uris) else set()
       found = [(score, row) for score, row in zip(row_scores, mine)
-               if row['uri'] not in excluded][:k]
+               if row is not None and row['uri'] not in excluded][:k]
       results.append([Neighbour(rank, cosine_value(score), row['uri'], row)
                       for rank, (score, row) in enumerate(found, 1)])
     return results
 
-  def runs(self) -> List[Run]:
-    """The covered runs (e.g. to embed a new query with their model)."""
-    return find_runs([c['path'] for c in self.description['runs']])
 
-
-def gather_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
-  """vectors[rows] as float32, the memory-mapped file read forwards."""
-  rows = np.asarray(rows, np.int64)
-  order = np.argsort(rows, kind='stable')
-  gathered = np.empty((len(rows), vectors.shape[1]), np.float32)
-  gathered[order] = vectors[rows[order]]
-  return gathered
+def embedding_rows(covered: Collection, ids: np.ndarray) -> np.ndarray:
+  """float32 vectors of `ids` in the collection, in that order."""
+  table = covered.take(np.asarray(ids, np.int64).tolist(), ['embedding'])
+  array = table.column('embedding').combine_chunks()
+  flat = array.flatten().to_numpy(zero_copy_only=False)
+  return flat.reshape(len(array), covered.feature_size).astype(np.float32)
 
 
 def rerank_candidates(unit_queries: np.ndarray, candidates: List[tuple], vectors_of) -> list:
-  """Each query's (scores, ids) candidates rescored by cosine with `vectors_of(ids)` (the refine
-  store's), best first; each row read once for the whole batch."""
+  """Each query's (scores, ids) candidates rescored by cosine with `vectors_of(ids)` (the
+  collection's), best first; each row read once for the whole batch."""
   every = np.unique(np.concatenate([ids for _, ids in candidates] + [np.zeros(0, np.int64)]))
   stored = vectors_of(every)
   reranked = []

@@ -1,51 +1,42 @@
-"""The Beam job behind `pnasnet-embeddings export`: the collection `embeddings.load` returns,
-put into a vector database or files, and kept equal to it night after night.
+"""The Beam job behind `pnasnet-embeddings export`: a version of the collection put into a vector
+database or files, and kept equal to it night after night by applying only what changed.
 
-    plan pipeline:  the target's current_rows_transform: (uri, run), read in pages, beside
-                    the index rows in CollectionSources (jobs/collection_sources.py), grouped
-                    by URI ─ (uri, (source run, [the run the target holds it from]))
-                    ─ Plan ─ unchanged, rows (counted)
-                           ─ deletes: uri ──────────────────────────────┐
-                           ─ writes: (run, uri) ─ LocateInShards ─ by shard ┴ PLAN/plan-*.jsonl
-                           ─ (for a target that records the collection: (uri, run)) ┘
-    launcher:       nothing to change and the last export finished: done, the target untouched
-    apply pipeline: PLAN ─ deletes ─ batches ─ DeleteRows ────────────────┐ (done first)
-                         ─ writes ─ ReadRows (each shard once, only its URIs) ─ the target's writer
-    launcher:       the index (first load) and the target's state, complete
+The target's id of a row is the collection's stable row id (`_rowid`): a changed file's new
+vector is a new row (a new id) and its old row id is deleted, and compaction changes no id. So:
 
-A row is current when the target holds its URI from the run that holds its vector now: a newer
-run that embedded it again, or a new night, changes that run. So a rerun writes what is new or
-changed, deletes what the newest state dropped (dead-lettered, deleted, superseded by nothing),
-and with nothing new, writes nothing at all. No process holds the collection: the launcher reads
-counts and, for pgvector's first load, a sample; a worker holds one URI's rows, or one shard's
-rows and wanted URIs.
+    first export (or a whole sync):
+        fragments ─ ReadFragments (a worker a fragment) ─ the target's writer
+        [a target that may hold rows: its ids ─┐
+         the collection's ids ─────────────────┴ by id ─ held, not in the collection ─ delete]
+    next export, from the version the target last applied (its record says which):
+        one worker: the row ids deleted since ─ batches ─ DeleteRows ─┐ (done first)
+        the fragments made since ─ ReadFragments (rows inserted since) ┴─ the target's writer
+
+A sync's cost is that of the changes, whatever the history: it reads the fragments made since
+the version applied, their rows inserted since (a compaction's fragments hold none), and the
+ids deleted since. With no new version the export stops before any pipeline, the target untouched.
 """
 
 import importlib
-import json
 import logging
 import time
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import storage
-from embeddings.shards import read_shard
+from collection import Collection, CollectionError
 from jobs import work_folder
-from jobs.collection_sources import CollectionSources, LocateInShards, warn_of_gaps
-from jobs.export_target import (IN_PROGRESS, METRICS_NAMESPACE, BatchFailed, ExportRow,
+from jobs.collection_reads import (DELETE_BATCH, METRICS_NAMESPACE as READ_NAMESPACE,
+                                   ROWS_READ, DeletedIds, ReadFragments, Snapshot,
+                                   fragments_to_read, row_ids, vectors)
+from jobs.export_target import (COLUMNS, COMPLETE, IN_PROGRESS, METRICS_NAMESPACE, BatchFailed,
                                 ExportState, Target, TargetError)
 from pipeline.runners import default_runner
 from run_format import utc_now
-from storage.run_dirs import Run
 
 _LOG = logging.getLogger(__name__)
-DELETE_BATCH = 1000
-PLAN_NAMESPACE = 'export_plan'
-# A plan line: {WRITES: ShardWrites}, {DELETE: uri} or {ROW: [uri, run]}.
-WRITES, DELETE, ROW = 'writes', 'delete', 'row'
 
 
 class ExportFailed(RuntimeError):
@@ -53,191 +44,106 @@ class ExportFailed(RuntimeError):
 
 
 def check_options(beam_flags: Sequence[str]) -> None:
-  work_folder.check_options(beam_flags, 'the plan\'s change lists')
+  work_folder.check_options(beam_flags, 'the job\'s staged and temporary files')
 
 
-class ExportPlan(NamedTuple):
-  """The plan pipeline's counts; the change lists are files in its folder."""
-  writes: int  # rows the collection's vector replaces or adds
-  deletes: int  # URIs the target holds and the collection no longer does
-  unchanged: int
-  rows: int  # the collection's size: rows the target holds once the changes are made
-
-
-class ShardWrites(NamedTuple):
-  """One shard's rows to write."""
-  run: str
-  path: str
-  uris: List[str]
-
-
-class _PlanChanges(beam.DoFn):
-  """(uri, (its source run or None, [the run the target holds it from])) -> (source run, uri) to
-  write, or its URI (tag 'delete'); unchanged rows are counted only."""
-
-  def setup(self):
-    self._counters = {name: beam.metrics.Metrics.counter(PLAN_NAMESPACE, name)
-                      for name in ('rows', 'unchanged', 'deletes')}
-
-  def process(self, decided):
-    uri, (source, current) = decided
-    if source is None:
-      self._counters['deletes'].inc()
-      yield beam.pvalue.TaggedOutput('delete', uri)
-      return
-    self._counters['rows'].inc()
-    if source in current:
-      self._counters['unchanged'].inc()
-    else:
-      yield source, uri
-
-
-def _shard_writes(grouped, shard_paths: Dict[str, List[str]]) -> str:
-  (run, number), uris = grouped
-  uris = sorted(uris)
-  beam.metrics.Metrics.counter(PLAN_NAMESPACE, 'writes').inc(len(uris))
-  return json.dumps({WRITES: ShardWrites(run, shard_paths[run][number], uris)._asdict()})
-
-
-def _plan_files(folder: str) -> str:
-  return storage.join(folder, 'plan-*.jsonl')
-
-
-class _PlanLines(beam.DoFn):
-  """A plan line -> ShardWrites, or a URI to delete (tag DELETE), or (uri, run) (tag ROW)."""
-
-  def process(self, line: bytes):
-    (kind, value), = json.loads(line).items()
-    if kind == WRITES:
-      yield ShardWrites(**value)
-    else:
-      yield beam.pvalue.TaggedOutput(kind, tuple(value) if kind == ROW else value)
-
-
-def plan(runs: Sequence[Run], target: Target, folder: str,
-         options: PipelineOptions) -> ExportPlan:
-  """Runs the plan pipeline: its change lists into `folder`, its counts returned."""
-  pipeline = beam.Pipeline(runner=default_runner(options), options=options)
-  current = pipeline | 'CurrentRows' >> target.current_rows_transform()
-  decided = pipeline | 'Sources' >> CollectionSources(runs, beside=current)
-  planned = decided.beside | 'Plan' >> beam.ParDo(_PlanChanges()).with_outputs(
-      'delete', main='write')
-  shard_paths = {run.path: run.shard_paths() for run in runs}
-  lines = [planned.write
-           | 'Locate' >> LocateInShards(shard_paths)
-           | 'ByShard' >> beam.GroupByKey()
-           | 'ShardWrites' >> beam.Map(_shard_writes, shard_paths),
-           planned.delete | 'DeleteLines' >> beam.Map(lambda uri: json.dumps({DELETE: uri}))]
-  if target.records_collection:
-    lines.append(decided.kept | 'RowLines' >> beam.Map(
-        lambda kv: json.dumps({ROW: [kv[0][1], kv[0][0]]})))
-  _ = (lines
-       | 'PlanLines' >> beam.Flatten()
-       | 'WritePlan' >> beam.io.WriteToText(storage.join(folder, 'plan'),
-                                            file_name_suffix='.jsonl'))
-  result = pipeline.run()
-  result.wait_until_finish()
-  warn_of_gaps(result)
-  return ExportPlan(*(work_folder.counter(result, name, PLAN_NAMESPACE)
-                      for name in ('writes', 'deletes', 'unchanged', 'rows')))
-
-
-class _ReadRows(beam.DoFn):
-  """A shard's rows that are to be written (its ShardWrites' URIs), as ExportRows."""
-
-  def __init__(self, models: Dict[str, str]):
-    self._models = models  # run directory -> its model, for rows that name none
-
-  def process(self, writes: ShardWrites, deleted=None):
-    del deleted  # waited for only: deletions go first
-    shard = read_shard(writes.path, writes.run)
-    wanted = set(writes.uris)
-    metadata = shard.metadata
-    columns = {name: metadata.column(name).to_pylist()
-               for name in ('sha256', 'height', 'width', 'model')}
-    for row, uri in enumerate(shard.uris):
-      if uri in wanted:
-        yield ExportRow(uri, columns['sha256'][row], columns['height'][row],
-                        columns['width'][row], columns['model'][row] or self._models[writes.run],
-                        writes.run, np.ascontiguousarray(shard.vectors[row], np.float32))
-    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'shards_read').inc()
-
-
-def _lines(path: str) -> Iterator[bytes]:
-  """A plan file's lines, streamed."""
-  with storage.open_file(path) as f:
-    yield from f
-
-
-def _shard_writes_in(folder: str) -> Iterator[ShardWrites]:
-  for info in storage.match(_plan_files(folder)):
-    for line in _lines(info.path):
-      value = json.loads(line).get(WRITES)
-      if value is not None:
-        yield ShardWrites(**value)
-
-
-def _sample(folder: str):
-  """The sampler begin() gets: the first `count` vectors to be written, read in the launcher a
-  shard at a time."""
-  def sample(count: int) -> np.ndarray:
-    parts, total = [], 0
-    for writes in _shard_writes_in(folder):
-      shard = read_shard(writes.path, writes.run)
-      wanted = set(writes.uris)
-      keep = np.array([u in wanted for u in shard.uris], bool)
-      parts.append(shard.vectors[keep][:count - total])
-      total += len(parts[-1])
-      if total >= count:
-        break
-    return np.concatenate(parts)
-  return sample
+def check_source(target: Target, collection: Collection, replace: bool) -> Optional[ExportState]:
+  """The target's record, refused (TargetError) when the target follows something else than
+  `collection` and `replace` is not given."""
+  target.check(collection.model, collection.feature_size)
+  previous = target.state()
+  if previous is None or replace:
+    return previous
+  if previous.collection == collection.uri:
+    if previous.version is not None and previous.version > collection.version:
+      raise TargetError(f'--to {target.name} holds version {previous.version} of '
+                        f'{collection.uri}, newer than version {collection.version}: give '
+                        f'--replace to go back to it')
+    return previous
+  held = (f'collection {previous.collection}' if previous.collection else
+          'an export of run directories (before the collection)')
+  raise TargetError(f'--to {target.name} holds {held}, not {collection.uri}: give --replace to '
+                    f'replace what it holds by this collection, or export to another target')
 
 
 class ExportReport(NamedTuple):
   written: int
   deleted: int
-  unchanged: int
-  rows: int
+  rows_read: int  # rows read from the collection: the changes', or every row for a whole sync
+  rows: int  # the collection's rows: what the target holds once the export is complete
   seconds: float
   state: Optional[ExportState]  # None: nothing was new, the target was not touched
+  whole: bool = False  # every row was read (first export, --replace, or a cleaned-up version)
 
 
-def export(runs: Sequence[Run], target: Target, beam_flags: Sequence[str]) -> ExportReport:
-  """Makes `target` (checked) hold the collection of `runs` (newest first, one model)."""
+def _since(target: Target, previous: Optional[ExportState], collection: Collection,
+           replace: bool) -> Optional[int]:
+  """The version to apply the changes from; None for a whole sync."""
+  if previous is None or replace:
+    return None
+  since = previous.since if previous.status == IN_PROGRESS else previous.version
+  if since is None:
+    return None
+  try:
+    fragments_to_read(collection, since)
+  except CollectionError as exc:
+    _LOG.warning('%s: version %d of %s, which it last applied, is no longer kept (%s): '
+                 'syncing it whole, every row read again', target.name, since, collection.uri,
+                 exc)
+    return None
+  return since
+
+
+def export(collection: Collection, target: Target, beam_flags: Sequence[str],
+           replace: bool = False, previous: Optional[ExportState] = None) -> ExportReport:
+  """Makes `target` (checked by check_source, whose record is `previous`) hold `collection`'s
+  version: the changes since the version it last applied, or every row."""
   start = time.perf_counter()
-  previous = target.state()
-  if previous is not None and previous.status == IN_PROGRESS:
+  rows = collection.num_rows
+  unfinished = previous is not None and previous.status == IN_PROGRESS
+  if unfinished:
     _LOG.warning('%s: the last export did not finish (%s); this one completes it', target.name,
                  previous.describe())
+  if (previous is not None and not replace and not unfinished and
+      previous.version == collection.version):
+    return ExportReport(0, 0, 0, rows, time.perf_counter() - start, None)
+  since = _since(target, previous, collection, replace)
+  last_complete = (previous.last_complete if unfinished else
+                   previous.describe() if previous is not None else None)
+  state = ExportState(IN_PROGRESS, collection.uri, collection.version, since, rows, utc_now(),
+                      None, last_complete)
+  if replace and previous is not None:
+    target.clear()
+  target.begin(collection.model, collection.feature_size, state, _sampler(collection))
+  held_rows = previous is not None and not replace and not target.whole_sync_replaces
   options = PipelineOptions(list(beam_flags))
-  folder, local = work_folder.work_directory(options, 'export-plan')
   try:
-    changes = plan(runs, target, folder, options)
-    unfinished = previous is not None and previous.status == IN_PROGRESS
-    if not changes.writes and not changes.deletes and not unfinished:
-      return ExportReport(0, 0, changes.unchanged, changes.rows, time.perf_counter() - start,
-                          None)
-    last_complete = (previous.last_complete if unfinished else
-                     previous.describe() if previous is not None else None)
-    state = ExportState(IN_PROGRESS, tuple(run.path for run in runs), changes.rows, utc_now(),
-                        None, last_complete)
-    target.begin(runs[0].model, runs[0].embedding_size, state, _sample(folder))
-    try:
-      _apply(target, folder, {run.path: run.model for run in runs}, options)
-    except Exception as exc:  # the runner wraps a DoFn's error in its own
-      last = last_complete or 'none: the target held no complete export before'
-      raise ExportFailed(
-          f'export to {target.name} failed part way ({_cause(exc)}): the target holds part of '
-          f'this export\'s {changes.writes} writes and {changes.deletes} deletions, and is '
-          f'marked "{IN_PROGRESS}"; its last complete state: {last}. Run the same command again '
-          f'to finish') from exc
-  finally:
-    work_folder.remove(folder, local)
-  finished = state._replace(finished_at=utc_now())
+    result = _apply(collection, target, since, held_rows, options)
+  except Exception as exc:  # the runner wraps a DoFn's error in its own
+    last = last_complete or 'none: the target held no complete export before'
+    raise ExportFailed(
+        f'export to {target.name} failed part way ({_cause(exc)}): the target holds part of '
+        f'the changes to version {collection.version}, and is marked "{IN_PROGRESS}"; its last '
+        f'complete state: {last}. Run the same command again to finish') from exc
+  finished = state._replace(status=COMPLETE, finished_at=utc_now())
   target.finish(finished)
-  return ExportReport(changes.writes, changes.deletes, changes.unchanged, changes.rows,
-                      time.perf_counter() - start, finished)
+  counts = [work_folder.counter(result, name, namespace) for name, namespace in (
+      ('written', METRICS_NAMESPACE), ('deleted', METRICS_NAMESPACE),
+      (ROWS_READ, READ_NAMESPACE))]
+  return ExportReport(*counts, rows, time.perf_counter() - start, finished, since is None)
+
+
+def _sampler(collection: Collection):
+  """What begin() gets: the first `count` vectors of the collection, streamed."""
+  def sample(count: int) -> np.ndarray:
+    parts, total = [], 0
+    for batch in collection.batches(['embedding'], batch_rows=min(count, 8192)):
+      parts.append(vectors(batch)[:count - total])
+      total += len(parts[-1])
+      if total >= count:
+        break
+    return np.concatenate(parts) if parts else np.zeros((0, collection.feature_size), np.float32)
+  return sample
 
 
 def _cause(exc: BaseException) -> str:
@@ -250,34 +156,61 @@ def _cause(exc: BaseException) -> str:
   return text[0] if text else type(exc).__name__
 
 
-def _apply(target: Target, folder: str, models: Dict[str, str],
-           options: PipelineOptions) -> None:
-  """The apply pipeline: the plan's deletions, then its writes, each shard read once."""
-  with beam.Pipeline(runner=default_runner(options), options=options) as pipeline:
-    planned = (pipeline
-               | 'PlanFiles' >> beam.Create([f.path for f in storage.match(_plan_files(folder))],
-                                          reshuffle=False)
-               | 'Lines' >> beam.FlatMap(_lines)
-               | 'PlanLines' >> beam.ParDo(_PlanLines()).with_outputs(DELETE, ROW, main=WRITES))
-    deleted = (planned[DELETE]
-               | 'Batches' >> beam.BatchElements(min_batch_size=DELETE_BATCH,
-                                                 max_batch_size=DELETE_BATCH)
-               | 'DeleteRows' >> target.delete_transform())
-    _ = (planned[WRITES]
-         | 'Spread' >> beam.Reshuffle()
-         | 'ReadRows' >> beam.ParDo(_ReadRows(models), beam.pvalue.AsList(deleted))
-         | 'Write' >> target.write_transform())
-    if target.records_collection:
-      _ = planned[ROW] | 'RecordCollection' >> target.collection_transform()
+def _stale(keyed) -> Sequence[int]:
+  """(id, {'held': [...], 'present': [...]}) -> the id, if the target holds it and the collection
+  does not."""
+  row_id, found = keyed
+  return [row_id] if found['held'] and not found['present'] else []
+
+
+def _apply(collection: Collection, target: Target, since: Optional[int], held_rows: bool,
+           options: PipelineOptions):
+  """The pipeline: deletions (the changes', or a whole sync's stale rows) first, then the rows
+  to write, read a fragment a worker. Returns its result (for the counters)."""
+  snapshot = Snapshot.of(collection)
+  pipeline = beam.Pipeline(runner=default_runner(options), options=options)
+  fragments = (pipeline
+               | 'Fragments' >> beam.Create(fragments_to_read(collection, since),
+                                            reshuffle=False)
+               | 'Spread' >> beam.Reshuffle())
+  deletions = None
+  if since is not None:
+    deletions = (pipeline
+                 | 'Start' >> beam.Impulse()
+                 | 'DeletedIds' >> beam.ParDo(DeletedIds(snapshot, since)))
+  elif held_rows:
+    held = pipeline | 'HeldIds' >> target.current_ids_transform()
+    present = (fragments
+               | 'ReadIds' >> beam.ParDo(ReadFragments(snapshot, []))
+               | 'Ids' >> beam.FlatMap(lambda batch: row_ids(batch).tolist()))
+    deletions = ({'held': held | 'KeyHeld' >> beam.Map(lambda i: (i, None)),
+                  'present': present | 'KeyPresent' >> beam.Map(lambda i: (i, None))}
+                 | 'ById' >> beam.CoGroupByKey()
+                 | 'Stale' >> beam.FlatMap(_stale)
+                 | 'Batches' >> beam.BatchElements(min_batch_size=DELETE_BATCH,
+                                                   max_batch_size=DELETE_BATCH)
+                 | 'AsArrays' >> beam.Map(lambda ids: np.array(ids, np.int64)))
+  deleted = []
+  if deletions is not None:
+    deleted = [deletions | 'DeleteRows' >> target.delete_transform()]
+  _ = (fragments
+       | 'ReadRows' >> beam.ParDo(ReadFragments(snapshot, COLUMNS, since))
+       | 'AfterDeletions' >> beam.Map(lambda batch, *_: batch,
+                                      *[beam.pvalue.AsList(d) for d in deleted])
+       | 'Write' >> target.write_transform())
+  result = pipeline.run()
+  result.wait_until_finish()
+  return result
 
 
 def summary_line(target: Target, report: ExportReport) -> str:
   if report.state is None:
     return (f'{target.name}: nothing new; the target holds the collection\'s {report.rows} rows '
             f'(nothing written)')
-  return (f'{target.name}: wrote {report.written} rows, deleted {report.deleted}, '
-          f'{report.unchanged} unchanged; it holds the collection\'s {report.rows} rows '
-          f'({report.seconds:.1f} s)')
+  how = 'every row' if report.whole else f'the changes since version {report.state.since}'
+  return (f'{target.name}: version {report.state.version} of {report.state.collection}: read '
+          f'{report.rows_read} rows ({how}), wrote {report.written}, deleted {report.deleted}; '
+          f'it holds the collection\'s {report.rows} rows ({report.seconds:.1f} s)')
 
 
 FORMS = ('postgresql://USER@HOST:PORT/DB?table=NAME', 'milvus://HOST:PORT/COLLECTION',

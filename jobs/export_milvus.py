@@ -1,4 +1,5 @@
-"""Milvus (a server, or Milvus Lite in-process from a .db file): a collection keyed by uri, written
+"""Milvus (a server, or Milvus Lite in-process from a .db file): a collection keyed by the
+collection's row id (`id`, INT64; `uri` beside it), written
 by Beam's own writer (apache_beam.ml.rag.ingestion.milvus_search, upserts in batches).
 
 The collection is created with its vector index declared (AUTOINDEX, cosine: Milvus needs one
@@ -8,12 +9,13 @@ load. The export's record (model, dimension, state) is kept in the collection's 
 
 import contextlib
 import logging
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional
 
 import apache_beam as beam
+import numpy as np
 
-from jobs.export_target import (COMPLETE, METRICS_NAMESPACE, DeleteBatches, ExportState, Target,
-                                TargetError, embeddable_item, host_port_collection,
+from jobs.export_target import (COMPLETE, DeleteBatches, ExportState, Target,
+                                TargetError, embeddable_items, host_port_collection,
                                 path_and_collection, scheme_and_rest)
 from transforms import quiet_logs
 
@@ -82,33 +84,39 @@ class MilvusTarget(Target):
       return None
     return ExportState.from_json(properties[_STATE])
 
-  def current_rows(self) -> Iterator[Tuple[str, str]]:
+  def current_ids(self) -> Iterator[np.ndarray]:
     with self.client() as client:
       if self._properties(client) is None:
         return
       client.load_collection(self.collection)  # a query needs it loaded (a reopened file: not)
       iterator = client.query_iterator(self.collection, batch_size=10_000, filter='',
-                                       output_fields=['uri', 'run'])
+                                       output_fields=['id'])
       try:
         while True:
           page = iterator.next()
           if not page:
             return
-          yield from ((r['uri'], r['run']) for r in page)
+          yield np.array([r['id'] for r in page], np.int64)
       finally:
         iterator.close()
+
+  def clear(self) -> None:
+    with self.client() as client:
+      if self._properties(client) is not None:
+        client.drop_collection(self.collection)
 
   def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
     from pymilvus import DataType
     with self.client() as client:
       if self._properties(client) is None:
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field('uri', DataType.VARCHAR, is_primary=True, max_length=MAX_URI)
+        schema.add_field('id', DataType.INT64, is_primary=True)
+        schema.add_field('uri', DataType.VARCHAR, max_length=MAX_URI)
         schema.add_field('sha256', DataType.VARCHAR, max_length=64, nullable=True)
         schema.add_field('height', DataType.INT64, nullable=True)
         schema.add_field('width', DataType.INT64, nullable=True)
-        schema.add_field('model', DataType.VARCHAR, max_length=1024)
-        schema.add_field('run', DataType.VARCHAR, max_length=MAX_URI)
+        schema.add_field('model', DataType.VARCHAR, max_length=1024, nullable=True)
+        schema.add_field('run', DataType.VARCHAR, max_length=MAX_URI, nullable=True)
         schema.add_field('embedding', DataType.FLOAT_VECTOR, dim=dimension)
         index = client.prepare_index_params()
         index.add_index('embedding', index_type='AUTOINDEX', metric_type='COSINE')
@@ -119,8 +127,8 @@ class MilvusTarget(Target):
   def delete_transform(self):
     return beam.ParDo(DeleteBatches(self))
 
-  def delete(self, client, uris: List[str]) -> None:
-    client.delete(self.collection, ids=uris)
+  def delete(self, client, ids: List[int]) -> None:
+    client.delete(self.collection, ids=ids)
 
   def write_transform(self):
     return _WriteRows(self)
@@ -134,16 +142,16 @@ class MilvusTarget(Target):
 
 def _column_specs():
   from apache_beam.ml.rag.ingestion.postgres_common import ColumnSpec
-  specs = [ColumnSpec('uri', str, lambda item: item.id),
+  specs = [ColumnSpec('id', int, lambda item: int(item.id)),
            ColumnSpec('embedding', list, lambda item: item.embedding.dense_embedding)]
-  for name, kind in (('sha256', str), ('height', int), ('width', int), ('model', str),
-                     ('run', str)):
+  for name, kind in (('uri', str), ('sha256', str), ('height', int), ('width', int),
+                     ('model', str), ('run', str)):
     specs.append(ColumnSpec(name, kind, lambda item, name=name: item.metadata[name]))
   return specs
 
 
 class _WriteRows(beam.PTransform):
-  """ExportRows as Beam's EmbeddableItems, into Beam's Milvus writer."""
+  """Record batches as Beam's EmbeddableItems, into Beam's Milvus writer."""
 
   def __init__(self, target: MilvusTarget):
     super().__init__()
@@ -161,7 +169,5 @@ class _WriteRows(beam.PTransform):
             write_config=WriteConfig(write_batch_size=self._target.batch_size)),
         column_specs=_column_specs())
     return (rows
-            | 'AsItems' >> beam.Map(lambda row: embeddable_item(row, row.uri))
-            | 'MilvusWriter' >> config.create_write_transform()
-            | 'Count' >> beam.Map(lambda record: beam.metrics.Metrics.counter(
-                METRICS_NAMESPACE, 'written').inc()))
+            | 'AsItems' >> beam.FlatMap(embeddable_items)
+            | 'MilvusWriter' >> config.create_write_transform())

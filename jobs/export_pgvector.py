@@ -1,7 +1,9 @@
-"""pgvector: a table keyed by uri, written with psycopg 3 in batches (binary COPY into a temporary
-table, then one upsert, in one transaction per batch: a batch lands whole or not at all).
+"""pgvector: a table keyed by the collection's row id, written with psycopg 3 in batches (binary
+COPY into a temporary table, then one upsert, in one transaction per batch: a batch lands whole
+or not at all).
 
-    TABLE            uri text PRIMARY KEY, sha256, height, width, model, run,
+    TABLE            id bigint PRIMARY KEY (the collection's _rowid), uri text (indexed),
+                     sha256, height, width, model, run,
                      embedding vector(D), embedding_reduced vector(K) (only when D > 2000)
     TABLE_export     name text PRIMARY KEY, value jsonb: the model, the sizes, the export state
     TABLE_pca        i int, component vector(D), shift real: the projection to K dimensions
@@ -18,20 +20,20 @@ import json
 import logging
 import struct
 import urllib.parse
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
 
-from jobs.export_target import (COMPLETE, METRICS_NAMESPACE, ExportRow, ExportState, Target,
-                                TargetError, parse_name, with_retries)
+from jobs.export_target import (COMPLETE, METRICS_NAMESPACE, ExportState, Target, TargetError,
+                                parse_name, row_values, with_retries)
 
 _LOG = logging.getLogger(__name__)
 MAX_INDEXED_DIMENSION = 2000  # pgvector's HNSW and IVFFlat limit for `vector`
 REDUCED_DIMENSION = 256
 PCA_SAMPLE = 1024
 DEFAULT_BATCH_SIZE = 500
-_COLUMNS = ('uri', 'sha256', 'height', 'width', 'model', 'run', 'embedding')
+_COLUMNS = ('id', 'uri', 'sha256', 'height', 'width', 'model', 'run', 'embedding')
 _COPY_HEADER = b'PGCOPY\n\xff\r\n\0' + struct.pack('>ii', 0, 0)
 
 
@@ -86,14 +88,14 @@ def _field(value) -> bytes:
   return struct.pack('>i', len(value)) + value
 
 
-def copy_data(rows: List[ExportRow], reduced: Optional[np.ndarray]) -> bytes:
-  """The rows as a binary COPY stream of _COLUMNS (+ embedding_reduced)."""
+def copy_data(values: dict, reduced: Optional[np.ndarray]) -> bytes:
+  """Rows (row_values of a batch) as a binary COPY stream of _COLUMNS (+ embedding_reduced)."""
   parts = [_COPY_HEADER]
   count = struct.pack('>h', len(_COLUMNS) + (reduced is not None))
-  for number, row in enumerate(rows):
+  for number, row_id in enumerate(values['id']):
     parts.append(count)
-    parts += [_field(row.uri), _field(row.sha256), _field(row.height), _field(row.width),
-              _field(row.model), _field(row.run), _field(_vector_bytes(row.vector))]
+    parts += [_field(row_id)] + [_field(values[name][number]) for name in _COLUMNS[1:-1]]
+    parts.append(_field(_vector_bytes(values['vector'][number])))
     if reduced is not None:
       parts.append(_field(_vector_bytes(reduced[number])))
   parts.append(struct.pack('>h', -1))
@@ -169,14 +171,23 @@ class PgvectorTarget(Target):
       return None
     return ExportState.from_json(json.dumps(settings['state']))
 
-  def current_rows(self) -> Iterator[Tuple[str, str]]:
+  def current_ids(self) -> Iterator[np.ndarray]:
     with self.connect() as connection:
       if self._settings(connection) is None:
         return
-      with connection.cursor(name='export_current_rows') as cursor:  # server side, in pages
-        cursor.itersize = 50_000
-        cursor.execute(f'SELECT uri, run FROM {self.table}')
-        yield from cursor
+      with connection.cursor(name='export_current_ids') as cursor:  # server side, in pages
+        cursor.execute(f'SELECT id FROM {self.table}')
+        while True:
+          page = cursor.fetchmany(50_000)
+          if not page:
+            return
+          yield np.array([row[0] for row in page], np.int64)
+
+  def clear(self) -> None:
+    with self.connect() as connection:
+      if self._settings(connection) is not None:
+        connection.execute(f'DROP TABLE IF EXISTS {self.table}, {self.table}_export, '
+                           f'{self.table}_pca')
 
   def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
     with self.connect() as connection:
@@ -224,9 +235,11 @@ def _create(connection, table: str, dimension: int, model: str, reduced: bool,
   with connection.transaction():
     connection.execute('CREATE EXTENSION IF NOT EXISTS vector')
     connection.execute(
-        f'CREATE TABLE {table} (uri text PRIMARY KEY, sha256 text, height bigint, width bigint, '
-        f'model text NOT NULL, run text NOT NULL, embedding vector({dimension}) NOT NULL' +
+        f'CREATE TABLE {table} (id bigint PRIMARY KEY, uri text NOT NULL, sha256 text, '
+        f'height bigint, width bigint, model text, run text, '
+        f'embedding vector({dimension}) NOT NULL' +
         (f', embedding_reduced vector({REDUCED_DIMENSION}) NOT NULL)' if reduced else ')'))
+    connection.execute(f'CREATE INDEX {table}_uri ON {table} (uri)')
     connection.execute(f'CREATE TABLE {table}_export (name text PRIMARY KEY, value jsonb)')
     if reduction is not None:
       connection.execute(f'CREATE TABLE {table}_pca (i int PRIMARY KEY, '
@@ -263,45 +276,37 @@ class _Connected(beam.DoFn):
 
 class _DeleteRows(_Connected):
 
-  def process(self, uris: List[str]):
+  def process(self, ids: np.ndarray):
+    ids = [int(i) for i in ids]
+
     def delete():
       with self._connection.transaction():
-        return self._connection.execute(f'DELETE FROM {self._target.table} WHERE uri = ANY(%s)',
-                                        (uris,)).rowcount
-    deleted = with_retries(delete, f'deleting {len(uris)} rows from {self._target.table}',
+        return self._connection.execute(f'DELETE FROM {self._target.table} WHERE id = ANY(%s)',
+                                        (ids,)).rowcount
+    deleted = with_retries(delete, f'deleting {len(ids)} rows from {self._target.table}',
                            before_retry=self._reconnect)
     beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(deleted)
     yield deleted
 
 
 class _UpsertRows(_Connected):
-  """Batches of rows: COPY into a temporary table, then INSERT ... ON CONFLICT (uri) DO UPDATE,
-  one transaction each, retried whole."""
+  """Record batches, cut in --batch_size rows: COPY into a temporary table, then INSERT ... ON
+  CONFLICT (id) DO UPDATE, one transaction each, retried whole."""
 
   def setup(self):
     super().setup()
     self._reduction = self._target.reduction(self._connection)
 
-  def start_bundle(self):
-    self._batch: List[ExportRow] = []
+  def process(self, batch):
+    for start in range(0, batch.num_rows, self._target.batch_size):
+      self._upsert(row_values(batch.slice(start, self._target.batch_size)))
 
-  def process(self, row: ExportRow):
-    self._batch.append(row)
-    if len(self._batch) >= self._target.batch_size:
-      self._flush()
-
-  def finish_bundle(self):
-    if self._batch:
-      self._flush()
-
-  def _flush(self):
-    rows, self._batch = self._batch, []
-    reduced = (self._reduction.apply(np.stack([r.vector for r in rows]))
-               if self._reduction is not None else None)
-    data = copy_data(rows, reduced)
+  def _upsert(self, values: dict):
+    reduced = (self._reduction.apply(values['vector']) if self._reduction is not None else None)
+    data = copy_data(values, reduced)
     table = self._target.table
     columns = ', '.join(_COLUMNS + (('embedding_reduced',) if reduced is not None else ()))
-    updates = ', '.join(f'{c} = excluded.{c}' for c in columns.split(', ') if c != 'uri')
+    updates = ', '.join(f'{c} = excluded.{c}' for c in columns.split(', ') if c != 'id')
 
     def upsert():
       with self._connection.transaction():
@@ -311,7 +316,8 @@ class _UpsertRows(_Connected):
           with cursor.copy(f'COPY {table}_batch ({columns}) FROM STDIN (FORMAT BINARY)') as copy:
             copy.write(data)
           cursor.execute(f'INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_batch '
-                         f'ON CONFLICT (uri) DO UPDATE SET {updates}')
-    with_retries(upsert, f'writing {len(rows)} rows to {table} (from {rows[0].uri})',
+                         f'ON CONFLICT (id) DO UPDATE SET {updates}')
+    rows = len(values['id'])
+    with_retries(upsert, f'writing {rows} rows to {table} (from {values["uri"][0]})',
                  before_retry=self._reconnect)
-    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written').inc(len(rows))
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written').inc(rows)

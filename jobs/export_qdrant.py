@@ -1,7 +1,7 @@
 """Qdrant (a server, or qdrant-client's local mode on a folder): a collection of points whose id
-is a UUID of the uri (Qdrant takes integers and UUIDs only) and whose payload holds uri, sha256,
-height, width, model and run, written by Beam's own writer (apache_beam.ml.rag.ingestion.qdrant,
-upserts in batches, retried on Qdrant's errors).
+is the collection's row id (an unsigned integer, as Qdrant takes) and whose payload holds uri,
+sha256, height, width, model and run, written by Beam's own writer
+(apache_beam.ml.rag.ingestion.qdrant, upserts in batches, retried on Qdrant's errors).
 
 The collection is created with its HNSW graph off (m = 0) and the graph switched on after the
 load (m = 16), Qdrant's recipe for bulk loads; the export's record lives in the collection's
@@ -10,22 +10,18 @@ metadata.
 
 import contextlib
 import json
-import uuid
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional
 
 import apache_beam as beam
+import numpy as np
 
 from jobs.export_target import (COMPLETE, DeleteBatches, ExportState, Target, TargetError,
-                                embeddable_item, host_port_collection, path_and_collection,
+                                embeddable_items, host_port_collection, path_and_collection,
                                 scheme_and_rest)
 
 DEFAULT_BATCH_SIZE = 256
 VECTOR = 'dense'  # the named vector Beam's writer fills
 HNSW_M = 16
-
-
-def point_id(uri: str) -> str:
-  return str(uuid.uuid5(uuid.NAMESPACE_URL, uri))
 
 
 class QdrantTarget(Target):
@@ -88,17 +84,22 @@ class QdrantTarget(Target):
       return None
     return ExportState.from_json(json.dumps(metadata['export_state']))
 
-  def current_rows(self) -> Iterator[Tuple[str, str]]:
+  def current_ids(self) -> Iterator[np.ndarray]:
     with self.client() as client:
       if self._metadata(client) is None:
         return
       offset = None
       while True:
         points, offset = client.scroll(self.collection, limit=10_000, offset=offset,
-                                       with_payload=['uri', 'run'], with_vectors=False)
-        yield from ((p.payload['uri'], p.payload['run']) for p in points)
+                                       with_payload=False, with_vectors=False)
+        yield np.array([p.id for p in points], np.int64)
         if offset is None:
           return
+
+  def clear(self) -> None:
+    with self.client() as client:
+      if self._metadata(client) is not None:
+        client.delete_collection(self.collection)
 
   def _set_metadata(self, client, state: ExportState, **changes) -> None:
     client.update_collection(self.collection, metadata={'export_state': json.loads(
@@ -119,10 +120,9 @@ class QdrantTarget(Target):
   def delete_transform(self):
     return beam.ParDo(DeleteBatches(self))
 
-  def delete(self, client, uris: List[str]) -> None:
+  def delete(self, client, ids: List[int]) -> None:
     from qdrant_client import models
-    client.delete(self.collection, points_selector=models.PointIdsList(
-        points=[point_id(u) for u in uris]))
+    client.delete(self.collection, points_selector=models.PointIdsList(points=ids))
 
   def write_transform(self):
     return _WriteRows(self)
@@ -135,7 +135,7 @@ class QdrantTarget(Target):
 
 
 class _WriteRows(beam.PTransform):
-  """ExportRows as Beam's EmbeddableItems, into Beam's Qdrant writer."""
+  """Record batches as Beam's EmbeddableItems, into Beam's Qdrant writer."""
 
   def __init__(self, target: QdrantTarget):
     super().__init__()
@@ -150,5 +150,5 @@ class _WriteRows(beam.PTransform):
     config = QdrantWriteConfig(connection_params=connection, collection_name=target.collection,
                                batch_size=target.batch_size, dense_embedding_key=VECTOR)
     return (rows
-            | 'AsItems' >> beam.Map(lambda row: embeddable_item(row, point_id(row.uri)))
+            | 'AsItems' >> beam.FlatMap(embeddable_items)
             | 'QdrantWriter' >> config.create_write_transform())

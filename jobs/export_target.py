@@ -1,27 +1,35 @@
-"""What every export target shares: the row it receives, the export's state it keeps and retries
-(one module per kind, whose target parses its own `--to`: export_pgvector.py, export_milvus.py,
+"""What every export target shares: the rows it receives (record batches of the collection, keyed
+by the collection's stable row id), the export's state it keeps, and retries (one module per
+kind, whose target parses its own `--to`: export_pgvector.py, export_milvus.py,
 export_qdrant.py, export_vertex.py; jobs/export.py picks one by the URL's scheme).
 
 A target keeps, beside the vectors, a small record of the export itself (`ExportState`): the
-model and dimension it holds, and whether the last export finished. The export writes it
-`in progress` before the first change and `complete` after the last, so a failed export is seen
-by the next one, and its message can name the last complete state.
+model and dimension it holds, the collection it follows and the version it last applied, and
+whether the last export finished. The export writes it `in progress` before the first change
+and `complete` after the last, so a failed export is seen by the next one (which applies the
+changes again from the last complete version), and its message can name the last complete state.
 """
 
 import json
 import logging
 import time
 import urllib.parse
-from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, TypeVar
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple, TypeVar
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+
+from jobs.collection_reads import row_ids, vectors
 
 _LOG = logging.getLogger(__name__)
 METRICS_NAMESPACE = 'export'
 RETRIES = 3  # a failed batch is tried again this many times, after 1, 2, 4 s
 COMPLETE = 'complete'
 IN_PROGRESS = 'in progress'
+# The collection's columns a target receives (beside `_rowid`, the target's id).
+COLUMNS = ('uri', 'sha256', 'height', 'width', 'model', 'run', 'embedding')
+METADATA = ('uri', 'sha256', 'height', 'width', 'model', 'run')
 T = TypeVar('T')
 
 
@@ -33,21 +41,12 @@ class BatchFailed(RuntimeError):
   """A batch that still failed after its retries."""
 
 
-class ExportRow(NamedTuple):
-  """One vector of the collection with what a search returns beside it."""
-  uri: str
-  sha256: Optional[str]
-  height: Optional[int]
-  width: Optional[int]
-  model: str
-  run: str  # the run directory the vector was read from
-  vector: np.ndarray  # float32 [dimension]
-
-
 class ExportState(NamedTuple):
   """The record a target keeps of the export that last changed it."""
   status: str  # COMPLETE or IN_PROGRESS
-  runs: Tuple[str, ...]  # the run directories the collection was made of
+  collection: Optional[str]  # the collection's URI (None: an export of run directories, before)
+  version: Optional[int]  # the collection's version the target holds once this export completes
+  since: Optional[int]  # the version its changes were read from (None: every row, a whole sync)
   rows: int  # rows the target holds once the export is complete
   started_at: str
   finished_at: Optional[str]
@@ -59,13 +58,24 @@ class ExportState(NamedTuple):
   @classmethod
   def from_json(cls, text: str) -> 'ExportState':
     values = json.loads(text)
-    values['runs'] = tuple(values['runs'])
-    return cls(**values)
+    if 'collection' not in values:  # written by the export of run directories
+      return cls(values['status'], None, None, None, values.get('rows', 0),
+                 values.get('started_at', ''), values.get('finished_at'))
+    return cls(**{name: values.get(name) for name in cls._fields})
 
   def describe(self) -> str:
     when = self.finished_at or self.started_at
-    return (f'{self.status} export of {when} ({self.rows} rows from {len(self.runs)} run(s): '
-            f'{", ".join(self.runs)})')
+    source = (f'version {self.version} of {self.collection}' if self.collection else
+              'run directories')
+    return f'{self.status} export of {when} ({self.rows} rows, {source})'
+
+
+def row_values(batch: pa.RecordBatch) -> dict:
+  """The batch's metadata columns as lists, its ids (int64) and float32 vectors, by name."""
+  values = {name: batch.column(name).to_pylist() for name in METADATA}
+  values['id'] = row_ids(batch)
+  values['vector'] = vectors(batch)
+  return values
 
 
 def with_retries(action: Callable[[], T], what: str, retry_on: Tuple[type, ...] = (Exception,),
@@ -84,14 +94,16 @@ def with_retries(action: Callable[[], T], what: str, retry_on: Tuple[type, ...] 
 
 
 class Target:
-  """A place the collection is exported to. The launcher calls check and state; the plan
-  pipeline applies `current_rows_transform`; the launcher calls begin when there is a change;
-  the apply pipeline applies `delete_transform` and `write_transform` (and
-  `collection_transform` if `records_collection`); the launcher then calls finish. Nothing here
-  is held open across those calls (a Milvus Lite file or a Qdrant local folder takes one client
-  at a time)."""
+  """A place the collection is exported to. The launcher calls check and state, then begin; the
+  pipeline applies `delete_transform` and `write_transform` (and, for a whole sync into a
+  target that may hold rows, `current_ids_transform`); the launcher then calls finish. Nothing
+  here is held open across those calls (a Milvus Lite file or a Qdrant local folder takes one
+  client at a time)."""
 
   name: str  # --to as given, for messages
+  # Whether a whole sync replaces what the target held by itself (Vertex: a complete overwrite),
+  # so that the rows the collection no longer has need not be found and deleted.
+  whole_sync_replaces = False
 
   def check(self, model: str, dimension: int) -> None:
     """TargetError unless reachable and empty or holding an export of this model and size."""
@@ -101,33 +113,29 @@ class Target:
     """The record of the last export into this target, if any."""
     raise NotImplementedError
 
-  records_collection = False  # whether it keeps (uri, run) of every row itself (Vertex)
-
-  def current_rows(self) -> Iterator[Tuple[str, str]]:
-    """(uri, run) of every row the target holds, read in pages."""
+  def clear(self) -> None:
+    """Removes what this export made in the target (--replace)."""
     raise NotImplementedError
 
-  def current_rows_transform(self) -> beam.PTransform:
-    """A PTransform: the pipeline's start -> (uri, run) of every row the target holds, streamed
-    by a worker from `current_rows`."""
-    return _CurrentRows(self)
-
-  def collection_transform(self) -> beam.PTransform:
-    """A PTransform: (uri, run) of every row the target holds once the changes are made ->
-    recorded; for a target that `records_collection`."""
+  def current_ids(self) -> Iterator[np.ndarray]:
+    """The ids of every row the target holds, in pages (a whole sync's deletions)."""
     raise NotImplementedError
+
+  def current_ids_transform(self) -> beam.PTransform:
+    """A PTransform: the pipeline's start -> every id the target holds, streamed by a worker."""
+    return _CurrentIds(self)
 
   def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
-    """Creates what is missing and records `state` (in progress). `sample()` gives float32
+    """Creates what is missing and records `state` (in progress). `sample(count)` gives float32
     vectors of the collection, for targets that train something on them."""
     raise NotImplementedError
 
   def delete_transform(self):
-    """A PTransform: PCollection of URI batches -> one count per batch deleted."""
+    """A PTransform: PCollection of int64 id arrays -> one count per array deleted."""
     raise NotImplementedError
 
   def write_transform(self):
-    """A PTransform: PCollection of ExportRow -> written."""
+    """A PTransform: PCollection of record batches (COLUMNS and `_rowid`) -> written."""
     raise NotImplementedError
 
   def finish(self, state: ExportState) -> None:
@@ -135,8 +143,8 @@ class Target:
     raise NotImplementedError
 
 
-class _CurrentRows(beam.PTransform):
-  """A worker's read of the target's rows, page by page, into the pipeline."""
+class _CurrentIds(beam.PTransform):
+  """A worker's read of the target's ids, page by page, into the pipeline, one id an element."""
 
   def __init__(self, target: Target):
     super().__init__()
@@ -146,7 +154,8 @@ class _CurrentRows(beam.PTransform):
     target = self._target
     return (pbegin
             | 'Start' >> beam.Impulse()
-            | 'ReadPages' >> beam.FlatMap(lambda _: target.current_rows()))
+            | 'ReadPages' >> beam.FlatMap(lambda _: target.current_ids())
+            | 'Ids' >> beam.FlatMap(lambda ids: np.asarray(ids, np.int64).tolist()))
 
 
 def parse_name(text: str, what: str) -> str:
@@ -188,27 +197,33 @@ def host_port_collection(text: str, default_port: int) -> Tuple[str, int, str]:
 
 
 class DeleteBatches(beam.DoFn):
-  """URI batches -> one count a batch, deleted through `target.delete(client, uris)` with a
-  client of its own per batch (a Milvus Lite file or a Qdrant local folder takes one client at a
-  time, and the writer's comes after), retried."""
+  """Id arrays -> one count each, deleted through `target.delete(client, ids)` with a client of
+  its own per array (a Milvus Lite file or a Qdrant local folder takes one client at a time, and
+  the writer's comes after), retried."""
 
   def __init__(self, target):
     self._target = target
 
-  def process(self, uris: List[str]):
+  def process(self, ids: np.ndarray):
+    ids = [int(i) for i in ids]
+
     def delete():
       with self._target.client() as client:
-        self._target.delete(client, uris)
-    with_retries(delete, f'deleting {len(uris)} rows from {self._target.collection}')
-    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(len(uris))
-    yield len(uris)
+        self._target.delete(client, ids)
+    with_retries(delete, f'deleting {len(ids)} rows from {self._target.collection}')
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(len(ids))
+    yield len(ids)
 
 
-def embeddable_item(row: ExportRow, item_id: str):
-  """The row as Beam's ml.rag EmbeddableItem, what Beam's vector-database writers take."""
+def embeddable_items(batch: pa.RecordBatch):
+  """The batch's rows as Beam's ml.rag EmbeddableItems, what Beam's vector-database writers take
+  (their dense embedding a list of floats: what those writers ask for); counted as written (the
+  writer fails the pipeline if it cannot write them)."""
   from apache_beam.ml.rag.types import Content, EmbeddableItem, Embedding
-  return EmbeddableItem(Content(image=row.uri), id=item_id, metadata={
-      'uri': row.uri, 'sha256': row.sha256, 'height': row.height, 'width': row.width,
-      'model': row.model, 'run': row.run},
-      embedding=Embedding(dense_embedding=row.vector.tolist()))
-
+  values = row_values(batch)
+  beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written').inc(batch.num_rows)
+  for row in range(batch.num_rows):
+    metadata = {name: values[name][row] for name in METADATA}
+    yield EmbeddableItem(Content(image=metadata['uri']), id=str(values['id'][row]),
+                         metadata=metadata,
+                         embedding=Embedding(dense_embedding=values['vector'][row].tolist()))

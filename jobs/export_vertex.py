@@ -1,33 +1,32 @@
 """Vertex AI Vector Search: JSON-lines files in the layout a batch index build or update reads.
 
     FOLDER/export-20261202T020000123456Z/embeddings-00000-of-00004.json   one record a line:
-        {"id": uri, "embedding": [...], "restricts": [{"namespace": "model", "allow": [model]},
-         {"namespace": "run", "allow": [run]}], "embedding_metadata": {uri, sha256, height, width}}
+        {"id": "ROW_ID", "embedding": [...], "restricts": [{"namespace": "model", "allow":
+         [model]}, {"namespace": "run", "allow": [run]}], "embedding_metadata": {uri, sha256,
+         height, width}}
     FOLDER/export-20261202T020000123456Z/delete/deletes-00000-of-00001.txt   one id a line
-    FOLDER/state-20261202T020000123456Z/rows-00000-of-00002.parquet   (uri, run) of every row
-        the index holds once that export folder is applied, written by the export's workers
-    FOLDER/state-20261202T020000123456Z.parquet   written last: the export's record (no rows; a
-        state file of an earlier version holds the rows itself)
+    FOLDER/state-20261202T020000123456Z.parquet   written last: the export's record (no rows)
 
-Each export writes a new export-* folder: the first is the contentsDeltaUri of the index build
-(or an update with isCompleteOverwrite), each later one that of an update. An export folder
-without its state file is unfinished: give it to no update (the next export rewrites what it
-held); the index is searched in Google Cloud, so the state files, not the index, tell the next
-export what the index holds.
+A datapoint's id is the collection's row id (a changed file's new vector is a new id, its old
+id deleted). Each export writes a new export-* folder: a whole sync's (the first, --replace, or
+after the version last applied was cleaned up) is the contentsDeltaUri of an index build or of
+an update with isCompleteOverwrite (its record says `overwrite`), each later one that of an
+update. An export folder without its state file is unfinished: give it to no update (the next
+export writes its changes again); the index is searched in Google Cloud, so the state files, not
+the index, tell the next export which version the index holds.
 """
 
 import json
 import re
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional
 
 import apache_beam as beam
 
 import storage
-from jobs.export_target import (COMPLETE, IN_PROGRESS, ExportRow, ExportState, Target,
-                                TargetError, scheme_and_rest)
+from jobs.export_target import (COMPLETE, IN_PROGRESS, METRICS_NAMESPACE, ExportState, Target,
+                                TargetError, row_values, scheme_and_rest)
 
 _STATE = re.compile(r'state-(\d{8}T\d{12}Z)\.parquet$')
-_ROWS = 'rows'  # the state file's metadata key: its rows' glob in the folder, when not in it
 
 
 def stamp() -> str:
@@ -36,13 +35,17 @@ def stamp() -> str:
   return datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')
 
 
-def record(row: ExportRow) -> str:
-  return json.dumps({
-      'id': row.uri, 'embedding': row.vector.tolist(),
-      'restricts': [{'namespace': 'model', 'allow': [row.model]},
-                    {'namespace': 'run', 'allow': [row.run]}],
-      'embedding_metadata': {'uri': row.uri, 'sha256': row.sha256, 'height': row.height,
-                             'width': row.width}})
+def records(batch) -> Iterator[str]:
+  """The batch's rows as JSON lines, one at a time (a 4320-d vector is 50 KB of JSON)."""
+  values = row_values(batch)
+  beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written').inc(batch.num_rows)
+  for row, row_id in enumerate(values['id']):
+    yield json.dumps({
+        'id': str(row_id), 'embedding': values['vector'][row].tolist(),
+        'restricts': [{'namespace': 'model', 'allow': [values['model'][row]]},
+                      {'namespace': 'run', 'allow': [values['run'][row]]}],
+        'embedding_metadata': {name: values[name][row]
+                               for name in ('uri', 'sha256', 'height', 'width')}})
 
 
 class VertexTarget(Target):
@@ -91,32 +94,18 @@ class VertexTarget(Target):
     done = _STATE.search(path)[1] if path else ''
     unfinished = [f.path for f in storage.match(storage.join(self.folder, 'export-*/*'))
                   if storage.basename(storage.dirname(f.path))[len('export-'):] > done]
-    if unfinished:
-      return ExportState(IN_PROGRESS, (), 0, '', None, state.describe() if state else None)
-    return state
+    if unfinished and state is not None:  # its changes are written again, from the version held
+      return state._replace(status=IN_PROGRESS, since=state.version,
+                            last_complete=state.describe())
+    return state  # an unfinished first export: the next is whole, a complete overwrite
 
-  records_collection = True
+  whole_sync_replaces = True  # a whole sync's folder is a complete overwrite
 
-  def current_rows(self) -> Iterator[Tuple[str, str]]:
-    import pyarrow.parquet as pq
-    _, _, path = self._latest()
-    if path is None:
-      return
-    with storage.open_file(path) as f:
-      rows = pq.ParquetFile(f).schema_arrow.metadata.get(_ROWS.encode())
-    paths = ([info.path for info in storage.match(storage.join(self.folder, rows.decode()))]
-             if rows else [path])
-    for part in paths:
-      with storage.open_file(part) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
-          yield from zip(batch.column('uri').to_pylist(), batch.column('run').to_pylist())
-
-  def _rows_name(self) -> str:
-    """The rows' file prefix, in the folder."""
-    return f'state-{self.stamp}/{_ROWS}'
+  def clear(self) -> None:
+    """Nothing to remove: the whole sync that follows writes a complete overwrite."""
 
   def begin(self, model: str, dimension: int, state: ExportState, sample: Callable) -> None:
-    self.model, self.dimension = model, dimension
+    self.model, self.dimension, self.overwrite = model, dimension, state.since is None
     self.stamp = stamp()
     self.export_folder = storage.join(self.folder, f'export-{self.stamp}')
     if storage.match(storage.join(self.export_folder, '*')):
@@ -126,31 +115,27 @@ class VertexTarget(Target):
     return _WriteDeletes(self)
 
   def write_transform(self):
-    return (beam.Map(record)
+    return (beam.FlatMap(records)
             | beam.io.WriteToText(storage.join(self.export_folder, 'embeddings'),
                                   file_name_suffix='.json'))
 
-  def collection_transform(self):
-    import pyarrow as pa
-    schema = pa.schema([('uri', pa.string()), ('run', pa.string())])
-    return (beam.Map(lambda row: {'uri': row[0], 'run': row[1]})
-            | beam.io.WriteToParquet(storage.join(self.folder, self._rows_name()), schema,
-                                     file_name_suffix='.parquet'))
-
   def finish(self, state: ExportState) -> None:
-    """The state file, naming the rows the apply pipeline wrote (collection_transform)."""
+    """The state file: the export's record, in its Parquet metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    table = pa.table({'uri': pa.array([], pa.string()), 'run': pa.array([], pa.string())})
-    table = table.replace_schema_metadata({
+    table = pa.table({'id': pa.array([], pa.string())}).replace_schema_metadata({
         'state': state._replace(status=COMPLETE).to_json(),
         'export': json.dumps({'model': self.model, 'dimension': self.dimension,
-                              'folder': self.export_folder}),
-        _ROWS: self._rows_name() + '-*.parquet'})
+                              'folder': self.export_folder, 'overwrite': self.overwrite})})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(storage.join(self.folder, f'state-{self.stamp}.parquet'),
                         sink.getvalue().to_pybytes())
+
+
+def _lines_of_ids(ids) -> List[str]:
+  beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(len(ids))
+  return [str(int(i)) for i in ids]
 
 
 class _WriteDeletes(beam.PTransform):
@@ -159,8 +144,8 @@ class _WriteDeletes(beam.PTransform):
     super().__init__()
     self._target = target
 
-  def expand(self, uri_batches):
-    return (uri_batches
-            | beam.FlatMap(lambda uris: uris)
-            | beam.io.WriteToText(storage.join(storage.join(self._target.export_folder, 'delete'), 'deletes'),
+  def expand(self, id_arrays):
+    return (id_arrays
+            | beam.FlatMap(_lines_of_ids)
+            | beam.io.WriteToText(storage.join(self._target.export_folder, 'delete/deletes'),
                                   file_name_suffix='.txt'))

@@ -1,91 +1,71 @@
-"""The Beam jobs behind `pnasnet-embeddings index build|add`: sample, train, encode on workers, merge.
+"""The Beam jobs behind `pnasnet-embeddings index build|add`: sample, train, encode on workers,
+merge; the index follows a collection (collection/), its FAISS ids the collection's row ids.
 
-With several runs, a first pipeline decides which rows the index holds, by the collection's rule
-(embeddings/collection.py, as `embeddings.load` applies it) over the runs' indexes, grouped by URI
-on workers (jobs/collection_sources.py); it writes each shard's kept rows as a file beside the
-pieces and counts them (jobs/index_kept.py). Then, for the plan (jobs/index_plan.py):
-
-    shards ─ SampleForTraining ─ Train (one worker: PCA, then on a second, PCA-reduced sample
+    fragments ─ SampleForTraining ─ Train (one worker: PCA, then on a second, PCA-reduced sample
        │                           when the plan has one, IVF + PQ) ─┐ trained index
-       └──────────── EncodeShard (every worker: the rows the collection keeps, as codes in
-                     inverted lists, float16 vectors, metadata, and the probes' exact neighbours
-                     in the shard) ─ piece files, one set per shard
-    then this process streams the pieces, shard by shard, into the index directory.
+       └──────────── EncodeFragment (every worker: a fragment's rows as codes in inverted lists,
+                     or float16 vectors for HNSW, and the probes' exact neighbours among them)
+                     ─ piece files, one set per fragment
+    then this process merges the pieces, one at a time, into the index directory.
 
 Training: jobs/index_train.py; encoding: jobs/index_encode.py; the pieces and the working folder:
 jobs/index_pieces.py; the merge into the directory: jobs/index_directory.py; the probes' measures
 (recall, quantization error, lists' imbalance, nprobe): jobs/index_quality.py. Workers never hold
-more than one shard, the merge one piece's metadata and vectors at a time.
+more than one fragment, the merge one piece at a time.
 
-`add` follows the collection's rule over the old and new runs together: it encodes the new runs
-with the trained quantizers and removes what they superseded or dropped (IVF: from the on-disk
-lists; HNSW: the graph is rebuilt from the refine store, which holds every vector), then checks
-the index's health against the build's.
+`add` reads only the changes since the version the index covers (jobs/collection_reads.py): the
+fragments made since, encoded with the trained quantizers (their rows inserted since), and the
+row ids deleted since, taken out of the IVF lists (HNSW: marked deleted, which searches leave
+out); then it checks the index's health against the build's and records the new version. It
+never reads run directories, and costs the changes whatever the history.
 """
 
 import logging
 import os
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from collection import Collection, CollectionError
 from embeddings import faiss_util, neighbour_index
+from embeddings.similarity import unit_rows
 from jobs import index_quality
-from jobs.index_directory import (DirectoryWriter, copy_old_rows, merge_lists, merge_pieces,
-                                  rebuild_hnsw, remove_ids)
-from jobs.index_encode import EncodeShard
-from jobs.index_kept import KeptOfShard, shard_id_base, with_kept_files, write_kept_files
-from jobs.index_pieces import (piece_lists, pieces_location, read_training, remove_pieces,
-                               save_probes, save_trained)
+from jobs.collection_reads import Snapshot, fragments_to_read
+from jobs.index_directory import DirectoryWriter, merge_lists, merge_pieces, remove_ids
+from jobs.index_encode import EncodeFragment
+from jobs.index_pieces import (FragmentRef, fragment_refs, piece_lists, pieces_location,
+                               read_training, remove_pieces, save_probes, save_trained)
 from jobs.index_plan import choose_plan
-from jobs.index_train import (SampleShard, split_probes, train_index, train_pca,
-                              training_settings)
-from jobs.shard_refs import ShardRef, shard_refs
+from jobs.index_train import SampleFragment, split_probes, train_index, train_pca, training_settings
 from pipeline.runners import default_runner
 from run_format import utc_now
-from storage.run_dirs import MixedModelsError, Run, find_runs
 
 _LOG = logging.getLogger(__name__)
+HNSW_DELETED_SHARE = 0.2  # an HNSW graph with this share of its vectors deleted: rebuild
 
 
-class Covered(NamedTuple):
-  """A run the index holds, and the shard numbers its ids were made from."""
-  path: str
-  finished_at: str
-  first_shard: int
-  shards: int
-
-
-def _covered(refs: List[ShardRef], runs: Sequence[Run]) -> List[dict]:
-  covered = []
-  for run in runs:
-    numbers = [r.number for r in refs if r.run == run.path]
-    covered.append(Covered(run.path, run.finished_at.isoformat(),
-                           min(numbers) if numbers else -1, len(numbers))._asdict())
-  return covered
-
-
-def _run_pipeline(refs: List[ShardRef], pieces: str, beam_flags: Sequence[str], kind: str,
+def _run_pipeline(snapshot: Snapshot, refs: Sequence[FragmentRef], pieces: str,
+                  beam_flags: Sequence[str], kind: str, since: Optional[int] = None,
                   train: Optional[dict] = None, trained: Optional[bytes] = None,
                   probes: Optional[dict] = None) -> tuple:
   """Runs the pipeline; returns (trained index bytes, probes) (for `add`: the ones given)."""
   options = PipelineOptions(list(beam_flags))
   with beam.Pipeline(runner=default_runner(options), options=options) as pipeline:
-    shards = pipeline | 'Shards' >> beam.Create(refs) | 'Spread' >> beam.Reshuffle()
+    fragments = pipeline | 'Fragments' >> beam.Create(list(refs)) | 'Spread' >> beam.Reshuffle()
     if train is not None:
       plan, dimension, seed = train['plan'], train['dimension'], train['seed']
-      samples = (shards
-                 | 'SampleForTraining' >> beam.ParDo(SampleShard(train['fraction'], seed,
-                                                                 pieces))
+      samples = (fragments
+                 | 'SampleForTraining' >> beam.ParDo(SampleFragment(snapshot, train['fraction'],
+                                                                    seed, pieces))
                  | 'Sample' >> beam.combiners.ToList())
       if plan.pca_dimension:
         pca = samples | 'TrainPCA' >> beam.Map(train_pca, plan, dimension, seed)
-        reduced = (shards
-                   | 'SampleReduced' >> beam.ParDo(SampleShard(train['reduced_fraction'],
-                                                                seed + 1, pieces),
-                                                   beam.pvalue.AsSingleton(pca))
+        reduced = (fragments
+                   | 'SampleReduced' >> beam.ParDo(SampleFragment(
+                       snapshot, train['reduced_fraction'], seed + 1, pieces),
+                       beam.pvalue.AsSingleton(pca))
                    | 'Reduced' >> beam.combiners.ToList())
         trained_index = samples | 'Train' >> beam.Map(
             train_index, beam.pvalue.AsSingleton(reduced), beam.pvalue.AsSingleton(pca), plan,
@@ -101,34 +81,38 @@ def _run_pipeline(refs: List[ShardRef], pieces: str, beam_flags: Sequence[str], 
     else:
       trained_side = beam.pvalue.AsSingleton(pipeline | 'Trained' >> beam.Create([trained]))
       probes_side = beam.pvalue.AsSingleton(pipeline | 'ProbeSet' >> beam.Create([probes]))
-    _ = shards | 'EncodeShard' >> beam.ParDo(EncodeShard(pieces, kind), trained_side,
-                                             probes_side)
+    _ = fragments | 'EncodeFragment' >> beam.ParDo(EncodeFragment(snapshot, pieces, kind, since),
+                                                   trained_side, probes_side)
   if train is None:
     return trained, probes
   return read_training(pieces)
 
 
-def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: int,
+def _vectors_of(collection: Collection):
+  """ids -> their unit vectors, from the collection (what a PQ plan re-ranks by)."""
+  return lambda ids: unit_rows(neighbour_index.embedding_rows(collection, ids))
+
+
+def build_index(collection: Collection, directory: str, memory_budget: int, seed: int,
                 beam_flags: Sequence[str],
                 recall_target: float = neighbour_index.DEFAULT_RECALL_TARGET) -> dict:
-  """Builds a new index over `runs` (one model, newest first) into `directory`; a PQ plan's
-  nprobe is the smallest reaching `recall_target` on the probes with re-rank."""
-  dimension = runs[0].embedding_size
-  refs = shard_refs(runs)
+  """Builds a new index over `collection` (a version) into `directory`; a PQ plan's nprobe is the
+  smallest reaching `recall_target` on the probes with re-rank."""
+  dimension = collection.feature_size
+  count = collection.num_rows
+  if not count:
+    raise neighbour_index.IndexDirectoryError(f'version {collection.version} of '
+                                              f'{collection.uri} holds no vector')
+  refs = fragment_refs(collection.fragment_ids())
   pieces = pieces_location(directory, beam_flags)
-  if len(runs) > 1:
-    refs = with_kept_files(refs, pieces)
-    count = write_kept_files(runs, refs, beam_flags)
-  else:
-    count = runs[0].summary.embedded
   plan = choose_plan(count, dimension, memory_budget)
   _LOG.info('index plan for %d vectors: %s', count, plan)
-  trained, probes = _run_pipeline(refs, pieces, beam_flags, plan.kind,
+  trained, probes = _run_pipeline(Snapshot.of(collection), refs, pieces, beam_flags, plan.kind,
                                   train=training_settings(plan, dimension, seed, count))
   index = faiss_util.from_bytes(trained)
-  output = DirectoryWriter(directory, dimension)
+  output = DirectoryWriter(directory)
   best = index_quality.no_neighbours(len(probes['ids']))
-  merge_pieces(index, pieces, refs, output, [best], [len(probes['ids'])], plan.kind)
+  merge_pieces(index, pieces, refs, [best], [len(probes['ids'])], plan.kind)
   if plan.kind != 'hnsw':
     sources = piece_lists(pieces, refs, directory)
     merge_lists(index, sources, output)
@@ -138,90 +122,99 @@ def build_index(runs: Sequence[Run], directory: str, memory_budget: int, seed: i
   curve = None
   if plan.kind == 'ivf_pq':
     nprobe, curve = index_quality.nprobe_curve(index, probe_file, plan.to_json(),
-                                               output.refine_vectors, recall_target)
+                                               _vectors_of(collection), recall_target)
     plan = plan._replace(nprobe=nprobe)
     _LOG.info('nprobe %d: %s', nprobe, curve)
   health = index_quality.health(index, plan.to_json(), probe_file)
-  if plan.kind == 'ivf_pq':  # what `add` compares the added runs' probes with
+  if plan.kind == 'ivf_pq':  # what `add` compares the added rows' probes with
     health['probe_quantization_error'] = index_quality.quantization_error(
         index, probe_file['vectors'])
   description = {
       'format_version': neighbour_index.FORMAT_VERSION, 'directory': directory,
-      'model': runs[0].model, 'embedding_size': dimension, 'metric': 'cosine (L2 on unit rows)',
-      'plan': plan.to_json(), 'count': index.ntotal, 'runs': _covered(refs, runs),
-      'next_shard': len(refs), 'probes': len(probes['ids']),
+      'model': collection.model, 'embedding_size': dimension,
+      'metric': 'cosine (L2 on unit rows)', 'collection': collection.uri,
+      'version': collection.version, 'plan': plan.to_json(), 'count': int(index.ntotal),
+      'deleted': 0, 'probes': len(probes['ids']),
       'probe_recall_at_10': health['probe_recall_at_10'],
       'list_imbalance': health['list_imbalance'], 'build': health,
       'built_at': utc_now(), 'faiss_version': faiss_util.faiss().__version__,
       'seed': seed, 'memory_budget': memory_budget, 'recall_target': recall_target,
-      'nprobe_curve': curve,
+      'nprobe_curve': curve, 'adds': 0,
   }
-  output.finish(index, trained, probe_file, description)
+  output.finish(index, trained, probe_file, description, np.zeros(0, np.int64))
   remove_pieces(pieces, directory)
   return description
 
 
-def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop: float,
-             beam_flags: Sequence[str]) -> dict:
-  """Adds runs to the index without retraining, following the collection's rule over the old
-  and new runs together: a URI a newer run embedded again takes the newer vector, one a newer
-  run did not match (deleted) or failed on has none."""
-  model = description['model']
-  plan = description['plan']
-  other = [r for r in runs if r.model != model or r.embedding_size != description[
-      'embedding_size']]
-  if other:
-    raise MixedModelsError(f'the index holds {model} embeddings; these runs hold others: ' +
-                           ', '.join(f'{r.path} ({r.model})' for r in other))
-  covered = {c['path'] for c in description['runs']}
-  new = [r for r in runs if r.path not in covered]
-  for run in runs:
-    if run.path in covered:
-      _LOG.warning('%s: already in the index, left as is', run.path)
-  if not new:
-    raise neighbour_index.IndexDirectoryError('no run to add: every run given is already in the '
-                                              'index')
-  every_run = find_runs(sorted(covered) + [r.path for r in new])
-  pieces = pieces_location(directory, beam_flags)
-  every_shard = with_kept_files(shard_refs(every_run), pieces)
-  write_kept_files(every_run, every_shard, beam_flags)
-  kept_of_shard = KeptOfShard(every_shard)
-  refs = [ref._replace(number=description['next_shard'] + number) for number, ref in enumerate(
-      ref for run in new for ref in every_shard if ref.run == run.path)]
+def _deleted_since(collection: Collection, since: int) -> np.ndarray:
+  """The row ids deleted after version `since` (ids only: 8 bytes a deletion)."""
+  return np.concatenate([np.zeros(0, np.int64)] + [
+      ids.to_numpy().astype(np.int64) for ids in collection.changes(since).deleted_row_ids()])
+
+
+def add_changes(directory: str, description: dict, collection: Collection, recall_drop: float,
+                beam_flags: Sequence[str]) -> Optional[dict]:
+  """Brings the index up to `collection`'s version (the collection it covers, a later version):
+  adds the rows inserted since the version it covers, without retraining, and takes out the row
+  ids deleted since. None when the index already covers that version."""
+  since, plan = description['version'], description['plan']
+  if collection.uri != description['collection']:
+    raise neighbour_index.IndexDirectoryError(
+        f'the index at {directory} covers {description["collection"]}, not {collection.uri}: '
+        'build a new index (pnasnet-embeddings index build)')
+  if collection.version < since:
+    raise neighbour_index.IndexDirectoryError(
+        f'the index covers version {since}, newer than version {collection.version}')
+  if collection.version == since:
+    return None
+  try:
+    fragment_ids = fragments_to_read(collection, since)
+  except CollectionError as exc:
+    raise neighbour_index.IndexDirectoryError(
+        f'version {since} of {collection.uri}, which the index covers, is no longer kept, so its '
+        f'changes since cannot be read ({exc}): build the index again (pnasnet-embeddings index '
+        'build)') from exc
+  deleted = _deleted_since(collection, since)
+  refs = fragment_refs(fragment_ids)
   with open(os.path.join(directory, neighbour_index.TRAINED_FILE), 'rb') as f:
     trained = f.read()
   probes = dict(np.load(os.path.join(directory, neighbour_index.PROBES_FILE)))
-  added_probes = index_quality.added_run_probes(new, refs,
-                                                description['seed'] + len(description['runs']))
+  added_probes = index_quality.added_probes(collection, fragment_ids, since,
+                                            description['seed'] + description['adds'] + 1)
   all_probes = {'ids': np.concatenate([probes['ids'], added_probes['ids']]),
                 'vectors': np.concatenate([probes['vectors'],
                                            added_probes['vectors']]).astype(np.float32)}
-  _run_pipeline(refs, pieces, beam_flags, plan['kind'], trained=trained, probes=all_probes)
-  output = DirectoryWriter(directory, description['embedding_size'],
-                           neighbour_index.open_ids(directory).schema)
-  index = faiss_util.from_bytes(trained)
-  old_rows = copy_old_rows(directory, kept_of_shard, output, plan['kind'] == 'hnsw')
-  if plan['kind'] == 'hnsw':
-    rebuild_hnsw(index, old_rows, neighbour_index.open_vectors(
-        directory, description['embedding_size']))
+  pieces = pieces_location(directory, beam_flags)
+  _run_pipeline(Snapshot.of(collection), refs, pieces, beam_flags, plan['kind'], since,
+                trained=trained, probes=all_probes)
+  output = DirectoryWriter(directory)
   best = index_quality.BestNeighbours(probes['exact_ids'], probes['exact_scores'])
   new_best = index_quality.no_neighbours(len(added_probes['ids']))
-  added = merge_pieces(index, pieces, refs, output, [best, new_best],
+  marked = neighbour_index.read_deleted(directory)
+  if plan['kind'] == 'hnsw':
+    index = neighbour_index.read_index_whole(directory)
+  else:
+    index = faiss_util.from_bytes(trained)
+  added = merge_pieces(index, pieces, refs, [best, new_best],
                        [len(probes['ids']), len(added_probes['ids'])], plan['kind'])
-  removed = old_rows.removed
-  if plan['kind'] != 'hnsw':
+  if plan['kind'] == 'hnsw':
+    marked = np.union1d(marked, deleted)
+    count = int(index.ntotal) - len(marked)
+  else:
     old = neighbour_index.read_index(directory, plan['kind'])
     sources = [neighbour_index.ivf_lists(old)] + piece_lists(pieces, refs, directory)
     merge_lists(index, sources, output)
     del sources, old
-    remove_ids(index, removed)
-  best.drop(removed)
-  alive = ~np.isin(probes['ids'], removed)  # a probe whose vector left the collection goes
+    remove_ids(index, deleted)
+    count = int(index.ntotal)
+  best.drop(deleted)
+  alive = ~np.isin(probes['ids'], deleted)  # a probe whose row left the collection goes
   probe_file = {'ids': probes['ids'][alive], 'vectors': probes['vectors'][alive],
                 'exact_ids': best.ids[alive], 'exact_scores': best.scores[alive]}
-  health = index_quality.health(index, plan, probe_file)
-  added_range = (shard_id_base(description['next_shard']),
-                 shard_id_base(description['next_shard'] + len(refs)))
+  selector = neighbour_index.not_deleted(marked)
+  health = index_quality.health(index, plan, probe_file, selector)
+  added_range = ((int(added_probes['ids'].min()), int(added_probes['ids'].max()) + 1)
+                 if len(added_probes['ids']) else None)
   added_recall = index_quality.probe_recall(
       index, {'ids': added_probes['ids'], 'vectors': added_probes['vectors'],
               'exact_ids': new_best.ids}, plan, plan['nprobe'], added_range)
@@ -229,20 +222,24 @@ def add_runs(directory: str, description: dict, runs: Sequence[Run], recall_drop
   if plan['kind'] == 'ivf_pq' and len(added_probes['ids']):
     added_error = index_quality.quantization_error(index, added_probes['vectors'])
   reasons = index_quality.rebuild_reasons(health, description['build'], added_error, recall_drop)
+  if plan['kind'] == 'hnsw' and len(marked) > HNSW_DELETED_SHARE * index.ntotal:
+    reasons.append(f'{len(marked)} of the graph\'s {index.ntotal} vectors are marked deleted '
+                   f'(over {HNSW_DELETED_SHARE:.0%}): searches walk past them')
   description = dict(description)
   description.update({
       'directory': directory,  # where it is now (a copy names its own)
-      'count': index.ntotal, 'runs': description['runs'] + _covered(refs, new),
-      'next_shard': description['next_shard'] + len(refs), 'probes': len(probe_file['ids']),
+      'version': collection.version, 'count': count, 'deleted': int(len(marked)),
+      'adds': description['adds'] + 1, 'probes': len(probe_file['ids']),
       'probe_recall_at_10': health['probe_recall_at_10'],
       'list_imbalance': health['list_imbalance'],
-      'last_add': {'at': utc_now(), 'runs': [r.path for r in new],
-                   'added': added, 'removed': int(len(removed)),
+      'last_add': {'at': utc_now(), 'since': since, 'version': collection.version,
+                   'added': added, 'removed': int(len(deleted)),
                    'added_probes': len(added_probes['ids']),
                    'added_probe_recall_at_10': added_recall,
                    'added_probe_quantization_error': added_error, 'recall_drop': recall_drop,
                    'rebuild': reasons},
   })
-  output.finish(index, trained, probe_file, description)
+  output.finish(index, trained, probe_file, description, marked)
   remove_pieces(pieces, directory)
   return description
+

@@ -1,25 +1,34 @@
-"""The index build's working folder: what its workers write there (kept rows, training samples,
-the trained index and probes, a set of pieces a shard) for this process to read, where the
-folder is, and its removal. Written through Beam's FileSystems: with a remote runner the folder
+"""The index build's working folder: what its workers write there (training samples, the trained
+index and probes, a set of pieces a fragment of the collection) for this process to read, where
+the folder is, and its removal. Written through Beam's FileSystems: with a remote runner the folder
 is under --temp_location, which every worker can reach."""
 
 import io
 import os
 import shutil
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import storage
 from embeddings import faiss_util, neighbour_index
-from jobs.shard_refs import ShardRef
 
 PIECES_DIR = '.pieces'
 METRICS_NAMESPACE = 'index'  # the workers' counters
+
+
+class FragmentRef(NamedTuple):
+  """A fragment of the collection as the index job's elements name it: its place in the job
+  (`number`: its pieces' and samples' names, its sample's seed) and its id in the collection."""
+  number: int
+  fragment_id: int
+
+
+def fragment_refs(fragment_ids: Sequence[int], first: int = 0) -> List[FragmentRef]:
+  return [FragmentRef(first + number, fragment_id)
+          for number, fragment_id in enumerate(fragment_ids)]
 
 
 def pieces_location(directory: str, beam_flags: Sequence[str]) -> str:
@@ -73,22 +82,18 @@ def _piece_name(pieces: str, number: int, suffix: str) -> str:
   return storage.join(pieces, f'piece-{number:06d}{suffix}')
 
 
-def write_piece(pieces: str, number: int, lists: bytes, vectors, probe_ids, probe_scores,
-                metadata: pa.Table) -> None:
+def write_piece(pieces: str, number: int, lists: bytes, ids, vectors, probe_ids,
+                probe_scores) -> None:
+  """`vectors`: float16 unit vectors for an HNSW plan (this process adds them to the graph),
+  else empty (the codes are in `lists`)."""
   put_file(_piece_name(pieces, number, '.npz'), npz_bytes({
-      'vectors': vectors, 'probe_ids': probe_ids, 'probe_scores': probe_scores}))
+      'ids': ids, 'vectors': vectors, 'probe_ids': probe_ids, 'probe_scores': probe_scores}))
   if lists:
     put_file(_piece_name(pieces, number, '.lists'), lists)
-  sink = pa.BufferOutputStream()
-  pq.write_table(metadata, sink)
-  put_file(_piece_name(pieces, number, '.parquet'), sink.getvalue().to_pybytes())
 
 
-def read_piece(pieces: str, number: int) -> tuple:
-  arrays = np.load(io.BytesIO(storage.read_bytes(_piece_name(pieces, number, '.npz'))))
-  metadata = pq.read_table(pa.BufferReader(storage.read_bytes(
-      _piece_name(pieces, number, '.parquet'))))
-  return dict(arrays), metadata
+def read_piece(pieces: str, number: int) -> dict:
+  return dict(np.load(io.BytesIO(storage.read_bytes(_piece_name(pieces, number, '.npz')))))
 
 
 def _local_lists(pieces: str, number: int, local: str) -> Optional[str]:
@@ -105,7 +110,7 @@ def _local_lists(pieces: str, number: int, local: str) -> Optional[str]:
   return copy
 
 
-def piece_lists(pieces: str, refs: List[ShardRef], directory: str) -> list:
+def piece_lists(pieces: str, refs: List[FragmentRef], directory: str) -> list:
   """The pieces' IVF lists (InvertedLists), memory-mapped from the local disk."""
   faiss = faiss_util.faiss()
   local = os.path.join(directory, PIECES_DIR + '-lists')

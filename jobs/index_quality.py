@@ -1,5 +1,5 @@
 """How well the neighbour index finds neighbours, measured on probes: vectors held back from
-training at build, and drawn from each added run at `add`, whose exact neighbours the encoding
+training at build, and drawn from the rows each `add` inserts, whose exact neighbours the encoding
 workers find among the vectors they encode. The build records recall@10 on its probes, their
 quantization error and the lists' imbalance, and picks a PQ plan's nprobe from its probes' curve;
 `add` checks the index's health against the build's, like for like, and says when to rebuild."""
@@ -9,17 +9,16 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from collection import Collection
 from embeddings import faiss_util
-from embeddings.neighbour_index import (TUNING_RERANK, ivf_lists, rerank_candidates,
-                                        search_parameters)
+from embeddings.neighbour_index import (TUNING_RERANK, embedding_rows, ivf_lists,
+                                        rerank_candidates, search_parameters)
 from embeddings.similarity import unit_rows
-from jobs.index_kept import kept_rows, row_ids
+from jobs.collection_reads import read_fragment, row_ids
 from jobs.index_plan import ivf_of
-from jobs.shard_refs import ShardRef
-from storage.run_dirs import Run
 
 PROBES = 100  # held back at build (a tenth of the sampled vectors when fewer than 1,000)
-PROBES_PER_ADDED_RUN = 100  # drawn from each added run (a tenth of its vectors when fewer)
+PROBES_PER_ADD = 100  # drawn from the rows an add inserts (a tenth of them when fewer than 1,000)
 PROBE_NEIGHBOURS = 50  # exact neighbours kept per probe: enough to survive replaced URIs
 RECALL_K = 10
 IMBALANCE_GROWTH = 2.0  # lists this much more imbalanced than at build: rebuild
@@ -52,27 +51,18 @@ def no_neighbours(count: int) -> BestNeighbours:
   return BestNeighbours(np.zeros((count, 0), np.int64), np.zeros((count, 0), np.float32))
 
 
-def added_run_probes(new: Sequence[Run], refs: List[ShardRef], seed: int) -> dict:
-  """Up to PROBES_PER_ADDED_RUN vectors the collection keeps from each added run (a tenth of
-  them when fewer than 1,000), drawn uniformly: the kept files say which rows are kept, then
-  only the row groups holding the chosen rows are read."""
-  rng = np.random.default_rng(seed)
-  ids, vectors = [], []
-  for run in new:
-    candidates = [(ref, kept_rows(ref)) for ref in refs if ref.run == run.path]
-    kept = sum(len(rows) for _, rows in candidates)
-    chosen = np.sort(rng.permutation(kept)[:min(PROBES_PER_ADDED_RUN, kept // 10)])
-    start = 0
-    for ref, rows in candidates:
-      mine = rows[chosen[(chosen >= start) & (chosen < start + len(rows))] - start]
-      start += len(rows)
-      if len(mine):
-        ids.append(row_ids(ref, mine))
-        vectors.append(unit_rows(faiss_util.read_rows(ref.path, mine)))
-  dimension = new[0].embedding_size
-  return {'ids': np.concatenate(ids) if ids else np.zeros(0, np.int64),
-          'vectors': np.concatenate(vectors) if vectors else np.zeros((0, dimension),
-                                                                      np.float32)}
+def added_probes(collection: Collection, fragment_ids: Sequence[int], since: int,
+                 seed: int) -> dict:
+  """Up to PROBES_PER_ADD of the rows inserted after version `since` (a tenth of them when fewer
+  than 1,000), drawn uniformly: their ids are read (no vector), then the chosen rows' vectors."""
+  ids = np.concatenate([np.zeros(0, np.int64)] + [
+      row_ids(batch) for fragment_id in fragment_ids
+      for batch in read_fragment(collection, fragment_id, [], since)])
+  chosen = np.sort(np.random.default_rng(seed).permutation(ids)[:min(PROBES_PER_ADD,
+                                                                      len(ids) // 10)])
+  return {'ids': chosen,
+          'vectors': unit_rows(embedding_rows(collection, chosen)) if len(chosen) else
+                     np.zeros((0, collection.feature_size), np.float32)}
 
 
 def recall_at(found: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
@@ -82,14 +72,16 @@ def recall_at(found: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
 
 
 def probe_recall(index, probes: Dict[str, np.ndarray], plan: dict, nprobe: int,
-                 id_range: Optional[tuple] = None) -> float:
+                 id_range: Optional[tuple] = None, selector=None) -> float:
   """recall@10 of the index on a probe set, against the probes' exact neighbours (each probe's
   own vector left out); `id_range` (first, end): search among those ids only, as the probes'
-  neighbours were found (e.g. those of one added run)."""
+  neighbours were found (e.g. those of the rows one add inserted); `selector`: a FAISS selector
+  of the ids searched (an HNSW index's not deleted ones)."""
   faiss = faiss_util.faiss()
   if not len(probes['ids']):
     return float('nan')
-  selector = faiss.IDSelectorRange(*id_range) if id_range else None
+  if id_range:
+    selector = faiss.IDSelectorRange(*id_range)
   depth = max(nprobe, RECALL_K + 1) if plan['kind'] == 'hnsw' else nprobe
   _, found = index.search(np.ascontiguousarray(probes['vectors'], np.float32), RECALL_K + 1,
                           params=search_parameters(plan, depth, selector))
@@ -162,10 +154,11 @@ def quantization_error(index, vectors: np.ndarray) -> float:
   return float(np.mean(left_out + residual[:, 0]))
 
 
-def health(index, plan: dict, probe_file: dict) -> dict:
+def health(index, plan: dict, probe_file: dict, selector=None) -> dict:
   """What the build records and `add` compares with it: recall@10 on the probes at the plan's
-  nprobe, the lists' imbalance."""
-  return {'probe_recall_at_10': probe_recall(index, probe_file, plan, plan['nprobe']),
+  nprobe (`selector`: see probe_recall), the lists' imbalance."""
+  return {'probe_recall_at_10': probe_recall(index, probe_file, plan, plan['nprobe'],
+                                             selector=selector),
           'list_imbalance': list_imbalance(index)}
 
 

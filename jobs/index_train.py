@@ -1,4 +1,4 @@
-"""Training the neighbour index on one worker, from samples every worker draws of its shard:
+"""Training the neighbour index on one worker, from samples every worker draws of its fragment:
 the PCA first when the plan has one, then, on a second, PCA-reduced sample, the IVF lists and
 the PQ codes (HNSW needs no training). The probes are held back from the first sample."""
 
@@ -11,11 +11,11 @@ import numpy as np
 import storage
 from embeddings import faiss_util
 from embeddings.similarity import unit_rows
-from jobs.index_kept import kept_rows, row_ids
-from jobs.index_pieces import METRICS_NAMESPACE, npz_bytes, put_file
+from embeddings.neighbour_index import embedding_rows
+from jobs.collection_reads import Snapshot, read_fragment, row_ids
+from jobs.index_pieces import METRICS_NAMESPACE, FragmentRef, npz_bytes, put_file
 from jobs.index_plan import IndexPlan, new_index
 from jobs.index_quality import PROBES
-from jobs.shard_refs import ShardRef
 
 PCA_SAMPLE = 20_000  # vectors to train the PCA on
 TRAINING_ITERATIONS = 10
@@ -24,7 +24,7 @@ RESIDUAL_TABLES_MAX = 256_000_000  # bytes
 
 
 def training_settings(plan: IndexPlan, dimension: int, seed: int, count: int) -> dict:
-  """What the pipeline trains for the plan over `count` kept rows: the fractions of them its two
+  """What the pipeline trains for the plan over `count` rows: the fractions of them its two
   samples draw, the first large enough for the PCA (or the lists and codes) and the probes."""
   first_sample = PCA_SAMPLE if plan.pca_dimension else plan.train_sample
   first_sample = max(first_sample, 20 * PROBES)  # probes: a tenth at most
@@ -33,35 +33,39 @@ def training_settings(plan: IndexPlan, dimension: int, seed: int, count: int) ->
           'reduced_fraction': min(1.0, plan.train_sample * 1.2 / max(count, 1))}
 
 
-class SampleShard(beam.DoFn):
-  """About `fraction` of a shard's kept rows as unit vectors (PCA-reduced when given a PCA),
-  written to a file whose path is the output: a sample of 4320-d vectors is hundreds of MB, which
-  as Beam elements would be copied by every coder and consumer on the way to the trainer."""
+class SampleFragment(beam.DoFn):
+  """About `fraction` of a fragment's rows as unit vectors (PCA-reduced when given a PCA): their
+  ids are read, then the chosen rows' vectors alone, by row id. Written to a file whose path is
+  the output: a sample of 4320-d vectors is hundreds of MB, which as Beam elements would be
+  copied by every coder and consumer on the way to the trainer."""
 
-  def __init__(self, fraction: float, seed: int, samples: str):
+  def __init__(self, snapshot: Snapshot, fraction: float, seed: int, samples: str):
+    self._snapshot = snapshot
     self._fraction = fraction
     self._seed = seed
     self._samples = samples
 
-  def process(self, ref: ShardRef, pca_bytes: Optional[bytes] = None):
-    rows, vectors = faiss_util.sample_rows(ref.path, self._fraction, self._seed + ref.number)
-    if len(rows) and ref.kept_file is not None:
-      keep = np.isin(rows, kept_rows(ref))
-      rows, vectors = rows[keep], vectors[keep]
-    if not len(rows):
+  def setup(self):
+    self._collection = self._snapshot.open()
+
+  def process(self, ref: FragmentRef, pca_bytes: Optional[bytes] = None):
+    ids = np.concatenate([np.zeros(0, np.int64)] + [
+        row_ids(batch) for batch in read_fragment(self._collection, ref.fragment_id, [])])
+    ids = ids[np.random.default_rng(self._seed + ref.number).random(len(ids)) < self._fraction]
+    if not len(ids):
       return
-    vectors = unit_rows(vectors)
+    sample = unit_rows(embedding_rows(self._collection, ids))  # the chosen rows' vectors only
     if pca_bytes is not None:
       wrapper = faiss_util.from_bytes(pca_bytes)  # owns the PCA: alive while it is applied
-      vectors = wrapper.chain.at(0).apply(vectors)
-    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'sampled').inc(len(rows))
+      sample = wrapper.chain.at(0).apply(sample)
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'sampled').inc(len(ids))
     path = storage.join(self._samples, f'sample-{self._seed}-{ref.number:06d}.npz')
-    put_file(path, npz_bytes({'ids': row_ids(ref, rows), 'vectors': vectors}))
+    put_file(path, npz_bytes({'ids': ids, 'vectors': sample}))
     yield path
 
 
 def _concatenate(sample_files: List[str]) -> tuple:
-  """(ids, vectors) of the sample files, in shard order whatever the runner."""
+  """(ids, vectors) of the sample files, in fragment order whatever the runner."""
   parts = [np.load(io.BytesIO(storage.read_bytes(path))) for path in sorted(sample_files)]
   return (np.concatenate([part['ids'] for part in parts]),
           np.concatenate([part['vectors'] for part in parts]))

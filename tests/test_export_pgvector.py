@@ -1,9 +1,14 @@
-"""`python -m embeddings.export` into a real PostgreSQL with pgvector (pgserver, on 127.0.0.1):
-the table equals `embeddings.load` row by row after two nights, a rerun with nothing new writes
-nothing, bad targets are refused before any work, a failed batch is retried and a batch that keeps
-failing leaves the table marked with its last complete state; above 2,000 dimensions the index is on
-the PCA column and the query of docs/exporting.md re-ranks by the full vector."""
+"""`pnasnet-embeddings export --collection` into a real PostgreSQL with pgvector (pgserver, on
+127.0.0.1): the table equals the collection (ids, rows and vectors) after each sync; a sync reads
+only the rows changed since the version it last applied, deletions propagate, a compaction makes
+the next sync write nothing, a cleaned-up version makes it sync whole; a target following another
+collection is refused unless --replace; bad targets are refused before any work, a failed batch
+is retried and a batch that keeps failing leaves the table marked with its last complete state;
+above 2,000 dimensions the index is on the PCA column and the query of docs/exporting.md
+re-ranks by the full vector."""
 
+import datetime
+import logging
 import os
 import re
 import subprocess
@@ -14,10 +19,10 @@ import numpy as np
 import psycopg
 import pytest
 
-import embeddings
+import collection
 from commands.export import main as export_main
+from tests.collection_nights import night, rows_of, vectors_of
 from tests.export_servers import free_port, postgres_with_pgvector
-from tests.run_writer import rows, write_run
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs',
                     'exporting.md')
@@ -29,84 +34,86 @@ def postgres():
     yield url
 
 
-def two_nights(folder) -> str:
-  """Night 1 embeds a, b, c, d under /photos; night 2 (same input) embeds a again (changed) and
-  e (new), skips b (unchanged), dead-letters c and no longer finds d. Returns the runs' glob."""
-  a, b, c, d = rows(['/photos/a.jpg', '/photos/b.jpg', '/photos/c.jpg', '/photos/d.jpg'], 8, 1)
-  write_run(f'{folder}/night1', [a, b, c, d], inputs=['/photos'],
-            finished_at='2026-12-01T02:00:00Z')
-  a2, e = rows(['/photos/a.jpg', '/photos/e.jpg'], 8, 2)
-  write_run(f'{folder}/night2', [a2._replace(size_bytes=999), e], skipped_rows=[b],
-            failed_uris=['/photos/c.jpg'], inputs=['/photos'], finished_at='2026-12-02T02:00:00Z')
-  return f'{folder}/night*'
+def first_night(uri: str) -> int:
+  """a, b, c, d under /photos."""
+  names = ['/photos/a.jpg', '/photos/b.jpg', '/photos/c.jpg', '/photos/d.jpg']
+  return night(uri, 'night1', dict(zip(names, vectors_of(names, 8, 1))))
+
+
+def second_night(uri: str) -> int:
+  """a changed (a new vector), e new, c failed on its new version, d deleted: b, a, e remain."""
+  names = ['/photos/a.jpg', '/photos/e.jpg']
+  return night(uri, 'night2', dict(zip(names, vectors_of(names, 8, 2))),
+               gone=['/photos/c.jpg', '/photos/d.jpg'])
 
 
 def table_rows(url: str, table: str) -> dict:
   with psycopg.connect(url) as connection:
-    found = connection.execute(f'SELECT uri, sha256, height, width, model, run, '
+    found = connection.execute(f'SELECT id, uri, sha256, height, width, model, run, '
                                f'embedding::real[] FROM {table}').fetchall()
-  return {r[0]: r[1:6] + (np.array(r[6], np.float32),) for r in found}
-
-
-def collection_rows(glob: str) -> dict:
-  collection = embeddings.load(glob)
-  metadata = collection.metadata.to_pylist()
-  return {uri: (m['sha256'], m['height'], m['width'], m['model'], m['run'], collection.vectors[i])
-          for i, (uri, m) in enumerate(zip(collection.uris, metadata))}
+  return {r[0]: r[1:7] + (np.array(r[7], np.float32),) for r in found}
 
 
 def assert_equal_rows(found: dict, expected: dict) -> None:
   assert sorted(found) == sorted(expected)
-  for uri, row in expected.items():
-    assert found[uri][:5] == row[:5], uri
-    np.testing.assert_array_equal(found[uri][5], row[5])
+  for row_id, row in expected.items():
+    assert found[row_id][:6] == row[:6], row_id
+    np.testing.assert_array_equal(found[row_id][6], row[6])
 
 
-def export(glob: str, to: str, *flags):
-  return export_main(['--runs', glob, '--to', to, *flags])
+def export(uri: str, to: str, *flags):
+  return export_main(['--collection', uri, '--to', to, *flags])
 
 
 class Nights(NamedTuple):
-  glob: str
-  first_report: object
-  after_first: dict  # the table's rows after night 1 alone
-  first_expected: dict
-  report: object  # of the export of both nights
+  uri: str
+  reports: list  # of the exports after night 1, night 2, nights 3 and 4, the compaction
+  tables: list  # the table's rows after each
+  versions: list  # the collection's version at each
 
 
 @pytest.fixture(scope='module')
 def nights(postgres, tmp_path_factory) -> Nights:
-  """Table `nights`: night 1 exported alone, then both nights; later tests rerun it and check
-  it untouched."""
-  folder = tmp_path_factory.mktemp('nights')
+  """Table `nights` follows a collection: exported after night 1, after night 2, after nights 3
+  and 4 (two commits), then after a compaction."""
+  uri = str(tmp_path_factory.mktemp('nights') / 'collection')
   to = f'{postgres}?table=nights'
-  first = str(folder / 'first')
-  write_run(f'{first}/night1', rows(['/photos/a.jpg', '/photos/b.jpg', '/photos/c.jpg',
-                                     '/photos/d.jpg'], 8, 1), inputs=['/photos'],
-            finished_at='2026-12-01T02:00:00Z')
-  first_report = export(f'{first}/night1', to)
-  after_first = table_rows(postgres, 'nights')
-  glob = two_nights(folder / 'both')
-  # the same night 1 again under another directory: every row's run changes, so all are written
-  return Nights(glob, first_report, after_first, collection_rows(f'{first}/night1'),
-                export(glob, to))
+  reports, tables, versions = [], [], []
+
+  def sync():
+    reports.append(export(uri, to))
+    tables.append(table_rows(postgres, 'nights'))
+    versions.append(collection.open_collection(uri).version)
+  first_night(uri)
+  sync()
+  second_night(uri)
+  sync()
+  names = [f'/photos/n{i}.jpg' for i in range(5)]
+  night(uri, 'night3', dict(zip(names, vectors_of(names, 8, 3))), gone=['/photos/b.jpg'])
+  night(uri, 'night4', {'/photos/n0.jpg': vectors_of(['x'], 8, 4)[0]}, gone=['/photos/n1.jpg'])
+  sync()
+  collection.compact(uri)
+  sync()
+  return Nights(uri, reports, tables, versions)
 
 
-def test_two_nights_one_deletion_and_one_dead_letter_leave_the_table_equal_to_load(
+def test_each_sync_reads_only_the_changes_and_leaves_the_table_equal_to_the_collection(
     postgres, nights):
-  report = nights.first_report
-  assert (report.written, report.deleted) == (4, 0)
-  assert_equal_rows(nights.after_first, nights.first_expected)
-
-  report = nights.report
-  expected = collection_rows(nights.glob)
-  assert sorted(expected) == ['/photos/a.jpg', '/photos/b.jpg', '/photos/e.jpg']
-  assert_equal_rows(table_rows(postgres, 'nights'), expected)
-  assert (report.written, report.deleted, report.rows) == (3, 2, 3)
+  counts = [(r.rows_read, r.written, r.deleted, r.rows, r.whole) for r in nights.reports]
+  assert counts == [
+      (4, 4, 0, 4, True),  # the first export: every row
+      (2, 2, 3, 3, False),  # a and e written; a's old row, c and d deleted
+      (4, 4, 1, 6, False),  # two commits: n0 (again), n2, n3, n4 remain of 6 inserted; b gone
+      (0, 0, 0, 6, False),  # compaction changes no row: nothing read, written or deleted
+  ]
+  for table, version in zip(nights.tables, nights.versions):
+    assert_equal_rows(table, rows_of(nights.uri, version))
+  assert nights.reports[-1].state.version == nights.versions[-1]
   with psycopg.connect(postgres) as connection:
-    indexes = connection.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'nights'"
-                                 ).fetchall()
-  assert any('hnsw (embedding vector_cosine_ops)' in i[0] for i in indexes)
+    indexes = [i[0] for i in connection.execute(
+        "SELECT indexdef FROM pg_indexes WHERE tablename = 'nights'").fetchall()]
+  assert any('hnsw (embedding vector_cosine_ops)' in i for i in indexes)
+  assert any('btree (uri)' in i for i in indexes)
 
 
 def test_a_rerun_with_nothing_new_writes_nothing(postgres, nights, capsys):
@@ -119,43 +126,92 @@ def test_a_rerun_with_nothing_new_writes_nothing(postgres, nights, capsys):
           'nights_export').fetchall())
   before = snapshot()
   capsys.readouterr()
-  report = export(nights.glob, to)
-  assert (report.written, report.deleted, report.state) == (0, 0, None)
+  report = export(nights.uri, to)
+  assert (report.written, report.deleted, report.rows_read, report.state) == (0, 0, 0, None)
   assert 'nothing new' in capsys.readouterr().out
   assert snapshot() == before  # no row and no record rewritten
 
 
-def _refused(capsys, glob, to) -> str:
+def _refused(capsys, uri, to, *flags) -> str:
   with pytest.raises(SystemExit) as exit_info:
-    export(glob, to)
+    export(uri, to, *flags)
   assert exit_info.value.code == 2
   error = capsys.readouterr().err.strip()
   assert len(error.splitlines()) == 1, error
   return error
 
 
-def test_bad_targets_are_refused_before_any_work_with_exit_2_and_one_line(postgres, nights,
-                                                                          tmp_path, capsys):
-  glob = nights.glob
-  assert 'not a target' in _refused(capsys, glob, 'mysql://root@127.0.0.1/db?table=t')
-  assert 'name one table' in _refused(capsys, glob, postgres)
-  assert 'cannot connect' in _refused(capsys, glob,
+def test_bad_targets_and_collections_are_refused_before_any_work_with_exit_2_and_one_line(
+    postgres, nights, tmp_path, capsys):
+  uri = nights.uri
+  assert 'not a target' in _refused(capsys, uri, 'mysql://root@127.0.0.1/db?table=t')
+  assert 'name one table' in _refused(capsys, uri, postgres)
+  assert 'cannot connect' in _refused(capsys, uri,
                                       f'postgresql://postgres@127.0.0.1:{free_port()}/postgres'
                                       f'?table=t')
-  other_size = str(tmp_path / 'wide')
-  write_run(f'{other_size}/run', rows(['/photos/a.jpg'], 16, 3))
+  assert 'no collection at' in _refused(capsys, str(tmp_path / 'none'),
+                                        f'{postgres}?table=nights')
+  wide = str(tmp_path / 'wide')
+  night(wide, 'run', {'/photos/a.jpg': vectors_of(['a'], 16, 3)[0]}, dimension=16)
   assert '8-d vectors of builtin:test@untrained-seed0, not 16-d' in _refused(
-      capsys, f'{other_size}/run', f'{postgres}?table=nights')
+      capsys, wide, f'{postgres}?table=nights')
   other_model = str(tmp_path / 'model')
-  write_run(f'{other_model}/run', rows(['/photos/a.jpg'], 8, 3), model='builtin:other@seed1')
-  assert 'not 8-d of builtin:other@seed1' in _refused(capsys, f'{other_model}/run',
+  night(other_model, 'run', {'/photos/a.jpg': vectors_of(['a'], 8, 3)[0]},
+        model='builtin:other@seed1')
+  assert 'not 8-d of builtin:other@seed1' in _refused(capsys, other_model,
                                                      f'{postgres}?table=nights')
+  other = str(tmp_path / 'other')
+  first_night(other)
+  assert f'holds collection {uri}, not {other}: give --replace' in _refused(
+      capsys, other, f'{postgres}?table=nights')
+  assert 'newer than version 1' in _refused(capsys, uri, f'{postgres}?table=nights',
+                                            '--version', '1')
   with psycopg.connect(postgres) as connection:
     connection.execute('CREATE TABLE users_own (uri text PRIMARY KEY)')
     assert connection.execute("SELECT count(*) FROM pg_tables WHERE tablename = 't'"
                               ).fetchone()[0] == 0
-  assert 'was not made by this export' in _refused(capsys, glob, f'{postgres}?table=users_own')
-  assert_equal_rows(table_rows(postgres, 'nights'), collection_rows(glob))  # untouched
+  assert 'was not made by this export' in _refused(capsys, uri, f'{postgres}?table=users_own')
+  assert_equal_rows(table_rows(postgres, 'nights'), rows_of(uri))  # untouched
+
+
+def test_a_table_of_the_export_of_run_directories_is_replaced_only_when_asked(
+    postgres, nights, capsys):
+  with psycopg.connect(postgres) as connection:  # as the export of run directories left it
+    connection.execute('CREATE TABLE legacy (uri text PRIMARY KEY, run text NOT NULL)')
+    connection.execute('CREATE TABLE legacy_export (name text PRIMARY KEY, value jsonb)')
+    connection.execute(
+        "INSERT INTO legacy_export VALUES ('target', %s), ('state', %s)",
+        ('{"model": "builtin:test@untrained-seed0", "dimension": 8, "reduced_dimension": null}',
+         '{"status": "complete", "runs": ["/runs/night1"], "rows": 1, "started_at": "t", '
+         '"finished_at": "t", "last_complete": null}'))
+  to = f'{postgres}?table=legacy'
+  assert 'holds an export of run directories (before the collection)' in _refused(
+      capsys, nights.uri, to)
+  report = export(nights.uri, to, '--replace')
+  assert (report.whole, report.written) == (True, 6)
+  assert_equal_rows(table_rows(postgres, 'legacy'), rows_of(nights.uri))
+
+
+def test_replace_and_a_cleaned_up_version_sync_whole_and_drop_what_the_collection_lacks(
+    postgres, tmp_path, caplog):
+  to = f'{postgres}?table=replaced'
+  first, other = str(tmp_path / 'first'), str(tmp_path / 'other')
+  first_night(first)
+  export(first, to)
+  first_night(other)
+  second_night(other)
+  report = export(other, to, '--replace')
+  assert (report.whole, report.rows_read, report.written) == (True, 3, 3)
+  assert_equal_rows(table_rows(postgres, 'replaced'), rows_of(other))
+
+  names = ['/photos/f.jpg', '/photos/g.jpg']
+  night(other, 'night3', dict(zip(names, vectors_of(names, 8, 5))), gone=['/photos/e.jpg'])
+  collection.cleanup(other, datetime.timedelta(0))  # the version the table holds is gone
+  with caplog.at_level(logging.WARNING):
+    report = export(other, to)
+  assert 'no longer kept' in caplog.text and 'syncing it whole' in caplog.text
+  assert (report.whole, report.rows_read, report.written, report.deleted) == (True, 4, 4, 1)
+  assert_equal_rows(table_rows(postgres, 'replaced'), rows_of(other))
 
 
 def _fail_writes_of(postgres: str, table: str, uri: str, times: int) -> None:
@@ -181,35 +237,33 @@ def test_a_failed_batch_is_retried_and_one_that_keeps_failing_names_the_last_com
   """The failure is PostgreSQL's own (a trigger raising); a batch is one transaction, so a
   failure leaves none of it, and the retry writes it whole."""
   to = f'{postgres}?table=failing'
-  first = str(tmp_path / 'first')
-  write_run(f'{first}/night1', rows(['/photos/a.jpg', '/photos/b.jpg', '/photos/c.jpg',
-                                     '/photos/d.jpg'], 8, 1), inputs=['/photos'],
-            finished_at='2026-12-01T02:00:00Z')
-  export(f'{first}/night1', to)
-  glob = two_nights(tmp_path / 'both')
-
+  uri = str(tmp_path / 'collection')
+  first_night(uri)
+  export(uri, to)
+  second_night(uri)
   _fail_writes_of(postgres, 'failing', '/photos/e.jpg', times=1)  # then it succeeds
-  export(glob, to, '--batch_size', '2')
-  assert_equal_rows(table_rows(postgres, 'failing'), collection_rows(glob))
+  export(uri, to, '--batch_size', '2')
+  assert_equal_rows(table_rows(postgres, 'failing'), rows_of(uri))
+  held = collection.open_collection(uri).version
 
-  night3 = str(tmp_path / 'both' / 'night3')
-  write_run(night3, rows(['/photos/f.jpg', '/photos/g.jpg'], 8, 4),
-            finished_at='2026-12-03T02:00:00Z', inputs=['/photos/f.jpg', '/photos/g.jpg'])
+  names = ['/photos/f.jpg', '/photos/g.jpg']
+  night(uri, 'night3', dict(zip(names, vectors_of(names, 8, 4))), gone=['/photos/b.jpg'])
   _fail_writes_of(postgres, 'failing', '/photos/g.jpg', times=100)  # more than the retries
   capsys.readouterr()
   with pytest.raises(SystemExit) as exit_info:
-    export(glob, to, '--batch_size', '1')
+    export(uri, to, '--batch_size', '1')
   assert exit_info.value.code == 1
   error = capsys.readouterr().err
   assert 'failed part way' in error and 'refused /photos/g.jpg for the test' in error
-  assert re.search(r'last complete state: complete export of \S+ \(3 rows from 2 run\(s\)',
-                   error), error
+  assert re.search(rf'last complete state: complete export of \S+ \(3 rows, version {held} of '
+                   rf'{re.escape(uri)}\)', error), error
   with psycopg.connect(postgres) as connection:
     assert connection.execute("SELECT value->>'status' FROM failing_export WHERE name = 'state'"
                               ).fetchone()[0] == 'in progress'
     connection.execute('DROP TRIGGER refuse ON failing')
-  export(glob, to)
-  assert_equal_rows(table_rows(postgres, 'failing'), collection_rows(glob))
+  report = export(uri, to)
+  assert (report.whole, report.state.since) == (False, held)  # the changes again, from there
+  assert_equal_rows(table_rows(postgres, 'failing'), rows_of(uri))
   with psycopg.connect(postgres) as connection:
     assert connection.execute("SELECT value->>'status' FROM failing_export WHERE name = 'state'"
                               ).fetchone()[0] == 'complete'
@@ -225,12 +279,15 @@ def docs_query(language: str = 'sql') -> str:
 def test_above_2000_dimensions_the_index_is_on_the_pca_column_and_the_docs_query_reranks(
     postgres, tmp_path):
   """The SQL of docs/exporting.md, and its Python script run as printed with the export's --to."""
-  from benchmarks.synthetic_collection import write_synthetic_run
-  run = write_synthetic_run(str(tmp_path / 'synthetic'), 600, shard_rows=250, clusters=20)
-  report = export(run.directory, f'{postgres}?table=photos')
+  from benchmarks.synthetic_collection import write_synthetic_collection
+  made = write_synthetic_collection(str(tmp_path / 'synthetic'), 600, fragment_rows=250,
+                                    clusters=20)
+  report = export(made.uri, f'{postgres}?table=photos')
   assert report.written == 600
-  collection = embeddings.load(run.directory)
-  unit = collection.vectors / np.linalg.norm(collection.vectors, axis=1, keepdims=True)
+  rows = sorted(rows_of(made.uri).values(), key=lambda row: row[0])
+  uris = [row[0] for row in rows]
+  vectors = np.stack([row[6] for row in rows])
+  unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
   sql = docs_query()
   with psycopg.connect(postgres) as connection:
     indexdef = connection.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'photos'"
@@ -238,22 +295,22 @@ def test_above_2000_dimensions_the_index_is_on_the_pca_column_and_the_docs_query
     assert 'hnsw (embedding_reduced vector_l2_ops)' in indexdef
     *settings, query_sql = [s for s in sql.split(';') if s.strip()]
     for row in (0, 17, 333):
-      query = collection.vectors[row]
+      query = vectors[row]
       with connection.transaction():
         for statement in settings:  # SET LOCAL: for this transaction
           connection.execute(statement)
         found = connection.execute(query_sql, {'query': str(query.tolist()), 'k': 10}).fetchall()
       exact = np.argsort(-(unit @ (query / np.linalg.norm(query))), kind='stable')[:10]
-      assert [uri for uri, _ in found] == [collection.uris[i] for i in exact]
-      assert found[0][0] == collection.uris[row] and found[0][1] == pytest.approx(1, abs=1e-5)
+      assert [uri for uri, _ in found] == [uris[i] for i in exact]
+      assert found[0][0] == uris[row] and found[0][1] == pytest.approx(1, abs=1e-5)
     plan = '\n'.join(r[0] for r in connection.execute(
-        'EXPLAIN ' + query_sql, {'query': str(collection.vectors[0].tolist()), 'k': 10}
+        'EXPLAIN ' + query_sql, {'query': str(vectors[0].tolist()), 'k': 10}
     ).fetchall())
     assert 'Index Scan using photos_hnsw' in plan, plan
   row = 17
   script = subprocess.run([sys.executable, '-c', docs_query('python'), f'{postgres}?table=photos',
-                           collection.uris[row]], capture_output=True, text=True, check=True)
+                           uris[row]], capture_output=True, text=True, check=True)
   printed = [line.split('  ', 1) for line in script.stdout.splitlines()]
   exact = np.argsort(-(unit @ unit[row]), kind='stable')[:10]
-  assert [uri for _, uri in printed] == [collection.uris[i] for i in exact]
+  assert [uri for _, uri in printed] == [uris[i] for i in exact]
   assert float(printed[0][0]) == pytest.approx(1, abs=1e-4)

@@ -1,9 +1,11 @@
-"""`python -m embeddings.export` into Milvus Lite (milvus-lite, in-process) and Qdrant's local mode
-through Beam's own writers, and into Vertex AI Vector Search's JSONL layout: each equals
-`embeddings.load` row by row after two nights, one deletion and one dead letter; a rerun with
-nothing new writes nothing; a target of another dimension, an unreachable server and a
+"""`pnasnet-embeddings export --collection` into Milvus Lite (milvus-lite, in-process) and
+Qdrant's local mode through Beam's own writers, and into Vertex AI Vector Search's JSONL layout:
+each equals the collection (ids, rows, vectors) after two nights, one changed file and one
+deleted; a compaction makes the next sync write nothing, a rerun with nothing new writes
+nothing; the rows are read by workers; a target of another dimension, an unreachable server and a
 collection this export did not make are refused with exit 2."""
 
+import datetime
 import glob as globbing
 import json
 import os
@@ -14,41 +16,42 @@ import numpy as np
 import pymilvus  # noqa: F401
 import pytest
 
+import collection
 from tests.bundle_spy import calls_by_place
+from tests.collection_nights import night, rows_of, vectors_of
 from tests.export_servers import free_port
-from tests.run_writer import rows, write_run
 from tests.test_commands import _command
-from tests.test_export_pgvector import (_refused, assert_equal_rows, collection_rows, export,
-                                        two_nights)
+from tests.test_export_pgvector import (_refused, assert_equal_rows, export, first_night,
+                                        second_night)
 
 
-def milvus_rows(path: str, collection: str) -> dict:
+def milvus_rows(path: str, name: str) -> dict:
   from pymilvus import MilvusClient
   client = MilvusClient(path)
   try:
-    found = client.query(collection, filter='uri != ""', output_fields=[
-        'uri', 'sha256', 'height', 'width', 'model', 'run', 'embedding'])
+    found = client.query(name, filter='id >= 0', output_fields=[
+        'id', 'uri', 'sha256', 'height', 'width', 'model', 'run', 'embedding'])
   finally:
     client.close()
-  return {r['uri']: (r['sha256'], r['height'], r['width'], r['model'], r['run'],
-                     np.array(r['embedding'], np.float32)) for r in found}
+  return {r['id']: (r['uri'], r['sha256'], r['height'], r['width'], r['model'], r['run'],
+                    np.array(r['embedding'], np.float32)) for r in found}
 
 
-def qdrant_rows(path: str, collection: str) -> dict:
+def qdrant_rows(path: str, name: str) -> dict:
   from qdrant_client import QdrantClient
   client = QdrantClient(path=path)
   try:
-    points, _ = client.scroll(collection, limit=1000, with_payload=True, with_vectors=True)
+    points, _ = client.scroll(name, limit=1000, with_payload=True, with_vectors=True)
   finally:
     client.close()
-  return {p.payload['uri']: tuple(p.payload[k] for k in ('sha256', 'height', 'width', 'model',
-                                                         'run')) +
+  return {p.id: tuple(p.payload[k] for k in ('uri', 'sha256', 'height', 'width', 'model',
+                                              'run')) +
           (np.array(p.vector['dense'], np.float32),) for p in points}
 
 
 def _unit_rows(found: dict) -> dict:
   """Qdrant stores cosine collections' vectors normalised."""
-  return {uri: row[:5] + (row[5] / np.linalg.norm(row[5]),) for uri, row in found.items()}
+  return {row_id: row[:6] + (row[6] / np.linalg.norm(row[6]),) for row_id, row in found.items()}
 
 
 TARGETS = {
@@ -60,53 +63,61 @@ TARGETS = {
 
 
 @pytest.mark.parametrize('kind', sorted(TARGETS))
-def test_two_nights_leave_the_collection_equal_to_load_and_a_rerun_writes_nothing(
+def test_two_nights_and_a_compaction_leave_the_target_equal_to_the_collection(
     kind, tmp_path, capsys):
-  to_of, rows_of, normalised = TARGETS[kind]
+  to_of, rows_of_target, normalised = TARGETS[kind]
   folder = str(tmp_path / 'target')
   os.makedirs(folder)
-  first = str(tmp_path / 'first')
-  write_run(f'{first}/night1', rows(['/photos/a.jpg', '/photos/b.jpg', '/photos/c.jpg',
-                                     '/photos/d.jpg'], 8, 1), inputs=['/photos'],
-            finished_at='2026-12-01T02:00:00Z')
-  assert export(f'{first}/night1', to_of(folder)).written == 4
-  glob = two_nights(tmp_path / 'both')
-  report = export(glob, to_of(folder))
-  assert (report.written, report.deleted, report.rows) == (3, 2, 3)
-  expected = collection_rows(glob)
-  found = rows_of(folder)
+  uri = str(tmp_path / 'collection')
+  first_night(uri)
+  assert export(uri, to_of(folder)).written == 4
+  second_night(uri)
+  report = export(uri, to_of(folder))
+  assert (report.rows_read, report.written, report.deleted, report.rows) == (2, 2, 3, 3)
+  expected, found = rows_of(uri), rows_of_target(folder)
   if normalised:
     found, expected = _unit_rows(found), _unit_rows(expected)
     assert sorted(found) == sorted(expected)
-    for uri, row in expected.items():
-      assert found[uri][:5] == row[:5]
-      np.testing.assert_allclose(found[uri][5], row[5], rtol=1e-6, atol=1e-7)
+    for row_id, row in expected.items():
+      assert found[row_id][:6] == row[:6]
+      np.testing.assert_allclose(found[row_id][6], row[6], rtol=1e-6, atol=1e-7)
   else:
     assert_equal_rows(found, expected)
+  collection.compact(uri)
+  report = export(uri, to_of(folder))
+  assert (report.rows_read, report.written, report.deleted) == (0, 0, 0)
   capsys.readouterr()
-  report = export(glob, to_of(folder))
+  report = export(uri, to_of(folder))
   assert (report.written, report.deleted, report.state) == (0, 0, None)
   assert 'nothing new' in capsys.readouterr().out
+  # The version it holds cleaned up: a whole sync, the target's ids read to delete the stale one.
+  night(uri, 'night3', {'/photos/f.jpg': vectors_of(['f'], 8, 7)[0]}, gone=['/photos/e.jpg'])
+  collection.cleanup(uri, datetime.timedelta(0))
+  report = export(uri, to_of(folder))
+  assert (report.whole, report.written, report.deleted) == (True, 3, 1)
+  assert sorted(rows_of_target(folder)) == sorted(rows_of(uri))
 
   wide = str(tmp_path / 'wide')
-  write_run(f'{wide}/run', rows(['/photos/a.jpg'], 16, 3))
+  night(wide, 'run', {'/photos/a.jpg': vectors_of(['a'], 16, 3)[0]}, dimension=16)
   assert '8-d vectors of builtin:test@untrained-seed0, not 16-d' in _refused(
-      capsys, f'{wide}/run', to_of(folder))
+      capsys, wide, to_of(folder))
 
 
 def test_unreachable_servers_are_refused_with_exit_2(tmp_path, capsys):
-  glob = two_nights(tmp_path)
+  uri = str(tmp_path / 'collection')
+  first_night(uri)
   port = free_port()
-  assert 'cannot connect' in _refused(capsys, glob, f'qdrant://127.0.0.1:{port}/photos')
-  assert 'cannot connect' in _refused(capsys, glob, f'milvus://127.0.0.1:{port}/photos')
-  assert 'collection' in _refused(capsys, glob, f'milvus-lite:{tmp_path}/x.db')
-  assert 'ends in .db' in _refused(capsys, glob, f'milvus-lite:{tmp_path}/x?collection=c')
+  assert 'cannot connect' in _refused(capsys, uri, f'qdrant://127.0.0.1:{port}/photos')
+  assert 'cannot connect' in _refused(capsys, uri, f'milvus://127.0.0.1:{port}/photos')
+  assert 'collection' in _refused(capsys, uri, f'milvus-lite:{tmp_path}/x.db')
+  assert 'ends in .db' in _refused(capsys, uri, f'milvus-lite:{tmp_path}/x?collection=c')
 
 
 def test_a_remote_runner_without_a_temp_location_is_refused(tmp_path, capsys):
-  """Its workers could not share the plan's files in a local folder."""
+  uri = str(tmp_path / 'collection')
+  first_night(uri)
   with pytest.raises(SystemExit) as exit_info:
-    export(two_nights(tmp_path), f'vertex:{tmp_path}/vertex', '--runner', 'DataflowRunner')
+    export(uri, f'vertex:{tmp_path}/vertex', '--runner', 'DataflowRunner')
   assert exit_info.value.code == 2
   assert 'needs --temp_location' in capsys.readouterr().err
   assert not os.path.exists(tmp_path / 'vertex')
@@ -118,73 +129,70 @@ def test_a_collection_this_export_did_not_make_is_refused(tmp_path, capsys):
   client.create_collection('theirs', vectors_config=models.VectorParams(
       size=8, distance=models.Distance.COSINE))
   client.close()
+  uri = str(tmp_path / 'collection')
+  first_night(uri)
   assert 'was not made by this export' in _refused(
-      capsys, two_nights(tmp_path), f'qdrant-local:{tmp_path}/qdrant?collection=theirs')
+      capsys, uri, f'qdrant-local:{tmp_path}/qdrant?collection=theirs')
 
 
 def vertex_state(folder: str) -> dict:
-  """Applies the complete exports' folders in order, as index updates would: id -> record."""
+  """Applies the complete exports' folders in order, as index updates would (a complete
+  overwrite starting again): id -> record."""
+  import pyarrow.parquet as pq
   state = {}
   for export_folder in sorted(globbing.glob(f'{folder}/export-*/')):
     stamp = os.path.basename(export_folder.rstrip('/'))[len('export-'):]
-    assert os.path.exists(f'{folder}/state-{stamp}.parquet')  # written last: complete
+    record = f'{folder}/state-{stamp}.parquet'
+    assert os.path.exists(record)  # written last: complete
+    if json.loads(pq.read_schema(record).metadata[b'export'])['overwrite']:
+      state = {}
     for path in sorted(globbing.glob(f'{export_folder}/delete/*')):
       for line in open(path).read().split():
         del state[line]
     for path in sorted(globbing.glob(f'{export_folder}/*.json')):
       for line in open(path):
-        record = json.loads(line)
-        state[record['id']] = record
+        row = json.loads(line)
+        state[row['id']] = row
   return state
 
 
-def test_vertex_jsonl_folders_with_delete_records_replay_to_load(tmp_path, capsys, monkeypatch):
+def test_vertex_jsonl_folders_with_delete_records_replay_to_the_collection(tmp_path,
+                                                                           monkeypatch):
   folder = str(tmp_path / 'vertex')
-  first = str(tmp_path / 'first')
-  write_run(f'{first}/night1', rows(['/photos/a.jpg', '/photos/b.jpg', '/photos/c.jpg',
-                                     '/photos/d.jpg'], 8, 1), inputs=['/photos'],
-            finished_at='2026-12-01T02:00:00Z')
-  export(f'{first}/night1', f'vertex:{folder}')
-  glob = two_nights(tmp_path / 'both')
-  report = export(glob, f'vertex:{folder}')
-  assert (report.written, report.deleted) == (3, 2)
+  uri = str(tmp_path / 'collection')
+  first_night(uri)
+  export(uri, f'vertex:{folder}')
+  second_night(uri)
+  reads = calls_by_place(monkeypatch, collection.Collection, 'changes')
+  report = export(uri, f'vertex:{folder}')
+  assert (report.written, report.deleted) == (2, 3)
+  assert reads['in the launcher'] == 0 and reads['in a bundle'] > 0, reads
   exports = sorted(globbing.glob(f'{folder}/export-*/'))
   assert len(exports) == 2
-  assert sorted(open(globbing.glob(f'{exports[1]}/delete/*')[0]).read().split()) == [
-      '/photos/c.jpg', '/photos/d.jpg']
+  assert sorted(open(globbing.glob(f'{exports[1]}/delete/*')[0]).read().split()) == ['0', '2',
+                                                                                     '3']
   state = vertex_state(folder)
-  expected = collection_rows(glob)
-  assert sorted(state) == sorted(expected)
-  for uri, (sha256, height, width, model, run, vector) in expected.items():
-    record = state[uri]
+  expected = rows_of(uri)
+  assert sorted(state) == sorted(str(row_id) for row_id in expected)
+  for row_id, (uri_, sha256, height, width, model, run, vector) in expected.items():
+    record = state[str(row_id)]
     restricts = {r['namespace']: r['allow'] for r in record['restricts']}
     assert restricts == {'model': [model], 'run': [run]}
-    assert record['embedding_metadata'] == {'uri': uri, 'sha256': sha256, 'height': height,
+    assert record['embedding_metadata'] == {'uri': uri_, 'sha256': sha256, 'height': height,
                                             'width': width}
     np.testing.assert_array_equal(np.array(record['embedding'], np.float32), vector)
-  capsys.readouterr()
-  _assert_planned_by_workers(monkeypatch, lambda: export(glob, f'vertex:{folder}').state is None)
+  assert export(uri, f'vertex:{folder}').state is None
   assert len(globbing.glob(f'{folder}/export-*/')) == 2  # nothing new: no folder
-
-
-def _assert_planned_by_workers(monkeypatch, export_is_a_no_op) -> None:
-  """Spies on the collection's rule and on the target's read of its rows: every call is made in
-  a Beam bundle (a worker's work, however many there are), none by the launcher's own code,
-  where either would grow with the collection in one process."""
-  from embeddings.collection import SourceRule
-  from jobs.export_vertex import VertexTarget
-  rule_calls = calls_by_place(monkeypatch, SourceRule, 'decide')
-  read_calls = calls_by_place(monkeypatch, VertexTarget, 'current_rows')
-  assert export_is_a_no_op()
-  for calls in (rule_calls, read_calls):
-    assert calls['in the launcher'] == 0 and calls['in a bundle'] > 0, calls
 
 
 def test_milvus_lite_exports_leave_stderr_empty(tmp_path):
   """Milvus Lite serves no timestamp call: its server logged `Exception calling application:
   Method not implemented!` with a traceback, pymilvus `failed to get mvccTs` (issue 38)."""
-  glob = two_nights(tmp_path / 'both')
+  uri = str(tmp_path / 'collection')
+  first_night(uri)
   to = f'milvus-lite:{tmp_path}/photos.db?collection=photos'
-  for _ in range(2):  # the first creates the collection, the second reads it back first
-    result = _command('export', '--runs', glob, '--to', to)
+  for step in (None, second_night):  # the first creates the collection, the second reads it back
+    if step:
+      step(uri)
+    result = _command('export', '--collection', uri, '--to', to)
     assert (result.returncode, result.stderr) == (0, '')
