@@ -102,7 +102,7 @@ class Catalogue:
 
 class IndexCatalogue:
   """The URIs an index holds, as Catalogue answers for them, looked up in the index when asked
-  (NeighbourIndex.find_row: a binary search of a memory-mapped lookup file), the answers cached:
+  (NeighbourIndex.find_row: the covered collection's indexes on uri and sha256), the answers cached:
   the page holds no list of the collection's URIs. The URIs of the latest results are
   remembered, so the thumbnails of a results page cost no lookup. `row` is the FAISS id."""
 
@@ -139,11 +139,10 @@ class IndexCatalogue:
     return row['uri'] if row else None
 
   def sample(self, wanted: int) -> List[str]:
-    """URIs of rows spread over the ids table: a record batch read each, remembered."""
-    positions = spread(len(self), wanted)
-    uris = self._index.table_rows(np.array(positions, np.int64), ['uri']).column('uri')
-    self.remember(uris.to_pylist())
-    return uris.to_pylist()
+    """URIs of rows spread over the collection the index covers, remembered."""
+    uris = self._index.sample_uris(wanted)
+    self.remember(uris)
+    return uris
 
 
 class ImageEmbedder:

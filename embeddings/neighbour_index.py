@@ -211,15 +211,12 @@ class NeighbourIndex:
     return [dict(by_id[i], id=i) if i in by_id else None for i in ids]
 
   def find_row(self, column: str, value: str) -> Optional[dict]:
-    """The row whose `column` (uri: through the collection's index on it; sha256: a scan of that
-    column) equals `value`, or None."""
+    """The row whose `column` (uri or sha256: through the collection's index on it) equals
+    `value`, or None."""
     import pyarrow.compute as pc
-    wanted = list(ROW_COLUMNS)
-    if column == 'uri':
-      found = self.collection.lookup([value], wanted)
-    else:
-      found = self.collection.dataset.to_table(columns=wanted, filter=pc.field(column) == value,
-                                               with_row_id=True, limit=1)
+    found = self.collection.dataset.to_table(columns=list(ROW_COLUMNS),
+                                             filter=pc.field(column) == value,
+                                             with_row_id=True, limit=1)
     if not found.num_rows:
       return None
     row = found.slice(0, 1).to_pylist()[0]

@@ -156,7 +156,7 @@ def search(snapshot: Snapshot, query: Query, k: int) -> List[Neighbour]:
 
 
 def find_query_in_index(index, query: str) -> Query:
-  """As find_query, looking the bytes (else the URI) up in the index's lookup files."""
+  """As find_query, looking the bytes (else the URI) up in the collection the index covers."""
   uri = query if storage.is_remote(query) else os.path.abspath(query)
   data = _readable(uri)
   check_image(f'--query {query}', data)
@@ -169,7 +169,7 @@ def find_query_in_index(index, query: str) -> Query:
     return Query(uri, vector, data, source, row['uri'])
   if data is None:
     raise QueryError(f'--query {query}: not in the index, and cannot be read to embed it')
-  return embed_now(query, uri, data, index.runs()[0])
+  return embed_now(query, uri, data, embedding_run(index.collection))
 
 
 APPROXIMATE = ('~cosine: approximate, from the index\'s PQ codes in its PCA space (they run '
