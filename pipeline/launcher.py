@@ -32,7 +32,7 @@ from pipeline.output_dir import (OutputExistsError, check_output_is_new,
 from pipeline.runners import default_runner, runner_name
 from pipeline.versions import (LaunchOptions, current_versions, format_versions,
                                version_mismatch)
-from run_format import (CLAIM_FILE, FAILURES_PREFIX, FAILURES_SUFFIX,
+from run_format import (CLAIM_FILE, FAILED, FAILURES_PREFIX, FAILURES_SUFFIX,
                         FINISHED, SUMMARY_FILE, RunLaunch,
                         RunSummary, shard_glob, utc_now)
 from transforms.incremental import NightState
@@ -254,8 +254,11 @@ def _plural(count: int, noun: str) -> str:
 
 
 def check_outcome(summary: RunSummary) -> Dict:
-  """The summary, once its failures are said; TooManyFailuresError if its outcome is not
-  "finished"."""
+  """The summary, once its failures are said; PipelineFailedError if its commit was refused,
+  TooManyFailuresError if too many images failed."""
+  if summary.outcome == FAILED:
+    raise PipelineFailedError(f'{summary.outcome_message}; {summary.output} holds this night\'s '
+                              f'files, {SUMMARY_FILE} says outcome "{FAILED}"')
   if not summary.failed:
     return summary.to_dict()
   examples = '; '.join(f'{f["uri"]}: {f["stage"]} {f["error"]}: {f["message"][:200]}'
