@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+import collection
 from pipeline.launcher import run
 from pipeline.options import OptionsError
 from pnasnet import build_model
@@ -121,8 +122,11 @@ def test_the_documented_backfill_loop_can_be_run_again_as_printed(gcs_server, im
   gcs_server.upload(f'{died}/{CLAIM}', json.dumps({'pid': 999999, 'host': 'elsewhere'}).encode())
   gcs_server.upload(f'{died}/beam-temp-embeddings-5f0c3e1aed6911f1826502fc00000001/part-0', b'partial')
   assert 'pnasnet-embeddings embed ' in loop, loop
+  # The collection on local disk: Lance cannot reach the local GCS server (docs/running.md).
+  collection_uri = re.search(r'--collection (\S+)', loop).group(1)
   script = loop.replace('builtin:pnasnet_large', 'builtin:pnasnet_tiny').replace(
-      'pnasnet-embeddings embed ', f'{shlex.quote(sys.executable)} -m commands embed ')
+      'pnasnet-embeddings embed ', f'{shlex.quote(sys.executable)} -m commands embed ').replace(
+      collection_uri, str(tmp_path / 'collection'))
   finished = {}
   for attempt in range(2):
     result = subprocess.run(['bash', '-c', script], cwd=PROJECT, capture_output=True, text=True,
@@ -136,6 +140,10 @@ def test_the_documented_backfill_loop_can_be_run_again_as_printed(gcs_server, im
       assert sum(s['embedded'] + s['failed'] for s in summaries.values()) == len(names)
     else:  # the second pass finds every chunk finished and leaves it alone
       assert summaries == finished
+  history = collection.history(str(tmp_path / 'collection'))
+  assert [entry.run for entry in history if entry.kind == 'night'] == [
+      f'gs://my-bucket/embeddings/backfill-{chunk}' for chunk in chunks]  # one commit a chunk
+  assert history[-1].rows == sum(s['embedded'] for s in finished.values())
   assert gcs_server.list(f'{died}/beam-temp-embeddings-5f0c3e1aed6911f1826502fc00000001/') == []
 
 
