@@ -2,7 +2,8 @@
 embed: the GPU step) -> write, dead letters, the index, [the collection's new rows] and the run
 summary (after the night's commit) beside."""
 
-from typing import Dict, Optional
+import re
+from typing import Dict, List, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
@@ -79,6 +80,13 @@ def _resource_hints(options: EmbeddingOptions) -> Dict[str, str]:
   return {name: value for name, value in hints.items() if value}
 
 
+def _collection_files(night: Optional[NightState]) -> List[str]:
+  """The collection's own files are never images, even inside an input folder: an --exclude."""
+  if night is None:
+    return []
+  return [re.sub(r'([*?\[\\])', r'\\\1', night.uri) + '/**']
+
+
 def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
                    model_description: ModelDescription, provenance: Provenance,
                    summary_fields: RunLaunch, night: Optional[NightState] = None) -> None:
@@ -86,7 +94,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
   `night`: the collection this night skips against and commits to (None: a one-off run)."""
   # With a collection, the join on URI also keeps one of each URI: one shuffle, not two.
   matched = pipeline | 'MatchFiles' >> MatchFiles(
-      options.input or (), options.input_manifest or (), options.exclude or (), options.output,
+      options.input or (), options.input_manifest or (),
+      list(options.exclude or ()) + _collection_files(night), options.output,
       deduplicate=night is None, include_all_files=options.include_all_files)
   refs = matched['refs'] | 'CheckWorkerVersions' >> CheckWorkerVersions(
       options.view_as(LaunchOptions).launch_versions)  # the CPU workers; the GPU step's its own
