@@ -10,6 +10,7 @@ the URI, which also keeps one of each URI the inputs named more than once. Per U
 - listed, held otherwise (changed bytes, another model or recipe): embedded, and the old row
   removed whatever the new version's fate (a new version that cannot be decoded has no vector);
 - listed, not held: embedded;
+- listed but its size unknown (a file the listing could not look up), held: kept, skipped;
 - held, not listed: removed when tonight's inputs would have matched it (it is gone), unless it
   is under a folder the listing could not list; kept otherwise (a narrower night, a manifest
   that names some files, a file that could not be looked up).
@@ -146,6 +147,10 @@ class _Decide(beam.DoFn):
     uri, grouped = joined
     ref = next(iter(grouped['listed']), None)
     held = list(grouped['held'])
+    if ref is not None and ref.size_bytes is None and held:  # listed, but not stated: unknown
+      self._skipped.inc()
+      yield beam.pvalue.TaggedOutput('skipped', SkippedFile(ref))
+      return
     if ref is not None:
       same = next((row for row in held if _same_version(ref, row)), None)
       if same is None:
