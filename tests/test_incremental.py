@@ -162,3 +162,56 @@ def test_a_narrower_night_and_a_manifest_remove_nothing_they_do_not_name(photos,
                 f'--output={tmp_path}/runs/2', f'--collection={tmp_path}/collection'])
   assert (narrow['skipped'], narrow['collection_version']) == (2, None)
   assert len(_rows(f'{tmp_path}/collection')) == 3
+
+
+def test_what_a_night_skips_embeds_removes_and_keeps(tmp_path):
+  """SkipHeld alone, on a real collection and the local runner: every rule of the join, with
+  tonight's inputs /p (a folder) and /r/*.jpg (a glob), --exclude *.md, and /p/sub/ unlistable."""
+  import apache_beam as beam
+  import pyarrow as pa
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from apache_beam.testing.util import assert_that, equal_to
+
+  from collection.table import schema
+  from pipeline.runners import default_runner
+  from transforms.failures import Failure
+  from transforms.incremental import Coverage, NightState, SkipHeld
+  from transforms.listing import FileRef
+  from transforms.provenance import Provenance
+
+  held = {  # uri: (size, model): all of recipe 'r', modified at 1 us
+      '/p/a.png': (10, 'm'), '/p/b.png': (10, 'm'), '/p/c.png': (10, 'other'),
+      '/p/gone.png': (10, 'm'), '/p/sub/x.png': (10, 'm'), '/p/subway.png': (10, 'm'),
+      '/p/notes.md': (10, 'm'), '/p/failed.png': (10, 'm'), '/p/unstated.png': (10, 'm'),
+      '/q/other.png': (10, 'm'), '/r/x.png': (10, 'm'), '/r/y.jpg': (10, 'm')}
+  uri = str(tmp_path / 'collection')
+  created = collection.create(uri, 'm', 2, 'float32')
+  rows = pa.Table.from_pylist(
+      [{'uri': name, 'size_bytes': size, 'last_modified': 1, 'model': model, 'recipe': 'r',
+        'embedding': [0.0, 1.0]} for name, (size, model) in held.items()],
+      schema=schema('m', 2, 'float32'))
+  collection.commit_night(uri, collection.NightChanges(
+      'night-1', created.version, collection.write_fragment(uri, rows, {}), []))
+  found = collection.open_collection(uri)
+  row_uris = dict(zip(*(found.dataset.to_table(columns=['uri'], with_row_id=True)
+                        .column(name).to_pylist() for name in ('_rowid', 'uri'))))
+  listed = [FileRef('/p/a.png', 10, 1), FileRef('/p/a.png', 10, 1),  # named twice
+            FileRef('/p/b.png', 11, 2), FileRef('/p/c.png', 10, 1), FileRef('/p/new.png', 5, 3),
+            FileRef('/p/unstated.png', None, None)]
+  failures = [Failure('/p/sub/', 'read', 'PermissionError', 'cannot list /p/sub/'),
+              Failure('/p/failed.png', 'read', 'NotFound', 'cannot look it up')]
+  options = PipelineOptions([])
+  with beam.Pipeline(runner=default_runner(options), options=options) as pipeline:
+    split = ({'refs': pipeline | 'Refs' >> beam.Create(listed),
+              'failures': pipeline | 'Failures' >> beam.Create(failures),
+              'not_listed': pipeline | 'ByName' >> beam.Create(['/p/.hidden.png'])}
+             | SkipHeld(NightState(uri, found.version, found.fragment_ids(), {}),
+                        Provenance('m', 'w', 'r', 'test'),
+                        Coverage(['/p', '/r/*.jpg'], ['*.md'], False)))
+    assert_that(split.new | 'New' >> beam.Map(lambda ref: ref.uri),
+                equal_to(['/p/b.png', '/p/c.png', '/p/new.png']), label='CheckNew')
+    assert_that(split.skipped | 'Skipped' >> beam.Map(lambda skipped: skipped.ref.uri),
+                equal_to(['/p/a.png', '/p/unstated.png']), label='CheckSkipped')
+    assert_that(split.removed | 'Removed' >> beam.Map(lambda pair: row_uris[pair[1]]),
+                equal_to(['/p/b.png', '/p/c.png', '/p/gone.png', '/p/subway.png', '/r/y.jpg']),
+                label='CheckRemoved')
