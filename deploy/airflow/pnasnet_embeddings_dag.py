@@ -29,7 +29,8 @@ failure costs one chunk: clear the failed chunk's tasks and it runs again (`skip
 passes over the chunks done, `clean_unfinished` deletes what the dead attempt left, and it skips
 what the committed chunks hold). A manifest removes nothing it does not name, so chunks never undo
 each other. Pause the nightly DAG until the backfill is done: a night committing meanwhile would
-make the chunk running then fail (outcome "failed"; clear its tasks to run it again).
+make the chunk running then fail (outcome "failed", its directory written: delete that directory,
+then clear the chunk's tasks to run it again).
 """
 
 import datetime
