@@ -152,6 +152,7 @@ def open_night(embedding: EmbeddingOptions, model_description: ModelDescription,
   uri = embedding.collection.rstrip('/')
   if not storage.is_remote(uri):
     uri = normalize_input(uri)
+  embedding.collection = uri
   try:
     try:
       found = collection.open_collection(uri)
@@ -167,7 +168,6 @@ def open_night(embedding: EmbeddingOptions, model_description: ModelDescription,
   except OSError as exc:  # a bucket that does not exist, no credentials, no network
     raise OptionsError(f'--collection {uri} cannot be opened: {exc}') from exc
   logging.info('--collection %s: version %d, %d rows', uri, found.version, found.num_rows)
-  embedding.collection = uri
   return NightState(uri, found.version, found.fragment_ids(), found.storage_options)
 
 
