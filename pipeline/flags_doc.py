@@ -153,8 +153,8 @@ Bad values fail before any work starts, with exit code 2 and one message that sa
 a batch range upside down, a crop outside [0.1, 1], a seed out of range, `--large_model` with
 `--model_copies`, `--checkpoint` without a `builtin:` model or with variables that do not fit the
 network (missing names listed once, summarised past 20), an unknown model, an unreachable or
-broken model download, an input that matches nothing, a `--collection` of another model, vector size or dtype (or
-a folder that holds other files), `gs://` paths without Google
+broken model download, an input that matches nothing, a `--collection` of another model,
+vector size or dtype (or a folder that holds other files), `gs://` paths without Google
 credentials, an output whose bucket does not exist or that is a file, an output that holds a run
 or is claimed by another. Every exit code: [Running](running.md#exit-codes).
 

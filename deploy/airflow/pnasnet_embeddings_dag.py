@@ -12,8 +12,8 @@ waits for its run_summary.json, which the pipeline writes last, after every outp
 last one reads the summary's outcome: "finished" passes (the night committed), and
 "too_many_failures" (more than --max_failed_fraction of the matched images were dead-lettered:
 `pnasnet-embeddings embed`'s exit 3, nothing committed) or "failed" (another night committed to
-the collection first: exit 1, nothing committed) fail the DAG run, as a failed job does. A few bad images in a night do not fail it; they are
-listed in the run's failures-*.jsonl.
+the collection first: exit 1, nothing committed) fail the DAG run, as a failed job does. A few
+bad images in a night do not fail it; they are listed in the run's failures-*.jsonl.
 
 The sensor waits as long as the documented estimate says a job of at most IMAGES_PER_NIGHT new
 images takes (docs/dataflow.md, "Which GPU and machine": 0.42 hours per 1M images on 8 L4
