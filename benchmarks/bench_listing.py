@@ -19,9 +19,9 @@ OBJECTS generated names under PREFIXES first-level prefixes, pages of 1,000, not
       round, as the MatchFiles stages do; this shows the listing's own parallelism where Beam's
       local runner (every element through its shuffles) dominates.
   python benchmarks/bench_listing.py inventory --objects 1000000
-      a Storage Insights CSV of OBJECTS rows (1% of them changed since the earlier run's index of
-      OBJECTS rows): MatchFiles, the incremental join and the read of what changed, one worker;
-      requests to the bucket before the first image is read, and wall time. With --plain, the
+      a Storage Insights CSV of OBJECTS rows (1% of them changed since the collection's rows of
+      OBJECTS rows): MatchFiles, the join with the collection and the read of what changed, one
+      worker; requests to the bucket before the first image is read, and wall time. With --plain, the
       same with a plain manifest of the URIs (each looked up: one request a row).
 
 Prints one line of figures per run.
@@ -128,11 +128,12 @@ _RECIPE = 'bench-recipe'
 
 
 def _write_inventory(objects: int, folder: str, plain: bool) -> tuple:
-  """A Storage Insights CSV (or a plain manifest) of the synthetic bucket, and an earlier run's
-  index holding every object, 1% of them with another crc32c (changed since)."""
+  """A Storage Insights CSV (or a plain manifest) of the synthetic bucket, and a collection
+  holding every object, 1% of them with another crc32c (changed since)."""
+  import datetime
   import pyarrow as pa
-  import pyarrow.parquet as pq
-  from run_format import EMBEDDED, INDEX_SCHEMA
+  import collection
+  from collection.table import schema
   from tests.synthetic_bucket import SIZE, UPDATED, _crc32c
   names = SyntheticNames(objects, 1)
   manifest = os.path.join(folder, 'manifest.txt' if plain else 'inventory.csv')
@@ -145,28 +146,38 @@ def _write_inventory(objects: int, folder: str, plain: bool) -> tuple:
               f'synthetic,{names[index]},{SIZE},{_crc32c(index)},{updated}\n')
   uris = [f'gs://synthetic/{names[i]}' for i in range(objects)]
   content = [f'crc32c:{_crc32c(i)}' if i % 100 else 'crc32c:changed' for i in range(objects)]
-  table = pa.table({'uri': uris, 'size_bytes': [SIZE] * objects,
-                    'last_modified': [UPDATED] * objects, 'content_id': content,
-                    'sha256': [''] * objects, 'model': ['bench-model'] * objects,
-                    'recipe': [_RECIPE] * objects, 'outcome': [EMBEDDED] * objects,
-                    'done_outcome': [None] * objects, 'message': [None] * objects},
-                   schema=INDEX_SCHEMA)
-  index = os.path.join(folder, 'run1', 'index-00000-of-00001.parquet')
-  os.makedirs(os.path.dirname(index))
-  pq.write_table(table, index)
-  return manifest, index
+  table_schema = schema('bench-model', 1, 'float32')
+  columns = {'uri': uris, 'size_bytes': [SIZE] * objects,
+             'last_modified': [UPDATED.astimezone(datetime.timezone.utc)] * objects,
+             'content_id': content, 'model': ['bench-model'] * objects,
+             'recipe': [_RECIPE] * objects,
+             'embedding': pa.FixedSizeListArray.from_arrays(pa.array([0.0] * objects,
+                                                                     pa.float32()), 1)}
+  rows = pa.table({name: columns.get(name, pa.nulls(objects, table_schema.field(name).type))
+                   for name in table_schema.names}, schema=table_schema)
+  uri = os.path.join(folder, 'collection')
+  created = collection.create(uri, 'bench-model', 1, 'float32')
+  collection.commit_night(uri, collection.NightChanges(
+      'bench', created.version, collection.write_fragment(uri, rows, {}), []))
+  return manifest, uri
 
 
-def child_inventory(manifest: str, index: str, out: str) -> None:
+def child_inventory(manifest: str, collection_uri: str, out: str) -> None:
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
-  from transforms.incremental import SkipUnchanged
+  import collection
+  from transforms.failures import FAILURES_TAG
+  from transforms.incremental import Coverage, NightState, SkipHeld
   from transforms.provenance import Provenance
-  from transforms.read import MatchFiles, ReadImages
+  from transforms.read import SKIPPED_BY_NAME_TAG, MatchFiles, ReadImages
   provenance = Provenance('bench-model', 'bench-weights', _RECIPE, '0')
+  found = collection.open_collection(collection_uri)
+  night = NightState(collection_uri, found.version, found.fragment_ids(), {})
   with beam.Pipeline(options=PipelineOptions([])) as pipeline:
     matched = pipeline | MatchFiles([], [manifest], deduplicate=False)
-    split = matched['refs'] | SkipUnchanged([index], provenance)
+    split = ({'refs': matched['refs'], 'failures': matched[FAILURES_TAG],
+              'not_listed': matched[SKIPPED_BY_NAME_TAG]}
+             | SkipHeld(night, provenance, Coverage([], [], False)))
     read = split.new | ReadImages()
     _ = ((read.images | 'Read' >> beam.combiners.Count.Globally()
           | 'ReadCount' >> beam.Map(lambda n: f'read {n}')),
@@ -275,13 +286,13 @@ def _inventory(args) -> None:
   for objects in args.objects:
     folder = tempfile.mkdtemp(prefix='bench-inventory-')
     started = time.time()
-    manifest, index = _write_inventory(objects, folder, args.plain)
+    manifest, held = _write_inventory(objects, folder, args.plain)
     written = time.time() - started
     with SyntheticBuckets({'synthetic': SyntheticNames(objects, 1)}) as server:
       out = os.path.join(folder, 'counts')
       started = time.time()
       command = [sys.executable, os.path.abspath(__file__), 'child', 'gs', '[]', 'inventory',
-                 manifest, index, out]
+                 manifest, held, out]
       done = subprocess.run(command, env=_environment(server, 'gs'), capture_output=True,
                             text=True, check=False)
       if done.returncode:

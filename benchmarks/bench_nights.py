@@ -1,39 +1,39 @@
-"""What a nightly run reads of earlier nights: night 2 (one earlier run) against night 11 (ten).
+"""What a nightly run reads of the collection: after one earlier night against after ten.
 
-A folder of COLLECTION small files stands for the photo bucket. Night 1 is a real run of the
-pipeline over a sample of it, for the model id and recipe the launcher records; then ten earlier
-nights are written as finished run directories with run_format's own names, index schema and
-RunSummary: night 1 embedded every file, nights 2-10 each skipped them all (their index rows carry
-the done version forward, as real incremental runs write them). Night 2 and night 11 are then
-real runs through the launcher with --incremental_from over the earlier nights; every file is
-unchanged, so both skip everything and the cost is the state they read.
+A folder of COLLECTION small files stands for the photo bucket. A real run over a sample gives the
+model id and recipe the launcher records; then a collection is written with a row for every file
+(as night 1 would commit it), and, for the second case, nine more nights are committed, each
+replacing a slice of the rows (collection.commit_night: new fragments, old rows removed), as
+nights with changed files do. A real night through the launcher (--collection) then finds every
+file unchanged, so it skips everything and the cost is the state it reads: the collection's small
+columns at one version, one fragment per worker, however many nights committed before.
 
     python -m benchmarks.bench_nights [--collection 20000] [--nights 10]
 
-Prints, for night 2 and night 11: the runs read, the index rows and bytes those hold (what the
-run's ReadDone step reads), the rows all earlier indexes hold (what reading every earlier run
-would cost), and the wall time.
+Prints, for each case: the versions and fragments of the collection, the rows the night read,
+what it skipped, and the wall time.
 """
 
 import argparse
-import dataclasses
 import datetime
 import os
 import shutil
 import tempfile
 import time
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+import collection
+from collection.table import schema
 from pipeline.launcher import run
-from run_format import (CLAIM_FILE, EMBEDDED, INDEX_SCHEMA, SKIPPED, SUMMARY_FILE, RunSummary)
 from transforms.listing import stat_object
 
 TINY = '--model=builtin:pnasnet_tiny'
+SLICE = 0.01  # of the rows each later night replaces
 
 
-def _collection(folder: str, count: int):
+def _files(folder: str, count: int):
   os.makedirs(folder)
   for number in range(count):
     with open(os.path.join(folder, f'img{number:07d}.jpg'), 'wb') as f:
@@ -41,43 +41,42 @@ def _collection(folder: str, count: int):
   return [stat_object(os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
 
 
-def _write_night(path: str, refs, template: RunSummary, night: int, earlier: list) -> None:
-  os.makedirs(path)
-  outcome = EMBEDDED if night == 1 else SKIPPED
-  first = os.path.join(os.path.dirname(path), '01')  # night 1 holds every vector
-  rows = {'uri': [r.uri for r in refs], 'size_bytes': [r.size_bytes for r in refs],
-          'last_modified': [r.last_modified for r in refs], 'content_id': [None] * len(refs),
-          'sha256': [None] * len(refs), 'model': [template.model] * len(refs),
-          'recipe': [template.recipe] * len(refs), 'outcome': [outcome] * len(refs),
-          'done_outcome': [None if night == 1 else EMBEDDED] * len(refs),
-          'vector_run': [None if night == 1 else first] * len(refs),
-          'message': [None] * len(refs)}
-  table = pa.Table.from_pydict(
-      {name: pa.array(rows[name], INDEX_SCHEMA.field(name).type) for name in INDEX_SCHEMA.names},
-      INDEX_SCHEMA)
-  pq.write_table(table, os.path.join(path, 'index-00000-of-00001.parquet'))
-  started = (datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc) +
-             datetime.timedelta(days=night)).isoformat(timespec='milliseconds')
-  summary = dataclasses.replace(
-      template, output=path, started_at=started, finished_at=started, matched=len(refs),
-      embedded=len(refs) if night == 1 else 0, skipped=0 if night == 1 else len(refs),
-      failed=0, example_failures=[], files=[os.path.join(path, 'index-00000-of-00001.parquet')],
-      incremental_from=[f'{os.path.dirname(path)}/*'] if earlier else [],
-      incremental_runs=earlier)
-  with open(os.path.join(path, CLAIM_FILE), 'w') as f:
-    f.write('{}')
-  with open(os.path.join(path, SUMMARY_FILE), 'w') as f:
-    f.write(summary.to_json())
+def _rows(refs, summary: dict, run_dir: str) -> pa.Table:
+  size = summary['embedding_size']
+  table_schema = schema(summary['model'], size, summary['embedding_dtype'])
+  vectors = np.random.default_rng(0).standard_normal((len(refs), size), dtype=np.float32)
+  columns = {
+      'uri': [r.uri for r in refs], 'size_bytes': [r.size_bytes for r in refs],
+      'last_modified': [datetime.datetime.fromtimestamp(r.last_modified / 1e6,
+                                                        datetime.timezone.utc) for r in refs],
+      'model': [summary['model']] * len(refs), 'recipe': [summary['recipe']] * len(refs),
+      'run': [run_dir] * len(refs),
+      'embedding': pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), size)}
+  return pa.table({name: columns.get(name, pa.nulls(len(refs), table_schema.field(name).type))
+                   for name in table_schema.names}, schema=table_schema)
 
 
-def _index_cost(runs) -> tuple:
-  rows = size = 0
-  for path in runs:
-    for name in os.listdir(path):
-      if name.startswith('index-'):
-        rows += pq.ParquetFile(os.path.join(path, name)).metadata.num_rows
-        size += os.path.getsize(os.path.join(path, name))
-  return rows, size
+def _commit(uri: str, rows: pa.Table, run_dir: str, removed=()) -> int:
+  read = collection.open_collection(uri).version
+  fragments = collection.write_fragment(uri, rows, {})
+  return collection.commit_night(uri, collection.NightChanges(run_dir, read, fragments,
+                                                              list(removed)))
+
+
+def _write_collection(uri: str, refs, summary: dict, nights: int) -> None:
+  created = collection.create(uri, summary['model'], summary['embedding_size'],
+                              summary['embedding_dtype'])
+  _commit(created.uri, _rows(refs, summary, 'night-01'), 'night-01')
+  step = max(1, int(len(refs) * SLICE))
+  for night in range(2, nights + 1):
+    chosen = refs[(night - 2) * step:(night - 1) * step]
+    held = collection.open_collection(uri).lookup([r.uri for r in chosen], ['uri'])
+    fragments = {}
+    for fragment_id in collection.open_collection(uri).fragment_ids():
+      for batch in collection.open_collection(uri).fragment_batches(fragment_id, ['uri']):
+        fragments.update((row_id, fragment_id) for row_id in batch.column('_rowid').to_pylist())
+    removed = [(fragments[row_id], row_id) for row_id in held.column('_rowid').to_pylist()]
+    _commit(uri, _rows(chosen, summary, f'night-{night:02d}'), f'night-{night:02d}', removed)
 
 
 def main() -> None:
@@ -88,37 +87,26 @@ def main() -> None:
   work = tempfile.mkdtemp(prefix='bench-nights-')
   try:
     photos = os.path.join(work, 'photos')
-    refs = _collection(photos, args.collection)
+    refs = _files(photos, args.collection)
     sample = os.path.join(work, 'sample')
     os.makedirs(sample)
     shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'sample_images', 'camera.png'), sample)
-    template = RunSummary.from_json(_as_json(run([f'--input={sample}', TINY,
-                                                  f'--output={work}/sample_run'])))
-    for count, label in ((1, 'night 2'), (args.nights, f'night {args.nights + 1}')):
-      nights = os.path.join(work, f'before_{label.replace(" ", "")}')
-      earlier = []
-      for night in range(1, count + 1):
-        path = os.path.join(nights, f'{night:02d}')
-        _write_night(path, refs, template, night, earlier[-1:])
-        earlier.append(path)
+    template = run([f'--input={sample}', TINY, f'--output={work}/sample_run'])
+    for nights in (1, args.nights):
+      uri = os.path.join(work, f'collection_after_{nights}')
+      _write_collection(uri, refs, template, nights)
+      found = collection.open_collection(uri)
       started = time.monotonic()
-      summary = run([f'--input={photos}', TINY, f'--output={work}/{label.replace(" ", "")}',
-                     f'--incremental_from={nights}/*'])
+      summary = run([f'--input={photos}', TINY, f'--output={work}/night_after_{nights}',
+                     f'--collection={uri}'])
       seconds = time.monotonic() - started
-      read_rows, read_bytes = _index_cost(summary['incremental_runs'])
-      all_rows, _ = _index_cost(earlier)
-      print(f'{label}: {count} earlier runs; read {len(summary["incremental_runs"])} of them: '
-            f'{read_rows} index rows, {read_bytes} bytes (all earlier indexes: {all_rows} rows); '
-            f'skipped {summary["skipped"]} of {summary["matched"]}; wall time {seconds:.1f} s',
-            flush=True)
+      print(f'after {nights} night(s): version {found.version}, {len(found.fragment_ids())} '
+            f'fragments, {found.num_rows} rows; skipped {summary["skipped"]} of '
+            f'{summary["matched"]}, committed {summary["collection_version"]}; wall time '
+            f'{seconds:.1f} s', flush=True)
   finally:
     shutil.rmtree(work, ignore_errors=True)
-
-
-def _as_json(summary) -> str:
-  import json
-  return json.dumps(summary if isinstance(summary, dict) else summary.to_dict())
 
 
 if __name__ == '__main__':

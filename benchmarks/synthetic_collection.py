@@ -232,7 +232,7 @@ def write_synthetic_run(directory: str, count: int, seed: int = 0, dimension: in
       # so it does not cover (and so does not retire, for the readers) the earlier rows.
       input=[] if first_row else ['gs://synthetic-photos/**'],
       input_manifest=[f'gs://synthetic-photos/manifests/rows-{first_row}.txt'] if first_row else [],
-      incremental_from=[], output=directory, output_format='parquet',
+      output=directory, output_format='parquet',
       runner='synthetic', started_at=started_at, matched=count, skipped=0, embedded=count,
       failed=0, failed_by_stage={'read': 0, 'decode': 0, 'inference': 0}, example_failures=[],
       files=sorted(files), finished_at=finished_at, wall_time_seconds=0.0,

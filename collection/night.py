@@ -11,7 +11,7 @@ rows to remove are found again by id).
 
 import json
 from collections import defaultdict
-from typing import Dict, Iterable, List, NamedTuple, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import pyarrow as pa
 
@@ -84,16 +84,18 @@ def _deletions(dataset, removed: Iterable[Tuple[int, int]]):
   return updated, emptied
 
 
-def commit_night(uri: str, night: NightChanges, kind: str = 'night') -> int:
+def commit_night(uri: str, night: NightChanges, kind: str = 'night',
+                 options: Optional[Dict[str, str]] = None) -> int:
   """Commits the night to the collection at `uri`; its new version. ConcurrentNightError if
-  another night committed after the one this night read."""
+  another night committed after the one this night read. `options`: the store options where
+  set_store_options was not called (a worker: the job's last step)."""
   import lance
   from lance.commit import CommitConflictError
   from lance.fragment import FragmentMetadata
   new_fragments = [FragmentMetadata.from_json(text) for text in night.fragments]
   record = CommitRecord(kind, night.run, sum(f.num_rows for f in new_fragments),
                         len(night.removed))
-  options = storage_options(uri)
+  options = storage_options(uri) if options is None else options
   for attempt in range(_COMMIT_ATTEMPTS):
     dataset = _dataset(uri, options=options)
     others = _others_since(dataset, night.read_version)

@@ -85,10 +85,14 @@ def summary_line(summary: Dict) -> str:
             'when it finishes')
   rate = summary.get('images_per_second')
   by_name = summary.get('skipped_by_name')
+  committed = summary.get('collection_version')
   return (f'{summary["output"]}: {summary["embedded"]} embedded, {summary["skipped"]} skipped '
           f'(unchanged since earlier runs), {summary["failed"]} failed of '
           f'{summary["matched"]} matched'
           + (f', {by_name} not images by name (--include_all_files takes them)' if by_name else '')
+          + (f'; committed version {committed} of {summary["collection"]} '
+             f'({summary["collection_added"]} added, {summary["collection_removed"]} removed)'
+             if committed is not None else '')
           + f', in {summary["wall_time_seconds"]:.0f} s'
           + (f' ({rate:.1f} images/s)' if rate else '') + f'; details: {SUMMARY_FILE}')
 

@@ -1,7 +1,9 @@
-"""The pipeline graph: match -> [skip unchanged] -> (read -> decode/resize -> embed: the GPU
-step) -> write, dead letters, the index and the run summary beside."""
+"""The pipeline graph: match -> [skip what the collection holds] -> (read -> decode/resize ->
+embed: the GPU step) -> write, dead letters, the index, [the collection's new rows] and the run
+summary (after the night's commit) beside."""
 
-from typing import Dict, Sequence
+import re
+from typing import Dict, List, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
@@ -14,13 +16,13 @@ from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages, ImageEmbeddingModelHandler
 from transforms.failures import FAILURES_TAG
 from transforms.heartbeat import Heartbeat
-from transforms.incremental import SkipUnchanged
+from transforms.incremental import Coverage, NightState, SkipHeld
 from transforms.progress import CountFailed, StartProgress
 from transforms.provenance import Provenance
 from transforms.read import SKIPPED_BY_NAME_TAG, MatchFiles, ReadImages
 from transforms.summary import WriteRunSummary
-from transforms.write import (WriteEmbeddings, WriteFailures, WriteIndex, embedded_index_row,
-                              failed_index_row, skipped_index_row)
+from transforms.write import (WriteCollectionRows, WriteEmbeddings, WriteFailures, WriteIndex,
+                              embedded_index_row, failed_index_row, skipped_index_row)
 
 # The step that --inference_accelerator and --inference_min_ram put on GPU workers.
 GPU_STEP = 'DecodeAndEmbed'
@@ -78,25 +80,38 @@ def _resource_hints(options: EmbeddingOptions) -> Dict[str, str]:
   return {name: value for name, value in hints.items() if value}
 
 
+def _collection_files(night: Optional[NightState]) -> List[str]:
+  """The collection's own files are never images, even inside an input folder: an --exclude."""
+  if night is None:
+    return []
+  return [re.sub(r'([*?\[\\])', r'\\\1', night.uri) + '/**']
+
+
 def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
                    model_description: ModelDescription, provenance: Provenance,
-                   summary_fields: RunLaunch, incremental_indexes: Sequence[str] = ()) -> None:
-  """`summary_fields`: what run_summary.json says beside the counts (launch time, options)."""
-  # With earlier runs, the join on URI also keeps one of each URI: one shuffle, not two.
+                   summary_fields: RunLaunch, night: Optional[NightState] = None) -> None:
+  """`summary_fields`: what run_summary.json says beside the counts (launch time, options);
+  `night`: the collection this night skips against and commits to (None: a one-off run)."""
+  # With a collection, the join on URI also keeps one of each URI: one shuffle, not two.
   matched = pipeline | 'MatchFiles' >> MatchFiles(
-      options.input or (), options.input_manifest or (), options.exclude or (), options.output,
-      deduplicate=not incremental_indexes, include_all_files=options.include_all_files)
+      options.input or (), options.input_manifest or (),
+      list(options.exclude or ()) + _collection_files(night), options.output,
+      deduplicate=night is None, include_all_files=options.include_all_files)
   refs = matched['refs'] | 'CheckWorkerVersions' >> CheckWorkerVersions(
       options.view_as(LaunchOptions).launch_versions)  # the CPU workers; the GPU step's its own
   _ = refs | 'Heartbeat' >> Heartbeat(options.output)
-  if incremental_indexes:
-    split = refs | 'SkipUnchanged' >> SkipUnchanged(
-        incremental_indexes, provenance, options.retry_failed, summary_fields.source_runs)
-    to_read, skipped = split.new, split.skipped
+  if night is not None:
+    split = ({'refs': refs, 'failures': matched[FAILURES_TAG],
+              'not_listed': matched[SKIPPED_BY_NAME_TAG]}
+             | 'SkipHeld' >> SkipHeld(night, provenance, Coverage(
+                 options.input or (), options.exclude or (), options.include_all_files)))
+    to_read, skipped, removed = split.new, split.skipped, split.removed
     refs = (to_read, skipped | 'SkippedRefs' >> beam.Map(lambda skipped: skipped.ref)) \
         | 'UniqueRefs' >> beam.Flatten()
   else:
-    to_read, skipped = refs, pipeline | 'NothingSkipped' >> beam.Create([])
+    to_read = refs
+    skipped = pipeline | 'NothingSkipped' >> beam.Create([])
+    removed = pipeline | 'NothingRemoved' >> beam.Create([])
   to_embed = beam.pvalue.AsSingleton(to_read | 'CountToEmbed' >> beam.combiners.Count.Globally())
   embedded = to_read | GPU_STEP >> DecodeAndEmbed(
       options, model_description, to_embed).with_resource_hints(**_resource_hints(options))
@@ -108,6 +123,12 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
       options.output, provenance, model_description.feature_size, num_shards=options.num_shards,
       compression=options.compression, output_format=options.output_format,
       embedding_dtype=options.embedding_dtype)
+  if night is not None:
+    fragments = embeddings | 'WriteCollectionRows' >> WriteCollectionRows(
+        night.uri, night.storage_options, provenance, model_description.feature_size,
+        options.embedding_dtype, options.output)
+  else:
+    fragments = pipeline | 'NoFragments' >> beam.Create([])
   failure_files = failures | 'WriteFailures' >> WriteFailures(options.output,
                                                               num_shards=options.num_shards)
   index_files = ((embeddings | 'EmbeddedRows' >> beam.Map(embedded_index_row, provenance),
@@ -122,5 +143,6 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
   _ = ({'matched': all_matched, 'skipped': skipped,
         'skipped_by_name': matched[SKIPPED_BY_NAME_TAG], 'embeddings': embeddings,
         'failures': failures,
-        'files': (embedding_files, failure_files, index_files) | 'Written' >> beam.Flatten()}
-       | 'WriteRunSummary' >> WriteRunSummary(options.output, summary_fields))
+        'files': (embedding_files, failure_files, index_files) | 'Written' >> beam.Flatten(),
+        'fragments': fragments, 'removed': removed}
+       | 'WriteRunSummary' >> WriteRunSummary(options.output, summary_fields, night))

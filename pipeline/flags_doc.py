@@ -35,8 +35,8 @@ NOTES: Dict[str, FlagNotes] = {
     'embedding_dtype': FlagNotes('--embedding_dtype float16',
                                  'Parquet: a halffloat list; TFRecord: the bytes feature '
                                  '`embedding/float16` ([the format](output-format.md#float16-'
-                                 'vectors)). The recipe says `embedding_dtype=float16`, so '
-                                 '`--incremental_from` runs of the other dtype skip nothing. '
+                                 'vectors)). The recipe says `embedding_dtype=float16`; a '
+                                 '`--collection` holds one dtype (another is refused, exit 2). '
                                  'Rankings: [measured](performance.md#float16-vectors).'),
     'model': FlagNotes('--model gs://bucket/modules/pnasnet_large_fv1',
                        'Also any URL serving a compressed module. See [models](models.md).'),
@@ -70,15 +70,13 @@ NOTES: Dict[str, FlagNotes] = {
                              'compiles at most log2(max)+2 shapes; each compile time is logged; '
                              'the recipe says `jit_compile=1` (features within 1e-5 of the plain '
                              'path).'),
-    'incremental_from': FlagNotes('--incremental_from "gs://bucket/embeddings/*"',
-                                  'Unchanged means same URI, size, model id and recipe, and the '
-                                  'same content identity where the store gives one (GCS crc32c, '
-                                  'S3 ETag), else the same modification time; a file it could '
-                                  'not decode is skipped too. See '
-                                  '[nightly runs](running.md#nightly-only-what-is-new).'),
-    'retry_failed': FlagNotes('--retry_failed', 'Read and inference failures are always retried.'),
-    'allow_no_earlier_runs': FlagNotes('--allow_no_earlier_runs', 'For a schedule\'s command, '
-                                       '[nightly](running.md#nightly-only-what-is-new).'),
+    'collection': FlagNotes('--collection gs://bucket/collection',
+                            'Unchanged means same URI, size, model id and recipe, and the same '
+                            'content identity where the store gives one (GCS crc32c, S3 ETag), '
+                            'else the same modification time. One model, vector size and dtype '
+                            'per collection (another is refused, exit 2). A night whose commit '
+                            'another night beat ends `failed` (exit 1), nothing committed. See '
+                            '[nightly runs](running.md#nightly-only-what-is-new).'),
     'inference_accelerator': FlagNotes(
         '--inference_accelerator '
         '"type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver"',
@@ -94,8 +92,6 @@ NOTES: Dict[str, FlagNotes] = {
     'clean_unfinished': FlagNotes('--clean_unfinished', 'What it deletes is logged. A run '
                                   'still alive there is refused, nothing deleted: '
                                   '[a killed launcher](reliability.md#a-killed-launcher).'),
-    'allow_concurrent': FlagNotes('--allow_concurrent', 'Which runs count as live: '
-                                  '[reliability](reliability.md#nightly-state-that-stays-right).'),
     'skip_if_finished': FlagNotes('--skip_if_finished', 'Makes a loop over chunks rerunnable: '
                                   '[backfill](running.md#a-very-large-backfill-in-chunks).'),
     'max_failed_fraction': FlagNotes('--max_failed_fraction 0.01', '[Exit codes](running.md#exit-codes) '
@@ -157,8 +153,8 @@ Bad values fail before any work starts, with exit code 2 and one message that sa
 a batch range upside down, a crop outside [0.1, 1], a seed out of range, `--large_model` with
 `--model_copies`, `--checkpoint` without a `builtin:` model or with variables that do not fit the
 network (missing names listed once, summarised past 20), an unknown model, an unreachable or
-broken model download, an input that matches nothing, an `--incremental_from` pattern that
-matches no finished run (without `--allow_no_earlier_runs`), `gs://` paths without Google
+broken model download, an input that matches nothing, a `--collection` of another model,
+vector size or dtype (or a folder that holds other files), `gs://` paths without Google
 credentials, an output whose bucket does not exist or that is a file, an output that holds a run
 or is claimed by another. Every exit code: [Running](running.md#exit-codes).
 

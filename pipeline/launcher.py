@@ -5,7 +5,6 @@ told not to wait) reads back the run_summary.json that the job itself writes.
 the `embed` verb (commands/embed.py) turns those into one line and the exit code.
 """
 
-import dataclasses
 import datetime
 import errno
 import json
@@ -13,7 +12,7 @@ import logging
 import os
 import re
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -22,20 +21,21 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
                                                   TestOptions, WorkerOptions)
 from apache_beam.runners.runner import PipelineState
 
+import collection
 import storage
+from collection.table import check_model
 from models.description import ModelDescription, describe_model
 from pipeline.beam_flags import OptionsError, check_known_flags
 from pipeline.options import EmbeddingOptions, expand_output, one_model_per_gpu, validate
 from pipeline.output_dir import (OutputExistsError, check_output_is_new,
-                                 claim_output, delete_temp_folders, stale_temp_files)
+                                 claim_output, stale_temp_files)
 from pipeline.runners import default_runner, runner_name
 from pipeline.versions import (LaunchOptions, current_versions, format_versions,
                                version_mismatch)
-from run_format import (CLAIM_FILE, CLAIM_STALE_SECONDS, FAILURES_PREFIX, FAILURES_SUFFIX,
-                        FINISHED, SUMMARY_FILE, TEMP_FOLDERS, RunLaunch,
+from run_format import (CLAIM_FILE, FAILED, FAILURES_PREFIX, FAILURES_SUFFIX,
+                        FINISHED, SUMMARY_FILE, RunLaunch,
                         RunSummary, shard_glob, utc_now)
-from storage.run_dirs import NoRunsError, scan_runs, warn_of_failed
-from transforms.incremental import state_runs
+from transforms.incremental import NightState
 from transforms.provenance import Provenance, project_version, recipe
 from transforms.read import (check_inputs_match, check_manifests_exist,
                              normalize_input)
@@ -131,7 +131,7 @@ def check_dataflow_paths(embedding: EmbeddingOptions, options: PipelineOptions) 
   local = [f'--{flag} {path}' for flag, path in (('temp_location', cloud.temp_location),
                                                   ('staging_location', cloud.staging_location))
            if path and not path.startswith('gs://')]
-  for flag in ('input', 'input_manifest', 'output', 'incremental_from'):
+  for flag in ('input', 'input_manifest', 'output', 'collection'):
     paths = getattr(embedding, flag) or []
     local += [f'--{flag} {path}' for path in ([paths] if isinstance(paths, str) else paths)
               if not storage.is_remote(path)]
@@ -142,54 +142,38 @@ def check_dataflow_paths(embedding: EmbeddingOptions, options: PipelineOptions) 
         'Without --runner the run is local')
 
 
-def incremental_runs(patterns: List[str], output: str, allow_empty: bool,
-                     allow_concurrent: bool = False) -> Tuple[List, List]:
-  """(the finished runs that the --incremental_from patterns name, `output` itself aside; the
-  dead unfinished runs among them). A pattern that names no run is most often a typo, so it is
-  refused unless `allow_empty` (the first night of a schedule, before any run finished). A run
-  that ended too_many_failures is named in a warning and not read. A live unfinished run (its job
-  still rewrites its claim) is refused unless `allow_concurrent`: this run would embed again what
-  that one is embedding; a dead one is named in a warning."""
-  if not patterns:
-    return [], []
-  runs, empty, live, dead = {}, [], {}, {}
-  for pattern in patterns:
+def open_night(embedding: EmbeddingOptions, model_description: ModelDescription,
+               model_id: str, create: bool) -> Optional[NightState]:
+  """--collection at launch: the collection (the first night creates it, unless `create` is off:
+  a dry run writes nothing), refused when it holds another model's vectors; the version this
+  night reads, and its fragments, one per worker to read. None without --collection."""
+  if not embedding.collection:
+    return None
+  uri = embedding.collection.rstrip('/')
+  if not storage.is_remote(uri):
+    uri = normalize_input(uri)
+  embedding.collection = uri
+  try:
     try:
-      scan = scan_runs([pattern], missing_ok=True)
-    except NoRunsError as exc:  # it cannot be listed: no state to skip by, so no run
-      raise OptionsError(f'--incremental_from {exc}') from exc
-    warn_of_failed(scan.failed)
-    found = [run for run in scan.finished if run.path != output]
-    runs.update((run.path, run) for run in found)
-    for unfinished in scan.unfinished:
-      if unfinished.path != output:
-        (live if unfinished.alive() else dead)[unfinished.path] = unfinished
-    if not found and not scan.failed:
-      empty.append(pattern)
-  if live and not allow_concurrent:
-    raise OptionsError(
-        f'--incremental_from names {len(live)} run(s) still going: '
-        f'{", ".join(u.describe() for u in live.values())}; this run would embed again what '
-        'it is embedding. Wait for it to finish, or add --allow_concurrent (a claim its job has '
-        f'not rewritten for {CLAIM_STALE_SECONDS // 60} min counts as a dead run)')
-  for unfinished in dead.values():
-    logging.warning('--incremental_from: %s is a dead run (no %s; %s): not read; its files are '
-                    'embedded again. `pnasnet-embeddings runs` lists it; --clean_unfinished with '
-                    'it as --output deletes what it wrote', unfinished.describe(), SUMMARY_FILE,
-                    unfinished.dead_because())
-  if live:
-    logging.warning('--allow_concurrent: %s still going', ', '.join(live))
-  if empty and not allow_empty:
-    raise OptionsError(
-        f'--incremental_from {" ".join(empty)} matches no finished run (a directory holding '
-        f'{SUMMARY_FILE}): check the pattern, or add --allow_no_earlier_runs when no run has '
-        'finished yet (the first night of a schedule)')
-  return sorted(runs.values(), key=lambda run: run.path), sorted(dead)
+      found = collection.open_collection(uri)
+    except collection.CollectionNotFoundError:
+      if not create:
+        return NightState(uri, 0, [], collection.storage_options(uri))
+      found = collection.create(uri, model_id, model_description.feature_size,
+                                embedding.embedding_dtype)
+      logging.info('--collection %s: created (the first night)', uri)
+    check_model(found, model_id, model_description.feature_size, embedding.embedding_dtype)
+  except collection.CollectionError as exc:
+    raise OptionsError(f'--collection {exc}') from exc
+  except OSError as exc:  # a bucket that does not exist, no credentials, no network
+    raise OptionsError(f'--collection {uri} cannot be opened: {exc}') from exc
+  logging.info('--collection %s: version %d, %d rows', uri, found.version, found.num_rows)
+  return NightState(uri, found.version, found.fragment_ids(), found.storage_options)
 
 
 def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
                   model_description: ModelDescription, provenance: Provenance, started_at: str,
-                  runs: List) -> RunLaunch:
+                  night: Optional[NightState]) -> RunLaunch:
   """What the claim and run_summary.json say of the run beside the counts."""
   return RunLaunch(
       model=provenance.model, model_handle=embedding.model, checkpoint=embedding.checkpoint,
@@ -202,8 +186,8 @@ def launch_record(embedding: EmbeddingOptions, options: PipelineOptions,
       image_size=[model_description.height, model_description.width],
       input=list(embedding.input or []), input_manifest=list(embedding.input_manifest or []),
       exclude=list(embedding.exclude or []),
-      incremental_from=list(embedding.incremental_from or []),
-      incremental_runs=[run.path for run in runs], index_carries_forward=True,
+      collection=night.uri if night else None,
+      collection_read_version=night.read_version if night else None,
       output=embedding.output, output_format=embedding.output_format,
       max_failed_fraction=embedding.max_failed_fraction,
       runner=runner_name(options), started_at=started_at)
@@ -270,8 +254,11 @@ def _plural(count: int, noun: str) -> str:
 
 
 def check_outcome(summary: RunSummary) -> Dict:
-  """The summary, once its failures are said; TooManyFailuresError if its outcome is not
-  "finished"."""
+  """The summary, once its failures are said; PipelineFailedError if its commit was refused,
+  TooManyFailuresError if too many images failed."""
+  if summary.outcome == FAILED:
+    raise PipelineFailedError(f'{summary.outcome_message}; {summary.output} holds this night\'s '
+                              f'files, {SUMMARY_FILE} says outcome "{FAILED}"')
   if not summary.failed:
     return summary.to_dict()
   examples = '; '.join(f'{f["uri"]}: {f["stage"]} {f["error"]}: {f["message"][:200]}'
@@ -323,6 +310,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   if not storage.is_remote(embedding.output):
     embedding.output = normalize_input(embedding.output)
   FileSystems.set_options(options)  # the checks below read storage with the run's credentials
+  collection.set_store_options(argv)  # and the collection, with the same S3 flags
   embedding.input = [normalize_input(p) for p in embedding.input or []]
   embedding.input_manifest = [normalize_input(p) for p in embedding.input_manifest or []]
   check_google_credentials(_storage_paths(embedding, options), _is_dataflow(options))
@@ -340,17 +328,9 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   check_inputs_match(embedding.input, embedding.exclude or (), embedding.output,
                      embedding.include_all_files)
   check_manifests_exist(embedding.input_manifest)
-  named, dead = incremental_runs(embedding.incremental_from or [], embedding.output,
-                                 embedding.allow_no_earlier_runs, embedding.allow_concurrent)
-  runs = state_runs(named, provenance.model, provenance.recipe)
-  if embedding.incremental_from:
-    logging.info('--incremental_from: %d finished runs; reading the %d that hold the state',
-                 len(named), len(runs))
-  indexes = sorted(run.index_glob for run in runs)
-  launch = dataclasses.replace(
-      launch_record(embedding, options, model_description, provenance, started_at, runs),
-      source_runs=[run.path for run in named])
   dry_run = options.view_as(TestOptions).dry_run
+  night = open_night(embedding, model_description, provenance.model, create=not dry_run)
+  launch = launch_record(embedding, options, model_description, provenance, started_at, night)
   if dry_run:
     check_output_is_new(embedding.output, embedding.clean_unfinished)
   else:
@@ -359,18 +339,13 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     if deleted:
       logging.warning('--clean_unfinished: deleted what the unfinished run in %s had written: '
                       '%s', embedding.output, ', '.join(deleted))
-    for directory in dead:
-      removed = delete_temp_folders(directory)
-      if removed:
-        logging.warning('deleted the %s folders the dead run %s left: %s', TEMP_FOLDERS,
-                        directory, ', '.join(removed))
   _prepare_remote_workers(options)
   logging.info('embedding %s with %s (%dx%d -> %d) into %s', embedding.input or
                embedding.input_manifest, model_description.model_id, model_description.height,
                model_description.width, model_description.feature_size, embedding.output)
 
   try:
-    return _run_pipeline(options, embedding, model_description, provenance, launch, indexes)
+    return _run_pipeline(options, embedding, model_description, provenance, launch, night)
   except KeyboardInterrupt as exc:
     raise InterruptedRun(_interrupted(embedding.output)) from exc
 
@@ -379,18 +354,18 @@ def _storage_paths(embedding: EmbeddingOptions, options: PipelineOptions) -> Lis
   cloud = options.view_as(GoogleCloudOptions)
   return ([embedding.output, embedding.model, embedding.checkpoint, cloud.temp_location,
            cloud.staging_location] + list(embedding.input or []) +
-          list(embedding.input_manifest or []) + list(embedding.incremental_from or []))
+          list(embedding.input_manifest or []) + [embedding.collection])
 
 
 def _is_dataflow(options: PipelineOptions) -> bool:
   return 'dataflow' in (options.view_as(StandardOptions).runner or '').lower()
 
 
-def _run_pipeline(options, embedding, model_description, provenance, launch, indexes) -> Dict:
+def _run_pipeline(options, embedding, model_description, provenance, launch, night) -> Dict:
   from pipeline.build import build_pipeline  # TensorFlow: not for --help nor refused options
   dry_run = options.view_as(TestOptions).dry_run
   pipeline = beam.Pipeline(runner=default_runner(options), options=options)
-  build_pipeline(pipeline, embedding, model_description, provenance, launch, indexes)
+  build_pipeline(pipeline, embedding, model_description, provenance, launch, night)
   if dry_run:  # Dataflow's runner builds the job and stops; any other would run it: never call it
     proto = (pipeline.run().job.proto_pipeline if _is_dataflow(options) else
              pipeline.to_runner_api())

@@ -118,17 +118,11 @@ class EmbeddingOptions(PipelineOptions):
                        'once per batch size, batches padded to powers of two up to '
                        '--max_batch_size.')
     group.add_argument(
-        '--incremental_from', nargs='+', action='extend', default=None,
-        help='Earlier run directories (globs allowed), e.g. "gs://bucket/emb/*": files that a '
-        'finished one of them embedded, unchanged (same size and content identity or '
-        'modification time, same model and recipe), are skipped. Repeatable.')
-    group.add_argument('--retry_failed', action='store_true', default=False,
-                       help='With --incremental_from: try again the unchanged files that an '
-                       'earlier run could not decode.')
-    group.add_argument('--allow_no_earlier_runs', action='store_true', default=False,
-                       help='With --incremental_from: accept patterns that match no finished '
-                       'run yet (the first night of a schedule); without it such a pattern '
-                       'stops the run (exit 2), since it is usually a typo.')
+        '--collection', default=None,
+        help='The collection this night commits to (a local folder, gs://, s3://; created by '
+        'the first night): files it holds unchanged (same size and content identity or '
+        'modification time, same model and recipe) are skipped, changed and new ones embedded, '
+        'and gone ones removed, in one commit. Without it the run embeds everything it matches.')
     group.add_argument(
         '--inference_accelerator', default=None,
         help='Beam accelerator resource hint for the GPU step only (reading, decoding and '
@@ -153,10 +147,6 @@ class EmbeddingOptions(PipelineOptions):
                        '"too_many_failures") when more than this fraction of the matched images '
                        'failed: a wrong model or input, an unreadable bucket. 0 to 1; 1 never '
                        'fails. Default %(default)s.')
-    group.add_argument('--allow_concurrent', action='store_true', default=False,
-                       help='Launch even when an --incremental_from run is still going (its job '
-                       'rewrote its claim within the last hour): by default refused (exit 2), '
-                       'as both would embed the same new images.')
     group.add_argument('--include_all_files', action='store_true', default=False,
                        help='Read every file that folders and globs hold: without it, hidden '
                        'files (.DS_Store, .git/) and files whose extension is never an image\'s '
@@ -204,12 +194,8 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
     problems.append('--num_shards must be 0 (runner decides) or more')
   if not 0 <= options.seed <= MAX_SEED:
     problems.append(f'--seed {options.seed} must be between 0 and {MAX_SEED}')
-  if options.retry_failed and not options.incremental_from:
-    problems.append('--retry_failed goes with --incremental_from (it retries the failures of '
-                    'earlier runs)')
-  if options.allow_no_earlier_runs and not options.incremental_from:
-    problems.append('--allow_no_earlier_runs goes with --incremental_from (it lets its patterns '
-                    'match no finished run yet)')
+  if options.collection is not None and not options.collection.strip():
+    problems.append('--collection is given an empty value: leave the flag out for a one-off run')
   worker_accelerator = _worker_accelerator(pipeline_options)
   if (options.inference_accelerator or worker_accelerator) and 'dataflow' in (
       pipeline_options.view_as(StandardOptions).runner or '').lower():

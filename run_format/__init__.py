@@ -15,10 +15,11 @@ library.
 """
 
 from run_format.columns import (COLUMNS, EMBEDDING, EMBEDDING_DTYPES, EMBEDDING_FLOAT16,
-                                INCREMENTAL_COLUMNS, INDEX_SCHEMA, METADATA_COLUMNS,
+                                INDEX_SCHEMA, METADATA_COLUMNS,
                                 METADATA_SCHEMA, RUN_COLUMN, Column, embedding_type,
                                 embeddings_schema, example_vectors, from_example_batch, to_example_batch)
 from run_format.layout import (CLAIM_FILE, CLAIM_STALE_SECONDS, DECODE, EMBEDDED, EMBEDDINGS_GLOB, EMBEDDINGS_PREFIX,
+                               FAILED,
                                FAILURES_GLOB, FAILURES_PREFIX, FAILURES_SUFFIX, FINISHED,
                                GZIP_SUFFIX, HEARTBEAT_SECONDS, INDEX_GLOB, INDEX_PREFIX, INFERENCE,
                                PARQUET_EMBEDDINGS_GLOB, PARQUET_SUFFIX, READ, RUN_FILES,

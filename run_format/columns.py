@@ -45,17 +45,7 @@ INDEX_SCHEMA = pa.schema(
     [('content_id', pa.string())] +
     [(name, _TYPES[name]) for name in ('sha256', 'model', 'recipe')] +
     [('outcome', pa.string()),  # layout.EMBEDDED, SKIPPED or the failed stage
-     # For a skipped file, what the earlier run did with that version (EMBEDDED or DECODE):
-     # carried forward, so that this index alone is the state of every file the run matched.
-     ('done_outcome', pa.string()),
-     # For a skipped file done as EMBEDDED, the run directory that holds its vector (null on an
-     # embedded row: this run). Carried forward night to night, so that state and readers never
-     # depend on scanning older runs, and a deleted source is noticed (absent before 0.4).
-     ('vector_run', pa.string()),
      ('message', pa.string())])
-# What an incremental run reads of earlier indexes: which file version, embedded how, and its fate.
-INCREMENTAL_COLUMNS = ['uri', 'size_bytes', 'last_modified', 'content_id', 'model', 'recipe',
-                       'outcome', 'done_outcome', 'vector_run']
 
 
 def embedding_type(feature_size: int, embedding_dtype: str = 'float32') -> pa.DataType:

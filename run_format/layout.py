@@ -59,9 +59,11 @@ def run_file_name(output_format: Optional[str] = None) -> Pattern:
       re.escape(CLAIM_FILE)]))
 
 
-# The summary's outcome: within --max_failed_fraction, or not (the launcher's exit 3).
+# The summary's outcome: within --max_failed_fraction, or not (the launcher's exit 3); or the
+# night's work done but its commit to --collection refused (another night committed: exit 1).
 FINISHED = 'finished'
 TOO_MANY_FAILURES = 'too_many_failures'
+FAILED = 'failed'
 
 
 def outcome(matched: int, failed: int, max_failed_fraction: float) -> str:
@@ -69,7 +71,7 @@ def outcome(matched: int, failed: int, max_failed_fraction: float) -> str:
 
 # What became of a matched file: the index's `outcome`; a failure's `stage` is one of STAGES.
 EMBEDDED = 'embedded'
-SKIPPED = 'skipped'  # an earlier finished run had it (--incremental_from)
+SKIPPED = 'skipped'  # --collection holds this version already: not read
 READ = 'read'
 DECODE = 'decode'
 INFERENCE = 'inference'

@@ -39,14 +39,10 @@ class RunLaunch:
   input: List[str]
   input_manifest: List[str]
   exclude: List[str] = dataclasses.field(default_factory=list)  # --exclude patterns
-  incremental_from: List[str]  # the --incremental_from patterns as given
-  # The earlier runs whose indexes this run read (transforms/incremental.py state_runs), and
-  # whether its own index carries their done files forward (so that it supersedes them).
-  incremental_runs: List[str] = dataclasses.field(default_factory=list)
-  index_carries_forward: bool = False
-  # Every finished run --incremental_from named: where a done file's vector may be (its index
-  # row's vector_run); a row naming a run outside these is embedded again. Absent before 0.4.
-  source_runs: List[str] = dataclasses.field(default_factory=list)
+  # --collection: the collection this night skips against and commits to, and the version it
+  # read at launch (what it skipped against). Absent before the collection.
+  collection: Optional[str] = None
+  collection_read_version: Optional[int] = None
   output: str
   output_format: str
   max_failed_fraction: Optional[float] = None  # absent from older summaries
@@ -74,6 +70,13 @@ class RunSummary(RunLaunch):
   finished_at: str
   wall_time_seconds: float
   images_per_second: Optional[float]
+  # The version this night committed to --collection (None: nothing committed, as for a night
+  # over the limit of failures, or refused by another night's commit), its rows added and removed.
+  collection_version: Optional[int] = None
+  collection_added: int = 0
+  collection_removed: int = 0
+  # Why the outcome is `failed` (the run did its work, but its commit was refused).
+  outcome_message: Optional[str] = None
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2)

@@ -1,235 +1,217 @@
-"""Scheduled runs that embed only what is new: the per-run index, --incremental_from,
---retry_failed and --input_manifest, on local files and the local GCS server."""
+"""Nights that embed only what is new, against the collection (`embed --collection`): on S3 (the
+local server, through the fault proxy, which counts every download and refuses a folder's
+listing), and on local disk."""
 
-import collections
-import gzip
-import json
 import os
 import shutil
+import uuid
 
-import duckdb
 import pytest
 
+import collection
 from commands.embed import main
-from pipeline.launcher import read_summary, run
-from run_format import IncompatibleRunError
-from tests.outputs import read_examples, read_failures
-from tests.run_writer import rows, write_run, write_summary_of_0_1
+from pipeline.launcher import TooManyFailuresError, read_summary, run
+from tests.fault_proxy import FaultProxy, FaultRule
 
 TINY = '--model=builtin:pnasnet_tiny'
-PHOTOS = ('astronaut.png', 'camera.png', 'chelsea.png', 'coffee.png', 'rocket.jpg',
-          'hubble_deep_field.jpg')
+SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       'sample_images')
 
 
-def _embedded(output, tmp_path):
-  return sorted(os.path.basename(e.features.feature['image/uri'].bytes_list.value[0].decode())
-                for e in read_examples(output, tmp_path))
+def _sample(name):
+  with open(os.path.join(SAMPLES, name), 'rb') as f:
+    return f.read()
+
+
+def _rows(uri, options=None):
+  """The collection's latest version: {uri: (sha256, run)}."""
+  found = collection.open_collection(uri, options=options)
+  table = found.dataset.to_table(columns=['uri', 'sha256', 'run'])
+  return {row['uri']: (row['sha256'], row['run']) for row in table.to_pylist()}
+
+
+@pytest.fixture(scope='module')
+def s3_nights(s3_server, tmp_path_factory):
+  """Three nights over s3://BUCKET/photos, the collection in the same bucket, every request
+  through the fault proxy: night 1 embeds {a, sub/b, sub/c}; night 2 cannot list sub/ (403);
+  night 3 sees sub/b changed, sub/c deleted and d new. Per night: (summary, downloads, version
+  and rows of the collection after it)."""
+  bucket = f'nights-{uuid.uuid4().hex[:8]}'
+  s3_server.create_bucket(bucket)
+  photos, coll = f's3://{bucket}/photos', f's3://{bucket}/collection'
+  for name, sample in (('a.png', 'astronaut.png'), ('sub/b.png', 'camera.png'),
+                       ('sub/c.png', 'chelsea.png')):
+    s3_server.upload(f'{photos}/{name}', _sample(sample))
+  runs = tmp_path_factory.mktemp('s3_nights')
+  nights = []
+  with FaultProxy(s3_server.endpoint) as proxy:
+    flags = [o.replace(s3_server.endpoint, proxy.url) for o in s3_server.options]
+    store = collection.set_store_options(flags)
+
+    def night(number):
+      proxy.downloads.clear()
+      summary = run([f'--input={photos}', TINY, f'--output={runs}/{number}',
+                     f'--collection={coll}'] + flags)
+      found = collection.open_collection(coll, options=store)
+      nights.append((summary, dict(proxy.downloads), found.version, _rows(coll, store)))
+
+    night(1)
+    proxy.rules[:] = [FaultRule(f'^{bucket}/photos/sub/', 403, kinds=['list'])]
+    night(2)
+    proxy.rules[:] = []
+    s3_server.upload(f'{photos}/sub/b.png', _sample('coffee.png'))
+    s3_server.client.delete_object(Bucket=bucket, Key='photos/sub/c.png')
+    s3_server.upload(f'{photos}/d.png', _sample('rocket.jpg'))
+    night(3)
+  return photos, nights
+
+
+def test_the_first_night_creates_the_collection_and_commits_every_vector(s3_nights):
+  photos, nights = s3_nights
+  summary, downloads, version, rows = nights[0]
+  assert (summary['embedded'], summary['skipped'], summary['collection_added']) == (3, 0, 3)
+  assert summary['collection_read_version'] < version == summary['collection_version']
+  assert sorted(rows) == [f'{photos}/a.png', f'{photos}/sub/b.png', f'{photos}/sub/c.png']
+  assert {run for _, run in rows.values()} == {summary['output']}
+  assert sorted(count for path, count in downloads.items() if '/photos/' in path) == [1, 1, 1]
+
+
+def test_a_folder_that_cannot_be_listed_changes_nothing_under_it(s3_nights):
+  """Defect 1: night 2 cannot list photos/sub/; its rows stay (the collection returns all three),
+  and the unchanged a.png is skipped without being read."""
+  photos, nights = s3_nights
+  summary, downloads, version, rows = nights[1]
+  assert (summary['embedded'], summary['skipped'], summary['failed']) == (0, 1, 1)
+  assert summary['failed_by_stage']['read'] == 1 and summary['outcome'] == 'finished'
+  assert summary['collection_version'] is None and version == nights[0][2]  # nothing to commit
+  assert rows == nights[0][3]
+  assert not [path for path in downloads if path.endswith('.png')]
+
+
+def test_a_changed_file_is_replaced_a_deleted_one_removed_a_new_one_added(s3_nights):
+  photos, nights = s3_nights
+  summary, downloads, version, rows = nights[2]
+  assert (summary['embedded'], summary['skipped']) == (2, 1)
+  assert (summary['collection_added'], summary['collection_removed']) == (2, 2)
+  assert version == summary['collection_version'] == nights[0][2] + 1
+  assert sorted(rows) == [f'{photos}/a.png', f'{photos}/d.png', f'{photos}/sub/b.png']
+  first = nights[0][3]
+  assert rows[f'{photos}/a.png'] == first[f'{photos}/a.png']  # skipped: the same row
+  assert rows[f'{photos}/sub/b.png'][0] != first[f'{photos}/sub/b.png'][0]  # new bytes' sha256
+  assert rows[f'{photos}/d.png'][1] == summary['output']
+  read = sorted(path.rsplit('/photos/', 1)[1] for path in downloads if '/photos/' in path)
+  assert read == ['d.png', 'sub/b.png']  # a.png is not read
 
 
 @pytest.fixture
-def photos(image_folder, tmp_path):
+def photos(tmp_path):
   folder = tmp_path / 'photos'
   folder.mkdir()
-  for name in PHOTOS[:3]:
-    shutil.copy(image_folder / name, folder / name)
+  for name in ('astronaut.png', 'camera.png', 'chelsea.png'):
+    shutil.copy(os.path.join(SAMPLES, name), folder / name)
   return folder
 
 
-def test_a_second_run_embeds_only_the_new_half(photos, image_folder, tmp_path):
-  first = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1'])
-  _as_written_before_skipped_by_name(f'{tmp_path}/runs/1/run_summary.json')
-  for name in PHOTOS[3:]:
-    shutil.copy(image_folder / name, photos / name)
-  (photos / '.DS_Store').write_bytes(b'\0\0\0\1Bud1')
-  second = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/2',
-                f'--incremental_from={tmp_path}/runs/*'])
-  assert read_summary(f'{tmp_path}/runs/1').skipped_by_name == 0
-  assert (first['embedded'], second['embedded'], second['skipped']) == (3, 3, 3)
-  assert second['skipped_by_name'] == 1  # .DS_Store: neither matched nor in the index
-  assert second['matched'] == second['embedded'] + second['failed'] + second['skipped']
-  assert _embedded(f'{tmp_path}/runs/2', tmp_path) == sorted(PHOTOS[3:])
-  union = _embedded(first['output'], tmp_path) + _embedded(second['output'], tmp_path)
-  assert sorted(union) == sorted(PHOTOS)  # each image once among the finished runs
-  index = duckdb.sql(f"select uri, outcome, size_bytes from '{tmp_path}/runs/2/index-*.parquet'"
-                     ).fetchall()
-  outcomes = collections.Counter(outcome for _, outcome, _ in index)
-  assert outcomes == {'embedded': 3, 'skipped': 3}
-  assert all(size == os.path.getsize(uri) for uri, _, size in index)
+def _night(photos, tmp_path, name, *flags):
+  return run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/{name}',
+              f'--collection={tmp_path}/collection'] + list(flags))
 
 
-def _as_written_before_skipped_by_name(summary_path):
-  with open(summary_path) as f:
-    fields = json.load(f)
-  del fields['skipped_by_name']
-  with open(summary_path, 'w') as f:
-    json.dump(fields, f)
-
-
-def test_changed_files_broken_files_and_retry_failed(photos, image_folder, tmp_path):
-  (photos / 'broken.jpg').write_text('not an image')
-  run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1'])
-  rewritten = photos / 'camera.png'
-  shutil.copy(image_folder / 'coffee.png', rewritten)  # new content, new size and mtime
-  second = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/2',
-                f'--incremental_from={tmp_path}/runs/*'])
-  assert _embedded(second['output'], tmp_path) == ['camera.png']
-  assert second['skipped'] == 3  # two unchanged photos and the unchanged broken file
-  run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/3',  # the broken file alone,
-       f'--incremental_from={tmp_path}/runs/*', '--retry_failed'])  # 1 of 4: the run worked
+def test_a_new_version_that_fails_loses_its_stale_vector_and_a_failed_night_commits_nothing(
+    photos, tmp_path):
+  _night(photos, tmp_path, '1')
+  (photos / 'camera.png').write_text('not an image any more')
+  second = _night(photos, tmp_path, '2')
+  assert (second['embedded'], second['skipped'], second['failed']) == (0, 2, 1)
+  assert second['collection_removed'] == 1
+  assert sorted(os.path.basename(uri) for uri in _rows(f'{tmp_path}/collection')) == [
+      'astronaut.png', 'chelsea.png']
+  for name in ('astronaut.png', 'chelsea.png'):  # new versions, none decodable under the limit
+    shutil.copy(os.path.join(SAMPLES, 'coffee.png'), photos / name)
+  with pytest.raises(TooManyFailuresError):
+    _night(photos, tmp_path, '3', '--max_image_pixels=100')
   third = read_summary(f'{tmp_path}/runs/3')
-  assert (third.embedded, third.failed, third.skipped, third.outcome) == (0, 1, 3, 'finished')
-  assert [os.path.basename(f['uri']) for f in read_failures(third.output)] == ['broken.jpg']
+  assert third.outcome == 'too_many_failures' and third.collection_version is None
+  after = collection.open_collection(f'{tmp_path}/collection')
+  assert after.version == second['collection_version'] and after.num_rows == 2
 
 
-def test_a_run_older_than_0_2_is_refused_before_any_work(photos, tmp_path, capsys):
-  write_run(f'{tmp_path}/runs/old', rows([str(photos / PHOTOS[0])], 4, seed=1))
-  write_summary_of_0_1(f'{tmp_path}/runs/old')
-  argv = [f'--input={photos}', TINY, f'--output={tmp_path}/runs/new',
-          f'--incremental_from={tmp_path}/runs/*']
-  with pytest.raises(IncompatibleRunError, match='runs/old/run_summary.json: not a run summary '
-                     'of pnasnet-embeddings 0.2.0 or later'):
-    run(argv)
+def test_a_collection_of_another_model_is_refused_before_any_work(photos, tmp_path, capsys):
+  _night(photos, tmp_path, '1')
   with pytest.raises(SystemExit) as exit_info:
-    main(argv)
-  assert exit_info.value.code == 2 and '0.2.0 or later' in capsys.readouterr().err
-  assert not os.path.exists(f'{tmp_path}/runs/new')  # nothing claimed
-
-
-def test_state_that_cannot_be_listed_stops_the_run_and_the_index_with_one_line(
-    gcs_server, photos, tmp_path, capsys):
-  """A bucket that does not exist (or cannot be read) is not "no earlier run": even with
-  --allow_no_earlier_runs the night would embed everything again. Exit 2, nothing claimed."""
-  from commands import index as index_command
-  missing = 'gs://no-such-state-bucket/runs/*'
-  with pytest.raises(SystemExit) as exit_info:
-    main([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1',
-          f'--incremental_from={missing}', '--allow_no_earlier_runs'])
-  error = capsys.readouterr().err.strip().splitlines()
-  assert exit_info.value.code == 2 and error[-1].startswith(
-      f'error: --incremental_from {missing}: cannot be listed (')
-  assert not os.path.exists(f'{tmp_path}/runs/1')
-  with pytest.raises(SystemExit) as exit_info:
-    index_command.main(['build', '--runs', missing, '--output', str(tmp_path / 'index')])
+    main([f'--input={photos}', TINY, '--embedding_dtype=float16',
+          f'--output={tmp_path}/runs/2', f'--collection={tmp_path}/collection'])
   assert exit_info.value.code == 2
-  assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-      "check the bucket's name, your credentials and the network")
+  assert 'float32 vectors of' in capsys.readouterr().err
+  assert not os.path.exists(f'{tmp_path}/runs/2')  # nothing claimed
 
 
-def test_an_unfinished_run_and_another_model_do_not_count(photos, tmp_path):
-  run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1'])
-  os.remove(tmp_path / 'runs' / '1' / 'run_summary.json')  # as if it died before finishing
-  again = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/2',
-               f'--incremental_from={tmp_path}/runs/*', '--allow_no_earlier_runs'])
-  assert (again['embedded'], again['skipped']) == (3, 0)
-  other_model = run([f'--input={photos}', TINY, '--seed=1', f'--output={tmp_path}/runs/3',
-                     f'--incremental_from={tmp_path}/runs/*'])
-  assert (other_model['embedded'], other_model['skipped']) == (3, 0)
-  other_recipe = run([f'--input={photos}', TINY, '--center_crop_fraction=0.5',
-                      f'--output={tmp_path}/runs/4', f'--incremental_from={tmp_path}/runs/*'])
-  assert (other_recipe['embedded'], other_recipe['skipped']) == (3, 0)
+def test_without_a_collection_a_run_embeds_everything_it_matches(photos, tmp_path):
+  first = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1'])
+  again = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/2'])
+  assert (first['embedded'], again['embedded'], again['skipped']) == (3, 3, 0)
+  assert again['collection'] is None and again['collection_version'] is None
 
 
-def test_incremental_on_gcs_with_two_processes(gcs_server, image_folder, tmp_path):
-  gcs_server.create_bucket('nightly')
-  for name in PHOTOS[:4]:
-    gcs_server.upload(f'gs://nightly/photos/{name}', (image_folder / name).read_bytes())
-  processes = ['--direct_running_mode=multi_processing', '--direct_num_workers=2']
-  run(['--input=gs://nightly/photos', TINY, '--output=gs://nightly/emb/1'] + processes)
-  for name in PHOTOS[4:]:
-    gcs_server.upload(f'gs://nightly/photos/{name}', (image_folder / name).read_bytes())
-  second = run(['--input=gs://nightly/photos', TINY, '--output=gs://nightly/emb/2',
-                '--incremental_from=gs://nightly/emb/*'] + processes)
-  assert (second['embedded'], second['skipped']) == (2, 4)
-  assert _embedded('gs://nightly/emb/2', tmp_path) == sorted(PHOTOS[4:])
+def test_a_narrower_night_and_a_manifest_remove_nothing_they_do_not_name(photos, tmp_path):
+  """A held URI is gone only when tonight's folder or glob inputs would have listed it."""
+  _night(photos, tmp_path, '1')
+  manifest = tmp_path / 'one.txt'
+  manifest.write_text(f'{photos}/camera.png\n')
+  narrow = run([f'--input={photos}/a*.png', f'--input_manifest={manifest}', TINY,
+                f'--output={tmp_path}/runs/2', f'--collection={tmp_path}/collection'])
+  assert (narrow['skipped'], narrow['collection_version']) == (2, None)
+  assert len(_rows(f'{tmp_path}/collection')) == 3
 
 
-def test_manifests_plain_gzip_comments_and_missing_uris(gcs_server, image_folder, tmp_path):
-  gcs_server.create_bucket('listed')
-  for name in PHOTOS:
-    gcs_server.upload(f'gs://listed/photos/{name}', (image_folder / name).read_bytes())
-  plain = tmp_path / 'part-1.txt'
-  plain.write_text('# first chunk\n\n' + ''.join(f'gs://listed/photos/{n}\n' for n in PHOTOS[:3])
-                   + 'gs://listed/photos/missing.jpg\n')
-  with gzip.open(tmp_path / 'part-2.txt.gz', 'wt') as f:
-    f.write(''.join(f'  gs://listed/photos/{n}  \n' for n in PHOTOS[3:]))
-  gcs_server.upload('gs://listed/manifests/part-1.txt', plain.read_bytes())
-  gcs_server.upload('gs://listed/manifests/part-2.txt.gz',
-                    (tmp_path / 'part-2.txt.gz').read_bytes())
-  summary = run(['--input_manifest=gs://listed/manifests/*', TINY,
-                 '--input=gs://listed/photos/rocket.jpg',  # named twice: read once
-                 '--output=gs://listed/emb/1'])
-  assert (summary['matched'], summary['embedded'], summary['failed_by_stage']['read']) == (
-      7, 6, 1)
-  [missing] = read_failures('gs://listed/emb/1')
-  assert (missing['uri'], missing['stage']) == ('gs://listed/photos/missing.jpg', 'read')
-  assert _embedded('gs://listed/emb/1', tmp_path) == sorted(PHOTOS)
+def test_what_a_night_skips_embeds_removes_and_keeps(tmp_path):
+  """SkipHeld alone, on a real collection and the local runner: every rule of the join, with
+  tonight's inputs /p (a folder) and /r/*.jpg (a glob), --exclude *.md, and /p/sub/ unlistable."""
+  import apache_beam as beam
+  import pyarrow as pa
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from apache_beam.testing.util import assert_that, equal_to
 
+  from collection.table import schema
+  from pipeline.runners import default_runner
+  from transforms.failures import Failure
+  from transforms.incremental import Coverage, NightState, SkipHeld
+  from transforms.listing import FileRef
+  from transforms.provenance import Provenance
 
-def test_a_backfill_in_chunks_is_finished_run_by_run(image_folder, tmp_path):
-  """Each chunk is its own finished run, so a failure costs one chunk; a rerun over all chunks
-  with --incremental_from embeds nothing that a finished chunk holds."""
-  chunks = [PHOTOS[:2], PHOTOS[2:4], PHOTOS[4:]]
-  for number, chunk in enumerate(chunks):
-    manifest = tmp_path / f'chunk-{number}.txt'
-    manifest.write_text(''.join(f'{image_folder / n}\n' for n in chunk))
-    run([f'--input_manifest={manifest}', TINY, f'--output={tmp_path}/backfill/chunk-{number}',
-         f'--incremental_from={tmp_path}/backfill/*', '--allow_no_earlier_runs'])
-  os.remove(tmp_path / 'backfill' / 'chunk-1' / 'run_summary.json')  # chunk 1 "died"
-  rerun = run([f'--input_manifest={tmp_path}/chunk-*.txt', TINY,
-               f'--output={tmp_path}/backfill/rerun', f'--incremental_from={tmp_path}/backfill/*'])
-  assert (rerun['embedded'], rerun['skipped']) == (2, 4)
-  assert _embedded(rerun['output'], tmp_path) == sorted(chunks[1])
-
-
-def test_night_3_skips_what_night_1_embedded_reading_only_night_2(photos, image_folder,
-                                                                 tmp_path):
-  runs = tmp_path / 'runs'
-  run([f'--input={photos}', TINY, f'--output={runs}/1'])
-  shutil.copy(image_folder / 'coffee.png', photos / 'coffee.png')
-  second = run([f'--input={photos}', TINY, f'--output={runs}/2', f'--incremental_from={runs}/*'])
-  assert (second['embedded'], second['skipped']) == (1, 3)
-  (photos / 'rocket.jpg').write_bytes((image_folder / 'rocket.jpg').read_bytes())
-  third = run([f'--input={photos}', TINY, f'--output={runs}/3', f'--incremental_from={runs}/*'])
-  assert third['incremental_runs'] == [f'{runs}/2']  # night 2 superseded night 1
-  assert (third['embedded'], third['skipped']) == (1, 4)
-  assert _embedded(f'{runs}/3', tmp_path) == ['rocket.jpg']
-
-
-def _content_stores(request):
-  scheme = request.param
-  return scheme, request.getfixturevalue('gcs_server' if scheme == 'gs' else 's3_server')
-
-
-@pytest.fixture(params=['gs', 's3'])
-def store(request):
-  return _content_stores(request)
-
-
-def test_a_metadata_change_is_skipped_a_content_change_is_not(store, image_folder, tmp_path):
-  scheme, server = store
-  bucket = f'content-{scheme}-{os.getpid()}'
-  server.create_bucket(bucket)
-  names = ('camera.png', 'chelsea.png')
-  for name in names:
-    server.upload(f'{scheme}://{bucket}/photos/{name}', (image_folder / name).read_bytes())
-  options = [] if scheme == 'gs' else server.options
-  args = [f'--input={scheme}://{bucket}/photos', TINY] + options
-  run(args + [f'--output={tmp_path}/runs/1'])
-  # camera.png: copied onto itself with new metadata (a new modification time, the same bytes);
-  # chelsea.png: new bytes.
-  if scheme == 'gs':
-    blob = server.client.bucket(bucket).blob('photos/camera.png')
-    blob.reload()
-    before = blob.updated
-    blob.rewrite(blob)
-    blob.reload()
-    assert blob.updated != before
-  else:
-    server.client.copy_object(Bucket=bucket, Key='photos/camera.png',
-                              CopySource={'Bucket': bucket, 'Key': 'photos/camera.png'},
-                              Metadata={'note': 'edited'}, MetadataDirective='REPLACE')
-  server.upload(f'{scheme}://{bucket}/photos/chelsea.png',
-                (image_folder / 'coffee.png').read_bytes())
-  second = run(args + [f'--output={tmp_path}/runs/2', f'--incremental_from={tmp_path}/runs/*'])
-  assert (second['embedded'], second['skipped']) == (1, 1)
-  assert _embedded(f'{tmp_path}/runs/2', tmp_path) == ['chelsea.png']
+  held = {  # uri: (size, model): all of recipe 'r', modified at 1 us
+      '/p/a.png': (10, 'm'), '/p/b.png': (10, 'm'), '/p/c.png': (10, 'other'),
+      '/p/gone.png': (10, 'm'), '/p/sub/x.png': (10, 'm'), '/p/subway.png': (10, 'm'),
+      '/p/notes.md': (10, 'm'), '/p/failed.png': (10, 'm'), '/p/unstated.png': (10, 'm'),
+      '/q/other.png': (10, 'm'), '/r/x.png': (10, 'm'), '/r/y.jpg': (10, 'm')}
+  uri = str(tmp_path / 'collection')
+  created = collection.create(uri, 'm', 2, 'float32')
+  rows = pa.Table.from_pylist(
+      [{'uri': name, 'size_bytes': size, 'last_modified': 1, 'model': model, 'recipe': 'r',
+        'embedding': [0.0, 1.0]} for name, (size, model) in held.items()],
+      schema=schema('m', 2, 'float32'))
+  collection.commit_night(uri, collection.NightChanges(
+      'night-1', created.version, collection.write_fragment(uri, rows, {}), []))
+  found = collection.open_collection(uri)
+  row_uris = dict(zip(*(found.dataset.to_table(columns=['uri'], with_row_id=True)
+                        .column(name).to_pylist() for name in ('_rowid', 'uri'))))
+  listed = [FileRef('/p/a.png', 10, 1), FileRef('/p/a.png', 10, 1),  # named twice
+            FileRef('/p/b.png', 11, 2), FileRef('/p/c.png', 10, 1), FileRef('/p/new.png', 5, 3),
+            FileRef('/p/unstated.png', None, None)]
+  failures = [Failure('/p/sub/', 'read', 'PermissionError', 'cannot list /p/sub/'),
+              Failure('/p/failed.png', 'read', 'NotFound', 'cannot look it up')]
+  options = PipelineOptions([])
+  with beam.Pipeline(runner=default_runner(options), options=options) as pipeline:
+    split = ({'refs': pipeline | 'Refs' >> beam.Create(listed),
+              'failures': pipeline | 'Failures' >> beam.Create(failures),
+              'not_listed': pipeline | 'ByName' >> beam.Create(['/p/.hidden.png'])}
+             | SkipHeld(NightState(uri, found.version, found.fragment_ids(), {}),
+                        Provenance('m', 'w', 'r', 'test'),
+                        Coverage(['/p', '/r/*.jpg'], ['*.md'], False)))
+    assert_that(split.new | 'New' >> beam.Map(lambda ref: ref.uri),
+                equal_to(['/p/b.png', '/p/c.png', '/p/new.png']), label='CheckNew')
+    assert_that(split.skipped | 'Skipped' >> beam.Map(lambda skipped: skipped.ref.uri),
+                equal_to(['/p/a.png', '/p/unstated.png']), label='CheckSkipped')
+    assert_that(split.removed | 'Removed' >> beam.Map(lambda pair: row_uris[pair[1]]),
+                equal_to(['/p/b.png', '/p/c.png', '/p/gone.png', '/p/subway.png', '/r/y.jpg']),
+                label='CheckRemoved')

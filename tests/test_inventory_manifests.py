@@ -56,7 +56,7 @@ def test_gcs_inventory_rows_need_no_look_up_and_a_changed_row_is_embedded_again(
   with FaultProxy(gcs_server.host) as proxy:
     monkeypatch.setenv('STORAGE_EMULATOR_HOST', proxy.url)
     first = run([f'--input_manifest={insights}', f'--input_manifest={uris}', TINY,
-                 f'--output={tmp_path}/emb/1'])
+                 f'--output={tmp_path}/emb/1', f'--collection={tmp_path}/collection'])
     assert (first['matched'], first['embedded'], first['failed']) == (4, 4, 0)
     assert dict(proxy.metadata_requests) == {f'{bucket}/{names[3]}': 1}
     assert dict(proxy.downloads) == {f'{bucket}/{name}': 1 for name in names}
@@ -68,7 +68,7 @@ def test_gcs_inventory_rows_need_no_look_up_and_a_changed_row_is_embedded_again(
     proxy.metadata_requests.clear()
     proxy.downloads.clear()
     second = run([f'--input_manifest={insights}', f'--input_manifest={uris}', TINY,
-                  f'--output={tmp_path}/emb/2', f'--incremental_from={tmp_path}/emb/*'])
+                  f'--output={tmp_path}/emb/2', f'--collection={tmp_path}/collection'])
   assert (second['matched'], second['embedded'], second['skipped']) == (4, 1, 3)
   assert dict(proxy.metadata_requests) == {f'{bucket}/{names[3]}': 1}
   assert dict(proxy.downloads) == {f'{bucket}/{names[1]}': 1}

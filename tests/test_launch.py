@@ -36,7 +36,7 @@ def _cli(args, **kwargs):
     (['--seed=-1'], OptionsError, 'between 0 and'),
     (['--max_batchsize=8'], OptionsError, 'did you mean --max_batch_size'),
     (['--centre_crop_fraction=0.5'], OptionsError, 'did you mean --center_crop_fraction'),
-    (['--retry_failed'], OptionsError, 'goes with --incremental_from'),
+    (['--collection='], OptionsError, '--collection is given an empty value'),
     (['--inference_accelerator=nvidia-l4'], OptionsError, 'expected "type:'),
     (['--inference_min_ram=lots'], OptionsError, 'inference_min_ram'),
     (['--output={output}/{{week}}'], OptionsError, 'unknown placeholder'),

@@ -1,24 +1,26 @@
-"""Nightly state that stays right for years (issue 23): a failed night is not state, a deleted run's
-vectors are embedded again, a narrow run supersedes nothing, a live run refuses a second night, and
-compaction lets every older run go."""
+"""Nightly state that stays right (issues 23, 35): the collection is the state, so two nights at
+once cannot both commit, a retried commit step does not commit twice, deleting run directories
+changes nothing a night skips, and a read-only output is refused in one line."""
 
-import datetime
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import threading
+import time
+import uuid
 
-import numpy as np
+import pyarrow as pa
 import pytest
 
-import embeddings
-from commands import compact as compact_command
+import collection
+from collection.table import schema
 from commands.embed import main
-from embeddings import list_runs
-from pipeline.launcher import TooManyFailuresError, read_summary, run
+from pipeline.launcher import read_summary, run
 from run_format import CLAIM_FILE
+from tests.fault_proxy import STALL, FaultProxy, FaultRule
+from transforms.incremental import NightState
+from transforms.summary import commit
 
 TINY = '--model=builtin:pnasnet_tiny'
 PHOTOS = ('astronaut.png', 'camera.png', 'chelsea.png')
@@ -34,162 +36,73 @@ def photos(image_folder, tmp_path):
   return folder
 
 
-def _night(photos, runs, name, *flags):
-  return run([f'--input={photos}', TINY, f'--output={runs}/{name}',
-              f'--incremental_from={runs}/*'] + list(flags))
+def test_two_nights_at_once_the_later_fails_naming_the_other_and_commits_nothing(
+    s3_server, image_folder, photos, tmp_path, capsys):
+  """Night A (photos on S3, each read stalled 5 s by the proxy) and night B (local photos) read
+  the same version of one collection; B commits first, so A's commit is refused: outcome
+  `failed`, exit 1, its run directory written, the collection as B left it."""
+  bucket = f'two-nights-{uuid.uuid4().hex[:8]}'
+  s3_server.create_bucket(bucket)
+  for name in ('coffee.png', 'rocket.jpg', 'hubble_deep_field.jpg'):  # 15 s of stalled reads
+    s3_server.upload(f's3://{bucket}/a/{name}', (image_folder / name).read_bytes())
+  coll, runs = f'{tmp_path}/collection', tmp_path / 'runs'
+  later_night = []
 
+  def night_b(flags):
+    while not os.path.exists(runs / 'a' / CLAIM_FILE):  # A has read the collection's version
+      time.sleep(0.2)
+    later_night.append(run([f'--input={photos}', TINY, f'--output={runs}/b',
+                            f'--collection={coll}'] + flags))
 
-def _vectors(collection):
-  return {uri: collection.vectors[i] for i, uri in enumerate(collection.uris)}
-
-
-def _claim(directory, started_at, **fields):
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, CLAIM_FILE), 'w') as f:
-    json.dump(dict({'started_at': started_at, 'host': 'batch-7', 'pid': 4242,
-                    'runner': 'DataflowRunner', 'output_format': 'tfrecord'}, **fields), f)
-
-
-def _ago(hours: float) -> str:
-  return (datetime.datetime.now(datetime.timezone.utc) -
-          datetime.timedelta(hours=hours)).isoformat(timespec='milliseconds')
-
-
-def test_a_failed_night_is_not_state_and_the_next_night_embeds_all(photos, tmp_path):
-  """Item 1: every image of night 1 fails at decode (here: a pixel limit below every photo, as a
-  broken decoder would); night 2, the same files, embeds them all instead of skipping them."""
-  runs = tmp_path / 'runs'
-  with pytest.raises(TooManyFailuresError):
-    _night(photos, runs, '1', '--max_image_pixels=100', '--allow_no_earlier_runs')
-  assert read_summary(f'{runs}/1').outcome == 'too_many_failures'
-  second = _night(photos, runs, '2')
-  assert (second['embedded'], second['skipped'], second['failed']) == (3, 0, 0)
-  assert second['source_runs'] == []  # the failed night is not a source either
-  assert sorted(embeddings.load(f'{runs}/*').uris) == sorted(str(photos / n) for n in PHOTOS)
-
-
-def test_deleting_the_oldest_run_re_embeds_exactly_what_it_held(photos, image_folder, tmp_path):
-  """Item 2: r1 embeds three photos, r2 skips them (its index names r1 as their vector_run) and
-  embeds a new one; a retention rule deletes r1; list_runs and load say what is lost, and r3
-  embeds exactly r1's photos again, after which load has every image."""
-  runs = tmp_path / 'runs'
-  _night(photos, runs, '1', '--allow_no_earlier_runs')
-  shutil.copy(image_folder / 'coffee.png', photos / 'coffee.png')
-  second = _night(photos, runs, '2')
-  assert (second['embedded'], second['skipped']) == (1, 3)
-  shutil.rmtree(runs / '1')
-  [state] = list_runs.list_runs([str(runs / '2')])
-  assert state.counts['lost'] == 3 and 'vector_run is gone' in state.note
-  assert embeddings.load(f'{runs}/*').uris == [str(photos / 'coffee.png')]
-  third = _night(photos, runs, '3')
-  assert (third['embedded'], third['skipped']) == (3, 1)
-  everything = embeddings.load(f'{runs}/*')
-  assert sorted(everything.uris) == sorted(str(photos / n) for n in PHOTOS + ('coffee.png',))
-  assert dict(zip(everything.uris, everything.metadata.column('run').to_pylist()))[
-      str(photos / 'coffee.png')] == str(runs / '2')
-
-
-def test_full_then_narrow_then_full_again_embeds_nothing(photos, tmp_path):
-  """Item 3: a backfill of one file between two full nights supersedes nothing."""
-  runs = tmp_path / 'runs'
-  _night(photos, runs, '1', '--allow_no_earlier_runs')
-  narrow = run([f'--input={photos}/camera.png', TINY, f'--output={runs}/2',
-                f'--incremental_from={runs}/*'])
-  assert (narrow['embedded'], narrow['skipped']) == (0, 1)
-  full = _night(photos, runs, '3')
-  assert (full['embedded'], full['skipped']) == (0, 3)
-  assert sorted(full['incremental_runs']) == [f'{runs}/1', f'{runs}/2']
-
-
-def test_a_night_beside_a_live_run_is_refused_and_beside_a_dead_one_it_runs(photos, tmp_path,
-                                                                          capsys, caplog):
-  """Item 4: a run launched elsewhere a minute ago is alive, so a second night exits 2 before any
-  work, naming it (unless --allow_concurrent); once neither its launch nor its job's heartbeat is
-  within the hour it is dead: the night runs and names it, as it names a local run launched here
-  a moment ago whose launcher is gone. A finished run's claim carries the heartbeat its job
-  wrote."""
-  runs = tmp_path / 'runs'
-  _night(photos, runs, '1', '--allow_no_earlier_runs')
-  with open(runs / '1' / CLAIM_FILE) as f:
-    assert 'heartbeat_at' in json.load(f)  # rewritten by the job while it ran
-  _claim(runs / 'elsewhere', _ago(2), heartbeat_at=_ago(1 / 60))
-  argv = [f'--input={photos}', TINY, f'--output={runs}/2', f'--incremental_from={runs}/*']
-  with pytest.raises(SystemExit) as exit_info:
-    main(argv)
+  with FaultProxy(s3_server.endpoint, rules=[FaultRule(f'^{bucket}/a/', STALL, kinds=['read'])],
+                  stall_seconds=5) as proxy:
+    # The same S3 flags for both: Beam's FileSystems options are one per process.
+    flags = [o.replace(s3_server.endpoint, proxy.url) for o in s3_server.options]
+    thread = threading.Thread(target=night_b, args=(flags,))
+    thread.start()
+    try:
+      with pytest.raises(SystemExit) as exit_info:
+        main([f'--input=s3://{bucket}/a', TINY, f'--output={runs}/a', f'--collection={coll}']
+             + flags)
+    finally:
+      thread.join(timeout=300)
+  [b] = later_night
+  assert exit_info.value.code == 1
   error = capsys.readouterr().err.strip().splitlines()[-1]
-  assert exit_info.value.code == 2 and f'{runs}/elsewhere' in error and 'batch-7' in error
-  assert '--allow_concurrent' in error and not os.path.exists(runs / '2')
-  beside = run(argv[:2] + [f'--output={runs}/2b', argv[3], '--allow_concurrent'])
-  assert (beside['embedded'], beside['skipped']) == (0, 3)
-  _claim(runs / 'elsewhere', _ago(2), heartbeat_at=_ago(1.5))
-  exited = subprocess.Popen([sys.executable, '-c', 'pass'])
-  exited.wait()
-  _claim(runs / 'here', _ago(0), host=socket.gethostname(), pid=exited.pid, runner='FnApiRunner')
-  night = run(argv)
-  assert (night['embedded'], night['skipped']) == (0, 3)
-  warnings = {name: [r.getMessage() for r in caplog.records if f'{runs}/{name} ' in
-                     r.getMessage() and 'dead run' in r.getMessage()]
-              for name in ('elsewhere', 'here')}
-  [here] = warnings['here']  # dead because its launcher's process is gone, not for an hour
-  assert 'its launcher is no longer running on this host' in here
-  assert 'last sign of life' not in here and '60 min' not in here
-  assert 'no sign of life for 60 min or more' in warnings['elsewhere'][0]
-  [dead] = [s for s in list_runs.list_runs([f'{runs}/*']) if s.run == f'{runs}/elsewhere']
-  assert dead.state == 'unfinished' and dead.note.endswith('dead (interrupted or failed)')
+  assert f'{runs}/b committed version {b["collection_version"]}' in error, error
+  a = read_summary(f'{runs}/a')
+  assert (a.outcome, a.collection_version, a.embedded) == ('failed', None, 3)
+  assert a.collection_read_version == b['collection_read_version']
+  after = collection.open_collection(coll)
+  assert after.version == b['collection_version'] and after.num_rows == 3
+  assert collection.history(coll)[-1].run == f'{runs}/b'
 
 
-def test_the_next_night_deletes_a_dead_runs_temp_folders_and_nothing_else(photos, tmp_path):
-  """Issue 25, item 5: what a failed run's sinks left (beam-temp-<prefix>-<32 hex>, up to the
-  size of its embeddings) goes with the next run into the same parent; its claim, its shards and
-  anything not named as Beam names its folders stay."""
-  runs = tmp_path / 'runs'
-  _night(photos, runs, '1', '--allow_no_earlier_runs')
-  died = runs / 'died'
-  _claim(died, _ago(3))
-  ours = died / 'beam-temp-embeddings-0a1b2c3d4e5f60718293a4b5c6d7e8f9'
-  ours.mkdir()
-  (ours / 'part-0').write_bytes(b'partial')
-  kept = [died / 'beam-temp-notes', died / 'beam-temp-embeddings-mine', died / 'index-01.jpg']
-  kept[0].mkdir()
-  kept[1].mkdir()
-  kept[2].write_bytes(b'a user file')
-  _night(photos, runs, '2')
-  assert not ours.exists()
-  assert all(path.exists() for path in kept) and (died / CLAIM_FILE).exists()
+def test_a_retried_commit_step_finds_its_own_commit(tmp_path):
+  """The job's last step may run again after its commit landed (a worker lost after the commit,
+  before the summary): it takes the version it committed instead of refusing itself."""
+  uri = str(tmp_path / 'collection')
+  created = collection.create(uri, 'm', 2, 'float32')
+  table = pa.Table.from_pylist([{'uri': '/x.png', 'embedding': [1.0, 0.0]}],
+                               schema=schema('m', 2, 'float32'))
+  state = NightState(uri, created.version, [], {})
+  fragments = collection.write_fragment(uri, table, {})
+  first = commit(state, str(tmp_path / 'run'), fragments, [])
+  assert commit(state, str(tmp_path / 'run'), fragments, []) == first
+  assert collection.open_collection(uri).num_rows == 1
+  with pytest.raises(collection.ConcurrentNightError, match=f'{tmp_path}/run committed'):
+    commit(state, str(tmp_path / 'other'), fragments, [])
+  assert commit(state, str(tmp_path / 'nothing'), [], []) is None
 
 
-def test_compact_then_delete_every_older_run(photos, image_folder, tmp_path, capsys):
-  """Compaction: one run from the latest vectors (and the broken file as undecodable); with every
-  older run deleted, load returns the same vectors, and the next night skips everything."""
-  runs = tmp_path / 'runs'
-  _night(photos, runs, '1', '--allow_no_earlier_runs')
-  shutil.copy(image_folder / 'coffee.png', photos / 'coffee.png')
-  (photos / 'chelsea.png').write_bytes(b'not an image any more')
-  os.remove(photos / 'astronaut.png')
-  _night(photos, runs, '2')
-  before = _vectors(embeddings.load(f'{runs}/*'))
-  assert sorted(before) == [str(photos / 'camera.png'), str(photos / 'coffee.png')]
-  summary = compact_command.main(['--runs', f'{runs}/*', '--output', f'{tmp_path}/compacted/1'])
-  assert (summary['embedded'], summary['failed'], summary['outcome']) == (2, 1, 'finished')
-  assert 'may now be deleted' in capsys.readouterr().out
-  shutil.rmtree(runs)
-  after = _vectors(embeddings.load(f'{tmp_path}/compacted/1'))
-  assert sorted(after) == sorted(before)
-  for uri, vector in before.items():
-    np.testing.assert_array_equal(after[uri], vector)
-  night = run([f'--input={photos}', TINY, f'--output={runs}/3',
-               f'--incremental_from={tmp_path}/compacted/*'])
-  assert (night['embedded'], night['skipped'], night['failed']) == (0, 3, 0)
-
-
-def test_compact_refuses_beside_a_live_run(photos, tmp_path, capsys):
-  runs = tmp_path / 'runs'
-  _night(photos, runs, '1', '--allow_no_earlier_runs')
-  _claim(runs / 'going', _ago(0.1))
-  with pytest.raises(SystemExit) as exit_info:
-    compact_command.main(['--runs', f'{runs}/*', '--output', f'{tmp_path}/compacted'])
-  assert exit_info.value.code == 2 and f'{runs}/going' in capsys.readouterr().err
-  assert not os.path.exists(tmp_path / 'compacted')
+def test_deleting_every_run_directory_changes_nothing_a_night_skips(photos, tmp_path):
+  coll = f'{tmp_path}/collection'
+  first = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1', f'--collection={coll}'])
+  shutil.rmtree(tmp_path / 'runs')
+  second = run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/2', f'--collection={coll}'])
+  assert (second['embedded'], second['skipped'], second['collection_version']) == (0, 3, None)
+  found = collection.open_collection(coll)
+  assert found.version == first['collection_version'] and found.num_rows == 3
 
 
 def test_a_read_only_output_is_refused_in_one_line(image_folder, tmp_path):

@@ -146,7 +146,7 @@ def _build_without_launcher(argv):
                           'test')
   pipeline = beam.Pipeline(options=options)
   build_pipeline(pipeline, embedding, model, provenance,
-                 launch_record(embedding, options, model, provenance, utc_now(), []))
+                 launch_record(embedding, options, model, provenance, utc_now(), None))
   return pipeline
 
 

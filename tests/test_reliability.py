@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import collection
 from pipeline.launcher import run
 from run_format import SUMMARY_FILE
 
@@ -66,13 +67,15 @@ def _wait_for_temp_files(output: str, process: subprocess.Popen, timeout: float)
 
 def test_launcher_killed_mid_run_leaves_no_summary(image_folder, tmp_path):
   """SIGKILL once the sinks' temporary files exist: no run_summary.json, so no finished run; a
-  rerun with --incremental_from completes the set, no image embedded twice among finished runs."""
+  rerun against the same --collection completes the set, no image embedded twice: the killed
+  night committed nothing."""
+  coll = f'--collection={tmp_path}/collection'
   done = run([f'--input={image_folder}/*.png', f'--output={tmp_path}/runs/first',
-              '--model=builtin:pnasnet_tiny'])
+              '--model=builtin:pnasnet_tiny', coll])
   output = str(tmp_path / 'runs' / 'killed')
   process = subprocess.Popen(
       [sys.executable, 'run_pipeline.py', f'--input={image_folder}/*', f'--output={output}',
-       '--model=builtin:pnasnet_tiny', '--max_batch_size=1'],
+       '--model=builtin:pnasnet_tiny', '--max_batch_size=1', coll],
       cwd=PROJECT, env=dict(os.environ, PYTHONPATH=PROJECT), stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL, start_new_session=True)
   try:
@@ -87,8 +90,11 @@ def test_launcher_killed_mid_run_leaves_no_summary(image_folder, tmp_path):
   assert not os.path.exists(os.path.join(output, SUMMARY_FILE))
 
   rerun = run([f'--input={image_folder}/*', f'--output={tmp_path}/runs/rerun',
-               '--model=builtin:pnasnet_tiny', f'--incremental_from={tmp_path}/runs/*'])
+               '--model=builtin:pnasnet_tiny', coll])
   assert rerun['skipped'] == done['embedded'] == 4  # the killed run counts for nothing
   finished = [_embeddings_by_uri(str(tmp_path / 'runs' / name)) for name in ('first', 'rerun')]
   assert not set(finished[0]) & set(finished[1])
   assert len(finished[0]) + len(finished[1]) == done['embedded'] + rerun['embedded']
+  nights = [entry.run for entry in collection.history(str(tmp_path / 'collection'))
+            if entry.kind == 'night']
+  assert nights == [done['output'], rerun['output']]

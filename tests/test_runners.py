@@ -40,12 +40,16 @@ def test_the_portable_job_api_gives_the_in_memory_run_s_outcome(image_folder, tm
   names = sorted(os.listdir(image_folder))
   for name in names[:4]:
     shutil.copy(image_folder / name, photos / name)
-  run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1'])
+  run([f'--input={photos}', TINY, f'--output={tmp_path}/runs/1',
+       f'--collection={tmp_path}/in_memory'])
+  shutil.copytree(tmp_path / 'in_memory', tmp_path / 'portable')  # both nights read night 1
   for name in names[4:]:
     shutil.copy(image_folder / name, photos / name)
-  second = [f'--input={photos}', TINY, f'--incremental_from={tmp_path}/runs/1']
-  in_memory = run(second + [f'--output={tmp_path}/runs/in_memory'])
-  portable = run(second + [f'--output={tmp_path}/runs/portable'] + PORTABLE)
+  second = [f'--input={photos}', TINY]
+  in_memory = run(second + [f'--output={tmp_path}/runs/in_memory',
+                            f'--collection={tmp_path}/in_memory'])
+  portable = run(second + [f'--output={tmp_path}/runs/portable',
+                           f'--collection={tmp_path}/portable'] + PORTABLE)
   assert portable['runner'] == 'PortableRunner' and in_memory['runner'] == 'FnApiRunner'
   expected = _outcome(in_memory, f'{tmp_path}/runs/in_memory')
   got = _outcome(portable, f'{tmp_path}/runs/portable')

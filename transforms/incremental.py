@@ -1,190 +1,202 @@
-"""Between matching and reading: skip the files that earlier finished runs already handled.
+"""Between matching and reading: skip what the collection (--collection) already holds, and say
+which of its rows tonight's commit removes.
 
-The nightly state is the index itself. Every run's index has one row for each file it matched, and
-the row of a file it skipped carries the version an earlier run finished with (`done_outcome`:
-embedded, or decode when the file could not be decoded) and the run that holds its vector
-(`vector_run`), so the newest finished run's index is the state of everything that run matched.
-A run therefore reads only the earlier runs that no newer one superseded (`state_runs`): on a
-nightly schedule over the same inputs, last night's index, about one collection's rows however
-many nights there were. Only runs with outcome `finished` are state (storage.run_dirs.scan_runs);
-a done row whose `vector_run` is not among the finished runs --incremental_from names (deleted by
-a retention rule, say) is not done: its file is embedded again. Rows are filtered as Arrow batches
-(this model and recipe, a done outcome) before any Python object is made, and the listing joins
-them in one shuffle on the URI, which also keeps one of each URI the inputs named more than once.
+The collection is the state: per image URI, the row of its current version, or none. A night
+reads only its STATE_COLUMNS (no vectors) at the version it read at launch, one fragment per
+worker, filters them as Arrow batches, and joins them with tonight's listing in one shuffle on
+the URI, which also keeps one of each URI the inputs named more than once. Per URI:
 
-A file is unchanged when its size and content identity match the done version (GCS crc32c, S3
-ETag: a metadata edit or a storage-class rewrite changes neither); where the store gives no content
-identity (local disks), size and modification time must match.
+- listed, held in the same version by this model and recipe: skipped, not read;
+- listed, held otherwise (changed bytes, another model or recipe): embedded, and the old row
+  removed whatever the new version's fate (a new version that cannot be decoded has no vector);
+- listed, not held: embedded;
+- listed but its size unknown (a file the listing could not look up), held: kept, skipped;
+- held, not listed: removed when tonight's inputs would have matched it (it is gone), unless it
+  is under a folder the listing could not list; kept otherwise (a narrower night, a manifest
+  that names some files, a file that could not be looked up).
+
+A file is unchanged when its size and content identity match the held version (GCS crc32c, S3
+ETag: a metadata edit or a storage-class rewrite changes neither); where the store gives no
+content identity (local disks), size and modification time must match.
 """
 
-from typing import Iterable, List, NamedTuple, Optional, Sequence
+import re
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
-from run_format import DECODE, EMBEDDED, INCREMENTAL_COLUMNS, SKIPPED
-from run_format.patterns import Inputs
+from collection import STATE_COLUMNS, open_collection
+from collection.table import ROW_ID
+from run_format.patterns import has_glob, unescape
+from transforms.listing import exclude_regexes, plan_listing
 from transforms.provenance import Provenance
 
 METRICS_NAMESPACE = 'incremental'
-_BATCH_ROWS = 65_536
 
 
-class DoneVersion(NamedTuple):
-  """A file version an earlier run finished with."""
+class Held(NamedTuple):
+  """A row the collection holds: where it is (for its removal), and which version of the file."""
+  fragment_id: int
+  row_id: int
   size_bytes: Optional[int]
   last_modified: Optional[int]  # microseconds since the Unix epoch, UTC
   content_id: Optional[str]
-  outcome: str  # EMBEDDED or DECODE
-  vector_run: Optional[str]  # EMBEDDED: the run directory holding the vector (None: an index
-  # older than vector_run, which cannot say)
+  current: bool  # made by this night's model and recipe
 
 
 class SkippedFile(NamedTuple):
-  ref: object  # the FileRef of this run's listing
-  done_outcome: str  # what the earlier run did with it
-  vector_run: Optional[str] = None  # where its vector is (done_outcome EMBEDDED)
+  ref: object  # the FileRef of this night's listing: the version the collection holds
 
 
-def state_runs(runs: Iterable, model: str, recipe: str) -> List:
-  """The earlier finished runs (storage.run_dirs.Run) a run must read: of those with this model and
-  recipe (no other can make a file skippable), newest first, each that no newer one superseded.
-
-  A run supersedes a run it read itself (and, through it, what that one superseded) only when
-  its inputs cover the other's whole (collection.Inputs.covers_all): its index then carried
-  forward every done file the other held. A narrow backfill or a delta manifest supersedes
-  nothing, so the next full night still reads the wide run it read."""
-  same = sorted((run for run in runs if run.summary.model == model and
-                 run.summary.recipe == recipe), key=lambda run: run.summary.started_at,
-                reverse=True)
-  by_path = {run.path: run for run in same}
-  superseded, chosen = set(), []
-  for run in same:
-    if run.path not in superseded:
-      chosen.append(run)
-    if run.summary.index_carries_forward:
-      inputs = Inputs.of(run.summary)
-      for read in run.summary.incremental_runs:
-        earlier = by_path.get(read.rstrip('/'))
-        if earlier is not None and inputs.covers_all(Inputs.of(earlier.summary)):
-          superseded.add(earlier.path)
-  return sorted(chosen, key=lambda run: run.path)
+class NightState(NamedTuple):
+  """What a night needs of its collection, known at launch."""
+  uri: str
+  read_version: int
+  fragment_ids: Sequence[int]
+  storage_options: Dict[str, str]
 
 
-def _done_mask(batch: pa.RecordBatch, provenance: Provenance, outcomes: Sequence[str]):
-  done = pc.is_in(batch.column('outcome'), pa.array(outcomes))
-  carried = pc.and_(pc.equal(batch.column('outcome'), SKIPPED),
-                    pc.is_in(batch.column('done_outcome'), pa.array(outcomes)))
-  return pc.and_(pc.and_(pc.equal(batch.column('model'), provenance.model),
-                         pc.equal(batch.column('recipe'), provenance.recipe)),
-                 pc.fill_null(pc.or_(done, carried), False))
+class _ReadHeld(beam.DoFn):
+  """One fragment of the collection at the night's version -> (uri, Held) of each row."""
 
-
-def _with_every_column(batch: pa.RecordBatch) -> pa.RecordBatch:
-  """Indexes of 0.2 have no content_id or done_outcome, of 0.3 no vector_run: nulls."""
-  for name in ('content_id', 'done_outcome', 'vector_run'):
-    if name not in batch.schema.names:
-      batch = batch.append_column(name, pa.nulls(batch.num_rows, pa.string()))
-  return batch
-
-
-class _ReadDone(beam.DoFn):
-  """One index file -> (uri, DoneVersion) of the files done with this model and recipe, whose
-  vector (if embedded) is in one of `vector_runs`: a row naming another run is not done."""
-
-  def __init__(self, provenance: Provenance, retry_failed: bool, vector_runs: Sequence[str]):
+  def __init__(self, state: NightState, provenance: Provenance):
+    self._state = state
     self._provenance = provenance
-    self._outcomes = [EMBEDDED] if retry_failed else [EMBEDDED, DECODE]
-    self._vector_runs = frozenset(run.rstrip('/') for run in vector_runs)
-    self._rows = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'index_rows_read')
-    self._bytes = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'index_bytes_read')
-    self._kept = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'index_rows_done')
-    self._lost = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'vector_run_missing')
+    self._rows = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'collection_rows_read')
 
-  def process(self, path: str):
-    run = path.rsplit('/', 1)[0]
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-      parquet = pq.ParquetFile(f)
-      present = [c for c in INCREMENTAL_COLUMNS if c in parquet.schema_arrow.names]
-      self._bytes.inc(sum(parquet.metadata.row_group(i).total_byte_size
-                          for i in range(parquet.num_row_groups)))
-      for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=present):
-        self._rows.inc(batch.num_rows)
-        batch = _with_every_column(batch)
-        kept = batch.filter(_done_mask(batch, self._provenance, self._outcomes))
-        self._kept.inc(kept.num_rows)
-        outcome = pc.if_else(pc.equal(kept.column('outcome'), SKIPPED),
-                             kept.column('done_outcome'), kept.column('outcome'))
-        columns = [kept.column('uri'), kept.column('size_bytes'),
-                   kept.column('last_modified').cast(pa.int64()), kept.column('content_id'),
-                   outcome, kept.column('outcome'), kept.column('vector_run')]
-        for uri, size, modified, content, done, own, vector_run in zip(
-            *(c.to_pylist() for c in columns)):
-          if done == EMBEDDED:
-            vector_run = run if own == EMBEDDED else vector_run
-            if vector_run is not None and vector_run.rstrip('/') not in self._vector_runs:
-              self._lost.inc()
-              continue
-          else:
-            vector_run = None
-          yield uri, DoneVersion(size, modified, content, done, vector_run)
+  def setup(self):
+    self._collection = open_collection(self._state.uri, self._state.read_version,
+                                       options=self._state.storage_options)
+
+  def process(self, fragment_id: int):
+    for batch in self._collection.fragment_batches(fragment_id, STATE_COLUMNS):
+      self._rows.inc(batch.num_rows)
+      current = pc.fill_null(pc.and_(pc.equal(batch.column('model'), self._provenance.model),
+                                     pc.equal(batch.column('recipe'), self._provenance.recipe)),
+                             False)
+      columns = [batch.column('uri'), batch.column(ROW_ID), batch.column('size_bytes'),
+                 batch.column('last_modified').cast(pa.int64()), batch.column('content_id'),
+                 current]
+      for uri, row_id, size, modified, content, mine in zip(*(c.to_pylist() for c in columns)):
+        yield uri, Held(fragment_id, row_id, size, modified, content, mine)
 
 
-def _same_version(ref, done: DoneVersion) -> bool:
-  if ref.size_bytes is None or ref.size_bytes != done.size_bytes:
+def _same_version(ref, held: Held) -> bool:
+  if not held.current or ref.size_bytes is None or ref.size_bytes != held.size_bytes:
     return False
-  if ref.content_id and done.content_id:
-    return ref.content_id == done.content_id
-  return ref.last_modified == done.last_modified
+  if ref.content_id and held.content_id:
+    return ref.content_id == held.content_id
+  return ref.last_modified == held.last_modified
 
 
-class _NewOrChanged(beam.DoFn):
-  """One URI: this run's listing of it (once, however often it was named) against what earlier
-  runs did. Read and inference failures are always retried: they say nothing about the file."""
+class Coverage(NamedTuple):
+  """Which URIs tonight's folder and glob inputs would have matched, had they existed: the
+  listing's own rules (transforms/listing.py plan_listing), so a held URI that is not listed is
+  gone, not merely left out. Manifests cover nothing beyond the URIs they name: a manifest may
+  name only some files (a chunk of a backfill, a delta), so what it does not name is kept."""
+  patterns: Sequence[str]
+  excludes: Sequence[str]
+  include_all_files: bool
 
-  def __init__(self):
+  def prefixes(self) -> List[str]:
+    """Where each input's listing starts: a listing failure there names this prefix."""
+    return [plan_listing(pattern).prefix for pattern in self.patterns]
+
+  def matcher(self):
+    excluded = [re.compile(regex) for regex in exclude_regexes(self.excludes)]
+    files = {unescape(pattern) for pattern in self.patterns if not has_glob(pattern)}
+    listings = [plan_listing(pattern, (), self.include_all_files) for pattern in self.patterns]
+    kept = [(re.compile(listing.regex), listing.root,
+             re.compile(listing.skip_names) if listing.skip_names else None)
+            for listing in listings]
+
+    def covers(uri: str) -> bool:
+      if any(regex.fullmatch(uri) for regex in excluded):
+        return False
+      return uri in files or any(
+          regex.fullmatch(uri) and not (skip and skip.fullmatch(uri[len(root):]))
+          for regex, root, skip in kept)
+    return covers
+
+
+def unlisted_folders(failures, prefixes: Sequence[str]):
+  """Listing failures -> the folders (ending with '/') and input prefixes that could not be
+  listed; other failures (a file that could not be looked up, a bad name) are not folders."""
+  prefixes = frozenset(prefixes)
+  return failures | 'UnlistedFolders' >> beam.FlatMap(
+      lambda failure: [failure.uri] if failure.uri.endswith('/') or failure.uri in prefixes
+      else [])
+
+
+class _Decide(beam.DoFn):
+  """One URI: tonight's listing of it (once, however often it was named) against the rows the
+  collection holds for it."""
+
+  def __init__(self, coverage: Coverage):
+    self._coverage = coverage
     self._skipped = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'skipped')
+    self._removed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'removed')
+    self._kept = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'kept_unlisted')
 
-  def process(self, joined):
-    _, grouped = joined
-    ref = next(iter(grouped['current']), None)
-    if ref is None:  # done earlier, not matched now
-      return
-    done = next((d for d in grouped['done'] if _same_version(ref, d)), None)
-    if done is None:
-      yield ref
-    else:
+  def setup(self):
+    self._covers = self._coverage.matcher()
+
+  def process(self, joined, unlisted: Sequence[str]):
+    uri, grouped = joined
+    ref = next(iter(grouped['listed']), None)
+    held = list(grouped['held'])
+    if ref is not None and ref.size_bytes is None and held:  # listed, but not stated: unknown
       self._skipped.inc()
-      yield beam.pvalue.TaggedOutput('skipped', SkippedFile(ref, done.outcome, done.vector_run))
+      yield beam.pvalue.TaggedOutput('skipped', SkippedFile(ref))
+      return
+    if ref is not None:
+      same = next((row for row in held if _same_version(ref, row)), None)
+      if same is None:
+        yield ref
+      else:
+        self._skipped.inc()
+        yield beam.pvalue.TaggedOutput('skipped', SkippedFile(ref))
+      gone = [row for row in held if row is not same]
+    elif held and not any(True for _ in grouped['unlisted']) and self._covers(uri) and \
+        not any(uri.startswith(folder) for folder in unlisted):
+      gone = held
+    else:
+      self._kept.inc(len(held))
+      gone = []
+    for row in gone:
+      self._removed.inc()
+      yield beam.pvalue.TaggedOutput('removed', (row.fragment_id, row.row_id))
 
 
-class SkipUnchanged(beam.PTransform):
-  """FileRef (repeats allowed) -> FileRef to embed (main) and SkippedFile (tag 'skipped'), each
-  URI once. `vector_runs`: the run directories whose vectors count (default: those of the
-  indexes)."""
+class SkipHeld(beam.PTransform):
+  """{'refs': FileRef (repeats allowed), 'failures': the listing's Failures, 'not_listed': URIs
+  named but not listed (skipped by name)} -> FileRef to embed (tag 'new'), SkippedFile
+  ('skipped') and the (fragment id, row id) of each held row tonight's commit removes
+  ('removed'), each URI once."""
 
-  def __init__(self, index_globs: Sequence[str], provenance: Provenance,
-               retry_failed: bool = False, vector_runs: Optional[Sequence[str]] = None):
+  def __init__(self, state: NightState, provenance: Provenance, coverage: Coverage):
     super().__init__()
-    self._index_globs = list(index_globs)
+    self._state = state
     self._provenance = provenance
-    self._retry_failed = retry_failed
-    self._vector_runs = list(vector_runs if vector_runs is not None else
-                             (glob.rsplit('/', 1)[0] for glob in self._index_globs))
+    self._coverage = coverage
 
-  def expand(self, refs):
-    done = (refs.pipeline
-            | 'Indexes' >> beam.Create(self._index_globs)
-            | 'IndexFiles' >> beam.FlatMap(
-                lambda glob: [m.path for m in FileSystems.match([glob])[0].metadata_list])
-            | 'SpreadIndexFiles' >> beam.Reshuffle()
-            | 'ReadDone' >> beam.ParDo(_ReadDone(self._provenance, self._retry_failed,
-                                              self._vector_runs)))
-    current = refs | 'KeyByUri' >> beam.Map(lambda ref: (ref.uri, ref))
-    return ({'current': current, 'done': done}
+  def expand(self, parts):
+    pipeline = parts['refs'].pipeline
+    held = (pipeline
+            | 'Fragments' >> beam.Create(list(self._state.fragment_ids))
+            | 'SpreadFragments' >> beam.Reshuffle()
+            | 'ReadHeld' >> beam.ParDo(_ReadHeld(self._state, self._provenance)))
+    listed = parts['refs'] | 'KeyByUri' >> beam.Map(lambda ref: (ref.uri, ref))
+    failures = parts['failures']
+    # A file named but not stated, or left out by its name, changes nothing tonight.
+    unlisted_files = ((failures | 'FailedUris' >> beam.Map(lambda failure: failure.uri),
+                       parts['not_listed'])
+                      | 'NotListed' >> beam.Flatten()
+                      | 'KeyNotListed' >> beam.Map(lambda uri: (uri, None)))
+    folders = unlisted_folders(failures, self._coverage.prefixes())
+    return ({'listed': listed, 'held': held, 'unlisted': unlisted_files}
             | 'JoinOnUri' >> beam.CoGroupByKey()
-            | 'NewOrChanged' >> beam.ParDo(_NewOrChanged()).with_outputs('skipped', main='new'))
+            | 'Decide' >> beam.ParDo(_Decide(self._coverage), beam.pvalue.AsList(folders))
+            .with_outputs('skipped', 'removed', main='new'))

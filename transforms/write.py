@@ -1,11 +1,13 @@
-"""Stage 4: embeddings (TFRecord and/or Parquet), dead letters (JSON lines) and the run's index.
+"""Stage 4: embeddings (TFRecord and/or Parquet), dead letters (JSON lines) and the run's index;
+with --collection, the night's new rows as fragments of the collection too.
 
 Every sink returns the files it wrote, so that the run summary can wait for all of them. No sink
 writes an empty shard: an empty file becomes a multipart upload with no parts on S3, which S3
 refuses, so a run with no failures simply has no failures file (the summary lists what exists).
 """
 
-from typing import Optional, Sequence
+import datetime
+from typing import Dict, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -17,8 +19,11 @@ from apache_beam.io.textio import _TextSink
 from apache_beam.io.tfrecordio import _TFRecordSink
 from apache_beam.coders import coders
 
+from collection import EMBEDDED_AT, write_fragment
+from collection.table import BYTE_LENGTH, BYTE_OFFSET, CONTENT_ID
+from collection.table import schema as collection_schema
 from run_format import (EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX, FAILURES_PREFIX, FAILURES_SUFFIX,
-                        INDEX_PREFIX, INDEX_SCHEMA, PARQUET_SUFFIX, SHARD_NAME, SKIPPED,
+                        INDEX_PREFIX, INDEX_SCHEMA, PARQUET_SUFFIX, RUN_COLUMN, SHARD_NAME, SKIPPED,
                         embeddings_schema, tfrecord_suffix, to_example_batch)
 from transforms.embed import Embedding
 from transforms.failures import Failure
@@ -28,6 +33,7 @@ COMPRESSIONS = {'none': CompressionTypes.UNCOMPRESSED, 'gzip': CompressionTypes.
 OUTPUT_FORMATS = ('tfrecord', 'parquet', 'both')
 ENCODE_BATCH_SIZE = 256
 INDEX_BATCH_SIZE = 10_000
+FRAGMENT_ROWS = 4_096  # rows a worker writes as one fragment of the collection (at most)
 
 
 def _embedding_columns(embeddings: Sequence[Embedding], provenance: Provenance,
@@ -227,12 +233,10 @@ class WriteFailures(beam.PTransform):
 
 def _index_row(uri: str, size_bytes: Optional[int], last_modified: Optional[int],
                content_id: Optional[str], sha256: Optional[str], provenance: Provenance,
-               outcome: str, message: Optional[str] = None,
-               done_outcome: Optional[str] = None, vector_run: Optional[str] = None) -> dict:
+               outcome: str, message: Optional[str] = None) -> dict:
   return {'uri': uri, 'size_bytes': size_bytes, 'last_modified': last_modified,
           'content_id': content_id, 'sha256': sha256, 'model': provenance.model,
-          'recipe': provenance.recipe, 'outcome': outcome, 'done_outcome': done_outcome,
-          'vector_run': vector_run, 'message': message}
+          'recipe': provenance.recipe, 'outcome': outcome, 'message': message}
 
 
 def embedded_index_row(embedding: Embedding, provenance: Provenance) -> dict:
@@ -247,10 +251,59 @@ def failed_index_row(failure: Failure, provenance: Provenance) -> dict:
 
 
 def skipped_index_row(skipped, provenance: Provenance) -> dict:
-  """transforms/incremental.py's SkippedFile: this listing's version, and what was done."""
+  """transforms/incremental.py's SkippedFile: this listing's version, which the collection holds."""
   ref = skipped.ref
   return _index_row(ref.uri, ref.size_bytes, ref.last_modified, ref.content_id, None, provenance,
-                    SKIPPED, done_outcome=skipped.done_outcome, vector_run=skipped.vector_run)
+                    SKIPPED)
+
+
+class _ToFragments(beam.DoFn):
+  """A batch of Embeddings -> rows of the collection's schema, written as new fragments of the
+  collection (visible once the night commits) -> their metadata as JSON. The schema is made on
+  the worker: a pickled fixed-size list type would lose its required elements."""
+
+  def __init__(self, collection_uri: str, options: Dict[str, str], provenance: Provenance,
+               feature_size: int, embedding_dtype: str, run: str):
+    self._uri = collection_uri
+    self._options = options
+    self._provenance = provenance
+    self._feature_size = feature_size
+    self._embedding_dtype = embedding_dtype
+    self._run = run
+    self._rows = beam.metrics.Metrics.counter('collection', 'rows_written')
+
+  def setup(self):
+    self._schema = collection_schema(self._provenance.model, self._feature_size,
+                                     self._embedding_dtype)
+
+  def process(self, batch: Sequence[Embedding]):
+    columns = _embedding_columns(batch, self._provenance, self._embedding_dtype)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    columns.update({
+        CONTENT_ID: [e.content_id for e in batch],
+        BYTE_OFFSET: [getattr(e, BYTE_OFFSET, None) for e in batch],
+        BYTE_LENGTH: [getattr(e, BYTE_LENGTH, None) for e in batch],
+        RUN_COLUMN: [self._run] * len(batch), EMBEDDED_AT: [now] * len(batch)})
+    rows = pa.Table.from_pydict({name: columns[name] for name in self._schema.names},
+                                schema=self._schema)
+    self._rows.inc(rows.num_rows)
+    yield from write_fragment(self._uri, rows, self._options)
+
+
+class WriteCollectionRows(beam.PTransform):
+  """Embedding -> the fragments' JSON (collection.write_fragment) of up to FRAGMENT_ROWS rows
+  each, for the night's commit; the vectors stay in the fragments."""
+
+  def __init__(self, collection_uri: str, options: Dict[str, str], provenance: Provenance,
+               feature_size: int, embedding_dtype: str, run: str):
+    super().__init__()
+    self._fragments = _ToFragments(collection_uri, options, provenance, feature_size,
+                                   embedding_dtype, run)
+
+  def expand(self, embeddings):
+    return (embeddings
+            | 'Batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=FRAGMENT_ROWS)
+            | 'WriteFragments' >> beam.ParDo(self._fragments))
 
 
 class WriteIndex(beam.PTransform):

@@ -4,29 +4,33 @@ the first backfill in chunks.
 Copy this file into the environment's dags/ folder after setting PROJECT, REGION and PARAMS below
 (the params can also be overridden when triggering). Each night's run writes to
 OUTPUT_ROOT/<logical date>, so a re-run of the same night is refused by the pipeline rather than
-mixed into it, and a backfill writes each night to its own directory; --incremental_from over the
-earlier nights makes each night embed only new and changed images. The launch task only submits
+mixed into it, and a backfill writes each night to its own directory; every night commits to one
+collection (params.collection, created by the first night), so each embeds only new and changed
+images and removes the rows of deleted ones, in one commit. The launch task only submits
 (the template never waits); the next task waits for the job without holding a worker slot; then one
 waits for its run_summary.json, which the pipeline writes last, after every output file, and the
-last one reads the summary's outcome: "finished" passes, "too_many_failures" (more than
---max_failed_fraction of the matched images were dead-lettered: `pnasnet-embeddings embed`'s exit
-3) fails the DAG run, as a failed job does. A few bad images in a night do not fail it; they are
-listed in the run's failures-*.jsonl.
+last one reads the summary's outcome: "finished" passes (the night committed), and
+"too_many_failures" (more than --max_failed_fraction of the matched images were dead-lettered:
+`pnasnet-embeddings embed`'s exit 3, nothing committed) or "failed" (another night committed to
+the collection first: exit 1, nothing committed) fail the DAG run, as a failed job does. A few
+bad images in a night do not fail it; they are listed in the run's failures-*.jsonl.
 
 The sensor waits as long as the documented estimate says a job of at most IMAGES_PER_NIGHT new
 images takes (docs/dataflow.md, "Which GPU and machine": 0.42 hours per 1M images on 8 L4
 workers, plus 10 minutes to start), twice over; past that `wait_for_job` fails and
-`cancel_on_timeout` cancels the job, so no night runs into the next. The next night's launch
-refuses anyway (exit 2) while an --incremental_from run is still going (its job rewrites its claim
-every 5 minutes), so two nights never embed the same images.
+`cancel_on_timeout` cancels the job, so no night runs into the next; were two to overlap anyway,
+the collection refuses the later one's commit, so neither undoes the other.
 
 `pnasnet_embeddings_backfill` (triggered by hand, once) embeds a first collection in CHUNKS jobs
 of IMAGES_PER_CHUNK images each, one after the other, from manifests
 `<backfill_manifests>/chunk-000.txt.gz`, ... (`gcloud storage ls ... | split`, docs/running.md);
-each writes `<output prefix>/backfill-chunk-NNN` and is a finished run of its own, so a failure
-costs one chunk: clear the failed chunk's tasks and it runs again (`skip_if_finished` passes over
-the chunks done, `clean_unfinished` deletes what the dead attempt left). The nightly runs read the
-chunks as state with the nights (same prefix); pause the nightly DAG until the backfill is done.
+each writes `<output prefix>/backfill-chunk-NNN` and is one commit to the collection, so a
+failure costs one chunk: clear the failed chunk's tasks and it runs again (`skip_if_finished`
+passes over the chunks done, `clean_unfinished` deletes what the dead attempt left, and it skips
+what the committed chunks hold). A manifest removes nothing it does not name, so chunks never undo
+each other. Pause the nightly DAG until the backfill is done: a night committing meanwhile would
+make the chunk running then fail (outcome "failed", its directory written: delete that directory,
+then clear the chunk's tasks to run it again).
 """
 
 import datetime
@@ -54,12 +58,13 @@ PARAMS = {
     'checkpoint': 'gs://my-bucket/pnasnet-5_large_2017_12_13/model.ckpt',
     'temp_location': 'gs://my-bucket/tmp',
     'machine_type': 'n1-standard-4',  # the CPU workers: matching, writing, the summary
+    # The collection every night and chunk commits to (docs/running.md, "Nightly").
+    'collection': 'gs://my-bucket/collection',
 }
 OUTPUT = 'gs://{{ params.output_bucket }}/{{ params.output_prefix }}/{{ ds }}'
 # Only the image parameters PARAMS gives: the template refuses an empty one.
 IMAGES = {name: f'{{{{ params.{name} }}}}' for name in ('input', 'input_manifest')
           if PARAMS.get(name)}
-STATE = 'gs://{{ params.output_bucket }}/{{ params.output_prefix }}/*'  # every night and chunk
 
 # The documented estimate (docs/dataflow.md, sizing table, nvidia-l4 on 8 workers) and the bounds
 # of one job: a night's new images, a backfill chunk's images.
@@ -81,9 +86,8 @@ def job_timeout_seconds(images: int) -> int:
 COMMON_PARAMETERS = {
     'model': '{{ params.model }}',
     'checkpoint': '{{ params.checkpoint }}',
-    # Only what earlier finished runs did not embed (new or changed files).
-    'incremental_from': STATE,
-    'allow_no_earlier_runs': 'true',  # the first night, or chunk, has no earlier run
+    # Only what the collection does not hold (new or changed files), committed to it.
+    'collection': '{{ params.collection }}',
     # GPU workers (an L4 on a G2 machine) read, decode and embed; matching and writing run on
     # the job's CPU workers (machine_type below).
     'inference_accelerator': ('type:nvidia-l4;count:1;machine_type:g2-standard-8;'
@@ -105,10 +109,13 @@ def run_outcome_finished(bucket: str, summary_object: str) -> dict:
   bound; the counts go to XCom."""
   summary = json.loads(GCSHook().download(bucket_name=bucket, object_name=summary_object))
   counts = {key: summary.get(key) for key in ('outcome', 'matched', 'embedded', 'skipped',
-                                              'failed', 'max_failed_fraction')}
+                                              'failed', 'max_failed_fraction',
+                                              'collection_version', 'collection_removed')}
   if summary.get('outcome') != 'finished':
     raise AirflowFailException(f'gs://{bucket}/{summary_object}: outcome '
-                               f'{summary.get("outcome")!r}, not "finished": {counts}')
+                               f'{summary.get("outcome")!r}, not "finished": {counts}'
+                               + (f'; {summary["outcome_message"]}'
+                                  if summary.get('outcome_message') else ''))
   return counts
 
 
