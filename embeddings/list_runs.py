@@ -2,26 +2,24 @@
 claim), with the counts and the model (`pnasnet-embeddings runs`).
 
 `exit_code`: 0 when every listed run finished with outcome "finished", 3 when one finished with
-more failures than its --max_failed_fraction allowed, 1 when one is unfinished (claimed, no
-summary: running, interrupted or failed), 2 when the arguments name no run directory at all; so a
-scheduler can check a night's run with the run's directory as the argument.
+more failures than its --max_failed_fraction allowed, 1 when one ended "failed" (its commit to the
+collection refused) or is unfinished (claimed, no summary: running, interrupted or failed), 2 when
+the arguments name no run directory at all; so a scheduler can check a night's run with the run's
+directory as the argument.
 
-An unfinished run is `running` or `dead` by the launcher's rule (storage.run_dirs.Unfinished). A
-finished run whose index names, for skipped files, a `vector_run` that is no longer a finished run
-(deleted by a retention rule, say) counts those files as `lost`: `load` has no vector for them
-until the next night embeds them again.
+An unfinished run is `running` or `dead` by the launcher's rule (storage.run_dirs.Unfinished).
 """
 
 import json
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import storage
-from run_format import CLAIM_FILE, FINISHED, SUMMARY_FILE, TOO_MANY_FAILURES
+from run_format import CLAIM_FILE, FAILED, FINISHED, SUMMARY_FILE, TOO_MANY_FAILURES
 from storage.run_dirs import Unfinished
 
 UNFINISHED = 'unfinished'
 COUNTS = ('matched', 'embedded', 'skipped', 'failed')
-EXIT_CODES = {FINISHED: 0, TOO_MANY_FAILURES: 3, UNFINISHED: 1}
+EXIT_CODES = {FINISHED: 0, TOO_MANY_FAILURES: 3, FAILED: 1, UNFINISHED: 1}
 
 
 class RunState(NamedTuple):

@@ -17,7 +17,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 import storage
 from run_format import (CLAIM_FILE, CLAIM_STALE_SECONDS, EMBEDDINGS_GLOB, FINISHED, INDEX_GLOB,
                         PARQUET_EMBEDDINGS_GLOB, SUMMARY_FILE, TFRECORD_EMBEDDINGS_GLOB,
-                        TFRECORD_SUFFIXES, IncompatibleRunError, RunSummary)
+                        TFRECORD_SUFFIXES, TOO_MANY_FAILURES, IncompatibleRunError,
+                        RunSummary)
 
 _LOG = logging.getLogger(__name__)
 
@@ -180,16 +181,16 @@ def holds_run_directories(folder: str) -> bool:
              for name in (CLAIM_FILE, SUMMARY_FILE))
 
 
-def scan_runs(paths_or_globs: Sequence[str], missing_ok: bool = False) -> RunScan:
+def scan_runs(paths_or_globs: Sequence[str]) -> RunScan:
   """Every run under the patterns, sorted into finished, failed and unfinished; a pattern that
-  names no run at all is NoRunsError unless `missing_ok`."""
+  names no run at all is NoRunsError."""
   finished: Dict[str, Run] = {}
   failed: Dict[str, Run] = {}
   unfinished: Dict[str, Unfinished] = {}
   for pattern in paths_or_globs:
     summaries, started = _scan_directory(pattern)
     unfinished.update((u.path, u) for u in started)
-    if not summaries and not started and not missing_ok:
+    if not summaries and not started:
       below = (f'; it holds run directories: add /* ("{pattern.rstrip("/")}/*")'
                if holds_run_directories(pattern) else '')
       raise NoRunsError(f'{pattern}: no run there (no {SUMMARY_FILE}, {CLAIM_FILE} or '
@@ -205,12 +206,13 @@ def scan_runs(paths_or_globs: Sequence[str], missing_ok: bool = False) -> RunSca
 
 
 def warn_of_failed(failed: Sequence[Run]) -> None:
-  """One warning per run that finished over its failure bound: never read."""
+  """One warning per run that ended other than `finished` (too many failures, or its commit to
+  the collection refused): never read."""
   for run in failed:
-    _LOG.warning('ignoring %s: its run ended with outcome %s (more than --max_failed_fraction '
-                 '%s of %d images failed), so it is neither a source nor state; its images are '
-                 'embedded again by the next run', run.path, run.summary.outcome,
-                 run.summary.max_failed_fraction, run.summary.matched)
+    _LOG.warning('ignoring %s: its run ended with outcome %s%s', run.path, run.summary.outcome,
+                 f' (more than --max_failed_fraction {run.summary.max_failed_fraction} of '
+                 f'{run.summary.matched} images failed)'
+                 if run.summary.outcome == TOO_MANY_FAILURES else '')
 
 
 def _warn_of_unfinished(runs: Sequence[Unfinished]) -> None:
@@ -219,21 +221,20 @@ def _warn_of_unfinished(runs: Sequence[Unfinished]) -> None:
                  'failed)', run.path, SUMMARY_FILE)
 
 
-def find_runs(paths_or_globs: Union[str, Sequence[str]], missing_ok: bool = False) -> List[Run]:
+def find_runs(paths_or_globs: Union[str, Sequence[str]]) -> List[Run]:
   """The finished runs under run directories or globs of them, newest first (by `finished_at`).
 
   A run that ended too_many_failures, or a directory with a claim or shards but no
   run_summary.json (a run still going, or one that was interrupted or failed), is skipped with
-  one warning each; a path that names no run at all is an error unless `missing_ok` (as for
-  --incremental_from before the first run), and so is finding no finished run. A summary older
-  than 0.2.0 raises run_format.IncompatibleRunError.
+  one warning each; a path that names no run at all is an error, and so is finding no finished
+  run. A summary older than 0.2.0 raises run_format.IncompatibleRunError.
   """
   if isinstance(paths_or_globs, str):
     paths_or_globs = [paths_or_globs]
-  scan = scan_runs(paths_or_globs, missing_ok)
+  scan = scan_runs(paths_or_globs)
   warn_of_failed(scan.failed)
   _warn_of_unfinished(scan.unfinished)
-  if not scan.finished and not missing_ok:
+  if not scan.finished:
     held = [f'{u.path} holds an unfinished run (no {SUMMARY_FILE}: still running, interrupted '
             'or failed)' for u in scan.unfinished] + [
                 f'{r.path} ended {r.summary.outcome}' for r in scan.failed]

@@ -118,6 +118,21 @@ def test_compaction_keeps_every_row_id_and_a_night_after_it_still_removes_by_id(
   assert 'u3' not in _state(collection.open_collection(uri))
 
 
+def test_defect_6_compaction_bounds_fragments_by_rows_whatever_the_newest_night(tmp_path):
+  """Compaction of runs sized its shards from the newest run alone: after a narrow night, the
+  whole collection went to one shard. The table's compaction joins whole fragments towards the
+  target rows: every fragment stays under twice the target, whatever the last night held."""
+  uri = str(tmp_path / 'collection')
+  version = collection.create(uri, MODEL, SIZE, DTYPE).version
+  for night, count in enumerate((300,) * 10 + (2,)):
+    version = _night(uri, f'night{night}', version, [f'n{night}-{i}' for i in range(count)])
+  before = _state(collection.open_collection(uri))
+  collection.compact(uri, target_rows_per_fragment=1000)
+  rows = [f.count_rows() for f in collection.open_collection(uri).dataset.get_fragments()]
+  assert len(rows) >= 2 and max(rows) < 2 * 1000 and sum(rows) == 3002
+  assert _state(collection.open_collection(uri)) == before
+
+
 def test_history_and_cleanup(nights):
   uri, first, _ = nights
   kinds = [(entry.kind, entry.run) for entry in collection.history(uri)]
@@ -154,3 +169,19 @@ def test_a_collection_on_an_s3_protocol_store(s3_server):
                for key in s3_server.list('s3://collections/nightly/'))
   finally:
     collection.set_store_options([])
+
+
+def test_defect_7_only_the_folders_that_could_not_be_listed_reach_every_worker():
+  """The night's side input held every `read` failure of every run; now it holds the folders
+  (and input prefixes) the listing could not list, whatever the number of failed files."""
+  import apache_beam as beam
+  from apache_beam.testing.util import assert_that, equal_to
+
+  from transforms.failures import Failure
+  from transforms.incremental import unlisted_folders
+  failures = [Failure(f'/photos/{n}.png', 'read', 'NotFound', 'gone') for n in range(1000)]
+  failures += [Failure('/photos/locked/', 'read', 'PermissionError', 'cannot list'),
+               Failure('/inbox', 'read', 'PermissionError', 'cannot list')]
+  with beam.Pipeline() as pipeline:
+    folders = unlisted_folders(pipeline | beam.Create(failures), ['/inbox'])
+    assert_that(folders, equal_to(['/photos/locked/', '/inbox']))

@@ -127,19 +127,18 @@ def test_a_run_older_than_0_2_is_refused_by_name(tmp_path, capsys):
 
 
 def test_a_summary_of_the_first_0_2_releases_reads_with_the_later_fields_defaulted(tmp_path):
-  """Summaries written before --exclude, --incremental_from's run list, --jit_compile,
-  --embedding_dtype, --max_failed_fraction and the outcome are runs of 0.2.0 all the same."""
+  """Summaries written before --exclude, --jit_compile, --embedding_dtype,
+  --max_failed_fraction and the outcome are runs of 0.2.0 all the same."""
   write_run(str(tmp_path / 'early'), rows(['a', 'b'], 4, seed=1))
   path = tmp_path / 'early' / 'run_summary.json'
   summary = json.loads(path.read_text())
-  later = ['exclude', 'incremental_runs', 'index_carries_forward', 'jit_compile',
-           'embedding_dtype', 'max_failed_fraction', 'outcome']
+  later = ['exclude', 'jit_compile', 'embedding_dtype', 'max_failed_fraction', 'outcome']
   for name in later:
     del summary[name]
   path.write_text(json.dumps(summary))
   run, = embeddings.find_runs(str(tmp_path / 'early'))
-  assert (run.summary.exclude, run.summary.incremental_runs, run.summary.embedding_dtype,
-          run.summary.outcome) == ([], [], 'float32', 'finished')
+  assert (run.summary.exclude, run.summary.embedding_dtype, run.summary.outcome) == (
+      [], 'float32', 'finished')
   assert embeddings.load_run(str(tmp_path / 'early')).uris == ['a', 'b']
 
 
@@ -409,20 +408,19 @@ def _sample_run(tmp_path, name, *flags):
 def test_float16_runs_in_both_formats_read_back_as_the_float32_run_rounded(tmp_path, capsys):
   """--embedding_dtype float16: Parquet holds halffloat, TFRecord the half floats' bytes; load,
   iter_shards, neighbours and DuckDB give float32 arrays equal to the float32 run's vectors
-  rounded to float16; the summary and every row's recipe say so, and since the recipe differs,
-  --incremental_from a float32 run skips nothing."""
+  rounded to float16; the summary and every row's recipe say so."""
   import duckdb
   import tensorflow as tf
   reference = _sample_run(tmp_path, 'float32', '--output_format=both')
   half_parquet = _sample_run(tmp_path, 'parquet16', '--output_format=parquet',
                              '--embedding_dtype=float16')
   half_tfrecord = _sample_run(tmp_path, 'tfrecord16', '--embedding_dtype=float16',
-                              '--compression=gzip', f'--incremental_from={tmp_path}/float32')
+                              '--compression=gzip')
   assert reference['embedding_dtype'] == 'float32' and ';embedding_dtype' not in reference['recipe']
   for summary in (half_parquet, half_tfrecord):
     assert summary['embedding_dtype'] == 'float16'
     assert summary['recipe'] == reference['recipe'] + ';embedding_dtype=float16'
-  assert half_tfrecord['skipped'] == 0 and half_tfrecord['embedded'] == reference['embedded']
+  assert half_tfrecord['embedded'] == reference['embedded']
   expected = {uri: vector.astype(np.float16).astype(np.float32)
               for uri, vector in _by_uri(embeddings.load_run(str(tmp_path / 'float32'))).items()}
   parquet_shards = storage.match(str(tmp_path / 'parquet16' / 'embeddings-*.parquet'))

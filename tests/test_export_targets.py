@@ -63,7 +63,7 @@ TARGETS = {
 
 
 @pytest.mark.parametrize('kind', sorted(TARGETS))
-def test_two_nights_and_a_compaction_leave_the_target_equal_to_the_collection(
+def test_defect_2_after_a_compaction_a_sync_writes_nothing_and_the_target_equals_the_collection(
     kind, tmp_path, capsys):
   to_of, rows_of_target, normalised = TARGETS[kind]
   folder = str(tmp_path / 'target')

@@ -76,7 +76,7 @@ def test_the_first_night_creates_the_collection_and_commits_every_vector(s3_nigh
   assert sorted(count for path, count in downloads.items() if '/photos/' in path) == [1, 1, 1]
 
 
-def test_a_folder_that_cannot_be_listed_changes_nothing_under_it(s3_nights):
+def test_defect_1_a_folder_that_cannot_be_listed_changes_nothing_under_it(s3_nights):
   """Defect 1: night 2 cannot list photos/sub/; its rows stay (the collection returns all three),
   and the unchanged a.png is skipped without being read."""
   photos, nights = s3_nights

@@ -69,7 +69,7 @@ def test_an_exhaustive_index_equals_exact_search_its_ids_and_rows_the_collection
   assert len(index.sample_uris(7)) == 7
 
 
-def test_add_after_nights_reads_only_the_changes_and_follows_the_collection(tmp_path, capsys):
+def test_defects_4_and_5_add_reads_only_the_changes_and_no_run_directory(tmp_path, capsys):
   """Night 2 changes 100 files and adds 100, night 3 deletes 50: one `add` of both nights adds
   the rows inserted since the build and removes the ids deleted since. The rows name run
   directories that do not exist: nothing is read from runs. A compaction then changes no id."""
@@ -103,6 +103,26 @@ def test_add_after_nights_reads_only_the_changes_and_follows_the_collection(tmp_
   after = index_command.main(['add', '--index', directory])
   assert (after['last_add']['added'], after['last_add']['removed'], after['count']) == (0, 0, 450)
   assert np.array_equal(neighbour_index.NeighbourIndex(directory).indexed_ids(), now_ids)
+
+
+def _bytes_under(directory: str) -> dict:
+  return {name: os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory)}
+
+
+def test_defect_3_an_add_after_a_compaction_leaves_the_index_directory_as_it_was(tmp_path):
+  """The refine store only grew: an `add` of a compacted run appended every vector again. The
+  index now keeps no vectors (re-ranks read the collection by row id), and a compaction changes
+  no row, so the `add` after one writes nothing."""
+  uri = str(tmp_path / 'collection')
+  write_synthetic_collection(uri, 200, seed=5, dimension=DIMENSION, clusters=2, fragment_rows=50)
+  directory = build(uri, str(tmp_path / 'index'))
+  before = _bytes_under(directory)
+  collection.compact(uri)
+  index_command.main(['add', '--index', directory])
+  assert {name: size for name, size in _bytes_under(directory).items()
+          if name != 'index.json'} == {name: size for name, size in before.items()
+                                       if name != 'index.json'}
+  assert not [name for name in before if name.endswith(('.f16', '.f32'))]
 
 
 def test_other_models_a_cleaned_up_version_and_bad_flags_are_refused(tmp_path, capsys):
