@@ -22,6 +22,7 @@ from embeddings import sheet
 from embeddings.runs import iter_run_shards, iter_run_vectors
 from embeddings.shards import read_shard
 from embeddings.similarity import Neighbour, nearest_many
+from storage.members import read_image_bytes
 from storage.run_dirs import Run
 
 SHEET_COLUMNS = 6
@@ -45,7 +46,7 @@ class Query(NamedTuple):
 
 def _readable(uri: str) -> Optional[bytes]:
   try:
-    return storage.read_bytes(uri)
+    return read_image_bytes(uri)
   except Exception:  # pylint: disable=broad-except; unreadable means look it up by URI
     return None
 

@@ -7,7 +7,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from models.description import ModelDescription
-from pipeline.options import EmbeddingOptions
+from pipeline.options import EmbeddingOptions, shard_inputs
 from pipeline.versions import CheckWorkerVersions, LaunchOptions
 from run_format import RunLaunch
 from transforms.decode import DecodeImages
@@ -17,7 +17,8 @@ from transforms.heartbeat import Heartbeat
 from transforms.incremental import SkipUnchanged
 from transforms.progress import CountFailed, StartProgress
 from transforms.provenance import Provenance
-from transforms.read import SKIPPED_BY_NAME_TAG, MatchFiles, ReadImages
+from transforms.read import SKIPPED_BY_NAME_TAG, MatchFiles
+from transforms.shards import MEMBERS_TAG, ReadInputs
 from transforms.summary import WriteRunSummary
 from transforms.write import (WriteEmbeddings, WriteFailures, WriteIndex, embedded_index_row,
                               failed_index_row, skipped_index_row)
@@ -47,8 +48,8 @@ class DecodeAndEmbed(beam.PTransform):
                 options.view_as(LaunchOptions).launch_versions)
             | 'StartProgress' >> beam.ParDo(
                 StartProgress(options.output, _one_process_embeds(options)), self._to_embed))
-    read = refs | 'ReadImages' >> ReadImages(options.max_file_bytes)
-    decoded = read.images | 'DecodeImages' >> DecodeImages(
+    read = refs | 'ReadImages' >> ReadInputs(shard_inputs(options), options.max_file_bytes)
+    decoded = read['images'] | 'DecodeImages' >> DecodeImages(
         self._model_description.height, self._model_description.width,
         center_crop_fraction=options.center_crop_fraction,
         max_image_pixels=options.max_image_pixels, jpeg_draft=options.jpeg_draft)
@@ -62,7 +63,8 @@ class DecodeAndEmbed(beam.PTransform):
     failures = ((read[FAILURES_TAG], decoded[FAILURES_TAG], embedded[FAILURES_TAG])
                 | 'Failures' >> beam.Flatten())
     _ = failures | 'CountFailed' >> beam.ParDo(CountFailed())
-    return {'embeddings': embedded['embeddings'], FAILURES_TAG: failures}
+    return {'embeddings': embedded['embeddings'], FAILURES_TAG: failures,
+            MEMBERS_TAG: read[MEMBERS_TAG]}
 
 
 def _one_process_embeds(options: EmbeddingOptions) -> bool:
@@ -85,7 +87,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
   # With earlier runs, the join on URI also keeps one of each URI: one shuffle, not two.
   matched = pipeline | 'MatchFiles' >> MatchFiles(
       options.input or (), options.input_manifest or (), options.exclude or (), options.output,
-      deduplicate=not incremental_indexes, include_all_files=options.include_all_files)
+      deduplicate=not incremental_indexes, include_all_files=options.include_all_files,
+      shard_suffixes=shard_inputs(options).suffixes)
   refs = matched['refs'] | 'CheckWorkerVersions' >> CheckWorkerVersions(
       options.view_as(LaunchOptions).launch_versions)  # the CPU workers; the GPU step's its own
   _ = refs | 'Heartbeat' >> Heartbeat(options.output)
@@ -116,7 +119,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
                  | 'IndexRows' >> beam.Flatten()
                  | 'WriteIndex' >> WriteIndex(options.output, provenance,
                                               num_shards=options.num_shards))
-  all_matched = ((refs | 'MatchedUris' >> beam.Map(lambda ref: ref.uri),
+  # A shard is counted as its members, as they are read.
+  all_matched = ((refs | 'MatchedUris' >> beam.FlatMap(shard_inputs(options).file_uri),
+                  embedded[MEMBERS_TAG],
                   matched[FAILURES_TAG] | 'UnstatedUris' >> beam.Map(lambda failure: failure.uri))
                  | 'Matched' >> beam.Flatten())
   _ = ({'matched': all_matched, 'skipped': skipped,

@@ -25,7 +25,8 @@ from apache_beam.runners.runner import PipelineState
 import storage
 from models.description import ModelDescription, describe_model
 from pipeline.beam_flags import OptionsError, check_known_flags
-from pipeline.options import EmbeddingOptions, expand_output, one_model_per_gpu, validate
+from pipeline.options import (EmbeddingOptions, expand_output, one_model_per_gpu, shard_inputs,
+                              validate)
 from pipeline.output_dir import (OutputExistsError, check_output_is_new,
                                  claim_output, delete_temp_folders, stale_temp_files)
 from pipeline.runners import default_runner, runner_name
@@ -338,7 +339,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     if finished:
       return check_outcome(finished)
   check_inputs_match(embedding.input, embedding.exclude or (), embedding.output,
-                     embedding.include_all_files)
+                     embedding.include_all_files, shard_inputs(embedding).suffixes)
   check_manifests_exist(embedding.input_manifest)
   named, dead = incremental_runs(embedding.incremental_from or [], embedding.output,
                                  embedding.allow_no_earlier_runs, embedding.allow_concurrent)

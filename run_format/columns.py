@@ -52,7 +52,12 @@ INDEX_SCHEMA = pa.schema(
      # embedded row: this run). Carried forward night to night, so that state and readers never
      # depend on scanning older runs, and a deleted source is noticed (absent before 0.4).
      ('vector_run', pa.string()),
-     ('message', pa.string())])
+     ('message', pa.string()),
+     # A shard member's bytes inside its stored shard (uncompressed tar), so that one ranged read
+     # fetches it (storage/members.py); null for files and other formats; absent from older
+     # indexes.
+     ('byte_offset', pa.int64()),
+     ('byte_length', pa.int64())])
 # What an incremental run reads of earlier indexes: which file version, embedded how, and its fate.
 INCREMENTAL_COLUMNS = ['uri', 'size_bytes', 'last_modified', 'content_id', 'model', 'recipe',
                        'outcome', 'done_outcome', 'vector_run']

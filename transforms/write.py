@@ -228,16 +228,19 @@ class WriteFailures(beam.PTransform):
 def _index_row(uri: str, size_bytes: Optional[int], last_modified: Optional[int],
                content_id: Optional[str], sha256: Optional[str], provenance: Provenance,
                outcome: str, message: Optional[str] = None,
-               done_outcome: Optional[str] = None, vector_run: Optional[str] = None) -> dict:
+               done_outcome: Optional[str] = None, vector_run: Optional[str] = None,
+               byte_offset: Optional[int] = None, byte_length: Optional[int] = None) -> dict:
   return {'uri': uri, 'size_bytes': size_bytes, 'last_modified': last_modified,
           'content_id': content_id, 'sha256': sha256, 'model': provenance.model,
           'recipe': provenance.recipe, 'outcome': outcome, 'done_outcome': done_outcome,
-          'vector_run': vector_run, 'message': message}
+          'vector_run': vector_run, 'message': message, 'byte_offset': byte_offset,
+          'byte_length': byte_length}
 
 
 def embedded_index_row(embedding: Embedding, provenance: Provenance) -> dict:
   return _index_row(embedding.uri, embedding.size_bytes, embedding.last_modified,
-                    embedding.content_id, embedding.sha256, provenance, EMBEDDED)
+                    embedding.content_id, embedding.sha256, provenance, EMBEDDED,
+                    byte_offset=embedding.byte_offset, byte_length=embedding.byte_length)
 
 
 def failed_index_row(failure: Failure, provenance: Provenance) -> dict:
