@@ -73,14 +73,14 @@ class EmbeddingOptions(PipelineOptions):
     group.add_argument(
         '--image_column', default=None,
         help='Parquet shards: the column of image bytes, binary or struct<bytes, ...> as Hugging '
-        'Face writes. Default: the first such column.')
+        'Face writes; without it, the first such column.')
     group.add_argument(
         '--key_column', default=None,
         help='Parquet shards: a column naming each row, for its URI (shard.parquet#KEY). '
-        'Default: none, the row number (shard.parquet#row=N).')
+        'Without it, the row number names the row (shard.parquet#row=N).')
     group.add_argument(
         '--image_feature', default=None,
-        help=f'TFRecord shards: the tf.train.Example bytes feature of the image. Default: '
+        help=f'TFRecord shards: the tf.train.Example bytes feature of the image; without it, '
         f'{DEFAULT_IMAGE_FEATURE}.')
     group.add_argument(
         '--output', default=None,
