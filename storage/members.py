@@ -100,7 +100,7 @@ def _tar_members(uri: str, wanted: Callable[[str], bool],
                            None if compressed else info.size)
             count += 1
           next_offset = info.offset_data + -(-info.size // _TAR_BLOCK) * _TAR_BLOCK
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+    except (tarfile.TarError, EOFError, OSError) as exc:
       where = 'of the uncompressed tar' if compressed else ''
       raise ShardReadError(f'{uri} cannot be read at byte {next_offset} {where}'.rstrip() +
                            f' after {count} members: {exc}', next_offset, count) from exc
@@ -129,8 +129,11 @@ def _image_column(schema, wanted: Optional[str]) -> str:
 
 
 def _image_values(column):
+  """The image bytes of each row; a struct's `bytes` field with the struct's own nulls."""
   import pyarrow as pa
-  return column.field('bytes') if pa.types.is_struct(column.type) else column
+  if not pa.types.is_struct(column.type):
+    return column
+  return column.flatten()[column.type.get_field_index('bytes')]
 
 
 def _parquet_members(uri: str, image_column: Optional[str],
@@ -147,7 +150,9 @@ def _parquet_members(uri: str, image_column: Optional[str],
                          f'{parquet.schema_arrow.names}')
       columns = [image] + ([key_column] if key_column else [])
       for group in range(parquet.num_row_groups):
-        offset = parquet.metadata.row_group(group).column(0).file_offset
+        first = parquet.metadata.row_group(group).column(0)
+        offset = first.dictionary_page_offset if first.has_dictionary_page else \
+            first.data_page_offset
         for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, row_groups=[group],
                                           columns=columns):
           images = _image_values(batch.column(image)).to_pylist()

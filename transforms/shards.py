@@ -73,6 +73,12 @@ class ShardInputs(NamedTuple):
       yield ref.uri
 
 
+def _utf8(name: str) -> str:
+  """A tar member's name as UTF-8, with \\xNN for bytes that are not (tarfile keeps them as
+  surrogates, which no output can write), as the listing shows such file names."""
+  return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
 class _ReadShard(beam.DoFn):
   """A shard -> ImageFile per image member; the members' URIs (and the shard's, for an unread
   rest) under MEMBERS_TAG; failures under FAILURES_TAG."""
@@ -95,9 +101,15 @@ class _ReadShard(beam.DoFn):
     self._shards.inc()
     try:
       for member in iter_members(ref.uri, shard_format, wanted, self._max_file_bytes):
-        uri = member_uri(ref.uri, member.name)
+        uri = member_uri(ref.uri, _utf8(member.name))
         self._members.inc()
         yield beam.pvalue.TaggedOutput(MEMBERS_TAG, uri)
+        if uri != member_uri(ref.uri, member.name):
+          yield beam.pvalue.TaggedOutput(FAILURES_TAG, Failure(
+              uri, READ, 'UnicodeEncodeError', 'the name of this member is not UTF-8 (shown '
+              'with \\xNN for its other bytes): no output can name it', member.size_bytes,
+              ref.last_modified, content_id=ref.content_id))
+          continue
         if member.size_bytes > self._max_file_bytes:
           yield self._failure(uri, FileTooLargeError(
               f'{member.size_bytes} bytes, over --max_file_bytes {self._max_file_bytes}'),
