@@ -49,7 +49,7 @@ class DecodeAndEmbed(beam.PTransform):
             | 'StartProgress' >> beam.ParDo(
                 StartProgress(options.output, _one_process_embeds(options)), self._to_embed))
     read = refs | 'ReadImages' >> ReadInputs(shard_inputs(options), options.max_file_bytes)
-    decoded = read['images'] | 'DecodeImages' >> DecodeImages(
+    decoded = read.images | 'DecodeImages' >> DecodeImages(
         self._model_description.height, self._model_description.width,
         center_crop_fraction=options.center_crop_fraction,
         max_image_pixels=options.max_image_pixels, jpeg_draft=options.jpeg_draft)

@@ -331,14 +331,14 @@ def test_a_tfrecord_cut_short_keeps_its_first_records(tmp_path):
 def test_a_member_too_large_or_with_a_name_no_output_can_hold_fails_alone(tmp_path):
   """The shard reader's own outputs: each odd member is its own read failure, the others read."""
   from transforms.listing import FileRef
-  from transforms.shards import MEMBERS_TAG, _ReadShard
+  from transforms.shards import MEMBERS_TAG, _ReadFileOrShard
   path = tmp_path / 'odd.tar'
   with tarfile.open(path, 'w', encoding='utf-8', errors='surrogateescape') as archive:
     _add(archive, 'big.jpg', PHOTOS['astronaut.png'])
     _add(archive, b'bad\xff.jpg'.decode('utf-8', 'surrogateescape'), PHOTOS['rocket.jpg'])
     _add(archive, 'fine.jpg', PHOTOS['rocket.jpg'])
   ref = FileRef(str(path), path.stat().st_size, 1_700_000_000_000_000, 'etag:"x"')
-  outputs = list(_ReadShard(ShardInputs(), 200_000).process(ref))
+  outputs = list(_ReadFileOrShard(ShardInputs(), 200_000).process(ref))
   members = [o.value for o in outputs if getattr(o, 'tag', None) == MEMBERS_TAG]
   failures = {o.value.uri: o.value for o in outputs if getattr(o, 'tag', None) == 'failures'}
   [image] = [o for o in outputs if not hasattr(o, 'tag')]

@@ -481,7 +481,7 @@ class MatchFiles(beam.PTransform):
     return {'refs': refs, FAILURES_TAG: failures, SKIPPED_BY_NAME_TAG: skipped}
 
 
-class _ReadFile(beam.DoFn):
+class ReadFile(beam.DoFn):
   """Reads one matched file; a file that cannot be read becomes a dead-letter record."""
 
   def __init__(self, max_file_bytes: int):
@@ -520,5 +520,5 @@ class ReadImages(beam.PTransform):
     self._max_file_bytes = max_file_bytes
 
   def expand(self, refs):
-    return refs | 'Read' >> beam.ParDo(_ReadFile(self._max_file_bytes)).with_outputs(
+    return refs | 'Read' >> beam.ParDo(ReadFile(self._max_file_bytes)).with_outputs(
         FAILURES_TAG, main='images')

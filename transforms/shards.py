@@ -10,7 +10,7 @@ each an ImageFile with its member URI (storage/members.py), beside the files rea
   extensions `.cls`, `.pyd`, ...): they are not inputs, and not counted. In Parquet every row's
   image column, in TFRecord every record's image feature.
 - A shard is read once, front to back, on the worker that decodes its images (only the shard's
-  reference crosses to the GPU step); shards are spread over workers by a reshuffle.
+  reference crosses to the GPU step); shards are spread over workers as files are.
 - A shard that cannot be opened, or stops being readable part way (truncated, corrupt), keeps
   the images read before, and the rest is one `read` failure naming the shard and the byte
   offset. A member over --max_file_bytes, or a row without image bytes, is its own `read`
@@ -27,7 +27,7 @@ from storage.members import (DEFAULT_IMAGE_FEATURE, SHARD_FORMATS, SHARD_SUFFIXE
                              ShardFormat, iter_members, member_uri, suffix_format)
 from transforms.failures import FAILURES_TAG, READ, Failure
 from transforms.listing import FileRef, names_to_skip
-from transforms.read import DEFAULT_MAX_FILE_BYTES, FileTooLargeError, ImageFile, ReadImages
+from transforms.read import DEFAULT_MAX_FILE_BYTES, FileTooLargeError, ImageFile, ReadFile
 
 METRICS_NAMESPACE = 'shards'
 AUTO, FILES = 'auto', 'files'
@@ -79,16 +79,18 @@ def _utf8(name: str) -> str:
   return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
 
 
-class _ReadShard(beam.DoFn):
-  """A shard -> ImageFile per image member; the members' URIs (and the shard's, for an unread
-  rest) under MEMBERS_TAG; failures under FAILURES_TAG."""
+class _ReadFileOrShard(ReadFile):
+  """A file read whole (ReadFile), or a shard read into an ImageFile per image member, the
+  members' URIs (and the shard's, for an unread rest) under MEMBERS_TAG, failures under
+  FAILURES_TAG. One DoFn for both, so that the stages after it stay fused with it: one model
+  per worker process, not one for files and one for shards."""
 
   def __init__(self, shard_inputs: ShardInputs, max_file_bytes: int):
+    super().__init__(max_file_bytes)
     self._shard_inputs = shard_inputs
-    self._max_file_bytes = max_file_bytes
     self._shards = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'shards')
     self._members = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'members')
-    self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'failed_shards')
+    self._failed_shards = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'failed_shards')
 
   def _failure(self, uri: str, exc: BaseException, ref: FileRef, size_bytes: Optional[int]):
     return beam.pvalue.TaggedOutput(FAILURES_TAG, Failure.from_exception(
@@ -97,6 +99,9 @@ class _ReadShard(beam.DoFn):
 
   def process(self, ref: FileRef):
     shard_format = self._shard_inputs.format_of(ref.uri)
+    if shard_format is None:
+      yield from super().process(ref)
+      return
     wanted = is_image_member if shard_format.kind == WEBDATASET else lambda name: True
     self._shards.inc()
     try:
@@ -122,18 +127,16 @@ class _ReadShard(beam.DoFn):
                         member.byte_offset, member.byte_length, ref.size_bytes)
     except Exception as exc:  # the rest of this shard is one failure, not the run's
       logging.warning('cannot read shard %s: %s', ref.uri, exc)
-      self._failed.inc()
+      self._failed_shards.inc()
       yield beam.pvalue.TaggedOutput(MEMBERS_TAG, ref.uri)
       yield self._failure(ref.uri, exc, ref, ref.size_bytes)
 
 
-def _is_shard(ref: FileRef, _, shard_inputs: ShardInputs) -> int:
-  return int(shard_inputs.format_of(ref.uri) is not None)
-
-
 class ReadInputs(beam.PTransform):
-  """FileRef -> {'images': ImageFile, FAILURES_TAG: Failure, MEMBERS_TAG: URI}: files read
-  whole (transforms/read.ReadImages), shards spread over workers and read into their members."""
+  """FileRef -> ImageFile (tag 'images'), Failure (FAILURES_TAG) and the URIs of what shards held
+  (MEMBERS_TAG): files read whole, shards into their image members. Shards are spread over
+  workers as files are: by the grouping by URI that ends matching (MatchFiles, or the incremental
+  join), and on Dataflow by the GPU step being a stage of its own."""
 
   def __init__(self, shard_inputs: ShardInputs, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
     super().__init__()
@@ -141,13 +144,6 @@ class ReadInputs(beam.PTransform):
     self._max_file_bytes = max_file_bytes
 
   def expand(self, refs):
-    files, shards = refs | 'FilesOrShards' >> beam.Partition(_is_shard, 2, self._shard_inputs)
-    read = files | 'ReadFiles' >> ReadImages(self._max_file_bytes)
-    members = (shards
-               | 'SpreadShards' >> beam.Reshuffle()
-               | 'ReadShards' >> beam.ParDo(_ReadShard(self._shard_inputs, self._max_file_bytes))
-               .with_outputs(FAILURES_TAG, MEMBERS_TAG, main='images'))
-    return {'images': (read.images, members.images) | 'Images' >> beam.Flatten(),
-            FAILURES_TAG: (read[FAILURES_TAG], members[FAILURES_TAG]) | 'ReadFailures' >> (
-                beam.Flatten()),
-            MEMBERS_TAG: members[MEMBERS_TAG]}
+    return refs | 'Read' >> beam.ParDo(
+        _ReadFileOrShard(self._shard_inputs, self._max_file_bytes)).with_outputs(
+            FAILURES_TAG, MEMBERS_TAG, main='images')
