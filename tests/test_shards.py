@@ -217,55 +217,47 @@ def test_sheets_and_the_browse_page_show_members(local_run):
     server.stop()
 
 
-def test_gcs_shards_with_a_key_column(gcs_server, tmp_path):
+def test_shards_on_gcs_and_s3_in_one_run(gcs_server, s3_server, tmp_path):
+  """A keyed Parquet and a cut tar on GCS, a gzipped TFRecord and tar on S3: one run reads
+  both stores; compressed shards give no byte ranges."""
   gcs_server.create_bucket('shards')
   tar, members, cut_at = webdataset_tar()
   gcs_server.upload('gs://shards/in/00000.tar', tar)
   gcs_server.upload('gs://shards/in/00000.parquet', hugging_face_parquet(with_missing=False))
+  s3_server.create_bucket('gzshards')
+  storage.set_filesystem_options(s3_server.options)
+  s3_server.upload('s3://gzshards/in/train-00001.tfrecord.gz',
+                   tfrecord_of_examples(compressed=True))
+  gz_tar, gz_members, _ = webdataset_tar(compressed=True)
+  s3_server.upload('s3://gzshards/in/photos.tar.gz', gz_tar)
   output = 'gs://shards/runs/one'
-  summary = run(['--input=gs://shards/in/', f'--output={output}', '--key_column=id', TINY])
+  summary = run(['--input=gs://shards/in/', '--input=s3://gzshards/in/', f'--output={output}',
+                 '--key_column=id', TINY] + s3_server.options)
+  photos = list(PHOTOS.values())
+  expected = {**{f'gs://shards/in/00000.parquet#id-{name}': data for name, data in PHOTOS.items()},
+              **{f'gs://shards/in/00000.tar#{name}': data for name, data in members.items()},
+              **{f's3://gzshards/in/train-00001.tfrecord.gz#{name}': data
+                 for name, data in zip(tfrecord_names(), photos)},
+              **{f's3://gzshards/in/photos.tar.gz#{name}': data
+                 for name, data in gz_members.items()}}
   embedded = _embedded(output, tmp_path)
-  keyed = {f'gs://shards/in/00000.parquet#id-{name}': data for name, data in PHOTOS.items()}
-  in_tar = {f'gs://shards/in/00000.tar#{name}': data for name, data in members.items()}
   assert {uri: sha for uri, (sha, _) in embedded.items()} == {
-      uri: _sha(data) for uri, data in {**keyed, **in_tar}.items()}
-  assert summary['matched'] == 6 + 8 and summary['failed_by_stage']['read'] == 1
+      uri: _sha(data) for uri, data in expected.items()}
+  assert summary['matched'] == 6 + 8 + 6 + 7
+  assert summary['failed_by_stage'] == {'read': 1, 'decode': 2, 'inference': 0}
   [cut] = [f for f in read_failures(output) if f['stage'] == 'read']
   assert cut['uri'] == 'gs://shards/in/00000.tar' and f'at byte {cut_at} ' in cut['message']
   index = {row['uri']: row for row in _index(output).to_pylist()}
-  for uri, data in in_tar.items():
-    assert read_image_bytes(uri, index[uri]['byte_offset'], index[uri]['byte_length']) == data
+  for uri in expected:
+    ranged = (index[uri]['byte_offset'], index[uri]['byte_length'])
+    if '00000.tar#' in uri:
+      assert read_image_bytes(uri, *ranged) == expected[uri]
+    else:
+      assert ranged == (None, None)
   assert read_image_bytes('gs://shards/in/00000.parquet#id-camera.png') == PHOTOS['camera.png']
+  assert read_image_bytes('s3://gzshards/in/train-00001.tfrecord.gz#record=3') == photos[3]
+  assert read_image_bytes('s3://gzshards/in/photos.tar.gz#000002.png') == photos[2]
   assert sheet.thumbnail_of('gs://shards/in/00000.tar#000001.png') is not None
-
-
-def test_s3_compressed_shards_named_by_format(s3_server, tmp_path):
-  """--input_format tfrecord: every file a TFRecord, whatever its name; no byte ranges in
-  compressed shards."""
-  s3_server.create_bucket('gzshards')
-  storage.set_filesystem_options(s3_server.options)
-  s3_server.upload('s3://gzshards/tf/train-00000-of-00002', tfrecord_of_examples(compressed=False))
-  s3_server.upload('s3://gzshards/tf/train-00001-of-00002.tfrecord.gz',
-                   tfrecord_of_examples(compressed=True))
-  s3_server.upload('s3://gzshards/tf/photos.tar.gz', webdataset_tar(compressed=True)[0])
-  output = 's3://gzshards/runs/one'
-  summary = run(['--input=s3://gzshards/tf/', f'--output={output}', '--input_format=tfrecord',
-                 TINY] + s3_server.options)
-  assert summary['embedded'] == 12 and summary['failed'] == 0
-  assert summary['skipped_by_name'] == 1  # the .tar.gz: not a TFRecord by its name
-  index = _index(output).to_pylist()
-  assert {row['uri'] for row in index} == {
-      f's3://gzshards/tf/{shard}#{name}' for name in tfrecord_names()
-      for shard in ('train-00000-of-00002', 'train-00001-of-00002.tfrecord.gz')}
-  assert all(row['byte_offset'] is None and row['byte_length'] is None for row in index)
-  assert read_image_bytes('s3://gzshards/tf/train-00001-of-00002.tfrecord.gz#record=3') == \
-      list(PHOTOS.values())[3]
-  # A .tar.gz is read in stream mode too; its byte ranges would be in the uncompressed stream.
-  members = list(iter_members('s3://gzshards/tf/photos.tar.gz', ShardFormat('webdataset'),
-                              is_image_member))
-  assert [m.name for m in members][:6] == [f'{n:06d}.{name.rsplit(".", 1)[1]}'
-                                           for n, name in enumerate(PHOTOS)]
-  assert all(m.byte_offset is None for m in members)
 
 
 @pytest.mark.parametrize('args, flag', [
@@ -291,6 +283,11 @@ def test_listings_keep_the_shards_the_format_reads(tmp_path):
   assert listed('auto') == ['a.tar', 'b.parquet', 'c.tfrecord.gz', 'd.jpg', 'f.tar.gz']
   assert listed('webdataset') == ['a.tar', 'd.jpg', 'f.tar.gz']
   assert listed('files') == ['d.jpg']
+  extensionless = 'gs://b/train-00000-of-01024'
+  assert ShardInputs('tfrecord').format_of(extensionless).kind == 'tfrecord'
+  assert ShardInputs('auto').format_of(extensionless) is None
+  assert ShardInputs('files').format_of('gs://b/a.tar') is None
+  assert ShardInputs('auto').format_of('gs://b/A.TGZ').kind == 'webdataset'
 
 
 def test_member_uris_and_names():
