@@ -13,7 +13,6 @@ Shards are read once, front to back, one member at a time: a 1 GB tar is never i
 
 import gzip
 import re
-import struct
 import tarfile
 from typing import BinaryIO, Callable, Iterator, NamedTuple, Optional, Tuple
 

@@ -172,7 +172,7 @@ def test_matched_counts_members_and_nothing_vanishes(local_run):
   assert by_uri[f'{folder}/photos-000.tar#000006.jpg']['stage'] == 'decode'
   cut = by_uri[f'{folder}/photos-000.tar']
   assert cut['stage'] == 'read' and f'at byte {local_run.cut_at} ' in cut['message']
-  assert f'after 7 members' in cut['message']
+  assert 'after 7 members' in cut['message']
   lost = by_uri[f'{folder}/hf-000.parquet#row=6']
   assert lost['stage'] == 'read' and 'no image bytes' in lost['message']
 
