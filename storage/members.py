@@ -32,7 +32,8 @@ PARQUET_BATCH_ROWS = 64  # rows decoded at a time; a row group is read one colum
 
 
 class Member(NamedTuple):
-  """`data` is None for a member over the reader's size limit (left unread). `byte_offset` and
+  """`data` is None for a member over the reader's size limit (left unread) or a Parquet row
+  without image bytes. `byte_offset` and
   `byte_length` locate `data` inside the stored shard where the format allows (uncompressed tar)."""
   name: str
   data: Optional[bytes]
@@ -80,12 +81,23 @@ def _is_compressed(uri: str) -> bool:
 
 # --- WebDataset tar --------------------------------------------------------------------------
 
+_COMPRESSED_MAGIC = (b'\x1f\x8b', b'BZh', b'\xfd7zXZ\x00')  # gzip, bzip2, xz
+
+
+def _is_compressed_stream(raw: BinaryIO) -> bool:
+  """Whether a tar is compressed, by its first bytes (as tarfile's `r|*` decides), whatever its
+  name says: its members' offsets are then not offsets in the stored file."""
+  start = raw.read(6)
+  raw.seek(0)
+  return start.startswith(_COMPRESSED_MAGIC)
+
+
 def _tar_members(uri: str, wanted: Callable[[str], bool],
                  max_bytes: Optional[int]) -> Iterator[Member]:
   """Tar's stream mode reads forward only; an unwanted or oversized member's data is skipped."""
-  compressed = _is_compressed(uri) or uri.lower().endswith('.tgz')
   next_offset, count = 0, 0
   with storage.open_file(uri) as raw:
+    compressed = _is_compressed_stream(raw)
     try:
       with tarfile.open(fileobj=raw, mode='r|*') as archive:
         for info in archive:
