@@ -43,7 +43,8 @@ def write_nights(scratch: str, files: int, nights: int) -> None:
         'outcome': [EMBEDDED if night == 1 else SKIPPED] * kept,
         'done_outcome': pa.array([None if night == 1 else EMBEDDED] * kept, pa.string()),
         'vector_run': pa.array([None if night == 1 else vector_run] * kept, pa.string()),
-        'message': pa.nulls(kept, pa.string())}, INDEX_SCHEMA)
+        'message': pa.nulls(kept, pa.string()), 'byte_offset': pa.nulls(kept, pa.int64()),
+        'byte_length': pa.nulls(kept, pa.int64())}, INDEX_SCHEMA)
     directory = os.path.join(scratch, f'night{night:03d}')
     os.makedirs(directory)
     pq.write_table(table, os.path.join(directory, 'index-00000-of-00001.parquet'))

@@ -51,7 +51,8 @@ def _write_night(path: str, refs, template: RunSummary, night: int, earlier: lis
           'recipe': [template.recipe] * len(refs), 'outcome': [outcome] * len(refs),
           'done_outcome': [None if night == 1 else EMBEDDED] * len(refs),
           'vector_run': [None if night == 1 else first] * len(refs),
-          'message': [None] * len(refs)}
+          'message': [None] * len(refs), 'byte_offset': [None] * len(refs),
+          'byte_length': [None] * len(refs)}
   table = pa.Table.from_pydict(
       {name: pa.array(rows[name], INDEX_SCHEMA.field(name).type) for name in INDEX_SCHEMA.names},
       INDEX_SCHEMA)
