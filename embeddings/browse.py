@@ -35,6 +35,7 @@ from embeddings.neighbours import (RERANK, QueryError, check_image, row_of_sha25
                                    stored_vector)
 from embeddings.query import embed_image
 from embeddings.similarity import Neighbour
+from storage.members import read_image_bytes
 from storage.run_dirs import Run
 
 HOST = '127.0.0.1'
@@ -278,7 +279,7 @@ class Browser:
   def _thumbnail(self, uri: str) -> Optional[bytes]:
     """A JPEG thumbnail of a collection image; None when it cannot be read any more."""
     try:
-      data = storage.read_bytes(uri)
+      data = read_image_bytes(uri)
     except Exception:  # pylint: disable=broad-except; moved or deleted since the run
       return None
     return _jpeg(sheet.thumbnail(data))

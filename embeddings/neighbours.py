@@ -28,6 +28,7 @@ from embeddings.runs import embedding_run, metadata_of, vectors_by_row_id
 from embeddings.shards import embedding_block
 from embeddings.similarity import BLOCK_ROWS, Block, Neighbour, nearest_many
 from run_format import EMBEDDING, METADATA_COLUMNS, RUN_COLUMN
+from storage.members import read_image_bytes
 from storage.run_dirs import NoRunsError, Run
 
 SHEET_COLUMNS = 6
@@ -51,7 +52,7 @@ class Query(NamedTuple):
 
 def _readable(uri: str) -> Optional[bytes]:
   try:
-    return storage.read_bytes(uri)
+    return read_image_bytes(uri)
   except Exception:  # pylint: disable=broad-except; unreadable means look it up by URI
     return None
 

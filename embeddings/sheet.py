@@ -11,6 +11,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import storage
+from storage.members import read_image_bytes
 
 THUMBNAIL = 192  # pixels, the longer side
 PADDING = 8
@@ -66,7 +67,7 @@ def thumbnail(data: Optional[bytes]) -> Optional[Image.Image]:
 
 def thumbnail_of(uri: str) -> Optional[Image.Image]:
   try:
-    return thumbnail(storage.read_bytes(uri))
+    return thumbnail(read_image_bytes(uri))
   except Exception:  # pylint: disable=broad-except; moved or deleted since the run
     return None
 

@@ -9,7 +9,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from models.description import ModelDescription
-from pipeline.options import EmbeddingOptions
+from pipeline.options import EmbeddingOptions, shard_inputs
 from pipeline.versions import CheckWorkerVersions, LaunchOptions
 from run_format import RunLaunch
 from transforms.decode import DecodeImages
@@ -19,7 +19,8 @@ from transforms.heartbeat import Heartbeat
 from transforms.incremental import Coverage, NightState, SkipHeld
 from transforms.progress import CountFailed, StartProgress
 from transforms.provenance import Provenance
-from transforms.read import SKIPPED_BY_NAME_TAG, MatchFiles, ReadImages
+from transforms.read import SKIPPED_BY_NAME_TAG, MatchFiles
+from transforms.shards import MEMBERS_TAG, ReadInputs
 from transforms.summary import WriteRunSummary
 from transforms.write import (WriteCollectionRows, WriteEmbeddings, WriteFailures, WriteIndex,
                               embedded_index_row, failed_index_row, skipped_index_row)
@@ -49,7 +50,7 @@ class DecodeAndEmbed(beam.PTransform):
                 options.view_as(LaunchOptions).launch_versions)
             | 'StartProgress' >> beam.ParDo(
                 StartProgress(options.output, _one_process_embeds(options)), self._to_embed))
-    read = refs | 'ReadImages' >> ReadImages(options.max_file_bytes)
+    read = refs | 'ReadImages' >> ReadInputs(shard_inputs(options), options.max_file_bytes)
     decoded = read.images | 'DecodeImages' >> DecodeImages(
         self._model_description.height, self._model_description.width,
         center_crop_fraction=options.center_crop_fraction,
@@ -64,7 +65,8 @@ class DecodeAndEmbed(beam.PTransform):
     failures = ((read[FAILURES_TAG], decoded[FAILURES_TAG], embedded[FAILURES_TAG])
                 | 'Failures' >> beam.Flatten())
     _ = failures | 'CountFailed' >> beam.ParDo(CountFailed())
-    return {'embeddings': embedded['embeddings'], FAILURES_TAG: failures}
+    return {'embeddings': embedded['embeddings'], FAILURES_TAG: failures,
+            MEMBERS_TAG: read[MEMBERS_TAG]}
 
 
 def _one_process_embeds(options: EmbeddingOptions) -> bool:
@@ -96,7 +98,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
   matched = pipeline | 'MatchFiles' >> MatchFiles(
       options.input or (), options.input_manifest or (),
       list(options.exclude or ()) + _collection_files(night), options.output,
-      deduplicate=night is None, include_all_files=options.include_all_files)
+      deduplicate=night is None, include_all_files=options.include_all_files,
+      shard_suffixes=shard_inputs(options).suffixes)
   refs = matched['refs'] | 'CheckWorkerVersions' >> CheckWorkerVersions(
       options.view_as(LaunchOptions).launch_versions)  # the CPU workers; the GPU step's its own
   _ = refs | 'Heartbeat' >> Heartbeat(options.output)
@@ -137,7 +140,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
                  | 'IndexRows' >> beam.Flatten()
                  | 'WriteIndex' >> WriteIndex(options.output, provenance,
                                               num_shards=options.num_shards))
-  all_matched = ((refs | 'MatchedUris' >> beam.Map(lambda ref: ref.uri),
+  # A shard is counted as its members, as they are read.
+  all_matched = ((refs | 'MatchedUris' >> beam.FlatMap(shard_inputs(options).file_uri),
+                  embedded[MEMBERS_TAG],
                   matched[FAILURES_TAG] | 'UnstatedUris' >> beam.Map(lambda failure: failure.uri))
                  | 'Matched' >> beam.Flatten())
   _ = ({'matched': all_matched, 'skipped': skipped,

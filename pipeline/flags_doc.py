@@ -27,6 +27,16 @@ NOTES: Dict[str, FlagNotes] = {
                                    'that names one file, and manifests, are read either way.'),
     'input_manifest': FlagNotes('--input_manifest gs://bucket/lists/part-*.txt.gz',
                                 'See [inputs](running.md#inputs).'),
+    'input_format': FlagNotes('--input_format webdataset',
+                              'Member URIs, which members are images, failures: '
+                              '[shards](shards.md). Name the format when a folder holds other '
+                              'shards beside the images\' (img2dataset writes a metadata '
+                              '`.parquet` beside each `.tar`).'),
+    'image_column': FlagNotes('--image_column image', 'See [shards](shards.md#which-members-are-images).'),
+    'key_column': FlagNotes('--key_column id', 'See [shards](shards.md#which-members-are-images).'),
+    'image_feature': FlagNotes('--image_feature image/jpeg',
+                               'The key is `image/filename` when the record has it, else the '
+                               'record number: [shards](shards.md#member-uris).'),
     'output': FlagNotes('--output "gs://bucket/embeddings/{date}"',
                         'Required. `{date}` gives `2026-11-27`, `{datetime}` '
                         '`2026-11-27T030405Z`. What it receives: '

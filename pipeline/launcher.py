@@ -26,7 +26,8 @@ import storage
 from collection.table import check_model
 from models.description import ModelDescription, describe_model
 from pipeline.beam_flags import OptionsError, check_known_flags
-from pipeline.options import EmbeddingOptions, expand_output, one_model_per_gpu, validate
+from pipeline.options import (EmbeddingOptions, expand_output, one_model_per_gpu, shard_inputs,
+                              validate)
 from pipeline.output_dir import (OutputExistsError, check_output_is_new,
                                  claim_output, stale_temp_files)
 from pipeline.runners import default_runner, runner_name
@@ -326,7 +327,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     if finished:
       return check_outcome(finished)
   check_inputs_match(embedding.input, embedding.exclude or (), embedding.output,
-                     embedding.include_all_files)
+                     embedding.include_all_files, shard_inputs(embedding).suffixes)
   check_manifests_exist(embedding.input_manifest)
   dry_run = options.view_as(TestOptions).dry_run
   night = open_night(embedding, model_description, provenance.model, create=not dry_run)

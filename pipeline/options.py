@@ -18,6 +18,8 @@ from pipeline.beam_flags import OptionsError
 from run_format import EMBEDDING_DTYPES
 from transforms.decode import DEFAULT_MAX_IMAGE_PIXELS
 from transforms.read import DEFAULT_MAX_FILE_BYTES
+from storage.members import DEFAULT_IMAGE_FEATURE, PARQUET, TFRECORD
+from transforms.shards import AUTO, INPUT_FORMATS, ShardInputs
 from transforms.write import COMPRESSIONS, OUTPUT_FORMATS
 
 MAX_SEED = 2**32 - 1
@@ -62,6 +64,24 @@ class EmbeddingOptions(PipelineOptions):
         help='Text files (or globs; .gz allowed) listing one image URI a line; blank lines, '
         '# comment lines and " # notes" after a URI are ignored. Read in parallel, never listed. '
         'Repeatable; with or without --input.')
+    group.add_argument(
+        '--input_format', choices=INPUT_FORMATS, default=AUTO,
+        help='How inputs hold images: auto reads .tar/.tar.gz (WebDataset), .parquet and '
+        '.tfrecord/.tfrecord.gz files as shards of images and every other file as one image; '
+        'files reads every input as one image; a shard format reads every input as a shard of '
+        'that format. Default %(default)s.')
+    group.add_argument(
+        '--image_column', default=None,
+        help='Parquet shards: the column of image bytes, binary or struct<bytes, ...> as Hugging '
+        'Face writes; without it, the first such column.')
+    group.add_argument(
+        '--key_column', default=None,
+        help='Parquet shards: a column naming each row, for its URI (shard.parquet#KEY). '
+        'Without it, the row number names the row (shard.parquet#row=N).')
+    group.add_argument(
+        '--image_feature', default=None,
+        help=f'TFRecord shards: the tf.train.Example bytes feature of the image; without it, '
+        f'{DEFAULT_IMAGE_FEATURE}.')
     group.add_argument(
         '--output', default=None,
         help='Output directory (local, gs:// or s3://). Must not hold an earlier run. {date} and '
@@ -166,6 +186,20 @@ def expand_output(output: str, now: datetime.datetime) -> str:
   return output
 
 
+def shard_inputs(options: EmbeddingOptions) -> ShardInputs:
+  return ShardInputs(options.input_format, options.image_column, options.key_column,
+                     options.image_feature or DEFAULT_IMAGE_FEATURE)
+
+
+def _shard_flag_problems(options: EmbeddingOptions):
+  """Flags for one shard format, given with --input_format that reads none of it."""
+  for flag, kind in (('image_column', PARQUET), ('key_column', PARQUET),
+                     ('image_feature', TFRECORD)):
+    if getattr(options, flag) is not None and options.input_format not in (AUTO, kind):
+      yield (f'--{flag} is for {kind} shards, but --input_format {options.input_format} reads '
+             f'none: leave it out, or use --input_format {kind} (or auto)')
+
+
 def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> None:
   """Everything that can be checked without touching storage or the model."""
   problems = []
@@ -176,6 +210,7 @@ def validate(options: EmbeddingOptions, pipeline_options: PipelineOptions) -> No
     if any(not value.strip() for value in getattr(options, flag) or ()):
       problems.append(f'--{flag} is given an empty value (a template or scheduler parameter left '
                       'blank?): leave the flag out instead')
+  problems.extend(_shard_flag_problems(options))
   if not options.output:
     problems.append('--output is required: a directory such as gs://bucket/embeddings/run1')
   if options.min_batch_size > options.max_batch_size:

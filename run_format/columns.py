@@ -45,7 +45,12 @@ INDEX_SCHEMA = pa.schema(
     [('content_id', pa.string())] +
     [(name, _TYPES[name]) for name in ('sha256', 'model', 'recipe')] +
     [('outcome', pa.string()),  # layout.EMBEDDED, SKIPPED or the failed stage
-     ('message', pa.string())])
+     ('message', pa.string()),
+     # A shard member's bytes inside its stored shard (uncompressed tar), so that one ranged read
+     # fetches it (storage/members.py); null for files and other formats; absent from older
+     # indexes.
+     ('byte_offset', pa.int64()),
+     ('byte_length', pa.int64())])
 
 
 def embedding_type(feature_size: int, embedding_dtype: str = 'float32') -> pa.DataType:

@@ -62,6 +62,8 @@ class DecodedImage(NamedTuple):
   last_modified: int | None  # microseconds since the Unix epoch, from the file listing.
   pixels: np.ndarray  # float32 [H, W, 3] in [0, 1] at the model's input size.
   content_id: str | None = None  # the store's identity of the bytes, from the file listing.
+  byte_offset: int | None = None  # a shard member's bytes in its shard (transforms/read.ImageFile)
+  byte_length: int | None = None
 
 
 def _raise_pillow_limit(max_image_pixels: int | None) -> None:
@@ -290,7 +292,8 @@ class _DecodeFn(beam.DoFn):
     self._milliseconds.update(round((time.perf_counter() - start) * 1000))  # Decoded images only.
     self._decoded.inc()
     yield DecodedImage(image_file.uri, sha256, height, width, image_file.size_bytes,
-                       image_file.last_modified, pixels, image_file.content_id)
+                       image_file.last_modified, pixels, image_file.content_id,
+                       image_file.byte_offset, image_file.byte_length)
 
 
 class DecodeImages(beam.PTransform):

@@ -46,6 +46,8 @@ class ImageKey(NamedTuple):
   size_bytes: int
   last_modified: Optional[int]
   content_id: Optional[str] = None
+  byte_offset: Optional[int] = None  # a shard member's bytes in its shard, for reading back
+  byte_length: Optional[int] = None
 
 
 class Embedding(NamedTuple):
@@ -58,6 +60,8 @@ class Embedding(NamedTuple):
   model: str
   embedding: np.ndarray  # float32 [feature_size]
   content_id: Optional[str] = None  # the store's identity of the bytes (transforms/listing.py)
+  byte_offset: Optional[int] = None  # a shard member's bytes in its shard (transforms/shards.py)
+  byte_length: Optional[int] = None
 
 
 class RefusedImage(NamedTuple):
@@ -204,7 +208,8 @@ class _ToEmbedding(beam.DoFn):
 
 def _key_pixels(image: DecodedImage):
   return ImageKey(image.uri, image.sha256, image.height, image.width, image.size_bytes,
-                  image.last_modified, image.content_id), image.pixels
+                  image.last_modified, image.content_id, image.byte_offset,
+                  image.byte_length), image.pixels
 
 
 class EmbedImages(beam.PTransform):

@@ -18,6 +18,12 @@ the URI, which also keeps one of each URI the inputs named more than once. Per U
 A file is unchanged when its size and content identity match the held version (GCS crc32c, S3
 ETag: a metadata edit or a storage-class rewrite changes neither); where the store gives no
 content identity (local disks), size and modification time must match.
+
+Shards (tar, Parquet, TFRecord: storage/members.py) are decided whole: the collection's member
+rows (`shard.tar#000123.jpg`) are keyed by their shard's URI and carry their shard's content
+identity and modification time. A listed shard whose every held member has this model, recipe
+and shard version is skipped without being read (its members counted as skipped); a changed
+shard is read again and all its held members removed, so its current members are added anew.
 """
 
 import re
@@ -30,20 +36,23 @@ import pyarrow.compute as pc
 from collection import STATE_COLUMNS, open_collection
 from collection.table import ROW_ID
 from run_format.patterns import has_glob, unescape
-from transforms.listing import exclude_regexes, plan_listing
+from storage.members import split_member_uri
+from transforms.listing import FileRef, exclude_regexes, plan_listing
 from transforms.provenance import Provenance
 
 METRICS_NAMESPACE = 'incremental'
 
 
 class Held(NamedTuple):
-  """A row the collection holds: where it is (for its removal), and which version of the file."""
+  """A row the collection holds: where it is (for its removal), and which version of the file
+  (of a shard member: its shard's modification time and content identity, its own size)."""
   fragment_id: int
   row_id: int
   size_bytes: Optional[int]
   last_modified: Optional[int]  # microseconds since the Unix epoch, UTC
   content_id: Optional[str]
   current: bool  # made by this night's model and recipe
+  member: Optional[str] = None  # a shard member's URI: the row is keyed by its shard's
 
 
 class SkippedFile(NamedTuple):
@@ -80,15 +89,30 @@ class _ReadHeld(beam.DoFn):
                  batch.column('last_modified').cast(pa.int64()), batch.column('content_id'),
                  current]
       for uri, row_id, size, modified, content, mine in zip(*(c.to_pylist() for c in columns)):
-        yield uri, Held(fragment_id, row_id, size, modified, content, mine)
+        shard = split_member_uri(uri)
+        if shard is None:
+          yield uri, Held(fragment_id, row_id, size, modified, content, mine)
+        else:
+          yield shard[0], Held(fragment_id, row_id, size, modified, content, mine, uri)
 
 
 def _same_version(ref, held: Held) -> bool:
   if not held.current or ref.size_bytes is None or ref.size_bytes != held.size_bytes:
     return False
+  return _same_identity(ref, held)
+
+
+def _same_identity(ref, held: Held) -> bool:
   if ref.content_id and held.content_id:
     return ref.content_id == held.content_id
   return ref.last_modified == held.last_modified
+
+
+def _unchanged_shard(ref, held: Sequence[Held]) -> bool:
+  """A listed shard whose members the collection holds, all made with this model and recipe from
+  this version of the shard (its content identity, else its modification time): not read."""
+  return bool(held) and all(row.member and row.current and _same_identity(ref, row)
+                            for row in held)
 
 
 class Coverage(NamedTuple):
@@ -151,6 +175,9 @@ class _Decide(beam.DoFn):
       self._skipped.inc()
       yield beam.pvalue.TaggedOutput('skipped', SkippedFile(ref))
       return
+    if ref is not None and any(row.member for row in held):
+      yield from self._shard(ref, held)
+      return
     if ref is not None:
       same = next((row for row in held if _same_version(ref, row)), None)
       if same is None:
@@ -165,7 +192,22 @@ class _Decide(beam.DoFn):
     else:
       self._kept.inc(len(held))
       gone = []
-    for row in gone:
+    yield from self._remove(gone)
+
+  def _shard(self, ref, held: Sequence[Held]):
+    """A listed shard: skipped whole, each held member counted as skipped, when unchanged; else
+    read again, and every member row it had removed (what it holds now is embedded anew)."""
+    if _unchanged_shard(ref, held):
+      self._skipped.inc(len(held))
+      for row in held:
+        yield beam.pvalue.TaggedOutput('skipped', SkippedFile(
+            FileRef(row.member, row.size_bytes, row.last_modified, row.content_id)))
+      return
+    yield ref
+    yield from self._remove(held)
+
+  def _remove(self, rows: Sequence[Held]):
+    for row in rows:
       self._removed.inc()
       yield beam.pvalue.TaggedOutput('removed', (row.fragment_id, row.row_id))
 

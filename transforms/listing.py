@@ -167,24 +167,28 @@ def exclude_regexes(excludes: Sequence[str]) -> Tuple[str, ...]:
   return tuple(regexes)
 
 
-def names_to_skip(rest: str) -> Optional[str]:
+def names_to_skip(rest: str, shard_suffixes: Tuple[str, ...] = ()) -> Optional[str]:
   """What a folder or glob listing skips by name, below where it starts: a file or folder whose name
   starts with '.' (`.DS_Store`, `.git/`, `._IMG_1.jpg`), unless `rest` (the pattern's part below
   that) asks for one; and NOT_IMAGE_EXTENSIONS, unless `rest` names an extension itself (`**.jpg`,
-  or `**.json`: then it is what was asked for). None: nothing."""
+  or `**.json`: then it is what was asked for), or the name ends in one of `shard_suffixes`
+  (`.tar`, `.parquet`: shards whose members are images, transforms/shards.py). None: nothing."""
   rules = [] if re.search(r'(?:^|/)\.', rest) else [r'(?:.*/)?\..*']
   if not _EXTENSION.search(rest):
-    rules.append(r'.*\.(?:' + '|'.join(map(re.escape, NOT_IMAGE_EXTENSIONS)) + ')')
+    shards = ('(?!.*(?:' + '|'.join(map(re.escape, shard_suffixes)) + ')$)'
+              if shard_suffixes else '')
+    rules.append(shards + r'.*\.(?:' + '|'.join(map(re.escape, NOT_IMAGE_EXTENSIONS)) + ')')
   return f'(?is:{"|".join(rules)})' if rules else None
 
 
-def plan_listing(pattern: str, excludes: Tuple[str, ...] = (),
-                 include_all_files: bool = False) -> Listing:
-  """Where a glob or folder input starts listing, and what it keeps (see transforms/read.py)."""
+def plan_listing(pattern: str, excludes: Tuple[str, ...] = (), include_all_files: bool = False,
+                 shard_suffixes: Tuple[str, ...] = ()) -> Listing:
+  """Where a glob or folder input starts listing, and what it keeps (see transforms/read.py);
+  `shard_suffixes`: names kept as shards to read, though their extension is not an image's."""
   if not has_glob(pattern):
     folder = unescape(pattern).rstrip('/') + '/'
     return Listing(folder, folder, re.escape(folder) + '.*', None, excludes,
-                   None if include_all_files else names_to_skip(''))
+                   None if include_all_files else names_to_skip('', shard_suffixes))
   head = pattern[:first_glob(pattern)]
   fixed = unescape(head)
   folder = fixed[:fixed.rfind('/') + 1]
@@ -193,7 +197,8 @@ def plan_listing(pattern: str, excludes: Tuple[str, ...] = (),
   # Remote stores list by name prefix, so `gs://b/img_*` lists only names starting `img_`.
   prefix = folder if not storage.is_remote(pattern) else fixed
   return Listing(folder, prefix, pattern_regex(pattern), levels, excludes,
-                 None if include_all_files else names_to_skip(pattern[head.rfind('/') + 1:]))
+                 None if include_all_files else names_to_skip(pattern[head.rfind('/') + 1:],
+                                                              shard_suffixes))
 
 
 def is_run_file(uri: str) -> bool:

@@ -63,6 +63,12 @@ class ImageFile(NamedTuple):
   last_modified: Optional[int]
   data: bytes
   content_id: Optional[str] = None
+  # A shard's member (transforms/shards.py): where its bytes lie in the stored shard, when the
+  # format allows (an uncompressed tar), and the shard's size; `last_modified` and `content_id`
+  # are then the shard's, so that an unchanged shard can be told from its members.
+  byte_offset: Optional[int] = None
+  byte_length: Optional[int] = None
+  shard_size_bytes: Optional[int] = None
 
 
 class NoInputError(ValueError):
@@ -110,15 +116,15 @@ def match_input(pattern: str, excludes: Sequence[str] = (),
     yield from listed.refs
 
 
-def _first_match(pattern: str, excludes: Tuple[str, ...],
-                 include_all_files: bool) -> Tuple[Optional[bool], List[str]]:
+def _first_match(pattern: str, excludes: Tuple[str, ...], include_all_files: bool,
+                 shard_suffixes: Tuple[str, ...]) -> Tuple[Optional[bool], List[str]]:
   """True: the input names a file; False: it names none; None: no match within CHECK_PAGES
   pages, which are not all (the job lists the rest). Beside it, the files skipped by name."""
   if _literal_file(pattern) is not None:
     return True, []
   pages, seen, denied, skipped = 0, 0, [], []
-  for listed in list_sequentially(plan_listing(pattern, excludes, include_all_files),
-                                  max_pages=CHECK_PAGES):
+  for listed in list_sequentially(plan_listing(pattern, excludes, include_all_files,
+                                               shard_suffixes), max_pages=CHECK_PAGES):
     if listed.refs or listed.bad_names:
       return True, []
     pages, seen = pages + 1, seen + listed.seen
@@ -138,14 +144,16 @@ def _is_empty_local_folder(pattern: str) -> bool:
 
 
 def check_inputs_match(patterns: Sequence[str], excludes: Sequence[str] = (),
-                       output: Optional[str] = None, include_all_files: bool = False) -> None:
+                       output: Optional[str] = None, include_all_files: bool = False,
+                       shard_suffixes: Tuple[str, ...] = ()) -> None:
   """Fails before the pipeline starts when an input names nothing, in a bounded number of
-  requests per input (the launch must not list a bucket)."""
+  requests per input (the launch must not list a bucket). `shard_suffixes`: as MatchFiles'."""
   empty: List[str] = []
   skipped: List[str] = []
   for pattern in patterns:
     try:
-      found, skipped_here = _first_match(pattern, _excludes(excludes, output), include_all_files)
+      found, skipped_here = _first_match(pattern, _excludes(excludes, output), include_all_files,
+                                         shard_suffixes)
     except Exception as exc:  # a bad bucket, scheme or permission: say which pattern
       raise NoInputError(f'--input {pattern!r} cannot be listed: {exc}') from exc
     if found is False and not skipped_here and _is_empty_local_folder(pattern):
@@ -268,18 +276,21 @@ class _PlanListing(_ListingDoFn):
   """An input -> the file it names, or its first folder level: files, and one piece per
   sub-folder, for the runner to spread."""
 
-  def __init__(self, excludes: Tuple[str, ...], piece_pages: int, include_all_files: bool):
+  def __init__(self, excludes: Tuple[str, ...], piece_pages: int, include_all_files: bool,
+               shard_suffixes: Tuple[str, ...]):
     super().__init__()
     self._excludes = excludes
     self._piece_pages = piece_pages
     self._include_all_files = include_all_files
+    self._shard_suffixes = shard_suffixes
 
   def process(self, pattern: str):
     literal = _literal_file(pattern)
     if literal is not None:
       yield literal
       return
-    listing = plan_listing(pattern, self._excludes, self._include_all_files)._replace(
+    listing = plan_listing(pattern, self._excludes, self._include_all_files,
+                           self._shard_suffixes)._replace(
         piece_pages=self._piece_pages)
     yield from self._emit(list_piece(listing), listing.prefix)
 
@@ -381,13 +392,14 @@ class MatchFiles(beam.PTransform):
   inventory reports that carry the object's metadata are FileRefs at once, the other URIs are
   made distinct (a URI named twice is looked up, and counted, once) and looked up in parallel.
   `output`: this run's own directory, never listed. Also returns, under SKIPPED_BY_NAME_TAG, the
-  URIs that folder and glob listings skipped by name, each once (unless `include_all_files`).
+  URIs that folder and glob listings skipped by name, each once (unless `include_all_files`),
+  but for names ending in `shard_suffixes`, which are shards to read (transforms/shards.py).
   """
 
   def __init__(self, patterns: Sequence[str], manifests: Sequence[str] = (),
                excludes: Sequence[str] = (), output: Optional[str] = None,
                deduplicate: bool = True, piece_pages: int = PIECE_PAGES,
-               include_all_files: bool = False):
+               include_all_files: bool = False, shard_suffixes: Tuple[str, ...] = ()):
     super().__init__()
     self._patterns = list(patterns)
     self._manifests = list(manifests)
@@ -395,13 +407,14 @@ class MatchFiles(beam.PTransform):
     self._deduplicate = deduplicate
     self._piece_pages = piece_pages
     self._include_all_files = include_all_files
+    self._shard_suffixes = tuple(shard_suffixes)
 
   def _listed(self, pbegin, sources: List, failures: List, skipped: List) -> None:
     tags = (_PIECES_TAG, FAILURES_TAG, SKIPPED_BY_NAME_TAG)
     planned = (pbegin
                | 'Patterns' >> beam.Create(self._patterns)
                | 'Plan' >> beam.ParDo(_PlanListing(self._excludes, self._piece_pages,
-                                                   self._include_all_files))
+                                                   self._include_all_files, self._shard_suffixes))
                .with_outputs(*tags, main='refs'))
     sources.append(planned.refs)
     failures.append(planned[FAILURES_TAG])
@@ -468,7 +481,7 @@ class MatchFiles(beam.PTransform):
     return {'refs': refs, FAILURES_TAG: failures, SKIPPED_BY_NAME_TAG: skipped}
 
 
-class _ReadFile(beam.DoFn):
+class ReadFile(beam.DoFn):
   """Reads one matched file; a file that cannot be read becomes a dead-letter record."""
 
   def __init__(self, max_file_bytes: int):
@@ -507,5 +520,5 @@ class ReadImages(beam.PTransform):
     self._max_file_bytes = max_file_bytes
 
   def expand(self, refs):
-    return refs | 'Read' >> beam.ParDo(_ReadFile(self._max_file_bytes)).with_outputs(
+    return refs | 'Read' >> beam.ParDo(ReadFile(self._max_file_bytes)).with_outputs(
         FAILURES_TAG, main='images')

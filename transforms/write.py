@@ -233,15 +233,18 @@ class WriteFailures(beam.PTransform):
 
 def _index_row(uri: str, size_bytes: Optional[int], last_modified: Optional[int],
                content_id: Optional[str], sha256: Optional[str], provenance: Provenance,
-               outcome: str, message: Optional[str] = None) -> dict:
+               outcome: str, message: Optional[str] = None,
+               byte_offset: Optional[int] = None, byte_length: Optional[int] = None) -> dict:
   return {'uri': uri, 'size_bytes': size_bytes, 'last_modified': last_modified,
           'content_id': content_id, 'sha256': sha256, 'model': provenance.model,
-          'recipe': provenance.recipe, 'outcome': outcome, 'message': message}
+          'recipe': provenance.recipe, 'outcome': outcome, 'message': message,
+          'byte_offset': byte_offset, 'byte_length': byte_length}
 
 
 def embedded_index_row(embedding: Embedding, provenance: Provenance) -> dict:
   return _index_row(embedding.uri, embedding.size_bytes, embedding.last_modified,
-                    embedding.content_id, embedding.sha256, provenance, EMBEDDED)
+                    embedding.content_id, embedding.sha256, provenance, EMBEDDED,
+                    byte_offset=embedding.byte_offset, byte_length=embedding.byte_length)
 
 
 def failed_index_row(failure: Failure, provenance: Provenance) -> dict:
@@ -281,8 +284,8 @@ class _ToFragments(beam.DoFn):
     now = datetime.datetime.now(datetime.timezone.utc)
     columns.update({
         CONTENT_ID: [e.content_id for e in batch],
-        BYTE_OFFSET: [getattr(e, BYTE_OFFSET, None) for e in batch],
-        BYTE_LENGTH: [getattr(e, BYTE_LENGTH, None) for e in batch],
+        BYTE_OFFSET: [e.byte_offset for e in batch],
+        BYTE_LENGTH: [e.byte_length for e in batch],
         RUN_COLUMN: [self._run] * len(batch), EMBEDDED_AT: [now] * len(batch)})
     rows = pa.Table.from_pydict({name: columns[name] for name in self._schema.names},
                                 schema=self._schema)
