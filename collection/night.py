@@ -52,7 +52,13 @@ def _others_since(dataset, read_version: int) -> List[Tuple[int, CommitRecord]]:
     return []
   found = []
   for version in range(read_version + 1, dataset.version + 1):
-    transaction = dataset.read_transaction(version)
+    try:
+      transaction = dataset.read_transaction(version)
+    except (OSError, ValueError) as exc:  # cleaned up while the night ran: unknown changes
+      raise ConcurrentNightError(
+          f'version {version} of the collection, committed after the version this night read '
+          f'({read_version}), was cleaned up while it ran, so what it changed is unknown: this '
+          'night commits nothing; run it again') from exc
     record = CommitRecord.from_message(
         (transaction.transaction_properties or {}).get('__lance_commit_message')
         if transaction is not None else None)

@@ -87,7 +87,7 @@ def summary_line(summary: Dict) -> str:
   by_name = summary.get('skipped_by_name')
   committed = summary.get('collection_version')
   return (f'{summary["output"]}: {summary["embedded"]} embedded, {summary["skipped"]} skipped '
-          f'(unchanged since earlier runs), {summary["failed"]} failed of '
+          f'(held by the collection), {summary["failed"]} failed of '
           f'{summary["matched"]} matched'
           + (f', {by_name} not images by name (--include_all_files takes them)' if by_name else '')
           + (f'; committed version {committed} of {summary["collection"]} '
