@@ -108,8 +108,8 @@ def test_embed_ends_with_one_line_and_json_on_request(tmp_path, capsys):
   output = tmp_path / 'run'
   embed.main([f'--input={SAMPLE_IMAGES}/chelsea.png', TINY, f'--output={output}'])
   line = capsys.readouterr().out.strip()
-  assert re.fullmatch(rf'{re.escape(str(output))}: 1 embedded, 0 skipped \(unchanged since '
-                      r'earlier runs\), 0 failed of 1 matched, in \d+ s \([0-9.]+ images/s\); '
+  assert re.fullmatch(rf'{re.escape(str(output))}: 1 embedded, 0 skipped \(held by the '
+                      r'collection\), 0 failed of 1 matched, in \d+ s \([0-9.]+ images/s\); '
                       r'details: run_summary.json', line), line
   embed.main([f'--input={SAMPLE_IMAGES}/chelsea.png', TINY, f'--output={tmp_path / "again"}',
               '--json'])

@@ -186,12 +186,12 @@ def _beam_flags() -> set:
 
 def _verb_flags(verb: str, line: str) -> set:
   """The flags `pnasnet-embeddings VERB` accepts: for `embed` the job's and Beam's
-  (`all_flags_parser`), --json and --help_beam; for the others the verb's own (for `index`, those
-  of its `build` or `add`) and, but for OWN_FLAGS_ONLY, Beam's, which pass through."""
+  (`all_flags_parser`), --json and --help_beam; for the others the verb's own (for `index` and
+  `collection`, those of the sub-verb) and, but for OWN_FLAGS_ONLY, Beam's, which pass through."""
   if verb == 'embed':
     return _option_strings(all_flags_parser()) | {JSON_FLAG, '--help_beam', '--help'}
   parser = importlib.import_module(VERBS[verb][0]).build_parser()
-  if verb == 'index':
+  if verb in ('index', 'collection'):
     sub = line.split()[2]
     parser = parser._subparsers._group_actions[0].choices[sub]  # pylint: disable=protected-access
   return _option_strings(parser) | (set() if verb in OWN_FLAGS_ONLY else _beam_flags())
