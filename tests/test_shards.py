@@ -15,14 +15,15 @@ import pytest
 import requests
 from PIL import Image
 
+import collection
 import storage
+from commands import collection as collection_command
 from embeddings import browse, sheet
 from pipeline.launcher import run
 from pipeline.options import OptionsError
 from run_format import INDEX_GLOB
 from storage.members import (ShardFormat, example_bytes_features, iter_members, read_image_bytes,
                              split_member_uri)
-from storage.run_dirs import find_runs
 from tests.conftest import SAMPLE_IMAGES
 from tests.outputs import read_examples, read_failures
 from transforms.listing import list_sequentially, plan_listing
@@ -206,8 +207,10 @@ def test_members_read_back_by_scanning_their_shard(local_run):
 def test_sheets_and_the_browse_page_show_members(local_run):
   uri = f'{local_run.folder}/photos-000.tar#000004.jpg'
   assert max(sheet.thumbnail_of(uri).size) == sheet.THUMBNAIL
-  runs = find_runs(local_run.output)
-  server = browse.BackgroundServer(browse.Browser(runs, None, (), None, 'no model here'))
+  imported = f'{local_run.output}-collection'
+  collection_command.main(['import', '--runs', local_run.output, '--collection', imported])
+  snapshot = collection.open_collection(imported)
+  server = browse.BackgroundServer(browse.Browser(snapshot, None, (), None, 'no model here'))
   try:
     answer = requests.get(f'{server.url}/thumbnail', params={'uri': uri}, timeout=60)
     assert answer.status_code == 200
@@ -350,9 +353,9 @@ def test_a_member_too_large_or_with_a_name_no_output_can_hold_fails_alone(tmp_pa
 def test_nights_over_shards_skip_an_unchanged_shard_whole_and_replace_a_changed_ones_members(
     tmp_path):
   """With --collection, a shard's members are decided by their shard: night 2, nothing changed,
-  reads no shard and commits nothing; night 3, one shard rewritten with one member fewer, reads
-  only that shard, and the collection holds exactly its current members, each once."""
-  import collection
+  skips every member and commits nothing; night 3, one shard rewritten with one member fewer,
+  skips the other's members, embeds the rewritten one's, and the collection holds exactly the
+  current members, each once."""
 
   def tar_of(names):
     buffer = io.BytesIO()
