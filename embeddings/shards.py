@@ -3,15 +3,12 @@
 Both formats come out alike: the metadata is an Arrow table with the columns of
 run_format.METADATA_SCHEMA, null where the writer had no value (an Example then leaves the
 feature out).
-
-A Parquet shard's vectors are also read by row groups (ParquetVectors): its embedding column
-alone, straight from Arrow's buffers into a float32 matrix (float16 converted by a table look-up).
 """
 
 import contextlib
 import gzip
 import struct
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -165,40 +162,6 @@ def embedding_block(column: pa.Array, path: str) -> np.ndarray:
     return np.take(_HALF_TO_SINGLE, bits).reshape(len(column), dimension)
   return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(
       len(column), dimension)
-
-
-class ParquetVectors(NamedTuple):
-  """A Parquet shard's vectors read by row groups (the neighbour index reads a run's shards)."""
-  path: str
-  run: str
-  row_group_rows: List[int]
-
-  @classmethod
-  def open(cls, path: str, run: str) -> 'ParquetVectors':
-    """Reads the footer only."""
-    with _parquet_file(path) as parquet:
-      metadata = parquet.metadata
-    return cls(path, run, [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
-
-  def vectors(self, row_groups: Sequence[int]) -> np.ndarray:
-    """float32 [rows, dimension] of those row groups: the embedding column alone is read."""
-    with _parquet_file(self.path) as parquet:
-      table = parquet.read_row_groups(list(row_groups), columns=[EMBEDDING], use_threads=False)
-    return embedding_block(table.column(EMBEDDING), self.path)
-
-  def _holding(self, rows: np.ndarray) -> Tuple[List[int], np.ndarray]:
-    """(the row groups holding `rows`, ascending; each row's position among their rows)."""
-    starts = np.concatenate([[0], np.cumsum(self.row_group_rows)])
-    groups = np.searchsorted(starts, rows, side='right') - 1
-    wanted = np.unique(groups)
-    read_start = np.concatenate([[0], np.cumsum(np.asarray(self.row_group_rows)[wanted])])
-    return wanted.tolist(), read_start[np.searchsorted(wanted, groups)] + rows - starts[groups]
-
-  def vectors_at(self, rows: np.ndarray) -> np.ndarray:
-    """float32 vectors at `rows` (positions in the shard, in the order given): only the row
-    groups holding them are read."""
-    groups, local = self._holding(np.asarray(rows, np.int64))
-    return self.vectors(groups)[local]
 
 
 def is_parquet(path: str) -> bool:

@@ -19,7 +19,6 @@ from threadpoolctl import threadpool_limits
 from embeddings.shards import Shard
 
 BLOCK_ROWS = 4096  # rows scored at once: 70 MB of float32 at 4320-d
-READERS = 2  # shards an index re-rank reads in parallel (embeddings/neighbour_index.py)
 
 
 class Neighbour(NamedTuple):

@@ -9,7 +9,6 @@ import sys
 
 import duckdb
 import numpy as np
-import pytest
 
 from embeddings import load_run
 from pipeline.launcher import PROJECT_SETUP_FILE, run

@@ -63,12 +63,6 @@ class _Beating:
         return
 
 
-def keep_alive(output: str, interval: float = HEARTBEAT_SECONDS) -> _Beating:
-  """For a command that waits for its job (`pnasnet-embeddings compact`): beats from this process until
-  `stop()`."""
-  return _Beating(output, interval)
-
-
 _BEATING: Dict[str, _Beating] = {}
 _LOCK = threading.Lock()
 
