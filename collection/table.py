@@ -121,9 +121,9 @@ def _dataset(uri: str, version=None, options: Optional[Dict[str, str]] = None):
   options = storage_options(uri) if options is None else options
   try:
     return lance.dataset(lance_uri(uri), version=version, storage_options=options or None)
-  except ValueError as exc:
-    if 'was not found' not in str(exc):
-      raise
+  except (ValueError, OSError) as exc:
+    if 'was not found' not in str(exc):  # a store that cannot be reached or read
+      raise CollectionError(f'{uri} cannot be opened: {str(exc).split(", /")[0]}') from None
     if version is not None and _dataset_exists(uri, options):
       raise CollectionError(f'collection {uri} has no version {version} (it may have been '
                             'cleaned up: pnasnet-embeddings collection history lists them)') from None

@@ -155,6 +155,17 @@ def test_one_model_a_collection_and_no_collection_is_named_as_such(tmp_path):
     collection.table.check_model(created, 'builtin:other', SIZE, DTYPE)
 
 
+def test_a_store_that_cannot_be_reached_is_one_clear_error():
+  collection.set_store_options(['--s3_endpoint_url=http://127.0.0.1:9', '--s3_access_key_id=x',
+                                '--s3_secret_access_key=y', '--s3_region_name=us-east-1'])
+  try:
+    with pytest.raises(collection.CollectionError,
+                       match=r'^s3://missing/c cannot be opened: .*127\.0\.0\.1:9'):
+      collection.open_collection('s3://missing/c')
+  finally:
+    collection.set_store_options([])
+
+
 def test_a_collection_on_an_s3_protocol_store(s3_server):
   s3_server.create_bucket('collections')
   collection.set_store_options(s3_server.options)
