@@ -15,7 +15,8 @@ REQUIRED = [
     'google-cloud-storage==3.17.1',
     'faiss-cpu==1.15.1',  # the neighbour index and k-means for duplicates
     'threadpoolctl==3.6.0',  # one BLAS thread while exact search's readers decode
-    'pylance==14.0.2',  # the collection: one versioned Lance table (collection/)
+    'pylance==14.0.2',
+    'orjson==3.13.0',  # Vertex AI's JSON lines straight from float32 vectors (Beam[gcp] has it)  # the collection: one versioned Lance table (collection/)
     # Contact sheet labels (embeddings/sheet.py), each character in the first font that has it:
     # Noto Sans, Noto Sans for 19 other scripts, Noto Sans Symbols and Noto Emoji (SIL OFL 1.1).
     'manimgx-fonts==2026.9.26.post1',

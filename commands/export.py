@@ -3,7 +3,7 @@ there equal to the collection by applying only the changes since the version it 
 (the Beam job and the targets: jobs/export*.py).
 
     pnasnet-embeddings export --collection URI [--version N] --to TARGET [--replace] \
-        [--batch_size N] [Beam flags: --runner, --direct_num_workers ...]
+        [--batch_size N] [--json] [Beam flags: --runner, --direct_num_workers ...]
 
 TARGET: postgresql://USER@HOST:PORT/DB?table=NAME (pgvector), milvus://HOST:PORT/COLLECTION,
 milvus-lite:FILE.db?collection=NAME, qdrant://HOST:PORT/COLLECTION,
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help='the target follows another collection (or holds an export of run '
                            'directories): replace what it holds by this collection, every row '
                            'written again')
+  parser.add_argument('--json', action='store_true',
+                      help='print the export\'s report as JSON (rows read, written, deleted, '
+                           'seconds, the target\'s state) instead of one line')
   parser.add_argument('--batch_size', type=int, default=0,
                       help='rows a write sends at once (0: the target\'s own)')
   return parser
@@ -48,5 +51,5 @@ def main(argv: Optional[Sequence[str]] = None):
     previous = export.check_source(target, source, args.replace)
   with exits(failed=(export.ExportFailed,)):
     report = export.export(source, target, beam_flags, args.replace, previous)
-  print(export.summary_line(target, report))
+  print(report.to_json() if args.json else export.summary_line(target, report))
   return report

@@ -18,6 +18,7 @@ ids deleted since. With no new version the export stops before any pipeline, the
 """
 
 import importlib
+import json
 import logging
 import time
 from typing import NamedTuple, Optional, Sequence
@@ -74,6 +75,10 @@ class ExportReport(NamedTuple):
   seconds: float
   state: Optional[ExportState]  # None: nothing was new, the target was not touched
   whole: bool = False  # every row was read (first export, --replace, or a cleaned-up version)
+  index_seconds: float = 0.0  # of `seconds`: finishing the target (its index after a first load)
+
+  def to_json(self) -> str:
+    return json.dumps(dict(self._asdict(), state=self.state and self.state._asdict()))
 
 
 def _since(target: Target, previous: Optional[ExportState], collection: Collection,
@@ -116,9 +121,12 @@ def export(collection: Collection, target: Target, beam_flags: Sequence[str],
     target.clear()
   target.begin(collection.model, collection.feature_size, state, _sampler(collection))
   held_rows = previous is not None and not replace and not target.whole_sync_replaces
+  # Rows inserted after a version the target completed are new to it: only an unfinished
+  # export's rows, or a whole sync's into a target that held rows, can be there already.
+  may_hold = unfinished or (since is None and held_rows)
   options = PipelineOptions(list(beam_flags))
   try:
-    result = _apply(collection, target, since, held_rows, options)
+    result = _apply(collection, target, since, held_rows, may_hold, options)
   except Exception as exc:  # the runner wraps a DoFn's error in its own
     last = last_complete or 'none: the target held no complete export before'
     raise ExportFailed(
@@ -126,11 +134,14 @@ def export(collection: Collection, target: Target, beam_flags: Sequence[str],
         f'the changes to version {collection.version}, and is marked "{IN_PROGRESS}"; its last '
         f'complete state: {last}. Run the same command again to finish') from exc
   finished = state._replace(status=COMPLETE, finished_at=utc_now())
+  index_start = time.perf_counter()
   target.finish(finished)
+  index_seconds = time.perf_counter() - index_start
   counts = [work_folder.counter(result, name, namespace) for name, namespace in (
       ('written', METRICS_NAMESPACE), ('deleted', METRICS_NAMESPACE),
       (ROWS_READ, READ_NAMESPACE))]
-  return ExportReport(*counts, rows, time.perf_counter() - start, finished, since is None)
+  return ExportReport(*counts, rows, time.perf_counter() - start, finished, since is None,
+                      index_seconds)
 
 
 def _sampler(collection: Collection):
@@ -164,7 +175,7 @@ def _stale(keyed) -> Sequence[int]:
 
 
 def _apply(collection: Collection, target: Target, since: Optional[int], held_rows: bool,
-           options: PipelineOptions):
+           may_hold: bool, options: PipelineOptions):
   """The pipeline: deletions (the changes', or a whole sync's stale rows) first, then the rows
   to write, read a fragment a worker. Returns its result (for the counters)."""
   snapshot = Snapshot.of(collection)
@@ -197,7 +208,7 @@ def _apply(collection: Collection, target: Target, since: Optional[int], held_ro
        | 'ReadRows' >> beam.ParDo(ReadFragments(snapshot, COLUMNS, since))
        | 'AfterDeletions' >> beam.Map(lambda batch, *_: batch,
                                       *[beam.pvalue.AsList(d) for d in deleted])
-       | 'Write' >> target.write_transform())
+       | 'Write' >> target.write_transform(may_hold))
   result = pipeline.run()
   result.wait_until_finish()
   return result
@@ -210,7 +221,8 @@ def summary_line(target: Target, report: ExportReport) -> str:
   how = 'every row' if report.whole else f'the changes since version {report.state.since}'
   return (f'{target.name}: version {report.state.version} of {report.state.collection}: read '
           f'{report.rows_read} rows ({how}), wrote {report.written}, deleted {report.deleted}; '
-          f'it holds the collection\'s {report.rows} rows ({report.seconds:.1f} s)')
+          f'it holds the collection\'s {report.rows} rows ({report.seconds:.1f} s, of which '
+          f'{report.index_seconds:.1f} s finishing the target: {target.finishing})')
 
 
 FORMS = ('postgresql://USER@HOST:PORT/DB?table=NAME', 'milvus://HOST:PORT/COLLECTION',

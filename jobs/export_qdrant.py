@@ -1,7 +1,7 @@
 """Qdrant (a server, or qdrant-client's local mode on a folder): a collection of points whose id
 is the collection's row id (an unsigned integer, as Qdrant takes) and whose payload holds uri,
-sha256, height, width, model and run, written by Beam's own writer
-(apache_beam.ml.rag.ingestion.qdrant, upserts in batches, retried on Qdrant's errors).
+sha256, height, width, model and run, written by `upload_collection` in batches of numpy
+vectors, a Beam worker each (Beam's workers are the parallel uploads), retried.
 
 The collection is created with its HNSW graph off (m = 0) and the graph switched on after the
 load (m = 16), Qdrant's recipe for bulk loads; the export's record lives in the collection's
@@ -15,12 +15,12 @@ from typing import Callable, Iterator, List, Optional
 import apache_beam as beam
 import numpy as np
 
-from jobs.export_target import (COMPLETE, DeleteBatches, ExportState, Target, TargetError,
-                                embeddable_items, host_port_collection, path_and_collection,
-                                scheme_and_rest)
+from jobs.export_target import (COMPLETE, METADATA, DeleteBatches, ExportState, Target,
+                                TargetError, WriteBatches, host_port_collection,
+                                path_and_collection, scheme_and_rest)
 
-DEFAULT_BATCH_SIZE = 256
-VECTOR = 'dense'  # the named vector Beam's writer fills
+DEFAULT_BATCH_SIZE = 256  # points a request
+VECTOR = 'dense'  # the points' named vector (the name Beam's own Qdrant writer gives it)
 HNSW_M = 16
 
 
@@ -124,31 +124,20 @@ class QdrantTarget(Target):
     from qdrant_client import models
     client.delete(self.collection, points_selector=models.PointIdsList(points=ids))
 
-  def write_transform(self):
-    return _WriteRows(self)
+  def write_transform(self, may_hold: bool):
+    return beam.ParDo(WriteBatches(self, may_hold))
+
+  def write(self, client, values: dict, may_hold: bool) -> None:
+    """The batch's numpy vectors through upload_collection (a point's upsert is idempotent, so
+    `may_hold` changes nothing); the graph is off during the load (m = 0)."""
+    del may_hold
+    client.upload_collection(
+        self.collection, vectors={VECTOR: values['vector']}, ids=values['id'].tolist(),
+        payload=[{name: values[name][n] for name in METADATA} for n in range(len(values['id']))],
+        batch_size=self.batch_size, parallel=1, wait=True)
 
   def finish(self, state: ExportState) -> None:
     from qdrant_client import models
     with self.client() as client:
       self._set_metadata(client, state._replace(status=COMPLETE),
                          hnsw_config=models.HnswConfigDiff(m=HNSW_M))
-
-
-class _WriteRows(beam.PTransform):
-  """Record batches as Beam's EmbeddableItems, into Beam's Qdrant writer."""
-
-  def __init__(self, target: QdrantTarget):
-    super().__init__()
-    self._target = target
-
-  def expand(self, rows):
-    from apache_beam.ml.rag.ingestion.qdrant import (QdrantConnectionParameters,
-                                                     QdrantWriteConfig)
-    target = self._target
-    connection = (QdrantConnectionParameters.local(target.path) if target.path else
-                  QdrantConnectionParameters.for_host(target.host, target.port, timeout=30))
-    config = QdrantWriteConfig(connection_params=connection, collection_name=target.collection,
-                               batch_size=target.batch_size, dense_embedding_key=VECTOR)
-    return (rows
-            | 'AsItems' >> beam.FlatMap(embeddable_items)
-            | 'QdrantWriter' >> config.create_write_transform())

@@ -10,6 +10,7 @@ and `complete` after the last, so a failed export is seen by the next one (which
 changes again from the last complete version), and its message can name the last complete state.
 """
 
+import contextlib
 import json
 import logging
 import time
@@ -104,6 +105,7 @@ class Target:
   # Whether a whole sync replaces what the target held by itself (Vertex: a complete overwrite),
   # so that the rows the collection no longer has need not be found and deleted.
   whole_sync_replaces = False
+  finishing = 'recording the export\'s state'  # what finish() does, for the summary line
 
   def check(self, model: str, dimension: int) -> None:
     """TargetError unless reachable and empty or holding an export of this model and size."""
@@ -134,8 +136,10 @@ class Target:
     """A PTransform: PCollection of int64 id arrays -> one count per array deleted."""
     raise NotImplementedError
 
-  def write_transform(self):
-    """A PTransform: PCollection of record batches (COLUMNS and `_rowid`) -> written."""
+  def write_transform(self, may_hold: bool):
+    """A PTransform: PCollection of record batches (COLUMNS and `_rowid`) -> written.
+    `may_hold`: whether the target can hold some of these rows already (their ids): when not,
+    the target's bulk insert; when it can, an upsert where the target needs one."""
     raise NotImplementedError
 
   def finish(self, state: ExportState) -> None:
@@ -215,15 +219,42 @@ class DeleteBatches(beam.DoFn):
     yield len(ids)
 
 
-def embeddable_items(batch: pa.RecordBatch):
-  """The batch's rows as Beam's ml.rag EmbeddableItems, what Beam's vector-database writers take
-  (their dense embedding a list of floats: what those writers ask for); counted as written (the
-  writer fails the pipeline if it cannot write them)."""
-  from apache_beam.ml.rag.types import Content, EmbeddableItem, Embedding
-  values = row_values(batch)
-  beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written').inc(batch.num_rows)
-  for row in range(batch.num_rows):
-    metadata = {name: values[name][row] for name in METADATA}
-    yield EmbeddableItem(Content(image=metadata['uri']), id=str(values['id'][row]),
-                         metadata=metadata,
-                         embedding=Embedding(dense_embedding=values['vector'][row].tolist()))
+class WriteBatches(beam.DoFn):
+  """Record batches -> `target.write(client, values, may_hold)` in slices of the target's batch
+  size (row_values: numpy vectors, no Python floats made here), retried with a new client. The
+  client lives for a bundle: a Milvus Lite file or a Qdrant local folder takes one client at a
+  time, and the launcher's comes after the pipeline."""
+
+  def __init__(self, target, may_hold: bool):
+    self._target = target
+    self._may_hold = may_hold
+    self._clients = None
+
+  def start_bundle(self):
+    self._written = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written')
+
+  def _client(self):
+    if self._clients is None:
+      self._clients = contextlib.ExitStack()
+      self._open = self._clients.enter_context(self._target.client())
+    return self._open
+
+  def _close(self):
+    if self._clients is not None:
+      clients, self._clients = self._clients, None
+      clients.close()
+
+  def process(self, batch: pa.RecordBatch):
+    size = self._target.batch_size
+    for start in range(0, batch.num_rows, size):
+      values = row_values(batch.slice(start, size))
+      rows = len(values['id'])
+      with_retries(lambda: self._target.write(self._client(), values, self._may_hold),
+                   f'writing {rows} rows to {self._target.collection}', before_retry=self._close)
+      self._written.inc(rows)
+
+  def finish_bundle(self):
+    self._close()
+
+  def teardown(self):
+    self._close()

@@ -35,17 +35,21 @@ def stamp() -> str:
   return datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')
 
 
-def records(batch) -> Iterator[str]:
-  """The batch's rows as JSON lines, one at a time (a 4320-d vector is 50 KB of JSON)."""
+def records(batch) -> Iterator[bytes]:
+  """The batch's rows as JSON lines, one at a time (a 4320-d vector is about 45 KB of JSON),
+  written by orjson straight from the float32 vectors: each number the shortest that reads back
+  as the same float32, and no Python float made."""
+  import orjson
   values = row_values(batch)
   beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written').inc(batch.num_rows)
   for row, row_id in enumerate(values['id']):
-    yield json.dumps({
-        'id': str(row_id), 'embedding': values['vector'][row].tolist(),
+    yield orjson.dumps({
+        'id': str(row_id), 'embedding': values['vector'][row],
         'restricts': [{'namespace': 'model', 'allow': [values['model'][row]]},
                       {'namespace': 'run', 'allow': [values['run'][row]]}],
         'embedding_metadata': {name: values[name][row]
-                               for name in ('uri', 'sha256', 'height', 'width')}})
+                               for name in ('uri', 'sha256', 'height', 'width')}},
+        option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class VertexTarget(Target):
@@ -114,10 +118,11 @@ class VertexTarget(Target):
   def delete_transform(self):
     return _WriteDeletes(self)
 
-  def write_transform(self):
+  def write_transform(self, may_hold: bool):
+    del may_hold  # each export writes a folder of its own
     return (beam.FlatMap(records)
             | beam.io.WriteToText(storage.join(self.export_folder, 'embeddings'),
-                                  file_name_suffix='.json'))
+                                  file_name_suffix='.json', coder=beam.coders.BytesCoder()))
 
   def finish(self, state: ExportState) -> None:
     """The state file: the export's record, in its Parquet metadata."""
