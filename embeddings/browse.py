@@ -1,25 +1,30 @@
 """A local web page to look at a collection: search it by an uploaded image, by a URI or by
 clicking a result, and look at its duplicate groups (`pnasnet-embeddings browse`).
 
-The page listens on 127.0.0.1 only and reads one snapshot (version) of the collection, holding
-none of its URIs: a URI is looked up through the collection's index on `uri` (or, with --index,
-in the index's lookup files), an uploaded image's bytes through its index on `sha256`, the
-answers cached. It loads the collection's model once (as a run that committed to it recorded),
-so a query by a new image costs one embedding and one search; an image whose bytes the
-collection holds, a URI of it, or a click costs one stored-vector read (by row id) and one
-search. The first page shows a sample of the collection, spread over it, to click and start
+The page listens on 127.0.0.1 unless told otherwise, answers only requests that name a host it is
+meant to be reached by (a page on another site could otherwise read the collection through DNS
+rebinding), and refuses an upload above its limit before reading it whole. It reads one snapshot
+(version) of the collection, holding none of its URIs: a URI is looked up through the collection's
+index on `uri` (or, with --index, in the index's lookup files), an uploaded image's bytes through
+its index on `sha256`, the answers cached. It loads the collection's model once (as a run that
+committed to it recorded), so a query by a new image costs one embedding and one search; an image
+whose bytes the collection holds, a URI of it, or a click costs one stored-vector read (by row id)
+and one search. The first page shows a sample of the collection, spread over it, to click and start
 from. Search is exact (embeddings/neighbours.py, a pass over the snapshot's vectors) or, with
---index, through the FAISS index (an IVF-PQ index's candidates re-ranked exactly). Thumbnails
-are read through Beam's FileSystems (local, gs://, s3://) and cached; only URIs of the
-collection are served, whatever the request asks for.
+--index, through the FAISS index (an IVF-PQ index's candidates re-ranked exactly). Thumbnails are
+read through Beam's FileSystems (local, gs://, s3://) and cached; only URIs of the collection are
+served, whatever the request asks for.
 """
 
 import base64
 import collections
 import csv
+import errno
 import functools
 import hashlib
 import io
+import ipaddress
+import re
 import socket
 import threading
 import time
@@ -38,7 +43,12 @@ from embeddings.similarity import Neighbour
 from storage.members import read_image_bytes
 from storage.run_dirs import Run
 
-HOST = '127.0.0.1'
+DEFAULT_HOST = '127.0.0.1'
+LOOPBACK = ('127.0.0.1', 'localhost', '::1')
+LOOPBACK_NAMES = ('localhost', '127.0.0.1', '[::1]')  # as Host headers name them, without port
+EVERY_ADDRESS = ('0.0.0.0', '::')
+DEFAULT_MAX_UPLOAD = 32_000_000  # bytes of a request's body, its multipart framing included
+HOST_NAME = re.compile(r'(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*')  # a name, or *.domain for its names
 DEFAULT_K = 24
 THUMBNAILS_CACHED = 4096  # JPEG thumbnails kept in memory, about 10 kB each
 LOOKUPS_CACHED = 4096  # an index's URI and SHA-256 lookups, and result URIs, remembered
@@ -308,13 +318,17 @@ def _result_json(result: Result) -> dict:
           'neighbours': [_neighbour_json(n) for n in result.neighbours]}
 
 
-def create_app(browser: Browser):
+def create_app(browser: Browser, hosts: Sequence[str] = LOOPBACK_NAMES,
+               max_upload: int = DEFAULT_MAX_UPLOAD):
   """The page (templates in embeddings/templates) and its JSON twin: /, /search (GET ?uri=,
-  POST an image), /duplicates, /thumbnail?uri=, /api/search (GET ?uri=, POST an image)."""
+  POST an image), /duplicates, /thumbnail?uri=, /api/search (GET ?uri=, POST an image); answered
+  only when the Host header is one of `hosts` (allowed_hosts), an upload only up to `max_upload`
+  bytes."""
   from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
   from fastapi.responses import HTMLResponse, JSONResponse, Response
   from fastapi.templating import Jinja2Templates
   from jinja2 import Environment, PackageLoader, select_autoescape
+  from starlette.middleware.trustedhost import TrustedHostMiddleware
 
   app = FastAPI(title='embeddings.browse', docs_url=None, redoc_url=None, openapi_url=None)
   templates = Jinja2Templates(env=Environment(loader=PackageLoader(_PACKAGE, 'templates'),
@@ -391,7 +405,16 @@ def create_app(browser: Browser):
     except QueryError as exc:
       return JSONResponse({'error': str(exc)}, 400)
 
-  return app
+  def too_large(scope) -> Response:
+    message = (f'the upload is larger than this page accepts ({max_upload:,} bytes): choose a '
+               f'smaller image, or start browse with a larger --max_upload')
+    if scope['path'].startswith('/api/'):
+      return JSONResponse({'error': message}, 413)
+    return problem(Request(scope), 413, message)
+
+  app.add_middleware(UploadLimit, limit=max_upload, refusal=too_large)
+  app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts), www_redirect=False)
+  return app  # the middleware added last sees a request first: the Host is checked first
 
 
 async def _in_thread(function, *args):
@@ -400,18 +423,110 @@ async def _in_thread(function, *args):
   return await run_in_threadpool(function, *args)
 
 
-def listening_socket(port: int) -> socket.socket:
-  """A socket bound to 127.0.0.1:port (0: any free port), before any slow start-up work."""
-  sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def host_pattern(name: str, flag: str = '--allowed_host') -> str:
+  """A name the page may be reached by, as a Host header gives it without its port (an IPv6
+  address in brackets) and Starlette's TrustedHostMiddleware compares it; `*.example.org` stands
+  for the names under example.org. A ValueError says what is wrong with it."""
+  text = name.strip().lower()
+  if HOST_NAME.fullmatch(text):
+    return text
+  try:
+    return f'[{ipaddress.IPv6Address(text.removeprefix("[").removesuffix("]"))}]'
+  except ValueError:
+    pass
+  with_port = re.fullmatch(r'(.+):([0-9]+)', text)
+  if with_port and (HOST_NAME.fullmatch(with_port[1]) or with_port[1].startswith('[')):
+    raise ValueError(f'{flag} {name}: give the name without its port '
+                     f'({with_port[1]}): the page answers it on any port')
+  raise ValueError(f'{flag} {name}: not a host name, an IP address or *.domain')
+
+
+def allowed_hosts(host: str, names: Sequence[str] = ()) -> List[str]:
+  """The Host header names the page answers: the address it listens on (`host`), the loopback
+  names when that is loopback or every address, and `names` (a reverse proxy's, say). Listening
+  on every address needs `names` (a ValueError otherwise): which names reach it is unknown."""
+  every = host in EVERY_ADDRESS
+  if every and not names:
+    raise ValueError(f'--host {host} listens on every address of this machine: say which names '
+                     f'the page is reached by with --allowed_host NAME (repeatable, e.g. '
+                     f'--allowed_host $(hostname)); requests naming any other host are refused')
+  patterns = [] if every else [host_pattern(host, '--host')]
+  if every or host in LOOPBACK:
+    patterns += LOOPBACK_NAMES
+  patterns += [host_pattern(name) for name in names]
+  return list(dict.fromkeys(patterns))
+
+
+def listening_socket(port: int, host: str = DEFAULT_HOST) -> socket.socket:
+  """A socket bound to host:port (0: any free port), before any slow start-up work."""
+  try:
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+  except socket.gaierror as exc:
+    raise OSError(f'--host {host}: not an address of this machine ({exc.strerror}); give one of '
+                  f'its addresses or names') from exc
+  sock = socket.socket(family, socket.SOCK_STREAM)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   try:
-    sock.bind((HOST, port))
+    sock.bind(address)
   except OSError as exc:
     sock.close()
-    raise OSError(f'--port {port}: cannot listen on {HOST}:{port} ({exc.strerror}); '
-                  f'choose another port, or 0 for any free one') from exc
+    if exc.errno == errno.EADDRINUSE:
+      raise OSError(f'--port {port}: cannot listen on {host}:{port} ({exc.strerror}); '
+                    f'choose another port, or 0 for any free one') from exc
+    raise OSError(f'--host {host}: cannot listen on it ({exc.strerror}); give an address of '
+                  f'this machine') from exc
   sock.listen(128)
   return sock
+
+
+def page_url(sock: socket.socket, host: str, names: Sequence[str] = ()) -> str:
+  """The address to open: the one listened on, or when that is every address, the first name
+  given that is not a pattern (else localhost)."""
+  if host in EVERY_ADDRESS:
+    host = next((n for n in names if not n.startswith('*')), 'localhost')
+  return f'http://{host_pattern(host)}:{sock.getsockname()[1]}/'
+
+
+class UploadLimit:
+  """ASGI middleware: a request body above `limit` bytes is answered with `refusal(scope)` (a 413)
+  before it is read whole: at once when its Content-Length says so, else as soon as a chunked body
+  passes the limit. The page is then told the client left, and what it answers is dropped;
+  uvicorn throws away what the client still sends, holding none of it."""
+
+  def __init__(self, app, limit: int, refusal):
+    self._app = app
+    self._limit = limit
+    self._refusal = refusal
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] != 'http':
+      await self._app(scope, receive, send)
+      return
+    declared = dict(scope['headers']).get(b'content-length', b'')
+    if declared.isdigit() and int(declared) > self._limit:
+      await self._refusal(scope)(scope, receive, send)
+      return
+    received, started, refused = 0, False, False
+
+    async def counted_receive():
+      nonlocal received, refused
+      if refused:
+        return {'type': 'http.disconnect'}
+      message = await receive()
+      received += len(message.get('body', b''))
+      if received > self._limit and not started:
+        refused = True
+        await self._refusal(scope)(scope, receive, send)
+        return {'type': 'http.disconnect'}
+      return message
+
+    async def send_unless_refused(message):
+      nonlocal started
+      if not refused:
+        started = True
+        await send(message)
+
+    await self._app(scope, counted_receive, send_unless_refused)
 
 
 def server(app, log_level: str = 'warning'):
@@ -424,10 +539,11 @@ def server(app, log_level: str = 'warning'):
 class BackgroundServer:
   """The page served from a thread on a free loopback port, for tests and benchmarks."""
 
-  def __init__(self, browser: Browser):
+  def __init__(self, browser: Browser, hosts: Sequence[str] = LOOPBACK_NAMES,
+               max_upload: int = DEFAULT_MAX_UPLOAD):
     sock = listening_socket(0)
-    self.url = f'http://{HOST}:{sock.getsockname()[1]}'
-    self._server = server(create_app(browser))
+    self.url = page_url(sock, DEFAULT_HOST).rstrip('/')
+    self._server = server(create_app(browser, hosts, max_upload))
     self._thread = threading.Thread(target=self._server.run, kwargs={'sockets': [sock]},
                                     daemon=True)
     self._thread.start()

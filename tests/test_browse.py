@@ -7,8 +7,10 @@ import http.client
 import io
 import os
 import re
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -213,6 +215,100 @@ def test_nothing_outside_the_collection_is_served(collection, served, path):
   assert b'root:' not in body
 
 
+@pytest.mark.parametrize('path', ['/', '/thumbnail?uri={rocket}', '/api/search?uri={rocket}'])
+def test_a_request_naming_another_host_is_refused(collection, served, path):
+  """A page on another site that rebinds its name to 127.0.0.1 gets nothing."""
+  url = served + path.format(rocket=collection.uri('rocket.jpg'))
+  port = served.rsplit(':', 1)[1]
+  for host in ('attacker.example', f'attacker.example:{port}', 'localhost.attacker.example'):
+    answer = requests.get(url, headers={'Host': host}, timeout=60)
+    assert answer.status_code == 400 and answer.text == 'Invalid host header'
+  for host in ('127.0.0.1', f'127.0.0.1:{port}', f'localhost:{port}', f'[::1]:{port}'):
+    assert requests.get(url, headers={'Host': host}, timeout=60).status_code == 200
+
+
+def test_a_host_is_allowed_when_it_is_listened_on_or_named():
+  assert browse.allowed_hosts('127.0.0.1') == ['127.0.0.1', 'localhost', '[::1]']
+  assert browse.allowed_hosts('::1', ['Photos.Example', '*.lan']) == [
+      '[::1]', 'localhost', '127.0.0.1', 'photos.example', '*.lan']
+  assert browse.allowed_hosts('192.168.1.5') == ['192.168.1.5']
+  assert browse.allowed_hosts('0.0.0.0', ['box', '[fe80::1]']) == [
+      'localhost', '127.0.0.1', '[::1]', 'box', '[fe80::1]']
+  with pytest.raises(ValueError, match='--host 0.0.0.0 listens on every address .* with '
+                     '--allowed_host NAME'):
+    browse.allowed_hosts('0.0.0.0')
+  with pytest.raises(ValueError, match='--allowed_host box:8443: give the name without its port'):
+    browse.allowed_hosts('127.0.0.1', ['box:8443'])
+  with pytest.raises(ValueError, match='--allowed_host http://box/: not a host name'):
+    browse.allowed_hosts('127.0.0.1', ['http://box/'])
+
+
+UPLOAD_LIMIT = 200_000  # bytes: rocket.jpg (113 kB) fits, hubble_deep_field.jpg (528 kB) does not
+BOUNDARY = 'pnasnet-boundary'
+
+
+@pytest.fixture(scope='module')
+def proxied(browser):
+  """The page behind a reverse proxy's name, with a small upload limit."""
+  server = browse.BackgroundServer(
+      browser, browse.allowed_hosts(browse.DEFAULT_HOST, ['photos.example']), UPLOAD_LIMIT)
+  yield server.url
+  server.stop()
+
+
+def test_the_name_of_a_reverse_proxy_is_answered_when_allowed(proxied):
+  assert requests.get(proxied, headers={'Host': 'photos.example'}, timeout=60).status_code == 200
+  assert requests.get(proxied, headers={'Host': 'attacker.example'},
+                      timeout=60).status_code == 400
+
+
+@pytest.mark.parametrize('path', ['/search', '/api/search'])
+def test_an_upload_above_the_limit_gets_a_413_naming_it(collection, proxied, path):
+  with open(collection.uri('hubble_deep_field.jpg'), 'rb') as f:
+    answer = requests.post(proxied + path, files={'image': ('h.jpg', f)}, timeout=60)
+  assert answer.status_code == 413
+  said = answer.json()['error'] if path.startswith('/api/') else html.unescape(answer.text)
+  assert 'larger than this page accepts (200,000 bytes)' in said and '--max_upload' in said
+  with open(collection.uri('rocket.jpg'), 'rb') as f:  # the connection and the page carry on
+    assert requests.post(proxied + path, files={'image': ('r.jpg', f)},
+                         timeout=60).status_code == 200
+
+
+def _unfinished_upload(url: str, path: str, content_length=None, chunks=()):
+  """A multipart upload to `path` whose body never ends: its head (with `content_length`, else
+  chunked), then `chunks` until the server answers. (status, body) of the answer."""
+  port = int(url.rsplit(':', 1)[1])
+  head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n'
+          f'Content-Type: image/jpeg\r\n\r\n').encode()
+  framing = (f'Content-Length: {content_length}' if content_length is not None
+             else 'Transfer-Encoding: chunked')
+  with socket.create_connection(('127.0.0.1', port), timeout=60) as sock:
+    sock.sendall(f'POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: '
+                 f'multipart/form-data; boundary={BOUNDARY}\r\n{framing}\r\n\r\n'.encode())
+    for chunk in ([head] if content_length is None else []) + list(chunks):
+      if select.select([sock], [], [], 0)[0]:
+        break  # answered: the rest is not sent
+      sock.sendall(b'%x\r\n%s\r\n' % (len(chunk), chunk))
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, response.read()
+
+
+@pytest.mark.parametrize('path', ['/search', '/api/search'])
+def test_an_upload_declared_above_the_limit_is_refused_before_its_body_is_sent(proxied, path):
+  status, body = _unfinished_upload(proxied, path, content_length=10 * UPLOAD_LIMIT)
+  assert status == 413 and b'200,000 bytes' in body
+
+
+@pytest.mark.parametrize('path', ['/search', '/api/search'])
+def test_a_chunked_upload_is_refused_once_it_passes_the_limit_not_when_it_ends(proxied, path):
+  """The body would be 10 times the limit and its last chunk is never sent: the answer comes
+  although the server has not had the whole body."""
+  status, body = _unfinished_upload(proxied, path,
+                                    chunks=(b'\xff' * 16_000 for _ in range(125)))
+  assert status == 413 and b'200,000 bytes' in body
+
+
 def test_the_duplicates_view_lists_the_groups_of_the_csv(collection, served):
   page = requests.get(f'{served}/duplicates', timeout=60).text
   assert collection.groups, 'the collection holds a byte copy: at least one group'
@@ -291,6 +387,14 @@ def test_bad_options_are_refused_with_one_line_before_the_model_loads(collection
     taken.close()
   assert '--k must be at least 1' in _refusal(capsys, ['--collection', collection.collection,
                                                        '--k', '0'])
+  assert 'with --allowed_host NAME' in _refusal(capsys, ['--collection', collection.collection,
+                                                        '--host', '0.0.0.0'])
+  assert 'give the name without its port' in _refusal(
+      capsys, ['--collection', collection.collection, '--allowed_host', 'photos.example:443'])
+  assert '--host 192.0.2.1: cannot listen on it' in _refusal(
+      capsys, ['--collection', collection.collection, '--host', '192.0.2.1'])
+  assert "'lots' is not a size" in _refusal(capsys, ['--collection', collection.collection,
+                                                     '--max_upload', 'lots'])
 
 
 def test_the_command_serves_the_page_on_loopback_and_ctrl_c_ends_it_in_one_line(collection,
