@@ -5,9 +5,11 @@ there equal to the collection by applying only the changes since the version it 
     pnasnet-embeddings export --collection URI [--version N] --to TARGET [--replace] \
         [--batch_size N] [--json] [Beam flags: --runner, --direct_num_workers ...]
 
-TARGET: postgresql://USER@HOST:PORT/DB?table=NAME (pgvector), milvus://HOST:PORT/COLLECTION,
-milvus-lite:FILE.db?collection=NAME, qdrant://HOST:PORT/COLLECTION,
-qdrant-local:DIRECTORY?collection=NAME, or vertex:FOLDER (Vertex AI Vector Search JSONL).
+TARGET: postgresql://USER@HOST:PORT/DB?table=NAME (pgvector: any libpq URI, or a keyword/value
+string "host=HOST dbname=DB table=NAME"), milvus[+https]://HOST:PORT/COLLECTION,
+milvus-lite:FILE.db?collection=NAME, qdrant[+https]://HOST:PORT/COLLECTION,
+qdrant-local:DIRECTORY?collection=NAME, or vertex:FOLDER (Vertex AI Vector Search JSONL);
+docs/exporting.md has every form.
 
 A target that cannot be used, or that follows another collection (without --replace), is refused
 before any work (exit 2); an export that failed part way says what the target holds (exit 1).
@@ -21,10 +23,17 @@ from commands.common import BEAM_EPILOG, add_collection_flags, exits, parse, ver
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = verb_parser('export', __doc__.split('\n\n')[0], BEAM_EPILOG + ' A PostgreSQL '
-                       'password comes from PGPASSWORD or ~/.pgpass, as for psql.')
+  parser = verb_parser('export', __doc__.split('\n\n')[0], BEAM_EPILOG + ' Secrets: a '
+                       'PostgreSQL password from PGPASSWORD, ~/.pgpass or a service file, as for '
+                       'psql; a Milvus token from MILVUS_TOKEN; a Qdrant API key from '
+                       'QDRANT_API_KEY. Messages show a password in --to as ***.')
   add_collection_flags(parser)
-  parser.add_argument('--to', required=True, help='the target (see above)')
+  parser.add_argument('--to', required=True,
+                      help='the target: postgresql://...?table=NAME or "host=... table=NAME" '
+                           '(pgvector), milvus[+https]://HOST:PORT/COLLECTION, '
+                           'milvus-lite:FILE.db?collection=NAME, '
+                           'qdrant[+https]://HOST:PORT/COLLECTION, '
+                           'qdrant-local:DIRECTORY?collection=NAME or vertex:FOLDER')
   parser.add_argument('--replace', action='store_true',
                       help='the target follows another collection (or holds an export of run '
                            'directories): replace what it holds by this collection, every row '

@@ -32,8 +32,8 @@ from jobs import work_folder
 from jobs.collection_reads import (DELETE_BATCH, METRICS_NAMESPACE as READ_NAMESPACE,
                                    ROWS_READ, DeletedIds, ReadFragments, Snapshot,
                                    fragments_to_read, row_ids, vectors)
-from jobs.export_target import (COLUMNS, COMPLETE, IN_PROGRESS, METRICS_NAMESPACE, BatchFailed,
-                                ExportState, Target, TargetError)
+from jobs.export_target import (COLUMNS, COMPLETE, IN_PROGRESS, KEYWORD_VALUE, METRICS_NAMESPACE,
+                                BatchFailed, ExportState, Target, TargetError, redact)
 from pipeline.runners import default_runner
 from run_format import utc_now
 
@@ -225,9 +225,12 @@ def summary_line(target: Target, report: ExportReport) -> str:
           f'{report.index_seconds:.1f} s finishing the target: {target.finishing})')
 
 
-FORMS = ('postgresql://USER@HOST:PORT/DB?table=NAME', 'milvus://HOST:PORT/COLLECTION',
+FORMS = ('postgresql://USER@HOST:PORT/DB?table=NAME (any libpq URI, postgres:// too)',
+         '"host=HOST dbname=DB table=NAME" (libpq keyword/value)',
+         'milvus://HOST:PORT/COLLECTION', 'milvus+https://HOST:PORT/COLLECTION',
          'milvus-lite:FILE.db?collection=NAME', 'qdrant://HOST:PORT/COLLECTION',
-         'qdrant-local:DIRECTORY?collection=NAME', 'vertex:FOLDER (gs://, s3:// or local)')
+         'qdrant+https://HOST:PORT/COLLECTION', 'qdrant-local:DIRECTORY?collection=NAME',
+         'vertex:FOLDER (gs://, s3:// or local)')
 
 
 # --to's scheme -> the module and class of its target, imported only when named (a pgvector
@@ -236,8 +239,10 @@ _TARGETS = {
     'postgresql': ('jobs.export_pgvector', 'PgvectorTarget'),
     'postgres': ('jobs.export_pgvector', 'PgvectorTarget'),
     'milvus': ('jobs.export_milvus', 'MilvusTarget'),
+    'milvus+https': ('jobs.export_milvus', 'MilvusTarget'),
     'milvus-lite': ('jobs.export_milvus', 'MilvusTarget'),
     'qdrant': ('jobs.export_qdrant', 'QdrantTarget'),
+    'qdrant+https': ('jobs.export_qdrant', 'QdrantTarget'),
     'qdrant-local': ('jobs.export_qdrant', 'QdrantTarget'),
     'vertex': ('jobs.export_vertex', 'VertexTarget'),
 }
@@ -245,10 +250,11 @@ _TARGETS = {
 
 def open_target(text: str, batch_size: int = 0) -> Target:
   """The target `--to` names (not yet contacted), parsed by its class; TargetError if it names
-  none."""
+  none. A --to that starts with KEYWORD= is a libpq keyword/value string (PostgreSQL)."""
   scheme, colon, _ = text.partition(':')
-  found = _TARGETS.get(scheme.lower()) if colon else None
+  found = (_TARGETS['postgresql'] if KEYWORD_VALUE.match(text) else
+           _TARGETS.get(scheme.lower()) if colon else None)
   if found is None:
-    raise TargetError(f'--to {text}: not a target; use one of ' + ', '.join(FORMS))
+    raise TargetError(f'--to {redact(text)[0]}: not a target; use one of ' + ', '.join(FORMS))
   module, name = found
   return getattr(importlib.import_module(module), name).from_url(text, batch_size)

@@ -10,40 +10,50 @@ load. The export's record (model, dimension, state) is kept in the collection's 
 
 import contextlib
 import logging
+import os
 from typing import Callable, Iterator, List, Optional
 
 import apache_beam as beam
 import numpy as np
 
 from jobs.export_target import (COMPLETE, METADATA, DeleteBatches, ExportState, Target,
-                                TargetError, WriteBatches, host_port_collection,
-                                path_and_collection, scheme_and_rest)
+                                TargetError, WriteBatches, path_and_collection, redact,
+                                scheme_and_rest, scrub, server_url)
 from transforms import quiet_logs
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 1_024  # rows an insert: 18 MB of 4,320-d vectors, below Milvus's 64 MB
 MAX_URI = 8192
+TOKEN_VARIABLE = 'MILVUS_TOKEN'  # USER:PASSWORD, or a Zilliz Cloud API key
 _MODEL, _DIMENSION, _STATE = 'export.model', 'export.dimension', 'export.state'
 
 
 class MilvusTarget(Target):
 
-  def __init__(self, name: str, uri: str, collection: str, batch_size: int = 0):
+  def __init__(self, name: str, uri: str, collection: str, batch_size: int = 0, token: str = ''):
     self.name = name
-    self.uri = uri  # http://HOST:PORT, or the Milvus Lite file
+    self.uri = uri  # http(s)://HOST:PORT, or the Milvus Lite file
     self.collection = collection
     self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+    self.token = token  # USER:PASSWORD or an API key (Zilliz Cloud); '' without authentication
 
   @classmethod
   def from_url(cls, text: str, batch_size: int = 0) -> 'MilvusTarget':
-    """milvus://HOST:PORT/COLLECTION, or milvus-lite:FILE.db?collection=NAME."""
+    """milvus://[USER:PASSWORD@]HOST:PORT/COLLECTION (milvus+https:// for TLS), the token
+    from MILVUS_TOKEN without USER:PASSWORD; or milvus-lite:FILE.db?collection=NAME."""
+    name = redact(text)[0]
     if scheme_and_rest(text)[0] == 'milvus-lite':
-      path, name = path_and_collection(text)
+      path, collection = path_and_collection(text)
       if not path.endswith('.db'):
-        raise TargetError(f'--to {text}: a Milvus Lite file name ends in .db')
-      return cls(text, path, name, batch_size)
-    host, port, name = host_port_collection(text, 19530)
-    return cls(text, f'http://{host}:{port}', name, batch_size)
+        raise TargetError(f'--to {name}: a Milvus Lite file name ends in .db')
+      return cls(name, path, collection, batch_size)
+    server = server_url(text, 19530, 443)  # pymilvus's ports: 19530, and 443 for https
+    if server.user is not None and server.password is None:
+      raise TargetError(f'--to {server.name}: give USER:PASSWORD@, or the token in '
+                        f'{TOKEN_VARIABLE}')
+    token = (f'{server.user}:{server.password}' if server.user is not None else
+             os.environ.get(TOKEN_VARIABLE, ''))
+    return cls(server.name, server.url, server.collection, batch_size, token)
 
   @contextlib.contextmanager
   def client(self):
@@ -52,9 +62,10 @@ class MilvusTarget(Target):
     if self.uri.endswith('.db'):
       quiet_logs.drop_messages(quiet_logs.MILVUS_LITE_HARMLESS)
     try:
-      client = MilvusClient(uri=self.uri, timeout=10)
+      client = MilvusClient(uri=self.uri, token=self.token, timeout=10)
     except MilvusException as exc:
-      raise TargetError(f'--to {self.name}: cannot connect: {exc.message}') from exc
+      raise TargetError(f'--to {self.name}: cannot connect: '
+                        f'{scrub(str(exc.message), [self.token])}') from exc
     try:
       yield client
     finally:

@@ -18,15 +18,18 @@ TABLE_pca). The index is created after the first load, and kept up by PostgreSQL
 
 import json
 import logging
+import os
+import re
 import struct
 import urllib.parse
-from typing import Callable, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
 
-from jobs.export_target import (COMPLETE, METRICS_NAMESPACE, ExportState, Target, TargetError,
-                                parse_name, row_values, with_retries)
+from jobs.export_target import (COMPLETE, KEYWORD_VALUE, METRICS_NAMESPACE, ExportState, Target,
+                                TargetError, parse_name, redact, row_values, scrub,
+                                with_retries)
 
 _LOG = logging.getLogger(__name__)
 MAX_INDEXED_DIMENSION = 2000  # pgvector's HNSW and IVFFlat limit for `vector`
@@ -122,6 +125,55 @@ def copy_rows(values: dict, reduction: Optional['Reduction']) -> Iterator[bytes]
     yield _encode(part, reduced[start:start + COPY_CHUNK] if reduced is not None else None)
 
 
+# One KEYWORD = VALUE of a libpq keyword/value string: its value quoted ('...', \ escapes) or up
+# to the next space.
+_KEYWORD_ITEM = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|(?:\\.|[^\s\\])*)")
+
+
+def _without_table_keyword(text: str, name: str) -> Tuple[str, List[str]]:
+  """A keyword/value string -> the string without its `table=...`, and the tables it named."""
+  kept, tables, position = [], [], 0
+  while text[position:].strip():
+    item = _KEYWORD_ITEM.match(text, position)
+    if item is None:
+      raise TargetError(f'--to {name}: not a libpq keyword/value string: write KEYWORD=VALUE '
+                        f'pairs separated by spaces, a value with spaces in single quotes')
+    if item[1] == 'table':
+      tables.append(re.sub(r'\\(.)', r'\1', item[2][1:-1] if item[2][:1] == "'" else item[2]))
+    else:
+      kept.append(item[0])
+    position = item.end()
+  return ''.join(kept).strip(), tables
+
+
+def _without_table_parameter(text: str) -> Tuple[str, List[str]]:
+  """A URI -> the URI without its `table` query parameter (the rest as written), and the tables
+  it named."""
+  base, question, query = text.partition('?')
+  kept, tables = [], []
+  for item in query.split('&') if question else []:
+    key, _, value = item.partition('=')
+    if urllib.parse.unquote(key) == 'table':
+      tables.append(urllib.parse.unquote(value))
+    elif item:
+      kept.append(item)
+  return base + ('?' + '&'.join(kept) if kept else ''), tables
+
+
+def _first_line(exc: BaseException) -> str:
+  text = str(exc).strip()
+  return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _libpq_says(exc: BaseException, name: str, secrets: List[str]) -> str:
+  """libpq's complaint about --to, quoting only what the redacted --to shows (its messages
+  quote pieces of the string, a password's among them)."""
+  def shown(quoted):
+    visible = quoted[1] in name and not any(secret in quoted[1] for secret in secrets)
+    return quoted[0] if visible else '"..."'
+  return scrub(re.sub(r'"([^"]*)"', shown, _first_line(exc)), secrets)
+
+
 class PgvectorTarget(Target):
 
   finishing = 'the HNSW index, built once after the first load'
@@ -134,27 +186,38 @@ class PgvectorTarget(Target):
 
   @classmethod
   def from_url(cls, text: str, batch_size: int = 0) -> 'PgvectorTarget':
-    url = urllib.parse.urlsplit(text)
-    query = urllib.parse.parse_qs(url.query)
-    tables = query.pop('table', [])
+    """Any libpq URI (postgresql:// or postgres://) or keyword/value string, with the export's
+    own `table` parameter, which is taken out: the rest goes to libpq as written (so that
+    PGPASSWORD, ~/.pgpass, PGSERVICEFILE and the other PG* variables apply as for psql)."""
+    name, secrets = redact(text)
+    if KEYWORD_VALUE.match(text):
+      conninfo, tables = _without_table_keyword(text, name)
+    else:
+      conninfo, tables = _without_table_parameter(text)
     if len(tables) != 1:
-      raise TargetError(f'--to {text}: name one table, as postgresql://USER@HOST:PORT/DB?'
-                        f'table=NAME')
-    if not url.hostname or not url.path.strip('/'):
-      raise TargetError(f'--to {text}: give the host and the database, as postgresql://USER@'
-                        f'HOST:PORT/DB?table=NAME')
-    conninfo = urllib.parse.urlunsplit(url._replace(
-        query=urllib.parse.urlencode(query, doseq=True)))
-    return cls(text, conninfo, parse_name(tables[0], 'table'), batch_size)
+      raise TargetError(f'--to {name}: name one table, as postgresql://USER@HOST:PORT/DB?'
+                        f'table=NAME or "host=HOST dbname=DB table=NAME"')
+    psycopg = _psycopg()
+    try:
+      psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.Error as exc:
+      raise TargetError(f'--to {name}: not a PostgreSQL connection string: '
+                        f'{_libpq_says(exc, name, secrets)}') from exc
+    return cls(name, conninfo, parse_name(tables[0], 'table'), batch_size)
 
   def connect(self, autocommit: bool = False):
     """`autocommit`: each `transaction()` block commits on its own (the workers' batches)."""
     psycopg = _psycopg()
+    settings = psycopg.conninfo.conninfo_to_dict(self.conninfo)
+    timeout = ({} if 'connect_timeout' in settings or 'PGCONNECT_TIMEOUT' in os.environ else
+               {'connect_timeout': 10})
     try:
-      return psycopg.connect(self.conninfo, connect_timeout=10, autocommit=autocommit)
-    except psycopg.OperationalError as exc:
-      raise TargetError(f'--to {self.name}: cannot connect: {str(exc).strip().splitlines()[0]}'
-                        ) from exc
+      return psycopg.connect(self.conninfo, autocommit=autocommit, **timeout)
+    except psycopg.Error as exc:
+      secrets = [settings.get('password'), settings.get('sslpassword'),
+                 os.environ.get('PGPASSWORD')]
+      raise TargetError(f'--to {self.name}: cannot connect: '
+                        f'{scrub(_first_line(exc), secrets)}') from exc
 
   def _settings(self, connection) -> Optional[dict]:
     """The export's own record of the table, None if there is no table; TargetError for a table

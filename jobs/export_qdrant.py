@@ -10,44 +10,51 @@ metadata.
 
 import contextlib
 import json
+import os
 from typing import Callable, Iterator, List, Optional
 
 import apache_beam as beam
 import numpy as np
 
 from jobs.export_target import (COMPLETE, METADATA, DeleteBatches, ExportState, Target,
-                                TargetError, WriteBatches, host_port_collection,
-                                path_and_collection, scheme_and_rest)
+                                TargetError, WriteBatches, path_and_collection, redact,
+                                scheme_and_rest, scrub, server_url)
 
 DEFAULT_BATCH_SIZE = 256  # points a request
 VECTOR = 'dense'  # the points' named vector (the name Beam's own Qdrant writer gives it)
 HNSW_M = 16
+API_KEY_VARIABLE = 'QDRANT_API_KEY'
 
 
 class QdrantTarget(Target):
 
-  def __init__(self, name: str, collection: str, batch_size: int = 0,
-               host: Optional[str] = None, port: Optional[int] = None,
-               path: Optional[str] = None):
+  def __init__(self, name: str, collection: str, batch_size: int = 0, url: Optional[str] = None,
+               path: Optional[str] = None, api_key: Optional[str] = None):
     self.name = name
     self.collection = collection
     self.batch_size = batch_size or DEFAULT_BATCH_SIZE
-    self.host, self.port, self.path = host, port, path
+    self.url, self.path = url, path  # http(s)://HOST:PORT of a server, or the local folder
+    self.api_key = api_key
 
   @classmethod
   def from_url(cls, text: str, batch_size: int = 0) -> 'QdrantTarget':
-    """qdrant://HOST:PORT/COLLECTION, or qdrant-local:DIRECTORY?collection=NAME."""
+    """qdrant://HOST:PORT/COLLECTION (qdrant+https:// for TLS, as Qdrant Cloud), the API key
+    from QDRANT_API_KEY; or qdrant-local:DIRECTORY?collection=NAME."""
     if scheme_and_rest(text)[0] == 'qdrant-local':
-      path, name = path_and_collection(text)
-      return cls(text, name, batch_size, path=path)
-    host, port, name = host_port_collection(text, 6333)
-    return cls(text, name, batch_size, host=host, port=port)
+      path, collection = path_and_collection(text)
+      return cls(redact(text)[0], collection, batch_size, path=path)
+    server = server_url(text, 6333, 6333)
+    if server.user is not None:
+      raise TargetError(f'--to {server.name}: give the API key in {API_KEY_VARIABLE}, not in '
+                        f'--to')
+    return cls(server.name, server.collection, batch_size, url=server.url,
+               api_key=os.environ.get(API_KEY_VARIABLE) or None)
 
   @contextlib.contextmanager
   def client(self):
     from qdrant_client import QdrantClient
     client = (QdrantClient(path=self.path) if self.path else
-              QdrantClient(host=self.host, port=self.port, timeout=10,
+              QdrantClient(url=self.url, api_key=self.api_key, timeout=10,
                            check_compatibility=False))
     try:
       yield client
@@ -59,9 +66,9 @@ class QdrantTarget(Target):
       if not client.collection_exists(self.collection):
         return None
     except Exception as exc:  # httpx's and grpc's errors: the server is not there
+      message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
       raise TargetError(f'--to {self.name}: cannot connect: '
-                        f'{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}'
-                        ) from exc
+                        f'{scrub(message, [self.api_key])}') from exc
     metadata = client.get_collection(self.collection).config.metadata or {}
     if 'export_model' not in metadata:
       raise TargetError(f'--to {self.name}: collection {self.collection} exists and was not '

@@ -13,9 +13,10 @@ changes again from the last complete version), and its message can name the last
 import contextlib
 import json
 import logging
+import re
 import time
 import urllib.parse
-from typing import Callable, Iterator, NamedTuple, Optional, Tuple, TypeVar
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import apache_beam as beam
 import numpy as np
@@ -101,7 +102,7 @@ class Target:
   here is held open across those calls (a Milvus Lite file or a Qdrant local folder takes one
   client at a time)."""
 
-  name: str  # --to as given, for messages
+  name: str  # --to as given with its passwords as *** (redact): what messages show
   # Whether a whole sync replaces what the target held by itself (Vertex: a complete overwrite),
   # so that the rows the collection no longer has need not be found and deleted.
   whole_sync_replaces = False
@@ -164,7 +165,6 @@ class _CurrentIds(beam.PTransform):
 
 def parse_name(text: str, what: str) -> str:
   """A table or collection name that needs no quoting in SQL, Milvus or Qdrant."""
-  import re
   if not re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]{0,47}', text or ''):
     raise TargetError(f'--to: {what} {text!r} must be letters, digits and _ (at most 48, not '
                       f'starting with a digit)')
@@ -175,6 +175,48 @@ def scheme_and_rest(text: str) -> Tuple[str, str]:
   """`--to`'s scheme, in lower case, and what follows its colon."""
   scheme, _, rest = text.partition(':')
   return scheme.lower(), rest
+
+
+# A --to that starts with KEYWORD= is a libpq keyword/value string (`host=... dbname=...`): no
+# URL's scheme holds `=`.
+KEYWORD_VALUE = re.compile(r'\s*[A-Za-z_]+\s*=')
+# USER:PASSWORD@ of a URL's authority (the last @ before its path or query ends it).
+_USERINFO_PASSWORD = re.compile(r'^(\s*[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:)([^/?#]*)@')
+_QUERY_PASSWORD = re.compile(r'([?&](?:ssl)?password=)([^&#]*)', re.I)
+# libpq's value: quoted ('...', \ escapes), or up to the next space (\ escapes).
+_KEYWORD_PASSWORD = re.compile(
+    r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|[^\s\\])*\\?)", re.I)
+
+
+def redact(text: str) -> Tuple[str, List[str]]:
+  """--to with its passwords as *** (what every message, log and summary shows), and the
+  passwords it held, as written and decoded (what no message may show)."""
+  secrets = []
+
+  def hide(match, decode):
+    if not match.group(2):
+      return match.group(1)
+    secrets.extend({match.group(2), decode(match.group(2))})
+    return match.group(1) + '***'
+  if KEYWORD_VALUE.match(text):
+    shown = _KEYWORD_PASSWORD.sub(lambda m: hide(m, _unquote_keyword_value), text)
+  else:
+    shown = _USERINFO_PASSWORD.sub(lambda m: hide(m, urllib.parse.unquote) + '@', text)
+    shown = _QUERY_PASSWORD.sub(lambda m: hide(m, urllib.parse.unquote), shown)
+  return shown, [secret for secret in secrets if secret]
+
+
+def _unquote_keyword_value(value: str) -> str:
+  if value.startswith("'"):
+    value = value[1:-1] if len(value) > 1 and value.endswith("'") else value[1:]
+  return re.sub(r'\\(.)', r'\1', value)
+
+
+def scrub(message: str, secrets: Sequence[str]) -> str:
+  """`message` (a client's error) with each of `secrets` as ***."""
+  for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+    message = message.replace(secret, '***')
+  return message
 
 
 def path_and_collection(text: str) -> Tuple[str, str]:
@@ -188,16 +230,38 @@ def path_and_collection(text: str) -> Tuple[str, str]:
   return path, parse_name(names[0], 'collection')
 
 
-def host_port_collection(text: str, default_port: int) -> Tuple[str, int, str]:
-  """SCHEME://HOST[:PORT]/COLLECTION (a server) -> HOST, PORT, COLLECTION."""
-  url = urllib.parse.urlsplit(text)
+class Server(NamedTuple):
+  """A vector database server named by --to."""
+  name: str  # --to with its secrets as ***
+  url: str  # http://HOST:PORT, or https:// for a SCHEME+https --to: what its client takes
+  collection: str
+  user: Optional[str]  # USER:PASSWORD@ of the --to, decoded
+  password: Optional[str]
+
+
+def server_url(text: str, default_port: int, default_tls_port: int) -> Server:
+  """SCHEME[+https]://[USER:PASSWORD@]HOST[:PORT]/COLLECTION -> the server, on the default port
+  of its scheme (+https: TLS) if none is given."""
+  # USER@ without a password may be an API key
+  name = re.sub(r'^(\s*[^:/?#]+://)[^:/?#@]+:?@', r'\1***@', redact(text)[0])
   try:
-    port = url.port or default_port
-  except ValueError as exc:
-    raise TargetError(f'--to {text}: {exc}') from exc
+    url = urllib.parse.urlsplit(text)
+    port = url.port
+  except ValueError as exc:  # a port that is not a number, a bad [IPv6] host
+    raise TargetError(f'--to {name}: not a URL ({exc})') from exc
+  tls = url.scheme.lower().endswith('+https')
+  scheme = url.scheme.lower().partition('+')[0]
+  if url.query:
+    raise TargetError(f'--to {name}: a server takes no ?parameters: {scheme}://HOST:PORT/'
+                      f'COLLECTION, or {scheme}+https://HOST:PORT/COLLECTION for TLS')
+  port = port or (default_tls_port if tls else default_port)
   if not url.hostname:
-    raise TargetError(f'--to {text}: no host')
-  return url.hostname, port, parse_name(url.path.strip('/'), 'collection')
+    raise TargetError(f'--to {name}: no host')
+  host = f'[{url.hostname}]' if ':' in url.hostname else url.hostname
+  decoded = [urllib.parse.unquote(part) if part is not None else None
+             for part in (url.username, url.password)]
+  return Server(name, f'{"https" if tls else "http"}://{host}:{port}',
+                parse_name(url.path.strip('/'), 'collection'), *decoded)
 
 
 class DeleteBatches(beam.DoFn):
