@@ -203,11 +203,12 @@ def _measure(uri: str, targets: List[str], work: str) -> None:
       bare = _child(['benchmarks.bench_export', '--bare', name, '--collection', uri,
                      '--version', str(first), '--to', to])
       ours = _export(uri, first, to)
-      load = ours['seconds'] - ours['index_seconds']
+      load = ours['load_seconds']
       bare_rate, our_rate = bare['rows'] / bare['seconds'], ours['written'] / load
       print(f'{name:12} {bare["rows"]:>7} rows  bare {bare_rate:7.0f} rows/s '
             f'({bare["seconds"]:.1f} s, peak {bare["peak_rss_gb"]:.2f} GB)  export '
-            f'{our_rate:7.0f} rows/s ({load:.1f} s + index {ours["index_seconds"]:.1f} s, '
+            f'{our_rate:7.0f} rows/s ({load:.1f} s; setup {ours["setup_seconds"]:.1f} s, index '
+            f'{ours["index_seconds"]:.1f} s apart; '
             f'process {ours["wall_seconds"]:.1f} s, peak {ours["peak_rss_gb"]:.2f} GB)  '
             f'ratio {our_rate / bare_rate:.2f}', flush=True)
       sync = _export(uri, night, to)

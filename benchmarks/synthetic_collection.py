@@ -333,7 +333,8 @@ def write_synthetic_collection(uri: str, count: int, seed: int = 0, dimension: i
     for start, vectors, _ in synthetic_vectors(len(uris), seed, dimension, clusters,
                                                first_row=next_row):
       for offset in range(0, len(vectors), fragment_rows):
-        part = uris[start - next_row + offset:start - next_row + offset + fragment_rows]
+        first = start - next_row + offset
+        part = uris[first:first + min(fragment_rows, len(vectors) - offset)]
         fragments += collection.write_fragment(uri, collection_table(
             part, vectors[offset:offset + len(part)], model_id, run, embedding_dtype),
             current.storage_options)

@@ -176,7 +176,7 @@ def _libpq_says(exc: BaseException, name: str, secrets: List[str]) -> str:
 
 class PgvectorTarget(Target):
 
-  finishing = 'the HNSW index, built once after the first load'
+  finishing = 'the HNSW index (made after the first load)'
 
   def __init__(self, name: str, conninfo: str, table: str, batch_size: int = 0):
     self.name = name

@@ -28,6 +28,8 @@ API_KEY_VARIABLE = 'QDRANT_API_KEY'
 
 class QdrantTarget(Target):
 
+  finishing = 'switching the HNSW graph on'
+
   def __init__(self, name: str, collection: str, batch_size: int = 0, url: Optional[str] = None,
                path: Optional[str] = None, api_key: Optional[str] = None):
     self.name = name

@@ -106,7 +106,7 @@ class Target:
   # Whether a whole sync replaces what the target held by itself (Vertex: a complete overwrite),
   # so that the rows the collection no longer has need not be found and deleted.
   whole_sync_replaces = False
-  finishing = 'recording the export\'s state'  # what finish() does, for the summary line
+  finishing = 'recording the state'  # what finish() does, for the summary line
 
   def check(self, model: str, dimension: int) -> None:
     """TargetError unless reachable and empty or holding an export of this model and size."""
@@ -264,38 +264,14 @@ def server_url(text: str, default_port: int, default_tls_port: int) -> Server:
                 parse_name(url.path.strip('/'), 'collection'), *decoded)
 
 
-class DeleteBatches(beam.DoFn):
-  """Id arrays -> one count each, deleted through `target.delete(client, ids)` with a client of
-  its own per array (a Milvus Lite file or a Qdrant local folder takes one client at a time, and
-  the writer's comes after), retried."""
+class _ClientPerBundle(beam.DoFn):
+  """A DoFn holding the target's client for a bundle: a Milvus Lite file or a Qdrant local
+  folder takes one client at a time (and a Qdrant local folder is read whole at each opening),
+  and the next stage's client, or the launcher's, comes after this bundle."""
 
   def __init__(self, target):
     self._target = target
-
-  def process(self, ids: np.ndarray):
-    ids = [int(i) for i in ids]
-
-    def delete():
-      with self._target.client() as client:
-        self._target.delete(client, ids)
-    with_retries(delete, f'deleting {len(ids)} rows from {self._target.collection}')
-    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(len(ids))
-    yield len(ids)
-
-
-class WriteBatches(beam.DoFn):
-  """Record batches -> `target.write(client, values, may_hold)` in slices of the target's batch
-  size (row_values: numpy vectors, no Python floats made here), retried with a new client. The
-  client lives for a bundle: a Milvus Lite file or a Qdrant local folder takes one client at a
-  time, and the launcher's comes after the pipeline."""
-
-  def __init__(self, target, may_hold: bool):
-    self._target = target
-    self._may_hold = may_hold
     self._clients = None
-
-  def start_bundle(self):
-    self._written = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written')
 
   def _client(self):
     if self._clients is None:
@@ -308,6 +284,37 @@ class WriteBatches(beam.DoFn):
       clients, self._clients = self._clients, None
       clients.close()
 
+  def finish_bundle(self):
+    self._close()
+
+  def teardown(self):
+    self._close()
+
+
+class DeleteBatches(_ClientPerBundle):
+  """Id arrays -> one count each, deleted through `target.delete(client, ids)`, retried with a
+  new client."""
+
+  def process(self, ids: np.ndarray):
+    ids = ids.tolist()
+    with_retries(lambda: self._target.delete(self._client(), ids),
+                 f'deleting {len(ids)} rows from {self._target.collection}',
+                 before_retry=self._close)
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'deleted').inc(len(ids))
+    yield len(ids)
+
+
+class WriteBatches(_ClientPerBundle):
+  """Record batches -> `target.write(client, values, may_hold)` in slices of the target's batch
+  size (row_values: numpy vectors, no Python floats made here), retried with a new client."""
+
+  def __init__(self, target, may_hold: bool):
+    super().__init__(target)
+    self._may_hold = may_hold
+
+  def start_bundle(self):
+    self._written = beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written')
+
   def process(self, batch: pa.RecordBatch):
     size = self._target.batch_size
     for start in range(0, batch.num_rows, size):
@@ -316,9 +323,3 @@ class WriteBatches(beam.DoFn):
       with_retries(lambda: self._target.write(self._client(), values, self._may_hold),
                    f'writing {rows} rows to {self._target.collection}', before_retry=self._close)
       self._written.inc(rows)
-
-  def finish_bundle(self):
-    self._close()
-
-  def teardown(self):
-    self._close()

@@ -232,18 +232,42 @@ def _fail_writes_of(postgres: str, table: str, uri: str, times: int) -> None:
                        f'FOR EACH ROW EXECUTE FUNCTION refuse()')
 
 
+def _log_writes(postgres: str, table: str) -> None:
+  """A trigger that logs each row written to `table` as an INSERT (COPY's too) or an UPDATE
+  (an upsert of a row the table held), in the transaction that writes it."""
+  with psycopg.connect(postgres) as connection:
+    connection.execute('CREATE TABLE IF NOT EXISTS writes (operation text, uri text)')
+    connection.execute("""
+      CREATE OR REPLACE FUNCTION log_write() RETURNS trigger AS $$
+      BEGIN
+        INSERT INTO writes VALUES (TG_OP, NEW.uri);
+        RETURN NEW;
+      END $$ LANGUAGE plpgsql""")
+    connection.execute(f'CREATE OR REPLACE TRIGGER log_write AFTER INSERT OR UPDATE ON {table} '
+                       f'FOR EACH ROW EXECUTE FUNCTION log_write()')
+
+
+def _writes(postgres: str) -> list:
+  """The writes logged since the last call."""
+  with psycopg.connect(postgres) as connection:
+    return sorted(connection.execute('DELETE FROM writes RETURNING operation, uri').fetchall())
+
+
 def test_a_failed_batch_is_retried_and_one_that_keeps_failing_names_the_last_complete_state(
     postgres, tmp_path, capsys):
   """The failure is PostgreSQL's own (a trigger raising); a batch is one transaction, so a
-  failure leaves none of it, and the retry writes it whole."""
+  failure leaves none of it, and the retry writes it whole. New rows go by COPY straight into
+  the table; only the rows it held when an export completes a failed one are upserted."""
   to = f'{postgres}?table=failing'
   uri = str(tmp_path / 'collection')
   first_night(uri)
   export(uri, to)
+  _log_writes(postgres, 'failing')
   second_night(uri)
   _fail_writes_of(postgres, 'failing', '/photos/e.jpg', times=1)  # then it succeeds
   export(uri, to, '--batch_size', '2')
   assert_equal_rows(table_rows(postgres, 'failing'), rows_of(uri))
+  assert _writes(postgres) == [('INSERT', '/photos/a.jpg'), ('INSERT', '/photos/e.jpg')]
   held = collection.open_collection(uri).version
 
   names = ['/photos/f.jpg', '/photos/g.jpg']
@@ -261,9 +285,11 @@ def test_a_failed_batch_is_retried_and_one_that_keeps_failing_names_the_last_com
     assert connection.execute("SELECT value->>'status' FROM failing_export WHERE name = 'state'"
                               ).fetchone()[0] == 'in progress'
     connection.execute('DROP TRIGGER refuse ON failing')
+  assert _writes(postgres) == [('INSERT', '/photos/f.jpg')]  # before g's batch failed
   report = export(uri, to)
   assert (report.whole, report.state.since) == (False, held)  # the changes again, from there
   assert_equal_rows(table_rows(postgres, 'failing'), rows_of(uri))
+  assert _writes(postgres) == [('INSERT', '/photos/g.jpg'), ('UPDATE', '/photos/f.jpg')]
   with psycopg.connect(postgres) as connection:
     assert connection.execute("SELECT value->>'status' FROM failing_export WHERE name = 'state'"
                               ).fetchone()[0] == 'complete'

@@ -1,7 +1,8 @@
 """`pnasnet-embeddings export --collection` into Milvus Lite (milvus-lite, in-process) and
-Qdrant's local mode through Beam's own writers, and into Vertex AI Vector Search's JSONL layout:
+Qdrant's local mode through their clients (numpy vectors), and into Vertex AI Vector Search's JSONL layout:
 each equals the collection (ids, rows, vectors) after two nights, one changed file and one
-deleted; a compaction makes the next sync write nothing, a rerun with nothing new writes
+deleted; a whole sync into a target holding rows writes them again without a second row of an
+id (Milvus: an upsert, where a first export inserts); a compaction makes the next sync write nothing, a rerun with nothing new writes
 nothing; the rows are read by workers; a target of another dimension, an unreachable server and a
 collection this export did not make are refused with exit 2."""
 
@@ -49,6 +50,25 @@ def qdrant_rows(path: str, name: str) -> dict:
           (np.array(p.vector['dense'], np.float32),) for p in points}
 
 
+def milvus_count(path: str, name: str) -> int:
+  """Rows Milvus holds, a second row of one id counted (milvus_rows would keep one)."""
+  from pymilvus import MilvusClient
+  client = MilvusClient(path)
+  try:
+    return client.query(name, filter='', output_fields=['count(*)'])[0]['count(*)']
+  finally:
+    client.close()
+
+
+def qdrant_count(path: str, name: str) -> int:
+  from qdrant_client import QdrantClient
+  client = QdrantClient(path=path)
+  try:
+    return client.count(name).count
+  finally:
+    client.close()
+
+
 def _unit_rows(found: dict) -> dict:
   """Qdrant stores cosine collections' vectors normalised."""
   return {row_id: row[:6] + (row[6] / np.linalg.norm(row[6]),) for row_id, row in found.items()}
@@ -56,16 +76,18 @@ def _unit_rows(found: dict) -> dict:
 
 TARGETS = {
     'milvus-lite': (lambda folder: f'milvus-lite:{folder}/photos.db?collection=photos',
-                    lambda folder: milvus_rows(f'{folder}/photos.db', 'photos'), False),
+                    lambda folder: milvus_rows(f'{folder}/photos.db', 'photos'), False,
+                    lambda folder: milvus_count(f'{folder}/photos.db', 'photos')),
     'qdrant-local': (lambda folder: f'qdrant-local:{folder}/qdrant?collection=photos',
-                     lambda folder: qdrant_rows(f'{folder}/qdrant', 'photos'), True),
+                     lambda folder: qdrant_rows(f'{folder}/qdrant', 'photos'), True,
+                     lambda folder: qdrant_count(f'{folder}/qdrant', 'photos')),
 }
 
 
 @pytest.mark.parametrize('kind', sorted(TARGETS))
 def test_defect_2_after_a_compaction_a_sync_writes_nothing_and_the_target_equals_the_collection(
     kind, tmp_path, capsys):
-  to_of, rows_of_target, normalised = TARGETS[kind]
+  to_of, rows_of_target, normalised, count_of_target = TARGETS[kind]
   folder = str(tmp_path / 'target')
   os.makedirs(folder)
   uri = str(tmp_path / 'collection')
@@ -96,6 +118,7 @@ def test_defect_2_after_a_compaction_a_sync_writes_nothing_and_the_target_equals
   report = export(uri, to_of(folder))
   assert (report.whole, report.written, report.deleted) == (True, 3, 1)
   assert sorted(rows_of_target(folder)) == sorted(rows_of(uri))
+  assert count_of_target(folder) == 3  # the rows it held written again, not added again
 
   wide = str(tmp_path / 'wide')
   night(wide, 'run', {'/photos/a.jpg': vectors_of(['a'], 16, 3)[0]}, dimension=16)
