@@ -50,6 +50,8 @@ class DecodeAndEmbed(beam.PTransform):
                 options.view_as(LaunchOptions).launch_versions)
             | 'StartProgress' >> beam.ParDo(
                 StartProgress(options.output, _one_process_embeds(options)), self._to_embed))
+    # On Dataflow the GPU workers can be the only ones left working for hours.
+    _ = refs | 'Heartbeat' >> Heartbeat(options.output)
     read = refs | 'ReadImages' >> ReadInputs(shard_inputs(options), options.max_file_bytes)
     decoded = read.images | 'DecodeImages' >> DecodeImages(
         self._model_description.height, self._model_description.width,
@@ -102,7 +104,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: EmbeddingOptions,
       shard_suffixes=shard_inputs(options).suffixes)
   refs = matched['refs'] | 'CheckWorkerVersions' >> CheckWorkerVersions(
       options.view_as(LaunchOptions).launch_versions)  # the CPU workers; the GPU step's its own
-  _ = refs | 'Heartbeat' >> Heartbeat(options.output)
+  _ = refs | 'Heartbeat' >> Heartbeat(options.output)  # the writes and the GPU step beat too
   if night is not None:
     split = ({'refs': refs, 'failures': matched[FAILURES_TAG],
               'not_listed': matched[SKIPPED_BY_NAME_TAG]}

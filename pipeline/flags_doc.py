@@ -102,6 +102,10 @@ NOTES: Dict[str, FlagNotes] = {
     'clean_unfinished': FlagNotes('--clean_unfinished', 'What it deletes is logged. A run '
                                   'still alive there is refused, nothing deleted: '
                                   '[a killed launcher](reliability.md#a-killed-launcher).'),
+    'ended_job': FlagNotes('--ended_job 2026-12-08_01_02_03-123456789',
+                           'Only for the job the claim names, when Dataflow cannot be asked '
+                           '(no access to its project, no network): [live or dead]'
+                           '(reliability.md#live-or-dead-the-heartbeat-and-the-jobs-state).'),
     'skip_if_finished': FlagNotes('--skip_if_finished', 'Makes a loop over chunks rerunnable: '
                                   '[backfill](running.md#a-very-large-backfill-in-chunks).'),
     'max_failed_fraction': FlagNotes('--max_failed_fraction 0.01', '[Exit codes](running.md#exit-codes) '

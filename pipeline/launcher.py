@@ -26,6 +26,7 @@ import storage
 from collection.table import check_model
 from models.description import ModelDescription, describe_model
 from pipeline.beam_flags import OptionsError, check_known_flags
+from pipeline.dataflow_jobs import record_job
 from pipeline.options import (EmbeddingOptions, expand_output, one_model_per_gpu, shard_inputs,
                               validate)
 from pipeline.output_dir import (OutputExistsError, check_output_is_new,
@@ -36,6 +37,7 @@ from pipeline.versions import (LaunchOptions, current_versions, format_versions,
 from run_format import (CLAIM_FILE, FAILED, FAILURES_PREFIX, FAILURES_SUFFIX,
                         FINISHED, SUMMARY_FILE, RunLaunch,
                         RunSummary, shard_glob, utc_now)
+from transforms import heartbeat
 from transforms.incremental import NightState
 from transforms.provenance import Provenance, project_version, recipe
 from transforms.read import (check_inputs_match, check_manifests_exist,
@@ -333,10 +335,11 @@ def run(argv: Optional[List[str]] = None) -> Dict:
   night = open_night(embedding, model_description, provenance.model, create=not dry_run)
   launch = launch_record(embedding, options, model_description, provenance, started_at, night)
   if dry_run:
-    check_output_is_new(embedding.output, embedding.clean_unfinished)
+    check_output_is_new(embedding.output, options, embedding.clean_unfinished,
+                        embedding.ended_job)
   else:
     deleted = claim_output(embedding.output, launch.to_dict(), options,
-                           embedding.clean_unfinished)
+                           embedding.clean_unfinished, embedding.ended_job)
     if deleted:
       logging.warning('--clean_unfinished: deleted what the unfinished run in %s had written: '
                       '%s', embedding.output, ', '.join(deleted))
@@ -375,11 +378,14 @@ def _run_pipeline(options, embedding, model_description, provenance, launch, nig
     return description
   try:
     result = pipeline.run()
+    job_id = result.job_id() if hasattr(result, 'job_id') else None
+    if _is_dataflow(options):
+      record_job(embedding.output, job_id, options)
     if embedding.no_wait:
-      job_id = result.job_id() if hasattr(result, 'job_id') else None
       return {'submitted': True, 'job_id': job_id, 'output': embedding.output,
               'summary': FileSystems.join(embedding.output, SUMMARY_FILE)}
-    state = result.wait_until_finish()
+    with heartbeat.beating(embedding.output):  # the workers beat too, as long as they work
+      state = result.wait_until_finish()
   except Exception as exc:  # pylint: disable=broad-except; however a job fails, one line says it
     raise _job_failure(exc, embedding.output) from exc
   if state != PipelineState.DONE:

@@ -158,6 +158,11 @@ class EmbeddingOptions(PipelineOptions):
                        help='If --output holds an unfinished run (claimed, no run_summary.json: '
                        'interrupted), delete the files that run wrote (its claim, its shards, '
                        'its beam-temp-* folders; nothing else), say which, and claim it anew.')
+    group.add_argument('--ended_job', default=None, metavar='JOB_ID',
+                       help='With --clean_unfinished: the Dataflow job of the unfinished run at '
+                       '--output, which you have checked has ended; its files are deleted '
+                       'without asking Dataflow (which a launch asks otherwise, and refuses to '
+                       'clean while it cannot).')
     group.add_argument('--skip_if_finished', action='store_true', default=False,
                        help='If --output already holds a finished run of the same inputs and '
                        'model, do nothing and exit 0 (reruns of a loop of chunks); otherwise '

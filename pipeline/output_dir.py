@@ -7,18 +7,21 @@ A claim is a small object created only if it does not exist yet (`ifGenerationMa
 only what such a run writes: names of exactly the run's shard pattern (RUN_FILE_NAME) and Beam's
 own temporary folders (TEMP_FOLDER_NAME). A user's `index-01.jpg` beside them stays. A run that
 is still alive by the readers' rule (storage.run_dirs.Unfinished.alive: its local launcher runs,
-or its job's heartbeat is recent) is never cleaned: it is still writing there.
+or its job's heartbeat is recent) is never cleaned: it is still writing there; nor is one whose
+heartbeat has stopped but whose Dataflow job, by Dataflow's word, has not ended, or whose state
+Dataflow cannot tell (pipeline.dataflow_jobs).
 """
 
 import json
 import os
 import socket
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
 import storage
+from pipeline.dataflow_jobs import ENDED_STATES, DataflowJob, JobStateUnknown, job_state
 from run_format import (CLAIM_FILE, CLAIM_STALE_SECONDS, RUN_FILES, SUMMARY_FILE,
                         TEMP_FOLDER_NAME, TEMP_FOLDERS, run_file_name)
 from storage.run_dirs import Unfinished
@@ -190,27 +193,34 @@ def delete_temp_folders(run_directory: str) -> List[str]:
   return [folder + '/' for folder in temp.folders]
 
 
-def _refuse_existing(output: str, found: List[str], cleaning: bool = False) -> None:
+def _refuse_existing(output: str, found: List[str], options: PipelineOptions,
+                     cleaning: bool = False, ended_job: Optional[str] = None) -> None:
   if any(path.endswith(SUMMARY_FILE) for path in found):
     raise OutputExistsError(f'--output {output} already holds a finished run; choose a new '
                             '--output directory (e.g. with {datetime} in it: {date} names one '
                             'directory a day)')
   if any(path.endswith(CLAIM_FILE) for path in found):
-    _refuse_unfinished(output, _read_claim(output), cleaning)
+    _refuse_unfinished(output, _read_claim(output), options, cleaning, ended_job)
   elif found:
     raise OutputExistsError(f'--output {output} already holds run files ({found[0]} and '
                             f'{len(found) - 1} more); choose a new --output directory')
 
 
-def _refuse_unfinished(output: str, claimed: dict, cleaning: bool) -> None:
+def _refuse_unfinished(output: str, claimed: dict, options: PipelineOptions, cleaning: bool,
+                       ended_job: Optional[str]) -> None:
   """An unfinished run: a live one is still writing there, so it is never cleaned; a dead one's
-  files go only when asked (`cleaning`, --clean_unfinished), by the readers' rule of liveness."""
+  files go only when asked (`cleaning`, --clean_unfinished), by the readers' rule of liveness
+  and, for a Dataflow job, only once Dataflow says the job has ended (or `ended_job`, given by
+  hand, names it)."""
   unfinished = Unfinished(output, claimed)
   dead_because = unfinished.dead_because()
-  if dead_because and cleaning:
-    return
   temp = stale_temp_files(output)
   left = f'; it left {temp}' if temp.folders else ''
+  job = DataflowJob.from_claim(claimed)
+  if dead_because and job is not None and job.id != ended_job:
+    dead_because = _dataflow_verdict(output, unfinished, job, options, left)
+  if dead_because and cleaning:
+    return
   if not claimed:
     raise OutputExistsError(
         f'--output {output} holds a run that has not finished, whose {CLAIM_FILE} cannot be '
@@ -226,10 +236,33 @@ def _refuse_unfinished(output: str, claimed: dict, cleaning: bool) -> None:
       f'{left}' + ('; its files are not deleted' if cleaning else '') +
       '. Wait for it to finish, stop it, or choose a new --output (a run on a local runner is '
       'dead once its launcher exits, any other once its claim has not been rewritten for '
-      f'{CLAIM_STALE_SECONDS // 60} min)')
+      f'{CLAIM_STALE_SECONDS // 60} min and, on Dataflow, its job has ended)')
 
 
-def check_output_is_new(output: str, clean_unfinished: bool = False) -> None:
+def _dataflow_verdict(output: str, unfinished: Unfinished, job: DataflowJob,
+                      options: PipelineOptions, left: str) -> str:
+  """Why a run whose heartbeat stopped is dead, once Dataflow says its job has ended; refuses
+  while the job runs or while its state cannot be told."""
+  try:
+    state = job_state(job, options)
+  except JobStateUnknown as exc:
+    raise OutputExistsError(
+        f'--output holds a run that has not finished, {unfinished.describe()}, whose heartbeat '
+        f'has stopped, but Dataflow could not be asked whether its {job} still runs: {exc}. '
+        f'Its files are not deleted{left}. Check the job (`{job.gcloud("describe")}`); once it '
+        f'has ended, rerun with --clean_unfinished --ended_job={job.id} to delete what it left '
+        'without asking, or choose a new --output') from exc
+  if state not in ENDED_STATES:
+    raise OutputExistsError(
+        f'--output holds a run that has not finished whose {job} is still {state} (its '
+        f'heartbeat has stopped: {unfinished.describe()}). Its files are not deleted{left}. Wait '
+        f'for the job to end, or cancel it (`{job.gcloud("cancel")}`) and rerun, or choose a new '
+        '--output')
+  return f'its {job} ended {state}'
+
+
+def check_output_is_new(output: str, options: PipelineOptions, clean_unfinished: bool = False,
+                        ended_job: Optional[str] = None) -> None:
   """Refuses an output that holds a run (a dead unfinished one unless `clean_unfinished`); reads
   only (a dry run claims nothing)."""
   try:
@@ -238,13 +271,14 @@ def check_output_is_new(output: str, clean_unfinished: bool = False) -> None:
     reason = 'its bucket does not exist' if 'NotFound' in str(exc) or 'NoSuchBucket' in str(
         exc) else str(exc)[:300]
     raise OutputNotWritableError(f'--output {output} cannot be read: {reason}') from exc
-  _refuse_existing(output, found, clean_unfinished)
+  _refuse_existing(output, found, options, clean_unfinished, ended_job)
 
 
 def claim_output(output: str, run_description: dict, options: PipelineOptions,
-                 clean_unfinished: bool = False) -> List[str]:
+                 clean_unfinished: bool = False, ended_job: Optional[str] = None) -> List[str]:
   """Claims `output` for this run, or raises OutputExistsError / OutputNotWritableError; returns
-  what `clean_unfinished` deleted of an unfinished run there.
+  what `clean_unfinished` deleted of an unfinished run there (`ended_job`: the Dataflow job of
+  that run, known to have ended: Dataflow is not asked).
 
   The claim comes first, so of two runs only one gets past it, and a missing bucket or a file in
   the way is reported by the store itself.
@@ -257,7 +291,7 @@ def claim_output(output: str, run_description: dict, options: PipelineOptions,
   try:
     _create_claim(claim, body, options)
   except _AlreadyClaimed:
-    _refuse_existing(output, _run_files(output), clean_unfinished)
+    _refuse_existing(output, _run_files(output), options, clean_unfinished, ended_job)
     deleted = _delete_unfinished(output, _read_claim(output))
     try:
       _create_claim(claim, body, options)
@@ -267,5 +301,5 @@ def claim_output(output: str, run_description: dict, options: PipelineOptions,
   found = [path for path in _run_files(output) if not path.endswith(CLAIM_FILE)]
   if found:  # run files no claimed run wrote: copied there, or a run older than 0.2.0
     FileSystems.delete([claim])
-    _refuse_existing(output, found)
+    _refuse_existing(output, found, options)
   return deleted

@@ -7,7 +7,8 @@ CLAIM_FILE = 'run_claim.json'  # created atomically before any work: one run per
 SUMMARY_FILE = 'run_summary.json'  # written last, by the job: the run finished
 # The job rewrites its claim (same content, plus `heartbeat_at`) every HEARTBEAT_SECONDS while it
 # runs: a claim without a summary whose `started_at` and `heartbeat_at` are both more than
-# CLAIM_STALE_SECONDS old belongs to a dead run (transforms/heartbeat.py, embeddings/runs.py).
+# CLAIM_STALE_SECONDS old belongs to a dead run (transforms/heartbeat.py, storage/run_dirs.py),
+# a Dataflow one once Dataflow says its job has ended (pipeline/dataflow_jobs.py).
 HEARTBEAT_SECONDS = 300
 CLAIM_STALE_SECONDS = 3600
 

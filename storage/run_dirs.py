@@ -111,7 +111,8 @@ class Unfinished(NamedTuple):
     """None while the run is alive; else why it counts as dead. A run launched here on a local
     runner lives as long as its launcher process (and not in this one, which is launching
     another); any other while its job keeps rewriting its claim: a sign of life less than
-    CLAIM_STALE_SECONDS old (transforms/heartbeat.py)."""
+    CLAIM_STALE_SECONDS old (transforms/heartbeat.py). A launch asks Dataflow besides before it
+    cleans a Dataflow run found dead here (pipeline/output_dir.py)."""
     if self._runs_in_its_launcher():
       if self.claim.get('pid') == os.getpid():
         return 'launched earlier by this process'

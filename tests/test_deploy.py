@@ -25,6 +25,7 @@ DEPLOY = os.path.join(PROJECT, 'deploy')
 NOT_PARAMETERS = {
     'no_wait': 'the template entry point always adds it: a template launch must never wait',
     'dataflow_job_file': 'it writes a file inside the launcher container, which nobody can read',
+    'ended_job': 'a one-off override naming one dead job, given by hand after checking it',
 }
 # Values for the required parameters and the image ones, of which a launch gives one or both (they
 # must also satisfy metadata.json's regexes).

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io import filebasedsink, iobase
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import _ParquetSink
 from apache_beam.io.textio import _TextSink
 from apache_beam.io.tfrecordio import _TFRecordSink
@@ -25,6 +26,7 @@ from collection.table import schema as collection_schema
 from run_format import (EMBEDDED, EMBEDDING, EMBEDDINGS_PREFIX, FAILURES_PREFIX, FAILURES_SUFFIX,
                         INDEX_PREFIX, INDEX_SCHEMA, PARQUET_SUFFIX, RUN_COLUMN, SHARD_NAME, SKIPPED,
                         embeddings_schema, tfrecord_suffix, to_example_batch)
+from transforms import heartbeat
 from transforms.embed import Embedding
 from transforms.failures import Failure
 from transforms.provenance import Provenance
@@ -68,19 +70,31 @@ def embeddings_to_table(embeddings: Sequence[Embedding], provenance: Provenance,
 
 
 class _OpenOnFirstWrite(iobase.Writer):
-  """A shard file is created only when its first record arrives."""
+  """A shard file is created only when its first record arrives; from then until it is closed
+  (uploaded), its process keeps the run's claim fresh (transforms/heartbeat.py)."""
 
-  def __init__(self, open_writer):
+  def __init__(self, open_writer, run_directory: str):
     self._open_writer = open_writer
+    self._run_directory = run_directory
     self._writer = None
 
   def write(self, value):
     if self._writer is None:
-      self._writer = self._open_writer()
+      heartbeat.hold(self._run_directory)
+      try:
+        self._writer = self._open_writer()
+      except BaseException:
+        heartbeat.release(self._run_directory)
+        raise
     self._writer.write(value)
 
   def close(self):
-    return self._writer.close() if self._writer is not None else None
+    if self._writer is None:
+      return None
+    try:
+      return self._writer.close()
+    finally:
+      heartbeat.release(self._run_directory)
 
 
 class _NoEmptyShards:
@@ -90,8 +104,9 @@ class _NoEmptyShards:
   skip_if_empty = True
 
   def open_writer(self, init_result, uid):
+    run_directory = FileSystems.split(self.file_path_prefix.get())[0]
     return _OpenOnFirstWrite(
-        lambda: filebasedsink.FileBasedSink.open_writer(self, init_result, uid))
+        lambda: filebasedsink.FileBasedSink.open_writer(self, init_result, uid), run_directory)
 
   def pre_finalize(self, init_result, writer_results):
     return super().pre_finalize(init_result, [r for r in writer_results if r is not None])
@@ -290,7 +305,8 @@ class _ToFragments(beam.DoFn):
     rows = pa.Table.from_pydict({name: columns[name] for name in self._schema.names},
                                 schema=self._schema)
     self._rows.inc(rows.num_rows)
-    yield from write_fragment(self._uri, rows, self._options)
+    with heartbeat.beating(self._run):
+      yield from write_fragment(self._uri, rows, self._options)
 
 
 class WriteCollectionRows(beam.PTransform):
