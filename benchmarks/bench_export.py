@@ -2,12 +2,13 @@
 the same run: a whole export of a synthetic collection (rows/s, and its peak memory) beside the
 target's bare bulk load of those rows (no Beam, rows already in memory), their ratio, the index
 built after the first load (measured apart), then the sync of a night that replaced a share of the
-rows (5% by default), and a rerun with nothing new.
+rows (5% by default; or syncs after several nights), and a rerun with nothing new.
 
     python -m benchmarks.bench_export [--count 20000 100000] [--churn 0.05] \
-        [--targets pgvector milvus-lite qdrant-local vertex] [--work DIR]
-    python -m benchmarks.bench_export --collection URI ...    # a collection of your own: its
-                                                            # first two versions of rows
+        [--churn_nights 1 --sync_after 1] [--targets pgvector milvus-lite qdrant-local vertex] \
+        [--work DIR]
+    python -m benchmarks.bench_export --collection URI ...   # a collection of your own (its
+        # versions of rows: benchmarks.synthetic_collection --collection URI --churn_nights 30)
 
 Targets: pgvector (a real PostgreSQL 16 with pgvector, pgserver, on 127.0.0.1), Milvus Lite and
 Qdrant's local mode (both in the exporting process), Vertex AI's JSON lines (local files). Each
@@ -193,9 +194,10 @@ def _targets(url: str, work: str) -> dict:
           'vertex': f'vertex:{os.path.join(work, "vertex")}'}
 
 
-def _measure(uri: str, targets: List[str], work: str) -> None:
+def _measure(uri: str, targets: List[str], work: str, sync_after: List[int]) -> None:
   from tests.export_servers import postgres_with_pgvector
-  first, night = _night_versions(uri)[:2]
+  versions = _night_versions(uri)
+  first = versions[0]
   os.makedirs(work, exist_ok=True)
   with postgres_with_pgvector() as url:
     for name in targets:
@@ -211,11 +213,13 @@ def _measure(uri: str, targets: List[str], work: str) -> None:
             f'{ours["index_seconds"]:.1f} s apart; '
             f'process {ours["wall_seconds"]:.1f} s, peak {ours["peak_rss_gb"]:.2f} GB)  '
             f'ratio {our_rate / bare_rate:.2f}', flush=True)
-      sync = _export(uri, night, to)
-      print(f'{"":12} sync of the night: read {sync["rows_read"]}, wrote {sync["written"]}, '
-            f'deleted {sync["deleted"]} in {sync["seconds"]:.1f} s (process '
-            f'{sync["wall_seconds"]:.1f} s, peak {sync["peak_rss_gb"]:.2f} GB)', flush=True)
-      again = _export(uri, night, to)
+      for nights in sync_after:
+        sync = _export(uri, versions[nights], to)
+        print(f'{"":12} sync after {nights} night(s): read {sync["rows_read"]}, wrote '
+              f'{sync["written"]}, deleted {sync["deleted"]} in {sync["seconds"]:.1f} s '
+              f'(process {sync["wall_seconds"]:.1f} s, peak {sync["peak_rss_gb"]:.2f} GB)',
+              flush=True)
+      again = _export(uri, versions[sync_after[-1]], to)
       print(f'{"":12} rerun with nothing new: {again["wall_seconds"]:.1f} s (process), wrote '
             f'{again["written"]}', flush=True)
 
@@ -225,7 +229,12 @@ def main(argv=None) -> None:
   parser.add_argument('--collection', help='a collection of your own (default: synthetic ones '
                       'written here, one per --count)')
   parser.add_argument('--count', type=int, nargs='+', default=[20_000, 100_000])
-  parser.add_argument('--churn', type=float, default=0.05, help='the night\'s share replaced')
+  parser.add_argument('--churn_nights', type=int, default=1,
+                      help='nights after the first version, each replacing --churn of the rows')
+  parser.add_argument('--churn', type=float, default=0.05, help='the share a night replaces')
+  parser.add_argument('--sync_after', type=int, nargs='+', default=[1],
+                      help='nights after the first version to sync to, in order (a sync after '
+                           '10 following one after 1 applies 9 nights of changes)')
   parser.add_argument('--targets', nargs='+', choices=TARGETS, default=list(TARGETS))
   parser.add_argument('--work', help='folder for the collections and targets (default: a '
                       'temp dir, removed after)')
@@ -238,15 +247,15 @@ def main(argv=None) -> None:
   work = args.work or tempfile.mkdtemp(prefix='bench-export-')
   try:
     if args.collection:
-      return _measure(args.collection, args.targets, work)
+      return _measure(args.collection, args.targets, work, args.sync_after)
     from benchmarks.synthetic_collection import write_synthetic_collection
     for count in args.count:
       uri = os.path.join(work, f'collection-{count}')
       start = time.perf_counter()
-      write_synthetic_collection(uri, count, churn_nights=1, churn=args.churn)
-      print(f'collection: {count} synthetic 4320-d vectors and a night of {args.churn:.0%} '
-            f'churn in {time.perf_counter() - start:.0f} s', flush=True)
-      _measure(uri, args.targets, os.path.join(work, str(count)))
+      write_synthetic_collection(uri, count, churn_nights=args.churn_nights, churn=args.churn)
+      print(f'collection: {count} synthetic 4320-d vectors and {args.churn_nights} night(s) of '
+            f'{args.churn:.0%} churn in {time.perf_counter() - start:.0f} s', flush=True)
+      _measure(uri, args.targets, os.path.join(work, str(count)), args.sync_after)
       shutil.rmtree(uri)
   finally:
     if not args.work:

@@ -63,6 +63,34 @@ def read_fragment(collection: Collection, fragment_id: int, columns: Sequence[st
       yield batch
 
 
+class RecordBatchCoder(beam.coders.Coder):
+  """Arrow record batches between stages in Arrow's IPC stream form. Beam samples the size of a
+  stage's outputs through its coder: this one gives the batch's buffers' size, where pickling a
+  batch of 4320-d vectors to measure it took 30 ms."""
+
+  def encode(self, batch: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+      writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+  def decode(self, encoded: bytes) -> pa.RecordBatch:
+    return pa.ipc.open_stream(encoded).read_next_batch()
+
+  def estimate_size(self, batch: pa.RecordBatch) -> int:
+    return batch.nbytes
+
+  def is_deterministic(self) -> bool:
+    return False
+
+  def to_type_hint(self):
+    return pa.RecordBatch
+
+
+beam.coders.registry.register_coder(pa.RecordBatch, RecordBatchCoder)
+
+
+@beam.typehints.with_output_types(pa.RecordBatch)
 class ReadFragments(beam.DoFn):
   """Fragment id -> record batches of its rows (`columns` and `_rowid`); counts the rows read
   (IDS_READ when no column is read)."""

@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from collection import Collection, CollectionError
@@ -217,7 +218,8 @@ def _apply(collection: Collection, target: Target, since: Optional[int], held_ro
   _ = (fragments
        | 'ReadRows' >> beam.ParDo(ReadFragments(snapshot, COLUMNS, since))
        | 'AfterDeletions' >> beam.Map(lambda batch, *_: batch,
-                                      *[beam.pvalue.AsList(d) for d in deleted])
+                                      *[beam.pvalue.AsList(d) for d in deleted]
+                                      ).with_output_types(pa.RecordBatch)
        | 'Write' >> target.write_transform(may_hold))
   result = pipeline.run()
   result.wait_until_finish()
