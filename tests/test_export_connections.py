@@ -9,7 +9,6 @@ the export's record."""
 import base64
 import concurrent.futures
 import http.server
-import json
 import logging
 import threading
 import urllib.parse
@@ -25,6 +24,7 @@ from jobs.export import open_target
 from jobs.export_target import TargetError
 from tests.collection_nights import rows_of
 from tests.export_servers import free_port, postgres_with_pgvector
+from tests.json_handler import JsonHandler
 from tests.test_export_pgvector import assert_equal_rows, export, first_night, table_rows
 
 ROLE = 'secretive'
@@ -205,21 +205,13 @@ def test_qdrant_forms_give_the_client_its_url_and_the_api_key(monkeypatch, to, u
                                                                          'photos', to)
 
 
-class _RecordingQdrant(http.server.BaseHTTPRequestHandler):
+class _RecordingQdrant(JsonHandler):
   """Answers that no collection exists; keeps each request's api-key header."""
   keys = []
 
   def do_GET(self):  # pylint: disable=invalid-name
     self.keys.append(self.headers.get('api-key'))
-    body = json.dumps({'result': {'exists': False}, 'status': 'ok', 'time': 0}).encode()
-    self.send_response(200)
-    self.send_header('Content-Type', 'application/json')
-    self.send_header('Content-Length', str(len(body)))
-    self.end_headers()
-    self.wfile.write(body)
-
-  def log_message(self, *args):
-    pass
+    self.send_json({'result': {'exists': False}, 'status': 'ok', 'time': 0})
 
 
 def test_the_api_key_and_the_token_of_the_environment_reach_the_servers(monkeypatch):

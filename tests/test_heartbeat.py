@@ -18,6 +18,7 @@ from pipeline.output_dir import OutputExistsError, claim_output
 from run_format import CLAIM_FILE, SUMMARY_FILE
 from storage import run_dirs
 from tests.fault_proxy import STALL, FaultProxy, FaultRule
+from tests.json_handler import JsonHandler
 from tests.test_pipeline import _build_without_launcher
 from transforms import heartbeat
 from transforms.embed import Embedding
@@ -146,20 +147,12 @@ class _DataflowJobs:
     self.asked = []
     jobs = self
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
 
       def do_GET(self):  # pylint: disable=invalid-name
         jobs.asked.append(self.path.split('?')[0])
         job_id = self.path.split('?')[0].rsplit('/', 1)[-1]
-        body = json.dumps({'id': job_id, 'currentState': jobs.state}).encode()
-        self.send_response(200)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-      def log_message(self, *args):
-        pass
+        self.send_json({'id': job_id, 'currentState': jobs.state})
 
     self._server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     self.url = f'http://127.0.0.1:{self._server.server_address[1]}'
