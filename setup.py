@@ -34,9 +34,9 @@ REQUIRED = [
 # The export's targets (pnasnet-embeddings export; docs/exporting.md): `pip install -e ".[export]"`.
 EXPORT = [
     'psycopg[binary]==3.3.9',  # pgvector through PostgreSQL's binary COPY
-    'pymilvus==2.6.17',  # Beam 2.77's Milvus writer asks for pymilvus < 3
+    'pymilvus==2.6.17',  # Milvus's client (Beam 2.77's milvus extra asks for pymilvus < 3)
     'milvus-lite==3.2.2',  # a Milvus in-process from a .db file
-    'qdrant-client==1.20.0',  # Beam's Qdrant writer; also its local mode
+    'qdrant-client==1.20.0',  # Qdrant's client, and its local mode
 ]
 
 TEST = [

@@ -147,8 +147,8 @@ class MilvusTarget(Target):
 
   def write(self, client, values: dict, may_hold: bool) -> None:
     """Rows whose vectors are numpy arrays (pymilvus packs them); an upsert (delete and insert)
-    only when the collection may hold some of them, as Milvus does not refuse a second row of
-    the same id."""
+    only when the collection may hold some of them, as a Milvus server does not check an
+    inserted id against those it holds."""
     rows = [dict({name: values[name][n] for name in METADATA}, id=int(row_id),
                  embedding=values['vector'][n]) for n, row_id in enumerate(values['id'])]
     (client.upsert if may_hold else client.insert)(self.collection, rows)
