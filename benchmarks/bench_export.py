@@ -176,14 +176,6 @@ _BARE = {'pgvector': _bare_pgvector, 'milvus-lite': _bare_milvus, 'qdrant-local'
          'vertex': _bare_vertex}
 
 
-def _bare_targets(url: str, work: str) -> dict:
-  """Where the bare loads write: beside the export's targets, never into them."""
-  return {'pgvector': f'{url}?table=photos_bare',
-          'milvus-lite': f'milvus-lite:{os.path.join(work, "bare.db")}?collection=photos',
-          'qdrant-local': f'qdrant-local:{os.path.join(work, "qdrant-bare")}?collection=photos',
-          'vertex': f'vertex:{os.path.join(work, "vertex-bare")}'}
-
-
 def _bare_main(target: str, uri: str, version: int, to: str) -> None:
   """In a child process: the bare load, printed as JSON."""
   rows = _rows(uri, version)
@@ -197,11 +189,13 @@ def _night_versions(uri: str) -> list:
   return [entry.version for entry in collection.history(uri) if entry.kind in ('night', 'import')]
 
 
-def _targets(url: str, work: str) -> dict:
-  return {'pgvector': f'{url}?table=photos',
-          'milvus-lite': f'milvus-lite:{os.path.join(work, "photos.db")}?collection=photos',
-          'qdrant-local': f'qdrant-local:{os.path.join(work, "qdrant")}?collection=photos',
-          'vertex': f'vertex:{os.path.join(work, "vertex")}'}
+def _targets(url: str, work: str, name: str = 'photos') -> dict:
+  """The --to of each target, named `name`: the export's, or the bare loads' beside them (never
+  into them)."""
+  return {'pgvector': f'{url}?table={name}',
+          'milvus-lite': f'milvus-lite:{os.path.join(work, name + ".db")}?collection=photos',
+          'qdrant-local': f'qdrant-local:{os.path.join(work, name)}?collection=photos',
+          'vertex': f'vertex:{os.path.join(work, name)}'}
 
 
 def _measure(uri: str, targets: List[str], work: str, sync_after: List[int]) -> None:
@@ -214,7 +208,7 @@ def _measure(uri: str, targets: List[str], work: str, sync_after: List[int]) -> 
       to = _targets(url, work)[name]
       try:
         bare = _child(['benchmarks.bench_export', '--bare', name, '--collection', uri,
-                       '--version', str(first), '--to', _bare_targets(url, work)[name]])
+                       '--version', str(first), '--to', _targets(url, work, 'bare')[name]])
       except ChildFailed as exc:  # the export is still measured
         print(f'{name:12} the bare load failed: {exc}', flush=True)
         bare = {'rows': 1, 'seconds': float('inf'), 'peak_rss_gb': 0}

@@ -429,23 +429,24 @@ class _WriteRows(_Connected):
 
     def write():
       held = self._held(values['id'])
-      with self._connection.transaction(), self._connection.cursor() as cursor:
-        if held.any():
-          cursor.execute(f'CREATE TEMPORARY TABLE IF NOT EXISTS {table}_held (LIKE {table}) '
-                         f'ON COMMIT DELETE ROWS')
-          _copy(cursor, self._copy.format(f'{table}_held'),
-                copy_rows(_subset(values, held), self._reduction))
-          cursor.execute(self._upsert)
-        if not held.all():
-          _copy(cursor, self._copy.format(table),
-                copy_rows(_subset(values, ~held), self._reduction))
+      try:
+        with self._connection.transaction(), self._connection.cursor() as cursor:
+          if held.any():
+            cursor.execute(f'CREATE TEMPORARY TABLE IF NOT EXISTS {table}_held (LIKE {table}) '
+                           f'ON COMMIT DELETE ROWS')
+            _copy(cursor, self._copy.format(f'{table}_held'),
+                  copy_rows(_subset(values, held), self._reduction))
+            cursor.execute(self._upsert)
+          if not held.all():
+            _copy(cursor, self._copy.format(table),
+                  copy_rows(_subset(values, ~held), self._reduction))
+      except psycopg.errors.UniqueViolation:  # a row the table held after all: look them up,
+        self._may_hold = True  # for this batch's retry and the batches after it
+        raise
 
-    def look_up_held():  # a row the table held after all: find them before the retry
-      self._may_hold = True
-      self._reconnect()
     rows = len(values['id'])
     with_retries(write, f'writing {rows} rows to {table} (from {values["uri"][0]})',
-                 before_retry=look_up_held, retry_on=(psycopg.Error,))
+                 before_retry=self._reconnect, retry_on=(psycopg.Error,))
     beam.metrics.Metrics.counter(METRICS_NAMESPACE, 'written').inc(rows)
 
 
